@@ -1,0 +1,77 @@
+/* guest.h - shared definitions of the vmmpy test guest (freestanding, CPL3 with IOPL=3). */
+#ifndef VMMPY_GUEST_H
+#define VMMPY_GUEST_H
+
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long uint64_t;
+typedef long int64_t;
+typedef unsigned long size_t;
+
+#define MAX_CPUS 8
+
+/* ports (docs/architecture.md) */
+#define COM1 0x3f8
+#define UART_THR (COM1 + 0)
+#define UART_RBR (COM1 + 0)
+#define UART_IER (COM1 + 1)
+#define UART_FCR (COM1 + 2)
+#define UART_LCR (COM1 + 3)
+#define UART_LSR (COM1 + 5)
+#define LSR_DR 0x01
+#define LSR_THRE 0x20
+#define IDLE_PORT 0x5f0
+#define WAKE_PORT 0x5f4
+#define ACPI_PORT 0x600
+#define I8042_CMD 0x64
+#define CMOS_INDEX 0x70
+#define CMOS_DATA 0x71
+
+#define barrier() __asm__ volatile("" ::: "memory")
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
+static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+    return v;
+}
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+
+/* Sleep in the VMM for at most `ms` milliseconds (woken early by serial input, the wake port,
+ * pause or kill). Never HLT: that would need interrupts, which land in emulated CPL0. */
+static inline void idle_ms(uint32_t ms) { outl(IDLE_PORT, ms); }
+static inline void wake_all(void) { outb(WAKE_PORT, 1); }
+
+/* main.c */
+extern uint32_t ncpus;
+extern uint64_t tsc_khz;
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+
+/* dirty.c: the memory-dirtying workload, shared by every vCPU */
+#define DIRTY_BASE (64ul << 20)
+#define MAX_DIRTY_PAGES (1u << 20) /* 4 GiB of pages */
+
+void dirty_ap_loop(uint32_t index); /* never returns */
+/* BSP side */
+void dirty_start(uint64_t pages, uint64_t rate);
+void dirty_stop(void);
+int dirty_running(void);
+int dirty_bsp_step(void); /* 64 pages of the BSP's share (returns 0), or a short sleep (1) */
+uint32_t dirty_max_gen(void);
+/* Returns 0 (all good, pages checked in checked) or 1 (first bad page in page, want, got;
+ * why: 0 = generation, 1 = index, 2 = checksum). */
+int dirty_verify(uint64_t *checked, uint64_t *page, uint64_t *want, uint64_t *got, int *why);
+
+#endif

@@ -1,0 +1,21 @@
+"""vmmpy: a KVM virtual machine monitor with a Rust core, driven from Python."""
+
+from .errors import (InvalidConfig, InvalidState, KvmError, PauseTimeout, PayloadError, VmAlreadyCreated,
+                     VmMigrating, VmmError, VmmShutDown, VmNotCreated)
+
+__all__ = ["Vmm", "VmConfig", "SerialConfig", "EventMonitor", "VmmError", "InvalidConfig", "InvalidState", "KvmError",
+           "PauseTimeout", "PayloadError", "VmAlreadyCreated", "VmMigrating", "VmmShutDown", "VmNotCreated"]
+
+
+def __getattr__(name):
+    # Lazy, so that config/events/client import without the native module being built.
+    if name == "Vmm":
+        from .vmm import Vmm
+        return Vmm
+    if name in ("VmConfig", "SerialConfig"):
+        from . import config
+        return getattr(config, name)
+    if name == "EventMonitor":
+        from .events import EventMonitor
+        return EventMonitor
+    raise AttributeError(name)

@@ -1,0 +1,683 @@
+"""VM configuration.
+
+Three ways in, one representation out:
+
+* the dataclasses :class:`VmConfig` and :class:`SerialConfig` (what :class:`vmmpy.vmm.Vmm` consumes);
+* :meth:`VmConfig.from_api`, which reads the ``VmConfig`` JSON body of Cloud Hypervisor's
+  ``PUT /api/v1/vm.create`` and refuses, by name, every field vmmpy cannot honour;
+* ``parse_*`` helpers for the command-line flags, in Cloud Hypervisor's ``key=value,...`` syntax.
+
+Every problem is reported as :class:`vmmpy.errors.InvalidConfig` whose message names the field (or
+flag) and the offending value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmmpy.errors import InvalidConfig
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+
+MIN_MEMORY_MIB = 64
+MIN_VCPUS = 1
+MAX_VCPUS = 8
+DEFAULT_MEMORY_MIB = 512
+DEFAULT_CMDLINE = "console=ttyS0"
+
+#: Serial back-ends vmmpy implements, spelled as Cloud Hypervisor's ``ConsoleMode`` enum.
+SERIAL_MODES = ("Off", "Null", "Tty", "File", "Socket")
+#: ``console`` (virtio-console) modes vmmpy accepts: both mean "no virtio console", which is all
+#: vmmpy has.
+CONSOLE_MODES = ("Off", "Null")
+
+
+def host_memory_mib() -> int:
+    """Physical memory of this host in MiB: the upper bound for a guest's RAM."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        page_size = os.sysconf("SC_PAGE_SIZE")
+        if pages > 0 and page_size > 0:
+            return pages * page_size // MIB
+    except (ValueError, OSError):
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // KIB
+    except (OSError, ValueError, IndexError):
+        pass
+    return 1 << 20  # unknown host: 1 TiB, effectively no bound
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _format_mib(mib: int) -> str:
+    if mib % KIB == 0:
+        return f"{mib // KIB} GiB"
+    return f"{mib} MiB"
+
+
+# --------------------------------------------------------------------------------------------
+# Dataclasses
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SerialConfig:
+    """Where the guest's COM1 goes.
+
+    ``mode`` is one of :data:`SERIAL_MODES`: ``Off`` (no UART at all), ``Null`` (UART present,
+    output dropped), ``Tty`` (the VMM's stdin/stdout), ``File`` (output appended to ``file``),
+    ``Socket`` (a Unix socket at ``socket`` that the VMM listens on).
+    """
+
+    mode: str = "Null"
+    file: str | None = None
+    socket: str | None = None
+
+    def __post_init__(self) -> None:
+        # Accept any capitalisation of a known mode ("null", "FILE") and store the canonical one.
+        if isinstance(self.mode, str):
+            for known in SERIAL_MODES:
+                if self.mode.lower() == known.lower():
+                    self.mode = known
+                    break
+        self.validate()
+
+    def problems(self, prefix: str = "serial") -> list[str]:
+        out: list[str] = []
+        if self.mode not in SERIAL_MODES:
+            out.append(
+                f"{prefix}.mode={self.mode!r}: unsupported serial mode; "
+                f"expected one of {', '.join(SERIAL_MODES)}"
+            )
+            return out
+        for name in ("file", "socket"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or "\0" in value):
+                out.append(f"{prefix}.{name}={value!r}: must be a non-empty path")
+        if self.mode == "File" and not self.file:
+            out.append(f"{prefix}.file={self.file!r}: mode File needs a file path")
+        if self.mode == "Socket" and not self.socket:
+            out.append(f"{prefix}.socket={self.socket!r}: mode Socket needs a socket path")
+        if self.mode != "File" and self.file is not None:
+            out.append(f"{prefix}.file={self.file!r}: only valid with mode File (mode is {self.mode})")
+        if self.mode != "Socket" and self.socket is not None:
+            out.append(
+                f"{prefix}.socket={self.socket!r}: only valid with mode Socket (mode is {self.mode})"
+            )
+        return out
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise InvalidConfig("; ".join(problems))
+
+    def to_api(self) -> dict:
+        """Cloud Hypervisor's ``SerialConfig`` shape (unset paths omitted, as CH does)."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.file is not None:
+            out["file"] = self.file
+        if self.socket is not None:
+            out["socket"] = self.socket
+        return out
+
+
+# Field labels used in error messages: the dataclass names, or Cloud Hypervisor's JSON paths.
+_FIELD_LABELS = {
+    "memory_mib": "memory_mib",
+    "vcpus": "vcpus",
+    "kernel": "kernel",
+    "initramfs": "initramfs",
+    "cmdline": "cmdline",
+    "memory_shared": "memory_shared",
+    "serial": "serial",
+}
+_API_LABELS = {
+    "memory_mib": "memory.size",
+    "vcpus": "cpus.boot_vcpus",
+    "kernel": "payload.kernel",
+    "initramfs": "payload.initramfs",
+    "cmdline": "payload.cmdline",
+    "memory_shared": "memory.shared",
+    "serial": "serial",
+}
+
+
+def _check_vm_fields(
+    *,
+    memory_mib: Any,
+    vcpus: Any,
+    kernel: Any,
+    initramfs: Any,
+    cmdline: Any,
+    memory_shared: Any,
+    serial: Any,
+    api: bool,
+) -> list[str]:
+    """Every problem with these VmConfig field values, as messages naming field and value."""
+    labels = _API_LABELS if api else _FIELD_LABELS
+    out: list[str] = []
+
+    def shown_memory() -> str:
+        # The API speaks bytes; show the value the client sent.
+        if api and _is_int(memory_mib):
+            return str(memory_mib * MIB)
+        return repr(memory_mib)
+
+    if not _is_int(vcpus) or not MIN_VCPUS <= vcpus <= MAX_VCPUS:
+        out.append(f"{labels['vcpus']}={vcpus!r}: must be an integer from {MIN_VCPUS} to {MAX_VCPUS}")
+
+    if not _is_int(memory_mib):
+        out.append(f"{labels['memory_mib']}={memory_mib!r}: must be an integer")
+    elif memory_mib < MIN_MEMORY_MIB:
+        out.append(f"{labels['memory_mib']}={shown_memory()}: must be at least {MIN_MEMORY_MIB} MiB")
+    else:
+        bound = host_memory_mib()
+        if memory_mib > bound:
+            out.append(
+                f"{labels['memory_mib']}={shown_memory()}: more than this host's memory "
+                f"({_format_mib(bound)})"
+            )
+
+    if not isinstance(memory_shared, bool):
+        out.append(f"{labels['memory_shared']}={memory_shared!r}: must be a boolean")
+
+    for name, value in (("kernel", kernel), ("initramfs", initramfs)):
+        if value is None:
+            continue
+        label = labels[name]
+        if not isinstance(value, str) or not value or "\0" in value:
+            out.append(f"{label}={value!r}: must be a non-empty path")
+        elif not os.path.exists(value):
+            out.append(f"{label}={value!r}: no such file")
+        elif not os.path.isfile(value):
+            out.append(f"{label}={value!r}: not a regular file")
+        elif not os.access(value, os.R_OK):
+            out.append(f"{label}={value!r}: not readable")
+
+    if cmdline is not None and (not isinstance(cmdline, str) or "\0" in cmdline):
+        out.append(f"{labels['cmdline']}={cmdline!r}: must be a string without NUL bytes")
+
+    if not isinstance(serial, SerialConfig):
+        out.append(f"{labels['serial']}={serial!r}: must be a SerialConfig")
+    else:
+        out.extend(serial.problems())
+    return out
+
+
+@dataclass
+class VmConfig:
+    """What vmmpy needs to build a VM.
+
+    ``kernel=None`` boots the embedded test guest; ``cmdline=None`` means :data:`DEFAULT_CMDLINE`.
+    ``memory_shared`` is accepted for compatibility only: vmmpy's guest RAM is always a shared
+    memfd mapping.
+    """
+
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    vcpus: int = 1
+    kernel: str | None = None
+    initramfs: str | None = None
+    cmdline: str | None = None
+    memory_shared: bool = False
+    serial: SerialConfig = field(default_factory=SerialConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidConfig` naming every bad field (call again after mutating)."""
+        problems = _check_vm_fields(
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            kernel=self.kernel,
+            initramfs=self.initramfs,
+            cmdline=self.cmdline,
+            memory_shared=self.memory_shared,
+            serial=self.serial,
+            api=False,
+        )
+        if problems:
+            raise InvalidConfig("; ".join(problems))
+
+    @property
+    def effective_cmdline(self) -> str:
+        """The command line the guest gets (before the VMM appends its own parameters)."""
+        return DEFAULT_CMDLINE if self.cmdline is None else self.cmdline
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * MIB
+
+    # ---------------------------------------------------------------- Cloud Hypervisor JSON
+
+    @classmethod
+    def from_api(cls, body: Any) -> "VmConfig":
+        """Parse a Cloud Hypervisor ``VmConfig`` body (already decoded from JSON).
+
+        Fields vmmpy cannot honour are refused together, by path, e.g.
+        ``unsupported VmConfig fields: disks, memory.hugepages``.
+        """
+        return _parse_api_vm_config(body)
+
+    def to_api(self) -> dict:
+        """This config in Cloud Hypervisor's ``VmConfig`` shape (used by ``vm.info``).
+
+        Unset optional values are omitted, as Cloud Hypervisor does; the result is accepted by
+        :meth:`from_api` and yields an equal config.
+        """
+        payload: dict[str, Any] = {}
+        if self.kernel is not None:
+            payload["kernel"] = self.kernel
+        if self.initramfs is not None:
+            payload["initramfs"] = self.initramfs
+        payload["cmdline"] = self.effective_cmdline
+        return {
+            "cpus": {"boot_vcpus": self.vcpus, "max_vcpus": self.vcpus},
+            "memory": {"size": self.memory_mib * MIB, "shared": self.memory_shared},
+            "payload": payload,
+            "serial": self.serial.to_api(),
+            "console": {"mode": "Off"},
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Cloud Hypervisor VmConfig bodies
+# --------------------------------------------------------------------------------------------
+
+# Fields vmmpy does not implement but accepts when they carry Cloud Hypervisor's default value.
+#
+# Why: Cloud Hypervisor serializes its whole VmConfig, defaults included, in `vm.info`'s
+# `config`, and configs handed to `ch-remote create` are routinely made from that output (or
+# from CH's own documentation examples, which spell these defaults out). Each value below asks
+# for exactly what Cloud Hypervisor does when the key is absent, and vmmpy already accepts the
+# key being absent, so accepting the spelled-out default changes nothing. Any other value is
+# refused by name. Besides this table, a JSON `null` anywhere and an empty list for a list-valued
+# field are read as "not set" (Cloud Hypervisor's own reading of null for optional fields).
+#
+#   top level : iommu=false, watchdog=false, pvpanic=false, landlock_enable=false, gdb=false,
+#               rng={"src": "/dev/urandom"} (CH's implicit default entropy device; vmmpy adds
+#               none, exactly as when `rng` is absent),
+#               debug_console={"mode": "Off", ...} (any iobase: the port is off)
+#   cpus      : kvm_hyperv=false, max_phys_bits=46, nested=true, core_scheduling="Vm",
+#               profile="Host", features={} or {"amx": false}
+#   memory    : mergeable=false, hotplug_method="Acpi", hugepages=false, prefault=false,
+#               reserve=false, thp=true
+#   serial    : iommu=false
+#   console   : iommu=false, pci_segment=0 (mode itself must be Off or Null)
+#   PCI common fields of rng/console (id=null, iommu=false, pci_segment=0, pci_device_id=null)
+#
+# libvirt's CH driver sends none of these; it sends payload, cpus.boot_vcpus/max_vcpus,
+# memory.size, serial/console modes, and devices/disks/net when the domain has them (refused).
+_TOP_DEFAULTS: dict[str, Any] = {
+    "iommu": False,
+    "watchdog": False,
+    "pvpanic": False,
+    "landlock_enable": False,
+    "gdb": False,
+}
+_CPUS_DEFAULTS: dict[str, Any] = {
+    "kvm_hyperv": False,
+    "max_phys_bits": 46,
+    "nested": True,
+    "core_scheduling": "Vm",
+    "profile": "Host",
+}
+_MEMORY_DEFAULTS: dict[str, Any] = {
+    "mergeable": False,
+    "hotplug_method": "Acpi",
+    "hugepages": False,
+    "prefault": False,
+    "reserve": False,
+    "thp": True,
+}
+_PCI_COMMON_DEFAULTS: dict[str, Any] = {"iommu": False, "pci_segment": 0}
+_RNG_DEFAULT_SRC = "/dev/urandom"
+
+
+def _unset(value: Any) -> bool:
+    """A value that requests nothing: JSON null or an empty list."""
+    return value is None or (isinstance(value, list) and not value)
+
+
+def _same(value: Any, default: Any) -> bool:
+    # JSON true must not compare equal to 1, nor false to 0.
+    return type(value) is type(default) and value == default
+
+
+def _parse_api_vm_config(body: Any) -> VmConfig:
+    if not isinstance(body, dict):
+        raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
+
+    unsupported: list[str] = []
+    problems: list[str] = []
+
+    def section(name: str) -> dict:
+        value = body.get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            problems.append(f"{name}={value!r}: must be an object")
+            return {}
+        return value
+
+    def leftovers(prefix: str, sub: dict, handled: set[str], defaults: dict[str, Any]) -> None:
+        for key, value in sub.items():
+            if key in handled or _unset(value):
+                continue
+            if key in defaults and _same(value, defaults[key]):
+                continue
+            unsupported.append(f"{prefix}.{key}")
+
+    def path_value(label: str, value: Any) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            problems.append(f"{label}={value!r}: must be a string")
+            return None
+        return value
+
+    # payload -----------------------------------------------------------------------------
+    payload = section("payload")
+    kernel = path_value("payload.kernel", payload.get("kernel"))
+    initramfs = path_value("payload.initramfs", payload.get("initramfs"))
+    cmdline = payload.get("cmdline")
+    if cmdline is not None and not isinstance(cmdline, str):
+        problems.append(f"payload.cmdline={cmdline!r}: must be a string")
+        cmdline = None
+    leftovers("payload", payload, {"kernel", "initramfs", "cmdline"}, {})
+
+    # cpus --------------------------------------------------------------------------------
+    cpus = section("cpus")
+    boot = cpus.get("boot_vcpus")
+    max_vcpus = cpus.get("max_vcpus")
+    if boot is None:
+        boot = max_vcpus if max_vcpus is not None else 1
+    if not _is_int(boot):
+        problems.append(f"cpus.boot_vcpus={boot!r}: must be an integer")
+    if max_vcpus is not None:
+        if not _is_int(max_vcpus):
+            problems.append(f"cpus.max_vcpus={max_vcpus!r}: must be an integer")
+        elif _is_int(boot) and max_vcpus != boot:
+            problems.append(
+                f"cpus.max_vcpus={max_vcpus!r}: vCPU hotplug is not supported, "
+                f"must equal cpus.boot_vcpus ({boot})"
+            )
+    handled_cpus = {"boot_vcpus", "max_vcpus"}
+    features = cpus.get("features")
+    if isinstance(features, dict) and all(
+        key == "amx" and (value is None or _same(value, False)) for key, value in features.items()
+    ):
+        handled_cpus.add("features")  # {} or {"amx": false}: CH's default CPU features
+    leftovers("cpus", cpus, handled_cpus, _CPUS_DEFAULTS)
+
+    # memory ------------------------------------------------------------------------------
+    memory = section("memory")
+    size = memory.get("size")
+    memory_mib: Any = DEFAULT_MEMORY_MIB
+    if size is not None:
+        if not _is_int(size) or size <= 0:
+            problems.append(f"memory.size={size!r}: must be a positive integer (bytes)")
+        elif size % MIB:
+            problems.append(f"memory.size={size}: must be a multiple of 1 MiB ({MIB} bytes)")
+        else:
+            memory_mib = size // MIB
+    shared = memory.get("shared")
+    if shared is None:
+        shared = False
+    elif not isinstance(shared, bool):
+        problems.append(f"memory.shared={shared!r}: must be a boolean")
+        shared = False
+    leftovers("memory", memory, {"size", "shared"}, _MEMORY_DEFAULTS)
+
+    # serial ------------------------------------------------------------------------------
+    serial = SerialConfig()
+    serial_body = section("serial")
+    if serial_body:
+        mode = serial_body.get("mode")
+        if mode is None:
+            problems.append("serial.mode=None: required when serial is given")
+        elif mode == "Pty":
+            problems.append(
+                f"serial.mode={mode!r}: not supported by vmmpy; "
+                f"expected one of {', '.join(SERIAL_MODES)}"
+            )
+        elif mode not in SERIAL_MODES:
+            problems.append(
+                f"serial.mode={mode!r}: unknown mode; expected one of {', '.join(SERIAL_MODES)}"
+            )
+        else:
+            candidate = SerialConfig.__new__(SerialConfig)
+            candidate.mode = mode
+            candidate.file = serial_body.get("file")
+            candidate.socket = serial_body.get("socket")
+            serial_problems = candidate.problems()
+            if serial_problems:
+                problems.extend(serial_problems)
+            else:
+                serial = SerialConfig(mode, candidate.file, candidate.socket)
+        leftovers("serial", serial_body, {"mode", "file", "socket"}, {"iommu": False})
+
+    # console (virtio-console) ------------------------------------------------------------
+    console = section("console")
+    if console:
+        mode = console.get("mode")
+        if mode not in CONSOLE_MODES:
+            problems.append(
+                f"console.mode={mode!r}: vmmpy has no virtio console; only Off or Null"
+            )
+        leftovers("console", console, {"mode"}, _PCI_COMMON_DEFAULTS)
+
+    # debug_console -----------------------------------------------------------------------
+    debug_console = section("debug_console")
+    if debug_console:
+        if debug_console.get("mode") == "Off" and debug_console.get("file") is None:
+            leftovers("debug_console", debug_console, {"mode", "file", "iobase"}, {})
+        else:
+            unsupported.append("debug_console")
+
+    # rng ---------------------------------------------------------------------------------
+    rng = body.get("rng")
+    if rng is not None:
+        ok = isinstance(rng, dict) and rng.get("src") == _RNG_DEFAULT_SRC and all(
+            key == "src"
+            or value is None
+            or (key in _PCI_COMMON_DEFAULTS and _same(value, _PCI_COMMON_DEFAULTS[key]))
+            for key, value in rng.items()
+        )
+        if not ok:
+            unsupported.append("rng")
+
+    # everything else ---------------------------------------------------------------------
+    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng"}
+    for key, value in body.items():
+        if key in known or _unset(value):
+            continue
+        if key in _TOP_DEFAULTS and _same(value, _TOP_DEFAULTS[key]):
+            continue
+        unsupported.append(key)
+
+    message: list[str] = []
+    if unsupported:
+        message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
+    message.extend(problems)
+    if not message:
+        message.extend(
+            _check_vm_fields(
+                memory_mib=memory_mib,
+                vcpus=boot,
+                kernel=kernel,
+                initramfs=initramfs,
+                cmdline=cmdline,
+                memory_shared=shared,
+                serial=serial,
+                api=True,
+            )
+        )
+    if message:
+        raise InvalidConfig("; ".join(message))
+    return VmConfig(
+        memory_mib=memory_mib,
+        vcpus=boot,
+        kernel=kernel,
+        initramfs=initramfs,
+        cmdline=cmdline,
+        memory_shared=shared,
+        serial=serial,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line flags (Cloud Hypervisor syntax)
+# --------------------------------------------------------------------------------------------
+
+
+def split_options(text: str, flag: str) -> list[tuple[str, str | None]]:
+    """Split ``a=1,b="x,y",c`` into ``[("a", "1"), ("b", "x,y"), ("c", None)]``.
+
+    Double quotes protect commas inside a value, as in Cloud Hypervisor's option parser.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidConfig(f"{flag} {text!r}: empty value")
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "," and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if quoted:
+        raise InvalidConfig(f"{flag} {text!r}: unbalanced double quote")
+    items.append("".join(current))
+    out: list[tuple[str, str | None]] = []
+    for item in items:
+        if not item:
+            raise InvalidConfig(f"{flag} {text!r}: empty option")
+        key, sep, value = item.partition("=")
+        out.append((key.strip(), value if sep else None))
+    return out
+
+
+def _options_dict(text: str, flag: str, allowed: tuple[str, ...], usage: str) -> dict[str, str]:
+    seen: dict[str, str] = {}
+    for key, value in split_options(text, flag):
+        if value is None:
+            raise InvalidConfig(f"{flag} {text!r}: expected {usage}")
+        if key not in allowed:
+            raise InvalidConfig(f"{flag} {text!r}: unsupported option {key!r}; expected {usage}")
+        if key in seen:
+            raise InvalidConfig(f"{flag} {text!r}: option {key!r} given twice")
+        seen[key] = value
+    return seen
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``"512M"`` → bytes. Suffixes K, M, G (any case) are powers of 1024; no suffix = bytes."""
+    s = text.strip() if isinstance(text, str) else ""
+    shift = {"k": 10, "m": 20, "g": 30}.get(s[-1:].lower(), 0)
+    digits = s[:-1] if shift else s
+    if not digits.isdigit():
+        raise InvalidConfig(f"{what}={text!r}: not a size (expected <number>[K|M|G])")
+    return int(digits) << shift
+
+
+def parse_toggle(text: str, what: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "true", "yes"):
+        return True
+    if value in ("off", "false", "no"):
+        return False
+    raise InvalidConfig(f"{what}={text!r}: expected on or off")
+
+
+def parse_memory(text: str) -> dict:
+    """``--memory size=512M,shared=on`` → ``{"memory_mib": 512, "memory_shared": True}``."""
+    usage = "size=<bytes>[K|M|G][,shared=on|off]"
+    opts = _options_dict(text, "--memory", ("size", "shared"), usage)
+    out: dict[str, Any] = {}
+    if "size" in opts:
+        size = parse_size(opts["size"], "--memory size")
+        if size % MIB:
+            raise InvalidConfig(f"--memory size={opts['size']!r}: must be a multiple of 1 MiB")
+        mib = size // MIB
+        if mib < MIN_MEMORY_MIB:
+            raise InvalidConfig(
+                f"--memory size={opts['size']!r}: must be at least {MIN_MEMORY_MIB} MiB"
+            )
+        bound = host_memory_mib()
+        if mib > bound:
+            raise InvalidConfig(
+                f"--memory size={opts['size']!r}: more than this host's memory ({_format_mib(bound)})"
+            )
+        out["memory_mib"] = mib
+    if "shared" in opts:
+        out["memory_shared"] = parse_toggle(opts["shared"], "--memory shared")
+    return out
+
+
+def parse_cpus(text: str) -> dict:
+    """``--cpus boot=2[,max=2]`` → ``{"vcpus": 2}`` (``max`` must equal ``boot``)."""
+    usage = f"boot=<1..{MAX_VCPUS}>[,max=<same>]"
+    opts = _options_dict(text, "--cpus", ("boot", "max"), usage)
+
+    def number(key: str) -> int:
+        raw = opts[key].strip()
+        if not raw.isdigit() or not MIN_VCPUS <= int(raw) <= MAX_VCPUS:
+            raise InvalidConfig(
+                f"--cpus {key}={opts[key]!r}: must be an integer from {MIN_VCPUS} to {MAX_VCPUS}"
+            )
+        return int(raw)
+
+    out: dict[str, Any] = {}
+    boot = number("boot") if "boot" in opts else None
+    max_vcpus = number("max") if "max" in opts else None
+    if boot is None:
+        boot = max_vcpus if max_vcpus is not None else 1
+    if max_vcpus is not None and max_vcpus != boot:
+        raise InvalidConfig(
+            f"--cpus max={opts['max']!r}: vCPU hotplug is not supported, must equal boot ({boot})"
+        )
+    out["vcpus"] = boot
+    return out
+
+
+def parse_serial(text: str) -> SerialConfig:
+    """``--serial off|null|tty|file=<path>|socket=<path>`` → :class:`SerialConfig`."""
+    usage = "off|null|tty|file=<path>|socket=<path>"
+    items = split_options(text, "--serial")
+    if len(items) != 1:
+        raise InvalidConfig(f"--serial {text!r}: expected {usage}")
+    key, value = items[0]
+    if value is None:
+        keyword = key.lower()
+        if keyword in ("off", "null", "tty"):
+            return SerialConfig(mode=keyword.capitalize())
+        if keyword == "pty":
+            raise InvalidConfig(f"--serial {text!r}: pty is not supported by vmmpy; expected {usage}")
+        raise InvalidConfig(f"--serial {text!r}: expected {usage}")
+    if key == "file" and value:
+        return SerialConfig(mode="File", file=value)
+    if key == "socket" and value:
+        return SerialConfig(mode="Socket", socket=value)
+    raise InvalidConfig(f"--serial {text!r}: expected {usage}")
+
+
+def parse_console(text: str) -> str:
+    """``--console off|null`` → ``"Off"``/``"Null"``; vmmpy has no virtio console."""
+    value = text.strip().lower() if isinstance(text, str) else ""
+    if value in ("off", "null"):
+        return value.capitalize()
+    raise InvalidConfig(f"--console {text!r}: vmmpy has no virtio console; expected off or null")

@@ -1,0 +1,136 @@
+//! The serial console backend. It belongs to the VMM, not to one VM: it outlives guest reboots, so
+//! a client on the console socket stays connected while the VM under it is rebuilt, and input typed
+//! while no VM exists waits here for the next one.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::error::{Error, Kind, Result};
+
+/// Who wants to hear that input arrived: the serial device and idle vCPUs of the current VM.
+pub trait InputListener: Send + Sync {
+    fn input_ready(&self);
+}
+
+struct Output {
+    fd: OwnedFd,
+    /// Socket clients are nonblocking and dropped on error; files and terminals are written fully.
+    client: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    outputs: Mutex<Vec<Output>>,
+    input: Mutex<VecDeque<u8>>,
+    listener: Mutex<Option<Weak<dyn InputListener>>>,
+}
+
+#[derive(Clone, Default)]
+pub struct Console(Arc<Inner>);
+
+fn dup_fd(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor; a negative result is checked.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(Error::io(Kind::InvalidConfig, "console fd", io::Error::last_os_error()));
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: buf is a valid readable slice for its whole length.
+        let n = unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+impl Console {
+    /// Output goes to a duplicate of `fd` (a file or a terminal); None discards it.
+    pub fn new(output_fd: Option<RawFd>) -> Result<Console> {
+        let console = Console::default();
+        if let Some(fd) = output_fd {
+            console.0.outputs.lock().unwrap().push(Output { fd: dup_fd(fd)?, client: false });
+        }
+        Ok(console)
+    }
+
+    /// Adds a socket client; it gets all later output until it goes away.
+    pub fn add_client(&self, fd: RawFd) -> Result<()> {
+        let fd = dup_fd(fd)?;
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+        self.0.outputs.lock().unwrap().push(Output { fd, client: true });
+        Ok(())
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.0.outputs.lock().unwrap().iter().filter(|o| o.client).count()
+    }
+
+    /// Guest output. A slow or gone socket client loses bytes rather than stall the vCPU.
+    pub fn write_output(&self, data: &[u8]) {
+        let mut outputs = self.0.outputs.lock().unwrap();
+        outputs.retain(|o| match write_all(o.fd.as_raw_fd(), data) {
+            Ok(()) => true,
+            Err(e) if o.client && e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(_) => !o.client,
+        });
+    }
+
+    pub fn push_input(&self, data: &[u8]) {
+        self.0.input.lock().unwrap().extend(data);
+        let listener = self.0.listener.lock().unwrap().as_ref().and_then(Weak::upgrade);
+        if let Some(l) = listener {
+            l.input_ready();
+        }
+    }
+
+    /// Takes up to `max` bytes of pending input.
+    pub fn take_input(&self, max: usize) -> Vec<u8> {
+        let mut q = self.0.input.lock().unwrap();
+        let n = max.min(q.len());
+        q.drain(..n).collect()
+    }
+
+    pub fn attach(&self, listener: Weak<dyn InputListener>) {
+        *self.0.listener.lock().unwrap() = Some(listener);
+    }
+
+    pub fn detach(&self) {
+        *self.0.listener.lock().unwrap() = None;
+    }
+
+    /// Closes every output; later output is discarded.
+    pub fn close(&self) {
+        self.0.outputs.lock().unwrap().clear();
+        self.detach();
+    }
+}
+
+/// The serial device's `Write` side.
+pub struct ConsoleWriter(pub Console);
+
+impl io::Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_output(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

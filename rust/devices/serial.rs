@@ -1,0 +1,66 @@
+//! 16550 UART at 0x3f8 with IRQ 4 (vm-superio's model). Output goes to the VMM's console; input is
+//! pulled from the console into the UART's FIFO whenever the guest looks at the receive side.
+
+use vm_superio::serial::NoEvents;
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{DeviceAction, PioDevice};
+use crate::console::{Console, ConsoleWriter};
+
+/// Raises the UART's interrupt through an irqfd bound to its GSI.
+pub struct IrqFd(pub EventFd);
+
+impl Trigger for IrqFd {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+const RBR: u16 = 0;
+const LSR: u16 = 5;
+
+pub struct Serial {
+    uart: vm_superio::Serial<IrqFd, NoEvents, ConsoleWriter>,
+    console: Console,
+}
+
+impl Serial {
+    pub fn new(irq: EventFd, console: Console) -> Serial {
+        Serial { uart: vm_superio::Serial::new(IrqFd(irq), ConsoleWriter(console.clone())), console }
+    }
+
+    /// Moves pending console input into the FIFO (which raises the RX interrupt if enabled).
+    pub fn refill(&mut self) {
+        let room = self.uart.fifo_capacity();
+        if room == 0 {
+            return;
+        }
+        let bytes = self.console.take_input(room);
+        if !bytes.is_empty() {
+            // Cannot overflow: at most `room` bytes. An irqfd write failure only loses an IRQ.
+            let _ = self.uart.enqueue_raw_bytes(&bytes);
+        }
+    }
+}
+
+impl PioDevice for Serial {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        if offset == RBR || offset == LSR {
+            self.refill();
+        }
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
+        if let Some(&v) = data.first() {
+            // An error here is a failed interrupt write; the byte itself was handled.
+            let _ = self.uart.write(offset as u8, v);
+        }
+        DeviceAction::None
+    }
+}

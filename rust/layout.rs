@@ -1,0 +1,53 @@
+//! Guest physical layout (see docs/architecture.md): fixed addresses of the boot structures and
+//! how guest RAM is split around the MMIO hole below 4 GiB.
+
+pub const BOOT_GDT: u64 = 0x500;
+pub const BOOT_IDT: u64 = 0x520;
+pub const ZERO_PAGE: u64 = 0x7000;
+pub const BOOT_STACK: u64 = 0x8ff0;
+pub const PML4: u64 = 0x9000;
+pub const PDPT: u64 = 0xa000;
+pub const PD: u64 = 0xb000; // four pages: the first 4 GiB in 2 MiB pages
+pub const CMDLINE: u64 = 0x20000;
+pub const CMDLINE_MAX: usize = 0x10000;
+pub const EBDA_START: u64 = 0x9fc00;
+pub const ACPI_START: u64 = 0xe0000;
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Start of the MMIO hole below 4 GiB (IOAPIC, LAPIC, KVM's TSS and identity-map pages live there).
+pub const MMIO_HOLE_START: u64 = 0xc000_0000;
+pub const FOUR_GIB: u64 = 0x1_0000_0000;
+pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// The RAM ranges (guest address, size) for `size` bytes of RAM: one range when it fits below the
+/// hole, else a second range from 4 GiB on.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_HOLE_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_HOLE_START), (FOUR_GIB, size - MMIO_HOLE_START)]
+    }
+}
+
+/// e820 entry types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// The e820 map vmmpy gives every guest: low RAM up to the EBDA, the EBDA and the ACPI/BIOS area
+/// reserved, RAM from 1 MiB on, and RAM above 4 GiB when there is a hole.
+pub fn e820_map(size: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, EBDA_START, E820_RAM),
+        (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
+        (ACPI_START, HIMEM_START - ACPI_START, E820_RESERVED),
+    ];
+    for (start, len) in ram_ranges(size) {
+        if start == 0 {
+            map.push((HIMEM_START, len - HIMEM_START, E820_RAM));
+        } else {
+            map.push((start, len, E820_RAM));
+        }
+    }
+    map
+}

@@ -1,0 +1,38 @@
+//! vmmpy's native core. Python orchestrates (vmmpy/vmm.py); this crate owns the hot paths: the
+//! vCPU run loop and the devices on its exit path, and guest memory.
+
+mod acpi;
+mod boot;
+mod console;
+mod cpuid;
+mod devices;
+mod error;
+mod idle;
+mod layout;
+mod memory;
+mod python;
+mod vcpu;
+mod vm;
+
+use pyo3::prelude::*;
+
+/// Checks that /dev/kvm opens and speaks API version 12; returns a short description.
+#[pyfunction]
+fn kvm_check() -> PyResult<String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| error::Error::kvm("opening /dev/kvm", e))?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(error::Error::new(error::Kind::Kvm, format!("KVM API version {version}, expected 12")).into());
+    }
+    Ok(format!("KVM API {version}, max vCPUs {}", kvm.get_max_vcpus()))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<python::PyVm>()?;
+    m.add_class::<python::PyConsole>()?;
+    m.add_class::<python::PyGuestRegion>()?;
+    m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
+    m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! One native thread per vCPU running KVM_RUN, with the legacy devices on its exit path.
+//!
+//! Control (run / pause / kill) goes through `VcpuControl`. A request is never lost: the requester
+//! sets `immediate_exit` in kvm_run and then signals the thread, so KVM_RUN returns at once whether
+//! the thread was inside it or about to enter it (Firecracker's scheme). A vCPU that issued a
+//! lifecycle request or hit an unhandled exit *parks*: it runs no more guest code, but still
+//! acknowledges pause and obeys kill, so a parked vCPU never blocks a pause.
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::DeviceAction;
+use crate::error::{Error, Kind, Result};
+use crate::idle::{IDLE_PORT, WAKE_PORT};
+use crate::vm::{LifecycleRequest, VmShared};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Kill,
+}
+
+struct Ctl {
+    want: Want,
+    paused: bool,
+    parked: bool,
+    exited: bool,
+    thread: Option<libc::pthread_t>,
+}
+
+pub struct VcpuControl {
+    pub index: u8,
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+    /// The vCPU's kvm_run mapping; valid while `exited` is false (the thread drops the fd after).
+    run: AtomicPtr<kvm_run>,
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The kick only has to interrupt KVM_RUN; its handler does nothing.
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| register_signal_handler(kick_signal(), on_kick).expect("installing the vCPU kick handler"));
+}
+
+impl VcpuControl {
+    pub fn new(index: u8, fd: &mut VcpuFd) -> Arc<VcpuControl> {
+        Arc::new(VcpuControl {
+            index,
+            ctl: Mutex::new(Ctl { want: Want::Run, paused: false, parked: false, exited: false, thread: None }),
+            cv: Condvar::new(),
+            run: AtomicPtr::new(fd.get_kvm_run() as *mut kvm_run),
+        })
+    }
+
+    fn set_immediate_exit(&self, value: u8) {
+        let run = self.run.load(Ordering::Acquire);
+        // SAFETY: callers hold `ctl` with `exited` false, so the thread still owns the VcpuFd and
+        // its kvm_run mapping; immediate_exit is a plain byte KVM reads on entry.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, value) };
+    }
+
+    fn request(&self, want: Want, vm: &VmShared) {
+        let mut c = self.ctl.lock().unwrap();
+        if c.want == Want::Kill {
+            return;
+        }
+        c.want = want;
+        if want != Want::Run && !c.exited {
+            self.set_immediate_exit(1);
+            if let Some(t) = c.thread {
+                // SAFETY: the thread is not joined before `exited` is set, so `t` is valid.
+                unsafe { libc::pthread_kill(t, kick_signal()) };
+            }
+        }
+        drop(c);
+        self.cv.notify_all();
+        vm.gate.notify();
+    }
+
+    pub fn pause(&self, vm: &VmShared) {
+        self.request(Want::Pause, vm)
+    }
+
+    pub fn resume(&self, vm: &VmShared) {
+        self.request(Want::Run, vm)
+    }
+
+    pub fn kill(&self, vm: &VmShared) {
+        self.request(Want::Kill, vm)
+    }
+
+    /// Waits until this vCPU acknowledged the pause (or ended).
+    pub fn wait_paused(&self, deadline: Instant) -> Result<()> {
+        let mut c = self.ctl.lock().unwrap();
+        while !(c.paused || c.exited) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::new(Kind::PauseTimeout, format!("vCPU {} did not acknowledge the pause", self.index)));
+            }
+            c = self.cv.wait_timeout(c, deadline - now).unwrap().0;
+        }
+        Ok(())
+    }
+
+    fn interrupted(&self) -> bool {
+        self.ctl.lock().unwrap().want != Want::Run
+    }
+
+    pub fn state(&self) -> &'static str {
+        let c = self.ctl.lock().unwrap();
+        if c.exited {
+            "exited"
+        } else if c.paused {
+            "paused"
+        } else if c.parked {
+            "parked"
+        } else {
+            "running"
+        }
+    }
+
+    fn park(&self) {
+        self.ctl.lock().unwrap().parked = true;
+    }
+
+    /// Blocks while paused or parked. Returns false when the vCPU must end.
+    fn wait_runnable(&self, fd: &mut VcpuFd) -> bool {
+        let mut c = self.ctl.lock().unwrap();
+        loop {
+            match c.want {
+                Want::Kill => {
+                    c.exited = true;
+                    self.cv.notify_all();
+                    return false;
+                }
+                Want::Pause => {
+                    if !c.paused {
+                        complete_pending_io(fd);
+                        c.paused = true;
+                        self.cv.notify_all();
+                    }
+                }
+                Want::Run => {
+                    c.paused = false;
+                    if !c.parked {
+                        self.set_immediate_exit(0);
+                        return true;
+                    }
+                }
+            }
+            c = self.cv.wait(c).unwrap();
+        }
+    }
+}
+
+/// KVM finishes an in-flight PIO/MMIO instruction only on the next KVM_RUN; one with
+/// immediate_exit set completes it and returns without running guest code, so the state read
+/// after a pause is consistent.
+fn complete_pending_io(fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+}
+
+/// Spawns the vCPU thread. The thread owns `fd` and drops it when it ends.
+pub fn spawn(mut fd: VcpuFd, ctl: Arc<VcpuControl>, vm: Arc<VmShared>) -> Result<std::thread::JoinHandle<()>> {
+    use std::os::unix::thread::JoinHandleExt;
+    install_kick_handler();
+    let thread_ctl = ctl.clone();
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu{}", ctl.index))
+        .spawn(move || {
+            unblock_kick_signal();
+            run_loop(&mut fd, &thread_ctl, &vm);
+        })
+        .map_err(|e| Error::io(Kind::Kvm, "spawning a vCPU thread", e))?;
+    ctl.ctl.lock().unwrap().thread = Some(handle.as_pthread_t());
+    Ok(handle)
+}
+
+fn unblock_kick_signal() {
+    // SAFETY: plain sigset manipulation on a local set, then pthread_sigmask for this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, kick_signal());
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+enum Outcome {
+    Continue,
+    Idle(u32),
+    Request(LifecycleRequest),
+    Error(String),
+}
+
+fn run_loop(fd: &mut VcpuFd, ctl: &VcpuControl, vm: &VmShared) {
+    let mut idle_seq = 0u64;
+    while ctl.wait_runnable(fd) {
+        let outcome = match fd.run() {
+            Ok(exit) => handle_exit(exit, vm),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Continue,
+            Err(e) => Outcome::Error(format!("KVM_RUN failed: {e}")),
+        };
+        match outcome {
+            Outcome::Continue => {}
+            Outcome::Idle(ms) => {
+                vm.gate.sleep(&mut idle_seq, Duration::from_millis(ms as u64), || ctl.interrupted());
+            }
+            Outcome::Request(req) => {
+                ctl.park();
+                vm.request(req);
+            }
+            Outcome::Error(reason) => {
+                ctl.park();
+                vm.record_error(ctl.index, reason, fd);
+            }
+        }
+    }
+}
+
+fn handle_exit(exit: VcpuExit, vm: &VmShared) -> Outcome {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            vm.bus.read(port, data);
+            Outcome::Continue
+        }
+        VcpuExit::IoOut(IDLE_PORT, data) => {
+            let mut ms = [0u8; 4];
+            ms[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+            Outcome::Idle(u32::from_le_bytes(ms))
+        }
+        VcpuExit::IoOut(WAKE_PORT, _) => {
+            vm.gate.wake_all();
+            Outcome::Continue
+        }
+        VcpuExit::IoOut(port, data) => match vm.bus.write(port, data) {
+            DeviceAction::None => Outcome::Continue,
+            DeviceAction::Reset => Outcome::Request(LifecycleRequest::Reset),
+            DeviceAction::Shutdown => Outcome::Request(LifecycleRequest::Shutdown),
+        },
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0xff);
+            Outcome::Continue
+        }
+        VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IoapicEoi(_) => Outcome::Continue,
+        // A triple fault.
+        VcpuExit::Shutdown => Outcome::Request(LifecycleRequest::Reset),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Outcome::Request(LifecycleRequest::Reset),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => Outcome::Request(LifecycleRequest::Shutdown),
+        VcpuExit::SystemEvent(kind, _) => Outcome::Error(format!("system event {kind}")),
+        VcpuExit::InternalError => Outcome::Error("internal error".into()),
+        VcpuExit::FailEntry(reason, cpu) => Outcome::Error(format!("failed entry (hardware reason {reason:#x}, cpu {cpu})")),
+        VcpuExit::Unknown => Outcome::Error("unknown exit".into()),
+        other => Outcome::Error(format!("unhandled exit {other:?}")),
+    }
+}

@@ -1,0 +1,315 @@
+//! A KVM VM: memory slots, in-kernel irqchip and PIT, devices, vCPUs, and the lifecycle eventfds
+//! through which it tells the VMM's control loop what the guest asked for.
+
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{cpu_setup, payload, zero_page};
+use crate::console::{Console, InputListener};
+use crate::devices::bus::PioBus;
+use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
+use crate::error::{Error, Kind, Result};
+use crate::idle::IdleGate;
+use crate::memory::GuestRam;
+use crate::vcpu::{self, VcpuControl};
+use crate::{acpi, cpuid, layout};
+
+pub const MAX_VCPUS: u8 = 8;
+const SERIAL_GSI: u32 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LifecycleRequest {
+    Reset = 1,
+    Shutdown = 2,
+}
+
+impl LifecycleRequest {
+    pub fn name(self) -> &'static str {
+        match self {
+            LifecycleRequest::Reset => "reset",
+            LifecycleRequest::Shutdown => "shutdown",
+        }
+    }
+}
+
+pub struct VmConfig {
+    pub memory_size: u64,
+    pub vcpus: u8,
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+}
+
+pub struct VmErrorInfo {
+    pub vcpu: u8,
+    pub reason: String,
+    pub regs: Vec<(&'static str, u64)>,
+}
+
+/// What the vCPU threads share.
+pub struct VmShared {
+    pub bus: PioBus,
+    pub gate: IdleGate,
+    reset_evt: EventFd,
+    guest_exit_evt: EventFd,
+    error_evt: EventFd,
+    first_request: AtomicU8,
+    error: Mutex<Option<VmErrorInfo>>,
+    serial: Arc<Mutex<Serial>>,
+}
+
+impl VmShared {
+    /// Records the VM's first lifecycle request, then writes its eventfd: whoever reads the eventfd
+    /// finds the record already there.
+    pub fn request(&self, req: LifecycleRequest) {
+        let _ = self.first_request.compare_exchange(0, req as u8, Ordering::SeqCst, Ordering::SeqCst);
+        let evt = match req {
+            LifecycleRequest::Reset => &self.reset_evt,
+            LifecycleRequest::Shutdown => &self.guest_exit_evt,
+        };
+        // An eventfd write fails only when its counter would overflow: it is then set anyway.
+        let _ = evt.write(1);
+    }
+
+    pub fn first_request(&self) -> Option<LifecycleRequest> {
+        match self.first_request.load(Ordering::SeqCst) {
+            1 => Some(LifecycleRequest::Reset),
+            2 => Some(LifecycleRequest::Shutdown),
+            _ => None,
+        }
+    }
+
+    pub fn record_error(&self, vcpu: u8, mut reason: String, fd: &mut VcpuFd) {
+        let run = fd.get_kvm_run();
+        if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+            // SAFETY: exit_reason says the `internal` member of the union is the valid one.
+            let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+            reason = format!("{reason} (suberror {suberror})");
+        }
+        let mut regs = Vec::new();
+        if let Ok(r) = fd.get_regs() {
+            regs.extend([("rip", r.rip), ("rsp", r.rsp), ("rflags", r.rflags), ("rax", r.rax), ("rbx", r.rbx), ("rcx", r.rcx), ("rdx", r.rdx), ("rsi", r.rsi), ("rdi", r.rdi)]);
+        }
+        if let Ok(s) = fd.get_sregs() {
+            regs.extend([("cr0", s.cr0), ("cr3", s.cr3), ("cr4", s.cr4), ("efer", s.efer), ("cs", s.cs.selector as u64)]);
+        }
+        let mut slot = self.error.lock().unwrap();
+        if slot.is_none() {
+            *slot = Some(VmErrorInfo { vcpu, reason, regs });
+        }
+        drop(slot);
+        let _ = self.error_evt.write(1);
+    }
+
+    pub fn error(&self) -> Option<(u8, String, Vec<(&'static str, u64)>)> {
+        self.error.lock().unwrap().as_ref().map(|e| (e.vcpu, e.reason.clone(), e.regs.clone()))
+    }
+}
+
+impl InputListener for VmShared {
+    fn input_ready(&self) {
+        self.serial.lock().unwrap().refill();
+        self.gate.wake_all();
+    }
+}
+
+struct VcpuSlot {
+    ctl: Arc<VcpuControl>,
+    fd: Option<VcpuFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+pub struct Vm {
+    // Field order is drop order: vCPUs end before the VM fd closes, and memory is unmapped last.
+    vcpus: Vec<VcpuSlot>,
+    shared: Arc<VmShared>,
+    console: Console,
+    _fd: VmFd,
+    _kvm: Kvm,
+    pub ram: Arc<GuestRam>,
+    pub payload_kind: payload::PayloadKind,
+    pub cmdline: String,
+}
+
+fn dup_eventfd(fd: RawFd) -> Result<EventFd> {
+    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor; a negative result is checked.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(Error::io(Kind::InvalidConfig, "lifecycle eventfd", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else; the caller passed an eventfd.
+    Ok(unsafe { EventFd::from_raw_fd(new) })
+}
+
+pub struct LifecycleFds {
+    pub reset: RawFd,
+    pub guest_exit: RawFd,
+    pub error: RawFd,
+}
+
+impl Vm {
+    pub fn new(cfg: &VmConfig, console: Console, fds: &LifecycleFds) -> Result<Vm> {
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(Error::new(Kind::InvalidConfig, format!("vcpus must be 1..={MAX_VCPUS}, not {}", cfg.vcpus)));
+        }
+        if cfg.memory_size < (64 << 20) || cfg.memory_size % (1 << 20) != 0 {
+            return Err(Error::new(Kind::InvalidConfig, format!("memory size {} is not a whole number of MiB >= 64 MiB", cfg.memory_size)));
+        }
+        let kvm = Kvm::new().map_err(|e| Error::kvm("opening /dev/kvm", e))?;
+        let fd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDR).map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(|e| Error::kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        fd.create_irq_chip().map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+
+        let ram = GuestRam::new(cfg.memory_size)?;
+        for (slot, (gpa, host, size)) in ram.regions().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host,
+            };
+            // SAFETY: the region maps memory owned by `ram`, which outlives the VM fd (field order).
+            unsafe { fd.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        // Payload, command line, zero page, ACPI tables and boot page tables.
+        let payload = payload::load_kernel(&ram.mem, cfg.kernel.as_deref())?;
+        let initramfs = match &cfg.initramfs {
+            Some(p) => Some(payload::load_initramfs(&ram.mem, p, &payload, cfg.memory_size)?),
+            None => None,
+        };
+        let mut vcpu_fds = Vec::new();
+        for i in 0..cfg.vcpus {
+            vcpu_fds.push(fd.create_vcpu(i as u64).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?);
+        }
+        let mut cmdline = cfg.cmdline.clone();
+        if payload.ap_entry.is_some() {
+            let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
+            cmdline.push_str(&format!(" vmmpy.cpus={} vmmpy.tsc_khz={}", cfg.vcpus, tsc_khz));
+        }
+        let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus)
+            .map_err(|e| Error::new(Kind::Kvm, format!("writing ACPI tables: {e}")))?;
+        zero_page::write_zero_page(
+            &ram.mem,
+            &zero_page::BootInputs { payload: &payload, cmdline: &cmdline, ram_size: cfg.memory_size, initramfs, rsdp: rsdp.0 },
+        )?;
+        cpu_setup::write_boot_tables(&ram.mem)?;
+
+        let base_cpuid = cpuid::supported(&kvm)?;
+        for (i, vcpu) in vcpu_fds.iter().enumerate() {
+            let i = i as u8;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i, cfg.vcpus)).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+            cpu_setup::setup_msrs(&kvm, vcpu)?;
+            cpu_setup::setup_lint(vcpu)?;
+            if i == 0 {
+                cpu_setup::setup_long_mode(vcpu, payload.entry, layout::ZERO_PAGE, 0)?;
+            } else if let Some(ap_entry) = payload.ap_entry {
+                cpu_setup::setup_long_mode(vcpu, ap_entry, layout::ZERO_PAGE, i as u64)?;
+                vcpu.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+                    .map_err(|e| Error::kvm("KVM_SET_MP_STATE", e))?;
+            }
+            // Other APs wait for INIT/SIPI from the guest kernel (KVM's default for vCPU != 0).
+        }
+
+        // Devices.
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e))?;
+        fd.register_irqfd(&irq, SERIAL_GSI).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+        let serial = Arc::new(Mutex::new(Serial::new(irq, console.clone())));
+        let mut bus = PioBus::default();
+        bus.insert(0x3f8, 8, serial.clone());
+        bus.insert(0x60, 5, Arc::new(Mutex::new(I8042::default())));
+        let (below, above) = match layout::ram_ranges(cfg.memory_size).as_slice() {
+            [(_, low)] => (*low, 0),
+            [(_, low), (_, high)] => (*low, *high),
+            _ => unreachable!("ram_ranges gives one or two ranges"),
+        };
+        bus.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new(below, above))));
+        bus.insert(0x600, 8, Arc::new(Mutex::new(AcpiPm)));
+
+        let shared = Arc::new(VmShared {
+            bus,
+            gate: IdleGate::default(),
+            reset_evt: dup_eventfd(fds.reset)?,
+            guest_exit_evt: dup_eventfd(fds.guest_exit)?,
+            error_evt: dup_eventfd(fds.error)?,
+            first_request: AtomicU8::new(0),
+            error: Mutex::new(None),
+            serial,
+        });
+        let listener: Arc<dyn InputListener> = shared.clone();
+        console.attach(Arc::downgrade(&listener) as Weak<dyn InputListener>);
+
+        let vcpus = vcpu_fds
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut vfd)| VcpuSlot { ctl: VcpuControl::new(i as u8, &mut vfd), fd: Some(vfd), thread: None })
+            .collect();
+        Ok(Vm { vcpus, shared, console, _fd: fd, _kvm: kvm, ram, payload_kind: payload.kind, cmdline })
+    }
+
+    pub fn boot(&mut self) -> Result<()> {
+        for slot in &mut self.vcpus {
+            let vfd = slot.fd.take().ok_or_else(|| Error::new(Kind::InvalidState, "the VM has already booted"))?;
+            slot.thread = Some(vcpu::spawn(vfd, slot.ctl.clone(), self.shared.clone())?);
+        }
+        // Input typed before boot is waiting in the console.
+        self.shared.input_ready();
+        Ok(())
+    }
+
+    pub fn pause(&self, timeout: Duration) -> Result<()> {
+        for v in &self.vcpus {
+            v.ctl.pause(&self.shared);
+        }
+        let deadline = Instant::now() + timeout;
+        for v in &self.vcpus {
+            v.ctl.wait_paused(deadline)?;
+        }
+        Ok(())
+    }
+
+    pub fn resume(&self) {
+        for v in &self.vcpus {
+            v.ctl.resume(&self.shared);
+        }
+    }
+
+    /// Ends and joins every vCPU thread. Idempotent.
+    pub fn stop(&mut self) {
+        for v in &self.vcpus {
+            v.ctl.kill(&self.shared);
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    pub fn vcpu_states(&self) -> Vec<&'static str> {
+        self.vcpus.iter().map(|v| if v.thread.is_some() { v.ctl.state() } else { "created" }).collect()
+    }
+
+    pub fn shared(&self) -> &VmShared {
+        &self.shared
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+        self.console.detach();
+    }
+}

@@ -1,0 +1,294 @@
+"""The `vmmpy` command line: bad arguments exit 2 with one line naming the value; good ones
+build the right Vmm calls. No KVM needed: the flow tests put `FakeVmm` (a stand-in recording
+calls, not a VMM) where `vmmpy.vmm` would be imported from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from vmmpy import cli
+from vmmpy.client import ApiClient
+from vmmpy.config import SerialConfig, VmConfig
+from vmmpy.errors import InvalidConfig, KvmError
+
+PYTHON_DIR = str(Path(cli.__file__).resolve().parents[1])
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "argv, value",
+    [
+        (["--memory", "size=12X"], "12X"),
+        (["--memory", "size=1000"], "1000"),
+        (["--memory", "size=32M"], "32M"),
+        (["--memory", "size=512M,hugepages=on"], "hugepages"),
+        (["--memory", "1G"], "1G"),
+        (["--cpus", "boot=99"], "99"),
+        (["--cpus", "boot=0"], "'0'"),
+        (["--cpus", "boot=two"], "two"),
+        (["--cpus", "boot=2,max=4"], "'4'"),
+        (["--cpus", "boot=1,topology=1:1:1:1"], "topology"),
+        (["--cpus", "boot=1", "--serial", "bogus"], "bogus"),
+        (["--cpus", "boot=1", "--serial", "pty"], "pty"),
+        (["--cpus", "boot=1", "--serial", "file="], "file="),
+        (["--cpus", "boot=1", "--console", "tty"], "tty"),
+        (["--cpus", "boot=1", "--event-monitor", "fd=x"], "fd='x'"),
+        (["--cpus", "boot=1", "--event-monitor", "path=/nonexistent-dir/ev.json"], "/nonexistent-dir/ev.json"),
+        (["--api-socket", "fd=abc"], "abc"),
+        (["--api-socket", ""], "''"),
+        (["--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux"),
+        (["--initramfs", "/nonexistent/initrd"], "/nonexistent/initrd"),
+        (["--frobnicate"], "--frobnicate"),
+        (["--cpus"], "--cpus"),
+        (["stray-argument"], "stray-argument"),
+    ],
+)
+def test_bad_argument_exits_2_with_one_line(argv, value, capsys):
+    rc, out, err = run_main(argv, capsys)
+    assert rc == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert err.startswith("vmmpy: error: ")
+    assert value in err
+
+
+def test_nothing_to_do_exits_2(capsys):
+    rc, _out, err = run_main([], capsys)
+    assert rc == 2
+    assert err.count("\n") == 1 and "nothing to do" in err
+
+
+def test_only_a_console_or_serial_is_nothing_to_do(capsys):
+    rc, _out, err = run_main(["--serial", "tty", "--console", "off"], capsys)
+    assert rc == 2 and "nothing to do" in err
+
+
+def test_version(capsys):
+    rc, out, _err = run_main(["--version"], capsys)
+    assert rc == 0
+    assert out.startswith("vmmpy ")
+
+
+def test_version_as_cloud_hypervisor():
+    # libvirt's CH driver insists on "cloud-hypervisor v<major>.<minor>.<micro>" first.
+    line = cli.version_line("/usr/local/bin/cloud-hypervisor")
+    assert re.match(r"^cloud-hypervisor v\d+\.\d+\.\d+ ", line), line
+    assert cli.version_line("/usr/bin/vmmpy").startswith("vmmpy ")
+
+
+def test_help(capsys):
+    rc, out, _err = run_main(["--help"], capsys)
+    assert rc == 0
+    for flag in ("--api-socket", "--kernel", "--memory", "--cpus", "--serial", "--event-monitor", "--no-shutdown"):
+        assert flag in out
+
+
+def test_as_a_module_subprocess():
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmmpy.cli", "--cpus", "boot=99"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "99" in proc.stderr
+
+
+def test_parse_api_socket():
+    assert cli.parse_api_socket("/run/vmm.sock") == ("/run/vmm.sock", None)
+    assert cli.parse_api_socket("path=/run/vmm.sock") == ("/run/vmm.sock", None)
+    assert cli.parse_api_socket("fd=7") == (None, 7)
+    for bad in ("fd=", "fd=x", "path=", ""):
+        with pytest.raises(InvalidConfig):
+            cli.parse_api_socket(bad)
+
+
+# ------------------------------------------------------------------------------ the flow
+
+
+class FakeVmm:
+    """Stand-in for vmmpy.vmm.Vmm (no KVM): records what the CLI does with it."""
+
+    instances: list["FakeVmm"] = []
+    on_wait = None  # callable(fake) -> exit code, run inside wait()
+    fail: dict = {}
+
+    def __init__(self, *, serial=None, event_monitor=None, no_shutdown=False):
+        self.kwargs = {"serial": serial, "event_monitor": event_monitor, "no_shutdown": no_shutdown}
+        self.calls: list[tuple] = []
+        self.events = event_monitor
+        FakeVmm.instances.append(self)
+
+    def _record(self, name, *args):
+        self.calls.append((name, *args))
+        exc = FakeVmm.fail.get(name)
+        if exc is not None:
+            raise exc
+
+    def ping(self):
+        self._record("ping")
+        return {"version": "fake", "pid": os.getpid(), "build_version": "fake", "features": []}
+
+    def create(self, config):
+        self._record("create", config)
+
+    def boot(self):
+        self._record("boot")
+
+    def request_exit(self):
+        self._record("request_exit")
+
+    def shutdown_vmm(self):
+        self._record("shutdown_vmm")
+
+    def wait(self, timeout=None):
+        self._record("wait")
+        return FakeVmm.on_wait(self) if FakeVmm.on_wait else 0
+
+
+@pytest.fixture
+def fake_vmm(monkeypatch):
+    module = types.ModuleType("vmmpy.vmm")
+    module.Vmm = FakeVmm
+    monkeypatch.setitem(sys.modules, "vmmpy.vmm", module)
+    FakeVmm.instances = []
+    FakeVmm.on_wait = None
+    FakeVmm.fail = {}
+    yield FakeVmm
+
+
+@pytest.fixture
+def sockdir():
+    path = tempfile.mkdtemp(prefix="vmmpy-cli-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_vm_from_flags_is_created_and_booted(fake_vmm, capsys):
+    fake_vmm.on_wait = lambda vmm: 7
+    rc, _out, err = run_main(
+        ["--cpus", "boot=2", "--memory", "size=256M,shared=on", "--serial", "tty", "--cmdline", "quiet", "--no-shutdown"],
+        capsys,
+    )
+    assert rc == 7, err
+    (vmm,) = fake_vmm.instances
+    assert vmm.kwargs == {"serial": SerialConfig("Tty"), "event_monitor": None, "no_shutdown": True}
+    assert [c[0] for c in vmm.calls] == ["create", "boot", "wait"]
+    config = vmm.calls[0][1]
+    assert config == VmConfig(memory_mib=256, vcpus=2, cmdline="quiet", memory_shared=True, serial=SerialConfig("Tty"))
+
+
+def test_memory_alone_boots_the_test_guest_with_null_serial(fake_vmm, capsys):
+    rc, _out, err = run_main(["--memory", "size=128M"], capsys)
+    assert rc == 0, err
+    (vmm,) = fake_vmm.instances
+    assert vmm.kwargs["serial"] is None  # no --serial: the VM config's (Null) applies
+    config = vmm.calls[0][1]
+    assert config.kernel is None and config.serial == SerialConfig("Null") and config.memory_mib == 128
+
+
+def test_kernel_flag(fake_vmm, capsys, tmp_path):
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    rc, _out, err = run_main(["--kernel", str(kernel), "--console", "off"], capsys)
+    assert rc == 0, err
+    config = fake_vmm.instances[0].calls[0][1]
+    assert config.kernel == str(kernel) and config.vcpus == 1
+
+
+def test_api_socket_only_serves_and_boots_nothing(fake_vmm, capsys, sockdir):
+    path = os.path.join(sockdir, "api.sock")
+    seen = []
+
+    def on_wait(vmm):
+        # The API is up while the VMM runs: talk to it as a client would.
+        seen.append(ApiClient(path, timeout=10).ping())
+        return 0
+
+    fake_vmm.on_wait = on_wait
+    rc, _out, err = run_main(["--api-socket", f"path={path}"], capsys)
+    assert rc == 0, err
+    assert seen[0][0] == 200 and seen[0][1]["version"] == "fake"
+    (vmm,) = fake_vmm.instances
+    assert [c[0] for c in vmm.calls] == ["wait", "ping"]
+    assert not os.path.exists(path)  # the server was closed on the way out
+
+
+def test_event_monitor_is_passed_and_closed(fake_vmm, capsys, sockdir):
+    events_path = os.path.join(sockdir, "events.json")
+
+    def on_wait(vmm):
+        vmm.events.emit("vmm", "shutdown")
+        return 0
+
+    fake_vmm.on_wait = on_wait
+    rc, _out, err = run_main(["--cpus", "boot=1", "--event-monitor", f"path={events_path}"], capsys)
+    assert rc == 0, err
+    monitor = fake_vmm.instances[0].kwargs["event_monitor"]
+    assert monitor is not None and monitor._fd is None  # closed by the CLI
+    lines = Path(events_path).read_text().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["shutdown"]
+
+
+def test_sigterm_and_sigint_request_exit(fake_vmm, capsys):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    def on_wait(vmm):
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        deadline = time.monotonic() + 5  # request_exit() is called from a helper thread
+        while [c[0] for c in vmm.calls].count("request_exit") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0
+
+    fake_vmm.on_wait = on_wait
+    rc, _out, err = run_main(["--cpus", "boot=1"], capsys)
+    assert rc == 0, err
+    names = [c[0] for c in fake_vmm.instances[0].calls]
+    assert names.count("request_exit") == 2
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
+
+
+def test_boot_failure_exits_1_and_stops_the_vmm(fake_vmm, capsys):
+    fake_vmm.fail = {"boot": KvmError("KVM_CREATE_VM failed", errno=12)}
+    rc, _out, err = run_main(["--cpus", "boot=1"], capsys)
+    assert rc == 1
+    assert err.count("\n") == 1 and "KVM_CREATE_VM failed" in err
+    names = [c[0] for c in fake_vmm.instances[0].calls]
+    assert names == ["create", "boot", "shutdown_vmm", "wait"]
+
+
+def test_api_socket_in_use_exits_1(fake_vmm, capsys, sockdir):
+    from vmmpy.api import ApiServer
+
+    path = os.path.join(sockdir, "api.sock")
+    with ApiServer(FakeVmm(), path):
+        fake_vmm.instances.clear()
+        rc, _out, err = run_main(["--api-socket", path], capsys)
+    assert rc == 1
+    assert err.count("\n") == 1 and "in use" in err
+    assert [c[0] for c in fake_vmm.instances[0].calls] == ["shutdown_vmm", "wait"]

@@ -1,0 +1,467 @@
+"""VmConfig / SerialConfig validation, Cloud Hypervisor VmConfig bodies and CLI flag parsing.
+
+No KVM needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+from vmmpy.config import (
+    DEFAULT_CMDLINE,
+    MIB,
+    SerialConfig,
+    VmConfig,
+    host_memory_mib,
+    parse_console,
+    parse_cpus,
+    parse_memory,
+    parse_serial,
+    parse_size,
+    split_options,
+)
+from vmmpy.errors import InvalidConfig, VmmError
+
+
+@pytest.fixture
+def kernel_file(tmp_path):
+    path = tmp_path / "vmlinux"
+    path.write_bytes(b"\x7fELF" + bytes(60))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ dataclasses
+
+
+def test_defaults():
+    c = VmConfig()
+    assert (c.memory_mib, c.vcpus, c.kernel, c.initramfs, c.cmdline) == (512, 1, None, None, None)
+    assert c.memory_shared is False
+    assert c.serial == SerialConfig(mode="Null")
+    assert c.effective_cmdline == DEFAULT_CMDLINE == "console=ttyS0"
+    assert c.memory_bytes == 512 * MIB
+    assert isinstance(InvalidConfig("x"), VmmError)
+
+
+def test_default_serial_is_not_shared_between_configs():
+    a, b = VmConfig(), VmConfig()
+    assert a.serial is not b.serial
+
+
+@pytest.mark.parametrize("vcpus", [0, 9, -1, "2", 2.0, True, None])
+def test_bad_vcpus_named(vcpus):
+    with pytest.raises(InvalidConfig) as e:
+        VmConfig(vcpus=vcpus)
+    assert f"vcpus={vcpus!r}" in str(e.value)
+
+
+@pytest.mark.parametrize("vcpus", [1, 4, 8])
+def test_good_vcpus(vcpus):
+    assert VmConfig(vcpus=vcpus).vcpus == vcpus
+
+
+def test_memory_bounds():
+    assert VmConfig(memory_mib=64).memory_mib == 64
+    with pytest.raises(InvalidConfig, match=r"memory_mib=63: must be at least 64 MiB"):
+        VmConfig(memory_mib=63)
+    too_big = host_memory_mib() + 1
+    with pytest.raises(InvalidConfig, match=rf"memory_mib={too_big}: more than this host's memory"):
+        VmConfig(memory_mib=too_big)
+    with pytest.raises(InvalidConfig, match=r"memory_mib='512'"):
+        VmConfig(memory_mib="512")
+
+
+def test_every_bad_field_is_named_at_once():
+    with pytest.raises(InvalidConfig) as e:
+        VmConfig(vcpus=0, memory_mib=1, memory_shared="yes")
+    msg = str(e.value)
+    assert "vcpus=0" in msg and "memory_mib=1" in msg and "memory_shared='yes'" in msg
+
+
+def test_kernel_and_initramfs_must_be_files(tmp_path, kernel_file):
+    assert VmConfig(kernel=kernel_file, initramfs=kernel_file).kernel == kernel_file
+    missing = str(tmp_path / "nope")
+    with pytest.raises(InvalidConfig, match=rf"kernel='{missing}': no such file"):
+        VmConfig(kernel=missing)
+    with pytest.raises(InvalidConfig, match=rf"initramfs='{tmp_path}': not a regular file"):
+        VmConfig(initramfs=str(tmp_path))
+    with pytest.raises(InvalidConfig, match="kernel=''"):
+        VmConfig(kernel="")
+
+
+def test_cmdline_checked():
+    assert VmConfig(cmdline="").effective_cmdline == ""
+    assert VmConfig(cmdline="quiet").effective_cmdline == "quiet"
+    with pytest.raises(InvalidConfig, match="cmdline="):
+        VmConfig(cmdline="a\0b")
+    with pytest.raises(InvalidConfig, match="cmdline=5"):
+        VmConfig(cmdline=5)
+
+
+def test_validate_after_mutation():
+    c = VmConfig()
+    c.vcpus = 99
+    with pytest.raises(InvalidConfig, match="vcpus=99"):
+        c.validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"mode": "Pty"}, "serial.mode='Pty'"),
+        ({"mode": "Bogus"}, "serial.mode='Bogus'"),
+        ({"mode": "File"}, "serial.file=None: mode File needs a file path"),
+        ({"mode": "Socket"}, "serial.socket=None: mode Socket needs a socket path"),
+        ({"mode": "Null", "file": "/tmp/x"}, "serial.file='/tmp/x': only valid with mode File"),
+        ({"mode": "Tty", "socket": "/tmp/s"}, "serial.socket='/tmp/s': only valid with mode Socket"),
+        ({"mode": "File", "file": ""}, "serial.file=''"),
+    ],
+)
+def test_bad_serial_named(kwargs, fragment):
+    with pytest.raises(InvalidConfig) as e:
+        SerialConfig(**kwargs)
+    assert fragment in str(e.value)
+
+
+def test_serial_modes_and_case():
+    for mode in ("Off", "Null", "Tty"):
+        assert SerialConfig(mode=mode).mode == mode
+    assert SerialConfig(mode="tty").mode == "Tty"
+    assert SerialConfig(mode="FILE", file="/tmp/out").mode == "File"
+    assert SerialConfig(mode="Socket", socket="/tmp/s").socket == "/tmp/s"
+
+
+# ------------------------------------------------------------------------------ CH bodies
+
+
+def test_from_api_empty_body_is_defaults():
+    assert VmConfig.from_api({}) == VmConfig()
+
+
+def test_from_api_full(kernel_file):
+    body = {
+        "payload": {"kernel": kernel_file, "initramfs": kernel_file, "cmdline": "console=ttyS0 quiet"},
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": 256 * MIB, "shared": True},
+        "serial": {"mode": "File", "file": "/tmp/serial.log"},
+        "console": {"mode": "Off"},
+    }
+    c = VmConfig.from_api(body)
+    assert c == VmConfig(
+        memory_mib=256,
+        vcpus=2,
+        kernel=kernel_file,
+        initramfs=kernel_file,
+        cmdline="console=ttyS0 quiet",
+        memory_shared=True,
+        serial=SerialConfig("File", file="/tmp/serial.log"),
+    )
+
+
+def test_from_api_libvirt_style_body(kernel_file):
+    # What libvirt's CH driver sends for a domain with a kernel and no devices.
+    body = {
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1},
+        "memory": {"size": 1073741824},
+        "payload": {"kernel": kernel_file, "cmdline": "console=ttyS0"},
+        "serial": {"mode": "Socket", "socket": "/run/serial.sock"},
+    }
+    c = VmConfig.from_api(body)
+    assert (c.vcpus, c.memory_mib, c.serial.mode, c.serial.socket) == (
+        1,
+        1024,
+        "Socket",
+        "/run/serial.sock",
+    )
+
+
+def test_from_api_names_every_unsupported_field():
+    body = {
+        "payload": {"firmware": "/fw", "kernel": None},
+        "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": {"packages": 1}, "kvm_hyperv": True},
+        "memory": {"size": 512 * MIB, "hugepages": True, "zones": [{"id": "z", "size": 1}]},
+        "disks": [{"path": "/img"}],
+        "net": [{"tap": "tap0"}],
+        "vsock": {"cid": 3, "socket": "/v"},
+        "landlock_enable": True,
+        "frobnicate": 1,
+    }
+    with pytest.raises(InvalidConfig) as e:
+        VmConfig.from_api(body)
+    assert str(e.value) == (
+        "unsupported VmConfig fields: cpus.kvm_hyperv, cpus.topology, disks, frobnicate, "
+        "landlock_enable, memory.hugepages, memory.zones, net, payload.firmware, vsock"
+    )
+
+
+def test_from_api_unsupported_example_from_brief():
+    with pytest.raises(InvalidConfig, match=r"^unsupported VmConfig fields: disks, memory\.hugepages$"):
+        VmConfig.from_api({"disks": [{"path": "/x"}], "memory": {"size": 512 * MIB, "hugepages": True}})
+
+
+def test_from_api_accepts_ch_defaults_nulls_and_empty_lists():
+    # Shaped like the `config` Cloud Hypervisor prints in vm.info (defaults spelled out).
+    body = {
+        "cpus": {
+            "boot_vcpus": 2,
+            "max_vcpus": 2,
+            "topology": None,
+            "kvm_hyperv": False,
+            "max_phys_bits": 46,
+            "affinity": None,
+            "features": {},
+            "nested": True,
+            "core_scheduling": "Vm",
+            "profile": "Host",
+        },
+        "memory": {
+            "size": 536870912,
+            "mergeable": False,
+            "hotplug_method": "Acpi",
+            "hotplug_size": None,
+            "hotplugged_size": None,
+            "shared": False,
+            "hugepages": False,
+            "hugepage_size": None,
+            "prefault": False,
+            "reserve": False,
+            "zones": None,
+            "thp": True,
+        },
+        "payload": {"kernel": None, "cmdline": "console=ttyS0", "firmware": None, "initramfs": None},
+        "rate_limit_groups": None,
+        "disks": None,
+        "net": [],
+        "rng": {"src": "/dev/urandom", "iommu": False, "pci_segment": 0, "id": None},
+        "balloon": None,
+        "fs": None,
+        "pmem": None,
+        "serial": {"file": None, "mode": "Null", "socket": None, "iommu": False},
+        "console": {"file": None, "mode": "Off", "iommu": False, "socket": None, "pci_segment": 0},
+        "debug_console": {"file": None, "mode": "Off", "iobase": 233},
+        "devices": None,
+        "user_devices": None,
+        "vdpa": None,
+        "vsock": None,
+        "pvpanic": False,
+        "iommu": False,
+        "numa": None,
+        "watchdog": False,
+        "pci_segments": None,
+        "platform": None,
+        "tpm": None,
+        "landlock_enable": False,
+        "landlock_rules": None,
+    }
+    c = VmConfig.from_api(body)
+    assert (c.vcpus, c.memory_mib, c.cmdline) == (2, 512, "console=ttyS0")
+    # The same defaults with a non-default value are refused, by name.
+    for mutate, name in [
+        (lambda b: b["cpus"].update(max_phys_bits=40), "cpus.max_phys_bits"),
+        (lambda b: b["cpus"].update(features={"amx": True}), "cpus.features"),
+        (lambda b: b["memory"].update(thp=False), "memory.thp"),
+        (lambda b: b.update(rng={"src": "/dev/random"}), "rng"),
+        (lambda b: b.update(iommu=True), "iommu"),
+        (lambda b: b["debug_console"].update(mode="Tty"), "debug_console"),
+        (lambda b: b["console"].update(iommu=True), "console.iommu"),
+        (lambda b: b["serial"].update(iommu=True), "serial.iommu"),
+        (lambda b: b["memory"].update(mergeable=0), "memory.mergeable"),  # 0 is not false
+    ]:
+        changed = copy.deepcopy(body)
+        mutate(changed)
+        with pytest.raises(InvalidConfig, match=rf"unsupported VmConfig fields: .*\b{name}\b"):
+            VmConfig.from_api(changed)
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"memory": {"size": 512 * MIB + 1}}, f"memory.size={512 * MIB + 1}: must be a multiple of 1 MiB"),
+        ({"memory": {"size": 32 * MIB}}, f"memory.size={32 * MIB}: must be at least 64 MiB"),
+        ({"memory": {"size": "1G"}}, "memory.size='1G'"),
+        ({"memory": {"size": 0}}, "memory.size=0"),
+        ({"memory": {"size": 512 * MIB, "shared": "on"}}, "memory.shared='on'"),
+        ({"cpus": {"boot_vcpus": 2, "max_vcpus": 4}}, "cpus.max_vcpus=4: vCPU hotplug is not supported"),
+        ({"cpus": {"boot_vcpus": 9, "max_vcpus": 9}}, "cpus.boot_vcpus=9: must be an integer from 1 to 8"),
+        ({"cpus": {"boot_vcpus": 0, "max_vcpus": 0}}, "cpus.boot_vcpus=0"),
+        ({"cpus": {"boot_vcpus": True, "max_vcpus": 1}}, "cpus.boot_vcpus=True"),
+        ({"cpus": 2}, "cpus=2: must be an object"),
+        ({"payload": {"kernel": 5}}, "payload.kernel=5: must be a string"),
+        ({"payload": {"kernel": "/nonexistent/vmlinux"}}, "payload.kernel='/nonexistent/vmlinux': no such file"),
+        ({"payload": {"initramfs": "/nonexistent/initrd"}}, "payload.initramfs='/nonexistent/initrd'"),
+        ({"payload": {"cmdline": ["a"]}}, "payload.cmdline=['a']"),
+        ({"serial": {"mode": "Pty"}}, "serial.mode='Pty': not supported by vmmpy"),
+        ({"serial": {"mode": "off"}}, "serial.mode='off': unknown mode"),
+        ({"serial": {"file": "/tmp/x"}}, "serial.mode=None: required"),
+        ({"serial": {"mode": "File"}}, "serial.file=None: mode File needs a file path"),
+        ({"serial": {"mode": "Socket"}}, "serial.socket=None: mode Socket needs a socket path"),
+        ({"console": {"mode": "Tty"}}, "console.mode='Tty': vmmpy has no virtio console"),
+        ({"console": {"mode": "Pty"}}, "console.mode='Pty'"),
+    ],
+)
+def test_from_api_bad_values_named(body, fragment):
+    with pytest.raises(InvalidConfig) as e:
+        VmConfig.from_api(body)
+    assert fragment in str(e.value)
+
+
+def test_from_api_reports_unsupported_and_bad_values_together():
+    with pytest.raises(InvalidConfig) as e:
+        VmConfig.from_api({"disks": [{}], "cpus": {"boot_vcpus": 2, "max_vcpus": 3}})
+    msg = str(e.value)
+    assert msg.startswith("unsupported VmConfig fields: disks; ")
+    assert "cpus.max_vcpus=3" in msg
+
+
+@pytest.mark.parametrize("body", [None, [], "x", 5])
+def test_from_api_body_must_be_object(body):
+    with pytest.raises(InvalidConfig, match="must be a JSON object"):
+        VmConfig.from_api(body)
+
+
+def test_from_api_console_off_and_null_accepted():
+    assert VmConfig.from_api({"console": {"mode": "Off"}}) == VmConfig()
+    assert VmConfig.from_api({"console": {"mode": "Null"}}) == VmConfig()
+
+
+def test_from_api_boot_vcpus_defaults():
+    assert VmConfig.from_api({"cpus": {"max_vcpus": 3}}).vcpus == 3
+    assert VmConfig.from_api({"cpus": {}}).vcpus == 1
+
+
+def test_to_api_shape_and_round_trip(kernel_file):
+    c = VmConfig(
+        memory_mib=128,
+        vcpus=3,
+        kernel=kernel_file,
+        cmdline="quiet",
+        memory_shared=True,
+        serial=SerialConfig("Socket", socket="/tmp/s.sock"),
+    )
+    api = c.to_api()
+    assert api == {
+        "cpus": {"boot_vcpus": 3, "max_vcpus": 3},
+        "memory": {"size": 128 * MIB, "shared": True},
+        "payload": {"kernel": kernel_file, "cmdline": "quiet"},
+        "serial": {"mode": "Socket", "socket": "/tmp/s.sock"},
+        "console": {"mode": "Off"},
+    }
+    assert VmConfig.from_api(api) == c
+    # The test guest: no kernel key, the default command line is reported.
+    default = VmConfig().to_api()
+    assert "kernel" not in default["payload"]
+    assert default["payload"]["cmdline"] == "console=ttyS0"
+    assert VmConfig.from_api(default).to_api() == default
+
+
+# ------------------------------------------------------------------------------ CLI flags
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [("512M", 512 * MIB), ("1G", 1 << 30), ("4096K", 4 * MIB), ("1048576", MIB), ("2g", 2 << 30), (" 64M ", 64 * MIB)],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["12X", "", "M", "-1M", "1.5G", "0x10", "1 G"])
+def test_parse_size_bad(text):
+    with pytest.raises(InvalidConfig) as e:
+        parse_size(text)
+    assert repr(text) in str(e.value)
+
+
+def test_parse_memory():
+    assert parse_memory("size=512M") == {"memory_mib": 512}
+    assert parse_memory("size=1G,shared=on") == {"memory_mib": 1024, "memory_shared": True}
+    assert parse_memory("shared=off") == {"memory_shared": False}
+    assert VmConfig(**parse_memory("size=256M,shared=true")).memory_mib == 256
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("size=1000", "--memory size='1000': must be a multiple of 1 MiB"),
+        ("size=32M", "--memory size='32M': must be at least 64 MiB"),
+        ("size=abc", "size='abc'"),
+        ("size=512M,hugepages=on", "unsupported option 'hugepages'"),
+        ("512M", "'512M'"),
+        ("size=512M,shared=maybe", "shared='maybe'"),
+        ("size=512M,size=1G", "option 'size' given twice"),
+        ("", "empty value"),
+        ("size=512M,", "empty option"),
+    ],
+)
+def test_parse_memory_bad(text, fragment):
+    with pytest.raises(InvalidConfig) as e:
+        parse_memory(text)
+    assert fragment in str(e.value)
+
+
+def test_parse_memory_over_host():
+    text = f"size={host_memory_mib() + 1024}M"
+    with pytest.raises(InvalidConfig, match="more than this host's memory"):
+        parse_memory(text)
+
+
+def test_parse_cpus():
+    assert parse_cpus("boot=2") == {"vcpus": 2}
+    assert parse_cpus("boot=8,max=8") == {"vcpus": 8}
+    assert parse_cpus("max=3") == {"vcpus": 3}
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("boot=0", "--cpus boot='0': must be an integer from 1 to 8"),
+        ("boot=9", "boot='9'"),
+        ("boot=two", "boot='two'"),
+        ("boot=2,max=4", "--cpus max='4': vCPU hotplug is not supported"),
+        ("boot=2,topology=1:1:1:2", "unsupported option 'topology'"),
+        ("2", "'2'"),
+    ],
+)
+def test_parse_cpus_bad(text, fragment):
+    with pytest.raises(InvalidConfig) as e:
+        parse_cpus(text)
+    assert fragment in str(e.value)
+
+
+def test_parse_serial():
+    assert parse_serial("off") == SerialConfig("Off")
+    assert parse_serial("null") == SerialConfig("Null")
+    assert parse_serial("tty") == SerialConfig("Tty")
+    assert parse_serial("TTY") == SerialConfig("Tty")
+    assert parse_serial("file=/tmp/serial.log") == SerialConfig("File", file="/tmp/serial.log")
+    assert parse_serial("socket=/tmp/serial.sock") == SerialConfig("Socket", socket="/tmp/serial.sock")
+    assert parse_serial('file="/tmp/a,b.log"') == SerialConfig("File", file="/tmp/a,b.log")
+
+
+@pytest.mark.parametrize("text", ["pty", "bogus", "file=", "socket=", "tty,file=/x", "path=/x", ""])
+def test_parse_serial_bad(text):
+    with pytest.raises(InvalidConfig) as e:
+        parse_serial(text)
+    assert repr(text) in str(e.value)
+
+
+def test_parse_console():
+    assert parse_console("off") == "Off"
+    assert parse_console("null") == "Null"
+    for bad in ("tty", "pty", "file=/x", ""):
+        with pytest.raises(InvalidConfig, match="no virtio console"):
+            parse_console(bad)
+
+
+def test_split_options_quotes():
+    assert split_options('a=1,b="x,y",c', "--x") == [("a", "1"), ("b", "x,y"), ("c", None)]
+    with pytest.raises(InvalidConfig, match="unbalanced"):
+        split_options('a="x', "--x")
+
+
+def test_host_memory_is_positive():
+    assert host_memory_mib() > 0
+    assert os.sysconf("SC_PHYS_PAGES") > 0
