@@ -20,9 +20,14 @@ struct Output {
     client: bool,
 }
 
+/// Output kept for the next socket client while none is connected, like a UART line's FIFO.
+const BACKLOG_MAX: usize = 64 * 1024;
+
 #[derive(Default)]
 struct Inner {
     outputs: Mutex<Vec<Output>>,
+    /// Some(..) for a socket console: what was written while no client was connected.
+    backlog: Mutex<Option<VecDeque<u8>>>,
     input: Mutex<VecDeque<u8>>,
     listener: Mutex<Option<Weak<dyn InputListener>>>,
 }
@@ -57,9 +62,13 @@ fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 }
 
 impl Console {
-    /// Output goes to a duplicate of `fd` (a file or a terminal); None discards it.
-    pub fn new(output_fd: Option<RawFd>) -> Result<Console> {
+    /// Output goes to a duplicate of `fd` (a file or a terminal); None discards it, unless
+    /// `keep_backlog`, which keeps it for the first socket client to come.
+    pub fn new(output_fd: Option<RawFd>, keep_backlog: bool) -> Result<Console> {
         let console = Console::default();
+        if keep_backlog {
+            *console.0.backlog.lock().unwrap() = Some(VecDeque::new());
+        }
         if let Some(fd) = output_fd {
             console.0.outputs.lock().unwrap().push(Output { fd: dup_fd(fd)?, client: false });
         }
@@ -74,7 +83,14 @@ impl Console {
             let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
-        self.0.outputs.lock().unwrap().push(Output { fd, client: true });
+        let mut outputs = self.0.outputs.lock().unwrap();
+        if let Some(backlog) = self.0.backlog.lock().unwrap().as_mut() {
+            let (a, b) = backlog.as_slices();
+            // Best effort, like any client write: a full socket loses the rest.
+            let _ = write_all(fd.as_raw_fd(), a).and_then(|_| write_all(fd.as_raw_fd(), b));
+            backlog.clear();
+        }
+        outputs.push(Output { fd, client: true });
         Ok(())
     }
 
@@ -90,6 +106,13 @@ impl Console {
             Err(e) if o.client && e.kind() == io::ErrorKind::WouldBlock => true,
             Err(_) => !o.client,
         });
+        if outputs.is_empty() {
+            if let Some(backlog) = self.0.backlog.lock().unwrap().as_mut() {
+                backlog.extend(data);
+                let excess = backlog.len().saturating_sub(BACKLOG_MAX);
+                backlog.drain(..excess);
+            }
+        }
     }
 
     pub fn push_input(&self, data: &[u8]) {

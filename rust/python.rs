@@ -21,11 +21,12 @@ pub struct PyConsole(pub Console);
 
 #[pymethods]
 impl PyConsole {
-    /// Output goes to a duplicate of `output_fd`; None discards it (until socket clients join).
+    /// Output goes to a duplicate of `output_fd`. Without one, output is discarded, or with
+    /// `keep_backlog` kept (up to 64 KiB) for the next socket client while none is connected.
     #[new]
-    #[pyo3(signature = (output_fd=None))]
-    fn new(output_fd: Option<i32>) -> PyResult<Self> {
-        Ok(PyConsole(Console::new(output_fd)?))
+    #[pyo3(signature = (output_fd=None, keep_backlog=false))]
+    fn new(output_fd: Option<i32>, keep_backlog: bool) -> PyResult<Self> {
+        Ok(PyConsole(Console::new(output_fd, keep_backlog)?))
     }
 
     fn add_client(&self, fd: i32) -> PyResult<()> {

@@ -1,5 +1,7 @@
 """Boot the embedded test guest on real KVM and talk to it over the serial console."""
 
+import time
+
 import pytest
 
 from vmmpy import _native
@@ -24,10 +26,13 @@ def test_dirty_then_verify_two_vcpus(guest_vmm):
     vmm, serial = guest_vmm(vcpus=2, memory_mib=256)
     serial.wait_ready()
     serial.command("dirty 32", rb"DIRTY STARTED mib=32")
-    serial.command("status", rb"STATUS .* dirty=on")
-    m = serial.command("stop", rb"DIRTY STOPPED gen=(\d+)")
+    deadline = time.monotonic() + 30
+    while int(serial.command("status", rb"STATUS .* dirty=on mib=32 gen=(\d+)\r\n").group(1)) < 3:
+        assert time.monotonic() < deadline, "the dirty workload makes no progress"
+        time.sleep(0.05)
+    m = serial.command("stop", rb"DIRTY STOPPED gen=(\d+)\r\n")
     assert int(m.group(1)) >= 1
-    m = serial.command("verify", rb"VERIFY OK (\d+)", timeout=60)
+    m = serial.command("verify", rb"VERIFY OK (\d+)\r\n", timeout=60)
     assert int(m.group(1)) == 32 * 256
 
 

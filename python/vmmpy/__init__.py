@@ -1,5 +1,7 @@
 """vmmpy: a KVM virtual machine monitor with a Rust core, driven from Python."""
 
+__version__ = "0.1.0"
+
 from .errors import (InvalidConfig, InvalidState, KvmError, PauseTimeout, PayloadError, VmAlreadyCreated,
                      VmMigrating, VmmError, VmmShutDown, VmNotCreated)
 

@@ -46,7 +46,8 @@ class ConsoleBackend:
                 self._tty_saved = termios.tcgetattr(self._tty_in)
                 tty.setraw(self._tty_in)
         elif mode == "Socket":
-            self.native = _native.Console(None)
+            # Output written before a client connects waits for it: a late client sees the boot banner.
+            self.native = _native.Console(None, keep_backlog=True)
             path = serial.socket
             if os.path.exists(path):
                 os.unlink(path)

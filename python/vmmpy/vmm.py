@@ -25,7 +25,7 @@ from .console import ConsoleBackend
 from .errors import InvalidState, VmAlreadyCreated, VmMigrating, VmmError, VmmShutDown, VmNotCreated
 from .events import EventMonitor
 
-__version__ = "0.1.0"
+from . import __version__
 PAUSE_TIMEOUT_S = 5.0
 DEFAULT_CMDLINE = "console=ttyS0"
 
@@ -330,6 +330,8 @@ class Vmm:
 
     def delete(self) -> None:
         def do():
+            if self._config is None:
+                return  # nothing to delete: a no-op, as in Cloud Hypervisor
             self._require_owned()
             had_vm = self._vm is not None
             self._destroy_vm()
