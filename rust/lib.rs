@@ -10,7 +10,9 @@ mod error;
 mod idle;
 mod layout;
 mod memory;
+mod memory_file;
 mod python;
+mod state;
 mod vcpu;
 mod vm;
 

@@ -3,18 +3,20 @@
 
 use std::os::raw::c_int;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::console::Console;
 use crate::error::{Error, Kind};
 use crate::memory::GuestRam;
-use crate::vm::{LifecycleFds, Vm, VmConfig};
+use crate::memory_file;
+use crate::state::{Blobs, VcpuState};
+use crate::vm::{LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
 
 #[pyclass(name = "Console", module = "vmmpy._native")]
 pub struct PyConsole(pub Console);
@@ -85,9 +87,19 @@ impl PyGuestRegion {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
 
+/// Most calls only read the VM (a migration worker sends memory while the control loop asks
+/// for the VM's lifecycle request); boot and stop take it exclusively.
 #[pyclass(name = "Vm", module = "vmmpy._native")]
 pub struct PyVm {
-    vm: Mutex<Option<Vm>>,
+    vm: RwLock<Option<Vm>>,
+}
+
+fn region(vm: &Vm, index: usize) -> PyResult<(u64, u64, u64)> {
+    vm.ram
+        .regions()
+        .get(index)
+        .copied()
+        .ok_or_else(|| Error::new(Kind::InvalidConfig, format!("no RAM region {index}")).into())
 }
 
 fn not_running() -> PyErr {
@@ -95,9 +107,15 @@ fn not_running() -> PyErr {
 }
 
 impl PyVm {
-    fn with<T>(&self, f: impl FnOnce(&mut Vm) -> PyResult<T>) -> PyResult<T> {
-        let mut guard = self.vm.lock().unwrap();
-        match guard.as_mut() {
+    fn with<T>(&self, f: impl FnOnce(&Vm) -> PyResult<T>) -> PyResult<T> {
+        match self.vm.read().unwrap().as_ref() {
+            Some(vm) => f(vm),
+            None => Err(not_running()),
+        }
+    }
+
+    fn with_mut<T>(&self, f: impl FnOnce(&mut Vm) -> PyResult<T>) -> PyResult<T> {
+        match self.vm.write().unwrap().as_mut() {
             Some(vm) => f(vm),
             None => Err(not_running()),
         }
@@ -108,7 +126,7 @@ impl PyVm {
 impl PyVm {
     /// Builds the VM and loads its payload; no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -121,16 +139,19 @@ impl PyVm {
         reset_fd: i32,
         guest_exit_fd: i32,
         error_fd: i32,
+        restore: bool,
     ) -> PyResult<Self> {
         let cfg = VmConfig { memory_size, vcpus, kernel, initramfs, cmdline };
         let console = console.0.clone();
         let fds = LifecycleFds { reset: reset_fd, guest_exit: guest_exit_fd, error: error_fd };
-        let vm = py.detach(move || Vm::new(&cfg, console, &fds))?;
-        Ok(PyVm { vm: Mutex::new(Some(vm)) })
+        let vm = py.detach(move || Vm::new(&cfg, console, &fds, restore))?;
+        Ok(PyVm { vm: RwLock::new(Some(vm)) })
     }
 
-    fn boot(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.with(|vm| Ok(vm.boot()?)))
+    /// Starts the vCPUs; with `paused`, they wait for resume() before running guest code.
+    #[pyo3(signature = (paused=false))]
+    fn boot(&self, py: Python<'_>, paused: bool) -> PyResult<()> {
+        py.detach(|| self.with_mut(|vm| Ok(vm.boot(paused)?)))
     }
 
     #[pyo3(signature = (timeout=5.0))]
@@ -148,7 +169,7 @@ impl PyVm {
     /// Ends the vCPU threads and releases the VM's fds and memory (a region object handed out
     /// earlier keeps its own mapping until it is released). Idempotent.
     fn stop(&self, py: Python<'_>) {
-        let vm = self.vm.lock().unwrap().take();
+        let vm = self.vm.write().unwrap().take();
         py.detach(move || drop(vm));
     }
 
@@ -176,14 +197,70 @@ impl PyVm {
         self.with(|vm| Ok(vm.vcpu_states()))
     }
 
+    /// "test-guest", "elf", "bzimage", or None for a restored VM.
     #[getter]
-    fn payload_kind(&self) -> PyResult<&'static str> {
-        self.with(|vm| Ok(vm.payload_kind.name()))
+    fn payload_kind(&self) -> PyResult<Option<&'static str>> {
+        self.with(|vm| Ok(vm.payload_kind.map(|k| k.name())))
+    }
+
+    /// Records `kind` ("reset" or "shutdown") as if a vCPU had asked for it and writes its eventfd:
+    /// replaying a request carried by a migration goes the same way as the guest's own.
+    fn inject_request(&self, kind: &str) -> PyResult<()> {
+        let req = match kind {
+            "reset" => LifecycleRequest::Reset,
+            "shutdown" => LifecycleRequest::Shutdown,
+            other => return Err(Error::new(Kind::InvalidConfig, format!("unknown lifecycle request {other:?}")).into()),
+        };
+        self.with(|vm| {
+            vm.shared().request(req);
+            Ok(())
+        })
+    }
+
+    /// The paused VM's state (all but memory) as a dict of raw KVM structures and device registers.
+    fn save_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = py.detach(|| self.with(|vm| Ok(vm.save_state()?)))?;
+        saved_state_to_dict(py, &st)
+    }
+
+    /// Loads state from `save_state()`'s dict into a VM built with restore=True, before boot().
+    fn restore_state(&self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<()> {
+        let st = saved_state_from_dict(state)?;
+        py.detach(|| self.with(|vm| Ok(vm.restore_state(&st)?)))
     }
 
     #[getter]
     fn cmdline(&self) -> PyResult<String> {
         self.with(|vm| Ok(vm.cmdline.clone()))
+    }
+
+    /// Writes RAM region `index` to a sparse file (the VM must be paused or not running).
+    fn save_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> PyResult<()> {
+        py.detach(|| {
+            self.with(|vm| {
+                let (_, host, size) = region(vm, index)?;
+                // SAFETY: the region is a live mapping of `size` bytes owned by the VM; the guest
+                // is paused, so nothing writes it while it is read.
+                let mem = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
+                Ok(memory_file::save(mem, &path)?)
+            })
+        })
+    }
+
+    /// Fills RAM region `index` of a VM built with restore=True from a snapshot file.
+    fn load_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> PyResult<()> {
+        py.detach(|| {
+            self.with(|vm| {
+                if vm.vcpu_states().iter().any(|s| *s != "created") {
+                    return Err(Error::new(Kind::InvalidState, "memory can only be loaded before the VM runs").into());
+                }
+                let (_, host, size) = region(vm, index)?;
+                // SAFETY: the region is a live mapping of `size` bytes owned by the VM, and no
+                // vCPU runs yet, so this is its only user.
+                let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, size as usize) };
+                Ok(memory_file::load(mem, &path)?)
+            })
+        })
     }
 
     fn memory_regions(&self) -> PyResult<Vec<PyGuestRegion>> {
@@ -196,4 +273,93 @@ impl PyVm {
                 .collect())
         })
     }
+}
+
+fn blobs_to_dict<'py>(py: Python<'py>, blobs: &Blobs) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, bytes) in blobs {
+        d.set_item(name, PyBytes::new(py, bytes))?;
+    }
+    Ok(d)
+}
+
+/// The bytes entries of `d`, all but `skip`.
+fn blobs_from_dict(d: &Bound<'_, PyDict>, skip: &str) -> PyResult<Blobs> {
+    d.iter()
+        .filter(|(k, _)| k.extract::<String>().map(|k| k != skip).unwrap_or(true))
+        .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<Vec<u8>>()?)))
+        .collect()
+}
+
+fn item<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, PyAny>> {
+    d.get_item(key)?
+        .ok_or_else(|| Error::new(Kind::InvalidConfig, format!("state lacks {key:?}")).into())
+}
+
+const SERIAL_REGS: [&str; 9] = [
+    "baud_divisor_low", "baud_divisor_high", "interrupt_enable", "interrupt_identification",
+    "line_control", "line_status", "modem_control", "modem_status", "scratch",
+];
+
+fn saved_state_to_dict<'py>(py: Python<'py>, st: &SavedState) -> PyResult<Bound<'py, PyDict>> {
+    let out = PyDict::new(py);
+    let vcpus = PyList::empty(py);
+    for v in &st.vcpus {
+        let d = blobs_to_dict(py, &v.blobs)?;
+        d.set_item("msrs", v.msrs.iter().map(|&(i, val)| (i, val)).collect::<Vec<_>>())?;
+        vcpus.append(d)?;
+    }
+    out.set_item("vcpus", vcpus)?;
+    out.set_item("machine", blobs_to_dict(py, &st.machine)?)?;
+    let serial = PyDict::new(py);
+    let s = &st.serial;
+    let regs = [s.baud_divisor_low, s.baud_divisor_high, s.interrupt_enable, s.interrupt_identification,
+                s.line_control, s.line_status, s.modem_control, s.modem_status, s.scratch];
+    for (name, value) in SERIAL_REGS.iter().zip(regs) {
+        serial.set_item(name, value)?;
+    }
+    serial.set_item("in_buffer", PyBytes::new(py, &s.in_buffer))?;
+    let cmos = PyDict::new(py);
+    cmos.set_item("nvram", PyBytes::new(py, &st.cmos.0))?;
+    cmos.set_item("index", st.cmos.1)?;
+    let devices = PyDict::new(py);
+    devices.set_item("serial", serial)?;
+    devices.set_item("cmos", cmos)?;
+    out.set_item("devices", devices)?;
+    Ok(out)
+}
+
+fn saved_state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<SavedState> {
+    let mut vcpus = Vec::new();
+    for v in item(d, "vcpus")?.cast::<PyList>()?.iter() {
+        let v = v.cast::<PyDict>()?;
+        let msrs: Vec<(u32, u64)> = item(v, "msrs")?.extract()?;
+        let blobs = blobs_from_dict(v, "msrs")?;
+        vcpus.push(VcpuState { blobs, msrs });
+    }
+    let machine = blobs_from_dict(item(d, "machine")?.cast::<PyDict>()?, "")?;
+    let devices = item(d, "devices")?;
+    let devices = devices.cast::<PyDict>()?;
+    let serial_d = item(devices, "serial")?;
+    let serial_d = serial_d.cast::<PyDict>()?;
+    let mut regs = [0u8; 9];
+    for (slot, name) in regs.iter_mut().zip(SERIAL_REGS) {
+        *slot = item(serial_d, name)?.extract()?;
+    }
+    let serial = vm_superio::serial::SerialState {
+        baud_divisor_low: regs[0],
+        baud_divisor_high: regs[1],
+        interrupt_enable: regs[2],
+        interrupt_identification: regs[3],
+        line_control: regs[4],
+        line_status: regs[5],
+        modem_control: regs[6],
+        modem_status: regs[7],
+        scratch: regs[8],
+        in_buffer: item(serial_d, "in_buffer")?.extract()?,
+    };
+    let cmos_d = item(devices, "cmos")?;
+    let cmos_d = cmos_d.cast::<PyDict>()?;
+    let cmos = (item(cmos_d, "nvram")?.extract()?, item(cmos_d, "index")?.extract()?);
+    Ok(SavedState { vcpus, machine, serial, cmos })
 }

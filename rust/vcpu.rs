@@ -38,9 +38,14 @@ pub struct VcpuControl {
     pub index: u8,
     ctl: Mutex<Ctl>,
     cv: Condvar,
-    /// The vCPU's kvm_run mapping; valid while `exited` is false (the thread drops the fd after).
+    /// The vCPU's kvm_run mapping, owned by the VcpuFd that the VM's vCPU slot keeps alive for as
+    /// long as this control exists.
     run: AtomicPtr<kvm_run>,
 }
+
+/// The vCPU fd: the vCPU thread holds the lock while in KVM_RUN and handling an exit, and lets go
+/// while paused or parked, so a paused vCPU's state can be read or written from elsewhere.
+pub type SharedVcpuFd = Arc<Mutex<VcpuFd>>;
 
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -66,8 +71,8 @@ impl VcpuControl {
 
     fn set_immediate_exit(&self, value: u8) {
         let run = self.run.load(Ordering::Acquire);
-        // SAFETY: callers hold `ctl` with `exited` false, so the thread still owns the VcpuFd and
-        // its kvm_run mapping; immediate_exit is a plain byte KVM reads on entry.
+        // SAFETY: the VcpuFd owning the mapping outlives this control (see `run`); immediate_exit
+        // is a plain byte that KVM reads on entry.
         unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, value) };
     }
 
@@ -136,7 +141,7 @@ impl VcpuControl {
     }
 
     /// Blocks while paused or parked. Returns false when the vCPU must end.
-    fn wait_runnable(&self, fd: &mut VcpuFd) -> bool {
+    fn wait_runnable(&self, fd: &Mutex<VcpuFd>) -> bool {
         let mut c = self.ctl.lock().unwrap();
         loop {
             match c.want {
@@ -147,7 +152,7 @@ impl VcpuControl {
                 }
                 Want::Pause => {
                     if !c.paused {
-                        complete_pending_io(fd);
+                        complete_pending_io(&mut fd.lock().unwrap());
                         c.paused = true;
                         self.cv.notify_all();
                     }
@@ -173,8 +178,8 @@ fn complete_pending_io(fd: &mut VcpuFd) {
     let _ = fd.run();
 }
 
-/// Spawns the vCPU thread. The thread owns `fd` and drops it when it ends.
-pub fn spawn(mut fd: VcpuFd, ctl: Arc<VcpuControl>, vm: Arc<VmShared>) -> Result<std::thread::JoinHandle<()>> {
+/// Spawns the vCPU thread.
+pub fn spawn(fd: SharedVcpuFd, ctl: Arc<VcpuControl>, vm: Arc<VmShared>) -> Result<std::thread::JoinHandle<()>> {
     use std::os::unix::thread::JoinHandleExt;
     install_kick_handler();
     let thread_ctl = ctl.clone();
@@ -182,7 +187,7 @@ pub fn spawn(mut fd: VcpuFd, ctl: Arc<VcpuControl>, vm: Arc<VmShared>) -> Result
         .name(format!("vcpu{}", ctl.index))
         .spawn(move || {
             unblock_kick_signal();
-            run_loop(&mut fd, &thread_ctl, &vm);
+            run_loop(&fd, &thread_ctl, &vm);
         })
         .map_err(|e| Error::io(Kind::Kvm, "spawning a vCPU thread", e))?;
     ctl.ctl.lock().unwrap().thread = Some(handle.as_pthread_t());
@@ -209,26 +214,32 @@ enum Outcome {
     Error(String),
 }
 
-fn run_loop(fd: &mut VcpuFd, ctl: &VcpuControl, vm: &VmShared) {
+fn run_loop(fd: &Mutex<VcpuFd>, ctl: &VcpuControl, vm: &VmShared) {
     let mut idle_seq = 0u64;
     while ctl.wait_runnable(fd) {
-        let outcome = match fd.run() {
-            Ok(exit) => handle_exit(exit, vm),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Continue,
-            Err(e) => Outcome::Error(format!("KVM_RUN failed: {e}")),
+        let outcome = {
+            let mut fd = fd.lock().unwrap();
+            let outcome = match fd.run() {
+                Ok(exit) => handle_exit(exit, vm),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Continue,
+                Err(e) => Outcome::Error(format!("KVM_RUN failed: {e}")),
+            };
+            if let Outcome::Error(reason) = outcome {
+                // Registers are read while the exit is fresh, before the fd is let go.
+                ctl.park();
+                vm.record_error(ctl.index, reason, &mut fd);
+                continue;
+            }
+            outcome
         };
         match outcome {
-            Outcome::Continue => {}
+            Outcome::Continue | Outcome::Error(_) => {}
             Outcome::Idle(ms) => {
                 vm.gate.sleep(&mut idle_seq, Duration::from_millis(ms as u64), || ctl.interrupted());
             }
             Outcome::Request(req) => {
                 ctl.park();
                 vm.request(req);
-            }
-            Outcome::Error(reason) => {
-                ctl.park();
-                vm.record_error(ctl.index, reason, fd);
             }
         }
     }

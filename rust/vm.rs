@@ -19,7 +19,8 @@ use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::error::{Error, Kind, Result};
 use crate::idle::IdleGate;
 use crate::memory::GuestRam;
-use crate::vcpu::{self, VcpuControl};
+use crate::state::{self, Blobs, VcpuState};
+use crate::vcpu::{self, SharedVcpuFd, VcpuControl};
 use crate::{acpi, cpuid, layout};
 
 pub const MAX_VCPUS: u8 = 8;
@@ -46,6 +47,14 @@ pub struct VmConfig {
     pub kernel: Option<PathBuf>,
     pub initramfs: Option<PathBuf>,
     pub cmdline: String,
+}
+
+/// Everything but memory that a snapshot or migration carries for a paused VM.
+pub struct SavedState {
+    pub vcpus: Vec<VcpuState>,
+    pub machine: Blobs,
+    pub serial: vm_superio::serial::SerialState,
+    pub cmos: (Vec<u8>, u8),
 }
 
 pub struct VmErrorInfo {
@@ -123,7 +132,7 @@ impl InputListener for VmShared {
 
 struct VcpuSlot {
     ctl: Arc<VcpuControl>,
-    fd: Option<VcpuFd>,
+    fd: SharedVcpuFd,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -132,10 +141,12 @@ pub struct Vm {
     vcpus: Vec<VcpuSlot>,
     shared: Arc<VmShared>,
     console: Console,
-    _fd: VmFd,
-    _kvm: Kvm,
+    cmos: Arc<Mutex<Cmos>>,
+    fd: VmFd,
+    kvm: Kvm,
     pub ram: Arc<GuestRam>,
-    pub payload_kind: payload::PayloadKind,
+    /// None for a VM restored from a snapshot or migration.
+    pub payload_kind: Option<payload::PayloadKind>,
     pub cmdline: String,
 }
 
@@ -156,7 +167,9 @@ pub struct LifecycleFds {
 }
 
 impl Vm {
-    pub fn new(cfg: &VmConfig, console: Console, fds: &LifecycleFds) -> Result<Vm> {
+    /// Builds a VM. With `restore`, guest memory and CPU state come from a snapshot or a migration
+    /// (`restore_state`), so no payload is loaded and no boot state is written.
+    pub fn new(cfg: &VmConfig, console: Console, fds: &LifecycleFds, restore: bool) -> Result<Vm> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(Error::new(Kind::InvalidConfig, format!("vcpus must be 1..={MAX_VCPUS}, not {}", cfg.vcpus)));
         }
@@ -184,44 +197,23 @@ impl Vm {
             unsafe { fd.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
 
-        // Payload, command line, zero page, ACPI tables and boot page tables.
-        let payload = payload::load_kernel(&ram.mem, cfg.kernel.as_deref())?;
-        let initramfs = match &cfg.initramfs {
-            Some(p) => Some(payload::load_initramfs(&ram.mem, p, &payload, cfg.memory_size)?),
-            None => None,
-        };
         let mut vcpu_fds = Vec::new();
         for i in 0..cfg.vcpus {
             vcpu_fds.push(fd.create_vcpu(i as u64).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?);
         }
-        let mut cmdline = cfg.cmdline.clone();
-        if payload.ap_entry.is_some() {
-            let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
-            cmdline.push_str(&format!(" vmmpy.cpus={} vmmpy.tsc_khz={}", cfg.vcpus, tsc_khz));
-        }
-        let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus)
-            .map_err(|e| Error::new(Kind::Kvm, format!("writing ACPI tables: {e}")))?;
-        zero_page::write_zero_page(
-            &ram.mem,
-            &zero_page::BootInputs { payload: &payload, cmdline: &cmdline, ram_size: cfg.memory_size, initramfs, rsdp: rsdp.0 },
-        )?;
-        cpu_setup::write_boot_tables(&ram.mem)?;
-
         let base_cpuid = cpuid::supported(&kvm)?;
         for (i, vcpu) in vcpu_fds.iter().enumerate() {
-            let i = i as u8;
-            vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i, cfg.vcpus)).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
-            cpu_setup::setup_msrs(&kvm, vcpu)?;
-            cpu_setup::setup_lint(vcpu)?;
-            if i == 0 {
-                cpu_setup::setup_long_mode(vcpu, payload.entry, layout::ZERO_PAGE, 0)?;
-            } else if let Some(ap_entry) = payload.ap_entry {
-                cpu_setup::setup_long_mode(vcpu, ap_entry, layout::ZERO_PAGE, i as u64)?;
-                vcpu.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
-                    .map_err(|e| Error::kvm("KVM_SET_MP_STATE", e))?;
-            }
-            // Other APs wait for INIT/SIPI from the guest kernel (KVM's default for vCPU != 0).
+            vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i as u8, cfg.vcpus)).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
         }
+        let (payload_kind, cmdline) = if restore {
+            (None, cfg.cmdline.clone())
+        } else {
+            let (kind, cmdline) = load_payload(cfg, &ram, &vcpu_fds)?;
+            for (i, vcpu) in vcpu_fds.iter().enumerate() {
+                setup_boot_vcpu(&kvm, vcpu, i as u8, &kind)?;
+            }
+            (Some(kind.kind), cmdline)
+        };
 
         // Devices.
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e))?;
@@ -235,7 +227,8 @@ impl Vm {
             [(_, low), (_, high)] => (*low, *high),
             _ => unreachable!("ram_ranges gives one or two ranges"),
         };
-        bus.insert(0x70, 2, Arc::new(Mutex::new(Cmos::new(below, above))));
+        let cmos = Arc::new(Mutex::new(Cmos::new(below, above)));
+        bus.insert(0x70, 2, cmos.clone());
         bus.insert(0x600, 8, Arc::new(Mutex::new(AcpiPm)));
 
         let shared = Arc::new(VmShared {
@@ -254,15 +247,26 @@ impl Vm {
         let vcpus = vcpu_fds
             .into_iter()
             .enumerate()
-            .map(|(i, mut vfd)| VcpuSlot { ctl: VcpuControl::new(i as u8, &mut vfd), fd: Some(vfd), thread: None })
+            .map(|(i, mut vfd)| VcpuSlot {
+                ctl: VcpuControl::new(i as u8, &mut vfd),
+                fd: Arc::new(Mutex::new(vfd)),
+                thread: None,
+            })
             .collect();
-        Ok(Vm { vcpus, shared, console, _fd: fd, _kvm: kvm, ram, payload_kind: payload.kind, cmdline })
+        Ok(Vm { vcpus, shared, console, cmos, fd, kvm, ram, payload_kind, cmdline })
     }
 
-    pub fn boot(&mut self) -> Result<()> {
+    /// Starts the vCPU threads; with `paused`, they stop before running any guest code (a
+    /// restored VM waits for its resume).
+    pub fn boot(&mut self, paused: bool) -> Result<()> {
+        if self.vcpus.iter().any(|v| v.thread.is_some()) {
+            return Err(Error::new(Kind::InvalidState, "the VM has already booted"));
+        }
         for slot in &mut self.vcpus {
-            let vfd = slot.fd.take().ok_or_else(|| Error::new(Kind::InvalidState, "the VM has already booted"))?;
-            slot.thread = Some(vcpu::spawn(vfd, slot.ctl.clone(), self.shared.clone())?);
+            if paused {
+                slot.ctl.pause(&self.shared);
+            }
+            slot.thread = Some(vcpu::spawn(slot.fd.clone(), slot.ctl.clone(), self.shared.clone())?);
         }
         // Input typed before boot is waiting in the console.
         self.shared.input_ready();
@@ -302,9 +306,85 @@ impl Vm {
         self.vcpus.iter().map(|v| if v.thread.is_some() { v.ctl.state() } else { "created" }).collect()
     }
 
+    /// The state of a paused (or never started) VM.
+    pub fn save_state(&self) -> Result<SavedState> {
+        if self.vcpus.iter().any(|v| v.thread.is_some() && !matches!(v.ctl.state(), "paused" | "exited")) {
+            return Err(Error::new(Kind::InvalidState, "the VM must be paused to save its state"));
+        }
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| state::save_vcpu(&self.kvm, &v.fd.lock().unwrap()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SavedState {
+            vcpus,
+            machine: state::save_machine(&self.fd)?,
+            serial: self.shared.serial.lock().unwrap().state(),
+            cmos: self.cmos.lock().unwrap().state(),
+        })
+    }
+
+    /// Loads saved state into a VM built with `restore`, before it boots.
+    pub fn restore_state(&self, st: &SavedState) -> Result<()> {
+        if self.vcpus.iter().any(|v| v.thread.is_some()) {
+            return Err(Error::new(Kind::InvalidState, "state can only be restored before the VM runs"));
+        }
+        if st.vcpus.len() != self.vcpus.len() {
+            return Err(Error::new(Kind::InvalidConfig, format!("state has {} vCPUs, the VM {}", st.vcpus.len(), self.vcpus.len())));
+        }
+        state::restore_machine(&self.fd, &st.machine)?;
+        for (slot, vst) in self.vcpus.iter().zip(&st.vcpus) {
+            state::restore_vcpu(&slot.fd.lock().unwrap(), vst)?;
+        }
+        self.shared
+            .serial
+            .lock()
+            .unwrap()
+            .restore(&st.serial)
+            .map_err(|e| Error::io(Kind::InvalidConfig, "serial state", e))?;
+        self.cmos.lock().unwrap().restore(&st.cmos.0, st.cmos.1).map_err(|e| Error::new(Kind::InvalidConfig, e))
+    }
+
     pub fn shared(&self) -> &VmShared {
         &self.shared
     }
+}
+
+/// Loads kernel, initramfs, command line, ACPI tables, zero page and boot page tables.
+fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(payload::Payload, String)> {
+    let payload = payload::load_kernel(&ram.mem, cfg.kernel.as_deref())?;
+    let initramfs = match &cfg.initramfs {
+        Some(p) => Some(payload::load_initramfs(&ram.mem, p, &payload, cfg.memory_size)?),
+        None => None,
+    };
+    let mut cmdline = cfg.cmdline.clone();
+    if payload.ap_entry.is_some() {
+        let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
+        cmdline.push_str(&format!(" vmmpy.cpus={} vmmpy.tsc_khz={}", cfg.vcpus, tsc_khz));
+    }
+    let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus)
+        .map_err(|e| Error::new(Kind::Kvm, format!("writing ACPI tables: {e}")))?;
+    zero_page::write_zero_page(
+        &ram.mem,
+        &zero_page::BootInputs { payload: &payload, cmdline: &cmdline, ram_size: cfg.memory_size, initramfs, rsdp: rsdp.0 },
+    )?;
+    cpu_setup::write_boot_tables(&ram.mem)?;
+    Ok((payload, cmdline))
+}
+
+/// Boot state of one vCPU: the BSP at the payload's entry; APs at the test guest's AP entry, or
+/// (for Linux) left in KVM's wait-for-SIPI state for the kernel to start.
+fn setup_boot_vcpu(kvm: &Kvm, vcpu: &VcpuFd, index: u8, payload: &payload::Payload) -> Result<()> {
+    cpu_setup::setup_msrs(kvm, vcpu)?;
+    cpu_setup::setup_lint(vcpu)?;
+    if index == 0 {
+        cpu_setup::setup_long_mode(vcpu, payload.entry, layout::ZERO_PAGE, 0)?;
+    } else if let Some(ap_entry) = payload.ap_entry {
+        cpu_setup::setup_long_mode(vcpu, ap_entry, layout::ZERO_PAGE, index as u64)?;
+        vcpu.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
+            .map_err(|e| Error::kvm("KVM_SET_MP_STATE", e))?;
+    }
+    Ok(())
 }
 
 impl Drop for Vm {

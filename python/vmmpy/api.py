@@ -56,6 +56,7 @@ from vmmpy.errors import (
     InvalidConfig,
     InvalidState,
     KvmError,
+    MigrationError,
     PauseTimeout,
     PayloadError,
     VmAlreadyCreated,
@@ -64,6 +65,8 @@ from vmmpy.errors import (
     VmmShutDown,
     VmNotCreated,
 )
+
+from vmmpy.migration.source import MigrationOptions
 
 log = logging.getLogger("vmmpy.api")
 
@@ -85,6 +88,7 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidConfig, 400),
     (PayloadError, 400),
     (PauseTimeout, 500),
+    (MigrationError, 500),
     (KvmError, 500),
     (VmmShutDown, 503),
     (VmmError, 500),
@@ -115,6 +119,39 @@ def _create(vmm: Any, body: Any) -> None:
     vmm.create(VmConfig.from_api(body))
 
 
+def _fields(body: Any, name: str, allowed: set[str], required: str) -> dict:
+    """A JSON object body with only `allowed` keys (unknown ones refused by name) and `required`."""
+    if not isinstance(body, dict):
+        raise InvalidConfig(f"{name} takes a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidConfig(f"unsupported {name} fields: {', '.join(unknown)}")
+    if required not in body:
+        raise InvalidConfig(f"{name} needs {required}")
+    return body
+
+
+def _send_migration(vmm: Any, body: Any) -> None:
+    vmm.send_migration(**_fields(body, "SendMigrationData", set(MigrationOptions.__dataclass_fields__),
+                                 "destination_url"))
+
+
+def _receive_migration(vmm: Any, body: Any) -> None:
+    """Blocks until a migration completed here, as Cloud Hypervisor's does."""
+    handle = vmm.receive_migration(_fields(body, "ReceiveMigrationData", {"receiver_url"}, "receiver_url")["receiver_url"])
+    if not handle.wait():
+        raise MigrationError(f"no migration was received: {handle.receiver.last_error or 'receive stopped'}")
+
+
+def _snapshot(vmm: Any, body: Any) -> None:
+    vmm.snapshot(_fields(body, "VmSnapshotConfig", {"destination_url"}, "destination_url")["destination_url"])
+
+
+def _restore(vmm: Any, body: Any) -> None:
+    body = _fields(body, "RestoreConfig", {"source_url", "resume", "prefault"}, "source_url")
+    vmm.restore(body["source_url"], resume=bool(body.get("resume", False)))
+
+
 ENDPOINTS: dict[str, Endpoint] = {
     "vmm.ping": Endpoint("GET", lambda vmm, _: vmm.ping()),
     "vmm.shutdown": Endpoint("PUT", lambda vmm, _: vmm.shutdown_vmm()),
@@ -127,6 +164,12 @@ ENDPOINTS: dict[str, Endpoint] = {
     "vm.delete": Endpoint("PUT", lambda vmm, _: vmm.delete()),
     "vm.power-button": Endpoint("PUT", lambda vmm, _: vmm.power_button()),
     "vm.info": Endpoint("GET", lambda vmm, _: vmm.info()),
+    "vm.send-migration": Endpoint("PUT", _send_migration, takes_body=True),
+    "vm.receive-migration": Endpoint("PUT", _receive_migration, takes_body=True),
+    "vm.migration-progress": Endpoint("GET", lambda vmm, _: vmm.migration_progress()),
+    "vm.cancel-migration": Endpoint("PUT", lambda vmm, _: vmm.cancel_migration()),
+    "vm.snapshot": Endpoint("PUT", _snapshot, takes_body=True),
+    "vm.restore": Endpoint("PUT", _restore, takes_body=True),
 }
 
 

@@ -98,6 +98,11 @@ def build_parser() -> OneLineParser:
         "--event-monitor", metavar="path=PATH|fd=N", help="write lifecycle events as JSON lines here"
     )
     p.add_argument(
+        "--restore",
+        metavar="source_url=file:///DIR[,resume=on]",
+        help="restore a snapshot (paused unless resume=on)",
+    )
+    p.add_argument(
         "--no-shutdown",
         action="store_true",
         help="keep the VMM running when the guest powers off",
@@ -122,6 +127,26 @@ def parse_api_socket(text: str) -> tuple[str | None, int | None]:
     if "," in value and "=" in value:
         raise InvalidConfig(f"--api-socket {text!r}: expected path=PATH or fd=N")
     return value, None
+
+
+def parse_restore(text: str) -> dict:
+    """``source_url=file:///DIR[,resume=on]`` (or a bare URL or path)."""
+    out: dict[str, Any] = {"resume": False}
+    for i, part in enumerate(p for p in text.split(",") if p):
+        key, sep, value = part.partition("=")
+        if not sep and i == 0:
+            out["source_url"] = part
+        elif key == "source_url":
+            out["source_url"] = value
+        elif key == "resume" and value in ("on", "off", "true", "false"):
+            out["resume"] = value in ("on", "true")
+        elif key == "prefault":
+            continue  # accepted for Cloud Hypervisor compatibility: vmmpy always copies memory in
+        else:
+            raise InvalidConfig(f"--restore {part!r}: expected source_url=file:///DIR[,resume=on]")
+    if "source_url" not in out:
+        raise InvalidConfig(f"--restore {text!r}: source_url is missing")
+    return out
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -154,7 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             value is not None
             for value in (args.kernel, args.initramfs, args.cmdline, args.memory, args.cpus)
         )
-        if not want_vm and args.api_socket is None:
+        restore = parse_restore(args.restore) if args.restore is not None else None
+        if restore is not None and want_vm:
+            parser.error("--restore takes the VM from the snapshot: drop --kernel/--memory/--cpus")
+        if not want_vm and restore is None and args.api_socket is None:
             parser.error(
                 "nothing to do: give --kernel, --memory or --cpus to boot a VM, "
                 "or --api-socket to serve the API"
@@ -218,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config is not None:
                 vmm.create(config)
                 vmm.boot()
+            if restore is not None:
+                vmm.restore(restore["source_url"], resume=restore["resume"])
         except VmmError as e:
             rc = _fail(e)
             _stop(vmm)

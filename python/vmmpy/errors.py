@@ -55,3 +55,11 @@ class VmMigrating(InvalidState):
 
 class VmmShutDown(VmmError):
     """The VMM's control loop has ended."""
+
+
+class MigrationError(VmmError):
+    """A migration failed: connection, protocol, or the peer's refusal."""
+
+
+class MigrationCancelled(MigrationError):
+    """The migration was cancelled (by request, or by its timeout with timeout_strategy=cancel)."""

@@ -28,7 +28,69 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "delete": ("PUT", "vm.delete", "delete the VM"),
     "power-button": ("PUT", "vm.power-button", "press the VM's ACPI power button"),
     "shutdown-vmm": ("PUT", "vmm.shutdown", "end the VMM process"),
+    "send-migration": ("PUT", "vm.send-migration",
+                       "migrate the VM: destination_url=tcp:H:P|unix:PATH[,local=on][,downtime_ms=N][,timeout_s=N]"
+                       "[,timeout_strategy=cancel|ignore][,auto_converge=on|off]"),
+    "receive-migration": ("PUT", "vm.receive-migration", "receive a migration: tcp:H:P or unix:PATH (blocks)"),
+    "migration-progress": ("GET", "vm.migration-progress", "show the running or last migration's progress"),
+    "cancel-migration": ("PUT", "vm.cancel-migration", "cancel the running migration"),
+    "snapshot": ("PUT", "vm.snapshot", "snapshot the paused VM into file:///DIR"),
+    "restore": ("PUT", "vm.restore", "restore a snapshot: source_url=file:///DIR[,resume=on]"),
 }
+
+# Subcommands taking one option string, and how it becomes the request body.
+OPTION_COMMANDS = {
+    "send-migration": lambda text: _options(text, "destination_url"),
+    "receive-migration": lambda text: _options(text, "receiver_url"),
+    "snapshot": lambda text: _options(text, "destination_url"),
+    "restore": lambda text: _options(text, "source_url"),
+}
+
+
+def _options(text: str, bare_key: str) -> dict:
+    """ch-remote's `key=value,key=value` syntax; a first part without `=` is `bare_key`'s value.
+    on/off become booleans and digits integers; the VMM checks names and values."""
+    body: dict[str, Any] = {}
+    for i, part in enumerate(p for p in text.split(",") if p):
+        key, sep, value = part.partition("=")
+        if not sep or (i == 0 and key in ("tcp", "unix", "file")):
+            body[bare_key] = part
+            continue
+        if value in ("on", "true"):
+            body[key] = True
+        elif value in ("off", "false"):
+            body[key] = False
+        elif value.isdigit():
+            body[key] = int(value)
+        else:
+            body[key] = value
+    return body
+
+
+def _show_progress(client: ApiClient) -> int:
+    """A progress bar on the terminal until the migration ends; the exit code follows its outcome."""
+    import time
+
+    while True:
+        status, p = client.request("GET", "vm.migration-progress", None)
+        if status != 200:
+            print(file=sys.stderr)
+            return 0 if status in (404, 503) else 1  # the source VMM ended after success
+        total = max(p.get("total") or 1, 1)
+        done = min(p.get("transferred", 0), total)
+        width = 30
+        bar = "#" * int(width * done / total)
+        sys.stderr.write(f"\r[{bar:<{width}}] {p['status']:<9} {p['phase']:<10} iter {p['iteration']:>3} "
+                         f"{done / 2**20:8.1f} MiB {p['mbps']:8.0f} Mbit/s throttle {p['cpu_throttle_percentage']}%")
+        sys.stderr.flush()
+        if p["status"] in ("completed", "failed", "cancelled"):
+            sys.stderr.write("\n")
+            if p["status"] != "completed":
+                print(f"error: migration {p['status']}: {p.get('error')}", file=sys.stderr)
+                return 1
+            print(f"downtime {p['downtime_ms']:.1f} ms, total {p['total_time_ms']:.0f} ms", file=sys.stderr)
+            return 0
+        time.sleep(0.2)
 
 
 def build_parser() -> OneLineParser:
@@ -42,6 +104,8 @@ def build_parser() -> OneLineParser:
         cmd = sub.add_parser(name, help=text, description=text)
         if name == "create":
             cmd.add_argument("config", metavar="FILE", help="VmConfig JSON file, or - for stdin")
+        if name in OPTION_COMMANDS:
+            cmd.add_argument("options", metavar="OPTIONS")
     return p
 
 
@@ -65,7 +129,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             reason = getattr(e, "strerror", None) or str(e)
             parser.error(f"cannot read VmConfig file {args.config!r}: {reason}")
 
-    client = ApiClient(socket_path, timeout=args.timeout)
+    if args.command in OPTION_COMMANDS:
+        body = json.dumps(OPTION_COMMANDS[args.command](args.options))
+    # receive-migration answers only when a migration has arrived.
+    timeout = None if args.command == "receive-migration" else args.timeout
+    client = ApiClient(socket_path, timeout=timeout)
     try:
         status, answer = client.request(method, endpoint, body)
     except OSError as e:
@@ -80,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error_message(answer)
         print(f"error: {status} {message}".rstrip(), file=sys.stderr)
         return 1
+    if args.command == "send-migration" and sys.stderr.isatty():
+        return _show_progress(client)
     if answer is not None:
         if isinstance(answer, str):
             print(answer)

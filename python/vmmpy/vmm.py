@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import functools
 import os
 import queue
 import selectors
@@ -22,8 +23,14 @@ from typing import Any, Callable
 from . import _native
 from .config import SerialConfig, VmConfig
 from .console import ConsoleBackend
-from .errors import InvalidState, VmAlreadyCreated, VmMigrating, VmmError, VmmShutDown, VmNotCreated
+from .errors import (InvalidConfig, InvalidState, MigrationCancelled, MigrationError, VmAlreadyCreated, VmMigrating,
+                     VmmError, VmmShutDown, VmNotCreated)
 from .events import EventMonitor
+from .migration import transport
+from .migration.destination import ReceiveHooks, Receiver
+from .migration.progress import ProgressTracker
+from .migration.source import MigrationOptions, SourceMigration
+from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
 
 from . import __version__
 PAUSE_TIMEOUT_S = 5.0
@@ -55,7 +62,62 @@ def _drain(fd: int) -> int:
         return 0
 
 
-class Vmm:
+class _ClassOrInstance:
+    """`Vmm.restore(dir)` builds a new VMM; `vmm.restore(dir)` restores into an existing one."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.fn, obj, cls)
+
+
+class MigrationHandle:
+    """An outgoing migration: `progress()`, `cancel()`, `wait()`."""
+
+    def __init__(self, vmm: "Vmm", job: SourceMigration, thread: threading.Thread):
+        self._vmm = vmm
+        self._job = job
+        self._thread = thread
+        self.error: BaseException | None = None
+
+    def progress(self) -> dict:
+        return self._job.progress.snapshot()
+
+    def cancel(self) -> None:
+        self._job.cancel()
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """Waits for the outcome; returns the final progress or raises the migration's error."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("the migration is still running")
+        self._vmm._migration_settled.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.progress()
+
+
+class ReceiveHandle:
+    def __init__(self, receiver: Receiver, thread: threading.Thread):
+        self.receiver = receiver
+        self._thread = thread
+        self.completed = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once a migration completed here; False if the receive was stopped first."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("still receiving")
+        return self.completed
+
+    def close(self) -> None:
+        self.receiver.close()
+        self._thread.join()
+
+
+class Vmm(ReceiveHooks):
     def __init__(self, *, serial: SerialConfig | None = None, event_monitor: EventMonitor | None = None,
                  no_shutdown: bool = False):
         self.events = event_monitor or EventMonitor()
@@ -66,6 +128,7 @@ class Vmm:
         self._exit_fd = _eventfd()
         self._error_fd = _eventfd()
         self._api_fd = _eventfd()
+        self._migration_fd = _eventfd()
         # Other threads write the exit and api eventfds; this lock keeps them from writing a number
         # that teardown has closed (and the process may have reused).
         self._fd_lock = threading.Lock()
@@ -76,6 +139,11 @@ class Vmm:
         self._config: VmConfig | None = None
         self._state: VmState | None = None
         self._reset_pending = False
+        self._migration: MigrationHandle | None = None
+        self._migration_settled = threading.Event()
+        self._last_progress: dict | None = None
+        self._info_cache: dict | None = None
+        self._receive: ReceiveHandle | None = None
         self.ownership = Ownership.NONE
         self.boot_count = 0
         self.exit_code = 0
@@ -83,7 +151,7 @@ class Vmm:
         self._selector = selectors.DefaultSelector()
         for fd, handler in [(self._reset_fd, self._on_lifecycle), (self._guest_exit_fd, self._on_lifecycle),
                             (self._exit_fd, self._on_exit), (self._error_fd, self._on_error),
-                            (self._api_fd, self._on_api)]:
+                            (self._api_fd, self._on_api), (self._migration_fd, self._on_migration_done)]:
             self._selector.register(fd, selectors.EVENT_READ, handler)
         if serial is not None:
             self._open_console(serial)
@@ -104,13 +172,16 @@ class Vmm:
             self._teardown()
 
     def _teardown(self) -> None:
+        if self._receive is not None:
+            self._receive.close()
         self._destroy_vm()
         if self._console is not None:
             self._console.close()
             self._console = None
         self._selector.close()
         with self._fd_lock:
-            for fd in (self._reset_fd, self._guest_exit_fd, self._exit_fd, self._error_fd, self._api_fd):
+            for fd in (self._reset_fd, self._guest_exit_fd, self._exit_fd, self._error_fd, self._api_fd,
+                       self._migration_fd):
                 os.close(fd)
             self._fds_closed = True
         # Fail whatever is still queued (nothing can be queued from now on): nobody will serve it.
@@ -155,6 +226,11 @@ class Vmm:
 
     def _on_exit(self) -> None:
         _drain(self._exit_fd)
+        if self._migration is not None:
+            # A host stop cancels the migration; the source stops (nothing travels).
+            self._migration.cancel()
+            self._migration._thread.join()
+            self._on_migration_done()
         if self._vm is not None:
             self._destroy_vm()
             self.events.emit("vm", "shutdown")
@@ -186,14 +262,18 @@ class Vmm:
         self._console = ConsoleBackend(serial)
         self._console.register(self._selector)
 
-    def _build_and_boot(self) -> None:
-        cfg = self._config
-        self._open_console(self._serial_override or cfg.serial)
-        vm = _native.Vm(
+    def _new_native_vm(self, cfg: VmConfig, restore: bool = False, memory_fds: list[int] | None = None):
+        extra = {"memory_fds": memory_fds} if memory_fds is not None else {}
+        return _native.Vm(
             memory_size=cfg.memory_mib << 20, vcpus=cfg.vcpus, kernel=cfg.kernel, initramfs=cfg.initramfs,
             cmdline=cfg.cmdline if cfg.cmdline is not None else DEFAULT_CMDLINE,
             console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
-            error_fd=self._error_fd)
+            error_fd=self._error_fd, restore=restore, **extra)
+
+    def _build_and_boot(self) -> None:
+        cfg = self._config
+        self._open_console(self._serial_override or cfg.serial)
+        vm = self._new_native_vm(cfg)
         try:
             vm.boot()
         except BaseException:
@@ -214,6 +294,11 @@ class Vmm:
         _drain(self._guest_exit_fd)
         _drain(self._error_fd)
         self._reset_pending = False
+        self._migration: MigrationHandle | None = None
+        self._migration_settled = threading.Event()
+        self._last_progress: dict | None = None
+        self._info_cache: dict | None = None
+        self._receive: ReceiveHandle | None = None
         self.ownership = Ownership.NONE
 
     def _vm_reboot(self) -> None:
@@ -221,6 +306,84 @@ class Vmm:
         self._destroy_vm()
         self._build_and_boot()
         self.events.emit("vm", "rebooted")
+
+    # ---- migration (control thread) ---------------------------------------------------------
+
+    def _migration_worker(self, handle: MigrationHandle) -> None:
+        job = handle._job
+        try:
+            job.run()
+        except BaseException as e:  # reported through the handle and events
+            handle.error = e
+            job.progress.update(status="cancelled" if isinstance(e, MigrationCancelled) else "failed",
+                                error=str(e))
+        finally:
+            with self._fd_lock:
+                if not self._fds_closed:
+                    os.eventfd_write(self._migration_fd, 1)
+
+    def _on_migration_done(self) -> None:
+        _drain(self._migration_fd)
+        handle = self._migration
+        if handle is None or handle._thread.is_alive():
+            return
+        handle._thread.join()
+        self._migration = None
+        job = handle._job
+        self._last_progress = job.progress.snapshot()
+        self._info_cache = None
+        if handle.error is None:
+            self.events.emit("vm", "migration-finished", {"downtime_ms": self._last_progress["downtime_ms"],
+                                                          "total_time_ms": self._last_progress["total_time_ms"]})
+            # The destination runs the guest now: tear ours down.
+            self.ownership = Ownership.OWNED
+            self._destroy_vm()
+            self._config = None
+            self._state = None
+            if not self.no_shutdown:
+                self._running = False
+        else:
+            kind = "migration-cancelled" if isinstance(handle.error, MigrationCancelled) else "migration-failed"
+            self.events.emit("vm", kind, {"error": str(handle.error)})
+            self.ownership = Ownership.OWNED
+            if job.paused:
+                self._vm.resume()
+        self._migration_settled.set()
+
+    # ReceiveHooks: called by the receiver thread; the work runs on the control loop.
+    def build_vm(self, config_api: dict, memory_fds: list[int] | None):
+        def do():
+            if self._config is not None:
+                raise VmAlreadyCreated("a VM exists on this VMM")
+            cfg = VmConfig.from_api(config_api)
+            self._open_console(self._serial_override or cfg.serial)
+            return self._new_native_vm(cfg, restore=True, memory_fds=memory_fds), cfg
+        vm, cfg = self._call(do)
+        vm._vmmpy_config = cfg
+        return vm
+
+    def complete(self, vm, fields: dict) -> None:
+        def do():
+            if self._config is not None:
+                raise VmAlreadyCreated("a VM exists on this VMM")
+            self._config = vm._vmmpy_config
+            self._vm = vm
+            self.ownership = Ownership.OWNED
+            self.boot_count += 1
+            vm.boot()
+            self._state = VmState.RUNNING
+            self.events.emit("vm", "migration-receive-finished")
+        self._call(do)
+
+    def emit(self, event: str, properties: dict | None = None) -> None:
+        self.events.emit("vm", event, properties)
+
+    def _receive_worker(self, handle: ReceiveHandle) -> None:
+        try:
+            handle.completed = handle.receiver.serve()
+        finally:
+            handle.receiver.close()
+            self._receive = None
 
     # ---- calls from other threads -----------------------------------------------------------
 
@@ -269,6 +432,8 @@ class Vmm:
 
     def info(self) -> dict:
         def do():
+            if self.ownership is Ownership.MIGRATION and self._info_cache is not None:
+                return self._info_cache  # the worker owns the VM: what it was when handed over
             self._require_vm()
             info = {"config": self._config.to_api(), "state": self._state.value,
                     "memory_actual_size": self._config.memory_mib << 20}
@@ -348,6 +513,121 @@ class Vmm:
             raise InvalidState("vmmpy's platform has no ACPI power button device (GED); "
                                "use vm.shutdown, or have the guest power off itself")
         self._call(do)
+
+    def send_migration(self, destination_url: str | None = None, **options) -> MigrationHandle:
+        """Starts migrating the running VM; returns at once with a handle."""
+        if destination_url is not None:
+            options["destination_url"] = destination_url
+        opts = MigrationOptions.from_dict(options)
+
+        def do():
+            self._require_owned()
+            if self._state is not VmState.RUNNING:
+                raise InvalidState(f"only a running VM can be migrated (state {self._state.value})")
+            self._info_cache = self.info()
+            progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
+                                       downtime_configured_ms=opts.downtime_ms)
+            job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_mib << 20, opts,
+                                  self.events, progress)
+            thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
+                                      daemon=True)
+            handle = MigrationHandle(self, job, thread)
+            self.ownership = Ownership.MIGRATION
+            self._migration = handle
+            self._migration_settled.clear()
+            self.events.emit("vm", "migration-started", {"destination_url": opts.destination_url,
+                                                         "local": opts.local})
+            thread.start()
+            return handle
+        return self._call(do)
+
+    def migration_progress(self) -> dict:
+        def do():
+            if self._migration is not None:
+                return self._migration.progress()
+            if self._last_progress is not None:
+                return self._last_progress
+            raise InvalidState("no migration has run on this VMM")
+        return self._call(do)
+
+    def cancel_migration(self) -> None:
+        def do():
+            if self._migration is None:
+                raise InvalidState("no migration is running")
+            self._migration.cancel()
+        self._call(do)
+
+    def receive_migration(self, receiver_url: str) -> ReceiveHandle:
+        """Listens for an incoming migration; returns once listening, with a handle to wait on."""
+        url = transport.parse_url(receiver_url)
+
+        def do():
+            if self._config is not None:
+                raise VmAlreadyCreated("this VMM already has a VM; a receiving VMM must be empty")
+            if self._receive is not None:
+                raise InvalidState("already receiving a migration")
+            receiver = Receiver(transport.listen(url), self)
+            thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",
+                                      daemon=True)
+            handle = ReceiveHandle(receiver, thread)
+            self._receive = handle
+            thread.start()
+            self.events.emit("vm", "migration-receive-ready", {"receiver_url": receiver_url})
+            return handle
+        return self._call(do)
+
+    def snapshot(self, destination_url: str) -> None:
+        """Writes the paused VM's config, state and memory into a directory (file:// URL or path)."""
+        directory = parse_file_url(destination_url)
+
+        def do():
+            self._require_owned()
+            if self._state is not VmState.PAUSED:
+                raise InvalidState(f"snapshot needs a paused VM (state {self._state.value})")
+            self.events.emit("vm", "snapshotting")
+            write_snapshot(directory, self._config.to_api(), encode_state(self._vm.save_state()), self._vm)
+            self.events.emit("vm", "snapshotted", {"path": str(directory)})
+        self._call(do)
+
+    @_ClassOrInstance
+    def restore(self, cls, source_url: str, *, resume: bool = False, **vmm_kwargs):
+        """`vmm.restore(dir)` restores a snapshot into this empty VMM, paused unless `resume`;
+        `Vmm.restore(dir, **kwargs)` does that in a new VMM and returns it."""
+        if self is None:
+            vmm = cls(**vmm_kwargs)
+            try:
+                vmm.restore(source_url, resume=resume)
+            except BaseException:
+                vmm.close()
+                raise
+            return vmm
+        directory = parse_file_url(source_url)
+        config_api, state_doc = read_snapshot(directory)
+        cfg = VmConfig.from_api(config_api)
+        decoded = decode_state(state_doc)
+
+        def do():
+            if self._config is not None:
+                raise VmAlreadyCreated("this VMM already has a VM")
+            self.events.emit("vm", "restoring", {"path": str(directory)})
+            self._open_console(self._serial_override or cfg.serial)
+            vm = self._new_native_vm(cfg, restore=True)
+            try:
+                for i, _ in enumerate(vm.memory_regions()):
+                    vm.load_memory(i, str(directory / memory_file(i)))
+                vm.restore_state(decoded.native)
+                vm.boot(paused=True)
+                vm.pause(PAUSE_TIMEOUT_S)  # returns once every vCPU has parked
+            except BaseException:
+                vm.stop()
+                raise
+            self._config, self._vm, self._state = cfg, vm, VmState.PAUSED
+            self.ownership = Ownership.OWNED
+            self.boot_count += 1
+            self.events.emit("vm", "restored", {"path": str(directory)})
+        self._call(do)
+        if resume:
+            self.resume()
 
     def shutdown_vmm(self) -> None:
         self.request_exit()

@@ -31,6 +31,18 @@ impl Serial {
         Serial { uart: vm_superio::Serial::new(IrqFd(irq), ConsoleWriter(console.clone())), console }
     }
 
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.uart.state()
+    }
+
+    /// Rebuilds the UART from saved registers (same console, same IRQ line).
+    pub fn restore(&mut self, state: &vm_superio::serial::SerialState) -> std::io::Result<()> {
+        let irq = self.uart.interrupt_evt().0.try_clone()?;
+        self.uart = vm_superio::Serial::from_state(state, IrqFd(irq), NoEvents, ConsoleWriter(self.console.clone()))
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(())
+    }
+
     /// Moves pending console input into the FIFO (which raises the RX interrupt if enabled).
     pub fn refill(&mut self) {
         let room = self.uart.fifo_capacity();

@@ -1,0 +1,192 @@
+"""The receiving side: an explicit state machine over one connection at a time.
+
+Anything out of order, unknown, oversized, outside guest RAM or cut short gets an Error response;
+the half-built VM is discarded and the listener waits for the next attempt.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import socket
+import threading
+
+from ..errors import MigrationError, VmmError
+from ..snapshot import decode_state
+from . import transport
+from .protocol import JSON_MAX, VERSION, Capability, Command, Connection, Status
+
+
+class ReceiveState(enum.Enum):
+    ESTABLISHED = "Established"
+    STARTED = "Started"
+    CONFIGURED = "Configured"
+    STATE_RECEIVED = "StateReceived"
+    COMPLETED = "Completed"
+    ABORTED = "Aborted"
+
+
+CAPABILITIES = [Capability.LOCAL.value, Capability.ZERO_RANGES.value]
+
+
+class Abandoned(MigrationError):
+    """The source abandoned the migration."""
+
+
+class ReceiveHooks:
+    """What the receiver needs from its VMM (implemented by Vmm; runs on the VMM's control loop)."""
+
+    def build_vm(self, config_api: dict, memory_fds: list[int] | None):  # -> native Vm
+        raise NotImplementedError
+
+    def complete(self, vm, fields: dict) -> None:
+        raise NotImplementedError
+
+    def emit(self, event: str, properties: dict | None = None) -> None:
+        raise NotImplementedError
+
+
+class Receiver:
+    def __init__(self, listener: socket.socket, hooks: ReceiveHooks, capabilities: list[str] | None = None):
+        self.listener = listener
+        self.hooks = hooks
+        self.capabilities = CAPABILITIES if capabilities is None else capabilities
+        self.state = ReceiveState.ESTABLISHED
+        self.closed = threading.Event()
+        self.attempts = 0
+        self.last_error: str | None = None
+
+    def serve(self) -> bool:
+        """Accepts sources until one migration completes (True) or the listener closes (False)."""
+        while not self.closed.is_set():
+            try:
+                conn = Connection(transport.accept(self.listener))
+            except OSError:
+                return False
+            self.attempts += 1
+            try:
+                if self._serve_connection(conn):
+                    return True
+            finally:
+                conn.close()
+        return False
+
+    def close(self) -> None:
+        self.closed.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+    def _serve_connection(self, conn: Connection) -> bool:
+        self.state = ReceiveState.ESTABLISHED
+        vm = None
+        fds: dict[int, int] = {}
+        fields: dict = {}
+        try:
+            while True:
+                try:
+                    command, arg, length, got_fds = conn.read_request()
+                except EOFError:
+                    raise MigrationError(f"source closed the connection in state {self.state.value}") from None
+                for fd in got_fds:
+                    if command == Command.MEMORY_FD and arg not in fds and len(got_fds) == 1:
+                        fds[arg] = fd
+                    else:
+                        _close(fd)
+                vm, done = self._step(conn, command, arg, length, vm, fds, fields)
+                if done:
+                    return True
+        except Abandoned:
+            self.last_error = "abandoned by the source"
+            self.hooks.emit("migration-receive-failed", {"error": self.last_error})
+            return False
+        except (VmmError, OSError, ValueError) as e:
+            self.last_error = str(e)
+            self.state = ReceiveState.ABORTED
+            try:
+                conn.respond_error(str(e))
+            except Exception:  # noqa: BLE001 - the connection may be what failed
+                pass
+            self.hooks.emit("migration-receive-failed", {"error": str(e)})
+            return False
+        finally:
+            if self.state is not ReceiveState.COMPLETED and vm is not None:
+                vm.stop()
+            for fd in fds.values():
+                _close(fd)
+
+    def _step(self, conn, command, arg, length, vm, fds, fields):
+        st = self.state
+        if command == Command.ABANDON:
+            conn.read_payload(length, 0)
+            conn.respond(Status.OK)
+            self.state = ReceiveState.ABORTED
+            raise Abandoned("abandoned")
+        if command == Command.START and st is ReceiveState.ESTABLISHED:
+            doc = self._json(conn, length)
+            if doc.get("version") != VERSION:
+                raise MigrationError(f"source speaks protocol {doc.get('version')!r}, this destination {VERSION}")
+            conn.respond(Status.OK, json.dumps({"version": VERSION, "capabilities": self.capabilities}).encode())
+            self.state = ReceiveState.STARTED
+            self.hooks.emit("migration-receive-started", {"capabilities": doc.get("capabilities", [])})
+            return vm, False
+        if command == Command.MEMORY_FD and st is ReceiveState.STARTED:
+            conn.read_payload(length, 0)
+            if arg not in fds:
+                raise MigrationError("MemoryFd without exactly one fd")
+            conn.respond(Status.OK)
+            return vm, False
+        if command == Command.CONFIG and st is ReceiveState.STARTED:
+            doc = self._json(conn, length)
+            local = bool(doc.get("local"))
+            memory_fds = [fds[i] for i in sorted(fds)] if local else None
+            if local and not memory_fds:
+                raise MigrationError("local migration without memory fds")
+            vm = self.hooks.build_vm(doc.get("config") or {}, memory_fds)
+            conn.respond(Status.OK)
+            self.state = ReceiveState.CONFIGURED
+            return vm, False
+        if command == Command.MEMORY and st is ReceiveState.CONFIGURED:
+            vm.receive_memory(conn.fileno(), length)
+            conn.respond(Status.OK)
+            return vm, False
+        if command == Command.STATE and st is ReceiveState.CONFIGURED:
+            decoded = decode_state(self._json(conn, length))
+            vm.restore_state(decoded.native)
+            fields.update(decoded.fields)
+            conn.respond(Status.OK)
+            self.state = ReceiveState.STATE_RECEIVED
+            return vm, False
+        if command == Command.COMPLETE and st is ReceiveState.STATE_RECEIVED:
+            conn.read_payload(length, 0)
+            self.hooks.complete(vm, fields)
+            self.state = ReceiveState.COMPLETED
+            conn.respond(Status.OK)
+            return vm, True
+        try:
+            name = Command(command).name
+        except ValueError:
+            raise MigrationError(f"unknown command {command}") from None
+        raise MigrationError(f"command {name} is not allowed in state {st.value}")
+
+    @staticmethod
+    def _json(conn: Connection, length: int) -> dict:
+        data = conn.read_payload(length, JSON_MAX)
+        try:
+            doc = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MigrationError(f"malformed JSON payload: {e}") from None
+        if not isinstance(doc, dict):
+            raise MigrationError("JSON payload is not an object")
+        return doc
+
+
+def _close(fd: int) -> None:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,60 @@
+"""What `vm.migration-progress` reports. Names follow QEMU's `query-migrate` (snake_case) where
+QEMU has the fact, so dashboards built on it map over directly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class MigrationProgress:
+    status: str = "setup"  # setup | active | completed | failed | cancelled
+    phase: str = "starting"  # starting | memory-fds | precopy | completing | done
+    destination_url: str = ""
+    local: bool = False
+    iteration: int = 0  # QEMU's dirty-sync-count
+    total: int = 0  # guest RAM bytes
+    transferred: int = 0  # page bytes sent
+    remaining: int = 0  # bytes of the current iteration not yet sent
+    normal: int = 0  # pages sent with their bytes
+    duplicate: int = 0  # zero pages, sent as ranges without bytes
+    mbps: float = 0.0  # measured link bandwidth, megabits/s
+    dirty_pages_rate: float = 0.0  # pages/s dirtied during the last iteration
+    cpu_throttle_percentage: int = 0
+    downtime_configured_ms: int = 300
+    expected_downtime_ms: float | None = None
+    downtime_ms: float | None = None  # measured, pause → destination running
+    total_time_ms: float | None = None
+    error: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ProgressTracker:
+    """The worker updates; API threads read a consistent copy."""
+
+    def __init__(self, **initial):
+        self._lock = threading.Lock()
+        self._p = MigrationProgress(**initial)
+
+    def update(self, **changes) -> None:
+        with self._lock:
+            for k, v in changes.items():
+                setattr(self._p, k, v)
+
+    def add(self, **deltas) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                setattr(self._p, k, getattr(self._p, k) + v)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return self._p.to_dict()
+
+    def get(self, name: str):
+        with self._lock:
+            return getattr(self._p, name)

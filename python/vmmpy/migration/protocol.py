@@ -1,0 +1,144 @@
+"""vmmpy's migration wire format (docs/migration-protocol.md): fixed 16-byte little-endian headers.
+
+The Memory frame's table and page bytes are written and read by the native core straight from
+and into guest memory; everything else is small and handled here.
+"""
+
+from __future__ import annotations
+
+import array
+import enum
+import json
+import socket
+import struct
+
+from ..errors import MigrationError
+
+VERSION = 1
+HEADER = struct.Struct("<HHIQ")  # command/status, reserved, arg, length
+JSON_MAX = 64 << 20  # Config and State documents
+MESSAGE_MAX = 64 << 10  # error messages and Start answers
+
+
+class Command(enum.IntEnum):
+    START = 1
+    CONFIG = 2
+    STATE = 3
+    MEMORY = 4
+    COMPLETE = 5
+    ABANDON = 6
+    MEMORY_FD = 7
+
+
+class Status(enum.IntEnum):
+    OK = 1
+    ERROR = 2
+
+
+class Capability(str, enum.Enum):
+    LOCAL = "local"  # memory fds over SCM_RIGHTS
+    ZERO_RANGES = "zero-ranges"
+    LIFECYCLE_EVENT = "lifecycle-event"  # state may carry a latched guest reboot/power-off
+
+
+class PeerError(MigrationError):
+    """The other side answered with an Error response."""
+
+
+class Connection:
+    """One migration connection. Blocking socket; timeouts come from SO_RCVTIMEO/SO_SNDTIMEO."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = self.sock.recv_into(view[got:])
+            except (TimeoutError, BlockingIOError):
+                raise MigrationError("migration peer timed out") from None
+            except OSError as e:
+                raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+            if k == 0:
+                raise MigrationError(f"migration stream ended inside a frame ({got} of {n} bytes)")
+            got += k
+        return bytes(buf)
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except (TimeoutError, BlockingIOError):
+            raise MigrationError("migration peer timed out") from None
+        except OSError as e:
+            raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+
+    # ---- source side ----------------------------------------------------------------------
+
+    def request(self, command: Command, payload: bytes = b"", arg: int = 0, fds: list[int] | None = None) -> bytes:
+        """Sends one request and returns the Ok response's payload; raises PeerError on Error."""
+        header = HEADER.pack(command, 0, arg, len(payload))
+        if fds:
+            try:
+                self.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            except OSError as e:
+                raise MigrationError(f"passing memory fds failed: {e.strerror or e}") from None
+        else:
+            self._send(header)
+        if payload:
+            self._send(payload)
+        return self.read_response()
+
+    def request_json(self, command: Command, doc: dict) -> bytes:
+        return self.request(command, json.dumps(doc).encode())
+
+    def read_response(self) -> bytes:
+        status, _, _, length = HEADER.unpack(self._recv_exact(HEADER.size))
+        if length > MESSAGE_MAX:
+            raise MigrationError(f"migration response of {length} bytes is over the bound")
+        body = self._recv_exact(length) if length else b""
+        if status == Status.OK:
+            return body
+        if status == Status.ERROR:
+            raise PeerError(f"destination: {body.decode(errors='replace')}")
+        raise MigrationError(f"unknown response status {status}")
+
+    # ---- destination side -----------------------------------------------------------------
+
+    def read_request(self) -> tuple[int, int, int, list[int]]:
+        """(command, arg, length, fds). The payload is left in the stream for the caller."""
+        fds = array.array("i")
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_LEN(4 * fds.itemsize))
+        except (TimeoutError, BlockingIOError):
+            raise MigrationError("migration peer timed out") from None
+        except OSError as e:
+            raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+        if not data:
+            raise EOFError("migration stream closed")
+        if len(data) < HEADER.size:
+            data += self._recv_exact(HEADER.size - len(data))
+        command, _, arg, length = HEADER.unpack(data)
+        return command, arg, length, list(fds)
+
+    def read_payload(self, length: int, bound: int) -> bytes:
+        if length > bound:
+            raise MigrationError(f"payload of {length} bytes is over the bound of {bound}")
+        return self._recv_exact(length) if length else b""
+
+    def respond(self, status: Status, payload: bytes = b"") -> None:
+        self._send(HEADER.pack(status, 0, 0, len(payload)) + payload)
+
+    def respond_error(self, message: str) -> None:
+        self.respond(Status.ERROR, message.encode()[:MESSAGE_MAX])

@@ -1,0 +1,280 @@
+"""The sending side: a worker thread that owns the VM while it migrates it.
+
+Pre-copy: iteration 0 sends all RAM (zero pages as ranges without bytes); each later iteration
+sends what the dirty log reports, until the estimated downtime (bytes left / measured bandwidth)
+fits `downtime_ms` or nothing is dirty. Then the final phase: pause, last dirty pass, State,
+Complete. Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
+right after Config.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, fields
+
+from ..errors import InvalidConfig, MigrationCancelled, MigrationError
+from ..snapshot import encode_state
+from . import transport
+from .progress import ProgressTracker
+from .protocol import VERSION, Capability, Command, Connection
+
+CHUNK_BYTES = 64 << 20  # one Memory frame; cancel and timeouts are checked between frames
+THROTTLE_STEP = 10
+THROTTLE_MAX = 99
+THROTTLE_SLICE_S = 0.1
+
+
+@dataclass
+class MigrationOptions:
+    destination_url: str
+    local: bool = False
+    downtime_ms: int = 300
+    timeout_s: int = 3600
+    timeout_strategy: str = "cancel"
+    auto_converge: bool = True
+
+    @classmethod
+    def from_dict(cls, body: dict) -> "MigrationOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise InvalidConfig(f"unknown migration options: {', '.join(unknown)}")
+        if "destination_url" not in body:
+            raise InvalidConfig("migration needs destination_url")
+        opts = cls(**{k: _coerce(k, v) for k, v in body.items()})
+        transport.parse_url(opts.destination_url)
+        if opts.downtime_ms < 1 or opts.timeout_s < 1:
+            raise InvalidConfig("downtime_ms and timeout_s must be positive")
+        if opts.timeout_strategy not in ("cancel", "ignore"):
+            raise InvalidConfig(f"timeout_strategy={opts.timeout_strategy!r}: expected cancel or ignore")
+        if opts.local and not opts.destination_url.startswith("unix:"):
+            raise InvalidConfig("local=on needs a unix: destination_url (the memory fds travel over it)")
+        return opts
+
+    @classmethod
+    def parse(cls, text: str) -> "MigrationOptions":
+        """ch-remote syntax: `destination_url=tcp:h:p,downtime_ms=300,local=on`, or a bare URL."""
+        body: dict = {}
+        for part in filter(None, text.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep:
+                if body or not key.startswith(("tcp:", "unix:")):
+                    raise InvalidConfig(f"migration option {part!r}: expected key=value")
+                body["destination_url"] = key
+            else:
+                body[key] = value
+        return cls.from_dict(body)
+
+
+def _coerce(key: str, value):
+    if key in ("local", "auto_converge"):
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("on", "true", "1", "yes"):
+            return True
+        if str(value).lower() in ("off", "false", "0", "no"):
+            return False
+        raise InvalidConfig(f"{key}={value!r}: expected on or off")
+    if key in ("downtime_ms", "timeout_s"):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise InvalidConfig(f"{key}={value!r}: expected an integer") from None
+    return str(value)
+
+
+class Throttle:
+    """Auto-converge: takes the vCPUs off the CPU for `percent` of each time slice."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.percent = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def raise_by(self, step: int) -> int:
+        self.percent = min(THROTTLE_MAX, self.percent + step)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="vcpu-throttle", daemon=True)
+            self._thread.start()
+        return self.percent
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            off = THROTTLE_SLICE_S * self.percent / 100
+            self.vm.pause(1.0)
+            self._stop.wait(off)
+            self.vm.resume()
+            self._stop.wait(THROTTLE_SLICE_S - off)
+
+    def stop(self) -> None:
+        """Ends throttling with the vCPUs running."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+class SourceMigration:
+    """Runs one outgoing migration on the caller's thread (the VMM's migration worker)."""
+
+    def __init__(self, vm, config_api: dict, memory_size: int, options: MigrationOptions, events,
+                 progress: ProgressTracker):
+        self.vm = vm
+        self.config_api = config_api
+        self.memory_size = memory_size
+        self.opts = options
+        self.events = events
+        self.progress = progress
+        self.cancel_requested = threading.Event()
+        self.paused = False  # whether this worker paused the VM (and so who resumes it on failure)
+        self.pause_time: float | None = None
+        self._start = time.monotonic()
+        self._dirty_logging = False
+        self._throttle: Throttle | None = None
+
+    def cancel(self) -> None:
+        self.cancel_requested.set()
+
+    def _check_cancel(self) -> None:
+        if self.cancel_requested.is_set():
+            raise MigrationCancelled("migration cancelled")
+
+    def run(self) -> None:
+        url = transport.parse_url(self.opts.destination_url)
+        self.progress.update(status="active", total=self.memory_size)
+        conn = Connection(transport.connect(url))
+        try:
+            self._migrate(conn)
+        except BaseException:
+            try:
+                conn.request(Command.ABANDON)
+            except Exception:  # noqa: BLE001 - the connection may be what failed
+                pass
+            raise
+        finally:
+            self._cleanup()
+            conn.close()
+
+    def _migrate(self, conn: Connection) -> None:
+        import json
+
+        caps = [Capability.ZERO_RANGES.value]
+        if self.opts.local:
+            caps.append(Capability.LOCAL.value)
+        answer = json.loads(conn.request_json(Command.START, {"version": VERSION, "capabilities": caps}) or b"{}")
+        self.peer_capabilities = set(answer.get("capabilities", []))
+        if answer.get("version") != VERSION:
+            raise MigrationError(f"destination speaks migration protocol {answer.get('version')}, we speak {VERSION}")
+        if self.opts.local:
+            if Capability.LOCAL.value not in self.peer_capabilities:
+                raise MigrationError("destination does not accept memory fds (local migration)")
+            self.progress.update(phase="memory-fds", local=True)
+            for i, (gpa, fd, size) in enumerate(self.vm.memory_fds()):
+                conn.request(Command.MEMORY_FD, arg=i, fds=[fd])
+        conn.request_json(Command.CONFIG, {"config": self.config_api, "memory_size": self.memory_size,
+                                           "local": self.opts.local})
+        self._check_cancel()
+        remaining = None
+        if not self.opts.local:
+            remaining = self._precopy(conn)
+        self._final_phase(conn, remaining)
+
+    # ---- pre-copy ---------------------------------------------------------------------------
+
+    def _precopy(self, conn: Connection):
+        self.progress.update(phase="precopy")
+        self.vm.start_dirty_log()
+        self._dirty_logging = True
+        table = self.vm.all_ram_ranges()
+        bandwidth = 0.0  # bytes/s
+        iteration = 0
+        while True:
+            if iteration > 0:
+                left = table.total_bytes
+                expected_ms = left / bandwidth * 1000 if bandwidth else float("inf")
+                self.progress.update(expected_downtime_ms=expected_ms)
+                if left == 0 or expected_ms <= self.opts.downtime_ms:
+                    return table
+            if self._timed_out():
+                if self.opts.timeout_strategy == "cancel":
+                    raise MigrationCancelled(f"migration did not converge within timeout_s={self.opts.timeout_s}")
+                return table
+            if self._shortcut():
+                return table
+            t0 = time.monotonic()
+            sent = self._send(conn, table)
+            elapsed = max(time.monotonic() - t0, 1e-6)
+            if sent:
+                bandwidth = sent / elapsed
+            self.progress.update(iteration=iteration + 1, mbps=bandwidth * 8 / 1e6)
+            self.events.emit("vm", "migration-memory-iteration", {"iteration": iteration, "bytes": sent,
+                                                                   "ranges": len(table)})
+            iteration += 1
+            table = self.vm.dirty_ranges()
+            dirtied = table.total_bytes
+            self.progress.update(dirty_pages_rate=dirtied / 4096 / elapsed)
+            # Auto-converge: the guest dirtied more than half of what the link moved meanwhile.
+            if self.opts.auto_converge and iteration >= 2 and dirtied > sent / 2:
+                if self._throttle is None:
+                    self._throttle = Throttle(self.vm)
+                self.progress.update(cpu_throttle_percentage=self._throttle.raise_by(THROTTLE_STEP))
+
+    def _timed_out(self) -> bool:
+        return time.monotonic() - self._start > self.opts.timeout_s
+
+    def _shortcut(self) -> bool:
+        """Whether to go to the final phase now (a latched guest lifecycle event)."""
+        return False
+
+    def _send(self, conn: Connection, table) -> int:
+        """Sends `table` as Memory frames of at most CHUNK_BYTES. Returns page bytes sent."""
+        total = 0
+        chunks = table.split(CHUNK_BYTES)
+        left = table.total_bytes
+        for chunk in chunks:
+            self._check_cancel()
+            self.progress.update(remaining=left)
+            sent, pages, zero_pages = self.vm.send_memory(conn.fileno(), chunk)
+            conn.read_response()
+            total += sent
+            left -= chunk.total_bytes
+            self.progress.add(transferred=sent, normal=pages, duplicate=zero_pages)
+        self.progress.update(remaining=0)
+        return total
+
+    # ---- final phase ------------------------------------------------------------------------
+
+    def _final_phase(self, conn: Connection, remaining) -> None:
+        self._check_cancel()
+        self.progress.update(phase="completing")
+        if self._throttle is not None:
+            self._throttle.stop()
+        self.pause_time = time.monotonic()
+        self.vm.pause(5.0)
+        self.paused = True
+        if self._dirty_logging:
+            table = self.vm.dirty_ranges()
+            if remaining is not None:
+                table.extend(remaining)
+            self._send(conn, table)
+        state = encode_state(self.vm.save_state(), **self._state_extra())
+        conn.request_json(Command.STATE, state)
+        conn.request(Command.COMPLETE)
+        now = time.monotonic()
+        self.progress.update(status="completed", phase="done", downtime_ms=(now - self.pause_time) * 1000,
+                             total_time_ms=(now - self._start) * 1000)
+
+    def _state_extra(self) -> dict:
+        return {}
+
+    def _cleanup(self) -> None:
+        if self._throttle is not None:
+            self._throttle.stop()
+        if self._dirty_logging:
+            try:
+                self.vm.stop_dirty_log()
+            except Exception:  # noqa: BLE001 - the VM may be gone with a failed KVM call
+                pass
+            self._dirty_logging = False

@@ -1,0 +1,92 @@
+"""Migration transports: `tcp:<host>:<port>` and `unix:<path>` URLs, as Cloud Hypervisor spells them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from ..errors import InvalidConfig, MigrationError
+
+SOCKET_BUFFER = 4 << 20
+IO_TIMEOUT_S = 30.0  # a peer that stops answering for this long is gone
+
+
+@dataclass(frozen=True)
+class Url:
+    kind: str  # "tcp" | "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"tcp:{self.host}:{self.port}" if self.kind == "tcp" else f"unix:{self.path}"
+
+
+def parse_url(url: str) -> Url:
+    if url.startswith("tcp:"):
+        host, sep, port = url[4:].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidConfig(f"migration URL {url!r}: expected tcp:<host>:<port>")
+        return Url("tcp", host=host.strip("[]"), port=int(port))
+    if url.startswith("unix:"):
+        path = url[5:]
+        if not path:
+            raise InvalidConfig(f"migration URL {url!r}: expected unix:<path>")
+        return Url("unix", path=path)
+    raise InvalidConfig(f"migration URL {url!r}: expected tcp:<host>:<port> or unix:<path>")
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(True)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+    # Kernel-level timeouts keep the socket blocking, so the native core can use it directly.
+    tv = struct.pack("ll", int(IO_TIMEOUT_S), int((IO_TIMEOUT_S % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def connect(url: Url, timeout: float = 10.0) -> socket.socket:
+    if url.kind == "tcp":
+        try:
+            sock = socket.create_connection((url.host, url.port), timeout=timeout)
+        except OSError as e:
+            raise MigrationError(f"cannot connect to {url}: {e.strerror or e}", e.errno) from None
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(url.path)
+        except OSError as e:
+            sock.close()
+            raise MigrationError(f"cannot connect to {url}: {e.strerror or e}", e.errno) from None
+    _tune(sock)
+    return sock
+
+
+def listen(url: Url) -> socket.socket:
+    if url.kind == "tcp":
+        family = socket.AF_INET6 if ":" in url.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        address: object = (url.host, url.port)
+    else:
+        if os.path.exists(url.path):
+            os.unlink(url.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = url.path
+    try:
+        sock.bind(address)
+        sock.listen(1)
+    except OSError as e:
+        sock.close()
+        raise InvalidConfig(f"cannot listen on {url}: {e.strerror or e}", e.errno) from None
+    return sock
+
+
+def accept(listener: socket.socket) -> socket.socket:
+    conn, _ = listener.accept()
+    _tune(conn)
+    return conn
