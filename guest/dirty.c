@@ -253,6 +253,19 @@ uint32_t dirty_max_gen(void)
     return g;
 }
 
+/* The slowest vCPU's generation: every page of the area holds at least this one once it is
+ * above the generation the run started from. */
+uint32_t dirty_min_gen(void)
+{
+    uint32_t g = LOAD_ACQ(&percpu[0].gen);
+    for (uint32_t k = 1; k < ncpus && k < MAX_CPUS; k++) {
+        uint32_t x = LOAD_ACQ(&percpu[k].gen);
+        if (x < g)
+            g = x;
+    }
+    return g;
+}
+
 int dirty_verify(uint64_t *checked, uint64_t *page, uint64_t *want, uint64_t *got, int *why)
 {
     if (bsp_on)

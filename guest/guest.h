@@ -70,6 +70,7 @@ void dirty_stop(void);
 int dirty_running(void);
 int dirty_bsp_step(void); /* 64 pages of the BSP's share (returns 0), or a short sleep (1) */
 uint32_t dirty_max_gen(void);
+uint32_t dirty_min_gen(void);
 /* Returns 0 (all good, pages checked in checked) or 1 (first bad page in page, want, got;
  * why: 0 = generation, 1 = index, 2 = checksum). */
 int dirty_verify(uint64_t *checked, uint64_t *page, uint64_t *want, uint64_t *got, int *why);

@@ -270,6 +270,8 @@ static void cmd_status(void)
     put_u(dirty_mib);
     put_s(" gen=");
     put_u(dirty_max_gen());
+    put_s(" min_gen=");
+    put_u(dirty_min_gen());
     put_line();
 }
 
