@@ -21,13 +21,15 @@ from pathlib import Path
 from .errors import InvalidConfig
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # Top-level fields each minor version knows, and the defaults of those added after 1.0.
 FIELDS_1_0 = {"format_version", "vmmpy_version", "vcpus", "machine", "devices"}
-KNOWN_FIELDS = FIELDS_1_0
-DEFAULTS: dict[str, object] = {}
+# 1.1: a guest reboot/power-off latched during a migration ("VmReboot" | "VmShutdown"); absent = none.
+FIELDS_1_1 = FIELDS_1_0 | {"post_migration_lifecycle_event"}
+KNOWN_FIELDS = FIELDS_1_1
+DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None}
 
 
 def _b64(data: bytes) -> str:

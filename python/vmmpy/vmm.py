@@ -26,6 +26,7 @@ from .console import ConsoleBackend
 from .errors import (InvalidConfig, InvalidState, MigrationCancelled, MigrationError, VmAlreadyCreated, VmMigrating,
                      VmmError, VmmShutDown, VmNotCreated)
 from .events import EventMonitor
+from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from .migration import transport
 from .migration.destination import ReceiveHooks, Receiver
 from .migration.progress import ProgressTracker
@@ -49,6 +50,16 @@ class VmState(str, enum.Enum):
     PAUSED = "Paused"
     SHUTDOWN = "Shutdown"
     ERROR = "Error"
+
+
+def _test_hook(name: str) -> str | None:
+    """Test hooks, from VMMPY_TEST_HOOKS="name=value,...". `request-at-pause=reset|shutdown`: a
+    lifecycle request lands right as a migration's final pause completes."""
+    for item in os.environ.get("VMMPY_TEST_HOOKS", "").split(","):
+        key, _, value = item.partition("=")
+        if key == name:
+            return value
+    return None
 
 
 def _eventfd() -> int:
@@ -139,6 +150,9 @@ class Vmm(ReceiveHooks):
         self._config: VmConfig | None = None
         self._state: VmState | None = None
         self._reset_pending = False
+        # A lifecycle request replayed from a migration's latch: carried out even on a paused VM.
+        self._replay_pending = False
+        self._latch = LifecycleLatch()
         self._migration: MigrationHandle | None = None
         self._migration_settled = threading.Event()
         self._last_progress: dict | None = None
@@ -216,10 +230,13 @@ class Vmm(ReceiveHooks):
         if request is None:
             return
         if self.ownership is Ownership.MIGRATION:
-            return  # the migration worker's latch handles it (migration issue)
+            # The worker owns the VM: latch the event (first wins) for the migration to carry.
+            self._migration._job.latch_event(PostMigrationLifecycleEvent.from_request(request))
+            return
+        replay, self._replay_pending = self._replay_pending, False
         if request == "shutdown":
             self._guest_shutdown()
-        elif self._state is VmState.PAUSED:
+        elif self._state is VmState.PAUSED and not replay:
             self._reset_pending = True  # the reboot happens on resume
         else:
             self._vm_reboot()
@@ -227,10 +244,11 @@ class Vmm(ReceiveHooks):
     def _on_exit(self) -> None:
         _drain(self._exit_fd)
         if self._migration is not None:
-            # A host stop cancels the migration; the source stops (nothing travels).
+            # A host stop cancels the migration and stops the source; no latched event travels
+            # or is replayed: the host asked for the VM to end.
             self._migration.cancel()
             self._migration._thread.join()
-            self._on_migration_done()
+            self._on_migration_done(replay=False)
         if self._vm is not None:
             self._destroy_vm()
             self.events.emit("vm", "shutdown")
@@ -294,6 +312,9 @@ class Vmm(ReceiveHooks):
         _drain(self._guest_exit_fd)
         _drain(self._error_fd)
         self._reset_pending = False
+        # A lifecycle request replayed from a migration's latch: carried out even on a paused VM.
+        self._replay_pending = False
+        self._latch = LifecycleLatch()
         self._migration: MigrationHandle | None = None
         self._migration_settled = threading.Event()
         self._last_progress: dict | None = None
@@ -322,7 +343,7 @@ class Vmm(ReceiveHooks):
                 if not self._fds_closed:
                     os.eventfd_write(self._migration_fd, 1)
 
-    def _on_migration_done(self) -> None:
+    def _on_migration_done(self, replay: bool = True) -> None:
         _drain(self._migration_fd)
         handle = self._migration
         if handle is None or handle._thread.is_alive():
@@ -330,6 +351,10 @@ class Vmm(ReceiveHooks):
         handle._thread.join()
         self._migration = None
         job = handle._job
+        event = self._latch.event
+        if event is not None:
+            job.progress.update(lifecycle_replayed_on="destination" if handle.error is None
+                                else "source" if replay else None)
         self._last_progress = job.progress.snapshot()
         self._info_cache = None
         if handle.error is None:
@@ -346,8 +371,14 @@ class Vmm(ReceiveHooks):
             kind = "migration-cancelled" if isinstance(handle.error, MigrationCancelled) else "migration-failed"
             self.events.emit("vm", kind, {"error": str(handle.error)})
             self.ownership = Ownership.OWNED
-            if job.paused:
+            if event is not None and replay:
+                # Replay the guest's own request through its eventfd; the guest is not resumed
+                # past the instruction that made it.
+                self._replay_pending = True
+                self._vm.inject_request(event.request)
+            elif job.paused:
                 self._vm.resume()
+        self._latch.clear()
         self._migration_settled.set()
 
     # ReceiveHooks: called by the receiver thread; the work runs on the control loop.
@@ -363,6 +394,9 @@ class Vmm(ReceiveHooks):
         return vm
 
     def complete(self, vm, fields: dict) -> None:
+        event = fields.get("post_migration_lifecycle_event")
+        event = PostMigrationLifecycleEvent(event) if event is not None else None
+
         def do():
             if self._config is not None:
                 raise VmAlreadyCreated("a VM exists on this VMM")
@@ -370,9 +404,18 @@ class Vmm(ReceiveHooks):
             self._vm = vm
             self.ownership = Ownership.OWNED
             self.boot_count += 1
-            vm.boot()
-            self._state = VmState.RUNNING
-            self.events.emit("vm", "migration-receive-finished")
+            if event is None:
+                vm.boot()
+                self._state = VmState.RUNNING
+                self.events.emit("vm", "migration-receive-finished")
+                return
+            # The guest asked for reboot/power-off on the source: it is not resumed here; its
+            # request is replayed through the eventfd the device would have written.
+            vm.boot(paused=True)
+            self._state = VmState.PAUSED
+            self.events.emit("vm", "migration-receive-finished", {"lifecycle_event": event.value})
+            self._replay_pending = True
+            vm.inject_request(event.request)
         self._call(do)
 
     def emit(self, event: str, properties: dict | None = None) -> None:
@@ -525,10 +568,11 @@ class Vmm(ReceiveHooks):
             if self._state is not VmState.RUNNING:
                 raise InvalidState(f"only a running VM can be migrated (state {self._state.value})")
             self._info_cache = self.info()
+            self._latch.clear()
             progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
                                        downtime_configured_ms=opts.downtime_ms)
             job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_mib << 20, opts,
-                                  self.events, progress)
+                                  self.events, progress, self._latch, _test_hook("request-at-pause"))
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
             handle = MigrationHandle(self, job, thread)
@@ -566,6 +610,7 @@ class Vmm(ReceiveHooks):
                 raise VmAlreadyCreated("this VMM already has a VM; a receiving VMM must be empty")
             if self._receive is not None:
                 raise InvalidState("already receiving a migration")
+            self._latch.clear()
             receiver = Receiver(transport.listen(url), self)
             thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",
                                       daemon=True)

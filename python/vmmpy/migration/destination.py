@@ -26,7 +26,7 @@ class ReceiveState(enum.Enum):
     ABORTED = "Aborted"
 
 
-CAPABILITIES = [Capability.LOCAL.value, Capability.ZERO_RANGES.value]
+CAPABILITIES = [Capability.LOCAL.value, Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value]
 
 
 class Abandoned(MigrationError):

@@ -28,6 +28,9 @@ class MigrationProgress:
     downtime_ms: float | None = None  # measured, pause → destination running
     total_time_ms: float | None = None
     error: str | None = None
+    lifecycle_event: str | None = None  # a guest reboot/power-off latched during this migration
+    lifecycle_event_phase: str | None = None  # the phase it arrived in
+    lifecycle_replayed_on: str | None = None  # "destination" | "source"
     started_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:

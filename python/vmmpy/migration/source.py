@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, fields
 
 from ..errors import InvalidConfig, MigrationCancelled, MigrationError
+from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from ..snapshot import encode_state
 from . import transport
 from .progress import ProgressTracker
@@ -120,8 +121,12 @@ class SourceMigration:
     """Runs one outgoing migration on the caller's thread (the VMM's migration worker)."""
 
     def __init__(self, vm, config_api: dict, memory_size: int, options: MigrationOptions, events,
-                 progress: ProgressTracker):
+                 progress: ProgressTracker, latch: LifecycleLatch, request_at_pause: str | None = None):
         self.vm = vm
+        self.latch = latch
+        # Test hook: a lifecycle request made right as the final pause completes (the window of
+        # Cloud Hypervisor issue 8917).
+        self.request_at_pause = request_at_pause
         self.config_api = config_api
         self.memory_size = memory_size
         self.opts = options
@@ -160,7 +165,7 @@ class SourceMigration:
     def _migrate(self, conn: Connection) -> None:
         import json
 
-        caps = [Capability.ZERO_RANGES.value]
+        caps = [Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value]
         if self.opts.local:
             caps.append(Capability.LOCAL.value)
         answer = json.loads(conn.request_json(Command.START, {"version": VERSION, "capabilities": caps}) or b"{}")
@@ -224,17 +229,27 @@ class SourceMigration:
     def _timed_out(self) -> bool:
         return time.monotonic() - self._start > self.opts.timeout_s
 
+    def latch_event(self, event: PostMigrationLifecycleEvent) -> None:
+        """Latches a guest lifecycle event (first wins) and makes it visible."""
+        phase = self.progress.get("phase")
+        if self.latch.latch(event):
+            self.progress.update(lifecycle_event=event.value, lifecycle_event_phase=phase)
+            self.events.emit("vm", "migration-lifecycle-latched", {"event": event.value, "phase": phase})
+
     def _shortcut(self) -> bool:
-        """Whether to go to the final phase now (a latched guest lifecycle event)."""
-        return False
+        """A latched reboot or power-off ends pre-copy: the guest's RAM is about to be discarded."""
+        return self.latch.event is not None
 
     def _send(self, conn: Connection, table) -> int:
-        """Sends `table` as Memory frames of at most CHUNK_BYTES. Returns page bytes sent."""
+        """Sends `table` as Memory frames of at most CHUNK_BYTES, stopping early (at a frame
+        boundary, never inside a frame) when an event is latched. Returns page bytes sent."""
         total = 0
         chunks = table.split(CHUNK_BYTES)
         left = table.total_bytes
         for chunk in chunks:
             self._check_cancel()
+            if self._shortcut():
+                break
             self.progress.update(remaining=left)
             sent, pages, zero_pages = self.vm.send_memory(conn.fileno(), chunk)
             conn.read_response()
@@ -254,20 +269,30 @@ class SourceMigration:
         self.pause_time = time.monotonic()
         self.vm.pause(5.0)
         self.paused = True
-        if self._dirty_logging:
+        if self.request_at_pause is not None:
+            self.vm.inject_request(self.request_at_pause)
+        # A request a vCPU made just before parking may still sit unread in its eventfd: the VM's
+        # own record of its first request is what counts (it is written before the eventfd).
+        request = self.vm.lifecycle_request()
+        if request is not None:
+            self.latch_event(PostMigrationLifecycleEvent.from_request(request))
+        event = self.latch.event
+        if event is not None and Capability.LIFECYCLE_EVENT.value not in self.peer_capabilities:
+            raise MigrationError(f"the destination cannot carry the guest's {event.value} (no "
+                                 f"'{Capability.LIFECYCLE_EVENT.value}' capability); it is replayed here")
+        if self._dirty_logging and event is None:
+            # With an event latched the destination rebuilds or stops the VM: its RAM is not needed.
             table = self.vm.dirty_ranges()
             if remaining is not None:
                 table.extend(remaining)
             self._send(conn, table)
-        state = encode_state(self.vm.save_state(), **self._state_extra())
+        extra = {"post_migration_lifecycle_event": event.value} if event is not None else {}
+        state = encode_state(self.vm.save_state(), **extra)
         conn.request_json(Command.STATE, state)
         conn.request(Command.COMPLETE)
         now = time.monotonic()
         self.progress.update(status="completed", phase="done", downtime_ms=(now - self.pause_time) * 1000,
                              total_time_ms=(now - self._start) * 1000)
-
-    def _state_extra(self) -> dict:
-        return {}
 
     def _cleanup(self) -> None:
         if self._throttle is not None:
