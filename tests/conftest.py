@@ -97,7 +97,7 @@ class SerialClient:
 class VmmProcess:
     """A `vmmpy` process with an API socket, a console socket and an event monitor file."""
 
-    def __init__(self, tmp: Path, name: str, *args: str):
+    def __init__(self, tmp: Path, name: str, *args: str, hooks: str = ""):
         self.tmp = tmp
         self.api_path = str(tmp / f"{name}.api")
         self.serial_path = str(tmp / f"{name}.serial")
@@ -106,7 +106,8 @@ class VmmProcess:
         cmd = [sys.executable, "-m", "vmmpy.cli", "--api-socket", self.api_path,
                "--serial", f"socket={self.serial_path}", "--event-monitor", f"path={self.events_path}", *args]
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        env = dict(os.environ, VMMPY_TEST_HOOKS=hooks)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.api = ApiClient(self.api_path)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.api_path):
@@ -158,8 +159,8 @@ class VmmProcess:
 def vmm_process(tmp_path):
     made: list[VmmProcess] = []
 
-    def start(*args: str, name: str = "vmm") -> VmmProcess:
-        p = VmmProcess(tmp_path, name, *args)
+    def start(*args: str, name: str = "vmm", hooks: str = "") -> VmmProcess:
+        p = VmmProcess(tmp_path, name, *args, hooks=hooks)
         made.append(p)
         return p
 

@@ -28,7 +28,8 @@ from .errors import (InvalidConfig, InvalidState, MigrationCancelled, MigrationE
 from .events import EventMonitor
 from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from .migration import transport
-from .migration.destination import ReceiveHooks, Receiver
+from .migration.destination import CAPABILITIES, ReceiveHooks, Receiver
+from .migration.protocol import Capability
 from .migration.progress import ProgressTracker
 from .migration.source import MigrationOptions, SourceMigration
 from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
@@ -52,14 +53,24 @@ class VmState(str, enum.Enum):
     ERROR = "Error"
 
 
-def _test_hook(name: str) -> str | None:
-    """Test hooks, from VMMPY_TEST_HOOKS="name=value,...". `request-at-pause=reset|shutdown`: a
-    lifecycle request lands right as a migration's final pause completes."""
+def test_hooks() -> dict[str, str]:
+    """Test hooks, from VMMPY_TEST_HOOKS="name=value,...". Source side: `request-at-pause=reset|
+    shutdown` (a lifecycle request lands right as the final pause completes), `frame-delay-ms=N`
+    (a slow link: each Memory frame waits N ms), `final-phase-delay-ms=N` (a window between the
+    switch to the final phase and the pause), `complete-delay-ms=N` (a window between State and
+    Complete), `keep-source=1` (after success the source keeps its
+    VM, paused). Destination side: `complete-paused=1` (take over without resuming),
+    `no-lifecycle-capability=1` (behave like a destination that cannot carry lifecycle events)."""
+    hooks = {}
     for item in os.environ.get("VMMPY_TEST_HOOKS", "").split(","):
-        key, _, value = item.partition("=")
-        if key == name:
-            return value
-    return None
+        key, sep, value = item.partition("=")
+        if sep:
+            hooks[key] = value
+    return hooks
+
+
+def _test_hook(name: str) -> str | None:
+    return test_hooks().get(name)
 
 
 def _eventfd() -> int:
@@ -358,10 +369,18 @@ class Vmm(ReceiveHooks):
         self._last_progress = job.progress.snapshot()
         self._info_cache = None
         if handle.error is None:
-            self.events.emit("vm", "migration-finished", {"downtime_ms": self._last_progress["downtime_ms"],
-                                                          "total_time_ms": self._last_progress["total_time_ms"]})
-            # The destination runs the guest now: tear ours down.
+            self.events.emit("vm", "migration-finished", {
+                "downtime_ms": self._last_progress["downtime_ms"],
+                "total_time_ms": self._last_progress["total_time_ms"],
+                "lifecycle_event": self._last_progress["lifecycle_event"],
+                "lifecycle_replayed_on": self._last_progress["lifecycle_replayed_on"]})
             self.ownership = Ownership.OWNED
+            if _test_hook("keep-source"):
+                self._state = VmState.PAUSED  # for comparing memory with the destination's
+                self._latch.clear()
+                self._migration_settled.set()
+                return
+            # The destination runs the guest now: tear ours down.
             self._destroy_vm()
             self._config = None
             self._state = None
@@ -369,7 +388,9 @@ class Vmm(ReceiveHooks):
                 self._running = False
         else:
             kind = "migration-cancelled" if isinstance(handle.error, MigrationCancelled) else "migration-failed"
-            self.events.emit("vm", kind, {"error": str(handle.error)})
+            self.events.emit("vm", kind, {"error": str(handle.error),
+                                          "lifecycle_event": self._last_progress["lifecycle_event"],
+                                          "lifecycle_replayed_on": self._last_progress["lifecycle_replayed_on"]})
             self.ownership = Ownership.OWNED
             if event is not None and replay:
                 # Replay the guest's own request through its eventfd; the guest is not resumed
@@ -405,8 +426,9 @@ class Vmm(ReceiveHooks):
             self.ownership = Ownership.OWNED
             self.boot_count += 1
             if event is None:
-                vm.boot()
-                self._state = VmState.RUNNING
+                paused = _test_hook("complete-paused") is not None
+                vm.boot(paused=paused)
+                self._state = VmState.PAUSED if paused else VmState.RUNNING
                 self.events.emit("vm", "migration-receive-finished")
                 return
             # The guest asked for reboot/power-off on the source: it is not resumed here; its
@@ -572,7 +594,7 @@ class Vmm(ReceiveHooks):
             progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
                                        downtime_configured_ms=opts.downtime_ms)
             job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_mib << 20, opts,
-                                  self.events, progress, self._latch, _test_hook("request-at-pause"))
+                                  self.events, progress, self._latch, test_hooks())
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
             handle = MigrationHandle(self, job, thread)
@@ -611,7 +633,10 @@ class Vmm(ReceiveHooks):
             if self._receive is not None:
                 raise InvalidState("already receiving a migration")
             self._latch.clear()
-            receiver = Receiver(transport.listen(url), self)
+            caps = None
+            if _test_hook("no-lifecycle-capability"):
+                caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
+            receiver = Receiver(transport.listen(url), self, caps)
             thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",
                                       daemon=True)
             handle = ReceiveHandle(receiver, thread)

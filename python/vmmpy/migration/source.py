@@ -121,12 +121,11 @@ class SourceMigration:
     """Runs one outgoing migration on the caller's thread (the VMM's migration worker)."""
 
     def __init__(self, vm, config_api: dict, memory_size: int, options: MigrationOptions, events,
-                 progress: ProgressTracker, latch: LifecycleLatch, request_at_pause: str | None = None):
+                 progress: ProgressTracker, latch: LifecycleLatch, hooks: dict[str, str] | None = None):
         self.vm = vm
         self.latch = latch
-        # Test hook: a lifecycle request made right as the final pause completes (the window of
-        # Cloud Hypervisor issue 8917).
-        self.request_at_pause = request_at_pause
+        # Test hooks (vmm.test_hooks): timing windows that tests need to hit deliberately.
+        self.hooks = hooks or {}
         self.config_api = config_api
         self.memory_size = memory_size
         self.opts = options
@@ -246,7 +245,10 @@ class SourceMigration:
         total = 0
         chunks = table.split(CHUNK_BYTES)
         left = table.total_bytes
+        frame_delay = int(self.hooks.get("frame-delay-ms", 0)) / 1000
         for chunk in chunks:
+            if frame_delay and not self.paused:
+                self.cancel_requested.wait(frame_delay)
             self._check_cancel()
             if self._shortcut():
                 break
@@ -262,15 +264,17 @@ class SourceMigration:
     # ---- final phase ------------------------------------------------------------------------
 
     def _final_phase(self, conn: Connection, remaining) -> None:
-        self._check_cancel()
         self.progress.update(phase="completing")
+        self.cancel_requested.wait(int(self.hooks.get("final-phase-delay-ms", 0)) / 1000)
+        self._check_cancel()
         if self._throttle is not None:
             self._throttle.stop()
         self.pause_time = time.monotonic()
         self.vm.pause(5.0)
         self.paused = True
-        if self.request_at_pause is not None:
-            self.vm.inject_request(self.request_at_pause)
+        if "request-at-pause" in self.hooks:
+            # The window of Cloud Hypervisor issue 8917: a request made as the vCPUs stop.
+            self.vm.inject_request(self.hooks["request-at-pause"])
         # A request a vCPU made just before parking may still sit unread in its eventfd: the VM's
         # own record of its first request is what counts (it is written before the eventfd).
         request = self.vm.lifecycle_request()
@@ -289,6 +293,8 @@ class SourceMigration:
         extra = {"post_migration_lifecycle_event": event.value} if event is not None else {}
         state = encode_state(self.vm.save_state(), **extra)
         conn.request_json(Command.STATE, state)
+        self.cancel_requested.wait(int(self.hooks.get("complete-delay-ms", 0)) / 1000)
+        self._check_cancel()
         conn.request(Command.COMPLETE)
         now = time.monotonic()
         self.progress.update(status="completed", phase="done", downtime_ms=(now - self.pause_time) * 1000,

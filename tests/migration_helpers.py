@@ -1,0 +1,66 @@
+"""Helpers for migration tests: a source and a destination VMM process and the calls between them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from conftest import VmmProcess
+
+
+def start_receive(dst: VmmProcess, url: str) -> threading.Thread:
+    """PUT vm.receive-migration on `dst` (it answers only at the end) and waits until it listens."""
+    result: dict = {}
+
+    def call():
+        result["answer"] = dst.api.request("PUT", "/api/v1/vm.receive-migration", {"receiver_url": url})
+
+    seen = dst.event_names().count("vm.migration-receive-ready")
+    t = threading.Thread(target=call, daemon=True)
+    t.result = result
+    t.start()
+    dst.wait_event("vm.migration-receive-ready", count=seen + 1)
+    return t
+
+
+def send(src: VmmProcess, url: str, **options) -> None:
+    status, body = src.api.request("PUT", "/api/v1/vm.send-migration", {"destination_url": url, **options})
+    assert status == 204, (status, body)
+
+
+def progress(vmm: VmmProcess) -> dict:
+    status, body = vmm.api.request("GET", "/api/v1/vm.migration-progress")
+    assert status == 200, (status, body)
+    return body
+
+
+def wait_progress(vmm: VmmProcess, pred, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        p = progress(vmm)
+        if pred(p):
+            return p
+        assert time.monotonic() < deadline, f"progress never matched: {p}"
+        time.sleep(0.01)
+
+
+def url_for(kind: str, tmp, port: int) -> str:
+    return f"tcp:127.0.0.1:{port}" if kind == "tcp" else f"unix:{tmp}/mig.sock"
+
+
+_next_port = [46000]
+
+
+def free_port() -> int:
+    import socket
+
+    while True:
+        _next_port[0] += 1
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", _next_port[0]))
+            return _next_port[0]
+        except OSError:
+            continue
+        finally:
+            s.close()

@@ -1,0 +1,170 @@
+"""Live migration between two real VMM processes with the real test guest."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import SerialClient
+from migration_helpers import free_port, progress, send, start_receive, url_for, wait_progress
+
+
+def _pair(vmm_process, vcpus=2, memory="512M", src_args=(), dst_args=()):
+    src = vmm_process("--cpus", f"boot={vcpus}", "--memory", f"size={memory}", *src_args, name="src")
+    dst = vmm_process(*dst_args, name="dst")
+    boot_id, _ = src.serial.wait_ready()
+    return src, dst, boot_id
+
+
+def _check_destination(dst, boot_id, dirty: bool):
+    m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=(on|off)")
+    assert m.group(1).decode() == boot_id, "the guest rebooted: it should have moved, not restarted"
+    assert m.group(2) == (b"on" if dirty else b"off")
+    dst.serial.command("echo on the destination", rb"on the destination\r\n")
+    m = dst.serial.command("verify", rb"VERIFY OK (\d+)\r\n", timeout=60)
+    if dirty:
+        assert int(m.group(1)) > 0
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix", "local"])
+@pytest.mark.parametrize("workload", ["idle", "dirty"])
+def test_migrate(vmm_process, tmp_path, transport, workload):
+    src, dst, boot_id = _pair(vmm_process)
+    if workload == "dirty":
+        src.serial.command("dirty 256", "DIRTY STARTED mib=256")
+        src.serial.command("status", rb"dirty=on .* min_gen=[2-9]")
+    url = url_for("unix" if transport == "local" else transport, tmp_path, free_port())
+    receiver = start_receive(dst, url)
+    send(src, url, local=(transport == "local"))
+    assert src.wait_exit(120) == 0  # the source VMM ends after handing the VM over
+    receiver.join(30)
+    assert receiver.result["answer"][0] == 204
+    names = src.event_names()
+    assert "vm.migration-started" in names and "vm.migration-finished" in names
+    finished = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
+    assert finished["downtime_ms"] > 0
+    assert "vm.migration-receive-finished" in dst.event_names()
+    _check_destination(dst, boot_id, dirty=(workload == "dirty"))
+    assert dst.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
+
+
+def test_cancel_during_precopy_keeps_the_source_running(vmm_process, tmp_path):
+    src, dst, boot_id = _pair(vmm_process)
+    src.serial.command("dirty 256", "DIRTY STARTED")
+    url = url_for("tcp", tmp_path, free_port())
+    start_receive(dst, url)
+    # A downtime target the dirtying guest can never meet keeps the migration in pre-copy.
+    send(src, url, downtime_ms=1, auto_converge=False)
+    wait_progress(src, lambda p: p["iteration"] >= 2)
+    assert src.api.request("PUT", "/api/v1/vm.cancel-migration")[0] == 204
+    p = wait_progress(src, lambda p: p["status"] != "active")
+    assert p["status"] == "cancelled"
+    src.wait_event("vm.migration-cancelled")
+    assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
+    src.serial.command("status", rb"STATUS boot_id=" + boot_id.encode() + rb" cpus=2 dirty=on")
+    src.serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)
+    # The destination discarded its half-built VM and listens for the next attempt.
+    dst.wait_event("vm.migration-receive-failed")
+    assert dst.api.request("GET", "/api/v1/vm.info")[0] == 404
+
+
+def test_timeout_cancels_without_auto_converge_and_completes_with_it(vmm_process, tmp_path):
+    src, dst, boot_id = _pair(vmm_process)
+    src.serial.command("dirty 256", "DIRTY STARTED")
+    url = url_for("tcp", tmp_path, free_port())
+    start_receive(dst, url)
+    send(src, url, downtime_ms=2, auto_converge=False, timeout_s=3, timeout_strategy="cancel")
+    p = wait_progress(src, lambda p: p["status"] != "active")
+    assert p["status"] == "cancelled" and "timeout_s=3" in p["error"]
+    assert p["cpu_throttle_percentage"] == 0
+    src.serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)
+    src.serial.command("dirty 256", "DIRTY STARTED")
+    # Same guest, same target, auto-converge on: the throttle brings the dirty rate down.
+    send(src, url, downtime_ms=2, auto_converge=True, timeout_s=120)
+    assert src.wait_exit(150) == 0
+    final = [e for e in src.events() if e["event"] == "migration-finished"]
+    assert final
+    _check_destination(dst, boot_id, dirty=True)
+
+
+def test_destination_killed_during_precopy(vmm_process, tmp_path):
+    src, dst, boot_id = _pair(vmm_process)
+    src.serial.command("dirty 256", "DIRTY STARTED")
+    url = url_for("tcp", tmp_path, free_port())
+    start_receive(dst, url)
+    send(src, url, downtime_ms=1, auto_converge=False)
+    wait_progress(src, lambda p: p["iteration"] >= 1)
+    dst.proc.kill()
+    p = wait_progress(src, lambda p: p["status"] != "active")
+    assert p["status"] == "failed"
+    src.wait_event("vm.migration-failed")
+    assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
+    src.serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)
+    # A new destination: the next attempt succeeds.
+    dst2 = vmm_process(name="dst2")
+    url2 = url_for("tcp", tmp_path, free_port())
+    start_receive(dst2, url2)
+    send(src, url2)
+    assert src.wait_exit(120) == 0
+    m = dst2.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
+    assert m.group(1).decode() == boot_id
+    dst2.serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)
+
+
+def test_source_killed_during_precopy_leaves_a_clean_destination(vmm_process, tmp_path):
+    src, dst, _ = _pair(vmm_process)
+    src.serial.command("dirty 256", "DIRTY STARTED")
+    url = url_for("unix", tmp_path, 0)
+    receiver = start_receive(dst, url)
+    send(src, url, downtime_ms=1, auto_converge=False)
+    wait_progress(src, lambda p: p["iteration"] >= 1)
+    src.proc.send_signal(signal.SIGKILL)
+    dst.wait_event("vm.migration-receive-failed")
+    assert dst.api.request("GET", "/api/v1/vm.info")[0] == 404  # no VM runs on both sides
+    # Still listening: a fresh source migrates into it.
+    src2 = vmm_process("--cpus", "boot=2", "--memory", "size=256M", name="src2")
+    boot_id2, _ = src2.serial.wait_ready()
+    send(src2, url)
+    assert src2.wait_exit(120) == 0
+    receiver.join(30)
+    assert receiver.result["answer"][0] == 204
+    m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
+    assert m.group(1).decode() == boot_id2
+
+
+def test_destination_memory_equals_the_source(tmp_path, monkeypatch):
+    """With the source kept paused after success and the destination completed paused, every byte
+    of guest RAM on both sides is equal (test hooks)."""
+    from vmmpy import Vmm
+    from vmmpy.config import SerialConfig, VmConfig
+
+    monkeypatch.setenv("VMMPY_TEST_HOOKS", "keep-source=1,complete-paused=1")
+    sock = str(tmp_path / "src.sock")
+    src = Vmm(serial=SerialConfig(mode="Socket", socket=sock), no_shutdown=True)
+    dst = Vmm(serial=SerialConfig(mode="Null"))
+    serial = SerialClient(sock)
+    try:
+        src.create(VmConfig(memory_mib=256, vcpus=2))
+        src.boot()
+        serial.wait_ready()
+        serial.command("dirty 128", "DIRTY STARTED")
+        serial.command("status", rb"min_gen=[2-9]")
+        url = f"unix:{tmp_path}/m.sock"
+        receive = dst.receive_migration(url)
+        src.send_migration(url).wait(120)
+        assert receive.wait(30)
+        assert src.info()["state"] == "Paused" and dst.info()["state"] == "Paused"
+        (a,), (b,) = src.memory_regions(), dst.memory_regions()
+        va, vb = memoryview(a), memoryview(b)
+        assert len(va) == len(vb) == 256 << 20
+        chunk = 1 << 20
+        bad = [i for i in range(0, len(va), chunk) if va[i:i + chunk] != vb[i:i + chunk]]
+        assert not bad, f"{len(bad)} MiB differ, first at {bad[0]:#x}"
+        va.release()
+        vb.release()
+    finally:
+        serial.close()
+        dst.close()
+        src.close()

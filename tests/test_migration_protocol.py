@@ -1,0 +1,161 @@
+"""The receiver against malformed streams: every bad frame gets an error response (or a closed
+connection), the half-built VM is discarded, nothing crashes, and a good migration still works."""
+
+import json
+import socket
+import struct
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmmpy import Vmm
+from vmmpy.config import SerialConfig, VmConfig
+from vmmpy.migration.protocol import HEADER, Command, Status
+
+CONFIG = {"config": VmConfig(memory_mib=64, vcpus=1).to_api(), "memory_size": 64 << 20, "local": False}
+
+
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory):
+    """One receiving VMM for the module: it must survive everything thrown at it."""
+    path = str(tmp_path_factory.mktemp("rx") / "rx.sock")
+    vmm = Vmm(serial=SerialConfig(mode="Null"))
+    handle = vmm.receive_migration(f"unix:{path}")
+    yield vmm, path
+    handle.close()
+    vmm.close()
+
+
+def _connect(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def _req(command, payload=b"", arg=0, length=None):
+    return HEADER.pack(command, 0, arg, len(payload) if length is None else length) + payload
+
+
+def _resp(s):
+    head = b""
+    while len(head) < HEADER.size:
+        chunk = s.recv(HEADER.size - len(head))
+        if not chunk:
+            return None, b""  # the receiver closed the connection
+        head += chunk
+    status, _, _, length = HEADER.unpack(head)
+    body = b""
+    while len(body) < length:
+        body += s.recv(length - len(body))
+    return status, body
+
+
+def _start(s):
+    s.sendall(_req(Command.START, json.dumps({"version": 1, "capabilities": []}).encode()))
+    status, body = _resp(s)
+    assert status == Status.OK and json.loads(body)["version"] == 1
+
+
+def _configure(s):
+    _start(s)
+    s.sendall(_req(Command.CONFIG, json.dumps(CONFIG).encode()))
+    assert _resp(s)[0] == Status.OK
+
+
+def _expect_error(s, needle=""):
+    status, body = _resp(s)
+    assert status == Status.ERROR, (status, body)
+    assert needle.encode() in body, body
+
+
+def _no_vm(vmm):
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            vmm.info()
+        except Exception:  # noqa: BLE001 - VmNotCreated is the expected answer
+            return
+        assert time.monotonic() < deadline, "a half-built VM was left behind"
+        time.sleep(0.01)
+
+
+CASES = {
+    "unknown command": lambda s: (s.sendall(_req(99)), "unknown command"),
+    "memory before start": lambda s: (s.sendall(_req(Command.MEMORY, length=16)), "not allowed"),
+    "state before config": lambda s: (_start(s), s.sendall(_req(Command.STATE, b"{}")), "not allowed"),
+    "complete before state": lambda s: (_configure(s), s.sendall(_req(Command.COMPLETE)), "not allowed"),
+    "bad protocol version": lambda s: (s.sendall(_req(Command.START, b'{"version": 7}')), "protocol"),
+    "start not json": lambda s: (s.sendall(_req(Command.START, b"\xff{")), "malformed JSON"),
+    "oversized config": lambda s: (_start(s), s.sendall(_req(Command.CONFIG, length=1 << 40)), "over the bound"),
+    "config with bad vm": lambda s: (_start(s), s.sendall(_req(Command.CONFIG, json.dumps(
+        {"config": {"cpus": {"boot_vcpus": 0}}}).encode())), "vcpus"),
+    "range outside RAM": lambda s: (_configure(s), s.sendall(
+        _req(Command.MEMORY, struct.pack("<QII", 1 << 40, 4096, 0)) + b"\0" * 4096), ""),
+    "unaligned range": lambda s: (_configure(s), s.sendall(
+        _req(Command.MEMORY, struct.pack("<QII", 0x1001, 4096, 0)) + b"\0" * 4096), ""),
+    "table not a multiple of 16": lambda s: (_configure(s), s.sendall(_req(Command.MEMORY, b"\0" * 15)), ""),
+    "bad state document": lambda s: (_configure(s), s.sendall(_req(Command.STATE, b'{"format_version": "9.0"}')),
+                                     "not supported"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_stream_gets_an_error_and_the_receiver_survives(receiver, case):
+    vmm, path = receiver
+    s = _connect(path)
+    try:
+        needle = CASES[case](s)[-1]
+        _expect_error(s, needle)
+    finally:
+        s.close()
+    _no_vm(vmm)
+    assert vmm.ping()["pid"]
+
+
+def test_truncated_memory_frame(receiver):
+    vmm, path = receiver
+    s = _connect(path)
+    _configure(s)
+    # A table announcing one 64 KiB range, then only part of its bytes, then the end of the stream.
+    s.sendall(_req(Command.MEMORY, struct.pack("<QII", 0x200000, 0x10000, 0)) + b"\1" * 1000)
+    s.shutdown(socket.SHUT_WR)
+    status, _ = _resp(s)
+    assert status in (None, Status.ERROR)
+    s.close()
+    _no_vm(vmm)
+
+
+def test_abandon_is_acknowledged(receiver):
+    vmm, path = receiver
+    s = _connect(path)
+    _configure(s)
+    s.sendall(_req(Command.ABANDON))
+    assert _resp(s)[0] == Status.OK
+    s.close()
+    _no_vm(vmm)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2**32 - 1), st.binary(max_size=64)), min_size=1,
+                max_size=4),
+       st.booleans())
+def test_fuzzed_frames_never_crash_the_receiver(receiver, frames, configure_first):
+    vmm, path = receiver
+    s = _connect(path)
+    try:
+        if configure_first:
+            _configure(s)
+        for command, arg, payload in frames:
+            s.sendall(HEADER.pack(command, 0, arg, len(payload)) + payload)
+        s.shutdown(socket.SHUT_WR)
+        while _resp(s)[0] is not None:
+            pass
+    except (ConnectionResetError, BrokenPipeError, socket.timeout):
+        pass
+    finally:
+        s.close()
+    _no_vm(vmm)
+    assert vmm.ping()["pid"]
