@@ -372,6 +372,26 @@ static void cmd_poweroff(void)
     did_not_happen("ERR poweroff did not happen");
 }
 
+/* `pio <n>`: n port writes to an unclaimed port, timed with the TSC: the VMM's exit round trip as
+ * the guest sees it (benches/ compares it with a plain C KVM loop running the same instruction). */
+static void cmd_pio(char *args)
+{
+    uint64_t n;
+    if (!parse_u64(args, &n) || n == 0) {
+        say("ERR pio: usage: pio <count>");
+        return;
+    }
+    uint64_t t0 = rdtsc();
+    for (uint64_t i = 0; i < n; i++)
+        outb(PIO_BENCH_PORT, 0);
+    uint64_t cycles = rdtsc() - t0;
+    put_s("PIO n=");
+    put_u(n);
+    put_s(" ns_per_exit=");
+    put_u(cycles * 1000000 / (tsc_khz ? tsc_khz : 2000000) / n);
+    put_line();
+}
+
 static char *next_word(char **s)
 {
     char *p = *s, *w;
@@ -413,6 +433,8 @@ static void handle(char *s)
         cmd_reboot(next_word(&rest));
     } else if (streq(cmd, "poweroff")) {
         cmd_poweroff();
+    } else if (streq(cmd, "pio")) {
+        cmd_pio(rest);
     } else {
         say("ERR unknown command");
     }

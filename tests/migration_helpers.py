@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from conftest import VmmProcess
+from helpers import VmmProcess
 
 
 def start_receive(dst: VmmProcess, url: str) -> threading.Thread:

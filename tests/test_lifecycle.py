@@ -9,7 +9,7 @@ import pytest
 from vmmpy import _native
 from vmmpy.errors import InvalidState
 
-from conftest import BANNER, SerialClient
+from helpers import BANNER, SerialClient
 
 
 @pytest.mark.parametrize("method", ["acpi", "kbd", "cmos", "triple"])

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import SerialClient
+from helpers import SerialClient
 from migration_helpers import free_port, progress, send, start_receive, url_for, wait_progress
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import BANNER
+from helpers import BANNER
 from migration_helpers import free_port, progress, send, start_receive, wait_progress
 from proxy import CuttableProxy
 

@@ -13,7 +13,7 @@ from vmmpy.config import SerialConfig
 from vmmpy.errors import InvalidConfig, InvalidState
 from vmmpy.snapshot import FORMAT_MAJOR, FORMAT_MINOR, check_version, decode_state
 
-from conftest import SerialClient
+from helpers import SerialClient
 
 FIXTURE = Path(__file__).parent / "fixtures" / "snapshot-1.0"
 

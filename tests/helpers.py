@@ -1,0 +1,179 @@
+"""Test helpers shared by tests/ and benches/: a serial console client and a VMM process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vmmpy.client import ApiClient
+
+BANNER = re.compile(rb"vmmpy-testguest boot_id=([0-9a-f]{16}) cpus=(\d+) mem_mib=(\d+)")
+
+
+class SerialClient:
+    """A client on a VMM's console socket: reads guest output, types commands."""
+
+    def __init__(self, path: str, timeout: float = 20.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.buf = b""
+        self.pos = 0  # what expect() has consumed
+        self._lock = threading.Lock()
+
+    def _fill(self, timeout: float) -> bool:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return True
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def expect(self, pattern: bytes | str, timeout: float = 20.0) -> re.Match:
+        """Waits for `pattern` in output not yet consumed; consumes up to the end of the match."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.buf, self.pos)
+            if m:
+                self.pos = m.end()
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._fill(min(left, 0.5)):
+                tail = self.buf[self.pos:][-2000:]
+                raise AssertionError(f"serial: {pattern!r} not seen in {timeout}s; unconsumed output: {tail!r}")
+
+    def send(self, line: str) -> None:
+        self.sock.sendall(line.encode() + b"\n")
+
+    def command(self, line: str, answer: bytes | str, timeout: float = 20.0) -> re.Match:
+        self.send(line)
+        return self.expect(answer, timeout)
+
+    def wait_ready(self, timeout: float = 30.0) -> tuple[str, int]:
+        m = self.expect(BANNER, timeout)
+        self.expect(rb"READY\r?\n", timeout)
+        return m.group(1).decode(), int(m.group(2))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class VmmProcess:
+    """A `vmmpy` process with an API socket, a console socket and an event monitor file."""
+
+    def __init__(self, tmp: Path, name: str, *args: str, hooks: str = ""):
+        self.tmp = tmp
+        self.api_path = str(tmp / f"{name}.api")
+        self.serial_path = str(tmp / f"{name}.serial")
+        self.events_path = str(tmp / f"{name}.events")
+        self.log_path = tmp / f"{name}.log"
+        cmd = [sys.executable, "-m", "vmmpy.cli", "--api-socket", self.api_path,
+               "--serial", f"socket={self.serial_path}", "--event-monitor", f"path={self.events_path}", *args]
+        self.log = open(self.log_path, "wb")
+        env = dict(os.environ, VMMPY_TEST_HOOKS=hooks)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.api = ApiClient(self.api_path)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.api_path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"vmmpy did not start: {self.log_path.read_text()}")
+            time.sleep(0.02)
+        self._serial: SerialClient | None = None
+
+    @property
+    def serial(self) -> SerialClient:
+        if self._serial is None:
+            self._serial = SerialClient(self.serial_path)
+        return self._serial
+
+    def events(self) -> list[dict]:
+        try:
+            text = Path(self.events_path).read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def event_names(self) -> list[str]:
+        return [f"{e['source']}.{e['event']}" for e in self.events()]
+
+    def wait_event(self, name: str, count: int = 1, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.event_names().count(name) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"event {name} x{count} not seen; events: {self.event_names()}")
+            time.sleep(0.02)
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self._serial is not None:
+            self._serial.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def vmm_process(tmp_path):
+    made: list[VmmProcess] = []
+
+    def start(*args: str, name: str = "vmm", hooks: str = "") -> VmmProcess:
+        p = VmmProcess(tmp_path, name, *args, hooks=hooks)
+        made.append(p)
+        return p
+
+    yield start
+    for p in made:
+        p.close()
+
+
+@pytest.fixture
+def guest_vmm(tmp_path):
+    """An in-process Vmm with its console on a socket, and a connected SerialClient."""
+    from vmmpy import Vmm
+    from vmmpy.config import SerialConfig, VmConfig
+
+    made = []
+
+    def start(vcpus: int = 1, memory_mib: int = 128, **kw):
+        path = str(tmp_path / f"serial{len(made)}.sock")
+        vmm = Vmm(serial=SerialConfig(mode="Socket", socket=path), **kw)
+        serial = SerialClient(path)
+        vmm.create(VmConfig(memory_mib=memory_mib, vcpus=vcpus))
+        vmm.boot()
+        made.append((vmm, serial))
+        return vmm, serial
+
+    yield start
+    for vmm, serial in made:
+        serial.close()
+        vmm.close()
