@@ -24,7 +24,9 @@ use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+
+use crate::memory::GuestMem;
 
 /// Where the RSDP goes; Linux is told about it through boot_params.acpi_rsdp_addr (and would also
 /// find it by scanning 0xe0000..0xfffff on 16-byte boundaries).
@@ -268,7 +270,7 @@ fn madt(vcpus: u8) -> Vec<u8> {
 }
 
 /// Write `bytes` at `addr`, refusing anything that would reach `ACPI_TABLES_END`.
-fn write_table(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
+fn write_table(mem: &GuestMem, addr: u64, bytes: &[u8]) -> Result<(), GuestMemoryError> {
     let end = addr + bytes.len() as u64;
     if end > ACPI_TABLES_END {
         return Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(end - 1)));
@@ -279,7 +281,7 @@ fn write_table(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), Gue
 /// Build RSDP, XSDT, FADT, DSDT and MADT for `vcpus` vCPUs (APIC ids 0..vcpus) and write them into
 /// guest memory from 0xe0000 up. Returns the RSDP's guest physical address.
 pub fn create_acpi_tables(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     vcpus: u8,
 ) -> Result<GuestAddress, GuestMemoryError> {
     let dsdt = dsdt();
@@ -318,11 +320,11 @@ pub fn create_acpi_tables(
 mod tests {
     use super::*;
 
-    fn guest_mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    fn guest_mem() -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
-    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    fn read(mem: &GuestMem, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
         mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
         buf
@@ -341,7 +343,7 @@ mod tests {
     }
 
     /// Read a whole table at `addr`, check its header and checksum, return its bytes.
-    fn table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
+    fn table(mem: &GuestMem, addr: u64, signature: &[u8; 4]) -> Vec<u8> {
         let header = read(mem, addr, HEADER_LEN);
         assert_eq!(&header[0..4], signature);
         let len = u32_at(&header, 4) as usize;
@@ -539,7 +541,7 @@ mod tests {
 
     #[test]
     fn refuses_memory_without_the_bios_area() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0xa0000)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0xa0000)]).unwrap();
         assert!(create_acpi_tables(&mem, 1).is_err());
     }
 }

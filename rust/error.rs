@@ -11,6 +11,7 @@ pub enum Kind {
     InvalidConfig,
     PauseTimeout,
     InvalidState,
+    Migration,
 }
 
 impl Kind {
@@ -21,6 +22,7 @@ impl Kind {
             Kind::InvalidConfig => "InvalidConfig",
             Kind::PauseTimeout => "PauseTimeout",
             Kind::InvalidState => "InvalidState",
+            Kind::Migration => "MigrationError",
         }
     }
 }

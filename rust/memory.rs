@@ -1,18 +1,28 @@
 //! Guest RAM: one memfd per RAM range, mapped MAP_SHARED, so that later a migration can pass the
 //! fds to another process or write them to a snapshot. Exposed to Python read-only, zero-copy.
+//!
+//! Every write the VMM makes through vm-memory (`write_slice`, `write_obj`, the loaders) is
+//! recorded in a per-region `AtomicBitmap` (one bit per 4 KiB page); migration's dirty log ORs it
+//! with KVM's log of the guest's own writes.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Error, Kind, Result};
 use crate::layout;
 
+/// Guest memory with VMM-side dirty tracking.
+pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+
+pub const PAGE_SIZE: u64 = 4096;
+
 pub struct GuestRam {
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
 }
 
 fn memfd(name: &str, size: u64) -> Result<File> {
@@ -30,12 +40,34 @@ fn memfd(name: &str, size: u64) -> Result<File> {
 
 impl GuestRam {
     pub fn new(size: u64) -> Result<Arc<GuestRam>> {
-        let mut ranges = Vec::new();
-        for (i, (start, len)) in layout::ram_ranges(size).into_iter().enumerate() {
-            let file = memfd(&format!("vmmpy-ram{i}"), len)?;
-            ranges.push((GuestAddress(start), len as usize, Some(FileOffset::new(file, 0))));
+        Self::with_ranges(&layout::ram_ranges(size))
+    }
+
+    /// Fresh memfd-backed RAM at the given (guest address, size) ranges (sorted, page aligned).
+    pub fn with_ranges(ranges: &[(u64, u64)]) -> Result<Arc<GuestRam>> {
+        let mut fds = Vec::new();
+        for (i, &(start, len)) in ranges.iter().enumerate() {
+            fds.push((start, memfd(&format!("vmmpy-ram{i}"), len)?, len));
         }
-        let mem = GuestMemoryMmap::from_ranges_with_files(&ranges)
+        Self::from_fds(fds)
+    }
+
+    /// Maps memfds received from another process (same-host migration), MAP_SHARED, at
+    /// (guest address, file, size); sorted by guest address. The files stay open for `memfds()`.
+    pub fn from_fds(fds: Vec<(u64, File, u64)>) -> Result<Arc<GuestRam>> {
+        let mut ranges = Vec::with_capacity(fds.len());
+        for (gpa, file, size) in fds {
+            if size == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
+                return Err(Error::new(Kind::InvalidConfig, format!("RAM region {gpa:#x}+{size:#x} is not page aligned")));
+            }
+            // Mapping past the end of the file would fault (SIGBUS) on first access.
+            let flen = file.metadata().map_err(|e| Error::io(Kind::InvalidConfig, "fstat guest memory fd", e))?.len();
+            if flen < size {
+                return Err(Error::new(Kind::InvalidConfig, format!("RAM fd for {gpa:#x} holds {flen} bytes, region needs {size}")));
+            }
+            ranges.push((GuestAddress(gpa), size as usize, Some(FileOffset::new(file, 0))));
+        }
+        let mem = GuestMem::from_ranges_with_files(&ranges)
             .map_err(|e| Error::new(Kind::Kvm, format!("mapping guest memory: {e}")))?;
         Ok(Arc::new(GuestRam { mem }))
     }
@@ -47,6 +79,19 @@ impl GuestRam {
             .map(|r| {
                 let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("region mapped") as u64;
                 (r.start_addr().0, host, r.len())
+            })
+            .collect()
+    }
+
+    /// (guest address, memfd, size) of every RAM region.
+    #[allow(dead_code)] // until python.rs sends the fds (MemoryFd) The fds stay owned by `self`: dup them
+    /// (or send them with SCM_RIGHTS) while `self` is alive.
+    pub fn memfds(&self) -> Vec<(u64, RawFd, u64)> {
+        self.mem
+            .iter()
+            .map(|r| {
+                let fd = r.file_offset().expect("guest RAM is memfd-backed").file().as_raw_fd();
+                (r.start_addr().0, fd, r.len())
             })
             .collect()
     }

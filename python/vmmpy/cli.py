@@ -246,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if config is not None:
                 vmm.create(config)
                 vmm.boot()
+                if args.kernel is not None:
+                    _say_kernel_kind(vmm, args.kernel)
             if restore is not None:
                 vmm.restore(restore["source_url"], resume=restore["resume"])
         except VmmError as e:
@@ -260,6 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             monitor.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+
+
+def _say_kernel_kind(vmm: Any, path: str) -> None:
+    """One line on stderr: which kind of kernel the VMM found and booted (vm.info payload_kind)."""
+    from vmmpy.kernel import describe
+
+    try:
+        kind = vmm.info().get("payload_kind", "unknown")
+    except Exception:  # noqa: BLE001 - an informative line must never fail the boot
+        kind = "unknown"
+    print(f"{PROG}: kernel {path}: payload_kind={kind}: {describe(path)}", file=sys.stderr, flush=True)
 
 
 def _start_api(vmm: Any, path: str | None, fd: int | None) -> Any:

@@ -323,14 +323,7 @@ class Vmm(ReceiveHooks):
         _drain(self._guest_exit_fd)
         _drain(self._error_fd)
         self._reset_pending = False
-        # A lifecycle request replayed from a migration's latch: carried out even on a paused VM.
         self._replay_pending = False
-        self._latch = LifecycleLatch()
-        self._migration: MigrationHandle | None = None
-        self._migration_settled = threading.Event()
-        self._last_progress: dict | None = None
-        self._info_cache: dict | None = None
-        self._receive: ReceiveHandle | None = None
         self.ownership = Ownership.NONE
 
     def _vm_reboot(self) -> None:
@@ -357,9 +350,9 @@ class Vmm(ReceiveHooks):
     def _on_migration_done(self, replay: bool = True) -> None:
         _drain(self._migration_fd)
         handle = self._migration
-        if handle is None or handle._thread.is_alive():
+        if handle is None:
             return
-        handle._thread.join()
+        handle._thread.join()  # it wrote the eventfd as its last act
         self._migration = None
         job = handle._job
         event = self._latch.event

@@ -3,10 +3,11 @@
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Kind, Result};
 use crate::layout;
+use crate::memory::GuestMem;
 
 const CODE64: u64 = 0x00af_9b00_0000_ffff;
 const DATA: u64 = 0x00cf_9300_0000_ffff;
@@ -28,7 +29,7 @@ const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
 /// Writes the boot GDT, an empty IDT and page tables identity-mapping the first 4 GiB.
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
+pub fn write_boot_tables(mem: &GuestMem) -> Result<()> {
     let w = |addr: u64, val: u64| {
         mem.write_obj(val, GuestAddress(addr))
             .map_err(|e| Error::new(Kind::Kvm, format!("writing boot tables at {addr:#x}: {e}")))

@@ -1,6 +1,23 @@
-//! Kernel and initramfs loading. linux-loader parses and copies ELF and bzImage images; vmmpy adds
-//! the checks that turn a bad file into a clear error before any vCPU runs, and reads the test
-//! guest's `vmmpy` ELF note (its AP entry), which linux-loader does not know about.
+//! Kernel and initramfs loading.
+//!
+//! linux-loader copies the images: `Elf::load` (PT_LOAD segments to their physical addresses, and
+//! the PVH note) and `BzImage::load` (the setup header and the protected-mode kernel). It checks
+//! little of what makes a kernel bootable in *this* VM, so vmmpy reads the headers itself first and
+//! turns every problem into a `PayloadError` that names the file and the field, before anything is
+//! written to guest memory and before any vCPU runs:
+//!
+//! * ELF: 64-bit little-endian x86-64 executable; program headers and every PT_LOAD segment inside
+//!   the file (a truncated file is caught here, not as linux-loader's "Unable to read kernel
+//!   image"); every segment in guest RAM and above vmmpy's boot structures below 1 MiB; the entry
+//!   point inside a loaded segment, where vmmpy enters it in 64-bit mode (Linux's 64-bit boot
+//!   protocol; a PVH note is not needed and not used). The test guest's `vmmpy` note (its AP
+//!   entry) is read here too.
+//! * bzImage: boot flag and `HdrS` magic, boot protocol >= 2.12, a 64-bit entry (XLF_KERNEL_64),
+//!   `syssize` and the compressed payload inside the file, and the memory the kernel needs while it
+//!   starts: the decompressor runs from `max(load address aligned up to kernel_alignment,
+//!   pref_address)` (the kernel's LOAD_PHYSICAL_ADDR) for `init_size` bytes, which must be RAM.
+//! * initramfs: placed at the top of RAM below the MMIO hole and below `initrd_addr_max`, page
+//!   aligned, and never inside the kernel's image or its `init_size` region.
 
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
@@ -8,10 +25,11 @@ use std::path::Path;
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::error::{Error, Kind, Result};
 use crate::layout;
+use crate::memory::GuestMem;
 
 /// The test guest, built from guest/ by build.rs.
 pub static TEST_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
@@ -39,6 +57,11 @@ pub struct Payload {
     pub entry: u64,
     /// Where APs start in 64-bit mode, when the payload asks for that (the `vmmpy` ELF note).
     pub ap_entry: Option<u64>,
+    /// First byte of guest memory the kernel occupies (its image, or its decompression region).
+    pub kernel_start: u64,
+    /// End of the guest memory the kernel occupies while it starts: the end of the loaded image
+    /// and, for a bzImage, of the `init_size` region it decompresses into. Nothing else may be
+    /// placed below this address (from `kernel_start` on).
     pub kernel_end: u64,
     /// bzImage only: the setup header to copy into the zero page.
     pub setup_header: Option<setup_header>,
@@ -48,31 +71,63 @@ pub struct Payload {
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const BZIMAGE_MAGIC: u32 = 0x5372_6448; // "HdrS" at 0x202
+const BOOT_FLAG: u16 = 0xaa55; // at 0x1fe
 const XLF_KERNEL_64: u16 = 1;
+const LOADED_HIGH: u8 = 1;
+const MIN_BOOT_PROTOCOL: u16 = 0x020c;
+/// The 64-bit entry sits 0x200 bytes into the protected-mode kernel (boot protocol, 64-bit).
+const BZIMAGE_ENTRY_64_OFFSET: u64 = 0x200;
+const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
+const ET_EXEC: u16 = 2;
+const EM_X86_64: u16 = 62;
 const VMMPY_NOTE_AP_ENTRY: u32 = 1;
 /// x86's COMMAND_LINE_SIZE for kernels that do not state theirs.
 const DEFAULT_CMDLINE_LIMIT: usize = 2048;
+const MAX_PHDRS: u16 = 64;
+const MAX_NOTE_SEGMENT: u64 = 1 << 16;
 
 fn payload_err(path: &str, what: impl std::fmt::Display) -> Error {
     Error::new(Kind::Payload, format!("kernel {path}: {what}"))
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Where guest RAM below the MMIO hole ends (the kernel and the initramfs live below it).
+fn low_ram_end(mem: &GuestMem) -> u64 {
+    let mut end = 0u64;
+    while end < layout::MMIO_HOLE_START && mem.address_in_range(GuestAddress(end)) {
+        // Regions are at least 1 MiB and start on MiB boundaries; walk in MiB steps.
+        end += 1 << 20;
+    }
+    end
+}
+
 /// Loads the kernel into guest memory. `kernel` None means the embedded test guest.
-pub fn load_kernel(mem: &GuestMemoryMmap, kernel: Option<&Path>) -> Result<Payload> {
+pub fn load_kernel(mem: &GuestMem, kernel: Option<&Path>) -> Result<Payload> {
     match kernel {
-        None => load_elf(mem, &mut Cursor::new(TEST_GUEST), "<embedded test guest>"),
+        None => load_elf(mem, &mut Cursor::new(TEST_GUEST), TEST_GUEST.len() as u64, "<embedded test guest>"),
         Some(path) => {
             let name = path.display().to_string();
-            let mut file = File::open(path).map_err(|e| Error::io(Kind::Payload, &format!("kernel {name}"), e))?;
+            let io_err = |e| Error::io(Kind::Payload, &format!("kernel {name}"), e);
+            let mut file = File::open(path).map_err(io_err)?;
+            let meta = file.metadata().map_err(io_err)?;
+            if !meta.is_file() {
+                return Err(payload_err(&name, "not a regular file"));
+            }
+            let size = meta.len();
             let mut head = [0u8; 0x210];
-            let n = read_up_to(&mut file, &mut head).map_err(|e| Error::io(Kind::Payload, &format!("kernel {name}"), e))?;
+            let n = read_up_to(&mut file, &mut head).map_err(io_err)?;
             if n >= 4 && &head[..4] == ELF_MAGIC {
-                load_elf(mem, &mut file, &name)
+                load_elf(mem, &mut file, size, &name)
             } else if n >= 0x206 && u32::from_le_bytes(head[0x202..0x206].try_into().unwrap()) == BZIMAGE_MAGIC {
-                load_bzimage(mem, &mut file, &name)
+                load_bzimage(mem, &mut file, size, &name)
+            } else if n == 0 {
+                Err(payload_err(&name, "the file is empty"))
             } else {
-                Err(payload_err(&name, "neither an ELF vmlinux nor a bzImage"))
+                Err(payload_err(&name, "not a kernel: neither an ELF vmlinux (\\x7fELF) nor a bzImage (\"HdrS\" at 0x202)"))
             }
         }
     }
@@ -89,115 +144,457 @@ fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-fn load_elf<F>(mem: &GuestMemoryMmap, image: &mut F, name: &str) -> Result<Payload>
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
+}
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+}
+
+/// What vmmpy needs from an ELF kernel's headers, checked against the file and guest RAM.
+struct ElfInfo {
+    entry: u64,
+    start: u64,
+    end: u64,
+    ap_entry: Option<u64>,
+}
+
+fn inspect_elf<F: Read + Seek>(
+    mem: &GuestMem,
+    image: &mut F,
+    file_size: u64,
+) -> std::result::Result<ElfInfo, String> {
+    let mut ehdr = [0u8; 64];
+    image.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    if file_size < 64 || image.read_exact(&mut ehdr).is_err() {
+        return Err(format!("truncated ELF header ({file_size} bytes)"));
+    }
+    if ehdr[4] != 2 {
+        return Err("a 32-bit ELF image: vmmpy boots 64-bit kernels (an x86-64 vmlinux)".into());
+    }
+    if ehdr[5] != 1 {
+        return Err("not a little-endian ELF image".into());
+    }
+    let (e_type, e_machine) = (u16_at(&ehdr, 16), u16_at(&ehdr, 18));
+    if e_machine != EM_X86_64 {
+        return Err(format!("ELF machine {e_machine} is not x86-64 ({EM_X86_64})"));
+    }
+    if e_type != ET_EXEC {
+        return Err(format!("ELF type {e_type} is not an executable (ET_EXEC) linked at its load address"));
+    }
+    let entry = u64_at(&ehdr, 24);
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
+        return Err(format!("bad program header table ({phnum} entries of {phentsize} bytes)"));
+    }
+    let table_end = phoff.checked_add(56 * phnum as u64).ok_or("bad program header offset")?;
+    if table_end > file_size {
+        return Err(format!("truncated: the program headers end at byte {table_end}, the file has {file_size}"));
+    }
+    let low_end = low_ram_end(mem);
+    let mut phdrs = Vec::new();
+    image.seek(SeekFrom::Start(phoff)).map_err(|e| e.to_string())?;
+    for _ in 0..phnum {
+        let mut ph = [0u8; 56];
+        image.read_exact(&mut ph).map_err(|_| "truncated program header table".to_string())?;
+        phdrs.push(ph);
+    }
+    let (mut start, mut end) = (u64::MAX, 0u64);
+    let mut entry_loaded = false;
+    let mut notes = Vec::new();
+    for (i, ph) in phdrs.iter().enumerate() {
+        let (p_type, off, paddr, filesz, memsz) = (u32_at(ph, 0), u64_at(ph, 8), u64_at(ph, 24), u64_at(ph, 32), u64_at(ph, 40));
+        if p_type == PT_NOTE {
+            notes.push((off, filesz));
+            continue;
+        }
+        if p_type != PT_LOAD || memsz == 0 {
+            continue;
+        }
+        let file_end = off.checked_add(filesz).ok_or_else(|| format!("segment {i}: bad file range"))?;
+        if file_end > file_size {
+            return Err(format!("truncated: segment {i} needs bytes up to {file_end}, the file has {file_size}"));
+        }
+        if filesz > memsz {
+            return Err(format!("segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"));
+        }
+        let seg_end = paddr.checked_add(memsz).ok_or_else(|| format!("segment {i}: bad address range"))?;
+        if paddr < layout::HIMEM_START {
+            return Err(format!(
+                "segment {i} loads at {paddr:#x}, below 1 MiB where vmmpy keeps the boot structures (zero page, page tables, ACPI tables)"
+            ));
+        }
+        if seg_end > low_end || !mem.check_range(GuestAddress(paddr), memsz as usize) {
+            return Err(format!(
+                "too big for RAM: segment {i} [{paddr:#x}, {seg_end:#x}) ends past guest RAM below the MMIO hole (which ends at {low_end:#x}); give the VM more memory"
+            ));
+        }
+        start = start.min(paddr);
+        end = end.max(seg_end);
+        entry_loaded |= paddr <= entry && entry < seg_end;
+    }
+    if end == 0 {
+        return Err("no loadable (PT_LOAD) segment".into());
+    }
+    if !entry_loaded {
+        return Err(format!("the entry point {entry:#x} is not inside a loaded segment"));
+    }
+    let mut ap_entry = None;
+    for (off, size) in notes {
+        let note_end = off.saturating_add(size);
+        if size > MAX_NOTE_SEGMENT || note_end > file_size {
+            continue; // not ours to judge: the kernel does not need its notes to boot
+        }
+        let mut buf = vec![0u8; size as usize];
+        image.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
+        image.read_exact(&mut buf).map_err(|_| "truncated note segment".to_string())?;
+        for (name, ntype, desc) in notes_in(&buf) {
+            if name == b"vmmpy\0" && ntype == VMMPY_NOTE_AP_ENTRY && desc.len() == 8 {
+                ap_entry = Some(u64_at(desc, 0));
+            }
+        }
+    }
+    Ok(ElfInfo { entry, start, end, ap_entry })
+}
+
+/// The (name, type, descriptor) of each note in a PT_NOTE segment.
+fn notes_in(notes: &[u8]) -> Vec<(&[u8], u32, &[u8])> {
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos + 12 <= notes.len() {
+        let (namesz, descsz, ntype) = (u32_at(notes, pos) as usize, u32_at(notes, pos + 4) as usize, u32_at(notes, pos + 8));
+        let name_start = pos + 12;
+        let desc_start = name_start + namesz.div_ceil(4) * 4;
+        let next = desc_start + descsz.div_ceil(4) * 4;
+        if next > notes.len() || next <= pos {
+            break;
+        }
+        out.push((&notes[name_start..name_start + namesz], ntype, &notes[desc_start..desc_start + descsz]));
+        pos = next;
+    }
+    out
+}
+
+fn load_elf<F>(mem: &GuestMem, image: &mut F, file_size: u64, name: &str) -> Result<Payload>
 where
     F: Read + vm_memory::ReadVolatile + Seek,
 {
-    let ap_entry = find_ap_entry(image).map_err(|e| payload_err(name, e))?;
+    let info = inspect_elf(mem, image, file_size).map_err(|e| payload_err(name, e))?;
     let res = Elf::load(mem, None, image, Some(GuestAddress(layout::HIMEM_START)))
         .map_err(|e| payload_err(name, format!("ELF load failed: {e}")))?;
+    debug_assert_eq!(res.kernel_load.0, info.entry);
     Ok(Payload {
-        kind: if ap_entry.is_some() { PayloadKind::TestGuest } else { PayloadKind::Elf },
-        entry: res.kernel_load.0,
-        ap_entry,
-        kernel_end: res.kernel_end,
+        kind: if info.ap_entry.is_some() { PayloadKind::TestGuest } else { PayloadKind::Elf },
+        entry: info.entry,
+        ap_entry: info.ap_entry,
+        kernel_start: info.start,
+        kernel_end: info.end.max(res.kernel_end),
         setup_header: None,
         cmdline_limit: DEFAULT_CMDLINE_LIMIT,
     })
 }
 
-fn load_bzimage(mem: &GuestMemoryMmap, image: &mut File, name: &str) -> Result<Payload> {
-    let res = BzImage::load(mem, None, image, Some(GuestAddress(layout::HIMEM_START)))
+/// The setup header fields vmmpy checks, read straight from the file (offsets from the boot
+/// protocol document, Documentation/arch/x86/boot.rst).
+struct BzHeader {
+    setup_sects: u8,
+    boot_flag: u16,
+    syssize: u32,
+    version: u16,
+    loadflags: u8,
+    kernel_alignment: u32,
+    relocatable: bool,
+    xloadflags: u16,
+    cmdline_size: u32,
+    payload_offset: u32,
+    payload_length: u32,
+    pref_address: u64,
+    init_size: u32,
+}
+
+fn read_bz_header(image: &mut File) -> std::io::Result<(BzHeader, usize)> {
+    let mut h = [0u8; 0x268];
+    image.seek(SeekFrom::Start(0))?;
+    let n = read_up_to(image, &mut h)?;
+    Ok((
+        BzHeader {
+            setup_sects: h[0x1f1],
+            syssize: u32_at(&h, 0x1f4),
+            boot_flag: u16_at(&h, 0x1fe),
+            version: u16_at(&h, 0x206),
+            loadflags: h[0x211],
+            kernel_alignment: u32_at(&h, 0x230),
+            relocatable: h[0x234] != 0,
+            xloadflags: u16_at(&h, 0x236),
+            cmdline_size: u32_at(&h, 0x238),
+            payload_offset: u32_at(&h, 0x248),
+            payload_length: u32_at(&h, 0x24c),
+            pref_address: u64_at(&h, 0x258),
+            init_size: u32_at(&h, 0x260),
+        },
+        n,
+    ))
+}
+
+fn check_bzimage(mem: &GuestMem, h: &BzHeader, header_len: usize, file_size: u64) -> std::result::Result<(u64, u64), String> {
+    if h.boot_flag != BOOT_FLAG {
+        return Err(format!("bad boot flag {:#06x} at 0x1fe (expected 0xaa55)", h.boot_flag));
+    }
+    if h.version < MIN_BOOT_PROTOCOL {
+        return Err(format!(
+            "boot protocol {}.{:02} is older than 2.12 (vmmpy needs the 64-bit entry and its header fields)",
+            h.version >> 8,
+            h.version & 0xff
+        ));
+    }
+    if header_len < 0x268 {
+        return Err(format!("truncated: the setup header needs 0x268 bytes, the file has {header_len}"));
+    }
+    if h.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err("the bzImage has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)".into());
+    }
+    if h.loadflags & LOADED_HIGH == 0 {
+        return Err("a zImage (loads below 1 MiB): vmmpy boots bzImages only".into());
+    }
+    if !h.kernel_alignment.is_power_of_two() {
+        return Err(format!("bad kernel_alignment {:#x}", h.kernel_alignment));
+    }
+    let setup_sects = if h.setup_sects == 0 { 4 } else { h.setup_sects as u64 };
+    let setup_size = (setup_sects + 1) * 512;
+    let pm_size = file_size.saturating_sub(setup_size);
+    if pm_size == 0 {
+        return Err(format!("truncated: {file_size} bytes, not even the {setup_size}-byte setup code"));
+    }
+    let sys_size = h.syssize as u64 * 16;
+    if sys_size > pm_size {
+        return Err(format!("truncated: the header says the protected-mode kernel is {sys_size} bytes, the file has {pm_size}"));
+    }
+    let payload_end = h.payload_offset as u64 + h.payload_length as u64;
+    if payload_end > pm_size {
+        return Err(format!("truncated: the compressed kernel ends at byte {payload_end} of the protected-mode kernel, which has {pm_size}"));
+    }
+    let load = layout::HIMEM_START;
+    let low_end = low_ram_end(mem);
+    let image_end = load + pm_size;
+    if image_end > low_end {
+        return Err(format!("too big for RAM: the {} protected-mode kernel does not fit below {low_end:#x}", mib(pm_size)));
+    }
+    // Where the decompressor runs and unpacks the kernel (arch/x86/boot/compressed/head_64.S): a
+    // relocatable kernel takes its load address aligned up to kernel_alignment, but never less
+    // than LOAD_PHYSICAL_ADDR, which the header states as pref_address; a fixed one runs at
+    // pref_address.
+    let align = h.kernel_alignment as u64;
+    let run_start = if h.relocatable { load.div_ceil(align) * align } else { 0 }.max(h.pref_address);
+    let run_end = run_start + h.init_size as u64;
+    if run_end > low_end || !mem.check_range(GuestAddress(run_start), h.init_size as usize) {
+        return Err(format!(
+            "too big for RAM: the kernel needs [{run_start:#x}, {run_end:#x}) ({} from init_size) to decompress and start, and guest RAM below the MMIO hole ends at {low_end:#x}; give the VM more memory",
+            mib(h.init_size as u64)
+        ));
+    }
+    Ok((load, image_end.max(run_end)))
+}
+
+fn load_bzimage(mem: &GuestMem, image: &mut File, file_size: u64, name: &str) -> Result<Payload> {
+    let (hdr, header_len) = read_bz_header(image).map_err(|e| Error::io(Kind::Payload, &format!("kernel {name}"), e))?;
+    let (load, kernel_end) = check_bzimage(mem, &hdr, header_len, file_size).map_err(|e| payload_err(name, e))?;
+    let res = BzImage::load(mem, Some(GuestAddress(load)), image, Some(GuestAddress(layout::HIMEM_START)))
         .map_err(|e| payload_err(name, format!("bzImage load failed: {e}")))?;
-    let hdr = res.setup_header.ok_or_else(|| payload_err(name, "bzImage without a setup header"))?;
-    let version = hdr.version;
-    if version < 0x020c {
-        return Err(payload_err(name, format!("boot protocol {:#x} is older than 2.12", version)));
-    }
-    let xloadflags = hdr.xloadflags;
-    if xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(payload_err(name, "bzImage has no 64-bit entry point"));
-    }
-    let cmdline_size = hdr.cmdline_size;
+    let setup = res.setup_header.ok_or_else(|| payload_err(name, "bzImage without a setup header"))?;
     Ok(Payload {
         kind: PayloadKind::BzImage,
-        // The 64-bit entry sits 0x200 bytes into the protected-mode kernel (boot protocol).
-        entry: res.kernel_load.0 + 0x200,
+        entry: res.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET,
         ap_entry: None,
-        kernel_end: res.kernel_end,
-        setup_header: Some(hdr),
-        cmdline_limit: cmdline_size as usize + 1,
+        kernel_start: load,
+        kernel_end: kernel_end.max(res.kernel_end),
+        setup_header: Some(setup),
+        cmdline_limit: hdr.cmdline_size as usize + 1,
     })
 }
 
-/// Reads the descriptor of the `vmmpy` note of type 1 (the AP entry) from the ELF's PT_NOTE segments.
-fn find_ap_entry<F: Read + Seek>(image: &mut F) -> std::result::Result<Option<u64>, String> {
-    let mut ehdr = [0u8; 64];
-    image.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
-    image.read_exact(&mut ehdr).map_err(|_| "truncated ELF header".to_string())?;
-    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
-    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-    if ehdr[4] != 2 || ehdr[5] != 1 {
-        return Err("not a little-endian ELF64 image".into());
-    }
-    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54) as u64, u16_at(&ehdr, 56) as u64);
-    if phentsize < 56 || phnum > 64 {
-        return Err("bad program header table".into());
-    }
-    for i in 0..phnum {
-        let mut ph = [0u8; 56];
-        image.seek(SeekFrom::Start(phoff + i * phentsize)).map_err(|e| e.to_string())?;
-        image.read_exact(&mut ph).map_err(|_| "truncated program header table".to_string())?;
-        if u32_at(&ph, 0) != PT_NOTE {
-            continue;
-        }
-        let (off, size) = (u64_at(&ph, 8), u64_at(&ph, 32));
-        if size > 1 << 16 {
-            return Err("oversized note segment".into());
-        }
-        let mut notes = vec![0u8; size as usize];
-        image.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
-        image.read_exact(&mut notes).map_err(|_| "truncated note segment".to_string())?;
-        let mut pos = 0usize;
-        while pos + 12 <= notes.len() {
-            let (namesz, descsz, ntype) = (u32_at(&notes, pos) as usize, u32_at(&notes, pos + 4) as usize, u32_at(&notes, pos + 8));
-            let name_start = pos + 12;
-            let desc_start = name_start + namesz.div_ceil(4) * 4;
-            let next = desc_start + descsz.div_ceil(4) * 4;
-            if next > notes.len() {
-                break;
-            }
-            if &notes[name_start..name_start + namesz] == b"vmmpy\0" && ntype == VMMPY_NOTE_AP_ENTRY && descsz == 8 {
-                return Ok(Some(u64_at(&notes, desc_start)));
-            }
-            pos = next;
-        }
-    }
-    Ok(None)
-}
-
-/// Places the initramfs at the top of low RAM (below the hole and the kernel's limit), page aligned.
-/// Returns (address, size).
-pub fn load_initramfs(mem: &GuestMemoryMmap, path: &Path, payload: &Payload, ram_size: u64) -> Result<(u64, u64)> {
+/// Places the initramfs at the top of low RAM (below the hole and the kernel's limit), page aligned,
+/// above everything the kernel occupies. Returns (address, size).
+pub fn load_initramfs(mem: &GuestMem, path: &Path, payload: &Payload, ram_size: u64) -> Result<(u64, u64)> {
     let name = path.display().to_string();
-    let data = std::fs::read(path).map_err(|e| Error::io(Kind::Payload, &format!("initramfs {name}"), e))?;
-    let size = data.len() as u64;
-    let low_end = ram_size.min(layout::MMIO_HOLE_START);
+    let err = |what: String| Error::new(Kind::Payload, format!("initramfs {name}: {what}"));
+    let io_err = |e| Error::io(Kind::Payload, &format!("initramfs {name}"), e);
+    let meta = std::fs::metadata(path).map_err(io_err)?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    let size = meta.len();
+    if size == 0 {
+        return Err(err("the file is empty".into()));
+    }
+    let low_end = ram_size.min(layout::MMIO_HOLE_START).min(low_ram_end(mem));
     let max = match &payload.setup_header {
         Some(h) if h.initrd_addr_max != 0 => (h.initrd_addr_max as u64 + 1).min(low_end),
         _ => low_end,
     };
-    let start = max.checked_sub(size).map(|a| a & !0xfff);
-    match start {
-        Some(start) if start >= payload.kernel_end.max(layout::HIMEM_START) => {
-            mem.write_slice(&data, GuestAddress(start))
-                .map_err(|e| Error::new(Kind::Payload, format!("initramfs {name}: {e}")))?;
-            Ok((start, size))
+    let floor = payload.kernel_end.max(layout::HIMEM_START);
+    let start = match max.checked_sub(size).map(|a| a & !0xfff) {
+        Some(start) if start >= floor => start,
+        _ => {
+            return Err(err(format!(
+                "{} does not fit: it would overlap the kernel, which occupies [{:#x}, {:#x}) while it starts, and must end below {max:#x} ({}); give the VM more memory",
+                mib(size),
+                payload.kernel_start,
+                payload.kernel_end,
+                if payload.setup_header.is_some() { "the end of low RAM or the kernel's initrd_addr_max" } else { "the end of low RAM" },
+            )))
         }
-        _ => Err(Error::new(
-            Kind::Payload,
-            format!("initramfs {name} ({size} bytes) does not fit between the kernel (ends at {:#x}) and {max:#x}", payload.kernel_end),
-        )),
+    };
+    let mut file = File::open(path).map_err(io_err)?;
+    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
+        .map_err(|e| err(format!("reading it into guest memory: {e}")))?;
+    Ok((start, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn mem(mib: u64) -> GuestMem {
+        GuestMem::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap()
+    }
+
+    /// A file of its own for each call (tests run in parallel).
+    fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("vmmpy-payload-test-{}-{n}-{name}", std::process::id()));
+        File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    /// A minimal x86-64 ELF: one PT_LOAD of `filesz`/`memsz` bytes at `paddr`, entry at `entry`.
+    fn elf(paddr: u64, filesz: u64, memsz: u64, entry: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 64 + 56];
+        b[..4].copy_from_slice(ELF_MAGIC);
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&ET_EXEC.to_le_bytes());
+        b[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        b[24..32].copy_from_slice(&entry.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = &mut b[64..];
+        ph[0..4].copy_from_slice(&PT_LOAD.to_le_bytes());
+        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+        b.resize(0x1000 + filesz as usize, 0x90);
+        b
+    }
+
+    fn load(bytes: &[u8], mib_: u64) -> Result<Payload> {
+        let p = tmp(&format!("{}", bytes.len()), bytes);
+        let r = load_kernel(&mem(mib_), Some(&p));
+        std::fs::remove_file(p).unwrap();
+        r
+    }
+
+    fn msg(r: Result<Payload>) -> String {
+        match r {
+            Ok(_) => panic!("loaded"),
+            Err(e) => {
+                assert_eq!(e.kind, Kind::Payload);
+                e.message
+            }
+        }
+    }
+
+    #[test]
+    fn elf_ok() {
+        let p = load(&elf(0x20_0000, 0x1000, 0x3000, 0x20_0010), 64).unwrap();
+        assert_eq!(p.kind, PayloadKind::Elf);
+        assert_eq!((p.entry, p.kernel_start, p.kernel_end), (0x20_0010, 0x20_0000, 0x20_3000));
+    }
+
+    #[test]
+    fn elf_errors() {
+        let good = elf(0x20_0000, 0x1000, 0x3000, 0x20_0010);
+        assert!(msg(load(&good[..0x800], 64)).contains("truncated"));
+        assert!(msg(load(&good[..40], 64)).contains("truncated ELF header"));
+        assert!(msg(load(&elf(0x20_0000, 0x1000, 0x1000_0000, 0x20_0010), 64)).contains("too big for RAM"));
+        assert!(msg(load(&elf(0x8000, 0x1000, 0x1000, 0x8000), 64)).contains("below 1 MiB"));
+        assert!(msg(load(&elf(0x20_0000, 0x1000, 0x1000, 0x10_0000), 64)).contains("entry point"));
+        let mut b = good.clone();
+        b[4] = 1;
+        assert!(msg(load(&b, 64)).contains("32-bit"));
+        let mut b = good.clone();
+        b[18] = 40;
+        assert!(msg(load(&b, 64)).contains("not x86-64"));
+        assert!(msg(load(b"hello, world", 64)).contains("not a kernel"));
+        assert!(msg(load(b"", 64)).contains("empty"));
+    }
+
+    fn bzimage(init_size: u32, pm: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 5 * 512 + pm];
+        b[0x1f1] = 4;
+        b[0x1f4..0x1f8].copy_from_slice(&((pm / 16) as u32).to_le_bytes());
+        b[0x1fe..0x200].copy_from_slice(&BOOT_FLAG.to_le_bytes());
+        b[0x202..0x206].copy_from_slice(&BZIMAGE_MAGIC.to_le_bytes());
+        b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        b[0x211] = LOADED_HIGH;
+        b[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        b[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        b[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
+        b[0x234] = 1;
+        b[0x236..0x238].copy_from_slice(&0x7fu16.to_le_bytes());
+        b[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+        b[0x248..0x24c].copy_from_slice(&0x100u32.to_le_bytes());
+        b[0x24c..0x250].copy_from_slice(&0x200u32.to_le_bytes());
+        b[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+        b[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn bzimage_ok_and_regions() {
+        let p = load(&bzimage(0x200_0000, 0x10000), 64).unwrap();
+        assert_eq!(p.kind, PayloadKind::BzImage);
+        assert_eq!(p.entry, 0x10_0200);
+        assert_eq!(p.cmdline_limit, 2048);
+        // Decompresses at pref_address (LOAD_PHYSICAL_ADDR) for init_size bytes.
+        assert_eq!((p.kernel_start, p.kernel_end), (0x10_0000, 0x300_0000));
+        // initramfs above that, at the top of RAM.
+        let ird = tmp("initrd", &[7u8; 5000]);
+        let m = mem(64);
+        let bz = tmp("bz", &bzimage(0x200_0000, 0x10000));
+        let p = load_kernel(&m, Some(&bz)).unwrap();
+        let (addr, size) = load_initramfs(&m, &ird, &p, 64 << 20).unwrap();
+        assert_eq!((addr, size), ((64 << 20) - 0x2000, 5000));
+        let big = tmp("big-initrd", &vec![1u8; 40 << 20]);
+        let e = load_initramfs(&m, &big, &p, 64 << 20).unwrap_err();
+        assert!(e.message.contains("overlap the kernel"), "{}", e.message);
+        for f in [ird, big, bz] {
+            std::fs::remove_file(f).unwrap();
+        }
+    }
+
+    #[test]
+    fn bzimage_errors() {
+        assert!(msg(load(&bzimage(0x400_0000, 0x10000), 64)).contains("too big for RAM"));
+        let b = bzimage(0x200_0000, 0x10000);
+        assert!(msg(load(&b[..0x1000], 64)).contains("truncated"));
+        let mut old = b.clone();
+        old[0x206..0x208].copy_from_slice(&0x020au16.to_le_bytes());
+        assert!(msg(load(&old, 64)).contains("older than 2.12"));
+        let mut no64 = b.clone();
+        no64[0x236] = 0;
+        assert!(msg(load(&no64, 64)).contains("64-bit entry"));
+        let mut flag = b.clone();
+        flag[0x1fe] = 0;
+        assert!(msg(load(&flag, 64)).contains("boot flag"));
     }
 }

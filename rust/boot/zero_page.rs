@@ -5,11 +5,12 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::payload::Payload;
 use crate::error::{Error, Kind, Result};
 use crate::layout;
+use crate::memory::GuestMem;
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
@@ -24,7 +25,7 @@ pub struct BootInputs<'a> {
     pub rsdp: u64,
 }
 
-pub fn write_zero_page(mem: &GuestMemoryMmap, inp: &BootInputs) -> Result<()> {
+pub fn write_zero_page(mem: &GuestMem, inp: &BootInputs) -> Result<()> {
     let limit = inp.payload.cmdline_limit.min(layout::CMDLINE_MAX);
     if inp.cmdline.len() + 1 > limit {
         return Err(Error::new(
@@ -61,7 +62,7 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, inp: &BootInputs) -> Result<()> {
     }
     params.e820_entries = map.len() as u8;
 
-    LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
+    LinuxBootConfigurator::write_bootparams::<GuestMem>(
         &BootParams::new(&params, GuestAddress(layout::ZERO_PAGE)),
         mem,
     )

@@ -57,6 +57,13 @@ class Connection:
     def close(self) -> None:
         self.sock.close()
 
+    def shutdown(self) -> None:
+        """Ends both directions now; blocked reads and writes on it return at once."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
         view = memoryview(buf)

@@ -137,9 +137,15 @@ class SourceMigration:
         self._start = time.monotonic()
         self._dirty_logging = False
         self._throttle: Throttle | None = None
+        self._conn: Connection | None = None
 
     def cancel(self) -> None:
+        """Stops the migration at once: a worker blocked on a destination that does not answer is
+        woken by shutting its connection down (the destination discards a cut frame)."""
         self.cancel_requested.set()
+        conn = self._conn
+        if conn is not None:
+            conn.shutdown()
 
     def _check_cancel(self) -> None:
         if self.cancel_requested.is_set():
@@ -149,9 +155,12 @@ class SourceMigration:
         url = transport.parse_url(self.opts.destination_url)
         self.progress.update(status="active", total=self.memory_size)
         conn = Connection(transport.connect(url))
+        self._conn = conn
         try:
             self._migrate(conn)
-        except BaseException:
+        except BaseException as e:
+            if self.cancel_requested.is_set() and not isinstance(e, MigrationCancelled):
+                raise MigrationCancelled("migration cancelled") from e
             try:
                 conn.request(Command.ABANDON)
             except Exception:  # noqa: BLE001 - the connection may be what failed
@@ -159,6 +168,7 @@ class SourceMigration:
             raise
         finally:
             self._cleanup()
+            self._conn = None
             conn.close()
 
     def _migrate(self, conn: Connection) -> None:
