@@ -106,6 +106,7 @@ impl DirtyLog {
         Ok(log)
     }
 
+    #[cfg(test)]
     pub fn manual_protect(&self) -> bool {
         self.manual_protect
     }

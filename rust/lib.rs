@@ -6,7 +6,6 @@ mod boot;
 mod console;
 mod cpuid;
 mod devices;
-#[allow(dead_code)] // migration hot paths: until python.rs wires them in
 mod dirty;
 mod error;
 mod idle;
@@ -17,10 +16,8 @@ mod memory_file;
 #[path = "../benches/migration.rs"]
 mod migration_bench;
 mod python;
-#[allow(dead_code)] // migration hot paths: until python.rs wires them in
 mod ranges;
 mod state;
-#[allow(dead_code)] // migration hot paths: until python.rs wires them in
 mod transfer;
 mod vcpu;
 mod vm;
@@ -43,6 +40,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<python::PyVm>()?;
     m.add_class::<python::PyConsole>()?;
     m.add_class::<python::PyGuestRegion>()?;
+    m.add_class::<python::PyRangeTable>()?;
+    m.add_function(wrap_pyfunction!(python::tune_socket, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
     Ok(())

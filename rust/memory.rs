@@ -84,7 +84,7 @@ impl GuestRam {
     }
 
     /// (guest address, memfd, size) of every RAM region.
-    #[allow(dead_code)] // until python.rs sends the fds (MemoryFd) The fds stay owned by `self`: dup them
+    /// The fds stay owned by `self`: dup them
     /// (or send them with SCM_RIGHTS) while `self` is alive.
     pub fn memfds(&self) -> Vec<(u64, RawFd, u64)> {
         self.mem

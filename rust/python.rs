@@ -14,6 +14,8 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use crate::console::Console;
 use crate::error::{Error, Kind};
 use crate::memory::GuestRam;
+use crate::ranges::RangeTable;
+use crate::{dirty, transfer};
 use crate::memory_file;
 use crate::state::{Blobs, VcpuState};
 use crate::vm::{LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
@@ -94,6 +96,55 @@ pub struct PyVm {
     vm: RwLock<Option<Vm>>,
 }
 
+/// A set of guest-physical page ranges (dirty pages, a Memory frame's table), kept in Rust: no
+/// per-page Python objects.
+#[pyclass(name = "RangeTable", module = "vmmpy._native")]
+pub struct PyRangeTable(pub RangeTable);
+
+#[pymethods]
+impl PyRangeTable {
+    #[getter]
+    fn total_bytes(&self) -> u64 {
+        self.0.total_bytes()
+    }
+
+    fn __len__(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Tables of at most `max_bytes` each, in address order.
+    fn split(&self, max_bytes: u64) -> Vec<PyRangeTable> {
+        self.0.split(max_bytes).into_iter().map(PyRangeTable).collect()
+    }
+
+    /// Adds `other`'s ranges (a union).
+    fn extend(&mut self, other: &PyRangeTable) {
+        self.0.merge(&other.0);
+    }
+
+    /// (guest address, length) pairs, for tests and tools.
+    fn ranges(&self) -> Vec<(u64, u64)> {
+        self.0.iter().map(|r| (r.gpa, r.len)).collect()
+    }
+}
+
+/// Sets a migration socket's options (buffer sizes, TCP_NODELAY) the way the transfer code wants.
+#[pyfunction]
+pub fn tune_socket(fd: i32) -> PyResult<()> {
+    Ok(transfer::tune_socket(fd)?)
+}
+
+fn dup_file(fd: i32) -> PyResult<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor; a negative result is checked.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(Error::io(Kind::InvalidConfig, "memory fd", std::io::Error::last_os_error()).into());
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nobody else.
+    Ok(unsafe { std::fs::File::from_raw_fd(new) })
+}
+
 fn region(vm: &Vm, index: usize) -> PyResult<(u64, u64, u64)> {
     vm.ram
         .regions()
@@ -126,7 +177,7 @@ impl PyVm {
 impl PyVm {
     /// Builds the VM and loads its payload; no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -140,11 +191,14 @@ impl PyVm {
         guest_exit_fd: i32,
         error_fd: i32,
         restore: bool,
+        memory_fds: Option<Vec<i32>>,
     ) -> PyResult<Self> {
         let cfg = VmConfig { memory_size, vcpus, kernel, initramfs, cmdline };
         let console = console.0.clone();
         let fds = LifecycleFds { reset: reset_fd, guest_exit: guest_exit_fd, error: error_fd };
-        let vm = py.detach(move || Vm::new(&cfg, console, &fds, restore))?;
+        // The caller keeps its fds; the VM maps duplicates it owns.
+        let memory_files = memory_fds.map(|fds| fds.into_iter().map(dup_file).collect::<PyResult<Vec<_>>>()).transpose()?;
+        let vm = py.detach(move || Vm::new(&cfg, console, &fds, restore, memory_files))?;
         Ok(PyVm { vm: RwLock::new(Some(vm)) })
     }
 
@@ -232,6 +286,51 @@ impl PyVm {
     #[getter]
     fn cmdline(&self) -> PyResult<String> {
         self.with(|vm| Ok(vm.cmdline.clone()))
+    }
+
+    fn start_dirty_log(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.with(|vm| Ok(vm.start_dirty_log()?)))
+    }
+
+    /// Pages written since the last call, KVM's log OR-ed with the VMM's own writes.
+    fn dirty_ranges(&self, py: Python<'_>) -> PyResult<PyRangeTable> {
+        py.detach(|| self.with(|vm| Ok(PyRangeTable(vm.dirty_ranges()?))))
+    }
+
+    fn stop_dirty_log(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.with(|vm| Ok(vm.stop_dirty_log()?)))
+    }
+
+    /// Pre-copy's first iteration: all RAM the guest ever wrote (never-touched holes skipped).
+    fn all_ram_ranges(&self, py: Python<'_>) -> PyResult<PyRangeTable> {
+        py.detach(|| self.with(|vm| Ok(PyRangeTable(dirty::all_ram(&vm.ram)))))
+    }
+
+    /// Writes one Memory frame for `table` to socket `fd`, straight from guest memory.
+    /// Returns (page bytes sent, pages sent with bytes, zero pages).
+    fn send_memory(&self, py: Python<'_>, fd: i32, table: &PyRangeTable) -> PyResult<(u64, u64, u64)> {
+        py.detach(|| {
+            self.with(|vm| {
+                let st = transfer::send_memory(fd, &vm.ram, &table.0)?;
+                Ok((st.bytes_sent, st.pages, st.zero_pages))
+            })
+        })
+    }
+
+    /// Reads a Memory frame's table (`table_len` bytes) and pages from socket `fd` into guest
+    /// memory; the caller has read the frame's header. Returns (page bytes, pages, zero pages).
+    fn receive_memory(&self, py: Python<'_>, fd: i32, table_len: u64) -> PyResult<(u64, u64, u64)> {
+        py.detach(|| {
+            self.with(|vm| {
+                let st = transfer::recv_memory(fd, &vm.ram, table_len)?;
+                Ok((st.bytes_received, st.pages, st.zero_pages))
+            })
+        })
+    }
+
+    /// (guest address, fd, size) of each RAM region's memfd; the fds stay owned by the VM.
+    fn memory_fds(&self) -> PyResult<Vec<(u64, i32, u64)>> {
+        self.with(|vm| Ok(vm.ram.memfds()))
     }
 
     /// Writes RAM region `index` to a sparse file (the VM must be paused or not running).

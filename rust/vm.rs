@@ -1,6 +1,7 @@
 //! A KVM VM: memory slots, in-kernel irqchip and PIT, devices, vCPUs, and the lifecycle eventfds
 //! through which it tells the VMM's control loop what the guest asked for.
 
+use std::fs::File;
 use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -18,7 +19,9 @@ use crate::devices::bus::PioBus;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::error::{Error, Kind, Result};
 use crate::idle::IdleGate;
+use crate::dirty::{self, DirtyLog};
 use crate::memory::GuestRam;
+use crate::ranges::RangeTable;
 use crate::state::{self, Blobs, VcpuState};
 use crate::vcpu::{self, SharedVcpuFd, VcpuControl};
 use crate::{acpi, cpuid, layout};
@@ -142,6 +145,9 @@ pub struct Vm {
     shared: Arc<VmShared>,
     console: Console,
     cmos: Arc<Mutex<Cmos>>,
+    /// Dirty logging while a migration runs.
+    dirty: Mutex<Option<DirtyLog>>,
+    manual_protect: bool,
     fd: VmFd,
     kvm: Kvm,
     pub ram: Arc<GuestRam>,
@@ -168,8 +174,9 @@ pub struct LifecycleFds {
 
 impl Vm {
     /// Builds a VM. With `restore`, guest memory and CPU state come from a snapshot or a migration
-    /// (`restore_state`), so no payload is loaded and no boot state is written.
-    pub fn new(cfg: &VmConfig, console: Console, fds: &LifecycleFds, restore: bool) -> Result<Vm> {
+    /// (`restore_state`), so no payload is loaded and no boot state is written; `memory_fds` then
+    /// maps RAM another VMM on this host hands over (same-host migration) instead of fresh memory.
+    pub fn new(cfg: &VmConfig, console: Console, fds: &LifecycleFds, restore: bool, memory_fds: Option<Vec<File>>) -> Result<Vm> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(Error::new(Kind::InvalidConfig, format!("vcpus must be 1..={MAX_VCPUS}, not {}", cfg.vcpus)));
         }
@@ -183,8 +190,19 @@ impl Vm {
         fd.create_irq_chip().map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+        // Before any slot logs dirty pages, as KVM requires.
+        let manual_protect = dirty::enable_manual_protect(&fd);
 
-        let ram = GuestRam::new(cfg.memory_size)?;
+        let ram = match memory_fds {
+            None => GuestRam::new(cfg.memory_size)?,
+            Some(files) => {
+                let ranges = layout::ram_ranges(cfg.memory_size);
+                if files.len() != ranges.len() || !restore {
+                    return Err(Error::new(Kind::InvalidConfig, format!("{} memory fds for {} RAM regions", files.len(), ranges.len())));
+                }
+                GuestRam::from_fds(ranges.iter().zip(files).map(|(&(gpa, size), f)| (gpa, f, size)).collect())?
+            }
+        };
         for (slot, (gpa, host, size)) in ram.regions().into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -253,7 +271,7 @@ impl Vm {
                 thread: None,
             })
             .collect();
-        Ok(Vm { vcpus, shared, console, cmos, fd, kvm, ram, payload_kind, cmdline })
+        Ok(Vm { vcpus, shared, console, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, cmdline })
     }
 
     /// Starts the vCPU threads; with `paused`, they stop before running any guest code (a
@@ -304,6 +322,30 @@ impl Vm {
 
     pub fn vcpu_states(&self) -> Vec<&'static str> {
         self.vcpus.iter().map(|v| if v.thread.is_some() { v.ctl.state() } else { "created" }).collect()
+    }
+
+    pub fn start_dirty_log(&self) -> Result<()> {
+        let mut dirty = self.dirty.lock().unwrap();
+        if dirty.is_some() {
+            return Err(Error::new(Kind::InvalidState, "dirty logging is on already"));
+        }
+        *dirty = Some(DirtyLog::start(&self.fd, &self.ram, self.manual_protect)?);
+        Ok(())
+    }
+
+    /// Pages written since the last call (or since logging started).
+    pub fn dirty_ranges(&self) -> Result<RangeTable> {
+        match self.dirty.lock().unwrap().as_mut() {
+            Some(log) => log.sync(&self.fd, &self.ram),
+            None => Err(Error::new(Kind::InvalidState, "dirty logging is off")),
+        }
+    }
+
+    pub fn stop_dirty_log(&self) -> Result<()> {
+        match self.dirty.lock().unwrap().take() {
+            Some(log) => log.stop(&self.fd, &self.ram),
+            None => Ok(()),
+        }
     }
 
     /// The state of a paused (or never started) VM.

@@ -28,7 +28,7 @@ from .errors import (InvalidConfig, InvalidState, MigrationCancelled, MigrationE
 from .events import EventMonitor
 from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from .migration import transport
-from .migration.destination import CAPABILITIES, ReceiveHooks, Receiver
+from .migration.destination import CAPABILITIES, Incoming, ReceiveHooks, Receiver
 from .migration.protocol import Capability
 from .migration.progress import ProgressTracker
 from .migration.source import MigrationOptions, SourceMigration
@@ -396,25 +396,24 @@ class Vmm(ReceiveHooks):
         self._migration_settled.set()
 
     # ReceiveHooks: called by the receiver thread; the work runs on the control loop.
-    def build_vm(self, config_api: dict, memory_fds: list[int] | None):
+    def build_vm(self, config_api: dict, memory_fds: list[int] | None) -> Incoming:
         def do():
             if self._config is not None:
                 raise VmAlreadyCreated("a VM exists on this VMM")
             cfg = VmConfig.from_api(config_api)
             self._open_console(self._serial_override or cfg.serial)
-            return self._new_native_vm(cfg, restore=True, memory_fds=memory_fds), cfg
-        vm, cfg = self._call(do)
-        vm._vmmpy_config = cfg
-        return vm
+            return Incoming(self._new_native_vm(cfg, restore=True, memory_fds=memory_fds), cfg)
+        return self._call(do)
 
-    def complete(self, vm, fields: dict) -> None:
+    def complete(self, incoming: Incoming, fields: dict) -> None:
+        vm = incoming.vm
         event = fields.get("post_migration_lifecycle_event")
         event = PostMigrationLifecycleEvent(event) if event is not None else None
 
         def do():
             if self._config is not None:
                 raise VmAlreadyCreated("a VM exists on this VMM")
-            self._config = vm._vmmpy_config
+            self._config = incoming.config
             self._vm = vm
             self.ownership = Ownership.OWNED
             self.boot_count += 1

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import socket
 import threading
+from dataclasses import dataclass
 
 from ..errors import MigrationError, VmmError
 from ..snapshot import decode_state
 from . import transport
 from .protocol import JSON_MAX, VERSION, Capability, Command, Connection, Status
+
+log = logging.getLogger("vmmpy.migration")
 
 
 class ReceiveState(enum.Enum):
@@ -33,13 +37,21 @@ class Abandoned(MigrationError):
     """The source abandoned the migration."""
 
 
+@dataclass
+class Incoming:
+    """The VM being received: the native VM and the config it was built from."""
+
+    vm: object
+    config: object
+
+
 class ReceiveHooks:
     """What the receiver needs from its VMM (implemented by Vmm; runs on the VMM's control loop)."""
 
-    def build_vm(self, config_api: dict, memory_fds: list[int] | None):  # -> native Vm
+    def build_vm(self, config_api: dict, memory_fds: list[int] | None) -> Incoming:
         raise NotImplementedError
 
-    def complete(self, vm, fields: dict) -> None:
+    def complete(self, incoming: Incoming, fields: dict) -> None:
         raise NotImplementedError
 
     def emit(self, event: str, properties: dict | None = None) -> None:
@@ -81,7 +93,7 @@ class Receiver:
 
     def _serve_connection(self, conn: Connection) -> bool:
         self.state = ReceiveState.ESTABLISHED
-        vm = None
+        incoming: Incoming | None = None
         fds: dict[int, int] = {}
         fields: dict = {}
         try:
@@ -95,14 +107,16 @@ class Receiver:
                         fds[arg] = fd
                     else:
                         _close(fd)
-                vm, done = self._step(conn, command, arg, length, vm, fds, fields)
+                incoming, done = self._step(conn, command, arg, length, incoming, fds, fields)
                 if done:
                     return True
         except Abandoned:
             self.last_error = "abandoned by the source"
             self.hooks.emit("migration-receive-failed", {"error": self.last_error})
             return False
-        except (VmmError, OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure ends this attempt, not the receiver
+            if not isinstance(e, (VmmError, OSError, ValueError)):
+                log.exception("migration receive failed unexpectedly")
             self.last_error = str(e)
             self.state = ReceiveState.ABORTED
             try:
@@ -112,12 +126,12 @@ class Receiver:
             self.hooks.emit("migration-receive-failed", {"error": str(e)})
             return False
         finally:
-            if self.state is not ReceiveState.COMPLETED and vm is not None:
-                vm.stop()
+            if self.state is not ReceiveState.COMPLETED and incoming is not None:
+                incoming.vm.stop()
             for fd in fds.values():
                 _close(fd)
 
-    def _step(self, conn, command, arg, length, vm, fds, fields):
+    def _step(self, conn, command, arg, length, incoming, fds, fields):
         st = self.state
         if command == Command.ABANDON:
             conn.read_payload(length, 0)
@@ -131,40 +145,40 @@ class Receiver:
             conn.respond(Status.OK, json.dumps({"version": VERSION, "capabilities": self.capabilities}).encode())
             self.state = ReceiveState.STARTED
             self.hooks.emit("migration-receive-started", {"capabilities": doc.get("capabilities", [])})
-            return vm, False
+            return incoming, False
         if command == Command.MEMORY_FD and st is ReceiveState.STARTED:
             conn.read_payload(length, 0)
             if arg not in fds:
                 raise MigrationError("MemoryFd without exactly one fd")
             conn.respond(Status.OK)
-            return vm, False
+            return incoming, False
         if command == Command.CONFIG and st is ReceiveState.STARTED:
             doc = self._json(conn, length)
             local = bool(doc.get("local"))
             memory_fds = [fds[i] for i in sorted(fds)] if local else None
             if local and not memory_fds:
                 raise MigrationError("local migration without memory fds")
-            vm = self.hooks.build_vm(doc.get("config") or {}, memory_fds)
+            incoming = self.hooks.build_vm(doc.get("config") or {}, memory_fds)
             conn.respond(Status.OK)
             self.state = ReceiveState.CONFIGURED
-            return vm, False
+            return incoming, False
         if command == Command.MEMORY and st is ReceiveState.CONFIGURED:
-            vm.receive_memory(conn.fileno(), length)
+            incoming.vm.receive_memory(conn.fileno(), length)
             conn.respond(Status.OK)
-            return vm, False
+            return incoming, False
         if command == Command.STATE and st is ReceiveState.CONFIGURED:
             decoded = decode_state(self._json(conn, length))
-            vm.restore_state(decoded.native)
+            incoming.vm.restore_state(decoded.native)
             fields.update(decoded.fields)
             conn.respond(Status.OK)
             self.state = ReceiveState.STATE_RECEIVED
-            return vm, False
+            return incoming, False
         if command == Command.COMPLETE and st is ReceiveState.STATE_RECEIVED:
             conn.read_payload(length, 0)
-            self.hooks.complete(vm, fields)
+            self.hooks.complete(incoming, fields)
             self.state = ReceiveState.COMPLETED
             conn.respond(Status.OK)
-            return vm, True
+            return incoming, True
         try:
             name = Command(command).name
         except ValueError:
