@@ -72,6 +72,16 @@ class SerialClient:
         self.send(line)
         return self.expect(answer, timeout)
 
+    def wait_dirty_pass(self, timeout: float = 30.0) -> None:
+        """After `dirty`: polls `status` until every vCPU has swept its whole share at least once
+        since this call (its generation is two above the highest one seen at the start)."""
+        status = rb"STATUS .* dirty=on mib=\d+ gen=(\d+) min_gen=(\d+)\r\n"
+        start = int(self.command("status", status).group(1))
+        deadline = time.monotonic() + timeout
+        while int(self.command("status", status).group(2)) < start + 2:
+            assert time.monotonic() < deadline, "the dirty workload makes no progress"
+            time.sleep(0.02)
+
     def wait_ready(self, timeout: float = 30.0) -> tuple[str, int]:
         m = self.expect(BANNER, timeout)
         self.expect(rb"READY\r?\n", timeout)

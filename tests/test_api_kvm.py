@@ -22,7 +22,7 @@ import pytest
 import vmmpy
 from vmmpy.client import UnixHTTPConnection, error_message
 
-from conftest import BANNER, SerialClient
+from helpers import BANNER, SerialClient
 
 OPENAPI = Path(__file__).resolve().parents[1] / "openapi" / "vmmpy.yaml"
 MIB128 = 128 << 20

@@ -14,12 +14,12 @@ import time
 from vmmpy import Vmm
 from vmmpy.config import SerialConfig, VmConfig
 
-from conftest import SerialClient
+from helpers import SerialClient
 
 REBOOTS = 50
 WARMUP = 3
 RSS_BUDGET_KIB = 32 << 10
-DIRTY_MIB = 8  # x 50 reboots: a leaked guest RAM mapping would add 400 MiB
+DIRTY_MIB = 4  # x 50 reboots: a leaked guest RAM mapping would add 200 MiB of RSS
 
 
 def _status(field: str) -> int:
@@ -42,13 +42,32 @@ def snapshot() -> dict[str, int]:
     }
 
 
+THREAD_KEYS = ("py_threads", "os_threads")
+#: Mappings may come and go a little without a leak: glibc caches the stacks of exited threads and
+#: gives new threads malloc arenas. A leaked guest RAM mapping per VM would exceed this many times.
+MAPS_SLACK = 8
+
+
+def baseline(window: float = 0.5) -> dict[str, int]:
+    """A snapshot whose thread counts are the smallest seen over `window` s: a thread that was
+    joined a moment ago can linger in /proc/self/task for a little while, and must not inflate the
+    baseline (that would hide a leak of one thread)."""
+    low = snapshot()
+    deadline = time.monotonic() + window
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = snapshot()
+        low = {**now, **{k: min(now[k], low[k]) for k in THREAD_KEYS}}
+    return low
+
+
 def settled(baseline: dict[str, int], timeout: float = 2.0) -> dict[str, int]:
-    """A snapshot, retaken for up to `timeout` s while fds/threads are above `baseline` (a thread
-    that has been told to exit may take a moment to be reaped). A leak never settles."""
+    """A snapshot, retaken for up to `timeout` s while fds or threads are above `baseline` (an
+    exiting thread may take a moment to be reaped). A leak never settles."""
     deadline = time.monotonic() + timeout
     while True:
         now = snapshot()
-        if all(now[k] <= baseline[k] for k in ("fds", "maps", "py_threads", "os_threads")) or time.monotonic() > deadline:
+        if all(now[k] <= baseline[k] for k in ("fds", *THREAD_KEYS)) or time.monotonic() > deadline:
             return now
         time.sleep(0.05)
 
@@ -68,9 +87,12 @@ def test_fifty_reboots_leak_nothing(guest_vmm):
         # Make the guest touch DIRTY_MIB of its RAM first, so a guest memory mapping that a reboot
         # failed to unmap would show in RSS, not only in /proc/self/maps.
         serial.command(f"dirty {DIRTY_MIB}", f"DIRTY STARTED mib={DIRTY_MIB}")
-        # gen is the highest generation published: gen 2 means the first sweep is complete.
-        while int(serial.command("status", rb"STATUS .* dirty=on mib=\d+ gen=(\d+)\r\n").group(1)) < 2:
-            pass
+        # A fresh guest's first run writes generation 1; once the slowest vCPU (min_gen) is at 2, every
+        # page of the area has been written.
+        while True:
+            m = serial.command("status", rb"STATUS [^\r\n]* dirty=on mib=\d+ gen=(\d+)(?: min_gen=(\d+))?\r\n")
+            if int(m.group(2) or m.group(1)) >= 2:
+                break
         seq = vmm.events.seq
         if i % 2 == 0:
             serial.command("reboot acpi", "REBOOTING acpi")  # guest-initiated: ACPI reset register
@@ -84,7 +106,7 @@ def test_fifty_reboots_leak_nothing(guest_vmm):
     for i in range(WARMUP):
         reboot(i)
     serial.command("echo measure", rb"measure\r\n")
-    before = snapshot()
+    before = baseline()
     start = time.monotonic()
     for i in range(WARMUP, WARMUP + REBOOTS):
         reboot(i)
@@ -97,7 +119,7 @@ def test_fifty_reboots_leak_nothing(guest_vmm):
     assert len(vmm.events.events("vm.rebooted")) == WARMUP + REBOOTS
     assert vmm.info()["state"] == "Running"
     assert after["fds"] <= before["fds"], f"fds grew over {REBOOTS} reboots: {before} -> {after}"
-    assert after["maps"] <= before["maps"], f"memory mappings grew: {before} -> {after}"
+    assert after["maps"] <= before["maps"] + MAPS_SLACK, f"memory mappings grew: {before} -> {after}"
     assert after["py_threads"] <= before["py_threads"], f"Python threads grew: {before} -> {after}"
     assert after["os_threads"] <= before["os_threads"], f"OS threads grew: {before} -> {after}"
     assert after["rss_kib"] - before["rss_kib"] < RSS_BUDGET_KIB, f"RSS grew: {before} -> {after}"
@@ -121,7 +143,7 @@ def _one_vmm(path: str, i: int) -> None:
 def test_twenty_vmm_objects_leak_nothing(tmp_path):
     path = str(tmp_path / "console.sock")
     _one_vmm(path, -1)  # warm-up: lazy imports, the native module's one-time state
-    before = snapshot()
+    before = baseline()
     start = time.monotonic()
     for i in range(20):
         _one_vmm(path, i)
@@ -129,7 +151,7 @@ def test_twenty_vmm_objects_leak_nothing(tmp_path):
     after = settled(before)
     report(f"20 Vmm objects created, booted and closed in {elapsed:.2f} s", before, after)
     assert after["fds"] <= before["fds"], f"fds grew over 20 Vmm objects: {before} -> {after}"
-    assert after["maps"] <= before["maps"], f"memory mappings grew: {before} -> {after}"
+    assert after["maps"] <= before["maps"] + MAPS_SLACK, f"memory mappings grew: {before} -> {after}"
     assert after["py_threads"] <= before["py_threads"], f"Python threads grew: {before} -> {after}"
     assert after["os_threads"] <= before["os_threads"], f"OS threads grew: {before} -> {after}"
     assert after["rss_kib"] - before["rss_kib"] < RSS_BUDGET_KIB, f"RSS grew: {before} -> {after}"

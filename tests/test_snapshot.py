@@ -22,7 +22,7 @@ def test_snapshot_restore_in_a_new_process_keeps_the_dirtying_guest(vmm_process,
     src = vmm_process("--cpus", "boot=2", "--memory", "size=128M", name="src")
     boot_id, _ = src.serial.wait_ready()
     src.serial.command("dirty 16", "DIRTY STARTED")
-    src.serial.command("status", rb"dirty=on .* min_gen=[1-9]")
+    src.serial.wait_dirty_pass()
     assert src.api.request("PUT", "/api/v1/vm.pause")[0] == 204
     snap = tmp_path / "snap"
     status, body = src.api.request("PUT", "/api/v1/vm.snapshot", {"destination_url": f"file://{snap}"})
