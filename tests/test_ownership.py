@@ -241,11 +241,9 @@ def test_migration_worker_holds_the_vm(guest_vmm, api, stalled):
     answers(serial, "the guest runs on during the migration")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug (race): vmm.py _migration_worker writes _migration_fd in its `finally` while its "
-    "thread is still alive; _on_migration_done drains the eventfd, sees is_alive() and returns, and "
-    "nothing wakes it again, so ownership stays Migration for good"))
 def test_failed_migration_hands_the_vm_back(guest_vmm, api, stalled):
+    """Regression: the worker used to report its end (eventfd) while its thread was still alive, and
+    the control loop, seeing it alive, dropped the report: ownership stayed Migration for good."""
     vmm, serial = guest_vmm(vcpus=1, memory_mib=64)
     serial.wait_ready()
     widen_handback_window(vmm)
@@ -269,10 +267,9 @@ def test_failed_migration_hands_the_vm_back(guest_vmm, api, stalled):
         answers(serial, f"owned again after failed migration {i}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: the same race as test_failed_migration_hands_the_vm_back; when _on_migration_done "
-    "is skipped the latched reboot is never replayed and the guest stays parked"))
 def test_reboot_latched_during_a_failed_migration_is_replayed(guest_vmm, stalled):
+    """A reboot the guest asks for while the worker owns the VM is latched, and replayed on the
+    source when the migration fails (it was lost with the hand-back race above)."""
     vmm, serial = guest_vmm(vcpus=1, memory_mib=64)
     boot_id, _ = serial.wait_ready()
     widen_handback_window(vmm)
@@ -296,13 +293,12 @@ def test_reboot_latched_during_a_failed_migration_is_replayed(guest_vmm, stalled
         assert new_id not in seen
         seen.add(new_id)
         assert vmm.ownership is Ownership.OWNED
+        assert vmm.migration_progress()["lifecycle_replayed_on"] == "source"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: vmm.py _destroy_vm resets _last_progress (with _migration, _migration_settled, _latch, "
-    "_info_cache, _receive: lines copied from __init__), so any reboot or shutdown forgets the last "
-    "migration's outcome and vm.migration-progress answers 'no migration has run on this VMM'"))
 def test_migration_outcome_survives_a_reboot(guest_vmm, stalled):
+    """Regression: _destroy_vm used to reset the migration bookkeeping (lines copied from __init__),
+    so a reboot made vm.migration-progress answer 'no migration has run on this VMM'."""
     vmm, serial = guest_vmm(vcpus=1, memory_mib=64)
     serial.wait_ready()
     dest = stalled()
@@ -311,9 +307,6 @@ def test_migration_outcome_survives_a_reboot(guest_vmm, stalled):
     dest.take()
     dest.hang_up()
     handle._thread.join(10)
-    # Work around the hand-back race (test_failed_migration_hands_the_vm_back): wake the control loop
-    # once more; a no-op when it has handled the migration's end already.
-    os.eventfd_write(vmm._migration_fd, 1)
     vmm.wait_for_event("vm.migration-failed", 5, after=seq)
     wait_owned(vmm)
     assert vmm.migration_progress()["status"] == "failed"
@@ -322,19 +315,21 @@ def test_migration_outcome_survives_a_reboot(guest_vmm, stalled):
     assert vmm.migration_progress()["status"] == "failed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: cancel_migration only sets a flag (migration/source.py SourceMigration.cancel); a "
-    "worker blocked reading from a destination that does not answer sees it only after the 30 s "
-    "IO timeout (migration/transport.py IO_TIMEOUT_S), and the VM answers 409 all that time"))
 def test_cancel_ends_a_migration_stuck_on_its_destination(guest_vmm, stalled):
+    """Regression: cancel used to only set a flag, so a worker blocked on a destination that does not
+    answer kept the VM (409 to everything) until the 30 s transport timeout."""
     vmm, serial = guest_vmm(vcpus=1, memory_mib=64)
     serial.wait_ready()
     dest = stalled()
+    seq = vmm.events.seq
     handle = vmm.send_migration(dest.url)
     dest.take()
     vmm.cancel_migration()
     handle._thread.join(3)
     assert not handle._thread.is_alive(), "the migration worker ignored the cancel for 3 s"
     wait_owned(vmm)
+    vmm.wait_for_event("vm.migration-cancelled", 3, after=seq)
+    assert vmm.migration_progress()["status"] == "cancelled"
     vmm.pause()
     vmm.resume()
+    answers(serial, "kept running through the cancelled migration")
