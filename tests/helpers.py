@@ -16,7 +16,7 @@ import pytest
 
 from vmmpy.client import ApiClient
 
-BANNER = re.compile(rb"vmmpy-testguest boot_id=([0-9a-f]{16}) cpus=(\d+) mem_mib=(\d+)")
+BANNER = re.compile(rb"vmmpy-testguest boot_id=([0-9a-f]{16}) cpus=(\d+) mem_mib=(\d+)\r?\n")
 
 
 class SerialClient:

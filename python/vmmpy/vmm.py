@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 import functools
+import logging
 import os
 import queue
 import selectors
@@ -35,6 +36,7 @@ from .migration.source import MigrationOptions, SourceMigration
 from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
 
 from . import __version__
+log = logging.getLogger("vmmpy.vmm")
 PAUSE_TIMEOUT_S = 5.0
 DEFAULT_CMDLINE = "console=ttyS0"
 
@@ -190,7 +192,10 @@ class Vmm(ReceiveHooks):
         try:
             while self._running:
                 for key, _ in self._selector.select():
-                    key.data()
+                    try:
+                        key.data()
+                    except Exception:  # noqa: BLE001 - one failed handler must not end the VMM
+                        log.exception("control loop: %s failed", getattr(key.data, "__name__", key.data))
                     if not self._running:
                         break
         finally:
@@ -242,7 +247,8 @@ class Vmm(ReceiveHooks):
             return
         if self.ownership is Ownership.MIGRATION:
             # The worker owns the VM: latch the event (first wins) for the migration to carry.
-            self._migration._job.latch_event(PostMigrationLifecycleEvent.from_request(request))
+            if self._migration is not None:
+                self._migration._job.latch_event(PostMigrationLifecycleEvent.from_request(request))
             return
         replay, self._replay_pending = self._replay_pending, False
         if request == "shutdown":
