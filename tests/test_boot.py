@@ -1,6 +1,5 @@
 """Boot the embedded test guest on real KVM and talk to it over the serial console."""
 
-import time
 
 import pytest
 

@@ -7,9 +7,8 @@ import time
 import pytest
 
 from vmmpy import _native
-from vmmpy.errors import InvalidState
 
-from helpers import BANNER, SerialClient
+from helpers import SerialClient
 
 
 @pytest.mark.parametrize("method", ["acpi", "kbd", "cmos", "triple"])

@@ -1,14 +1,11 @@
 """Live migration between two real VMM processes with the real test guest."""
 
-import json
-import os
 import signal
-import time
 
 import pytest
 
 from helpers import SerialClient
-from migration_helpers import free_port, progress, send, start_receive, url_for, wait_progress
+from migration_helpers import free_port, send, start_receive, url_for, wait_progress
 
 
 def _pair(vmm_process, vcpus=2, memory="512M", src_hooks=""):
@@ -170,3 +167,23 @@ def test_destination_memory_equals_the_source(tmp_path, monkeypatch):
         serial.close()
         dst.close()
         src.close()
+
+
+def test_timeout_with_strategy_ignore_forces_the_final_phase(vmm_process, tmp_path):
+    src, dst, boot_id = _pair(vmm_process, src_hooks="frame-delay-ms=100")
+    src.serial.command("dirty 256", "DIRTY STARTED")
+    url = url_for("tcp", tmp_path, free_port())
+    start_receive(dst, url)
+    send(src, url, downtime_ms=1, auto_converge=False, timeout_s=2, timeout_strategy="ignore")
+    assert src.wait_exit(60) == 0
+    fin = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
+    assert fin["total_time_ms"] >= 2000
+    _check_destination(dst, boot_id, dirty=True)
+
+
+def test_unknown_migration_option_is_refused_by_name(vmm_process):
+    src = vmm_process("--memory", "size=128M", name="src")
+    status, body = src.api.request("PUT", "/api/v1/vm.send-migration",
+                                   {"destination_url": "tcp:127.0.0.1:1", "warp_speed": 9})
+    assert status == 400 and "warp_speed" in body[-1]
+    assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"

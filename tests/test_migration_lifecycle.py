@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from helpers import BANNER
-from migration_helpers import free_port, progress, send, start_receive, wait_progress
+from migration_helpers import free_port, send, start_receive, wait_progress
 from proxy import CuttableProxy
 
 GUEST_EVENTS = {"acpi": "reboot acpi", "kbd": "reboot kbd", "cmos": "reboot cmos", "triple": "reboot triple",

@@ -21,7 +21,6 @@ from vmmpy.errors import InvalidConfig
 
 KIB = 1 << 10
 MIB = 1 << 20
-GIB = 1 << 30
 
 MIN_MEMORY_MIB = 64
 MIN_VCPUS = 1

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from . import _native
 from .config import SerialConfig, VmConfig
 from .console import ConsoleBackend
-from .errors import (InvalidConfig, InvalidState, MigrationCancelled, MigrationError, VmAlreadyCreated, VmMigrating,
+from .errors import (InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
                      VmmError, VmmShutDown, VmNotCreated)
 from .events import EventMonitor
 from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
@@ -300,7 +300,7 @@ class Vmm(ReceiveHooks):
     def _new_native_vm(self, cfg: VmConfig, restore: bool = False, memory_fds: list[int] | None = None):
         extra = {"memory_fds": memory_fds} if memory_fds is not None else {}
         return _native.Vm(
-            memory_size=cfg.memory_mib << 20, vcpus=cfg.vcpus, kernel=cfg.kernel, initramfs=cfg.initramfs,
+            memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=cfg.kernel, initramfs=cfg.initramfs,
             cmdline=cfg.cmdline if cfg.cmdline is not None else DEFAULT_CMDLINE,
             console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
             error_fd=self._error_fd, restore=restore, **extra)
@@ -387,11 +387,17 @@ class Vmm(ReceiveHooks):
                 self._running = False
         else:
             kind = "migration-cancelled" if isinstance(handle.error, MigrationCancelled) else "migration-failed"
-            self.events.emit("vm", kind, {"error": str(handle.error),
+            self.events.emit("vm", kind, {"error": str(handle.error), "source_paused": job.complete_sent,
                                           "lifecycle_event": self._last_progress["lifecycle_event"],
                                           "lifecycle_replayed_on": self._last_progress["lifecycle_replayed_on"]})
             self.ownership = Ownership.OWNED
-            if event is not None and replay:
+            if job.complete_sent:
+                # Complete went out but its answer did not come back: the destination may run the
+                # guest now. Resuming (or replaying) here could run it twice, so it stays paused
+                # for the operator to resume or delete once the destination's state is known.
+                self._state = VmState.PAUSED
+                log.warning("migration failed after Complete was sent: the source VM stays paused")
+            elif event is not None and replay:
                 # Replay the guest's own request through its eventfd; the guest is not resumed
                 # past the instruction that made it.
                 self._replay_pending = True
@@ -499,7 +505,7 @@ class Vmm(ReceiveHooks):
                 return self._info_cache  # the worker owns the VM: what it was when handed over
             self._require_vm()
             info = {"config": self._config.to_api(), "state": self._state.value,
-                    "memory_actual_size": self._config.memory_mib << 20}
+                    "memory_actual_size": self._config.memory_bytes}
             if self._vm is not None:
                 info["payload_kind"] = self._vm.payload_kind
                 info["vcpu_states"] = self._vm.vcpu_states()
@@ -591,7 +597,7 @@ class Vmm(ReceiveHooks):
             self._latch.clear()
             progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
                                        downtime_configured_ms=opts.downtime_ms)
-            job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_mib << 20, opts,
+            job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_bytes, opts,
                                   self.events, progress, self._latch, test_hooks())
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
@@ -710,16 +716,8 @@ class Vmm(ReceiveHooks):
         self._thread.join(timeout)
         return self.exit_code
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
     def wait_for_event(self, name: str, timeout: float, after: int = 0) -> dict:
         return self.events.wait_for_event(name, timeout, after=after)
-
-    def console_input(self, data: bytes) -> None:
-        """Types `data` on the serial console (as a socket or terminal client would)."""
-        self._call(lambda: self._console.native.push_input(data))
 
     def memory_regions(self) -> list:
         """The current VM's RAM regions as read-only buffers (tests and tooling)."""

@@ -65,7 +65,6 @@ class Receiver:
         self.capabilities = CAPABILITIES if capabilities is None else capabilities
         self.state = ReceiveState.ESTABLISHED
         self.closed = threading.Event()
-        self.attempts = 0
         self.last_error: str | None = None
 
     def serve(self) -> bool:
@@ -75,7 +74,6 @@ class Receiver:
                 conn = Connection(transport.accept(self.listener))
             except OSError:
                 return False
-            self.attempts += 1
             try:
                 if self._serve_connection(conn):
                     return True

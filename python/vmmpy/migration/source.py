@@ -18,7 +18,7 @@ from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from ..snapshot import encode_state
 from . import transport
 from .progress import ProgressTracker
-from .protocol import VERSION, Capability, Command, Connection
+from .protocol import VERSION, Capability, Command, Connection, PeerError
 
 CHUNK_BYTES = 64 << 20  # one Memory frame; cancel and timeouts are checked between frames
 THROTTLE_STEP = 10
@@ -52,20 +52,6 @@ class MigrationOptions:
         if opts.local and not opts.destination_url.startswith("unix:"):
             raise InvalidConfig("local=on needs a unix: destination_url (the memory fds travel over it)")
         return opts
-
-    @classmethod
-    def parse(cls, text: str) -> "MigrationOptions":
-        """ch-remote syntax: `destination_url=tcp:h:p,downtime_ms=300,local=on`, or a bare URL."""
-        body: dict = {}
-        for part in filter(None, text.split(",")):
-            key, sep, value = part.partition("=")
-            if not sep:
-                if body or not key.startswith(("tcp:", "unix:")):
-                    raise InvalidConfig(f"migration option {part!r}: expected key=value")
-                body["destination_url"] = key
-            else:
-                body[key] = value
-        return cls.from_dict(body)
 
 
 def _coerce(key: str, value):
@@ -133,6 +119,7 @@ class SourceMigration:
         self.progress = progress
         self.cancel_requested = threading.Event()
         self.paused = False  # whether this worker paused the VM (and so who resumes it on failure)
+        self.complete_sent = False
         self.pause_time: float | None = None
         self._start = time.monotonic()
         self._dirty_logging = False
@@ -305,7 +292,13 @@ class SourceMigration:
         conn.request_json(Command.STATE, state)
         self.cancel_requested.wait(int(self.hooks.get("complete-delay-ms", 0)) / 1000)
         self._check_cancel()
-        conn.request(Command.COMPLETE)
+        # From here on, a failure leaves it unknown whether the destination runs the guest.
+        self.complete_sent = True
+        try:
+            conn.request(Command.COMPLETE)
+        except PeerError:
+            self.complete_sent = False  # a clear refusal: the destination does not run the guest
+            raise
         now = time.monotonic()
         self.progress.update(status="completed", phase="done", downtime_ms=(now - self.pause_time) * 1000,
                              total_time_ms=(now - self._start) * 1000)

@@ -1,0 +1,128 @@
+"""Failure injection on the source side: a destination that fails at each protocol step. The
+source keeps a working VM (or, when only the answer to Complete is missing, a paused one: the
+destination may be running the guest), and the next attempt succeeds."""
+
+import json
+import socket
+import struct
+import threading
+
+import pytest
+
+from vmmpy import Vmm
+from vmmpy.config import SerialConfig, VmConfig
+from vmmpy.errors import MigrationError
+from vmmpy.migration.protocol import HEADER, Command, Status
+
+from helpers import SerialClient
+
+STEPS = ["start", "config", "memory", "state", "complete"]
+FAULTS = ["close", "error", "garbage"]
+
+
+class FaultyDestination:
+    """Speaks the protocol until `step`, then closes, answers Error, or answers garbage."""
+
+    def __init__(self, path: str, step: str, fault: str):
+        self.step, self.fault = step, fault
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _recv(self, conn, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = conn.recv(n - len(buf))
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return buf
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        try:
+            while True:
+                command, _, _, length = HEADER.unpack(self._recv(conn, HEADER.size))
+                payload = self._recv(conn, length) if length else b""
+                if command == Command.MEMORY:
+                    for i in range(0, len(payload), 16):
+                        _, size, flags = struct.unpack_from("<QII", payload, i)
+                        if not flags & 1:
+                            self._recv(conn, size)
+                name = Command(command).name.lower()
+                if name == "abandon":
+                    conn.sendall(HEADER.pack(Status.OK, 0, 0, 0))
+                    return
+                if name == self.step:
+                    if self.fault == "close":
+                        return
+                    if self.fault == "error":
+                        msg = b"injected failure"
+                        conn.sendall(HEADER.pack(Status.ERROR, 0, 0, len(msg)) + msg)
+                    else:
+                        conn.sendall(HEADER.pack(7, 0, 0, 3) + b"???")
+                    continue
+                body = json.dumps({"version": 1, "capabilities": ["zero-ranges", "lifecycle-event"]}).encode() \
+                    if name == "start" else b""
+                conn.sendall(HEADER.pack(Status.OK, 0, 0, len(body)) + body)
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+            self.listener.close()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    sock = str(tmp / "console.sock")
+    vmm = Vmm(serial=SerialConfig(mode="Socket", socket=sock), no_shutdown=True)
+    serial = SerialClient(sock)
+    vmm.create(VmConfig(memory_mib=128, vcpus=2))
+    vmm.boot()
+    boot_id, _ = serial.wait_ready()
+    serial.command("dirty 32", "DIRTY STARTED")
+    yield vmm, serial, boot_id, tmp
+    serial.close()
+    vmm.close()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("step", STEPS)
+def test_destination_fails_at_each_step(source, step, fault):
+    vmm, serial, boot_id, tmp = source
+    path = str(tmp / f"{step}-{fault}.sock")
+    dest = FaultyDestination(path, step, fault)
+    handle = vmm.send_migration(f"unix:{path}")
+    with pytest.raises(MigrationError):
+        handle.wait(60)
+    dest.thread.join(10)
+    info = vmm.info()
+    if step == "complete" and fault != "error":
+        # The answer to Complete never came: the destination may run the guest, so the source
+        # must not. It stays paused until the operator decides.
+        assert info["state"] == "Paused"
+        assert vmm.events.events("vm.migration-failed")[-1]["properties"]["source_paused"] is True
+        vmm.resume()
+    else:
+        assert info["state"] == "Running"
+    m = serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
+    assert m.group(1).decode() == boot_id
+    serial.command(f"echo after {step} {fault}", f"after {step} {fault}")
+
+
+def test_source_vm_is_intact_after_all_faults(source):
+    vmm, serial, boot_id, tmp = source
+    serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)
+    serial.command("dirty 32", "DIRTY STARTED")
+    # And a real destination still takes it.
+    dst = Vmm(serial=SerialConfig(mode="Null"))
+    try:
+        receive = dst.receive_migration(f"unix:{tmp}/good.sock")
+        vmm.send_migration(f"unix:{tmp}/good.sock").wait(60)
+        assert receive.wait(30)
+        assert dst.info()["state"] == "Running"
+    finally:
+        dst.close()
