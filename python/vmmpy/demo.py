@@ -80,6 +80,12 @@ class Side:
         return [json.loads(x) for x in self.events_path.read_text().splitlines() if x.strip()]
 
 
+def _stamp(event: dict) -> str:
+    """An event's own time: seconds since its VMM started (the event monitor's clock)."""
+    t = event["timestamp"]
+    return f"[event at VMM+{t['secs'] + t['nanos'] / 1e9:.3f}s]"
+
+
 def say(side: str, text: str, t0: float) -> None:
     print(f"{time.monotonic() - t0:7.3f}s  {side:<12} {text}", flush=True)
 
@@ -122,11 +128,11 @@ def main() -> int:
         receive.join(30)
         for e in src.events():
             if e["event"].startswith("migration"):
-                say("source", f"event vm.{e['event']} {json.dumps(e['properties'])}", t0)
+                say("source", f"{_stamp(e)} vm.{e['event']} {json.dumps(e['properties'])}", t0)
         say("source", f"VMM exited with code {code}: the VM lives on the destination now", t0)
         for e in dst.events():
             if e["event"].startswith(("migration-receive", "reboot")):
-                say("destination", f"event vm.{e['event']} {json.dumps(e['properties'])}", t0)
+                say("destination", f"{_stamp(e)} vm.{e['event']} {json.dumps(e['properties'])}", t0)
         m = dst.expect(BANNER)
         dst.expect(rb"READY")
         new_id = m.group(1).decode()
