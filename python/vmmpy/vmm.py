@@ -21,7 +21,7 @@ import selectors
 import threading
 from typing import Any, Callable
 
-from . import _native
+from . import __version__, _native
 from .config import SerialConfig, VmConfig
 from .console import ConsoleBackend
 from .errors import (InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
@@ -35,7 +35,6 @@ from .migration.progress import ProgressTracker
 from .migration.source import MigrationOptions, SourceMigration
 from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
 
-from . import __version__
 log = logging.getLogger("vmmpy.vmm")
 PAUSE_TIMEOUT_S = 5.0
 DEFAULT_CMDLINE = "console=ttyS0"
@@ -55,13 +54,12 @@ class VmState(str, enum.Enum):
     ERROR = "Error"
 
 
-def test_hooks() -> dict[str, str]:
+def _hooks_from_env() -> dict[str, str]:
     """Test hooks, from VMMPY_TEST_HOOKS="name=value,...". Source side: `request-at-pause=reset|
     shutdown` (a lifecycle request lands right as the final pause completes), `frame-delay-ms=N`
     (a slow link: each Memory frame waits N ms), `final-phase-delay-ms=N` (a window between the
     switch to the final phase and the pause), `complete-delay-ms=N` (a window between State and
-    Complete), `keep-source=1` (after success the source keeps its
-    VM, paused). Destination side: `complete-paused=1` (take over without resuming),
+    Complete), `keep-source=1` (after success the source keeps its VM, paused). Destination side: `complete-paused=1` (take over without resuming),
     `no-lifecycle-capability=1` (behave like a destination that cannot carry lifecycle events)."""
     hooks = {}
     for item in os.environ.get("VMMPY_TEST_HOOKS", "").split(","):
@@ -72,7 +70,7 @@ def test_hooks() -> dict[str, str]:
 
 
 def _test_hook(name: str) -> str | None:
-    return test_hooks().get(name)
+    return _hooks_from_env().get(name)
 
 
 def _eventfd() -> int:
@@ -298,12 +296,11 @@ class Vmm(ReceiveHooks):
         self._console.register(self._selector)
 
     def _new_native_vm(self, cfg: VmConfig, restore: bool = False, memory_fds: list[int] | None = None):
-        extra = {"memory_fds": memory_fds} if memory_fds is not None else {}
         return _native.Vm(
             memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=cfg.kernel, initramfs=cfg.initramfs,
             cmdline=cfg.cmdline if cfg.cmdline is not None else DEFAULT_CMDLINE,
             console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
-            error_fd=self._error_fd, restore=restore, **extra)
+            error_fd=self._error_fd, restore=restore, memory_fds=memory_fds)
 
     def _build_and_boot(self) -> None:
         cfg = self._config
@@ -360,52 +357,58 @@ class Vmm(ReceiveHooks):
             return
         handle._thread.join()  # it wrote the eventfd as its last act
         self._migration = None
+        self._info_cache = None
+        self.ownership = Ownership.OWNED
+        try:
+            if handle.error is None:
+                self._migration_succeeded(handle._job)
+            else:
+                self._migration_failed(handle, replay)
+        finally:
+            self._latch.clear()  # the outcome is handled: nothing stays latched
+            self._migration_settled.set()
+
+    def _migration_report(self, job: SourceMigration, replayed_on: str | None) -> dict:
+        if self._latch.event is not None:
+            job.progress.update(lifecycle_replayed_on=replayed_on)
+        self._last_progress = job.progress.snapshot()
+        return {k: self._last_progress[k] for k in ("lifecycle_event", "lifecycle_replayed_on")}
+
+    def _migration_succeeded(self, job: SourceMigration) -> None:
+        report = self._migration_report(job, "destination")
+        self.events.emit("vm", "migration-finished", {"downtime_ms": self._last_progress["downtime_ms"],
+                                                      "total_time_ms": self._last_progress["total_time_ms"],
+                                                      **report})
+        if _test_hook("keep-source"):
+            self._state = VmState.PAUSED  # for comparing memory with the destination's
+            return
+        # The destination runs the guest now: tear ours down.
+        self._destroy_vm()
+        self._config = None
+        self._state = None
+        if not self.no_shutdown:
+            self._running = False
+
+    def _migration_failed(self, handle: MigrationHandle, replay: bool) -> None:
         job = handle._job
         event = self._latch.event
-        if event is not None:
-            job.progress.update(lifecycle_replayed_on="destination" if handle.error is None
-                                else "source" if replay else None)
-        self._last_progress = job.progress.snapshot()
-        self._info_cache = None
-        if handle.error is None:
-            self.events.emit("vm", "migration-finished", {
-                "downtime_ms": self._last_progress["downtime_ms"],
-                "total_time_ms": self._last_progress["total_time_ms"],
-                "lifecycle_event": self._last_progress["lifecycle_event"],
-                "lifecycle_replayed_on": self._last_progress["lifecycle_replayed_on"]})
-            self.ownership = Ownership.OWNED
-            if _test_hook("keep-source"):
-                self._state = VmState.PAUSED  # for comparing memory with the destination's
-                self._latch.clear()
-                self._migration_settled.set()
-                return
-            # The destination runs the guest now: tear ours down.
-            self._destroy_vm()
-            self._config = None
-            self._state = None
-            if not self.no_shutdown:
-                self._running = False
-        else:
-            kind = "migration-cancelled" if isinstance(handle.error, MigrationCancelled) else "migration-failed"
-            self.events.emit("vm", kind, {"error": str(handle.error), "source_paused": job.complete_sent,
-                                          "lifecycle_event": self._last_progress["lifecycle_event"],
-                                          "lifecycle_replayed_on": self._last_progress["lifecycle_replayed_on"]})
-            self.ownership = Ownership.OWNED
-            if job.complete_sent:
-                # Complete went out but its answer did not come back: the destination may run the
-                # guest now. Resuming (or replaying) here could run it twice, so it stays paused
-                # for the operator to resume or delete once the destination's state is known.
-                self._state = VmState.PAUSED
-                log.warning("migration failed after Complete was sent: the source VM stays paused")
-            elif event is not None and replay:
-                # Replay the guest's own request through its eventfd; the guest is not resumed
-                # past the instruction that made it.
-                self._replay_pending = True
-                self._vm.inject_request(event.request)
-            elif job.paused:
-                self._vm.resume()
-        self._latch.clear()
-        self._migration_settled.set()
+        replay = replay and event is not None and not job.complete_sent
+        report = self._migration_report(job, "source" if replay else None)
+        kind = "migration-cancelled" if isinstance(handle.error, MigrationCancelled) else "migration-failed"
+        self.events.emit("vm", kind, {"error": str(handle.error), "source_paused": job.complete_sent, **report})
+        if job.complete_sent:
+            # Complete went out but its answer did not come back: the destination may run the
+            # guest now. Resuming (or replaying) here could run it twice, so it stays paused for
+            # the operator to resume or delete once the destination's state is known.
+            self._state = VmState.PAUSED
+            log.warning("migration failed after Complete was sent: the source VM stays paused")
+        elif replay:
+            # The guest's own request, through its eventfd; the guest is not resumed past the
+            # instruction that made it.
+            self._replay_pending = True
+            self._vm.inject_request(event.request)
+        elif job.paused:
+            self._vm.resume()
 
     # ReceiveHooks: called by the receiver thread; the work runs on the control loop.
     def build_vm(self, config_api: dict, memory_fds: list[int] | None) -> Incoming:
@@ -598,7 +601,7 @@ class Vmm(ReceiveHooks):
             progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
                                        downtime_configured_ms=opts.downtime_ms)
             job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_bytes, opts,
-                                  self.events, progress, self._latch, test_hooks())
+                                  self.events, progress, self._latch, _hooks_from_env())
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
             handle = MigrationHandle(self, job, thread)

@@ -110,7 +110,7 @@ class SourceMigration:
                  progress: ProgressTracker, latch: LifecycleLatch, hooks: dict[str, str] | None = None):
         self.vm = vm
         self.latch = latch
-        # Test hooks (vmm.test_hooks): timing windows that tests need to hit deliberately.
+        # Test hooks (VMMPY_TEST_HOOKS, see vmm.py): timing windows tests must hit deliberately.
         self.hooks = hooks or {}
         self.config_api = config_api
         self.memory_size = memory_size
