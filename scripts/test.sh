@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Sets up a virtualenv, builds and installs vmmpy (Rust core via maturin), and runs the test suite.
+# Sets up a virtualenv, builds and installs vmmpy (Rust core via maturin), and runs the test suite:
+# the Rust unit tests, then the Python suite (real KVM, real test guest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q ".[test]"
+# The Rust core's unit tests (ACPI tables, CMOS, range tables, page transfer, dirty log on real KVM).
+cargo test --lib --quiet
 python -m pytest -q -p no:cacheprovider tests "$@"
