@@ -55,7 +55,8 @@ impl PyConsole {
 /// One guest RAM region as a read-only buffer, without copying. It keeps the mapping alive.
 #[pyclass(name = "GuestRegion", module = "vmmpy._native", frozen)]
 pub struct PyGuestRegion {
-    ram: Arc<GuestRam>,
+    /// Keeps the mapping alive for as long as this object (and so any view of it) exists.
+    _ram: Arc<GuestRam>,
     #[pyo3(get)]
     guest_address: u64,
     host: u64,
@@ -74,8 +75,7 @@ impl PyGuestRegion {
             return Err(PyBufferError::new_err("guest memory is exposed read-only"));
         }
         let me = slf.get();
-        let _ = &me.ram;
-        // SAFETY: `host..host+size` is a live mapping owned by `me.ram`, which the exporter object
+        // SAFETY: `host..host+size` is a live mapping owned by `me._ram`, which the exporter object
         // (kept alive by the view) holds; the view is read-only.
         let rc = unsafe {
             ffi::PyBuffer_FillInfo(view, slf.as_ptr(), me.host as *mut std::ffi::c_void, me.size as ffi::Py_ssize_t, 1, flags)
@@ -235,12 +235,12 @@ impl PyVm {
     /// {"vcpu", "reason", "regs"} of the first unhandled exit, or None.
     fn error<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let info = self.with(|vm| Ok(vm.shared().error()))?;
-        let Some((vcpu, reason, regs)) = info else { return Ok(None) };
+        let Some(info) = info else { return Ok(None) };
         let d = PyDict::new(py);
-        d.set_item("vcpu", vcpu)?;
-        d.set_item("reason", reason)?;
+        d.set_item("vcpu", info.vcpu)?;
+        d.set_item("reason", info.reason)?;
         let r = PyDict::new(py);
-        for (name, value) in regs {
+        for (name, value) in info.regs {
             r.set_item(name, format!("{value:#x}"))?;
         }
         d.set_item("regs", r)?;
@@ -368,7 +368,7 @@ impl PyVm {
                 .ram
                 .regions()
                 .into_iter()
-                .map(|(gpa, host, size)| PyGuestRegion { ram: vm.ram.clone(), guest_address: gpa, host, size })
+                .map(|(gpa, host, size)| PyGuestRegion { _ram: vm.ram.clone(), guest_address: gpa, host, size })
                 .collect())
         })
     }

@@ -60,6 +60,7 @@ pub struct SavedState {
     pub cmos: (Vec<u8>, u8),
 }
 
+#[derive(Clone)]
 pub struct VmErrorInfo {
     pub vcpu: u8,
     pub reason: String,
@@ -121,8 +122,8 @@ impl VmShared {
         let _ = self.error_evt.write(1);
     }
 
-    pub fn error(&self) -> Option<(u8, String, Vec<(&'static str, u64)>)> {
-        self.error.lock().unwrap().as_ref().map(|e| (e.vcpu, e.reason.clone(), e.regs.clone()))
+    pub fn error(&self) -> Option<VmErrorInfo> {
+        self.error.lock().unwrap().clone()
     }
 }
 
@@ -180,7 +181,7 @@ impl Vm {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
             return Err(Error::new(Kind::InvalidConfig, format!("vcpus must be 1..={MAX_VCPUS}, not {}", cfg.vcpus)));
         }
-        if cfg.memory_size < (64 << 20) || cfg.memory_size % (1 << 20) != 0 {
+        if cfg.memory_size < (64 << 20) || !cfg.memory_size.is_multiple_of(1 << 20) {
             return Err(Error::new(Kind::InvalidConfig, format!("memory size {} is not a whole number of MiB >= 64 MiB", cfg.memory_size)));
         }
         let kvm = Kvm::new().map_err(|e| Error::kvm("opening /dev/kvm", e))?;
