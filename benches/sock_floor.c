@@ -5,11 +5,13 @@
  *   sock_floor drain unix <path>    listen on <path>; prints "port 0"
  *       Then, for every connection: read() into a 4 MiB buffer and discard until EOF, close, print
  *       "got <bytes>". Runs until killed.
- *   sock_floor send tcp <port> <bytes> <bufsize>
- *   sock_floor send unix <path> <bytes> <bufsize>
- *       Connects, then write()s <bytes> in pieces of <bufsize> from one <bufsize> buffer of non-zero
- *       bytes (touched before timing), shut(SHUT_WR)s and waits for the receiver to close (so the
- *       receiver's work is inside the time). Prints "sent <bytes> seconds <s>".
+ *   sock_floor send tcp <port> <bytes> <bufsize> <writesize>
+ *   sock_floor send unix <path> <bytes> <bufsize> <writesize>
+ *       Connects, then write()s <bytes> in calls of <writesize> bytes, walking round one <bufsize>
+ *       buffer of non-zero bytes (made resident before timing), shut(SHUT_WR)s and waits for the
+ *       receiver to close (so the receiver's work is inside the time). Prints "sent <bytes> seconds <s>".
+ *       A buffer larger than the last-level cache streams from memory as guest RAM does; vmmpy's
+ *       send_memory writes at most 4 MiB per call (rust/transfer.rs WRITE_MAX).
  *
  * Socket options are those of vmmpy's migration sockets (rust/transfer.rs tune_socket), on both
  * ends: TCP_NODELAY for TCP; 4 MiB SO_SNDBUF and SO_RCVBUF for Unix sockets.
@@ -113,22 +115,27 @@ static int connect_to(int is_tcp, const char *where)
     return s;
 }
 
-static int sender(int is_tcp, const char *where, unsigned long long bytes, size_t bufsize)
+static int sender(int is_tcp, const char *where, unsigned long long bytes, size_t bufsize, size_t writesize)
 {
+    if (writesize == 0 || writesize > bufsize) writesize = bufsize;
+    bufsize -= bufsize % writesize;
     char *buf = malloc(bufsize);
     if (!buf) die("malloc");
     memset(buf, 0x5a, bufsize); /* resident and non-zero before the clock starts */
     int s = connect_to(is_tcp, where);
     double t0 = now();
     unsigned long long left = bytes;
+    size_t at = 0; /* where in the buffer the next call starts */
     while (left > 0) {
-        size_t piece = left < bufsize ? (size_t)left : bufsize;
+        size_t piece = left < writesize ? (size_t)left : writesize;
+        if (at + piece > bufsize) at = 0;
         size_t off = 0;
         while (off < piece) {
-            ssize_t n = write(s, buf + off, piece - off);
+            ssize_t n = write(s, buf + at + off, piece - off);
             if (n <= 0) die("write");
             off += (size_t)n;
         }
+        at += piece;
         left -= piece;
     }
     if (shutdown(s, SHUT_WR) < 0) die("shutdown");
@@ -148,9 +155,10 @@ int main(int argc, char **argv)
         if (!is_tcp && argc < 4) goto usage;
         drain(is_tcp, is_tcp ? NULL : argv[3]);
     }
-    if (argc >= 6 && strcmp(argv[1], "send") == 0)
-        return sender(strcmp(argv[2], "tcp") == 0, argv[3], strtoull(argv[4], NULL, 0), (size_t)strtoull(argv[5], NULL, 0));
+    if (argc >= 7 && strcmp(argv[1], "send") == 0)
+        return sender(strcmp(argv[2], "tcp") == 0, argv[3], strtoull(argv[4], NULL, 0), (size_t)strtoull(argv[5], NULL, 0),
+                      (size_t)strtoull(argv[6], NULL, 0));
 usage:
-    fprintf(stderr, "usage: %s drain tcp | drain unix <path> | send tcp|unix <port|path> <bytes> <bufsize>\n", argv[0]);
+    fprintf(stderr, "usage: %s drain tcp | drain unix <path> | send tcp|unix <port|path> <bytes> <bufsize> <writesize>\n", argv[0]);
     return 2;
 }

@@ -22,7 +22,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::error::{Error, Kind, Result};
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{GuestRam, VmmBitmap, PAGE_SIZE};
 use crate::ranges::RangeTable;
 
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
@@ -69,7 +69,7 @@ fn set_slot(vm: &VmFd, index: usize, s: &Slot, flags: u32) -> Result<()> {
 }
 
 /// The VMM-side bitmap of a RAM region (one bit per 4 KiB page).
-fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> &vm_memory::bitmap::AtomicBitmap {
+fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<VmmBitmap>) -> &VmmBitmap {
     MmapRegion::bitmap(region)
 }
 
@@ -145,9 +145,10 @@ impl DirtyLog {
                     clear_dirty_log(vm, i as u32, s, first, last + 1)?;
                 }
             }
-            let vmm = vmm_bitmap(region).get_and_reset();
-            for (w, v) in s.bits.iter_mut().zip(vmm) {
-                *w |= v;
+            if let Some(vmm) = vmm_bitmap(region).take() {
+                for (w, v) in s.bits.iter_mut().zip(vmm) {
+                    *w |= v;
+                }
             }
             table.append_bitmap(&s.bits, s.gpa);
         }

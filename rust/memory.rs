@@ -2,22 +2,74 @@
 //! fds to another process or write them to a snapshot. Exposed to Python read-only, zero-copy.
 //!
 //! Every write the VMM makes through vm-memory (`write_slice`, `write_obj`, the loaders) is
-//! recorded in a per-region `AtomicBitmap` (one bit per 4 KiB page); migration's dirty log ORs it
-//! with KVM's log of the guest's own writes.
+//! recorded in a per-region bitmap (one bit per 4 KiB page); migration's dirty log ORs it with
+//! KVM's log of the guest's own writes.
 
 use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::Arc;
 
-use vm_memory::bitmap::AtomicBitmap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::error::{Error, Kind, Result};
 use crate::layout;
 
+/// vm-memory's page bitmap plus a flag saying whether anything was marked since the last take:
+/// the VMM rarely writes guest memory during a migration, and without the flag every dirty sync
+/// would sweep (and reallocate) the whole bitmap of every region to find nothing.
+#[derive(Debug, Default)]
+pub struct VmmBitmap {
+    pages: AtomicBitmap,
+    marked: AtomicBool,
+}
+
+impl VmmBitmap {
+    /// The pages marked since the last call (and clears them), or None when none were.
+    pub fn take(&self) -> Option<Vec<u64>> {
+        // Bits are set before the flag, so a mark that races with this call is at worst seen by
+        // the next one, never lost.
+        self.marked.swap(false, Ordering::Acquire).then(|| self.pages.get_and_reset())
+    }
+
+    pub fn reset(&self) {
+        self.marked.store(false, Ordering::Release);
+        self.pages.reset();
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for VmmBitmap {
+    type S = RefSlice<'a, Self>;
+}
+
+impl Bitmap for VmmBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        self.pages.mark_dirty(offset, len);
+        if len > 0 {
+            self.marked.store(true, Ordering::Release);
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.pages.dirty_at(offset)
+    }
+
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, Self> {
+        RefSlice::new(self, offset)
+    }
+}
+
+impl NewBitmap for VmmBitmap {
+    fn with_len(len: usize) -> Self {
+        VmmBitmap { pages: AtomicBitmap::with_len(len), marked: AtomicBool::new(false) }
+    }
+}
+
 /// Guest memory with VMM-side dirty tracking.
-pub type GuestMem = GuestMemoryMmap<AtomicBitmap>;
+pub type GuestMem = GuestMemoryMmap<VmmBitmap>;
 
 pub const PAGE_SIZE: u64 = 4096;
 

@@ -32,7 +32,9 @@ from .migration import transport
 from .migration.destination import CAPABILITIES, Incoming, ReceiveHooks, Receiver
 from .migration.protocol import Capability
 from .migration.progress import ProgressTracker
+from .migration.handles import MigrationHandle, ReceiveHandle
 from .migration.source import MigrationOptions, SourceMigration
+from .testhooks import hook, hooks_from_env
 from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
 
 log = logging.getLogger("vmmpy.vmm")
@@ -52,25 +54,6 @@ class VmState(str, enum.Enum):
     PAUSED = "Paused"
     SHUTDOWN = "Shutdown"
     ERROR = "Error"
-
-
-def _hooks_from_env() -> dict[str, str]:
-    """Test hooks, from VMMPY_TEST_HOOKS="name=value,...". Source side: `request-at-pause=reset|
-    shutdown` (a lifecycle request lands right as the final pause completes), `frame-delay-ms=N`
-    (a slow link: each Memory frame waits N ms), `final-phase-delay-ms=N` (a window between the
-    switch to the final phase and the pause), `complete-delay-ms=N` (a window between State and
-    Complete), `keep-source=1` (after success the source keeps its VM, paused). Destination side: `complete-paused=1` (take over without resuming),
-    `no-lifecycle-capability=1` (behave like a destination that cannot carry lifecycle events)."""
-    hooks = {}
-    for item in os.environ.get("VMMPY_TEST_HOOKS", "").split(","):
-        key, sep, value = item.partition("=")
-        if sep:
-            hooks[key] = value
-    return hooks
-
-
-def _test_hook(name: str) -> str | None:
-    return _hooks_from_env().get(name)
 
 
 def _eventfd() -> int:
@@ -93,50 +76,6 @@ class _ClassOrInstance:
 
     def __get__(self, obj, cls):
         return functools.partial(self.fn, obj, cls)
-
-
-class MigrationHandle:
-    """An outgoing migration: `progress()`, `cancel()`, `wait()`."""
-
-    def __init__(self, vmm: "Vmm", job: SourceMigration, thread: threading.Thread):
-        self._vmm = vmm
-        self._job = job
-        self._thread = thread
-        self.error: BaseException | None = None
-
-    def progress(self) -> dict:
-        return self._job.progress.snapshot()
-
-    def cancel(self) -> None:
-        self._job.cancel()
-
-    def wait(self, timeout: float | None = None) -> dict:
-        """Waits for the outcome; returns the final progress or raises the migration's error."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError("the migration is still running")
-        self._vmm._migration_settled.wait(timeout)
-        if self.error is not None:
-            raise self.error
-        return self.progress()
-
-
-class ReceiveHandle:
-    def __init__(self, receiver: Receiver, thread: threading.Thread):
-        self.receiver = receiver
-        self._thread = thread
-        self.completed = False
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True once a migration completed here; False if the receive was stopped first."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError("still receiving")
-        return self.completed
-
-    def close(self) -> None:
-        self.receiver.close()
-        self._thread.join()
 
 
 class Vmm(ReceiveHooks):
@@ -379,7 +318,7 @@ class Vmm(ReceiveHooks):
         self.events.emit("vm", "migration-finished", {"downtime_ms": self._last_progress["downtime_ms"],
                                                       "total_time_ms": self._last_progress["total_time_ms"],
                                                       **report})
-        if _test_hook("keep-source"):
+        if hook("keep-source"):
             self._state = VmState.PAUSED  # for comparing memory with the destination's
             return
         # The destination runs the guest now: tear ours down.
@@ -433,7 +372,7 @@ class Vmm(ReceiveHooks):
             self.ownership = Ownership.OWNED
             self.boot_count += 1
             if event is None:
-                paused = _test_hook("complete-paused") is not None
+                paused = hook("complete-paused") is not None
                 vm.boot(paused=paused)
                 self._state = VmState.PAUSED if paused else VmState.RUNNING
                 self.events.emit("vm", "migration-receive-finished")
@@ -601,10 +540,10 @@ class Vmm(ReceiveHooks):
             progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
                                        downtime_configured_ms=opts.downtime_ms)
             job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_bytes, opts,
-                                  self.events, progress, self._latch, _hooks_from_env())
+                                  self.events, progress, self._latch, hooks_from_env())
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
-            handle = MigrationHandle(self, job, thread)
+            handle = MigrationHandle(job, thread, self._migration_settled)
             self.ownership = Ownership.MIGRATION
             self._migration = handle
             self._migration_settled.clear()
@@ -641,7 +580,7 @@ class Vmm(ReceiveHooks):
                 raise InvalidState("already receiving a migration")
             self._latch.clear()
             caps = None
-            if _test_hook("no-lifecycle-capability"):
+            if hook("no-lifecycle-capability"):
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
             receiver = Receiver(transport.listen(url), self, caps)
             thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",

@@ -92,6 +92,11 @@ class Connection:
 
     def request(self, command: Command, payload: bytes = b"", arg: int = 0, fds: list[int] | None = None) -> bytes:
         """Sends one request and returns the Ok response's payload; raises PeerError on Error."""
+        self.send_request(command, payload, arg, fds)
+        return self.read_response()
+
+    def send_request(self, command: Command, payload: bytes = b"", arg: int = 0, fds: list[int] | None = None) -> None:
+        """Sends one request without waiting for its response (read it with read_response)."""
         header = HEADER.pack(command, 0, arg, len(payload))
         if fds:
             try:
@@ -99,10 +104,10 @@ class Connection:
             except OSError as e:
                 raise MigrationError(f"passing memory fds failed: {e.strerror or e}") from None
         else:
-            self._send(header)
+            self._send(header + payload)
+            return
         if payload:
             self._send(payload)
-        return self.read_response()
 
     def request_json(self, command: Command, doc: dict) -> bytes:
         return self.request(command, json.dumps(doc).encode())

@@ -9,6 +9,7 @@ right after Config.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -110,7 +111,7 @@ class SourceMigration:
                  progress: ProgressTracker, latch: LifecycleLatch, hooks: dict[str, str] | None = None):
         self.vm = vm
         self.latch = latch
-        # Test hooks (VMMPY_TEST_HOOKS, see vmm.py): timing windows tests must hit deliberately.
+        # Test hooks (vmmpy.testhooks): timing windows tests must hit deliberately.
         self.hooks = hooks or {}
         self.config_api = config_api
         self.memory_size = memory_size
@@ -159,8 +160,6 @@ class SourceMigration:
             conn.close()
 
     def _migrate(self, conn: Connection) -> None:
-        import json
-
         caps = [Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value]
         if self.opts.local:
             caps.append(Capability.LOCAL.value)
@@ -174,8 +173,13 @@ class SourceMigration:
             self.progress.update(phase="memory-fds", local=True)
             for i, (gpa, fd, size) in enumerate(self.vm.memory_fds()):
                 conn.request(Command.MEMORY_FD, arg=i, fds=[fd])
-        conn.request_json(Command.CONFIG, {"config": self.config_api, "memory_size": self.memory_size,
-                                           "local": self.opts.local})
+        config = {"config": self.config_api, "memory_size": self.memory_size, "local": self.opts.local}
+        conn.send_request(Command.CONFIG, json.dumps(config).encode())
+        if not self.opts.local:
+            # While the destination builds its VM, turn dirty logging on here.
+            self.vm.start_dirty_log()
+            self._dirty_logging = True
+        conn.read_response()
         self._check_cancel()
         remaining = None
         if not self.opts.local:
@@ -186,8 +190,6 @@ class SourceMigration:
 
     def _precopy(self, conn: Connection):
         self.progress.update(phase="precopy")
-        self.vm.start_dirty_log()
-        self._dirty_logging = True
         table = self.vm.all_ram_ranges()
         bandwidth = 0.0  # bytes/s
         iteration = 0
