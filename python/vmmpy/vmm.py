@@ -654,6 +654,11 @@ class Vmm(ReceiveHooks):
             if not self._fds_closed:
                 os.eventfd_write(self._exit_fd, 1)
 
+    @property
+    def running(self) -> bool:
+        """Whether the control loop still runs (it ends with the VMM)."""
+        return self._thread.is_alive()
+
     def wait(self, timeout: float | None = None) -> int:
         self._thread.join(timeout)
         return self.exit_code
