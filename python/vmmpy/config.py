@@ -509,30 +509,13 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
     if unsupported:
         message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
     message.extend(problems)
+    fields = dict(memory_mib=memory_mib, vcpus=boot, kernel=kernel, initramfs=initramfs, cmdline=cmdline,
+                  memory_shared=shared, serial=serial)
     if not message:
-        message.extend(
-            _check_vm_fields(
-                memory_mib=memory_mib,
-                vcpus=boot,
-                kernel=kernel,
-                initramfs=initramfs,
-                cmdline=cmdline,
-                memory_shared=shared,
-                serial=serial,
-                api=True,
-            )
-        )
+        message.extend(_check_vm_fields(**fields, api=True))
     if message:
         raise InvalidConfig("; ".join(message))
-    return VmConfig(
-        memory_mib=memory_mib,
-        vcpus=boot,
-        kernel=kernel,
-        initramfs=initramfs,
-        cmdline=cmdline,
-        memory_shared=shared,
-        serial=serial,
-    )
+    return VmConfig(**fields)
 
 
 # --------------------------------------------------------------------------------------------
