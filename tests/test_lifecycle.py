@@ -175,3 +175,23 @@ def test_unhandled_exit_is_an_error_state_not_a_crash(tmp_path):
         assert vmm.ping()["pid"] == os.getpid()  # the VMM lives on
         vmm.reboot()  # and can rebuild the VM
         vmm.wait_for_event("vm.rebooted", 30)
+
+
+def test_a_second_reset_arriving_with_the_first_is_drained(guest_vmm):
+    """Linux resets through ACPI and then through the i8042: two resets, one reboot."""
+    vmm, serial = guest_vmm(vcpus=2)
+    first_id, _ = serial.wait_ready()
+    seq = vmm.events.seq
+
+    def two_resets():
+        # On the control thread: both land before it can look at the eventfd.
+        vmm._vm.inject_request("reset")
+        vmm._vm.inject_request("reset")
+
+    vmm._call(two_resets)
+    vmm.wait_for_event("vm.rebooted", 30, after=seq)
+    second_id, _ = serial.wait_ready()
+    assert second_id != first_id
+    serial.command("echo still here", rb"still here\r\n")
+    time.sleep(0.3)
+    assert len([e for e in vmm.events.events("vm.rebooted") if e["seq"] >= seq]) == 1
