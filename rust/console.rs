@@ -4,10 +4,11 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 
-use crate::error::{Error, Kind, Result};
+use crate::error::Result;
+use crate::fd::dup_owned;
 
 /// Who wants to hear that input arrived: the serial device and idle vCPUs of the current VM.
 pub trait InputListener: Send + Sync {
@@ -35,16 +36,6 @@ struct Inner {
 #[derive(Clone, Default)]
 pub struct Console(Arc<Inner>);
 
-fn dup_fd(fd: RawFd) -> Result<OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor; a negative result is checked.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(Error::io(Kind::InvalidConfig, "console fd", io::Error::last_os_error()));
-    }
-    // SAFETY: `new` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
-}
-
 fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: buf is a valid readable slice for its whole length.
@@ -70,14 +61,14 @@ impl Console {
             *console.0.backlog.lock().unwrap() = Some(VecDeque::new());
         }
         if let Some(fd) = output_fd {
-            console.0.outputs.lock().unwrap().push(Output { fd: dup_fd(fd)?, client: false });
+            console.0.outputs.lock().unwrap().push(Output { fd: dup_owned(fd, "console fd")?, client: false });
         }
         Ok(console)
     }
 
     /// Adds a socket client; it gets all later output until it goes away.
     pub fn add_client(&self, fd: RawFd) -> Result<()> {
-        let fd = dup_fd(fd)?;
+        let fd = dup_owned(fd, "console fd")?;
         // SAFETY: fcntl on a descriptor we own.
         unsafe {
             let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
@@ -134,14 +125,18 @@ impl Console {
         *self.0.listener.lock().unwrap() = Some(listener);
     }
 
-    pub fn detach(&self) {
-        *self.0.listener.lock().unwrap() = None;
+    /// Detaches `listener` if it is still the one attached (a newer VM's stays).
+    pub fn detach(&self, listener: &Weak<dyn InputListener>) {
+        let mut current = self.0.listener.lock().unwrap();
+        if current.as_ref().is_some_and(|l| Weak::ptr_eq(l, listener)) {
+            *current = None;
+        }
     }
 
     /// Closes every output; later output is discarded.
     pub fn close(&self) {
         self.0.outputs.lock().unwrap().clear();
-        self.detach();
+        *self.0.listener.lock().unwrap() = None;
     }
 }
 

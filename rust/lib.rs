@@ -8,6 +8,7 @@ mod cpuid;
 mod devices;
 mod dirty;
 mod error;
+mod fd;
 mod idle;
 mod layout;
 mod memory;

@@ -16,6 +16,7 @@ use crate::error::{Error, Kind};
 use crate::memory::GuestRam;
 use crate::ranges::RangeTable;
 use crate::{dirty, transfer};
+use crate::fd::dup_owned;
 use crate::memory_file;
 use crate::state::{Blobs, VcpuState};
 use crate::vm::{LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
@@ -135,14 +136,7 @@ pub fn tune_socket(fd: i32) -> PyResult<()> {
 }
 
 fn dup_file(fd: i32) -> PyResult<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor; a negative result is checked.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(Error::io(Kind::InvalidConfig, "memory fd", std::io::Error::last_os_error()).into());
-    }
-    // SAFETY: `new` is a fresh descriptor owned by nobody else.
-    Ok(unsafe { std::fs::File::from_raw_fd(new) })
+    Ok(std::fs::File::from(dup_owned(fd, "memory fd")?))
 }
 
 fn region(vm: &Vm, index: usize) -> PyResult<(u64, u64, u64)> {
@@ -337,6 +331,9 @@ impl PyVm {
     fn save_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> PyResult<()> {
         py.detach(|| {
             self.with(|vm| {
+                if vm.vcpu_states().iter().any(|s| !matches!(*s, "created" | "paused" | "exited")) {
+                    return Err(Error::new(Kind::InvalidState, "memory can only be saved from a paused VM").into());
+                }
                 let (_, host, size) = region(vm, index)?;
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM; the guest
                 // is paused, so nothing writes it while it is read.

@@ -186,12 +186,31 @@ pub fn spawn(fd: SharedVcpuFd, ctl: Arc<VcpuControl>, vm: Arc<VmShared>) -> Resu
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{}", ctl.index))
         .spawn(move || {
+            let _exit = ExitGuard { ctl: &thread_ctl, vm: &vm };
             unblock_kick_signal();
             run_loop(&fd, &thread_ctl, &vm);
         })
         .map_err(|e| Error::io(Kind::Kvm, "spawning a vCPU thread", e))?;
     ctl.ctl.lock().unwrap().thread = Some(handle.as_pthread_t());
     Ok(handle)
+}
+
+/// However the thread ends (a panic included), it counts as stopped: a pause never waits for it.
+struct ExitGuard<'a> {
+    ctl: &'a VcpuControl,
+    vm: &'a VmShared,
+}
+
+impl Drop for ExitGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.vm.record_failure(self.ctl.index, "the vCPU thread panicked".into(), Vec::new());
+        }
+        let mut c = self.ctl.ctl.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        c.exited = true;
+        drop(c);
+        self.ctl.cv.notify_all();
+    }
 }
 
 fn unblock_kick_signal() {

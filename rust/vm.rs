@@ -2,7 +2,7 @@
 //! through which it tells the VMM's control loop what the guest asked for.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -18,6 +18,7 @@ use crate::console::{Console, InputListener};
 use crate::devices::bus::PioBus;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::error::{Error, Kind, Result};
+use crate::fd::dup_owned;
 use crate::idle::IdleGate;
 use crate::dirty::{self, DirtyLog};
 use crate::memory::GuestRam;
@@ -114,7 +115,12 @@ impl VmShared {
         if let Ok(s) = fd.get_sregs() {
             regs.extend([("cr0", s.cr0), ("cr3", s.cr3), ("cr4", s.cr4), ("efer", s.efer), ("cs", s.cs.selector as u64)]);
         }
-        let mut slot = self.error.lock().unwrap();
+        self.record_failure(vcpu, reason, regs);
+    }
+
+    /// Records the VM's first unhandled failure and tells the control loop (error eventfd).
+    pub fn record_failure(&self, vcpu: u8, reason: String, regs: Vec<(&'static str, u64)>) {
+        let mut slot = self.error.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if slot.is_none() {
             *slot = Some(VmErrorInfo { vcpu, reason, regs });
         }
@@ -145,6 +151,8 @@ pub struct Vm {
     vcpus: Vec<VcpuSlot>,
     shared: Arc<VmShared>,
     console: Console,
+    /// This VM's registration with the console, to detach exactly it.
+    listener: Weak<dyn InputListener>,
     cmos: Arc<Mutex<Cmos>>,
     /// Dirty logging while a migration runs.
     dirty: Mutex<Option<DirtyLog>>,
@@ -158,13 +166,9 @@ pub struct Vm {
 }
 
 fn dup_eventfd(fd: RawFd) -> Result<EventFd> {
-    // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor; a negative result is checked.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if new < 0 {
-        return Err(Error::io(Kind::InvalidConfig, "lifecycle eventfd", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `new` is a fresh descriptor owned by nobody else; the caller passed an eventfd.
-    Ok(unsafe { EventFd::from_raw_fd(new) })
+    let owned = dup_owned(fd, "lifecycle eventfd")?;
+    // SAFETY: the caller passed an eventfd; `owned` is our own duplicate, handed over whole.
+    Ok(unsafe { EventFd::from_raw_fd(owned.into_raw_fd()) })
 }
 
 pub struct LifecycleFds {
@@ -261,7 +265,8 @@ impl Vm {
             serial,
         });
         let listener: Arc<dyn InputListener> = shared.clone();
-        console.attach(Arc::downgrade(&listener) as Weak<dyn InputListener>);
+        let listener = Arc::downgrade(&listener);
+        console.attach(listener.clone());
 
         let vcpus = vcpu_fds
             .into_iter()
@@ -272,7 +277,7 @@ impl Vm {
                 thread: None,
             })
             .collect();
-        Ok(Vm { vcpus, shared, console, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, cmdline })
+        Ok(Vm { vcpus, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, cmdline })
     }
 
     /// Starts the vCPU threads; with `paused`, they stop before running any guest code (a
@@ -433,6 +438,6 @@ fn setup_boot_vcpu(kvm: &Kvm, vcpu: &VcpuFd, index: u8, payload: &payload::Paylo
 impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
-        self.console.detach();
+        self.console.detach(&self.listener);
     }
 }

@@ -159,3 +159,27 @@ def test_fuzzed_frames_never_crash_the_receiver(receiver, frames, configure_firs
         s.close()
     _no_vm(vmm)
     assert vmm.ping()["pid"]
+
+
+def test_a_source_gone_before_the_complete_reply_leaves_the_vm_running_here(tmp_path):
+    """Once the destination took the VM over, losing the connection before its Ok reply must not
+    stop the guest it now runs (the source stays paused: see test_migration_faults)."""
+    from pathlib import Path
+
+    state = json.loads((Path(__file__).parent / "fixtures" / "snapshot-1.0" / "state.json").read_text())
+    path = str(tmp_path / "rx.sock")
+    vmm = Vmm(serial=SerialConfig(mode="Null"))
+    try:
+        vmm.receive_migration(f"unix:{path}")
+        s = _connect(path)
+        _configure(s)
+        s.sendall(_req(Command.STATE, json.dumps(state).encode()))
+        assert _resp(s)[0] == Status.OK
+        s.sendall(_req(Command.COMPLETE))
+        s.close()  # gone before the answer
+        vmm.wait_for_event("vm.migration-receive-finished", 10)
+        time.sleep(0.3)
+        assert not vmm.events.events("vm.migration-receive-failed")
+        assert vmm.info()["state"] in ("Running", "Error")  # it is ours now; nothing stopped it
+    finally:
+        vmm.close()

@@ -45,8 +45,10 @@ class LifecycleLatch:
             if self._event is None:
                 self._event = event
                 return True
-        log.info("lifecycle event %s during migration: %s is latched already, this one is dropped",
-                 event.value, self._event.value)
+            first = self._event
+        if first is not event:
+            log.info("lifecycle event %s during migration: %s is latched already, this one is dropped",
+                     event.value, first.value)
         return False
 
     @property

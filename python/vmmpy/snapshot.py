@@ -132,6 +132,8 @@ def parse_file_url(url: str) -> Path:
 def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm) -> None:
     """Writes config, state and memory of the paused `vm` into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
+    # Over an older snapshot: it stops being complete before any of its files change.
+    (directory / STATE_FILE).unlink(missing_ok=True)
     for i, _ in enumerate(vm.memory_regions()):
         vm.save_memory(i, str(directory / memory_file(i)))
     _write_json(directory / CONFIG_FILE, config_api)

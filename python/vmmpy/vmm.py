@@ -33,12 +33,11 @@ from .migration.destination import CAPABILITIES, Incoming, ReceiveHooks, Receive
 from .migration.protocol import Capability
 from .migration.progress import ProgressTracker
 from .migration.handles import MigrationHandle, ReceiveHandle
-from .migration.source import MigrationOptions, SourceMigration
+from .migration.source import PAUSE_TIMEOUT_S, MigrationOptions, SourceMigration
 from .testhooks import hook, hooks_from_env
 from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
 
 log = logging.getLogger("vmmpy.vmm")
-PAUSE_TIMEOUT_S = 5.0
 DEFAULT_CMDLINE = "console=ttyS0"
 
 
@@ -93,18 +92,20 @@ class Vmm(ReceiveHooks):
         # Other threads write the exit and api eventfds; this lock keeps them from writing a number
         # that teardown has closed (and the process may have reused).
         self._fd_lock = threading.Lock()
+        self._closing = False  # no more work is queued for the control loop
         self._fds_closed = False
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._console: ConsoleBackend | None = None
         self._vm: _native.Vm | None = None
         self._config: VmConfig | None = None
         self._state: VmState | None = None
-        self._reset_pending = False
+        # A guest request that arrived while paused (or whose migration failed ambiguously): carried
+        # out on resume ("reset" or "shutdown").
+        self._pending_on_resume: str | None = None
         # A lifecycle request replayed from a migration's latch: carried out even on a paused VM.
         self._replay_pending = False
         self._latch = LifecycleLatch()
         self._migration: MigrationHandle | None = None
-        self._migration_settled = threading.Event()
         self._last_progress: dict | None = None
         self._info_cache: dict | None = None
         self._receive: ReceiveHandle | None = None
@@ -139,8 +140,14 @@ class Vmm(ReceiveHooks):
             self._teardown()
 
     def _teardown(self) -> None:
-        if self._receive is not None:
-            self._receive.close()
+        # First nobody may queue work any more, and what is queued fails: a receiver thread
+        # waiting on the control loop must not wait forever (we join it below).
+        with self._fd_lock:
+            self._closing = True
+        self._fail_queued()
+        receive = self._receive
+        if receive is not None:
+            receive.close()
         self._destroy_vm()
         if self._console is not None:
             self._console.close()
@@ -151,14 +158,15 @@ class Vmm(ReceiveHooks):
                        self._migration_fd):
                 os.close(fd)
             self._fds_closed = True
-        # Fail whatever is still queued (nothing can be queued from now on): nobody will serve it.
+        self.events.emit("vmm", "shutdown")
+
+    def _fail_queued(self) -> None:
         while True:
             try:
                 _, fut = self._requests.get_nowait()
             except queue.Empty:
-                break
+                return
             fut.set_exception(VmmShutDown("the VMM has shut down"))
-        self.events.emit("vmm", "shutdown")
 
     def _on_api(self) -> None:
         _drain(self._api_fd)
@@ -191,7 +199,7 @@ class Vmm(ReceiveHooks):
         if request == "shutdown":
             self._guest_shutdown()
         elif self._state is VmState.PAUSED and not replay:
-            self._reset_pending = True  # the reboot happens on resume
+            self._pending_on_resume = "reset"  # the reboot happens on resume
         else:
             self._vm_reboot()
 
@@ -264,7 +272,7 @@ class Vmm(ReceiveHooks):
         _drain(self._reset_fd)
         _drain(self._guest_exit_fd)
         _drain(self._error_fd)
-        self._reset_pending = False
+        self._pending_on_resume = None
         self._replay_pending = False
         self.ownership = Ownership.NONE
 
@@ -305,7 +313,7 @@ class Vmm(ReceiveHooks):
                 self._migration_failed(handle, replay)
         finally:
             self._latch.clear()  # the outcome is handled: nothing stays latched
-            self._migration_settled.set()
+            handle._settled.set()
 
     def _migration_report(self, job: SourceMigration, replayed_on: str | None) -> dict:
         if self._latch.event is not None:
@@ -341,6 +349,8 @@ class Vmm(ReceiveHooks):
             # the operator to resume or delete once the destination's state is known.
             self._state = VmState.PAUSED
             log.warning("migration failed after Complete was sent: the source VM stays paused")
+            if event is not None:
+                self._pending_on_resume = event.request  # carried out if the operator resumes
         elif replay:
             # The guest's own request, through its eventfd; the guest is not resumed past the
             # instruction that made it.
@@ -367,20 +377,18 @@ class Vmm(ReceiveHooks):
         def do():
             if self._config is not None:
                 raise VmAlreadyCreated("a VM exists on this VMM")
-            self._config = incoming.config
-            self._vm = vm
+            # An event came along: the guest asked for reboot/power-off on the source, so it is
+            # not resumed here; its request is replayed through the eventfd the device would have
+            # written. (The complete-paused test hook also takes the VM over without running it.)
+            paused = event is not None or hook("complete-paused") is not None
+            vm.boot(paused=paused)
+            self._config, self._vm = incoming.config, vm
+            self._state = VmState.PAUSED if paused else VmState.RUNNING
             self.ownership = Ownership.OWNED
             self.boot_count += 1
             if event is None:
-                paused = hook("complete-paused") is not None
-                vm.boot(paused=paused)
-                self._state = VmState.PAUSED if paused else VmState.RUNNING
                 self.events.emit("vm", "migration-receive-finished")
                 return
-            # The guest asked for reboot/power-off on the source: it is not resumed here; its
-            # request is replayed through the eventfd the device would have written.
-            vm.boot(paused=True)
-            self._state = VmState.PAUSED
             self.events.emit("vm", "migration-receive-finished", {"lifecycle_event": event.value})
             self._replay_pending = True
             vm.inject_request(event.request)
@@ -394,7 +402,8 @@ class Vmm(ReceiveHooks):
             handle.completed = handle.receiver.serve()
         finally:
             handle.receiver.close()
-            self._receive = None
+            if self._receive is handle:
+                self._receive = None
 
     # ---- calls from other threads -----------------------------------------------------------
 
@@ -405,7 +414,7 @@ class Vmm(ReceiveHooks):
             raise VmmShutDown("the VMM has shut down")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._fd_lock:
-            if self._fds_closed:
+            if self._closing:
                 raise VmmShutDown("the VMM has shut down")
             self._requests.put((fn, fut))
             os.eventfd_write(self._api_fd, 1)
@@ -482,8 +491,11 @@ class Vmm(ReceiveHooks):
             self._vm.resume()
             self._state = VmState.RUNNING
             self.events.emit("vm", "resumed")
-            if self._reset_pending:
+            pending, self._pending_on_resume = self._pending_on_resume, None
+            if pending == "reset":
                 self._vm_reboot()
+            elif pending == "shutdown":
+                self._guest_shutdown()
         self._call(do)
 
     def reboot(self) -> None:
@@ -543,10 +555,9 @@ class Vmm(ReceiveHooks):
                                   self.events, progress, self._latch, hooks_from_env())
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
-            handle = MigrationHandle(job, thread, self._migration_settled)
+            handle = MigrationHandle(job, thread, threading.Event())
             self.ownership = Ownership.MIGRATION
             self._migration = handle
-            self._migration_settled.clear()
             self.events.emit("vm", "migration-started", {"destination_url": opts.destination_url,
                                                          "local": opts.local})
             thread.start()
@@ -578,7 +589,6 @@ class Vmm(ReceiveHooks):
                 raise VmAlreadyCreated("this VMM already has a VM; a receiving VMM must be empty")
             if self._receive is not None:
                 raise InvalidState("already receiving a migration")
-            self._latch.clear()
             caps = None
             if hook("no-lifecycle-capability"):
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
@@ -600,6 +610,9 @@ class Vmm(ReceiveHooks):
             self._require_owned()
             if self._state is not VmState.PAUSED:
                 raise InvalidState(f"snapshot needs a paused VM (state {self._state.value})")
+            if self._pending_on_resume is not None or self._vm.lifecycle_request() is not None:
+                # The guest stands past its own reset/power-off request: a snapshot would lose it.
+                raise InvalidState("the guest asked for reboot or power-off; resume to carry it out first")
             self.events.emit("vm", "snapshotting")
             write_snapshot(directory, self._config.to_api(), encode_state(self._vm.save_state()), self._vm)
             self.events.emit("vm", "snapshotted", {"path": str(directory)})

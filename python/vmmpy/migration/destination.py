@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..errors import MigrationError, VmmError
 from ..snapshot import decode_state
 from . import transport
-from .protocol import JSON_MAX, VERSION, Capability, Command, Connection, Status
+from .protocol import JSON_MAX, MESSAGE_MAX, VERSION, Capability, Command, Connection, Status
 
 log = logging.getLogger("vmmpy.migration")
 
@@ -66,6 +66,7 @@ class Receiver:
         self.state = ReceiveState.ESTABLISHED
         self.closed = threading.Event()
         self.last_error: str | None = None
+        self._active: Connection | None = None  # the source being served, for close()
 
     def serve(self) -> bool:
         """Accepts sources until one migration completes (True) or the listener closes (False)."""
@@ -74,20 +75,26 @@ class Receiver:
                 conn = Connection(transport.accept(self.listener))
             except OSError:
                 return False
+            self._active = conn
             try:
                 if self._serve_connection(conn):
                     return True
             finally:
+                self._active = None
                 conn.close()
         return False
 
     def close(self) -> None:
+        """Stops listening and cuts off a source being served (its attempt fails)."""
         self.closed.set()
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self.listener.close()
+        active = self._active
+        if active is not None:
+            active.shutdown()
 
     def _serve_connection(self, conn: Connection) -> bool:
         self.state = ReceiveState.ESTABLISHED
@@ -100,11 +107,13 @@ class Receiver:
                     command, arg, length, got_fds = conn.read_request()
                 except EOFError:
                     raise MigrationError(f"source closed the connection in state {self.state.value}") from None
-                for fd in got_fds:
-                    if command == Command.MEMORY_FD and arg not in fds and len(got_fds) == 1:
-                        fds[arg] = fd
-                    else:
+                if command == Command.MEMORY_FD and len(got_fds) == 1 and arg not in fds:
+                    fds[arg] = got_fds[0]
+                else:
+                    for fd in got_fds:
                         _close(fd)
+                    if command == Command.MEMORY_FD:
+                        raise MigrationError(f"MemoryFd {arg} without exactly one new fd")
                 incoming, done = self._step(conn, command, arg, length, incoming, fds, fields)
                 if done:
                     return True
@@ -137,7 +146,7 @@ class Receiver:
             self.state = ReceiveState.ABORTED
             raise Abandoned("abandoned")
         if command == Command.START and st is ReceiveState.ESTABLISHED:
-            doc = self._json(conn, length)
+            doc = self._json(conn, length, MESSAGE_MAX)
             if doc.get("version") != VERSION:
                 raise MigrationError(f"source speaks protocol {doc.get('version')!r}, this destination {VERSION}")
             conn.respond(Status.OK, json.dumps({"version": VERSION, "capabilities": self.capabilities}).encode())
@@ -146,16 +155,14 @@ class Receiver:
             return incoming, False
         if command == Command.MEMORY_FD and st is ReceiveState.STARTED:
             conn.read_payload(length, 0)
-            if arg not in fds:
-                raise MigrationError("MemoryFd without exactly one fd")
             conn.respond(Status.OK)
             return incoming, False
         if command == Command.CONFIG and st is ReceiveState.STARTED:
             doc = self._json(conn, length)
             local = bool(doc.get("local"))
-            memory_fds = [fds[i] for i in sorted(fds)] if local else None
-            if local and not memory_fds:
-                raise MigrationError("local migration without memory fds")
+            if local and (not fds or sorted(fds) != list(range(len(fds)))):
+                raise MigrationError(f"local migration needs memory fds for regions 0..n-1, got {sorted(fds)}")
+            memory_fds = [fds[i] for i in range(len(fds))] if local else None
             incoming = self.hooks.build_vm(doc.get("config") or {}, memory_fds)
             conn.respond(Status.OK)
             self.state = ReceiveState.CONFIGURED
@@ -174,8 +181,12 @@ class Receiver:
         if command == Command.COMPLETE and st is ReceiveState.STATE_RECEIVED:
             conn.read_payload(length, 0)
             self.hooks.complete(incoming, fields)
+            # From here the VMM owns the VM and runs it: whatever happens to this reply.
             self.state = ReceiveState.COMPLETED
-            conn.respond(Status.OK)
+            try:
+                conn.respond(Status.OK)
+            except Exception as e:  # noqa: BLE001 - the source may be gone; the guest runs here
+                log.warning("migration completed, but the source was not told: %s", e)
             return incoming, True
         try:
             name = Command(command).name
@@ -184,8 +195,8 @@ class Receiver:
         raise MigrationError(f"command {name} is not allowed in state {st.value}")
 
     @staticmethod
-    def _json(conn: Connection, length: int) -> dict:
-        data = conn.read_payload(length, JSON_MAX)
+    def _json(conn: Connection, length: int, bound: int = JSON_MAX) -> dict:
+        data = conn.read_payload(length, bound)
         try:
             doc = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -26,10 +26,8 @@ class MigrationHandle:
 
     def wait(self, timeout: float | None = None) -> dict:
         """Waits for the outcome; returns the final progress or raises the migration's error."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._settled.wait(timeout):  # set once the VMM has handled the outcome
             raise TimeoutError("the migration is still running")
-        self._settled.wait(timeout)
         if self.error is not None:
             raise self.error
         return self.progress()

@@ -57,6 +57,16 @@ class Connection:
     def close(self) -> None:
         self.sock.close()
 
+    def abandon(self, timeout_s: float = 2.0) -> None:
+        """Tells the destination to drop this attempt, without waiting long for a dead peer."""
+        tv = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self.request(Command.ABANDON)
+        except (OSError, MigrationError):
+            pass  # the connection may be what failed
+
     def shutdown(self) -> None:
         """Ends both directions now; blocked reads and writes on it return at once."""
         try:
@@ -100,9 +110,11 @@ class Connection:
         header = HEADER.pack(command, 0, arg, len(payload))
         if fds:
             try:
-                self.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                sent = self.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
             except OSError as e:
                 raise MigrationError(f"passing memory fds failed: {e.strerror or e}") from None
+            if sent < len(header):
+                self._send(header[sent:])
         else:
             self._send(header + payload)
             return

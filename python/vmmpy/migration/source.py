@@ -25,6 +25,7 @@ CHUNK_BYTES = 64 << 20  # one Memory frame; cancel and timeouts are checked betw
 THROTTLE_STEP = 10
 THROTTLE_MAX = 99
 THROTTLE_SLICE_S = 0.1
+PAUSE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Throttle:
     def __init__(self, vm):
         self.vm = vm
         self.percent = 0
+        self.error: Exception | None = None  # why throttling stopped early, if it did
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -89,12 +91,17 @@ class Throttle:
         return self.percent
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            off = THROTTLE_SLICE_S * self.percent / 100
-            self.vm.pause(1.0)
-            self._stop.wait(off)
-            self.vm.resume()
-            self._stop.wait(THROTTLE_SLICE_S - off)
+        try:
+            while not self._stop.is_set():
+                off = THROTTLE_SLICE_S * self.percent / 100
+                try:
+                    self.vm.pause(1.0)
+                    self._stop.wait(off)
+                finally:
+                    self.vm.resume()  # never leave the guest stopped, whatever failed
+                self._stop.wait(THROTTLE_SLICE_S - off)
+        except Exception as e:  # noqa: BLE001 - throttling is best effort; the migration goes on
+            self.error = e
 
     def stop(self) -> None:
         """Ends throttling with the vCPUs running."""
@@ -121,6 +128,7 @@ class SourceMigration:
         self.cancel_requested = threading.Event()
         self.paused = False  # whether this worker paused the VM (and so who resumes it on failure)
         self.complete_sent = False
+        self._in_frame = False  # a Memory frame is being written: no other request may start
         self.pause_time: float | None = None
         self._start = time.monotonic()
         self._dirty_logging = False
@@ -145,14 +153,13 @@ class SourceMigration:
         conn = Connection(transport.connect(url))
         self._conn = conn
         try:
+            self._check_cancel()  # a cancel that came while connecting
             self._migrate(conn)
         except BaseException as e:
             if self.cancel_requested.is_set() and not isinstance(e, MigrationCancelled):
                 raise MigrationCancelled("migration cancelled") from e
-            try:
-                conn.request(Command.ABANDON)
-            except Exception:  # noqa: BLE001 - the connection may be what failed
-                pass
+            if not self._in_frame and not isinstance(e, PeerError):
+                conn.abandon()  # at a frame boundary; a refusing peer has dropped the attempt already
             raise
         finally:
             self._cleanup()
@@ -252,7 +259,9 @@ class SourceMigration:
             if self._shortcut():
                 break
             self.progress.update(remaining=left)
+            self._in_frame = True
             sent, pages, zero_pages = self.vm.send_memory(conn.fileno(), chunk)
+            self._in_frame = False
             conn.read_response()
             total += sent
             left -= chunk.total_bytes
@@ -269,8 +278,8 @@ class SourceMigration:
         if self._throttle is not None:
             self._throttle.stop()
         self.pause_time = time.monotonic()
-        self.vm.pause(5.0)
-        self.paused = True
+        self.paused = True  # even if the pause fails half-way, the failure path resumes the vCPUs
+        self.vm.pause(PAUSE_TIMEOUT_S)
         if "request-at-pause" in self.hooks:
             # The window of Cloud Hypervisor issue 8917: a request made as the vCPUs stop.
             self.vm.inject_request(self.hooks["request-at-pause"])
