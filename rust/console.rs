@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::error::Result;
@@ -16,9 +16,34 @@ pub trait InputListener: Send + Sync {
 }
 
 struct Output {
+    /// Non-blocking unless it is a regular file: a stopped terminal, a full pipe or a slow socket
+    /// client loses output rather than stall the vCPU that writes it.
     fd: OwnedFd,
-    /// Socket clients are nonblocking and dropped on error; files and terminals are written fully.
+    /// Socket clients are dropped on error; a file's or terminal's error is only reported by
+    /// lost output.
     client: bool,
+}
+
+/// A descriptor for writing console output to `fd`. A regular file is written as it is (it never
+/// blocks for long); anything else (a terminal, a pipe) is reopened as a new, non-blocking open
+/// file, so the caller's own descriptor keeps its blocking mode.
+fn open_output(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: fstat into a zeroed stat buffer we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the result is checked.
+    let regular = unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    if !regular {
+        let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a path of digits");
+        // SAFETY: a valid C string; the result is checked.
+        let new = unsafe {
+            libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+        };
+        if new >= 0 {
+            // SAFETY: `new` is a fresh descriptor owned by nobody else.
+            return Ok(unsafe { OwnedFd::from_raw_fd(new) });
+        }
+    }
+    dup_owned(fd, "console fd")
 }
 
 /// Output kept for the next socket client while none is connected, like a UART line's FIFO.
@@ -61,7 +86,7 @@ impl Console {
             *console.0.backlog.lock().unwrap() = Some(VecDeque::new());
         }
         if let Some(fd) = output_fd {
-            console.0.outputs.lock().unwrap().push(Output { fd: dup_owned(fd, "console fd")?, client: false });
+            console.0.outputs.lock().unwrap().push(Output { fd: open_output(fd)?, client: false });
         }
         Ok(console)
     }
@@ -89,12 +114,13 @@ impl Console {
         self.0.outputs.lock().unwrap().iter().filter(|o| o.client).count()
     }
 
-    /// Guest output. A slow or gone socket client loses bytes rather than stall the vCPU.
+    /// Guest output. A slow output loses bytes rather than stall the vCPU; a gone socket client
+    /// is dropped.
     pub fn write_output(&self, data: &[u8]) {
         let mut outputs = self.0.outputs.lock().unwrap();
         outputs.retain(|o| match write_all(o.fd.as_raw_fd(), data) {
             Ok(()) => true,
-            Err(e) if o.client && e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
             Err(_) => !o.client,
         });
         if outputs.is_empty() {

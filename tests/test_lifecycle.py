@@ -195,3 +195,26 @@ def test_a_second_reset_arriving_with_the_first_is_drained(guest_vmm):
     serial.command("echo still here", rb"still here\r\n")
     time.sleep(0.3)
     assert len([e for e in vmm.events.events("vm.rebooted") if e["seq"] >= seq]) == 1
+
+
+def test_a_console_output_nobody_reads_does_not_stall_the_guest(tmp_path):
+    """A terminal or pipe that stops reading loses output; the vCPU writing it never blocks, so
+    pause still answers at once."""
+    r, w = os.pipe()
+    fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
+    console = _native.Console(w)
+    vm = _native.Vm(memory_size=64 << 20, vcpus=1, kernel=None, initramfs=None, cmdline="console=ttyS0",
+                    console=console, reset_fd=fds[0], guest_exit_fd=fds[1], error_fd=fds[2])
+    try:
+        vm.boot()
+        for _ in range(2000):  # far more echo output than a pipe holds
+            console.push_input(b"echo " + b"x" * 100 + b"\n")
+        time.sleep(1.0)
+        vm.pause(1.0)
+        assert vm.vcpu_states() == ["paused"]
+        assert os.get_blocking(w)  # the caller's own descriptor keeps its mode
+    finally:
+        vm.stop()
+        console.close()
+        for fd in (r, w, *fds):
+            os.close(fd)
