@@ -149,8 +149,7 @@ def read_snapshot(directory: Path) -> tuple[dict, dict]:
         raise InvalidConfig(f"snapshot {directory}: missing {Path(e.filename).name}") from None
     except json.JSONDecodeError as e:
         raise InvalidConfig(f"snapshot {directory}: malformed JSON: {e}") from None
-    check_version(state)
-    return config, state
+    return config, state  # decode_state checks the version, before anything is built
 
 
 def _write_json(path: Path, doc: dict) -> None:

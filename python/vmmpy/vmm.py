@@ -243,6 +243,8 @@ class Vmm(ReceiveHooks):
         self._console.register(self._selector)
 
     def _new_native_vm(self, cfg: VmConfig, restore: bool = False, memory_fds: list[int] | None = None):
+        """A native VM on the VMM's console (the command line's serial wins over the config's)."""
+        self._open_console(self._serial_override or cfg.serial)
         return _native.Vm(
             memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=cfg.kernel, initramfs=cfg.initramfs,
             cmdline=cfg.cmdline if cfg.cmdline is not None else DEFAULT_CMDLINE,
@@ -251,7 +253,6 @@ class Vmm(ReceiveHooks):
 
     def _build_and_boot(self) -> None:
         cfg = self._config
-        self._open_console(self._serial_override or cfg.serial)
         vm = self._new_native_vm(cfg)
         try:
             vm.boot()
@@ -365,7 +366,6 @@ class Vmm(ReceiveHooks):
             if self._config is not None:
                 raise VmAlreadyCreated("a VM exists on this VMM")
             cfg = VmConfig.from_api(config_api)
-            self._open_console(self._serial_override or cfg.serial)
             return Incoming(self._new_native_vm(cfg, restore=True, memory_fds=memory_fds), cfg)
         return self._call(do)
 
@@ -639,7 +639,6 @@ class Vmm(ReceiveHooks):
             if self._config is not None:
                 raise VmAlreadyCreated("this VMM already has a VM")
             self.events.emit("vm", "restoring", {"path": str(directory)})
-            self._open_console(self._serial_override or cfg.serial)
             vm = self._new_native_vm(cfg, restore=True)
             try:
                 for i, _ in enumerate(vm.memory_regions()):
