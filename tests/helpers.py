@@ -102,9 +102,10 @@ class VmmProcess:
         self.log_path = tmp / f"{name}.log"
         cmd = [sys.executable, "-m", "vmmpy.cli", "--api-socket", self.api_path,
                "--serial", f"socket={self.serial_path}", "--event-monitor", f"path={self.events_path}", *args]
+        if hooks:
+            cmd += ["--test-hooks", hooks]
         self.log = open(self.log_path, "wb")
-        env = dict(os.environ, VMMPY_TEST_HOOKS=hooks)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.api = ApiClient(self.api_path)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.api_path):

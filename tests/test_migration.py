@@ -8,6 +8,11 @@ from helpers import SerialClient
 from migration_helpers import free_port, send, start_receive, url_for, wait_progress
 
 
+# A dirtying guest converges by itself on loopback (the link outruns its dirty rate), so the tests
+# that need pre-copy to last until they act slow the link down: every Memory frame waits 100 ms.
+SLOW_LINK = "frame-delay-ms=100"
+
+
 def _pair(vmm_process, vcpus=2, memory="512M", src_hooks=""):
     src = vmm_process("--cpus", f"boot={vcpus}", "--memory", f"size={memory}", name="src", hooks=src_hooks)
     dst = vmm_process(name="dst")
@@ -48,11 +53,10 @@ def test_migrate(vmm_process, tmp_path, transport, workload):
 
 
 def test_cancel_during_precopy_keeps_the_source_running(vmm_process, tmp_path):
-    src, dst, boot_id = _pair(vmm_process)
+    src, dst, boot_id = _pair(vmm_process, src_hooks=SLOW_LINK)
     src.serial.command("dirty 256", "DIRTY STARTED")
     url = url_for("tcp", tmp_path, free_port())
     start_receive(dst, url)
-    # A downtime target the dirtying guest can never meet keeps the migration in pre-copy.
     send(src, url, downtime_ms=1, auto_converge=False)
     wait_progress(src, lambda p: p["iteration"] >= 2)
     assert src.api.request("PUT", "/api/v1/vm.cancel-migration")[0] == 204
@@ -89,7 +93,7 @@ def test_timeout_cancels_without_auto_converge_and_completes_with_it(vmm_process
 
 
 def test_destination_killed_during_precopy(vmm_process, tmp_path):
-    src, dst, boot_id = _pair(vmm_process)
+    src, dst, boot_id = _pair(vmm_process, src_hooks=SLOW_LINK)
     src.serial.command("dirty 256", "DIRTY STARTED")
     url = url_for("tcp", tmp_path, free_port())
     start_receive(dst, url)
@@ -113,7 +117,7 @@ def test_destination_killed_during_precopy(vmm_process, tmp_path):
 
 
 def test_source_killed_during_precopy_leaves_a_clean_destination(vmm_process, tmp_path):
-    src, dst, _ = _pair(vmm_process)
+    src, dst, _ = _pair(vmm_process, src_hooks=SLOW_LINK)
     src.serial.command("dirty 256", "DIRTY STARTED")
     url = url_for("unix", tmp_path, 0)
     receiver = start_receive(dst, url)
@@ -133,16 +137,17 @@ def test_source_killed_during_precopy_leaves_a_clean_destination(vmm_process, tm
     assert m.group(1).decode() == boot_id2
 
 
-def test_destination_memory_equals_the_source(tmp_path, monkeypatch):
+def test_destination_memory_equals_the_source(tmp_path):
     """With the source kept paused after success and the destination completed paused, every byte
     of guest RAM on both sides is equal (test hooks)."""
     from vmmpy import Vmm
     from vmmpy.config import SerialConfig, VmConfig
+    from vmmpy.testhooks import TestHooks
 
-    monkeypatch.setenv("VMMPY_TEST_HOOKS", "keep-source=1,complete-paused=1")
     sock = str(tmp_path / "src.sock")
-    src = Vmm(serial=SerialConfig(mode="Socket", socket=sock), no_shutdown=True)
-    dst = Vmm(serial=SerialConfig(mode="Null"))
+    src = Vmm(serial=SerialConfig(mode="Socket", socket=sock), no_shutdown=True,
+              test_hooks=TestHooks(keep_source=True))
+    dst = Vmm(serial=SerialConfig(mode="Null"), test_hooks=TestHooks(complete_paused=True))
     serial = SerialClient(sock)
     try:
         src.create(VmConfig(memory_mib=256, vcpus=2))

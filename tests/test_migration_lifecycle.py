@@ -94,7 +94,7 @@ def _new_banner(serial, old: str) -> str:
 def test_lifecycle_during_migration(vmm_process, tmp_path, cell: Cell):
     local = cell.outcome == "local"
     src = vmm_process("--cpus", "boot=2", "--memory", "size=384M", name="src", hooks=_hooks(cell))
-    dst_hooks = "no-lifecycle-capability=1" if cell.outcome == "no-capability" else ""
+    dst_hooks = "no-lifecycle-capability=on" if cell.outcome == "no-capability" else ""
     dst = vmm_process("--no-shutdown", name="dst", hooks=dst_hooks) if cell.event == "poweroff" and \
         cell.timing == "after-complete" else vmm_process(name="dst", hooks=dst_hooks)
     boot_id = _boot_id(src.serial)
@@ -266,7 +266,7 @@ def test_reboot_then_poweroff_in_one_migration_first_wins(vmm_process, tmp_path)
 def test_failed_migration_with_latch_then_clean_migration(vmm_process, tmp_path):
     """No stale latch: the second migration carries nothing."""
     src = vmm_process("--cpus", "boot=2", "--memory", "size=384M", name="src", hooks="frame-delay-ms=150")
-    bad = vmm_process(name="bad", hooks="no-lifecycle-capability=1")
+    bad = vmm_process(name="bad", hooks="no-lifecycle-capability=on")
     boot_id = _boot_id(src.serial)
     src.serial.command("dirty 192", "DIRTY STARTED")
     url = f"tcp:127.0.0.1:{free_port()}"

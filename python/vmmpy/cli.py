@@ -29,6 +29,7 @@ from vmmpy.config import (
 )
 from vmmpy.errors import InvalidConfig, VmmError
 from vmmpy.events import EventMonitor, parse_event_monitor
+from vmmpy.testhooks import NO_HOOKS, TestHooks
 
 PROG = "vmmpy"
 log = logging.getLogger("vmmpy.cli")
@@ -106,6 +107,11 @@ def build_parser() -> OneLineParser:
         "--no-shutdown",
         action="store_true",
         help="keep the VMM running when the guest powers off",
+    )
+    p.add_argument(
+        "--test-hooks",
+        metavar="NAME=VALUE,...",
+        help="timing windows for vmmpy's own test suite (see vmmpy.testhooks); never in production",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
     p.add_argument("--version", action="version", version=version_line())
@@ -204,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serial=serial if serial is not None else SerialConfig(),
                 **vm_args,
             )
+        test_hooks = TestHooks.parse(args.test_hooks) if args.test_hooks else NO_HOOKS
         monitor_args = parse_event_monitor(args.event_monitor) if args.event_monitor else None
         # Opened here, so a bad path is a usage error (a FIFO blocks until its reader opens).
         monitor = EventMonitor(**monitor_args) if monitor_args is not None else None
@@ -218,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot load the VMM core: {e}")
 
     try:
-        vmm = Vmm(serial=serial, event_monitor=monitor, no_shutdown=args.no_shutdown)
+        vmm = Vmm(serial=serial, event_monitor=monitor, no_shutdown=args.no_shutdown, test_hooks=test_hooks)
     except VmmError as e:
         if monitor is not None:
             monitor.close()

@@ -1,26 +1,80 @@
 """Test hooks: timing windows that the test suite must hit deliberately (a slow link, a request at
-the very moment of the final pause, ...). Off unless VMMPY_TEST_HOOKS is set in the environment."""
+the very moment of the final pause, ...).
+
+Absent by default. A :class:`TestHooks` is made once, by the caller that wants it (the test suite
+through ``vmmpy --test-hooks SPEC``, or ``Vmm(test_hooks=TestHooks(...))``), handed to the VMM
+explicitly, and logged as a warning when any hook is on. Nothing reads the environment.
+"""
 
 from __future__ import annotations
 
-import os
+import logging
+from dataclasses import asdict, dataclass, fields
+
+from .config import parse_toggle, split_options
+from .errors import InvalidConfig
+
+log = logging.getLogger("vmmpy.testhooks")
+
+REQUESTS_AT_PAUSE = ("reset", "shutdown")
 
 
-def hooks_from_env() -> dict[str, str]:
-    """Test hooks, from VMMPY_TEST_HOOKS="name=value,...". Source side: `request-at-pause=reset|
-    shutdown` (a lifecycle request lands right as the final pause completes), `frame-delay-ms=N`
-    (a slow link: each Memory frame waits N ms), `final-phase-delay-ms=N` (a window between the
-    switch to the final phase and the pause), `complete-delay-ms=N` (a window between State and
-    Complete), `keep-source=1` (after success the source keeps its VM, paused). Destination side:
-    `complete-paused=1` (take over without resuming), `no-lifecycle-capability=1` (behave like a
-    destination that cannot carry lifecycle events)."""
-    hooks = {}
-    for item in os.environ.get("VMMPY_TEST_HOOKS", "").split(","):
-        key, sep, value = item.partition("=")
-        if sep:
-            hooks[key] = value
-    return hooks
+@dataclass(frozen=True)
+class TestHooks:
+    """Source side: ``frame_delay_ms`` (a slow link: each Memory frame waits this long),
+    ``final_phase_delay_ms`` (a window between the switch to the final phase and the pause),
+    ``complete_delay_ms`` (a window between State and Complete), ``request_at_pause`` (a guest
+    ``reset`` or ``shutdown`` request lands right as the final pause completes), ``keep_source``
+    (after success the source keeps its VM, paused). Destination side: ``complete_paused`` (take
+    over without resuming), ``no_lifecycle_capability`` (behave like a destination that cannot
+    carry lifecycle events)."""
+
+    __test__ = False  # not a pytest test class, despite its name
+
+    frame_delay_ms: int = 0
+    final_phase_delay_ms: int = 0
+    complete_delay_ms: int = 0
+    request_at_pause: str | None = None
+    keep_source: bool = False
+    complete_paused: bool = False
+    no_lifecycle_capability: bool = False
+
+    def __post_init__(self) -> None:
+        if self.request_at_pause not in (None, *REQUESTS_AT_PAUSE):
+            raise InvalidConfig(f"test hook request-at-pause={self.request_at_pause!r}: expected reset or shutdown")
+        for name in ("frame_delay_ms", "final_phase_delay_ms", "complete_delay_ms"):
+            if getattr(self, name) < 0:
+                raise InvalidConfig(f"test hook {name.replace('_', '-')}: must not be negative")
+
+    @classmethod
+    def parse(cls, spec: str) -> "TestHooks":
+        """``"frame-delay-ms=150,keep-source=on"`` → hooks; unknown names and bad values are refused."""
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, object] = {}
+        for key, value in split_options(spec, "--test-hooks"):
+            name = key.replace("-", "_")
+            if name not in types or value is None:
+                raise InvalidConfig(f"--test-hooks {spec!r}: unknown hook or missing value in {key!r}; "
+                                    f"hooks: {', '.join(n.replace('_', '-') for n in types)}")
+            if types[name] == "bool":
+                values[name] = parse_toggle(value, f"--test-hooks {key}")
+            elif types[name] == "int":
+                if not value.isdigit():
+                    raise InvalidConfig(f"--test-hooks {key}={value!r}: expected a number")
+                values[name] = int(value)
+            else:
+                values[name] = value
+        return cls(**values)
+
+    @property
+    def active(self) -> dict[str, object]:
+        """The hooks that are on (empty when none is)."""
+        defaults = asdict(TestHooks())
+        return {k: v for k, v in asdict(self).items() if v != defaults[k]}
+
+    def announce(self) -> None:
+        if self.active:
+            log.warning("TEST HOOKS ACTIVE (never use in production): %s", self.active)
 
 
-def hook(name: str) -> str | None:
-    return hooks_from_env().get(name)
+NO_HOOKS = TestHooks()

@@ -34,7 +34,7 @@ from .migration.protocol import Capability
 from .migration.progress import ProgressTracker
 from .migration.handles import MigrationHandle, ReceiveHandle
 from .migration.source import PAUSE_TIMEOUT_S, MigrationOptions, SourceMigration
-from .testhooks import hook, hooks_from_env
+from .testhooks import NO_HOOKS, TestHooks
 from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
 
 log = logging.getLogger("vmmpy.vmm")
@@ -79,8 +79,10 @@ class _ClassOrInstance:
 
 class Vmm(ReceiveHooks):
     def __init__(self, *, serial: SerialConfig | None = None, event_monitor: EventMonitor | None = None,
-                 no_shutdown: bool = False):
+                 no_shutdown: bool = False, test_hooks: TestHooks = NO_HOOKS):
         self.events = event_monitor or EventMonitor()
+        self.test_hooks = test_hooks
+        test_hooks.announce()
         self.no_shutdown = no_shutdown
         self._serial_override = serial
         self._reset_fd = _eventfd()
@@ -327,7 +329,7 @@ class Vmm(ReceiveHooks):
         self.events.emit("vm", "migration-finished", {"downtime_ms": self._last_progress["downtime_ms"],
                                                       "total_time_ms": self._last_progress["total_time_ms"],
                                                       **report})
-        if hook("keep-source"):
+        if self.test_hooks.keep_source:
             self._state = VmState.PAUSED  # for comparing memory with the destination's
             return
         # The destination runs the guest now: tear ours down.
@@ -380,7 +382,7 @@ class Vmm(ReceiveHooks):
             # An event came along: the guest asked for reboot/power-off on the source, so it is
             # not resumed here; its request is replayed through the eventfd the device would have
             # written. (The complete-paused test hook also takes the VM over without running it.)
-            paused = event is not None or hook("complete-paused") is not None
+            paused = event is not None or self.test_hooks.complete_paused
             vm.boot(paused=paused)
             self._config, self._vm = incoming.config, vm
             self._state = VmState.PAUSED if paused else VmState.RUNNING
@@ -552,7 +554,7 @@ class Vmm(ReceiveHooks):
             progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
                                        downtime_configured_ms=opts.downtime_ms)
             job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_bytes, opts,
-                                  self.events, progress, self._latch, hooks_from_env())
+                                  self.events, progress, self._latch, self.test_hooks)
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
             handle = MigrationHandle(job, thread, threading.Event())
@@ -590,7 +592,7 @@ class Vmm(ReceiveHooks):
             if self._receive is not None:
                 raise InvalidState("already receiving a migration")
             caps = None
-            if hook("no-lifecycle-capability"):
+            if self.test_hooks.no_lifecycle_capability:
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
             receiver = Receiver(transport.listen(url), self, caps)
             thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from ..errors import InvalidConfig, MigrationCancelled, MigrationError
 from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from ..snapshot import encode_state
+from ..testhooks import NO_HOOKS, TestHooks
 from . import transport
 from .progress import ProgressTracker
 from .protocol import VERSION, Capability, Command, Connection, PeerError
@@ -115,11 +116,10 @@ class SourceMigration:
     """Runs one outgoing migration on the caller's thread (the VMM's migration worker)."""
 
     def __init__(self, vm, config_api: dict, memory_size: int, options: MigrationOptions, events,
-                 progress: ProgressTracker, latch: LifecycleLatch, hooks: dict[str, str] | None = None):
+                 progress: ProgressTracker, latch: LifecycleLatch, hooks: TestHooks = NO_HOOKS):
         self.vm = vm
         self.latch = latch
-        # Test hooks (vmmpy.testhooks): timing windows tests must hit deliberately.
-        self.hooks = hooks or {}
+        self.hooks = hooks  # timing windows tests must hit deliberately
         self.config_api = config_api
         self.memory_size = memory_size
         self.opts = options
@@ -251,7 +251,7 @@ class SourceMigration:
         total = 0
         chunks = table.split(CHUNK_BYTES)
         left = table.total_bytes
-        frame_delay = int(self.hooks.get("frame-delay-ms", 0)) / 1000
+        frame_delay = self.hooks.frame_delay_ms / 1000
         for chunk in chunks:
             if frame_delay and not self.paused:
                 self.cancel_requested.wait(frame_delay)
@@ -273,16 +273,16 @@ class SourceMigration:
 
     def _final_phase(self, conn: Connection, remaining) -> None:
         self.progress.update(phase="completing")
-        self.cancel_requested.wait(int(self.hooks.get("final-phase-delay-ms", 0)) / 1000)
+        self.cancel_requested.wait(self.hooks.final_phase_delay_ms / 1000)
         self._check_cancel()
         if self._throttle is not None:
             self._throttle.stop()
         self.pause_time = time.monotonic()
         self.paused = True  # even if the pause fails half-way, the failure path resumes the vCPUs
         self.vm.pause(PAUSE_TIMEOUT_S)
-        if "request-at-pause" in self.hooks:
+        if self.hooks.request_at_pause is not None:
             # The window of Cloud Hypervisor issue 8917: a request made as the vCPUs stop.
-            self.vm.inject_request(self.hooks["request-at-pause"])
+            self.vm.inject_request(self.hooks.request_at_pause)
         # A request a vCPU made just before parking may still sit unread in its eventfd: the VM's
         # own record of its first request is what counts (it is written before the eventfd).
         request = self.vm.lifecycle_request()
@@ -301,7 +301,7 @@ class SourceMigration:
         extra = {"post_migration_lifecycle_event": event.value} if event is not None else {}
         state = encode_state(self.vm.save_state(), **extra)
         conn.request_json(Command.STATE, state)
-        self.cancel_requested.wait(int(self.hooks.get("complete-delay-ms", 0)) / 1000)
+        self.cancel_requested.wait(self.hooks.complete_delay_ms / 1000)
         self._check_cancel()
         # From here on, a failure leaves it unknown whether the destination runs the guest.
         self.complete_sent = True
