@@ -22,7 +22,7 @@ BANNER = re.compile(rb"vmmpy-testguest boot_id=([0-9a-f]{16}) cpus=(\d+) mem_mib
 class SerialClient:
     """A client on a VMM's console socket: reads guest output, types commands."""
 
-    def __init__(self, path: str, timeout: float = 20.0):
+    def __init__(self, path: str, timeout: float = 60.0):
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -49,7 +49,7 @@ class SerialClient:
         self.buf += data
         return True
 
-    def expect(self, pattern: bytes | str, timeout: float = 20.0) -> re.Match:
+    def expect(self, pattern: bytes | str, timeout: float = 60.0) -> re.Match:
         """Waits for `pattern` in output not yet consumed; consumes up to the end of the match."""
         if isinstance(pattern, str):
             pattern = pattern.encode()
@@ -68,11 +68,11 @@ class SerialClient:
     def send(self, line: str) -> None:
         self.sock.sendall(line.encode() + b"\n")
 
-    def command(self, line: str, answer: bytes | str, timeout: float = 20.0) -> re.Match:
+    def command(self, line: str, answer: bytes | str, timeout: float = 60.0) -> re.Match:
         self.send(line)
         return self.expect(answer, timeout)
 
-    def wait_dirty_pass(self, timeout: float = 30.0) -> None:
+    def wait_dirty_pass(self, timeout: float = 90.0) -> None:
         """After `dirty`: polls `status` until every vCPU has swept its whole share at least once
         since this call (its generation is two above the highest one seen at the start)."""
         status = rb"STATUS .* dirty=on mib=\d+ gen=(\d+) min_gen=(\d+)\r\n"
@@ -82,7 +82,7 @@ class SerialClient:
             assert time.monotonic() < deadline, "the dirty workload makes no progress"
             time.sleep(0.02)
 
-    def wait_ready(self, timeout: float = 30.0) -> tuple[str, int]:
+    def wait_ready(self, timeout: float = 90.0) -> tuple[str, int]:
         m = self.expect(BANNER, timeout)
         self.expect(rb"READY\r?\n", timeout)
         return m.group(1).decode(), int(m.group(2))
@@ -107,7 +107,7 @@ class VmmProcess:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.api = ApiClient(self.api_path)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90
         while not os.path.exists(self.api_path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"vmmpy did not start: {self.log_path.read_text()}")
@@ -130,14 +130,14 @@ class VmmProcess:
     def event_names(self) -> list[str]:
         return [f"{e['source']}.{e['event']}" for e in self.events()]
 
-    def wait_event(self, name: str, count: int = 1, timeout: float = 30.0) -> None:
+    def wait_event(self, name: str, count: int = 1, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while self.event_names().count(name) < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"event {name} x{count} not seen; events: {self.event_names()}")
             time.sleep(0.02)
 
-    def wait_exit(self, timeout: float = 30.0) -> int:
+    def wait_exit(self, timeout: float = 90.0) -> int:
         return self.proc.wait(timeout)
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ def progress(vmm: VmmProcess) -> dict:
     return body
 
 
-def wait_progress(vmm: VmmProcess, pred, timeout: float = 60.0) -> dict:
+def wait_progress(vmm: VmmProcess, pred, timeout: float = 120.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         p = progress(vmm)

@@ -101,7 +101,10 @@ def test_parked_vcpu_does_not_block_pause(tmp_path):
         vm.pause(2.0)  # returns: the parked vCPU acknowledges
         assert vm.vcpu_states() == ["paused", "paused"]
         vm.resume()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while vm.vcpu_states()[0] == "paused":  # until it has acted on the resume
+            assert time.monotonic() < deadline, "the vCPU never left pause"
+            time.sleep(0.005)
         assert vm.vcpu_states()[0] == "parked"  # it runs no more guest code
         assert vm.lifecycle_request() == "reset"
         serial.expect(b"REBOOTING acpi")
@@ -135,7 +138,7 @@ def test_reset_requested_while_pausing_happens_on_resume(guest_vmm):
 
     vmm._call(park_then_pause)
     serial.expect("REBOOTING kbd")
-    time.sleep(0.2)
+    vmm.info()  # two control-loop round trips: the reset eventfd has been handled
     assert vmm.info()["state"] == "Paused"
     assert not [e for e in vmm.events.events("vm.rebooting") if e["seq"] >= seq]
     vmm.resume()
@@ -193,7 +196,8 @@ def test_a_second_reset_arriving_with_the_first_is_drained(guest_vmm):
     second_id, _ = serial.wait_ready()
     assert second_id != first_id
     serial.command("echo still here", rb"still here\r\n")
-    time.sleep(0.3)
+    vmm.info()  # two control-loop round trips: a second reset would have been handled
+    vmm.info()
     assert len([e for e in vmm.events.events("vm.rebooted") if e["seq"] >= seq]) == 1
 
 

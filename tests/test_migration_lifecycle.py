@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -78,6 +77,15 @@ def _hooks(cell: Cell) -> str:
     return ",".join(hooks)
 
 
+def _settled(vmm) -> None:
+    """A positive sign that the VMM has acted on everything already asked of it: its guest answers,
+    and an API call made now is served after every control-loop job queued before it (a replayed
+    guest request, a source's teardown after migration-finished)."""
+    if vmm.api.request("GET", "/api/v1/vm.info")[0] == 200:
+        vmm.serial.command("echo settled", rb"settled\r\n")
+    vmm.api.request("GET", "/api/v1/vm.info")
+
+
 def _boot_id(serial) -> str:
     return serial.wait_ready()[0]
 
@@ -135,8 +143,7 @@ def test_lifecycle_during_migration(vmm_process, tmp_path, cell: Cell):
         else:
             src.api.request("PUT", "/api/v1/vmm.shutdown")
     if cell.timing == "after-state":
-        wait_progress(src, lambda p: p["phase"] == "completing")
-        time.sleep(0.3)  # the source is paused: the guest cannot act on this
+        wait_progress(src, lambda p: p["phase"] == "state-sent")  # paused, state captured
         src.serial.send(GUEST_EVENTS[cell.event])
 
     if cell.event in ("sigterm", "vmm.shutdown"):
@@ -222,7 +229,7 @@ def _check_success(src, dst, receive, cell, boot_id, latched):
                 _new_banner(dst.serial, boot_id)
                 dst.serial.command("verify", rb"VERIFY OK \d+\r\n")
         else:
-            time.sleep(0.5)
+            _settled(dst)
             assert "vm.rebooting" not in dst.event_names()
             # Only the reboot the guest did before the migration started, on the source.
             assert src.event_names().count("vm.rebooting") == (1 if cell.timing == "before-start" else 0)
@@ -286,17 +293,35 @@ def test_failed_migration_with_latch_then_clean_migration(vmm_process, tmp_path)
     assert fin["lifecycle_event"] is None
     m = good.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
     assert m.group(1).decode() == new_id
-    time.sleep(0.3)
+    _settled(good)
     assert "vm.rebooting" not in good.event_names()
 
 
-def _fds(pid: int) -> list[str]:
-    """What the process's fds point at (sockets by inode are all different: kind only)."""
+def _unix_socket_paths() -> dict[str, str]:
+    """socket inode -> bound path, for every Unix socket on the host (accepted ones carry their
+    listener's path)."""
+    out = {}
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 8:
+                out[parts[6]] = parts[7]
+    return out
+
+
+def _fds(vmm) -> list[str]:
+    """What the process's fds point at (sockets and anon inodes by kind only). Connections to the
+    API socket are left out: the test's own API calls come and go, and the server closes its end
+    asynchronously after answering."""
+    paths = _unix_socket_paths()
     out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    for fd in os.listdir(f"/proc/{vmm.proc.pid}/fd"):
         try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            target = os.readlink(f"/proc/{vmm.proc.pid}/fd/{fd}")
         except FileNotFoundError:
+            continue
+        if target.startswith("socket:[") and paths.get(target[8:-1]) == vmm.api_path:
             continue
         out.append(target.split(":")[0] if target.startswith(("socket:", "anon_inode:")) else target)
     return sorted(out)
@@ -332,11 +357,12 @@ def test_ping_pong_20_migrations_reboot_every_third(vmm_process, tmp_path):
         m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) .*dirty=on")
         assert m.group(1).decode() == boot_id
         if i == 1:
-            time.sleep(0.3)  # the source's teardown follows its migration-finished event
-            fds_before = (_fds(a.proc.pid), _fds(b.proc.pid))
+            _settled(src)  # the source's teardown follows its migration-finished event
+            fds_before = (_fds(a), _fds(b))
     assert reboots == 6
     total = sum(s.event_names().count("vm.rebooted") for s in sides)
     assert total == reboots  # every reboot happened exactly once
-    time.sleep(0.3)
-    assert (_fds(a.proc.pid), _fds(b.proc.pid)) == fds_before
+    _settled(src)
+    after = (_fds(a), _fds(b))
+    assert after == fds_before, f"fds before {fds_before}\nafter {after}"
     sides[0].serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)

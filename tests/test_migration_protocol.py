@@ -170,15 +170,15 @@ def test_a_source_gone_before_the_complete_reply_leaves_the_vm_running_here(tmp_
     path = str(tmp_path / "rx.sock")
     vmm = Vmm(serial=SerialConfig(mode="Null"))
     try:
-        vmm.receive_migration(f"unix:{path}")
+        handle = vmm.receive_migration(f"unix:{path}")
         s = _connect(path)
         _configure(s)
         s.sendall(_req(Command.STATE, json.dumps(state).encode()))
         assert _resp(s)[0] == Status.OK
         s.sendall(_req(Command.COMPLETE))
         s.close()  # gone before the answer
-        vmm.wait_for_event("vm.migration-receive-finished", 10)
-        time.sleep(0.3)
+        vmm.wait_for_event("vm.migration-receive-finished", 60)
+        assert handle.wait(60)  # the receiver is done with the connection
         assert not vmm.events.events("vm.migration-receive-failed")
         assert vmm.info()["state"] in ("Running", "Error")  # it is ours now; nothing stopped it
     finally:

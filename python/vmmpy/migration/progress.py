@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 @dataclass
 class MigrationProgress:
     status: str = "setup"  # setup | active | completed | failed | cancelled
-    phase: str = "starting"  # starting | memory-fds | precopy | completing | done
+    phase: str = "starting"  # starting | memory-fds | precopy | completing | state-sent | done
     destination_url: str = ""
     local: bool = False
     iteration: int = 0  # QEMU's dirty-sync-count

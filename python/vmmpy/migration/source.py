@@ -301,6 +301,7 @@ class SourceMigration:
         extra = {"post_migration_lifecycle_event": event.value} if event is not None else {}
         state = encode_state(self.vm.save_state(), **extra)
         conn.request_json(Command.STATE, state)
+        self.progress.update(phase="state-sent")
         self.cancel_requested.wait(self.hooks.complete_delay_ms / 1000)
         self._check_cancel()
         # From here on, a failure leaves it unknown whether the destination runs the guest.
