@@ -137,7 +137,7 @@ class FakeVmm:
     on_wait = None  # callable(fake) -> exit code, run inside wait()
     fail: dict = {}
 
-    def __init__(self, *, serial=None, event_monitor=None, no_shutdown=False):
+    def __init__(self, *, serial=None, event_monitor=None, no_shutdown=False, test_hooks=None):
         self.kwargs = {"serial": serial, "event_monitor": event_monitor, "no_shutdown": no_shutdown}
         self.calls: list[tuple] = []
         self.events = event_monitor

@@ -25,7 +25,8 @@ def test_line_format_like_cloud_hypervisor(tmp_path):
     with EventMonitor(path=str(path)) as mon:
         mon.emit("vmm", "starting")
         mon.emit("vm", "booted", {"id": "0"})
-        lines = read_lines(path)  # written before emit returned: no flush needed
+        assert mon.flush()
+        lines = read_lines(path)
     assert [list(line) for line in lines] == [["timestamp", "source", "event", "properties"]] * 2
     first, second = lines
     assert (first["source"], first["event"], first["properties"]) == ("vmm", "starting", None)
@@ -268,3 +269,28 @@ def test_parse_event_monitor():
         with pytest.raises(InvalidConfig) as e:
             parse_event_monitor(bad)
         assert fragment in str(e.value), (bad, str(e.value))
+
+
+def test_a_reader_that_never_reads_does_not_block_the_emitter(tmp_path):
+    """CH's event monitor shape: a stalled FIFO reader stalls only the monitor's writer thread;
+    once its queue is full, lines are dropped and counted, and close() still ends in time."""
+    fifo = str(tmp_path / "events.fifo")
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
+    try:
+        mon = EventMonitor(path=fifo, queue_limit=64)
+        lines = 1000  # 4 KiB each: the queue alone (256 KiB) holds more than the pipe (64 KiB)
+        done = threading.Event()
+        pad = "x" * 4096
+        threading.Thread(target=lambda: ([mon.emit("vm", "tick", {"i": i, "pad": pad}) for i in range(lines)],
+                                         done.set()), daemon=True).start()
+        assert done.wait(60), "emit blocked on a reader that does not read"
+        assert mon.seq == lines  # the history has every event
+        assert mon.dropped > 0
+        assert not mon.flush(timeout=0.2)
+        t0 = time.monotonic()
+        mon.close(grace=0.5)
+        assert time.monotonic() - t0 < 30
+        assert mon._writer is None and mon._fd is None
+    finally:
+        os.close(reader)
