@@ -12,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::console::Console;
-use crate::error::{Error, Kind};
+use crate::error::{self, Error, Kind};
 use crate::memory::GuestRam;
 use crate::ranges::RangeTable;
 use crate::{dirty, transfer};
@@ -139,27 +139,30 @@ fn dup_file(fd: i32) -> PyResult<std::fs::File> {
     Ok(std::fs::File::from(dup_owned(fd, "memory fd")?))
 }
 
-fn region(vm: &Vm, index: usize) -> PyResult<(u64, u64, u64)> {
+fn region(vm: &Vm, index: usize) -> error::Result<(u64, u64, u64)> {
     vm.ram
         .regions()
         .get(index)
         .copied()
-        .ok_or_else(|| Error::new(Kind::InvalidConfig, format!("no RAM region {index}")).into())
+        .ok_or_else(|| Error::new(Kind::InvalidConfig, format!("no RAM region {index}")))
 }
 
-fn not_running() -> PyErr {
-    Error::new(Kind::InvalidState, "the VM has been stopped").into()
+fn not_running() -> Error {
+    Error::new(Kind::InvalidState, "the VM has been stopped")
 }
 
+// Lock order: the VM lock is only ever taken with the GIL released, or without needing the GIL
+// while it is held. So the closures given to `with`/`with_mut` return native errors, turned into
+// Python exceptions (which takes the GIL) only once the lock is released.
 impl PyVm {
-    fn with<T>(&self, f: impl FnOnce(&Vm) -> PyResult<T>) -> PyResult<T> {
+    fn with<T>(&self, f: impl FnOnce(&Vm) -> error::Result<T>) -> error::Result<T> {
         match self.vm.read().unwrap().as_ref() {
             Some(vm) => f(vm),
             None => Err(not_running()),
         }
     }
 
-    fn with_mut<T>(&self, f: impl FnOnce(&mut Vm) -> PyResult<T>) -> PyResult<T> {
+    fn with_mut<T>(&self, f: impl FnOnce(&mut Vm) -> error::Result<T>) -> error::Result<T> {
         match self.vm.write().unwrap().as_mut() {
             Some(vm) => f(vm),
             None => Err(not_running()),
@@ -198,16 +201,16 @@ impl PyVm {
 
     /// Starts the vCPUs; with `paused`, they wait for resume() before running guest code.
     #[pyo3(signature = (paused=false))]
-    fn boot(&self, py: Python<'_>, paused: bool) -> PyResult<()> {
-        py.detach(|| self.with_mut(|vm| Ok(vm.boot(paused)?)))
+    fn boot(&self, py: Python<'_>, paused: bool) -> error::Result<()> {
+        py.detach(|| self.with_mut(|vm| vm.boot(paused)))
     }
 
     #[pyo3(signature = (timeout=5.0))]
-    fn pause(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        py.detach(|| self.with(|vm| Ok(vm.pause(Duration::from_secs_f64(timeout))?)))
+    fn pause(&self, py: Python<'_>, timeout: f64) -> error::Result<()> {
+        py.detach(|| self.with(|vm| vm.pause(Duration::from_secs_f64(timeout))))
     }
 
-    fn resume(&self, py: Python<'_>) -> PyResult<()> {
+    fn resume(&self, py: Python<'_>) -> error::Result<()> {
         py.detach(|| self.with(|vm| {
             vm.resume();
             Ok(())
@@ -217,12 +220,11 @@ impl PyVm {
     /// Ends the vCPU threads and releases the VM's fds and memory (a region object handed out
     /// earlier keeps its own mapping until it is released). Idempotent.
     fn stop(&self, py: Python<'_>) {
-        let vm = self.vm.write().unwrap().take();
-        py.detach(move || drop(vm));
+        py.detach(|| drop(self.vm.write().unwrap().take()));
     }
 
     /// "reset" or "shutdown": the first lifecycle request any vCPU made, or None.
-    fn lifecycle_request(&self) -> PyResult<Option<&'static str>> {
+    fn lifecycle_request(&self) -> error::Result<Option<&'static str>> {
         self.with(|vm| Ok(vm.shared().first_request().map(|r| r.name())))
     }
 
@@ -241,13 +243,13 @@ impl PyVm {
         Ok(Some(d))
     }
 
-    fn vcpu_states(&self) -> PyResult<Vec<&'static str>> {
+    fn vcpu_states(&self) -> error::Result<Vec<&'static str>> {
         self.with(|vm| Ok(vm.vcpu_states()))
     }
 
     /// "test-guest", "elf", "bzimage", or None for a restored VM.
     #[getter]
-    fn payload_kind(&self) -> PyResult<Option<&'static str>> {
+    fn payload_kind(&self) -> error::Result<Option<&'static str>> {
         self.with(|vm| Ok(vm.payload_kind.map(|k| k.name())))
     }
 
@@ -259,50 +261,50 @@ impl PyVm {
             "shutdown" => LifecycleRequest::Shutdown,
             other => return Err(Error::new(Kind::InvalidConfig, format!("unknown lifecycle request {other:?}")).into()),
         };
-        self.with(|vm| {
+        Ok(self.with(|vm| {
             vm.shared().request(req);
             Ok(())
-        })
+        })?)
     }
 
     /// The paused VM's state (all but memory) as a dict of raw KVM structures and device registers.
     fn save_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let st = py.detach(|| self.with(|vm| Ok(vm.save_state()?)))?;
+        let st = py.detach(|| self.with(|vm| vm.save_state()))?;
         saved_state_to_dict(py, &st)
     }
 
     /// Loads state from `save_state()`'s dict into a VM built with restore=True, before boot().
     fn restore_state(&self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<()> {
         let st = saved_state_from_dict(state)?;
-        py.detach(|| self.with(|vm| Ok(vm.restore_state(&st)?)))
+        Ok(py.detach(|| self.with(|vm| vm.restore_state(&st)))?)
     }
 
     #[getter]
-    fn cmdline(&self) -> PyResult<String> {
+    fn cmdline(&self) -> error::Result<String> {
         self.with(|vm| Ok(vm.cmdline.clone()))
     }
 
-    fn start_dirty_log(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.with(|vm| Ok(vm.start_dirty_log()?)))
+    fn start_dirty_log(&self, py: Python<'_>) -> error::Result<()> {
+        py.detach(|| self.with(|vm| vm.start_dirty_log()))
     }
 
     /// Pages written since the last call, KVM's log OR-ed with the VMM's own writes.
-    fn dirty_ranges(&self, py: Python<'_>) -> PyResult<PyRangeTable> {
+    fn dirty_ranges(&self, py: Python<'_>) -> error::Result<PyRangeTable> {
         py.detach(|| self.with(|vm| Ok(PyRangeTable(vm.dirty_ranges()?))))
     }
 
-    fn stop_dirty_log(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.with(|vm| Ok(vm.stop_dirty_log()?)))
+    fn stop_dirty_log(&self, py: Python<'_>) -> error::Result<()> {
+        py.detach(|| self.with(|vm| vm.stop_dirty_log()))
     }
 
     /// Pre-copy's first iteration: all RAM the guest ever wrote (never-touched holes skipped).
-    fn all_ram_ranges(&self, py: Python<'_>) -> PyResult<PyRangeTable> {
+    fn all_ram_ranges(&self, py: Python<'_>) -> error::Result<PyRangeTable> {
         py.detach(|| self.with(|vm| Ok(PyRangeTable(dirty::all_ram(&vm.ram)))))
     }
 
     /// Writes one Memory frame for `table` to socket `fd`, straight from guest memory.
     /// Returns (page bytes sent, pages sent with bytes, zero pages).
-    fn send_memory(&self, py: Python<'_>, fd: i32, table: &PyRangeTable) -> PyResult<(u64, u64, u64)> {
+    fn send_memory(&self, py: Python<'_>, fd: i32, table: &PyRangeTable) -> error::Result<(u64, u64, u64)> {
         py.detach(|| {
             self.with(|vm| {
                 let st = transfer::send_memory(fd, &vm.ram, &table.0)?;
@@ -313,7 +315,7 @@ impl PyVm {
 
     /// Reads a Memory frame's table (`table_len` bytes) and pages from socket `fd` into guest
     /// memory; the caller has read the frame's header. Returns (page bytes, pages, zero pages).
-    fn receive_memory(&self, py: Python<'_>, fd: i32, table_len: u64) -> PyResult<(u64, u64, u64)> {
+    fn receive_memory(&self, py: Python<'_>, fd: i32, table_len: u64) -> error::Result<(u64, u64, u64)> {
         py.detach(|| {
             self.with(|vm| {
                 let st = transfer::recv_memory(fd, &vm.ram, table_len)?;
@@ -323,43 +325,43 @@ impl PyVm {
     }
 
     /// (guest address, fd, size) of each RAM region's memfd; the fds stay owned by the VM.
-    fn memory_fds(&self) -> PyResult<Vec<(u64, i32, u64)>> {
+    fn memory_fds(&self) -> error::Result<Vec<(u64, i32, u64)>> {
         self.with(|vm| Ok(vm.ram.memfds()))
     }
 
     /// Writes RAM region `index` to a sparse file (the VM must be paused or not running).
-    fn save_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> PyResult<()> {
+    fn save_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> error::Result<()> {
         py.detach(|| {
             self.with(|vm| {
                 if vm.vcpu_states().iter().any(|s| !matches!(*s, "created" | "paused" | "exited")) {
-                    return Err(Error::new(Kind::InvalidState, "memory can only be saved from a paused VM").into());
+                    return Err(Error::new(Kind::InvalidState, "memory can only be saved from a paused VM"));
                 }
                 let (_, host, size) = region(vm, index)?;
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM; the guest
                 // is paused, so nothing writes it while it is read.
                 let mem = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-                Ok(memory_file::save(mem, &path)?)
+                memory_file::save(mem, &path)
             })
         })
     }
 
     /// Fills RAM region `index` of a VM built with restore=True from a snapshot file.
-    fn load_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> PyResult<()> {
+    fn load_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> error::Result<()> {
         py.detach(|| {
             self.with(|vm| {
                 if vm.vcpu_states().iter().any(|s| *s != "created") {
-                    return Err(Error::new(Kind::InvalidState, "memory can only be loaded before the VM runs").into());
+                    return Err(Error::new(Kind::InvalidState, "memory can only be loaded before the VM runs"));
                 }
                 let (_, host, size) = region(vm, index)?;
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM, and no
                 // vCPU runs yet, so this is its only user.
                 let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, size as usize) };
-                Ok(memory_file::load(mem, &path)?)
+                memory_file::load(mem, &path)
             })
         })
     }
 
-    fn memory_regions(&self) -> PyResult<Vec<PyGuestRegion>> {
+    fn memory_regions(&self) -> error::Result<Vec<PyGuestRegion>> {
         self.with(|vm| {
             Ok(vm
                 .ram
