@@ -48,6 +48,8 @@ fn open_output(fd: RawFd) -> Result<OwnedFd> {
 
 /// Output kept for the next socket client while none is connected, like a UART line's FIFO.
 const BACKLOG_MAX: usize = 64 * 1024;
+/// Input the guest has not read yet; beyond it input is dropped, as a UART overruns.
+pub const INPUT_MAX: usize = 64 * 1024;
 
 #[derive(Default)]
 struct Inner {
@@ -132,12 +134,19 @@ impl Console {
         }
     }
 
-    pub fn push_input(&self, data: &[u8]) {
-        self.0.input.lock().unwrap().extend(data);
+    /// Queues input for the guest; returns how many bytes fit (the rest is dropped).
+    pub fn push_input(&self, data: &[u8]) -> usize {
+        let accepted = {
+            let mut q = self.0.input.lock().unwrap();
+            let n = data.len().min(INPUT_MAX.saturating_sub(q.len()));
+            q.extend(&data[..n]);
+            n
+        };
         let listener = self.0.listener.lock().unwrap().as_ref().and_then(Weak::upgrade);
         if let Some(l) = listener {
             l.input_ready();
         }
+        accepted
     }
 
     /// Takes up to `max` bytes of pending input.
@@ -176,5 +185,23 @@ impl io::Write for ConsoleWriter {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_is_bounded_like_a_uart_fifo() {
+        let console = Console::new(None, false).unwrap();
+        assert_eq!(console.push_input(&vec![b'a'; INPUT_MAX - 10]), INPUT_MAX - 10);
+        assert_eq!(console.push_input(b"0123456789abcdef"), 10); // what did not fit is dropped
+        assert_eq!(console.push_input(b"x"), 0);
+        assert_eq!(console.take_input(4).len(), 4);
+        assert_eq!(console.push_input(b"wxyz!"), 4);
+        let rest = console.take_input(usize::MAX);
+        assert_eq!(rest.len(), INPUT_MAX);
+        assert_eq!(&rest[rest.len() - 14..], b"0123456789wxyz");
     }
 }

@@ -42,10 +42,11 @@ impl PyConsole {
         self.0.client_count()
     }
 
-    fn push_input(&self, py: Python<'_>, data: &[u8]) {
+    /// Queues input for the guest (at most 64 KiB pending); returns how many bytes fit.
+    fn push_input(&self, py: Python<'_>, data: &[u8]) -> usize {
         let data = data.to_vec();
         let console = self.0.clone();
-        py.detach(move || console.push_input(&data));
+        py.detach(move || console.push_input(&data))
     }
 
     fn close(&self) {

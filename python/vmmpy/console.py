@@ -7,6 +7,7 @@ connected to the console socket stays connected while the VM under it is rebuilt
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import socket
@@ -17,6 +18,8 @@ import tty
 from . import _native
 from .config import SerialConfig
 from .errors import InvalidConfig
+
+log = logging.getLogger("vmmpy.console")
 
 
 class ConsoleBackend:
@@ -88,7 +91,7 @@ class ConsoleBackend:
         except OSError:
             data = b""
         if data:
-            self.native.push_input(data)
+            self._push(data)
         else:
             self._selector.unregister(conn)
             self._clients.remove(conn)
@@ -97,7 +100,11 @@ class ConsoleBackend:
     def _read_tty(self) -> None:
         data = os.read(self._tty_in, 4096)
         if data:
-            self.native.push_input(data)
+            self._push(data)
+
+    def _push(self, data: bytes) -> None:
+        if self.native.push_input(data) < len(data):
+            log.debug("console: the guest is not reading its input; dropped what did not fit")
 
     def close(self) -> None:
         if self._selector is not None:

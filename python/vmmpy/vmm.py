@@ -38,7 +38,6 @@ from .testhooks import NO_HOOKS, TestHooks
 from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
 
 log = logging.getLogger("vmmpy.vmm")
-DEFAULT_CMDLINE = "console=ttyS0"
 
 
 class Ownership(enum.Enum):
@@ -249,7 +248,7 @@ class Vmm(ReceiveHooks):
         self._open_console(self._serial_override or cfg.serial)
         return _native.Vm(
             memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=cfg.kernel, initramfs=cfg.initramfs,
-            cmdline=cfg.cmdline if cfg.cmdline is not None else DEFAULT_CMDLINE,
+            cmdline=cfg.effective_cmdline,
             console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
             error_fd=self._error_fd, restore=restore, memory_fds=memory_fds)
 
