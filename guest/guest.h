@@ -28,6 +28,10 @@ typedef unsigned long size_t;
 #define CMOS_INDEX 0x70
 #define CMOS_DATA 0x71
 
+/* MMIO (docs/architecture.md): the ACPI GED's event register; reading it clears it */
+#define GED_EVENTS 0xfeb00000ul
+#define GED_POWER_BUTTON 0x08
+
 #define barrier() __asm__ volatile("" ::: "memory")
 #define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
 #define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
@@ -47,6 +51,7 @@ static inline uint64_t rdtsc(void)
     __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
     return ((uint64_t)hi << 32) | lo;
 }
+static inline uint8_t mmio_read8(uint64_t addr) { return *(volatile const uint8_t *)addr; }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 
 /* Sleep in the VMM for at most `ms` milliseconds (woken early by serial input, the wake port,

@@ -365,11 +365,29 @@ static void cmd_reboot(const char *how)
     did_not_happen("ERR reboot did not happen");
 }
 
+static void acpi_poweroff(void)
+{
+    outb(ACPI_PORT, 0x34); /* SLP_TYP 5 | SLP_EN */
+    did_not_happen("ERR poweroff did not happen");
+}
+
 static void cmd_poweroff(void)
 {
     say("POWEROFF");
-    outb(ACPI_PORT, 0x34); /* SLP_TYP 5 | SLP_EN */
-    did_not_happen("ERR poweroff did not happen");
+    acpi_poweroff();
+}
+
+/* The ACPI power button: the guest takes no interrupts, so it polls the GED's event register
+ * (one MMIO exit) and powers off as an OS would on the button's notify. */
+static uint64_t button_polled_at;
+
+static void poll_power_button(void)
+{
+    button_polled_at = rdtsc();
+    if (mmio_read8(GED_EVENTS) & GED_POWER_BUTTON) {
+        say("POWER BUTTON");
+        acpi_poweroff();
+    }
 }
 
 /* `pio <n>`: n port writes to an unclaimed port, timed with the TSC: the VMM's exit round trip as
@@ -492,7 +510,10 @@ void bsp_main(const uint8_t *zero_page)
             uint64_t t0 = rdtsc();
             while (dirty_bsp_step() == 0 && rdtsc() - t0 < tsc_khz)
                 ;
+            if (rdtsc() - button_polled_at > tsc_khz * 100)
+                poll_power_button();
         } else {
+            poll_power_button(); /* the VMM wakes us from the idle port when the button is pressed */
             idle_ms(100);
         }
     }

@@ -8,6 +8,9 @@
 //! GPE block, no SCI and no FACS. Power-off and reset go through the FADT's sleep-control and
 //! reset registers, both on the ACPI shutdown device at port 0x600. On hardware-reduced platforms
 //! Linux does not use the 8259 PICs nor the PIT as its timer: interrupts go through the IOAPIC.
+//! Platform events (the power button) come from a Generic Event Device, `\_SB_.GED_`, whose
+//! `_EVT` method reads the GED's event register and notifies the control-method power button
+//! `\_SB_.PWRB` (Linux: drivers/acpi/evged.c, then the ACPI button driver).
 //!
 //! What comes from the `acpi_tables` crate: the RSDP (both checksums), the FADT layout (ACPI 6.5,
 //! 276 bytes) and its flags/GAS types, the generic `Sdt` buffer (length and checksum upkeep), the
@@ -26,6 +29,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
+use crate::devices::ged::{GED_GSI, POWER_BUTTON};
+use crate::layout::GED_MMIO_BASE;
 use crate::memory::GuestMem;
 
 /// Where the RSDP goes; Linux is told about it through boot_params.acpi_rsdp_addr (and would also
@@ -119,8 +124,8 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
-        // No fixed-feature power or sleep button (there is no PM1 block to carry their events);
-        // this keeps Linux from registering fixed-event buttons that can never fire.
+        // No fixed-feature power or sleep button (there is no PM1 block to carry their events):
+        // the power button is the control-method device PWRB in the DSDT.
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
     builder.creator_id = CREATOR_ID;
@@ -161,7 +166,44 @@ fn legacy_device(
     aml::Device::new(name.into(), children).to_aml_bytes(sink);
 }
 
-/// The DSDT's AML: `\_S5_` and, under `\_SB_`, COM1, the PS/2 keyboard controller and the RTC.
+/// Append the power button (`PWRB`, a control-method power button) and the Generic Event Device
+/// that notifies it (`GED_`) to `sink`.
+fn power_button_devices(sink: &mut Vec<u8>) {
+    let uid_zero = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new(
+        "PWRB".into(),
+        vec![&aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")), &uid_zero],
+    )
+    .to_aml_bytes(sink);
+
+    // The GED's _CRS lists only its interrupt: Linux's GED driver takes every _CRS entry for
+    // an interrupt to request. The event register is reached through an operation region.
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(true, true, false, false, GED_GSI)]),
+    );
+    let region = aml::OpRegion::new("EVRG".into(), aml::OpRegionSpace::SystemMemory, &GED_MMIO_BASE, &1u8);
+    let field = aml::Field::new(
+        "EVRG".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"EVTS", 8)],
+    );
+    // Method (_EVT, 1, Serialized) { Local0 = EVTS; If (Local0 & POWER_BUTTON) { Notify (PWRB, 0x80) } }
+    // 0x80: "status change", which the button driver reports as a power-button press.
+    let (events, register, button) = (aml::Local(0), aml::Path::new("EVTS"), aml::Path::new("\\_SB_.PWRB"));
+    let read = aml::Store::new(&events, &register);
+    let power_button = aml::And::new(&aml::ZERO, &events, &POWER_BUTTON);
+    let notify = aml::Notify::new(&button, &0x80u8);
+    let on_power_button = aml::If::new(&power_button, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &on_power_button]);
+    aml::Device::new("GED_".into(), vec![&hid, &uid_zero, &crs, &region, &field, &evt]).to_aml_bytes(sink);
+}
+
+/// The DSDT's AML: `\_S5_` and, under `\_SB_`, COM1, the PS/2 keyboard controller, the RTC, the
+/// power button and the Generic Event Device.
 fn dsdt_aml() -> Vec<u8> {
     let mut devices = Vec::new();
 
@@ -199,6 +241,8 @@ fn dsdt_aml() -> Vec<u8> {
         None,
         vec![&aml::IO::new(0x70, 0x70, 1, 2)],
     );
+
+    power_button_devices(&mut devices);
 
     let mut bytes = aml::Scope::raw("\\_SB_".into(), devices);
 
@@ -532,6 +576,21 @@ mod tests {
             aml,
             &[0x89, 0x06, 0x00, 0x03, 0x01, 0x01, 0x00, 0x00, 0x00]
         ));
+        // PWRB: EisaId ("PNP0C0C"). GED_: _HID "ACPI0013" (a string) and an edge, active-high,
+        // exclusive consumer interrupt on GSI 5 as its only resource.
+        assert!(contains(aml, &[0x0c, 0x41, 0xd0, 0x0c, 0x0c]));
+        assert!(contains(aml, b"\x08_HID\x0dACPI0013\x00"));
+        assert!(contains(
+            aml,
+            &[0x89, 0x06, 0x00, 0x03, 0x01, 0x05, 0x00, 0x00, 0x00, 0x79]
+        ));
+        // OperationRegion (EVRG, SystemMemory, 0xfeb00000, 1); Field (EVRG, ByteAcc, NoLock,
+        // WriteAsZeros) { EVTS, 8 }.
+        assert!(contains(aml, b"\x5b\x80EVRG\x00\x0c\x00\x00\xb0\xfe\x01"));
+        assert!(contains(aml, b"EVRG\x41EVTS\x08"));
+        // _EVT (1 argument, serialized): Local0 = EVTS; If (Local0 & 8) { Notify (\_SB_.PWRB, 0x80) }.
+        assert!(contains(aml, b"_EVT\x09\x70EVTS\x60\xa0"));
+        assert!(contains(aml, b"\x7b\x60\x0a\x08\x00\x86\x5c\x2e_SB_PWRB\x0a\x80"));
         // Name (_S5_, Package (4) {5, 5, 0, 0}) at the root.
         assert!(contains(
             aml,

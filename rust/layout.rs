@@ -17,6 +17,9 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the MMIO hole below 4 GiB (IOAPIC, LAPIC, KVM's TSS and identity-map pages live there).
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const FOUR_GIB: u64 = 0x1_0000_0000;
+/// The ACPI GED's event register page (devices/ged.rs), in the hole just below the IOAPIC.
+pub const GED_MMIO_BASE: u64 = 0xfeb0_0000;
+pub const GED_MMIO_SIZE: u64 = 0x1000;
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 

@@ -268,6 +268,11 @@ impl PyVm {
         })?)
     }
 
+    /// Presses the ACPI power button (GED event + interrupt); works while the VM runs or is paused.
+    fn power_button(&self) -> PyResult<()> {
+        self.with(|vm| Ok(vm.power_button()?))
+    }
+
     /// The paused VM's state (all but memory) as a dict of raw KVM structures and device registers.
     fn save_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let st = py.detach(|| self.with(|vm| vm.save_state()))?;

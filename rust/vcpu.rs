@@ -264,10 +264,18 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &VcpuControl, vm: &VmShared) {
     }
 }
 
+fn device_outcome(action: DeviceAction) -> Outcome {
+    match action {
+        DeviceAction::None => Outcome::Continue,
+        DeviceAction::Reset => Outcome::Request(LifecycleRequest::Reset),
+        DeviceAction::Shutdown => Outcome::Request(LifecycleRequest::Shutdown),
+    }
+}
+
 fn handle_exit(exit: VcpuExit, vm: &VmShared) -> Outcome {
     match exit {
         VcpuExit::IoIn(port, data) => {
-            vm.bus.read(port, data);
+            vm.pio.read(port, data);
             Outcome::Continue
         }
         VcpuExit::IoOut(IDLE_PORT, data) => {
@@ -279,16 +287,13 @@ fn handle_exit(exit: VcpuExit, vm: &VmShared) -> Outcome {
             vm.gate.wake_all();
             Outcome::Continue
         }
-        VcpuExit::IoOut(port, data) => match vm.bus.write(port, data) {
-            DeviceAction::None => Outcome::Continue,
-            DeviceAction::Reset => Outcome::Request(LifecycleRequest::Reset),
-            DeviceAction::Shutdown => Outcome::Request(LifecycleRequest::Shutdown),
-        },
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0xff);
+        VcpuExit::IoOut(port, data) => device_outcome(vm.pio.write(port, data)),
+        VcpuExit::MmioRead(addr, data) => {
+            vm.mmio.read(addr, data);
             Outcome::Continue
         }
-        VcpuExit::MmioWrite(..) | VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IoapicEoi(_) => Outcome::Continue,
+        VcpuExit::MmioWrite(addr, data) => device_outcome(vm.mmio.write(addr, data)),
+        VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IoapicEoi(_) => Outcome::Continue,
         // A triple fault.
         VcpuExit::Shutdown => Outcome::Request(LifecycleRequest::Reset),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Outcome::Request(LifecycleRequest::Reset),

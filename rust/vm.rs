@@ -15,7 +15,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{cpu_setup, payload, zero_page};
 use crate::console::{Console, InputListener};
-use crate::devices::bus::PioBus;
+use crate::devices::bus::{MmioBus, PioBus};
+use crate::devices::ged::{self, Ged};
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::error::{Error, Kind, Result};
 use crate::fd::dup_owned;
@@ -70,7 +71,8 @@ pub struct VmErrorInfo {
 
 /// What the vCPU threads share.
 pub struct VmShared {
-    pub bus: PioBus,
+    pub pio: PioBus,
+    pub mmio: MmioBus,
     pub gate: IdleGate,
     reset_evt: EventFd,
     guest_exit_evt: EventFd,
@@ -78,6 +80,7 @@ pub struct VmShared {
     first_request: AtomicU8,
     error: Mutex<Option<VmErrorInfo>>,
     serial: Arc<Mutex<Serial>>,
+    ged: Arc<Mutex<Ged>>,
 }
 
 impl VmShared {
@@ -242,20 +245,26 @@ impl Vm {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e))?;
         fd.register_irqfd(&irq, SERIAL_GSI).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
         let serial = Arc::new(Mutex::new(Serial::new(irq, console.clone())));
-        let mut bus = PioBus::default();
-        bus.insert(0x3f8, 8, serial.clone());
-        bus.insert(0x60, 5, Arc::new(Mutex::new(I8042::default())));
+        let mut pio = PioBus::default();
+        pio.insert(0x3f8, 8, serial.clone());
+        pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::default())));
         let (below, above) = match layout::ram_ranges(cfg.memory_size).as_slice() {
             [(_, low)] => (*low, 0),
             [(_, low), (_, high)] => (*low, *high),
             _ => unreachable!("ram_ranges gives one or two ranges"),
         };
         let cmos = Arc::new(Mutex::new(Cmos::new(below, above)));
-        bus.insert(0x70, 2, cmos.clone());
-        bus.insert(0x600, 8, Arc::new(Mutex::new(AcpiPm)));
+        pio.insert(0x70, 2, cmos.clone());
+        pio.insert(0x600, 8, Arc::new(Mutex::new(AcpiPm)));
+        let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e))?;
+        fd.register_irqfd(&ged_irq, ged::GED_GSI).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+        let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
+        let mut mmio = MmioBus::default();
+        mmio.insert(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE, ged.clone());
 
         let shared = Arc::new(VmShared {
-            bus,
+            pio,
+            mmio,
             gate: IdleGate::default(),
             reset_evt: dup_eventfd(fds.reset)?,
             guest_exit_evt: dup_eventfd(fds.guest_exit)?,
@@ -263,6 +272,7 @@ impl Vm {
             first_request: AtomicU8::new(0),
             error: Mutex::new(None),
             serial,
+            ged,
         });
         let listener: Arc<dyn InputListener> = shared.clone();
         let listener = Arc::downgrade(&listener);
@@ -391,6 +401,20 @@ impl Vm {
             .restore(&st.serial)
             .map_err(|e| Error::io(Kind::InvalidConfig, "serial state", e))?;
         self.cmos.lock().unwrap().restore(&st.cmos.0, st.cmos.1).map_err(|e| Error::new(Kind::InvalidConfig, e))
+    }
+
+    /// Presses the ACPI power button: latches the GED's event bit and raises its interrupt (a
+    /// paused guest takes it when it runs again). Sleeping vCPUs are woken, as the test guest
+    /// polls the register from its idle loop instead of taking the interrupt.
+    pub fn power_button(&self) -> Result<()> {
+        self.shared
+            .ged
+            .lock()
+            .unwrap()
+            .notify(ged::POWER_BUTTON)
+            .map_err(|e| Error::io(Kind::Kvm, "raising the GED interrupt", e))?;
+        self.shared.gate.wake_all();
+        Ok(())
     }
 
     pub fn shared(&self) -> &VmShared {

@@ -2,7 +2,8 @@
 iasl would: RSDP at boot_params.acpi_rsdp_addr → XSDT → FADT → DSDT, and the MADT. Checksums,
 the hardware-reduced FADT (reset register, sleep control/status at the shutdown device), one
 Local APIC per vCPU, and a DSDT whose AML declares `\\_S5_`, COM1 (PNP0501) and the i8042
-(PNP0303) with the resources the devices really use.
+(PNP0303) with the resources the devices really use, and the power button (PNP0C0C) with the
+Generic Event Device (ACPI0013) whose `_EVT` method reads the GED's register and notifies it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import pytest
 ZERO_PAGE = 0x7000
 ACPI_RSDP_ADDR = 0x70  # boot_params.acpi_rsdp_addr
 SHUTDOWN_PORT = 0x600
+GED_MMIO = 0xFEB00000  # the GED's event register (docs/architecture.md)
+GED_GSI = 5
+GED_POWER_BUTTON = 0x08
 
 
 def checksum(data: bytes) -> int:
@@ -124,8 +128,8 @@ class Aml:
         return f"{scope}{name}" if scope.endswith("\\") else f"{scope}.{name}"
 
     def terms(self, pos: int, end: int, scope: str, out: dict) -> None:
-        """Walks Scope / Device / Name terms; out maps absolute name paths to values ({} for a
-        device or scope)."""
+        """Walks Scope / Device / Name / Method / OperationRegion / Field terms; out maps absolute
+        name paths to values (a dict with "kind" for all but Name)."""
         while pos < end:
             op = self.data[pos]
             if op == 0x10 or (op == 0x5B and self.data[pos + 1] == 0x82):  # Scope, Device
@@ -140,8 +144,75 @@ class Aml:
                 name, body = self.name_string(pos + 1)
                 value, pos = self.data_object(body)
                 out[self.join(scope, name)] = value
+            elif op == 0x14:  # Method: PkgLength, name, flags (argument count, serialized), body
+                length, body = self.pkg_length(pos + 1)
+                name, body = self.name_string(body)
+                flags = self.data[body]
+                out[self.join(scope, name)] = {"kind": "Method", "args": flags & 7, "serialized": bool(flags & 8),
+                                               "body": self.statements(body + 1, pos + 1 + length)}
+                pos = pos + 1 + length
+            elif op == 0x5B and self.data[pos + 1] == 0x80:  # OperationRegion: name, space, offset, length
+                name, body = self.name_string(pos + 2)
+                space = self.data[body]
+                offset, body = self.data_object(body + 1)
+                length, pos = self.data_object(body)
+                out[self.join(scope, name)] = {"kind": "OperationRegion", "space": space, "offset": offset,
+                                               "length": length}
+            elif op == 0x5B and self.data[pos + 1] == 0x81:  # Field: PkgLength, region, flags, units
+                length, body = self.pkg_length(pos + 2)
+                field_end = pos + 2 + length
+                region, body = self.name_string(body)
+                flags, body, bit = self.data[body], body + 1, 0
+                while body < field_end:
+                    if self.data[body] == 0x00:  # reserved bits
+                        bits, body = self.pkg_length(body + 1)
+                    else:
+                        unit = self.data[body:body + 4].decode()
+                        bits, body = self.pkg_length(body + 4)
+                        out[self.join(scope, unit)] = {"kind": "Field", "region": self.join(scope, region),
+                                                       "flags": flags, "bit": bit, "bits": bits}
+                    bit += bits
+                pos = field_end
             else:
                 raise AssertionError(f"AML opcode {op:#x} at {pos} not understood")
+
+
+    def term(self, pos: int) -> tuple[str, int]:
+        """One expression of a method body as ASL-like text: the operators vmmpy's methods use."""
+        op = self.data[pos]
+        if 0x60 <= op <= 0x67:
+            return f"Local{op - 0x60}", pos + 1
+        if op == 0x7B:  # And (a, b, target)
+            a, pos = self.term(pos + 1)
+            b, pos = self.term(pos)
+            target, pos = self.term(pos)
+            return f"And ({a}, {b}, {target})", pos
+        if op in (0x5C, 0x5E, 0x2E, 0x2F) or chr(op).isupper() or op == ord("_"):
+            return self.name_string(pos)
+        value, pos = self.data_object(pos)
+        return ("Zero" if value == 0 else f"{value:#x}"), pos
+
+    def statements(self, pos: int, end: int) -> list:
+        """A method body: Store, If, Notify statements (If bodies nested as lists)."""
+        out = []
+        while pos < end:
+            op = self.data[pos]
+            if op == 0x70:  # Store (source, target)
+                source, pos = self.term(pos + 1)
+                target, pos = self.term(pos)
+                out.append(f"Store ({source}, {target})")
+            elif op == 0x86:  # Notify (object, value)
+                target, pos = self.term(pos + 1)
+                value, pos = self.term(pos)
+                out.append(f"Notify ({target}, {value})")
+            elif op == 0xA0:  # If: PkgLength, predicate, body
+                length, body = self.pkg_length(pos + 1)
+                predicate, body = self.term(body)
+                out.append((f"If ({predicate})", self.statements(body, pos + 1 + length)))
+                pos = pos + 1 + length
+            else:
+                raise AssertionError(f"AML statement {op:#x} at {pos} not understood")
+        return out
 
 
 def resources(buffer: bytes) -> list[tuple]:
@@ -259,17 +330,36 @@ def test_acpi_tables_from_guest_memory(acpi):
     assert names["\\_S5_"] == ("package", [5, 5, 0, 0])
     devices = {path: names.get(f"{path}._HID") for path, v in names.items()
                if isinstance(v, dict) and v["kind"] == "Device"}
-    hids = {path: eisa_id(hid) for path, hid in devices.items()}
-    assert hids == {"\\_SB_.COM1": "PNP0501", "\\_SB_.PS2K": "PNP0303", "\\_SB_.RTC_": "PNP0B00"}
+    hids = {path: hid if isinstance(hid, str) else eisa_id(hid) for path, hid in devices.items()}
+    assert hids == {"\\_SB_.COM1": "PNP0501", "\\_SB_.PS2K": "PNP0303", "\\_SB_.RTC_": "PNP0B00",
+                    "\\_SB_.PWRB": "PNP0C0C", "\\_SB_.GED_": "ACPI0013"}
     # The raw EISA encodings (what Linux's PNP layer matches on).
     assert bytes([0x0C, 0x41, 0xD0, 0x05, 0x01]) in dsdt.data
     assert bytes([0x0C, 0x41, 0xD0, 0x03, 0x03]) in dsdt.data
-    crs = {path: resources(names[f"{path}._CRS"][1]) for path in devices}
+    crs = {path: resources(names[f"{path}._CRS"][1]) for path in devices if f"{path}._CRS" in names}
     edge_high_exclusive_consumer = 0x03
     assert crs["\\_SB_.COM1"] == [("IO", 0x3F8, 0x3F8, 1, 8), ("Interrupt", edge_high_exclusive_consumer, [4])]
     assert crs["\\_SB_.PS2K"] == [("IO", 0x60, 0x60, 1, 1), ("IO", 0x64, 0x64, 1, 1),
                                   ("Interrupt", edge_high_exclusive_consumer, [1])]
     assert crs["\\_SB_.RTC_"] == [("IO", 0x70, 0x70, 1, 2)]
+
+    # The power button: a control-method button (the FADT says there is no fixed-feature one).
+    assert flags & (1 << 4), "PWR_BUTTON: no fixed-feature power button"
+    assert names["\\_SB_.PWRB._UID"] == 0 and "\\_SB_.PWRB._CRS" not in names
+    # The GED: only its interrupt in _CRS (Linux's evged requests an IRQ per _CRS entry), GSI 5.
+    assert names["\\_SB_.GED_._UID"] == 0
+    assert crs["\\_SB_.GED_"] == [("Interrupt", edge_high_exclusive_consumer, [GED_GSI])]
+    system_memory, byte_acc_write_as_zeros = 0, 0x41
+    assert names["\\_SB_.GED_.EVRG"] == {"kind": "OperationRegion", "space": system_memory,
+                                           "offset": GED_MMIO, "length": 1}
+    assert names["\\_SB_.GED_.EVTS"] == {"kind": "Field", "region": "\\_SB_.GED_.EVRG",
+                                           "flags": byte_acc_write_as_zeros, "bit": 0, "bits": 8}
+    evt = names["\\_SB_.GED_._EVT"]
+    assert (evt["kind"], evt["args"], evt["serialized"]) == ("Method", 1, True)
+    assert evt["body"] == [
+        "Store (EVTS, Local0)",
+        (f"If (And (Local0, {GED_POWER_BUTTON:#x}, Zero))", ["Notify (\\_SB_.PWRB, 0x80)"]),
+    ]
 
 
 def test_eisa_id_decoder():

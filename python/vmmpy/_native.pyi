@@ -34,6 +34,8 @@ class Vm:
         """'reset' or 'shutdown': the first request any vCPU made."""
     def error(self) -> dict | None:
         """{'vcpu': int, 'reason': str, 'regs': {name: hex str}} of the first unhandled exit."""
+    def power_button(self) -> None:
+        """Latches the ACPI GED's power-button event and raises its interrupt (running or paused VM)."""
     def vcpu_states(self) -> list[str]:
         """Per vCPU: 'created', 'running', 'paused', 'parked' or 'exited'."""
     @property

@@ -532,10 +532,13 @@ class Vmm(ReceiveHooks):
         self._call(do)
 
     def power_button(self) -> None:
+        """Presses the guest's ACPI power button; the guest decides what to do (an OS powers off).
+        As in Cloud Hypervisor a paused VM takes the press too: the guest sees it on resume."""
         def do():
             self._require_owned()
-            raise InvalidState("vmmpy's platform has no ACPI power button device (GED); "
-                               "use vm.shutdown, or have the guest power off itself")
+            if self._state not in (VmState.RUNNING, VmState.PAUSED):
+                raise InvalidState(f"cannot press the power button of a VM in state {self._state.value}")
+            self._vm.power_button()
         self._call(do)
 
     def send_migration(self, destination_url: str | None = None, **options) -> MigrationHandle:

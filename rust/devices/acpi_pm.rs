@@ -1,7 +1,7 @@
 //! The ACPI shutdown device at port 0x600, which the FADT names as the reset register (value 1)
 //! and the hardware-reduced sleep control register (SLP_TYP 5 | SLP_EN = 0x34: S5 power-off).
 
-use super::{DeviceAction, PioDevice};
+use super::{BusDevice, DeviceAction};
 
 pub const RESET_VALUE: u8 = 1;
 const SLP_EN: u8 = 1 << 5;
@@ -11,7 +11,7 @@ const S5: u8 = 5;
 #[derive(Default)]
 pub struct AcpiPm;
 
-impl PioDevice for AcpiPm {
+impl BusDevice<u16> for AcpiPm {
     fn read(&mut self, _offset: u16, data: &mut [u8]) {
         data.fill(0);
     }

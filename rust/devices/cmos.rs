@@ -16,7 +16,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::devices::{DeviceAction, PioDevice};
+use crate::devices::{BusDevice, DeviceAction};
 
 const NVRAM_SIZE: usize = 128;
 
@@ -299,7 +299,7 @@ impl Cmos {
     }
 }
 
-impl PioDevice for Cmos {
+impl BusDevice<u16> for Cmos {
     /// A wider access is split into byte accesses at consecutive ports, as the ISA bus does.
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         for (i, byte) in data.iter_mut().enumerate() {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_superio::{I8042Device, Trigger};
 
-use super::{DeviceAction, PioDevice};
+use super::{BusDevice, DeviceAction};
 
 #[derive(Default)]
 pub struct ResetFlag(AtomicBool);
@@ -32,7 +32,7 @@ impl Default for I8042 {
 const DATA: u16 = 0;
 const COMMAND: u16 = 4;
 
-impl PioDevice for I8042 {
+impl BusDevice<u16> for I8042 {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         let value = match offset {
             DATA | COMMAND => self.dev.read(offset as u8),

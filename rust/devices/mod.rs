@@ -1,8 +1,10 @@
-//! Legacy devices on the vCPU exit path. Each device is one small file; the bus maps port ranges to them.
+//! Devices on the vCPU exit path. Each device is one small file; the buses map port and MMIO
+//! ranges to them.
 
 pub mod acpi_pm;
 pub mod bus;
 pub mod cmos;
+pub mod ged;
 pub mod i8042;
 pub mod serial;
 
@@ -15,8 +17,9 @@ pub enum DeviceAction {
     Shutdown,
 }
 
-/// A device on the port-I/O bus. `offset` is relative to the base port the device was inserted at.
-pub trait PioDevice: Send {
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction;
+/// A device on a bus whose addresses are of type `A` (u16 ports, u64 guest physical addresses).
+/// `offset` is relative to the base the device was inserted at.
+pub trait BusDevice<A>: Send {
+    fn read(&mut self, offset: A, data: &mut [u8]);
+    fn write(&mut self, offset: A, data: &[u8]) -> DeviceAction;
 }

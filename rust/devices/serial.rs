@@ -5,7 +5,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{DeviceAction, PioDevice};
+use super::{BusDevice, DeviceAction};
 use crate::console::{Console, ConsoleWriter};
 
 /// Raises the UART's interrupt through an irqfd bound to its GSI.
@@ -57,7 +57,7 @@ impl Serial {
     }
 }
 
-impl PioDevice for Serial {
+impl BusDevice<u16> for Serial {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         if offset == RBR || offset == LSR {
             self.refill();
