@@ -269,8 +269,8 @@ impl PyVm {
     }
 
     /// Presses the ACPI power button (GED event + interrupt); works while the VM runs or is paused.
-    fn power_button(&self) -> PyResult<()> {
-        self.with(|vm| Ok(vm.power_button()?))
+    fn power_button(&self) -> error::Result<()> {
+        self.with(|vm| vm.power_button())
     }
 
     /// The paused VM's state (all but memory) as a dict of raw KVM structures and device registers.
