@@ -207,7 +207,7 @@ fn recv_frames(fd: RawFd, dst: &GuestRam) -> u64 {
     let mut total = 0;
     let mut h = [0u8; 16];
     while read_exact(fd, &mut h) {
-        let s = transfer::recv_memory(fd, dst, u64::from_le_bytes(h[8..16].try_into().unwrap())).unwrap();
+        let s = transfer::recv_memory(transfer::Link::Plain(fd), dst, u64::from_le_bytes(h[8..16].try_into().unwrap())).unwrap();
         total += s.bytes_received;
     }
     total
@@ -310,7 +310,7 @@ fn migration_bench_send_memory() {
         let chunks = chunks.clone();
         move |fd: RawFd| {
             for c in &chunks {
-                transfer::send_memory(fd, &src, c).unwrap();
+                transfer::send_memory(transfer::Link::Plain(fd), &src, c, None).unwrap();
             }
         }
     };
@@ -360,7 +360,7 @@ fn migration_bench_send_memory() {
     for _ in 0..reps {
         let t0 = Instant::now();
         for c in &chunks {
-            transfer::send_memory(null.as_raw_fd(), &src, c).unwrap();
+            transfer::send_memory(transfer::Link::Plain(null.as_raw_fd()), &src, c, None).unwrap();
         }
         scan.push(ms(t0.elapsed()));
     }
@@ -402,7 +402,7 @@ fn migration_bench_send_memory() {
     std::thread::scope(|s| {
         let r = s.spawn(|| drain_frames(b.as_raw_fd()));
         for c in &zchunks {
-            transfer::send_memory(a.as_raw_fd(), &zero, c).unwrap();
+            transfer::send_memory(transfer::Link::Plain(a.as_raw_fd()), &zero, c, None).unwrap();
         }
         // SAFETY: shutting down our own socket ends the drain.
         unsafe { libc::shutdown(a.as_raw_fd(), libc::SHUT_WR) };
