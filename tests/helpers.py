@@ -94,7 +94,7 @@ class SerialClient:
 class VmmProcess:
     """A `vmmpy` process with an API socket, a console socket and an event monitor file."""
 
-    def __init__(self, tmp: Path, name: str, *args: str, hooks: str = ""):
+    def __init__(self, tmp: Path, name: str, *args: str, hooks: str = "", netns: str | None = None):
         self.tmp = tmp
         self.api_path = str(tmp / f"{name}.api")
         self.serial_path = str(tmp / f"{name}.serial")
@@ -102,6 +102,8 @@ class VmmProcess:
         self.log_path = tmp / f"{name}.log"
         cmd = [sys.executable, "-m", "vmmpy.cli", "--api-socket", self.api_path,
                "--serial", f"socket={self.serial_path}", "--event-monitor", f"path={self.events_path}", *args]
+        if netns is not None:  # another "host": its own network namespace (the files are shared)
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         self.log = open(self.log_path, "wb")
         env = dict(os.environ, VMMPY_TEST_HOOKS=hooks)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -156,8 +158,8 @@ class VmmProcess:
 def vmm_process(tmp_path):
     made: list[VmmProcess] = []
 
-    def start(*args: str, name: str = "vmm", hooks: str = "") -> VmmProcess:
-        p = VmmProcess(tmp_path, name, *args, hooks=hooks)
+    def start(*args: str, name: str = "vmm", hooks: str = "", netns: str | None = None) -> VmmProcess:
+        p = VmmProcess(tmp_path, name, *args, hooks=hooks, netns=netns)
         made.append(p)
         return p
 

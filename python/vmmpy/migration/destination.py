@@ -194,7 +194,8 @@ class Receiver:
             self.state = ReceiveState.STARTED
             if token is not None:
                 self._accept_joins(connections - 1, token)
-            self.hooks.emit("migration-receive-started", {"capabilities": doc.get("capabilities", [])})
+            self.hooks.emit("migration-receive-started", {"capabilities": doc.get("capabilities", []),
+                                                          "connections": connections, "tls": self.tls is not None})
             return incoming, False
         if command == Command.MEMORY_FD and st is ReceiveState.STARTED:
             conn.read_payload(length, 0)
