@@ -27,8 +27,9 @@ def make_ca(directory: Path, name: str) -> Path:
 
 def make_tls_dir(ca: Path, directory: Path, side: str, ip: str) -> Path:
     """A tls_dir for `side` ("client" = source, "server" = destination): the CA's certificate and
-    a key and certificate signed by the CA naming `ip`. Only the CA's certificate is copied."""
-    directory.mkdir(parents=True)
+    a key and certificate signed by the CA naming `ip`. Only the CA's certificate is copied. Both
+    sides may share one directory (a VMM that sends and receives)."""
+    directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(ca / "ca-cert.pem", directory / "ca-cert.pem")
     (directory / "ext.cnf").write_text(f"subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n")
     _openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={side}",
