@@ -464,12 +464,12 @@ fn migration_bench_tls_vs_plaintext() {
             transfer::tune_socket(fd).unwrap();
         }
         let (c, s): (OwnedFd, OwnedFd) = (c.into(), s.into());
-        let (src, chunks, client) = (src.clone(), chunks.clone(), client.clone());
+        let (src, frames, client) = (src.clone(), chunks.clone(), client.clone());
         let server = server.clone();
         let t0 = Instant::now();
         let sender = std::thread::spawn(move || {
             let mut tx = tls.then(|| client.handshake(c.try_clone().unwrap(), "127.0.0.1", Duration::from_secs(5)).unwrap());
-            for ch in &chunks {
+            for ch in &frames {
                 let link = match tx.as_mut() {
                     Some(t) => transfer::Link::Tls(t),
                     None => transfer::Link::Plain(c.as_raw_fd()),
