@@ -13,12 +13,14 @@ mod idle;
 mod layout;
 mod memory;
 mod memory_file;
+mod pacer;
 #[cfg(test)]
 #[path = "../benches/migration.rs"]
 mod migration_bench;
 mod python;
 mod ranges;
 mod state;
+mod tls;
 mod transfer;
 mod vcpu;
 mod vm;
@@ -42,6 +44,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<python::PyConsole>()?;
     m.add_class::<python::PyGuestRegion>()?;
     m.add_class::<python::PyRangeTable>()?;
+    m.add_class::<python::PyTlsContext>()?;
+    m.add_class::<python::PyTlsChannel>()?;
+    m.add_class::<python::PyPacer>()?;
     m.add_function(wrap_pyfunction!(python::tune_socket, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;

@@ -3,7 +3,7 @@
 
 use std::os::raw::c_int;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use pyo3::exceptions::PyBufferError;
@@ -18,6 +18,9 @@ use crate::ranges::RangeTable;
 use crate::{dirty, transfer};
 use crate::fd::dup_owned;
 use crate::memory_file;
+use crate::pacer::Pacer;
+use crate::tls::{Role, TlsContext, TlsStream};
+use crate::transfer::Link;
 use crate::state::{Blobs, VcpuState};
 use crate::vm::{LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
 
@@ -128,6 +131,111 @@ impl PyRangeTable {
     fn ranges(&self) -> Vec<(u64, u64)> {
         self.0.iter().map(|r| (r.gpa, r.len)).collect()
     }
+}
+
+/// A migration's mutual-TLS material, loaded once from a `tls_dir` (rust/tls.rs).
+#[pyclass(name = "TlsContext", module = "vmmpy._native", frozen)]
+pub struct PyTlsContext(TlsContext);
+
+#[pymethods]
+impl PyTlsContext {
+    /// `role` is "client" (the migration source) or "server" (the destination).
+    #[new]
+    fn new(tls_dir: PathBuf, role: &str) -> PyResult<Self> {
+        let role = match role {
+            "client" => Role::Client,
+            "server" => Role::Server,
+            other => return Err(Error::new(Kind::InvalidConfig, format!("TLS role {other:?}: expected client or server")).into()),
+        };
+        Ok(PyTlsContext(TlsContext::load(&tls_dir, role)?))
+    }
+
+    /// Runs the handshake on a duplicate of socket `fd` within `timeout` seconds; the channel
+    /// then carries all of the connection's bytes. `server_name` (client only): the host the
+    /// server's certificate must name.
+    #[pyo3(signature = (fd, timeout, server_name=String::new()))]
+    fn handshake(&self, py: Python<'_>, fd: i32, timeout: f64, server_name: String) -> PyResult<PyTlsChannel> {
+        let sock = dup_owned(fd, "migration socket")?;
+        let stream = py.detach(|| self.0.handshake(sock, &server_name, Duration::from_secs_f64(timeout)))?;
+        Ok(PyTlsChannel(Mutex::new(Some(stream))))
+    }
+}
+
+/// One TLS migration connection: its own socket duplicate and the session. Control messages go
+/// through `sendall` / `recv_exact`; Memory frames through `Vm.send_memory` / `receive_memory`.
+#[pyclass(name = "TlsChannel", module = "vmmpy._native", frozen)]
+pub struct PyTlsChannel(Mutex<Option<TlsStream>>);
+
+// The channel's lock follows the VM lock's rule: taken with the GIL released, native errors only
+// while it is held.
+impl PyTlsChannel {
+    fn with<T>(&self, f: impl FnOnce(&mut TlsStream) -> error::Result<T>) -> error::Result<T> {
+        match self.0.lock().unwrap().as_mut() {
+            Some(s) => f(s),
+            None => Err(Error::new(Kind::Migration, "the TLS channel is closed")),
+        }
+    }
+}
+
+#[pymethods]
+impl PyTlsChannel {
+    fn sendall(&self, py: Python<'_>, data: &[u8]) -> error::Result<()> {
+        py.detach(|| self.with(|s| s.write_all(data)))
+    }
+
+    /// Exactly `n` decrypted bytes (the caller bounds `n`).
+    fn recv_exact<'py>(&self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let mut buf = vec![0u8; n];
+        py.detach(|| self.with(|s| s.read_exact(&mut buf)))?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Closes the channel's socket duplicate; idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| drop(self.0.lock().unwrap().take()));
+    }
+}
+
+/// `max_bandwidth` for one migration, shared by all its connections; measures the send rate.
+#[pyclass(name = "Pacer", module = "vmmpy._native", frozen)]
+pub struct PyPacer(Pacer);
+
+#[pymethods]
+impl PyPacer {
+    /// `max_bandwidth` in bytes/s; 0 = unlimited.
+    #[new]
+    fn new(max_bandwidth: u64) -> Self {
+        PyPacer(Pacer::new(max_bandwidth))
+    }
+
+    #[getter]
+    fn max_bandwidth(&self) -> u64 {
+        self.0.limit()
+    }
+
+    /// Bytes/s sent recently.
+    fn rate(&self) -> f64 {
+        self.0.rate()
+    }
+
+    /// Wakes senders waiting for the cap; they and later sends fail.
+    fn cancel(&self) {
+        self.0.cancel()
+    }
+}
+
+/// A Memory frame's link: an int socket fd (plaintext) or a TlsChannel.
+fn with_link<T>(target: &Bound<'_, PyAny>, f: impl FnOnce(Link) -> error::Result<T> + Send) -> PyResult<T>
+where
+    T: Send,
+{
+    let py = target.py();
+    if let Ok(ch) = target.cast::<PyTlsChannel>() {
+        let ch = ch.get();
+        return Ok(py.detach(|| ch.with(|s| f(Link::Tls(s))))?);
+    }
+    let fd: i32 = target.extract()?;
+    Ok(py.detach(|| f(Link::Plain(fd)))?)
 }
 
 /// Sets a migration socket's options (buffer sizes, TCP_NODELAY) the way the transfer code wants.
@@ -308,23 +416,27 @@ impl PyVm {
         py.detach(|| self.with(|vm| Ok(PyRangeTable(dirty::all_ram(&vm.ram)))))
     }
 
-    /// Writes one Memory frame for `table` to socket `fd`, straight from guest memory.
-    /// Returns (page bytes sent, pages sent with bytes, zero pages).
-    fn send_memory(&self, py: Python<'_>, fd: i32, table: &PyRangeTable) -> error::Result<(u64, u64, u64)> {
-        py.detach(|| {
+    /// Writes one Memory frame for `table` to `link` (a socket fd or a TlsChannel), straight from
+    /// guest memory, at most at `pacer`'s rate. Returns (page bytes sent, pages sent with bytes,
+    /// zero pages).
+    #[pyo3(signature = (link, table, pacer=None))]
+    fn send_memory(&self, link: &Bound<'_, PyAny>, table: &PyRangeTable, pacer: Option<&PyPacer>) -> PyResult<(u64, u64, u64)> {
+        let pacer = pacer.map(|p| &p.0);
+        with_link(link, |link| {
             self.with(|vm| {
-                let st = transfer::send_memory(fd, &vm.ram, &table.0)?;
+                let st = transfer::send_memory(link, &vm.ram, &table.0, pacer)?;
                 Ok((st.bytes_sent, st.pages, st.zero_pages))
             })
         })
     }
 
-    /// Reads a Memory frame's table (`table_len` bytes) and pages from socket `fd` into guest
-    /// memory; the caller has read the frame's header. Returns (page bytes, pages, zero pages).
-    fn receive_memory(&self, py: Python<'_>, fd: i32, table_len: u64) -> error::Result<(u64, u64, u64)> {
-        py.detach(|| {
+    /// Reads a Memory frame's table (`table_len` bytes) and pages from `link` (a socket fd or a
+    /// TlsChannel) into guest memory; the caller has read the frame's header. Returns (page bytes,
+    /// pages, zero pages).
+    fn receive_memory(&self, link: &Bound<'_, PyAny>, table_len: u64) -> PyResult<(u64, u64, u64)> {
+        with_link(link, |link| {
             self.with(|vm| {
-                let st = transfer::recv_memory(fd, &vm.ram, table_len)?;
+                let st = transfer::recv_memory(link, &vm.ram, table_len)?;
                 Ok((st.bytes_received, st.pages, st.zero_pages))
             })
         })

@@ -7,6 +7,10 @@
 //! mapping). Receiver: `recv_memory` reads and validates the whole table before it touches guest
 //! memory, then zeroes the ZERO ranges and reads the rest with `readv` straight into the mapping.
 //!
+//! Over TLS (`Link::Tls`) the same iovecs are encrypted from guest memory into rustls's records
+//! and decrypted into guest memory: no bounce buffer, no call per page. A `Pacer` caps and measures
+//! the send rate (`max_bandwidth`); writes are cut to its slice size.
+//!
 //! Both block until the frame is done. On a blocking socket, SO_SNDTIMEO / SO_RCVTIMEO bound each
 //! wait: when one expires (EAGAIN) the call fails with a "timed out" MigrationError. A descriptor in
 //! non-blocking mode is waited for with poll(), without a bound. To abort a transfer from another
@@ -18,7 +22,17 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{Error, Kind, Result};
 use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::pacer::Pacer;
 use crate::ranges::RangeTable;
+use crate::tls::TlsStream;
+
+/// Where a Memory frame's bytes go or come from.
+pub enum Link<'a> {
+    /// The socket itself: sendmsg/readv straight between guest memory and the kernel.
+    Plain(RawFd),
+    /// The TLS session on the socket: it holds the connection's bytes in order.
+    Tls(&'a mut TlsStream),
+}
 
 /// Request command of a Memory frame.
 pub const CMD_MEMORY: u16 = 4;
@@ -75,7 +89,7 @@ fn last_errno() -> i32 {
 
 /// EAGAIN from a blocking socket is its SO_SNDTIMEO/SO_RCVTIMEO expiring: a timeout. From a
 /// descriptor in non-blocking mode it means "not now": wait for it.
-fn would_block(fd: RawFd, events: libc::c_short, what: &str) -> Result<()> {
+pub(crate) fn would_block(fd: RawFd, events: libc::c_short, what: &str) -> Result<()> {
     // SAFETY: F_GETFL only reads the descriptor's flags.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
@@ -188,8 +202,9 @@ fn advance(iovs: &mut [libc::iovec], idx: &mut usize, mut n: usize) {
 }
 
 /// Writes every byte `iovs` describes. `sendmsg(MSG_NOSIGNAL)` on sockets (a vanished peer gives
-/// EPIPE, never SIGPIPE); `writev` on other descriptors.
-fn write_all(fd: RawFd, iovs: &mut [libc::iovec]) -> Result<()> {
+/// EPIPE, never SIGPIPE); `writev` on other descriptors. Each call is accounted to `pacer`.
+fn write_all(fd: RawFd, iovs: &mut [libc::iovec], pacer: Option<&Pacer>) -> Result<()> {
+    let write_max = pacer.map_or(WRITE_MAX, |p| p.slice(WRITE_MAX));
     let mut idx = 0;
     advance(iovs, &mut idx, 0);
     let mut socket = true;
@@ -197,14 +212,14 @@ fn write_all(fd: RawFd, iovs: &mut [libc::iovec]) -> Result<()> {
         // At most IOV_MAX iovecs and about WRITE_MAX bytes per call (the last iovec is shortened
         // for the call): one huge sendmsg keeps TCP from processing ACKs while it copies.
         let (mut cnt, mut total) = (0, 0);
-        while idx + cnt < iovs.len() && cnt < IOV_MAX && total < WRITE_MAX {
+        while idx + cnt < iovs.len() && cnt < IOV_MAX && total < write_max {
             total += iovs[idx + cnt].iov_len;
             cnt += 1;
         }
         let last = idx + cnt - 1;
         let last_len = iovs[last].iov_len;
-        if total > WRITE_MAX {
-            iovs[last].iov_len -= total - WRITE_MAX;
+        if total > write_max {
+            iovs[last].iov_len -= total - write_max;
         }
         let ptr = iovs[idx..].as_ptr();
         let n = if socket {
@@ -237,6 +252,40 @@ fn write_all(fd: RawFd, iovs: &mut [libc::iovec]) -> Result<()> {
             return Err(mig_err("sending a Memory frame: the connection accepts no more bytes"));
         }
         advance(iovs, &mut idx, n as usize);
+        if let Some(p) = pacer {
+            p.take(n as usize)?;
+        }
+    }
+    Ok(())
+}
+
+/// `write_all` over TLS: each iovec's bytes are encrypted straight out of their buffer, in pieces
+/// of the pacer's slice size.
+fn write_all_tls(tls: &mut TlsStream, iovs: &[libc::iovec], pacer: Option<&Pacer>) -> Result<()> {
+    let piece = pacer.map_or(WRITE_MAX, |p| p.slice(WRITE_MAX));
+    for v in iovs {
+        // SAFETY: the iovec describes live, readable memory (guest RAM, the table, the header).
+        // The guest may write its pages while they are read: rustls copies them once into its
+        // record and encrypts the copy, and the dirty log sends such a page again, the same
+        // contract as the kernel's copy in sendmsg.
+        let bytes = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+        for chunk in bytes.chunks(piece) {
+            tls.write_all(chunk)?;
+            if let Some(p) = pacer {
+                p.take(chunk.len())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `read_all` over TLS: decrypted bytes go straight into each iovec's buffer.
+fn read_all_tls(tls: &mut TlsStream, iovs: &[libc::iovec]) -> Result<()> {
+    for v in iovs {
+        // SAFETY: the iovec describes live, writable memory (validated guest RAM ranges of a VM
+        // that does not run yet, or our own buffers) that nothing else accesses meanwhile.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len) };
+        tls.read_exact(bytes)?;
     }
     Ok(())
 }
@@ -271,8 +320,8 @@ fn read_all(fd: RawFd, iovs: &mut [libc::iovec]) -> Result<()> {
 /// Writes one complete Memory frame for the pages of `table` (page aligned, inside guest RAM,
 /// at most TABLE_MAX / 16 entries after zero splitting: pass chunks of at most CHUNK_MAX bytes).
 /// Nothing is written when the table is refused; after that only a socket error stops it midway.
-pub fn send_memory(sock: RawFd, ram: &GuestRam, table: &RangeTable) -> Result<SendStats> {
-    send_frame(sock, ram, table, TABLE_MAX as usize / ENTRY_SIZE)
+pub fn send_memory(link: Link, ram: &GuestRam, table: &RangeTable, pacer: Option<&Pacer>) -> Result<SendStats> {
+    send_frame(link, ram, table, TABLE_MAX as usize / ENTRY_SIZE, pacer)
 }
 
 /// The table and data iovecs of a frame being built.
@@ -298,7 +347,7 @@ impl Frame {
     }
 }
 
-fn send_frame(sock: RawFd, ram: &GuestRam, table: &RangeTable, max_entries: usize) -> Result<SendStats> {
+fn send_frame(link: Link, ram: &GuestRam, table: &RangeTable, max_entries: usize, pacer: Option<&Pacer>) -> Result<SendStats> {
     let regions = regions(ram);
     let guess = table.len().min(4096);
     let mut f = Frame { entries: Vec::with_capacity(guess * ENTRY_SIZE), data: Vec::with_capacity(guess), stats: SendStats::default() };
@@ -351,7 +400,10 @@ fn send_frame(sock: RawFd, ram: &GuestRam, table: &RangeTable, max_entries: usiz
     iovs.push(iov(f.entries.as_mut_ptr(), f.entries.len()));
     iovs.extend_from_slice(&f.data);
     f.stats.wire_bytes = (HEADER_SIZE + f.entries.len()) as u64 + f.stats.bytes_sent;
-    write_all(sock, &mut iovs)?;
+    match link {
+        Link::Plain(fd) => write_all(fd, &mut iovs, pacer)?,
+        Link::Tls(tls) => write_all_tls(tls, &iovs, pacer)?,
+    }
     Ok(f.stats)
 }
 
@@ -367,7 +419,7 @@ struct Entry {
 /// the table, validated as a whole before any guest byte changes, then the page bytes into guest
 /// RAM. On an error the frame is not consumed entirely: drop the connection (and the half-built
 /// guest).
-pub fn recv_memory(sock: RawFd, ram: &GuestRam, table_len: u64) -> Result<RecvStats> {
+pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<RecvStats> {
     if !table_len.is_multiple_of(ENTRY_SIZE as u64) {
         return Err(mig_err(format!("Memory frame table length {table_len} is not a multiple of {ENTRY_SIZE}")));
     }
@@ -375,7 +427,11 @@ pub fn recv_memory(sock: RawFd, ram: &GuestRam, table_len: u64) -> Result<RecvSt
         return Err(mig_err(format!("Memory frame table length {table_len} exceeds TABLE_MAX ({TABLE_MAX})")));
     }
     let mut table = vec![0u8; table_len as usize];
-    read_all(sock, &mut [iov(table.as_mut_ptr(), table.len())])?;
+    let mut table_iov = [iov(table.as_mut_ptr(), table.len())];
+    match &mut link {
+        Link::Plain(fd) => read_all(*fd, &mut table_iov)?,
+        Link::Tls(tls) => read_all_tls(tls, &table_iov)?,
+    }
 
     let regions = regions(ram);
     let mut entries = Vec::with_capacity(table.len() / ENTRY_SIZE);
@@ -417,7 +473,10 @@ pub fn recv_memory(sock: RawFd, ram: &GuestRam, table_len: u64) -> Result<RecvSt
             stats.bytes_received += e.len;
         }
     }
-    read_all(sock, &mut iovs)?;
+    match link {
+        Link::Plain(fd) => read_all(fd, &mut iovs)?,
+        Link::Tls(tls) => read_all_tls(tls, &iovs)?,
+    }
     stats.wire_bytes += stats.bytes_received;
     Ok(stats)
 }
@@ -552,14 +611,14 @@ mod tests {
         let mut h = [0u8; HEADER_SIZE];
         read_exact(fd, &mut h);
         assert_eq!(u16::from_le_bytes([h[0], h[1]]), CMD_MEMORY);
-        recv_memory(fd, ram, u64::from_le_bytes(h[8..16].try_into().unwrap()))
+        recv_memory(Link::Plain(fd), ram, u64::from_le_bytes(h[8..16].try_into().unwrap()))
     }
 
     /// Sends `table` from `src` on one thread, receives into `dst` here.
     fn transfer(src: &Arc<GuestRam>, dst: &GuestRam, table: &RangeTable) -> (SendStats, RecvStats) {
         let (a, b) = socketpair();
         let (src, table) = (src.clone(), table.clone());
-        let sender = std::thread::spawn(move || send_memory(a.as_raw_fd(), &src, &table).unwrap());
+        let sender = std::thread::spawn(move || send_memory(Link::Plain(a.as_raw_fd()), &src, &table, None).unwrap());
         let got = recv_frame(b.as_raw_fd(), dst).unwrap();
         (sender.join().unwrap(), got)
     }
@@ -607,6 +666,43 @@ mod tests {
     }
 
     #[test]
+    fn roundtrip_over_tls_with_a_pacer() {
+        use crate::tls::{tests::make_tls_dir, Role, TlsContext};
+        let dir = make_tls_dir("transfer", "127.0.0.1");
+        let src = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();
+        let dst = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();
+        fill_random(&src, 0, 12 * MIB, &mut Rng(11));
+        fill_random(&dst, 14 * MIB, MIB, &mut Rng(12)); // stale data where the source is zero
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let s = l.accept().unwrap().0;
+        let server = TlsContext::load(&dir, Role::Server).unwrap();
+        let accept = std::thread::spawn(move || server.handshake(s.into(), "", std::time::Duration::from_secs(5)).unwrap());
+        let mut tx = TlsContext::load(&dir, Role::Client).unwrap().handshake(c.into(), "127.0.0.1", std::time::Duration::from_secs(5)).unwrap();
+        let mut rx = accept.join().unwrap();
+        let mut table = RangeTable::new();
+        table.push(0, 16 * MIB);
+        // 12 MiB at 24 MiB/s: about half a second.
+        let pacer = Arc::new(Pacer::new(24 * MIB));
+        let (src2, p2) = (src.clone(), pacer.clone());
+        let t0 = std::time::Instant::now();
+        let sender = std::thread::spawn(move || {
+            let st = send_memory(Link::Tls(&mut tx), &src2, &table, Some(&p2)).unwrap();
+            (st, tx)
+        });
+        let mut h = [0u8; HEADER_SIZE];
+        rx.read_exact(&mut h).unwrap();
+        let got = recv_memory(Link::Tls(&mut rx), &dst, u64::from_le_bytes(h[8..16].try_into().unwrap())).unwrap();
+        let (sent, _tx) = sender.join().unwrap();
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(read(&src, 0, 16 * MIB), read(&dst, 0, 16 * MIB));
+        assert_eq!((got.pages, got.zero_pages), (sent.pages, sent.zero_pages));
+        assert_eq!(sent.bytes_sent, 12 * MIB);
+        assert!(secs > 0.4, "the pacer let 12 MiB through in {secs} s");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn frame_layout() {
         let src = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();
         let mut rng = Rng(77);
@@ -618,7 +714,7 @@ mod tests {
         let (a, b) = socketpair();
         let src2 = src.clone();
         let t2 = table.clone();
-        let sender = std::thread::spawn(move || send_memory(a.as_raw_fd(), &src2, &t2).unwrap());
+        let sender = std::thread::spawn(move || send_memory(Link::Plain(a.as_raw_fd()), &src2, &t2, None).unwrap());
         let mut h = [0u8; HEADER_SIZE];
         read_exact(b.as_raw_fd(), &mut h);
         assert_eq!(&h[0..8], &[4, 0, 0, 0, 0, 0, 0, 0]);
@@ -673,7 +769,7 @@ mod tests {
         let mut unaligned = RangeTable::new();
         unaligned.push(0x800, P);
         for t in [outside, unaligned] {
-            let e = send_memory(a.as_raw_fd(), &src, &t).unwrap_err();
+            let e = send_memory(Link::Plain(a.as_raw_fd()), &src, &t, None).unwrap_err();
             assert_eq!(e.kind, Kind::Migration);
         }
         // Too many entries: every other page non-zero, limit 3 entries.
@@ -682,8 +778,8 @@ mod tests {
         }
         let mut t = RangeTable::new();
         t.push(0, 8 * P);
-        assert!(send_frame(a.as_raw_fd(), &src, &t, 3).is_err());
-        assert!(send_frame(a.as_raw_fd(), &src, &t, 8).is_ok());
+        assert!(send_frame(Link::Plain(a.as_raw_fd()), &src, &t, 3, None).is_err());
+        assert!(send_frame(Link::Plain(a.as_raw_fd()), &src, &t, 8, None).is_ok());
         drop(a);
         let mut h = [0u8; HEADER_SIZE];
         read_exact(b.as_raw_fd(), &mut h);
@@ -702,9 +798,9 @@ mod tests {
         bytes.extend(std::iter::repeat_n(0xabu8, extra));
         let writer = std::thread::spawn(move || {
             let mut v = [iov(bytes.as_mut_ptr(), bytes.len())];
-            let _ = write_all(a.as_raw_fd(), &mut v);
+            let _ = write_all(a.as_raw_fd(), &mut v, None);
         });
-        let r = recv_memory(b.as_raw_fd(), dst, table_len);
+        let r = recv_memory(Link::Plain(b.as_raw_fd()), dst, table_len);
         writer.join().unwrap();
         r
     }
@@ -783,7 +879,7 @@ mod tests {
             }
         }
         let (src2, t2) = (src.clone(), table.clone());
-        let sender = std::thread::spawn(move || send_memory(a.as_raw_fd(), &src2, &t2).unwrap());
+        let sender = std::thread::spawn(move || send_memory(Link::Plain(a.as_raw_fd()), &src2, &t2, None).unwrap());
         let got = recv_frame(b.as_raw_fd(), &dst).unwrap();
         let sent = sender.join().unwrap();
         assert_eq!(got.pages, sent.pages);
@@ -810,13 +906,13 @@ mod tests {
         set_timeout(a.as_raw_fd(), libc::SO_SNDTIMEO, 100);
         let mut t = RangeTable::new();
         t.push(0, 8 * MIB);
-        let e = send_memory(a.as_raw_fd(), &ram, &t).unwrap_err();
+        let e = send_memory(Link::Plain(a.as_raw_fd()), &ram, &t, None).unwrap_err();
         assert_eq!((e.kind, e.errno), (Kind::Migration, Some(libc::EAGAIN)), "{}", e.message);
         assert!(e.message.contains("timed out"), "{}", e.message);
         // Nobody writes: SO_RCVTIMEO expires while the table is awaited.
         let (c, _d) = socketpair();
         set_timeout(c.as_raw_fd(), libc::SO_RCVTIMEO, 100);
-        let e = recv_memory(c.as_raw_fd(), &ram, 32).unwrap_err();
+        let e = recv_memory(Link::Plain(c.as_raw_fd()), &ram, 32).unwrap_err();
         assert_eq!(e.errno, Some(libc::EAGAIN), "{}", e.message);
         drop(b);
     }

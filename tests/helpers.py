@@ -94,7 +94,7 @@ class SerialClient:
 class VmmProcess:
     """A `vmmpy` process with an API socket, a console socket and an event monitor file."""
 
-    def __init__(self, tmp: Path, name: str, *args: str, hooks: str = ""):
+    def __init__(self, tmp: Path, name: str, *args: str, hooks: str = "", netns: str | None = None):
         self.tmp = tmp
         self.api_path = str(tmp / f"{name}.api")
         self.serial_path = str(tmp / f"{name}.serial")
@@ -104,6 +104,8 @@ class VmmProcess:
                "--serial", f"socket={self.serial_path}", "--event-monitor", f"path={self.events_path}", *args]
         if hooks:
             cmd += ["--test-hooks", hooks]
+        if netns is not None:  # another "host": its own network namespace (the files are shared)
+            cmd = ["ip", "netns", "exec", netns, *cmd]
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.api = ApiClient(self.api_path)
@@ -157,8 +159,8 @@ class VmmProcess:
 def vmm_process(tmp_path):
     made: list[VmmProcess] = []
 
-    def start(*args: str, name: str = "vmm", hooks: str = "") -> VmmProcess:
-        p = VmmProcess(tmp_path, name, *args, hooks=hooks)
+    def start(*args: str, name: str = "vmm", hooks: str = "", netns: str | None = None) -> VmmProcess:
+        p = VmmProcess(tmp_path, name, *args, hooks=hooks, netns=netns)
         made.append(p)
         return p
 

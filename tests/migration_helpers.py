@@ -8,13 +8,14 @@ import time
 from helpers import VmmProcess
 
 
-def start_receive(dst: VmmProcess, url: str) -> threading.Thread:
+def start_receive(dst: VmmProcess, url: str, **options) -> threading.Thread:
     """PUT vm.receive-migration on `dst` (it answers only at the end) and waits until it listens."""
     result: dict = {}
 
     def call():
         try:
-            result["answer"] = dst.api.request("PUT", "/api/v1/vm.receive-migration", {"receiver_url": url})
+            result["answer"] = dst.api.request("PUT", "/api/v1/vm.receive-migration",
+                                               {"receiver_url": url, **options})
         except OSError as e:  # the destination was killed or shut down: the test checks that itself
             result["answer"] = (None, str(e))
 

@@ -44,3 +44,43 @@ class Vm:
     @property
     def cmdline(self) -> str: ...
     def memory_regions(self) -> list[GuestRegion]: ...
+    def send_memory(self, link: int | TlsChannel, table: RangeTable, pacer: Pacer | None = None) -> tuple[int, int, int]:
+        """One Memory frame for `table` to a socket fd or a TlsChannel, straight from guest memory
+        (GIL released), at most at `pacer`'s rate: (page bytes, pages with bytes, zero pages)."""
+    def receive_memory(self, link: int | TlsChannel, table_len: int) -> tuple[int, int, int]:
+        """The rest of a Memory frame whose header was read, into guest memory (GIL released)."""
+
+class TlsContext:
+    """Mutual-TLS material of a tls_dir (Cloud Hypervisor's file names); InvalidConfig if unusable."""
+    def __init__(self, tls_dir: str, role: str) -> None:
+        """`role`: 'client' (source: ca-cert.pem, client-cert.pem, client-key.pem) or 'server'
+        (destination: ca-cert.pem, server-cert.pem, server-key.pem)."""
+    def handshake(self, fd: int, timeout: float, server_name: str = "") -> TlsChannel:
+        """Handshake on a duplicate of socket `fd` within `timeout` s (GIL released); MigrationError
+        if the peer's certificate does not chain to the CA (or, for a client, does not name
+        `server_name`)."""
+
+class TlsChannel:
+    """One TLS migration connection; every byte of it goes through here."""
+    def sendall(self, data: bytes) -> None: ...
+    def recv_exact(self, n: int) -> bytes: ...
+    def close(self) -> None: ...
+
+class Pacer:
+    """max_bandwidth shared by all connections of a migration; measures the send rate."""
+    def __init__(self, max_bandwidth: int) -> None: ...
+    @property
+    def max_bandwidth(self) -> int: ...
+    def rate(self) -> float:
+        """Bytes/s let through over the last half second."""
+    def cancel(self) -> None:
+        """Senders waiting for the cap (and later ones) fail at once."""
+
+class RangeTable:
+    """Guest-physical page ranges, kept in Rust."""
+    @property
+    def total_bytes(self) -> int: ...
+    def __len__(self) -> int: ...
+    def split(self, max_bytes: int) -> list[RangeTable]: ...
+    def extend(self, other: RangeTable) -> None: ...
+    def ranges(self) -> list[tuple[int, int]]: ...

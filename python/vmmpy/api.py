@@ -138,7 +138,7 @@ def _send_migration(vmm: Any, body: Any) -> None:
 
 def _receive_migration(vmm: Any, body: Any) -> None:
     """Blocks until a migration completed here, as Cloud Hypervisor's does."""
-    handle = vmm.receive_migration(_fields(body, "ReceiveMigrationData", {"receiver_url"}, "receiver_url")["receiver_url"])
+    handle = vmm.receive_migration(**_fields(body, "ReceiveMigrationData", {"receiver_url", "tls_dir"}, "receiver_url"))
     if not handle.wait():
         raise MigrationError(f"no migration was received: {handle.receiver.last_error or 'receive stopped'}")
 

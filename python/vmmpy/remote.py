@@ -30,8 +30,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "shutdown-vmm": ("PUT", "vmm.shutdown", "end the VMM process"),
     "send-migration": ("PUT", "vm.send-migration",
                        "migrate the VM: destination_url=tcp:H:P|unix:PATH[,local=on][,downtime_ms=N][,timeout_s=N]"
-                       "[,timeout_strategy=cancel|ignore][,auto_converge=on|off]"),
-    "receive-migration": ("PUT", "vm.receive-migration", "receive a migration: tcp:H:P or unix:PATH (blocks)"),
+                       "[,timeout_strategy=cancel|ignore][,auto_converge=on|off][,tls_dir=DIR][,connections=N]"
+                       "[,max_bandwidth=BYTES_PER_S|NK|NM|NG]"),
+    "receive-migration": ("PUT", "vm.receive-migration",
+                          "receive a migration: tcp:H:P or unix:PATH[,tls_dir=DIR] (blocks)"),
     "migration-progress": ("GET", "vm.migration-progress", "show the running or last migration's progress"),
     "cancel-migration": ("PUT", "vm.cancel-migration", "cancel the running migration"),
     "snapshot": ("PUT", "vm.snapshot", "snapshot the paused VM into file:///DIR"),

@@ -584,9 +584,11 @@ class Vmm(ReceiveHooks):
             self._migration.cancel()
         self._call(do)
 
-    def receive_migration(self, receiver_url: str) -> ReceiveHandle:
-        """Listens for an incoming migration; returns once listening, with a handle to wait on."""
+    def receive_migration(self, receiver_url: str, tls_dir: str | None = None) -> ReceiveHandle:
+        """Listens for an incoming migration; returns once listening, with a handle to wait on.
+        With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS."""
         url = transport.parse_url(receiver_url)
+        tls = transport.tls_context(tls_dir, url, "server")
 
         def do():
             if self._config is not None:
@@ -596,7 +598,7 @@ class Vmm(ReceiveHooks):
             caps = None
             if self.test_hooks.no_lifecycle_capability:
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
-            receiver = Receiver(transport.listen(url), self, caps)
+            receiver = Receiver(transport.listen(url), self, caps, tls)
             thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",
                                       daemon=True)
             handle = ReceiveHandle(receiver, thread)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 
@@ -21,6 +22,10 @@ class MigrationProgress:
     normal: int = 0  # pages sent with their bytes
     duplicate: int = 0  # zero pages, sent as ranges without bytes
     mbps: float = 0.0  # measured link bandwidth, megabits/s
+    max_bandwidth: int = 0  # the cap, bytes/s over all connections (QEMU's max-bandwidth); 0 = none
+    current_rate: float = 0.0  # bytes/s sent over the last half second
+    connections: int = 1
+    tls: bool = False
     dirty_pages_rate: float = 0.0  # pages/s dirtied during the last iteration
     cpu_throttle_percentage: int = 0
     downtime_configured_ms: int = 300
@@ -43,6 +48,8 @@ class ProgressTracker:
     def __init__(self, **initial):
         self._lock = threading.Lock()
         self._p = MigrationProgress(**initial)
+        # Figures measured elsewhere (the native pacer's rate), read at each snapshot.
+        self.live: Callable[[], dict] | None = None
 
     def update(self, **changes) -> None:
         with self._lock:
@@ -56,7 +63,10 @@ class ProgressTracker:
 
     def snapshot(self) -> dict:
         with self._lock:
-            return self._p.to_dict()
+            d = self._p.to_dict()
+        if self.live is not None and d["status"] == "active":
+            d.update(self.live())
+        return d
 
     def get(self, name: str):
         with self._lock:

@@ -1,7 +1,8 @@
 """vmmpy's migration wire format (docs/migration-protocol.md): fixed 16-byte little-endian headers.
 
 The Memory frame's table and page bytes are written and read by the native core straight from
-and into guest memory; everything else is small and handled here.
+and into guest memory; everything else is small and handled here. Over TLS every byte goes through
+the connection's native TlsChannel (rust/tls.rs) instead of the socket.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Command(enum.IntEnum):
     COMPLETE = 5
     ABANDON = 6
     MEMORY_FD = 7
+    JOIN = 8  # an extra connection of a migration with connections > 1
 
 
 class Status(enum.IntEnum):
@@ -39,6 +41,7 @@ class Capability(str, enum.Enum):
     LOCAL = "local"  # memory fds over SCM_RIGHTS
     ZERO_RANGES = "zero-ranges"
     LIFECYCLE_EVENT = "lifecycle-event"  # state may carry a latched guest reboot/power-off
+    CONNECTIONS = "connections"  # Memory frames may also come over extra connections (Join)
 
 
 class PeerError(MigrationError):
@@ -46,15 +49,20 @@ class PeerError(MigrationError):
 
 
 class Connection:
-    """One migration connection. Blocking socket; timeouts come from SO_RCVTIMEO/SO_SNDTIMEO."""
+    """One migration connection. Blocking socket; timeouts come from SO_RCVTIMEO/SO_SNDTIMEO.
+    With `tls` (a handshaken _native.TlsChannel on the socket) all bytes go through it."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, tls=None):
         self.sock = sock
+        self.tls = tls
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def memory_link(self):
+        """What Vm.send_memory / receive_memory take: the socket fd, or the TLS channel."""
+        return self.tls if self.tls is not None else self.sock.fileno()
 
     def close(self) -> None:
+        if self.tls is not None:
+            self.tls.close()
         self.sock.close()
 
     def abandon(self, timeout_s: float = 2.0) -> None:
@@ -75,6 +83,8 @@ class Connection:
             pass
 
     def _recv_exact(self, n: int) -> bytes:
+        if self.tls is not None:
+            return self.tls.recv_exact(n)
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -91,6 +101,9 @@ class Connection:
         return bytes(buf)
 
     def _send(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.tls.sendall(data)
+            return
         try:
             self.sock.sendall(data)
         except (TimeoutError, BlockingIOError):
@@ -108,6 +121,8 @@ class Connection:
     def send_request(self, command: Command, payload: bytes = b"", arg: int = 0, fds: list[int] | None = None) -> None:
         """Sends one request without waiting for its response (read it with read_response)."""
         header = HEADER.pack(command, 0, arg, len(payload))
+        if fds and self.tls is not None:
+            raise MigrationError("memory fds cannot travel over a TLS connection")
         if fds:
             try:
                 sent = self.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -139,6 +154,9 @@ class Connection:
 
     def read_request(self) -> tuple[int, int, int, list[int]]:
         """(command, arg, length, fds). The payload is left in the stream for the caller."""
+        if self.tls is not None:
+            command, _, arg, length = HEADER.unpack(self._recv_exact(HEADER.size))
+            return command, arg, length, []
         fds = array.array("i")
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_LEN(4 * fds.itemsize))

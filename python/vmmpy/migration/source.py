@@ -5,15 +5,22 @@ sends what the dirty log reports, until the estimated downtime (bytes left / mea
 fits `downtime_ms` or nothing is dirty. Then the final phase: pause, last dirty pass, State,
 Complete. Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
 right after Config.
+
+With `connections` = N > 1 (tcp only) the source opens N - 1 extra connections after Start, each
+presenting the destination's connection token (Join); Memory frames are then spread over all N,
+one sender thread per connection (the page bytes move in the native core with the GIL released),
+while State and Complete stay on the first. `max_bandwidth` caps the sum of all connections.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+from .. import _native
 from ..errors import InvalidConfig, MigrationCancelled, MigrationError
 from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from ..snapshot import encode_state
@@ -23,6 +30,9 @@ from .progress import ProgressTracker
 from .protocol import VERSION, Capability, Command, Connection, PeerError
 
 CHUNK_BYTES = 64 << 20  # one Memory frame; cancel and timeouts are checked between frames
+CHUNK_MIN = 256 << 10
+CHUNK_TIME_S = 2.0  # under a max_bandwidth, a frame takes about this long on its connection
+MAX_CONNECTIONS = 128  # Cloud Hypervisor's bound
 THROTTLE_STEP = 10
 THROTTLE_MAX = 99
 THROTTLE_SLICE_S = 0.1
@@ -37,10 +47,14 @@ class MigrationOptions:
     timeout_s: int = 3600
     timeout_strategy: str = "cancel"
     auto_converge: bool = True
+    tls_dir: str | None = None  # mutual TLS (docs/tls.md)
+    connections: int = 1
+    max_bandwidth: int = 0  # bytes/s over all connections; 0 = unlimited
+    tls: object = field(default=None, init=False, repr=False, compare=False)  # loaded from tls_dir
 
     @classmethod
     def from_dict(cls, body: dict) -> "MigrationOptions":
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(body) - known)
         if unknown:
             raise InvalidConfig(f"unknown migration options: {', '.join(unknown)}")
@@ -54,7 +68,26 @@ class MigrationOptions:
             raise InvalidConfig(f"timeout_strategy={opts.timeout_strategy!r}: expected cancel or ignore")
         if opts.local and not opts.destination_url.startswith("unix:"):
             raise InvalidConfig("local=on needs a unix: destination_url (the memory fds travel over it)")
+        if not 1 <= opts.connections <= MAX_CONNECTIONS:
+            raise InvalidConfig(f"connections={opts.connections}: expected 1..{MAX_CONNECTIONS}")
+        if opts.connections > 1 and not opts.destination_url.startswith("tcp:"):
+            raise InvalidConfig("connections > 1 needs a tcp: destination_url (not unix: or local=on)")
+        if opts.max_bandwidth < 0:
+            raise InvalidConfig("max_bandwidth must be 0 (unlimited) or positive")
+        opts.tls = transport.tls_context(opts.tls_dir, transport.parse_url(opts.destination_url), "client")
         return opts
+
+    def chunk_bytes(self) -> int:
+        """Bytes of RAM per Memory frame: under a cap, small enough that every connection finishes
+        a frame every CHUNK_TIME_S (cancel, progress and the destination's idle first connection
+        hear from it that often)."""
+        if not self.max_bandwidth:
+            return CHUNK_BYTES
+        per_connection = int(self.max_bandwidth * CHUNK_TIME_S / self.connections)
+        return max(CHUNK_MIN, min(CHUNK_BYTES, per_connection)) & ~4095
+
+
+_SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
 
 
 def _coerce(key: str, value):
@@ -66,11 +99,17 @@ def _coerce(key: str, value):
         if str(value).lower() in ("off", "false", "0", "no"):
             return False
         raise InvalidConfig(f"{key}={value!r}: expected on or off")
-    if key in ("downtime_ms", "timeout_s"):
+    if key in ("downtime_ms", "timeout_s", "connections"):
         try:
             return int(value)
         except (TypeError, ValueError):
             raise InvalidConfig(f"{key}={value!r}: expected an integer") from None
+    if key == "max_bandwidth":
+        # Bytes/s; K, M and G are powers of 1024, as QEMU reads max-bandwidth=32M.
+        m = _SIZE.fullmatch(str(value).strip()) if not isinstance(value, bool) else None
+        if m is None:
+            raise InvalidConfig(f"max_bandwidth={value!r}: expected bytes/s, e.g. 33554432 or 32M")
+        return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
     return str(value)
 
 
@@ -134,14 +173,20 @@ class SourceMigration:
         self._dirty_logging = False
         self._throttle: Throttle | None = None
         self._conn: Connection | None = None
+        self._extra: list[Connection] = []  # connections 2..N
+        self.pacer = _native.Pacer(options.max_bandwidth)
+        progress.live = lambda: {"current_rate": self.pacer.rate()}
 
     def cancel(self) -> None:
         """Stops the migration at once: a worker blocked on a destination that does not answer is
-        woken by shutting its connection down (the destination discards a cut frame)."""
+        woken by shutting its connections down (the destination discards a cut frame)."""
         self.cancel_requested.set()
+        self.pacer.cancel()
         conn = self._conn
         if conn is not None:
             conn.shutdown()
+        for extra in list(self._extra):
+            extra.shutdown()
 
     def _check_cancel(self) -> None:
         if self.cancel_requested.is_set():
@@ -149,8 +194,9 @@ class SourceMigration:
 
     def run(self) -> None:
         url = transport.parse_url(self.opts.destination_url)
-        self.progress.update(status="active", total=self.memory_size)
-        conn = Connection(transport.connect(url))
+        self.progress.update(status="active", total=self.memory_size, connections=self.opts.connections,
+                             tls=self.opts.tls is not None, max_bandwidth=self.opts.max_bandwidth)
+        conn = transport.open_connection(url, self.opts.tls)
         self._conn = conn
         try:
             self._check_cancel()  # a cancel that came while connecting
@@ -164,16 +210,25 @@ class SourceMigration:
         finally:
             self._cleanup()
             self._conn = None
+            for extra in self._extra:
+                extra.close()
+            self._extra = []
             conn.close()
 
     def _migrate(self, conn: Connection) -> None:
         caps = [Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value]
         if self.opts.local:
             caps.append(Capability.LOCAL.value)
-        answer = json.loads(conn.request_json(Command.START, {"version": VERSION, "capabilities": caps}) or b"{}")
+        start = {"version": VERSION, "capabilities": caps}
+        if self.opts.connections > 1:
+            caps.append(Capability.CONNECTIONS.value)
+            start["connections"] = self.opts.connections
+        answer = json.loads(conn.request_json(Command.START, start) or b"{}")
         self.peer_capabilities = set(answer.get("capabilities", []))
         if answer.get("version") != VERSION:
             raise MigrationError(f"destination speaks migration protocol {answer.get('version')}, we speak {VERSION}")
+        if self.opts.connections > 1:
+            self._join(answer)
         if self.opts.local:
             if Capability.LOCAL.value not in self.peer_capabilities:
                 raise MigrationError("destination does not accept memory fds (local migration)")
@@ -192,6 +247,18 @@ class SourceMigration:
         if not self.opts.local:
             remaining = self._precopy(conn)
         self._final_phase(conn, remaining)
+
+    def _join(self, answer: dict) -> None:
+        """Opens connections 2..N; each presents the token the destination gave the first."""
+        token = answer.get("connection_token")
+        if Capability.CONNECTIONS.value not in self.peer_capabilities or not isinstance(token, str):
+            raise MigrationError("the destination does not accept parallel connections")
+        url = transport.parse_url(self.opts.destination_url)
+        for index in range(1, self.opts.connections):
+            self._check_cancel()
+            extra = transport.open_connection(url, self.opts.tls)
+            self._extra.append(extra)
+            extra.request_json(Command.JOIN, {"token": token, "index": index})
 
     # ---- pre-copy ---------------------------------------------------------------------------
 
@@ -220,7 +287,8 @@ class SourceMigration:
                 bandwidth = sent / elapsed
             self.progress.update(iteration=iteration + 1, mbps=bandwidth * 8 / 1e6)
             self.events.emit("vm", "migration-memory-iteration", {"iteration": iteration, "bytes": sent,
-                                                                   "ranges": len(table)})
+                                                                   "ranges": len(table),
+                                                                   "duration_ms": elapsed * 1000})
             iteration += 1
             table = self.vm.dirty_ranges()
             dirtied = table.total_bytes
@@ -246,28 +314,65 @@ class SourceMigration:
         return self.latch.event is not None
 
     def _send(self, conn: Connection, table) -> int:
-        """Sends `table` as Memory frames of at most CHUNK_BYTES, stopping early (at a frame
+        """Sends `table` as Memory frames, spread over all connections (one sender thread each,
+        taking the next chunk when its last one is acknowledged), stopping early (at a frame
         boundary, never inside a frame) when an event is latched. Returns page bytes sent."""
-        total = 0
-        chunks = table.split(CHUNK_BYTES)
-        left = table.total_bytes
+        chunks = iter(table.split(self.opts.chunk_bytes()))
+        lock = threading.Lock()
+        sent = [0, table.total_bytes]  # page bytes sent, range bytes not yet sent
+        errors: list[BaseException] = []
+        self.progress.update(remaining=table.total_bytes)
+
+        def next_chunk():
+            with lock:
+                return None if errors else next(chunks, None)
+
+        def sender(c: Connection, first: bool) -> None:
+            try:
+                self._send_chunks(c, first, next_chunk, lock, sent)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the worker below
+                with lock:
+                    errors.append(e)
+                for extra in self._extra:  # the other senders stop at once, not after a timeout
+                    extra.shutdown()
+
+        threads = [threading.Thread(target=sender, args=(c, False), name=f"migration-send-{i + 1}", daemon=True)
+                   for i, c in enumerate(self._extra)]
+        for t in threads:
+            t.start()
+        sender(conn, True)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        self.progress.update(remaining=0)
+        return sent[0]
+
+    def _send_chunks(self, conn: Connection, first: bool, next_chunk, lock, sent) -> None:
         frame_delay = self.hooks.frame_delay_ms / 1000
-        for chunk in chunks:
+        while True:
             if frame_delay and not self.paused:
                 self.cancel_requested.wait(frame_delay)
             self._check_cancel()
             if self._shortcut():
-                break
-            self.progress.update(remaining=left)
-            self._in_frame = True
-            sent, pages, zero_pages = self.vm.send_memory(conn.fileno(), chunk)
-            self._in_frame = False
+                return
+            chunk = next_chunk()
+            if chunk is None:
+                return
+            # Only the first connection carries requests besides Memory: Abandon needs it at a
+            # frame boundary.
+            if first:
+                self._in_frame = True
+            n, pages, zero_pages = self.vm.send_memory(conn.memory_link(), chunk, self.pacer)
+            if first:
+                self._in_frame = False
             conn.read_response()
-            total += sent
-            left -= chunk.total_bytes
-            self.progress.add(transferred=sent, normal=pages, duplicate=zero_pages)
-        self.progress.update(remaining=0)
-        return total
+            with lock:
+                sent[0] += n
+                sent[1] -= chunk.total_bytes
+                left = sent[1]
+            self.progress.add(transferred=n, normal=pages, duplicate=zero_pages)
+            self.progress.update(remaining=left)
 
     # ---- final phase ------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Migration transports: `tcp:<host>:<port>` and `unix:<path>` URLs, as Cloud Hypervisor spells them."""
+"""Migration transports: `tcp:<host>:<port>` and `unix:<path>` URLs, as Cloud Hypervisor spells them,
+and mutual TLS on tcp connections (`tls_dir`, docs/tls.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from dataclasses import dataclass
 
 from .. import _native
 from ..errors import InvalidConfig, MigrationError
+from .protocol import Connection
 
 IO_TIMEOUT_S = 30.0  # a peer that stops answering for this long is gone
+TLS_HANDSHAKE_TIMEOUT_S = 10.0  # the whole TLS handshake, from the first byte to the last
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,41 @@ def _tune(sock: socket.socket) -> None:
     # not wait on Nagle) and keeps the kernel's autotuned buffers, which measured as fast.
     _native.tune_socket(sock.fileno())
     # Kernel-level timeouts keep the socket blocking, so the native core can use it directly.
-    tv = struct.pack("ll", int(IO_TIMEOUT_S), int((IO_TIMEOUT_S % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    set_timeouts(sock, IO_TIMEOUT_S, IO_TIMEOUT_S)
+
+
+def set_timeouts(sock: socket.socket, receive_s: float, send_s: float) -> None:
+    """SO_RCVTIMEO / SO_SNDTIMEO (0 = wait without a bound)."""
+    for opt, seconds in ((socket.SO_RCVTIMEO, receive_s), (socket.SO_SNDTIMEO, send_s)):
+        sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", int(seconds), int((seconds % 1) * 1e6)))
+
+
+def tls_context(tls_dir: str | None, url: Url, role: str):
+    """The _native.TlsContext of `tls_dir` for `role` ("client" / "server"), or None without one.
+    Bad or missing files are an InvalidConfig naming them."""
+    if tls_dir is None:
+        return None
+    if url.kind != "tcp":
+        raise InvalidConfig("tls_dir needs a tcp: URL (a unix socket never leaves the host)")
+    return _native.TlsContext(tls_dir, role)
+
+
+def secure(sock: socket.socket, tls, server_name: str = "") -> Connection:
+    """The connection on `sock`: plaintext without `tls`, else after a mutual TLS handshake (the
+    client checks that the server's certificate names `server_name`). A failed handshake closes
+    `sock` and raises MigrationError."""
+    if tls is None:
+        return Connection(sock)
+    try:
+        channel = tls.handshake(sock.fileno(), TLS_HANDSHAKE_TIMEOUT_S, server_name)
+    except BaseException:
+        sock.close()
+        raise
+    return Connection(sock, channel)
+
+
+def open_connection(url: Url, tls=None) -> Connection:
+    return secure(connect(url), tls, url.host)
 
 
 def connect(url: Url, timeout: float = 10.0) -> socket.socket:
