@@ -2,7 +2,6 @@
 //! block (building a VM, pausing, joining vCPU threads) runs with the GIL released.
 
 use std::os::raw::c_int;
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -139,6 +138,12 @@ fn dup_file(fd: i32) -> PyResult<std::fs::File> {
     Ok(std::fs::File::from(dup_owned(fd, "memory fd")?))
 }
 
+/// The embedded test guest's ELF image (tests boot it as an external kernel too).
+#[pyfunction]
+pub fn test_guest_elf(py: Python<'_>) -> Bound<'_, PyBytes> {
+    PyBytes::new(py, crate::boot::payload::TEST_GUEST)
+}
+
 fn region(vm: &Vm, index: usize) -> PyResult<(u64, u64, u64)> {
     vm.ram
         .regions()
@@ -169,7 +174,8 @@ impl PyVm {
 
 #[pymethods]
 impl PyVm {
-    /// Builds the VM and loads its payload; no vCPU runs until `boot()`.
+    /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
+    /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
     #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None))]
     #[allow(clippy::too_many_arguments)]
@@ -177,8 +183,8 @@ impl PyVm {
         py: Python<'_>,
         memory_size: u64,
         vcpus: u8,
-        kernel: Option<PathBuf>,
-        initramfs: Option<PathBuf>,
+        kernel: Option<&[u8]>,
+        initramfs: Option<&[u8]>,
         cmdline: String,
         console: &PyConsole,
         reset_fd: i32,
@@ -327,8 +333,10 @@ impl PyVm {
         self.with(|vm| Ok(vm.ram.memfds()))
     }
 
-    /// Writes RAM region `index` to a sparse file (the VM must be paused or not running).
-    fn save_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> PyResult<()> {
+    /// Writes RAM region `index` to the sparse file open as `fd` (the caller opened it safely and
+    /// keeps it; the VM must be paused or not running).
+    fn save_memory(&self, py: Python<'_>, index: usize, fd: i32) -> PyResult<()> {
+        let file = dup_file(fd)?;
         py.detach(|| {
             self.with(|vm| {
                 if vm.vcpu_states().iter().any(|s| !matches!(*s, "created" | "paused" | "exited")) {
@@ -338,13 +346,15 @@ impl PyVm {
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM; the guest
                 // is paused, so nothing writes it while it is read.
                 let mem = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-                Ok(memory_file::save(mem, &path)?)
+                Ok(memory_file::save(mem, &file)?)
             })
         })
     }
 
-    /// Fills RAM region `index` of a VM built with restore=True from a snapshot file.
-    fn load_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> PyResult<()> {
+    /// Fills RAM region `index` of a VM built with restore=True from the snapshot file open as `fd`
+    /// (the caller opened it safely and keeps it).
+    fn load_memory(&self, py: Python<'_>, index: usize, fd: i32) -> PyResult<()> {
+        let file = dup_file(fd)?;
         py.detach(|| {
             self.with(|vm| {
                 if vm.vcpu_states().iter().any(|s| *s != "created") {
@@ -354,7 +364,7 @@ impl PyVm {
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM, and no
                 // vCPU runs yet, so this is its only user.
                 let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, size as usize) };
-                Ok(memory_file::load(mem, &path)?)
+                Ok(memory_file::load(mem, &file)?)
             })
         })
     }

@@ -28,6 +28,7 @@ class Command(enum.IntEnum):
     COMPLETE = 5
     ABANDON = 6
     MEMORY_FD = 7
+    PAYLOAD = 8  # one boot payload part (kernel, initramfs) as content
 
 
 class Status(enum.IntEnum):
@@ -39,10 +40,15 @@ class Capability(str, enum.Enum):
     LOCAL = "local"  # memory fds over SCM_RIGHTS
     ZERO_RANGES = "zero-ranges"
     LIFECYCLE_EVENT = "lifecycle-event"  # state may carry a latched guest reboot/power-off
+    PAYLOAD = "payload"  # kernel/initramfs travel as content (Payload frames), never as paths
 
 
 class PeerError(MigrationError):
     """The other side answered with an Error response."""
+
+
+class PeerTimeout(MigrationError):
+    """The other side sent or took nothing for the socket's timeout."""
 
 
 class Connection:
@@ -82,7 +88,7 @@ class Connection:
             try:
                 k = self.sock.recv_into(view[got:])
             except (TimeoutError, BlockingIOError):
-                raise MigrationError("migration peer timed out") from None
+                raise PeerTimeout("migration peer timed out") from None
             except OSError as e:
                 raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
             if k == 0:
@@ -94,7 +100,7 @@ class Connection:
         try:
             self.sock.sendall(data)
         except (TimeoutError, BlockingIOError):
-            raise MigrationError("migration peer timed out") from None
+            raise PeerTimeout("migration peer timed out") from None
         except OSError as e:
             raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
 
@@ -141,9 +147,11 @@ class Connection:
         """(command, arg, length, fds). The payload is left in the stream for the caller."""
         fds = array.array("i")
         try:
-            data, ancdata, flags, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_LEN(4 * fds.itemsize))
+            # Close-on-exec from the start; fds beyond the buffer's room are discarded by the kernel.
+            data, ancdata, flags, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_LEN(4 * fds.itemsize),
+                                                        socket.MSG_CMSG_CLOEXEC)
         except (TimeoutError, BlockingIOError):
-            raise MigrationError("migration peer timed out") from None
+            raise PeerTimeout("migration peer timed out") from None
         except OSError as e:
             raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
         for level, kind, cdata in ancdata:

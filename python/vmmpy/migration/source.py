@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 from ..errors import InvalidConfig, MigrationCancelled, MigrationError
 from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
+from ..payload import PARTS, BootPayload
 from ..snapshot import encode_state
 from . import transport
 from .progress import ProgressTracker
@@ -115,8 +116,10 @@ class SourceMigration:
     """Runs one outgoing migration on the caller's thread (the VMM's migration worker)."""
 
     def __init__(self, vm, config_api: dict, memory_size: int, options: MigrationOptions, events,
-                 progress: ProgressTracker, latch: LifecycleLatch, hooks: dict[str, str] | None = None):
+                 progress: ProgressTracker, latch: LifecycleLatch, hooks: dict[str, str] | None = None,
+                 payload: BootPayload | None = None):
         self.vm = vm
+        self.payload = payload or BootPayload()  # the content the destination reboots from
         self.latch = latch
         # Test hooks (vmmpy.testhooks): timing windows tests must hit deliberately.
         self.hooks = hooks or {}
@@ -180,7 +183,12 @@ class SourceMigration:
             self.progress.update(phase="memory-fds", local=True)
             for i, (gpa, fd, size) in enumerate(self.vm.memory_fds()):
                 conn.request(Command.MEMORY_FD, arg=i, fds=[fd])
+        parts = self.payload.parts()
+        if parts and Capability.PAYLOAD.value not in self.peer_capabilities:
+            raise MigrationError("destination cannot take the kernel/initramfs as content (no payload capability)")
         config = {"config": self.config_api, "memory_size": self.memory_size, "local": self.opts.local}
+        if parts:
+            config["payload"] = self.payload.describe()
         conn.send_request(Command.CONFIG, json.dumps(config).encode())
         if not self.opts.local:
             # While the destination builds its VM, turn dirty logging on here.
@@ -188,6 +196,8 @@ class SourceMigration:
             self._dirty_logging = True
         conn.read_response()
         self._check_cancel()
+        for name, data in parts.items():
+            conn.request(Command.PAYLOAD, data, arg=PARTS.index(name))
         remaining = None
         if not self.opts.local:
             remaining = self._precopy(conn)

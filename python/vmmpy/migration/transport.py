@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 from dataclasses import dataclass
 
-from .. import _native
+from .. import _native, unix_socket
 from ..errors import InvalidConfig, MigrationError
 
 IO_TIMEOUT_S = 30.0  # a peer that stops answering for this long is gone
+HANDSHAKE_TIMEOUT_S = 5.0  # a destination waits this long for a new source's Start and Config
+BACKLOG = 64  # sources that may wait for accept(): each then gets an answer (busy, if one is served)
 
 
 @dataclass(frozen=True)
@@ -38,15 +39,19 @@ def parse_url(url: str) -> Url:
     raise InvalidConfig(f"migration URL {url!r}: expected tcp:<host>:<port> or unix:<path>")
 
 
-def _tune(sock: socket.socket) -> None:
+def set_timeout(sock: socket.socket, seconds: float) -> None:
+    """Kernel-level timeouts keep the socket blocking, so the native core can use it directly."""
+    tv = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _tune(sock: socket.socket, timeout_s: float = IO_TIMEOUT_S) -> None:
     sock.setblocking(True)
     # Unix sockets get large buffers; TCP gets TCP_NODELAY (a request's header and payload must
     # not wait on Nagle) and keeps the kernel's autotuned buffers, which measured as fast.
     _native.tune_socket(sock.fileno())
-    # Kernel-level timeouts keep the socket blocking, so the native core can use it directly.
-    tv = struct.pack("ll", int(IO_TIMEOUT_S), int((IO_TIMEOUT_S % 1) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    set_timeout(sock, timeout_s)
 
 
 def connect(url: Url, timeout: float = 10.0) -> socket.socket:
@@ -74,13 +79,10 @@ def listen(url: Url) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         address: object = (url.host, url.port)
     else:
-        if os.path.exists(url.path):
-            os.unlink(url.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = url.path
+        return unix_socket.listen(url.path, BACKLOG, "migration socket")
     try:
         sock.bind(address)
-        sock.listen(1)
+        sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
         raise InvalidConfig(f"cannot listen on {url}: {e.strerror or e}", e.errno) from None
@@ -88,6 +90,7 @@ def listen(url: Url) -> socket.socket:
 
 
 def accept(listener: socket.socket) -> socket.socket:
+    """The next source, with the short handshake timeout (raise it once its Config is accepted)."""
     conn, _ = listener.accept()
-    _tune(conn)
+    _tune(conn, HANDSHAKE_TIMEOUT_S)
     return conn
