@@ -461,3 +461,43 @@ def test_an_empty_file_url_is_an_error(guest_vmm, tmp_path, monkeypatch):
     with pytest.raises(InvalidConfig, match="empty"):
         Vmm.restore("file://").close()
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("memory-*"))
+
+
+def test_snapshot_carries_the_payload_as_content_and_checks_it(tmp_path):
+    """A snapshot of a VM booted from kernel and initramfs files holds their bytes; a restore
+    reboots from those bytes after the files changed, and refuses tampered ones."""
+    kernel = tmp_path / "kernel.elf"
+    kernel.write_bytes(_native.test_guest_elf())
+    initramfs = tmp_path / "initramfs.img"
+    marker = b"SNAPSHOT-INITRAMFS-" + os.urandom(8).hex().encode()
+    initramfs.write_bytes(marker * 128)
+    serial_path = str(tmp_path / "serial.sock")
+    snap = tmp_path / "snap"
+    with Vmm(serial=SerialConfig(mode="Socket", socket=serial_path)) as vmm:
+        serial = SerialClient(serial_path)
+        vmm.create(VmConfig(memory_mib=64, kernel=str(kernel), initramfs=str(initramfs)))
+        vmm.boot()
+        serial.wait_ready()
+        vmm.pause()
+        vmm.snapshot(str(snap))
+        serial.close()
+    for part in ("kernel", "initramfs"):
+        assert stat.S_IMODE((snap / f"payload-{part}.bin").stat().st_mode) == 0o600
+    kernel.write_bytes(b"not the kernel any more")
+    initramfs.unlink()
+    restored_serial = str(tmp_path / "restored.sock")
+    restored = Vmm.restore(str(snap), serial=SerialConfig(mode="Socket", socket=restored_serial))
+    try:
+        serial = SerialClient(restored_serial)
+        restored.resume()
+        restored.reboot()
+        serial.wait_ready()
+        assert any(marker in bytes(r) for r in restored.memory_regions())
+        serial.close()
+    finally:
+        restored.close()
+    data = bytearray((snap / "payload-kernel.bin").read_bytes())
+    data[100] ^= 0xFF
+    (snap / "payload-kernel.bin").write_bytes(bytes(data))
+    with pytest.raises(InvalidConfig, match="sha256"):
+        Vmm.restore(str(snap)).close()
