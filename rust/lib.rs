@@ -49,6 +49,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<python::PyPacer>()?;
     m.add_function(wrap_pyfunction!(python::tune_socket, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
+    m.add_function(wrap_pyfunction!(python::test_guest_elf, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
     Ok(())
 }

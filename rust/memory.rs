@@ -77,17 +77,39 @@ pub struct GuestRam {
     pub mem: GuestMem,
 }
 
+/// The seals every guest RAM memfd carries: its size is fixed, so a process it is shared with
+/// (same-host migration) cannot shrink it under the other's mapping (SIGBUS) or grow it.
+const RAM_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
 fn memfd(name: &str, size: u64) -> Result<File> {
     let cname = CString::new(name).expect("memfd name has no NUL");
     // SAFETY: cname is a valid NUL-terminated string; the returned fd is checked before use.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(Error::io(Kind::Kvm, "memfd_create", std::io::Error::last_os_error()));
     }
     // SAFETY: fd was just created by memfd_create and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).map_err(|e| Error::io(Kind::Kvm, "ftruncate guest memory", e))?;
+    // SAFETY: fcntl on an fd we own, with an int argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, RAM_SEALS) } < 0 {
+        return Err(Error::io(Kind::Kvm, "sealing guest memory", std::io::Error::last_os_error()));
+    }
     Ok(file)
+}
+
+/// Checks a memfd another process sent: sealed against resizing, and exactly `size` bytes.
+fn check_received(file: &File, gpa: u64, size: u64) -> Result<()> {
+    // SAFETY: fcntl on an fd we own; F_GET_SEALS takes no argument.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if seals < 0 || seals & RAM_SEALS != RAM_SEALS {
+        return Err(Error::new(Kind::InvalidConfig, format!("RAM fd for {gpa:#x} is not a memfd sealed with F_SEAL_SHRINK|F_SEAL_GROW")));
+    }
+    let flen = file.metadata().map_err(|e| Error::io(Kind::InvalidConfig, "fstat guest memory fd", e))?.len();
+    if flen != size {
+        return Err(Error::new(Kind::InvalidConfig, format!("RAM fd for {gpa:#x} holds {flen} bytes, the region has {size}")));
+    }
+    Ok(())
 }
 
 impl GuestRam {
@@ -101,21 +123,25 @@ impl GuestRam {
         for (i, &(start, len)) in ranges.iter().enumerate() {
             fds.push((start, memfd(&format!("vmmpy-ram{i}"), len)?, len));
         }
-        Self::from_fds(fds)
+        Self::map(fds, false)
     }
 
     /// Maps memfds received from another process (same-host migration), MAP_SHARED, at
-    /// (guest address, file, size); sorted by guest address. The files stay open for `memfds()`.
+    /// (guest address, file, size); sorted by guest address. Each must be sealed against
+    /// resizing and exactly its region's size. The files stay open for `memfds()`.
     pub fn from_fds(fds: Vec<(u64, File, u64)>) -> Result<Arc<GuestRam>> {
+        Self::map(fds, true)
+    }
+
+    fn map(fds: Vec<(u64, File, u64)>, received: bool) -> Result<Arc<GuestRam>> {
         let mut ranges = Vec::with_capacity(fds.len());
         for (gpa, file, size) in fds {
             if size == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
                 return Err(Error::new(Kind::InvalidConfig, format!("RAM region {gpa:#x}+{size:#x} is not page aligned")));
             }
             // Mapping past the end of the file would fault (SIGBUS) on first access.
-            let flen = file.metadata().map_err(|e| Error::io(Kind::InvalidConfig, "fstat guest memory fd", e))?.len();
-            if flen < size {
-                return Err(Error::new(Kind::InvalidConfig, format!("RAM fd for {gpa:#x} holds {flen} bytes, region needs {size}")));
+            if received {
+                check_received(&file, gpa, size)?;
             }
             ranges.push((GuestAddress(gpa), size as usize, Some(FileOffset::new(file, 0))));
         }
@@ -146,5 +172,23 @@ impl GuestRam {
                 (r.start_addr().0, fd, r.len())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_memfds_are_sealed_and_received_ones_checked() {
+        let f = memfd("t", 1 << 20).unwrap();
+        assert!(f.set_len(4096).is_err(), "a sealed memfd cannot shrink");
+        check_received(&f, 0, 1 << 20).unwrap();
+        assert!(check_received(&f, 0, 2 << 20).unwrap_err().message.contains("holds"));
+        let cname = CString::new("unsealed").unwrap();
+        // SAFETY: a valid name; the fd is owned by the File at once.
+        let unsealed = unsafe { File::from_raw_fd(libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC)) };
+        unsealed.set_len(1 << 20).unwrap();
+        assert!(check_received(&unsealed, 0, 1 << 20).unwrap_err().message.contains("sealed"));
     }
 }

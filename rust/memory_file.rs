@@ -1,17 +1,19 @@
 //! Guest RAM to and from snapshot files, one sparse file per RAM region: all-zero pages are left
 //! as holes, so an idle guest's snapshot costs little disk, and reading skips the holes.
+//!
+//! The files arrive open: Python opens them inside the snapshot directory without following
+//! symlinks (vmmpy/snapshot.py), so nothing here resolves a path.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 
 use crate::error::{Error, Kind, Result};
 
 const PAGE: usize = 4096;
 
-fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
-    Error::io(Kind::InvalidConfig, &format!("{what} {}", path.display()), e)
+fn io_err(what: &str, e: std::io::Error) -> Error {
+    Error::io(Kind::InvalidConfig, &format!("{what} memory file"), e)
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -22,33 +24,35 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Writes `mem` (one region's mapping) to `path`, leaving zero pages as holes.
-pub fn save(mem: &[u8], path: &Path) -> Result<()> {
-    let file = File::create(path).map_err(|e| io_err("creating", path, e))?;
-    file.set_len(mem.len() as u64).map_err(|e| io_err("sizing", path, e))?;
+/// Writes `mem` (one region's mapping) to the empty `file`, leaving zero pages as holes.
+pub fn save(mem: &[u8], file: &File) -> Result<()> {
+    file.set_len(mem.len() as u64).map_err(|e| io_err("sizing", e))?;
     let mut run_start = None;
     for (i, page) in mem.chunks(PAGE).enumerate() {
         match (is_zero(page), run_start) {
             (false, None) => run_start = Some(i),
             (true, Some(start)) => {
-                file.write_all_at(&mem[start * PAGE..i * PAGE], (start * PAGE) as u64).map_err(|e| io_err("writing", path, e))?;
+                file.write_all_at(&mem[start * PAGE..i * PAGE], (start * PAGE) as u64).map_err(|e| io_err("writing", e))?;
                 run_start = None;
             }
             _ => {}
         }
     }
     if let Some(start) = run_start {
-        file.write_all_at(&mem[start * PAGE..], (start * PAGE) as u64).map_err(|e| io_err("writing", path, e))?;
+        file.write_all_at(&mem[start * PAGE..], (start * PAGE) as u64).map_err(|e| io_err("writing", e))?;
     }
-    file.sync_all().map_err(|e| io_err("syncing", path, e))
+    file.sync_all().map_err(|e| io_err("syncing", e))
 }
 
-/// Reads `path` into `mem` (a fresh, zeroed region), visiting only the file's data extents.
-pub fn load(mem: &mut [u8], path: &Path) -> Result<()> {
-    let file = OpenOptions::new().read(true).open(path).map_err(|e| io_err("opening", path, e))?;
-    let len = file.metadata().map_err(|e| io_err("reading", path, e))?.len();
+/// Reads `file` into `mem` (a fresh, zeroed region), visiting only the file's data extents.
+pub fn load(mem: &mut [u8], file: &File) -> Result<()> {
+    let meta = file.metadata().map_err(|e| io_err("reading", e))?;
+    if !meta.is_file() {
+        return Err(Error::new(Kind::InvalidConfig, "a memory file must be a regular file"));
+    }
+    let len = meta.len();
     if len != mem.len() as u64 {
-        return Err(Error::new(Kind::InvalidConfig, format!("{} holds {len} bytes; the RAM region has {}", path.display(), mem.len())));
+        return Err(Error::new(Kind::InvalidConfig, format!("the memory file holds {len} bytes; the RAM region has {}", mem.len())));
     }
     let fd = file.as_raw_fd();
     let mut pos: i64 = 0;
@@ -61,8 +65,33 @@ pub fn load(mem: &mut [u8], path: &Path) -> Result<()> {
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         let end = if hole < 0 { len as i64 } else { hole };
-        file.read_exact_at(&mut mem[data as usize..end as usize], data as u64).map_err(|e| io_err("reading", path, e))?;
+        file.read_exact_at(&mut mem[data as usize..end as usize], data as u64).map_err(|e| io_err("reading", e))?;
         pos = end;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_keeps_bytes_and_holes() {
+        let mut mem = vec![0u8; 16 * PAGE];
+        mem[3 * PAGE + 5] = 9;
+        mem[15 * PAGE] = 1;
+        let file = tempfile_in_tmp();
+        save(&mem, &file).unwrap();
+        let mut back = vec![0u8; 16 * PAGE];
+        load(&mut back, &file).unwrap();
+        assert_eq!(mem, back);
+        let mut short = vec![0u8; 8 * PAGE];
+        assert!(load(&mut short, &file).unwrap_err().message.contains("holds"));
+    }
+
+    /// An unnamed file in the temp directory (O_TMPFILE): nothing to clean up.
+    fn tempfile_in_tmp() -> File {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open(std::env::temp_dir()).unwrap()
+    }
 }

@@ -248,6 +248,12 @@ fn dup_file(fd: i32) -> PyResult<std::fs::File> {
     Ok(std::fs::File::from(dup_owned(fd, "memory fd")?))
 }
 
+/// The embedded test guest's ELF image (tests boot it as an external kernel too).
+#[pyfunction]
+pub fn test_guest_elf(py: Python<'_>) -> Bound<'_, PyBytes> {
+    PyBytes::new(py, crate::boot::payload::TEST_GUEST)
+}
+
 fn region(vm: &Vm, index: usize) -> error::Result<(u64, u64, u64)> {
     vm.ram
         .regions()
@@ -281,7 +287,8 @@ impl PyVm {
 
 #[pymethods]
 impl PyVm {
-    /// Builds the VM and loads its payload; no vCPU runs until `boot()`.
+    /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
+    /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
     #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None))]
     #[allow(clippy::too_many_arguments)]
@@ -289,8 +296,8 @@ impl PyVm {
         py: Python<'_>,
         memory_size: u64,
         vcpus: u8,
-        kernel: Option<PathBuf>,
-        initramfs: Option<PathBuf>,
+        kernel: Option<&[u8]>,
+        initramfs: Option<&[u8]>,
         cmdline: String,
         console: &PyConsole,
         reset_fd: i32,
@@ -447,9 +454,11 @@ impl PyVm {
         self.with(|vm| Ok(vm.ram.memfds()))
     }
 
-    /// Writes RAM region `index` to a sparse file (the VM must be paused or not running).
-    fn save_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> error::Result<()> {
-        py.detach(|| {
+    /// Writes RAM region `index` to the sparse file open as `fd` (the caller opened it safely and
+    /// keeps it; the VM must be paused or not running).
+    fn save_memory(&self, py: Python<'_>, index: usize, fd: i32) -> PyResult<()> {
+        let file = dup_file(fd)?;
+        Ok(py.detach(|| {
             self.with(|vm| {
                 if vm.vcpu_states().iter().any(|s| !matches!(*s, "created" | "paused" | "exited")) {
                     return Err(Error::new(Kind::InvalidState, "memory can only be saved from a paused VM"));
@@ -458,14 +467,16 @@ impl PyVm {
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM; the guest
                 // is paused, so nothing writes it while it is read.
                 let mem = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-                memory_file::save(mem, &path)
+                memory_file::save(mem, &file)
             })
-        })
+        })?)
     }
 
-    /// Fills RAM region `index` of a VM built with restore=True from a snapshot file.
-    fn load_memory(&self, py: Python<'_>, index: usize, path: PathBuf) -> error::Result<()> {
-        py.detach(|| {
+    /// Fills RAM region `index` of a VM built with restore=True from the snapshot file open as `fd`
+    /// (the caller opened it safely and keeps it).
+    fn load_memory(&self, py: Python<'_>, index: usize, fd: i32) -> PyResult<()> {
+        let file = dup_file(fd)?;
+        Ok(py.detach(|| {
             self.with(|vm| {
                 if vm.vcpu_states().iter().any(|s| *s != "created") {
                     return Err(Error::new(Kind::InvalidState, "memory can only be loaded before the VM runs"));
@@ -474,9 +485,9 @@ impl PyVm {
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM, and no
                 // vCPU runs yet, so this is its only user.
                 let mem = unsafe { std::slice::from_raw_parts_mut(host as *mut u8, size as usize) };
-                memory_file::load(mem, &path)
+                memory_file::load(mem, &file)
             })
-        })
+        })?)
     }
 
     fn memory_regions(&self) -> error::Result<Vec<PyGuestRegion>> {

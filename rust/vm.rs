@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -46,11 +45,12 @@ impl LifecycleRequest {
     }
 }
 
-pub struct VmConfig {
+/// What a VM is built from. The kernel and initramfs are content the VMM holds, not paths.
+pub struct VmConfig<'a> {
     pub memory_size: u64,
     pub vcpus: u8,
-    pub kernel: Option<PathBuf>,
-    pub initramfs: Option<PathBuf>,
+    pub kernel: Option<&'a [u8]>,
+    pub initramfs: Option<&'a [u8]>,
     pub cmdline: String,
 }
 
@@ -424,9 +424,9 @@ impl Vm {
 
 /// Loads kernel, initramfs, command line, ACPI tables, zero page and boot page tables.
 fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(payload::Payload, String)> {
-    let payload = payload::load_kernel(&ram.mem, cfg.kernel.as_deref())?;
-    let initramfs = match &cfg.initramfs {
-        Some(p) => Some(payload::load_initramfs(&ram.mem, p, &payload, cfg.memory_size)?),
+    let payload = payload::load_kernel(&ram.mem, cfg.kernel)?;
+    let initramfs = match cfg.initramfs {
+        Some(image) => Some(payload::load_initramfs(&ram.mem, image, &payload, cfg.memory_size)?),
         None => None,
     };
     let mut cmdline = cfg.cmdline.clone();

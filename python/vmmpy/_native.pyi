@@ -5,6 +5,9 @@ MAX_VCPUS: int
 def kvm_check() -> str:
     """Opens /dev/kvm and checks the API version; raises KvmError when KVM is unusable."""
 
+def test_guest_elf() -> bytes:
+    """The embedded test guest's ELF image."""
+
 class Console:
     """The VMM's serial console backend; outlives the VMs attached to it."""
     def __init__(self, output_fd: int | None = None, keep_backlog: bool = False) -> None: ...
@@ -22,7 +25,7 @@ class GuestRegion:
 
 class Vm:
     """A KVM VM with its payload loaded. No vCPU runs before boot()."""
-    def __init__(self, *, memory_size: int, vcpus: int, kernel: str | None, initramfs: str | None,
+    def __init__(self, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
                  cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int) -> None: ...
     def boot(self) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:

@@ -518,6 +518,31 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
     return VmConfig(**fields)
 
 
+#: What a migration peer's Config or a snapshot's config.json may set (docs/security.md): the
+#: guest's shape (cpus, memory, payload.cmdline, and the console modes Off/Null). Its ``serial`` is
+#: ignored (the destination's own command line or call chooses the backend) and its
+#: ``payload.kernel``/``payload.initramfs`` paths are never opened: the content travels with it.
+PEER_IGNORED = ("serial",)
+
+
+def from_peer(body: Any, content: dict) -> VmConfig:
+    """A VmConfig from a migration peer or a snapshot, host paths taken out. `content` names the
+    payload parts that travel as content; a part named only by a path is refused, with a message
+    that does not depend on the path (nor on whether it exists here)."""
+    if not isinstance(body, dict):
+        raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
+    body = {k: v for k, v in body.items() if k not in PEER_IGNORED}
+    payload = body.get("payload")
+    if isinstance(payload, dict):
+        payload = dict(payload)
+        for name in ("kernel", "initramfs"):
+            if payload.pop(name, None) is not None and name not in content:
+                raise InvalidConfig(f"payload.{name}: a peer or snapshot must carry it as content (size and "
+                                    "sha256); vmmpy never opens a host path it names")
+        body["payload"] = payload
+    return _parse_api_vm_config(body)
+
+
 # --------------------------------------------------------------------------------------------
 # Command-line flags (Cloud Hypervisor syntax)
 # --------------------------------------------------------------------------------------------

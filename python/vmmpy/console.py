@@ -15,7 +15,7 @@ import sys
 import termios
 import tty
 
-from . import _native
+from . import _native, unix_socket
 from .config import SerialConfig
 from .errors import InvalidConfig
 
@@ -35,7 +35,8 @@ class ConsoleBackend:
             self.native = _native.Console(None)
         elif mode == "File":
             try:
-                fd = os.open(serial.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                # The guest's output is the owner's: a file vmmpy creates is 0600.
+                fd = os.open(serial.file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             except OSError as e:
                 raise InvalidConfig(f"serial file {serial.file}: {e.strerror}", e.errno) from None
             try:
@@ -51,16 +52,7 @@ class ConsoleBackend:
         elif mode == "Socket":
             # Output written before a client connects waits for it: a late client sees the boot banner.
             self.native = _native.Console(None, keep_backlog=True)
-            path = serial.socket
-            if os.path.exists(path):
-                os.unlink(path)
-            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self._listener.bind(path)
-            except OSError as e:
-                self._listener.close()
-                raise InvalidConfig(f"serial socket {path}: {e.strerror}", e.errno) from None
-            self._listener.listen(8)
+            self._listener = unix_socket.listen(serial.socket, 8, "serial socket")
             self._listener.setblocking(False)
         else:
             raise InvalidConfig(f"unsupported serial mode {mode!r}")

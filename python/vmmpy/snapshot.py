@@ -13,23 +13,29 @@ and a migration's State payload. Its ``format_version`` is "MAJOR.MINOR" (docs/s
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidConfig
+from .payload import PARTS, BootPayload, verify
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 2
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # Top-level fields each minor version knows, and the defaults of those added after 1.0.
 FIELDS_1_0 = {"format_version", "vmmpy_version", "vcpus", "machine", "devices"}
 # 1.1: a guest reboot/power-off latched during a migration ("VmReboot" | "VmShutdown"); absent = none.
 FIELDS_1_1 = FIELDS_1_0 | {"post_migration_lifecycle_event"}
-KNOWN_FIELDS = FIELDS_1_1
-DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None}
+# 1.2: the boot payload's parts in the snapshot directory, {part: {size, sha256}}; absent = none
+# (the embedded test guest).
+FIELDS_1_2 = FIELDS_1_1 | {"payload"}
+KNOWN_FIELDS = FIELDS_1_2
+DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None, "payload": None}
 
 
 def _b64(data: bytes) -> str:
@@ -115,44 +121,148 @@ def decode_state(doc: dict) -> DecodedState:
 
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
+JSON_MAX = 64 << 20
 
 
 def memory_file(index: int) -> str:
     return f"memory-{index}.bin"
 
 
+def payload_file(part: str) -> str:
+    return f"payload-{part}.bin"
+
+
 def parse_file_url(url: str) -> Path:
-    if url.startswith("file://"):
-        return Path(url[len("file://"):])
-    if "://" in url:
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if "://" in path:
         raise InvalidConfig(f"snapshot URL {url!r}: only file:// URLs are supported")
-    return Path(url)
+    if not path:
+        raise InvalidConfig(f"snapshot URL {url!r}: the directory path is empty")
+    return Path(path)
 
 
-def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm) -> None:
-    """Writes config, state and memory of the paused `vm` into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    # Over an older snapshot: it stops being complete before any of its files change.
-    (directory / STATE_FILE).unlink(missing_ok=True)
-    for i, _ in enumerate(vm.memory_regions()):
-        vm.save_memory(i, str(directory / memory_file(i)))
-    _write_json(directory / CONFIG_FILE, config_api)
-    # state.json last: its presence marks a complete snapshot.
-    _write_json(directory / STATE_FILE, state_doc)
+# Inside the directory nothing is followed: a planted symlink or FIFO is refused, never used.
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def read_snapshot(directory: Path) -> tuple[dict, dict]:
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        state = json.loads((directory / STATE_FILE).read_text())
-    except FileNotFoundError as e:
-        raise InvalidConfig(f"snapshot {directory}: missing {Path(e.filename).name}") from None
-    except json.JSONDecodeError as e:
-        raise InvalidConfig(f"snapshot {directory}: malformed JSON: {e}") from None
-    return config, state  # decode_state checks the version, before anything is built
+class SnapshotDir:
+    """A snapshot directory held open; its files are opened relative to it (the directory's own
+    path is the caller's), created with O_EXCL and mode 0600, read only if they are regular files."""
+
+    def __init__(self, path: Path, create: bool = False):
+        self.path = path
+        try:
+            if create:
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise InvalidConfig(f"snapshot {path}: {e.strerror}", e.errno) from None
+
+    def __enter__(self) -> "SnapshotDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+    def _fail(self, name: str, e: OSError) -> InvalidConfig:
+        return InvalidConfig(f"snapshot {self.path}: {name}: {e.strerror}", e.errno)
+
+    def open_read(self, name: str) -> int:
+        """An fd of the regular file `name` in the directory (the caller closes it)."""
+        try:
+            fd = os.open(name, _READ, dir_fd=self.fd)
+        except FileNotFoundError:
+            raise InvalidConfig(f"snapshot {self.path}: missing {name}") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InvalidConfig(f"snapshot {self.path}: {name} is not a regular file (a symlink)") from None
+            raise self._fail(name, e) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidConfig(f"snapshot {self.path}: {name} is not a regular file")
+        return fd
+
+    def read(self, name: str, bound: int) -> bytes:
+        fd = self.open_read(name)
+        try:
+            size = os.fstat(fd).st_size
+            if size > bound:
+                raise InvalidConfig(f"snapshot {self.path}: {name} of {size} bytes is over the bound of {bound}")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(bound + 1)
+        finally:
+            os.close(fd)
+        if len(data) > bound:
+            raise InvalidConfig(f"snapshot {self.path}: {name} grew past the bound of {bound}")
+        return data
+
+    def read_json(self, name: str) -> dict:
+        try:
+            doc = json.loads(self.read(name, JSON_MAX))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidConfig(f"snapshot {self.path}: malformed JSON in {name}: {e}") from None
+        if not isinstance(doc, dict):
+            raise InvalidConfig(f"snapshot {self.path}: {name} is not a JSON object")
+        return doc
+
+    def remove(self, name: str) -> None:
+        """Removes the entry itself (a symlink, not its target), if there is one."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise self._fail(name, e) from None
+
+    def create(self, name: str) -> int:
+        """A new, empty file `name` (mode 0600) replacing any entry of that name; the caller closes it."""
+        self.remove(name)
+        try:
+            return os.open(name, _CREATE, 0o600, dir_fd=self.fd)
+        except OSError as e:  # something raced us to the name: it is not ours to write through
+            raise self._fail(name, e) from None
+
+    def write(self, name: str, data: bytes) -> None:
+        """Writes `name` whole: into a new temporary file, then renamed over the old entry."""
+        tmp = f"{name}.tmp"
+        fd = self.create(tmp)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm, payload: BootPayload) -> None:
+    """Writes config, state, payload content and memory of the paused `vm` into `directory`."""
+    with SnapshotDir(directory, create=True) as d:
+        # Over an older snapshot: it stops being complete before any of its files change.
+        d.remove(STATE_FILE)
+        for i, _ in enumerate(vm.memory_regions()):
+            fd = d.create(memory_file(i))
+            try:
+                vm.save_memory(i, fd)
+            finally:
+                os.close(fd)
+        parts = payload.parts()
+        for part in PARTS:
+            if part in parts:
+                d.write(payload_file(part), parts[part])
+            else:
+                d.remove(payload_file(part))
+        d.write(CONFIG_FILE, json.dumps(config_api, indent=1).encode())
+        # state.json last: its presence marks a complete snapshot.
+        d.write(STATE_FILE, json.dumps(state_doc, indent=1).encode())
+
+
+def read_payload(d: SnapshotDir, described: dict) -> BootPayload:
+    """The payload parts the state document describes (already bounded), checked by size and digest."""
+    parts = {}
+    for part, expected in described.items():
+        parts[part] = d.read(payload_file(part), expected["size"])
+        verify(part, parts[part], expected)
+    return BootPayload(**parts)

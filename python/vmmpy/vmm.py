@@ -12,6 +12,7 @@ holds it; mutating calls answer ``VmMigrating``) and ``None`` (no VM).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import enum
 import functools
 import logging
@@ -22,7 +23,7 @@ import threading
 from typing import Any, Callable
 
 from . import __version__, _native
-from .config import SerialConfig, VmConfig
+from .config import SerialConfig, VmConfig, from_peer
 from .console import ConsoleBackend
 from .errors import (InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
                      VmmError, VmmShutDown, VmNotCreated)
@@ -34,8 +35,10 @@ from .migration.protocol import Capability
 from .migration.progress import ProgressTracker
 from .migration.handles import MigrationHandle, ReceiveHandle
 from .migration.source import PAUSE_TIMEOUT_S, MigrationOptions, SourceMigration
+from .payload import BootPayload, check_description
 from .testhooks import NO_HOOKS, TestHooks
-from .snapshot import decode_state, encode_state, memory_file, parse_file_url, read_snapshot, write_snapshot
+from .snapshot import (CONFIG_FILE, STATE_FILE, SnapshotDir, decode_state, encode_state, memory_file, parse_file_url,
+                       read_payload, write_snapshot)
 
 log = logging.getLogger("vmmpy.vmm")
 
@@ -99,6 +102,9 @@ class Vmm(ReceiveHooks):
         self._console: ConsoleBackend | None = None
         self._vm: _native.Vm | None = None
         self._config: VmConfig | None = None
+        # The kernel and initramfs content the VM boots from (read once, or received): reboots,
+        # migrations and snapshots use these bytes, never a path again.
+        self._payload: BootPayload | None = None
         self._state: VmState | None = None
         # A guest request that arrived while paused (or whose migration failed ambiguously): carried
         # out on resume ("reset" or "shutdown").
@@ -243,24 +249,32 @@ class Vmm(ReceiveHooks):
         self._console = ConsoleBackend(serial)
         self._console.register(self._selector)
 
-    def _new_native_vm(self, cfg: VmConfig, restore: bool = False, memory_fds: list[int] | None = None):
+    def _own_serial(self, cfg: VmConfig) -> VmConfig:
+        """`cfg` (from a migration peer or a snapshot) on this VMM's own serial: the command line's,
+        or none. A peer never chooses a host file or socket here."""
+        return dataclasses.replace(cfg, serial=self._serial_override or SerialConfig())
+
+    def _new_native_vm(self, cfg: VmConfig, payload: BootPayload, restore: bool = False,
+                       memory_fds: list[int] | None = None):
         """A native VM on the VMM's console (the command line's serial wins over the config's)."""
         self._open_console(self._serial_override or cfg.serial)
         return _native.Vm(
-            memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=cfg.kernel, initramfs=cfg.initramfs,
+            memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=payload.kernel, initramfs=payload.initramfs,
             cmdline=cfg.effective_cmdline,
             console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
             error_fd=self._error_fd, restore=restore, memory_fds=memory_fds)
 
     def _build_and_boot(self) -> None:
         cfg = self._config
-        vm = self._new_native_vm(cfg)
+        # The caller's own files, read on the first boot; held from then on.
+        payload = self._payload or BootPayload.read(cfg.kernel, cfg.initramfs)
+        vm = self._new_native_vm(cfg, payload)
         try:
             vm.boot()
         except BaseException:
             vm.stop()
             raise
-        self._vm = vm
+        self._vm, self._payload = vm, payload
         self._state = VmState.RUNNING
         self.ownership = Ownership.OWNED
         self.boot_count += 1
@@ -334,6 +348,7 @@ class Vmm(ReceiveHooks):
         # The destination runs the guest now: tear ours down.
         self._destroy_vm()
         self._config = None
+        self._payload = None
         self._state = None
         if not self.no_shutdown:
             self._running = False
@@ -362,12 +377,13 @@ class Vmm(ReceiveHooks):
             self._vm.resume()
 
     # ReceiveHooks: called by the receiver thread; the work runs on the control loop.
-    def build_vm(self, config_api: dict, memory_fds: list[int] | None) -> Incoming:
+    def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
         def do():
             if self._config is not None:
                 raise VmAlreadyCreated("a VM exists on this VMM")
-            cfg = VmConfig.from_api(config_api)
-            return Incoming(self._new_native_vm(cfg, restore=True, memory_fds=memory_fds), cfg)
+            own = self._own_serial(cfg)
+            # No payload is loaded into a VM built to receive state; the content arrives later.
+            return Incoming(self._new_native_vm(own, BootPayload(), restore=True, memory_fds=memory_fds), own)
         return self._call(do)
 
     def complete(self, incoming: Incoming, fields: dict) -> None:
@@ -383,7 +399,7 @@ class Vmm(ReceiveHooks):
             # written. (The complete-paused test hook also takes the VM over without running it.)
             paused = event is not None or self.test_hooks.complete_paused
             vm.boot(paused=paused)
-            self._config, self._vm = incoming.config, vm
+            self._config, self._vm, self._payload = incoming.config, vm, incoming.payload
             self._state = VmState.PAUSED if paused else VmState.RUNNING
             self.ownership = Ownership.OWNED
             self.boot_count += 1
@@ -525,6 +541,7 @@ class Vmm(ReceiveHooks):
             had_vm = self._vm is not None
             self._destroy_vm()
             self._config = None
+            self._payload = None
             self._state = None
             if had_vm:
                 self.events.emit("vm", "shutdown")
@@ -556,7 +573,7 @@ class Vmm(ReceiveHooks):
             progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
                                        downtime_configured_ms=opts.downtime_ms)
             job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_bytes, opts,
-                                  self.events, progress, self._latch, self.test_hooks)
+                                  self.events, progress, self._latch, self.test_hooks, payload=self._payload)
             thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
                                       daemon=True)
             handle = MigrationHandle(job, thread, threading.Event())
@@ -620,7 +637,8 @@ class Vmm(ReceiveHooks):
                 # The guest stands past its own reset/power-off request: a snapshot would lose it.
                 raise InvalidState("the guest asked for reboot or power-off; resume to carry it out first")
             self.events.emit("vm", "snapshotting")
-            write_snapshot(directory, self._config.to_api(), encode_state(self._vm.save_state()), self._vm)
+            state = encode_state(self._vm.save_state(), payload=self._payload.describe() or None)
+            write_snapshot(directory, self._config.to_api(), state, self._vm, self._payload)
             self.events.emit("vm", "snapshotted", {"path": str(directory)})
         self._call(do)
 
@@ -637,31 +655,43 @@ class Vmm(ReceiveHooks):
                 raise
             return vmm
         directory = parse_file_url(source_url)
-        config_api, state_doc = read_snapshot(directory)
-        cfg = VmConfig.from_api(config_api)
-        decoded = decode_state(state_doc)
+        with SnapshotDir(directory) as snap:
+            self._restore_from(snap, directory)
+        if resume:
+            self.resume()
+
+    def _restore_from(self, snap: SnapshotDir, directory) -> None:
+        """Everything is read and checked (version, config, payload digests) before a VM is built;
+        the snapshot's config chooses no host path here (its serial is this VMM's own)."""
+        config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
+        described = decoded.fields["payload"] or {}
+        cfg = from_peer(config_api, described)
+        payload = read_payload(snap, check_description(described, cfg.memory_bytes))
+        cfg = self._own_serial(cfg)
 
         def do():
             if self._config is not None:
                 raise VmAlreadyCreated("this VMM already has a VM")
             self.events.emit("vm", "restoring", {"path": str(directory)})
-            vm = self._new_native_vm(cfg, restore=True)
+            vm = self._new_native_vm(cfg, payload, restore=True)
             try:
                 for i, _ in enumerate(vm.memory_regions()):
-                    vm.load_memory(i, str(directory / memory_file(i)))
+                    fd = snap.open_read(memory_file(i))
+                    try:
+                        vm.load_memory(i, fd)
+                    finally:
+                        os.close(fd)
                 vm.restore_state(decoded.native)
                 vm.boot(paused=True)
                 vm.pause(PAUSE_TIMEOUT_S)  # returns once every vCPU has parked
             except BaseException:
                 vm.stop()
                 raise
-            self._config, self._vm, self._state = cfg, vm, VmState.PAUSED
+            self._config, self._vm, self._state, self._payload = cfg, vm, VmState.PAUSED, payload
             self.ownership = Ownership.OWNED
             self.boot_count += 1
             self.events.emit("vm", "restored", {"path": str(directory)})
         self._call(do)
-        if resume:
-            self.resume()
 
     def shutdown_vmm(self) -> None:
         self.request_exit()

@@ -19,9 +19,7 @@
 //! * initramfs: placed at the top of RAM below the MMIO hole and below `initrd_addr_max`, page
 //!   aligned, and never inside the kernel's image or its `init_size` region.
 
-use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
-use std::path::Path;
 
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
@@ -105,31 +103,24 @@ fn low_ram_end(mem: &GuestMem) -> u64 {
     end
 }
 
-/// Loads the kernel into guest memory. `kernel` None means the embedded test guest.
-pub fn load_kernel(mem: &GuestMem, kernel: Option<&Path>) -> Result<Payload> {
-    match kernel {
-        None => load_elf(mem, &mut Cursor::new(TEST_GUEST), TEST_GUEST.len() as u64, "<embedded test guest>"),
-        Some(path) => {
-            let name = path.display().to_string();
-            let io_err = |e| Error::io(Kind::Payload, &format!("kernel {name}"), e);
-            let mut file = File::open(path).map_err(io_err)?;
-            let meta = file.metadata().map_err(io_err)?;
-            if !meta.is_file() {
-                return Err(payload_err(&name, "not a regular file"));
-            }
-            let size = meta.len();
-            let mut head = [0u8; 0x210];
-            let n = read_up_to(&mut file, &mut head).map_err(io_err)?;
-            if n >= 4 && &head[..4] == ELF_MAGIC {
-                load_elf(mem, &mut file, size, &name)
-            } else if n >= 0x206 && u32::from_le_bytes(head[0x202..0x206].try_into().unwrap()) == BZIMAGE_MAGIC {
-                load_bzimage(mem, &mut file, size, &name)
-            } else if n == 0 {
-                Err(payload_err(&name, "the file is empty"))
-            } else {
-                Err(payload_err(&name, "not a kernel: neither an ELF vmlinux (\\x7fELF) nor a bzImage (\"HdrS\" at 0x202)"))
-            }
-        }
+/// Loads the kernel into guest memory. `kernel` None means the embedded test guest. The image
+/// comes as bytes the VMM holds (read from the host by the VMM itself, or received from a
+/// migration peer and checked), never as a path: a reboot loads the same content again.
+pub fn load_kernel(mem: &GuestMem, kernel: Option<&[u8]>) -> Result<Payload> {
+    let (image, name) = match kernel {
+        None => return load_elf(mem, &mut Cursor::new(TEST_GUEST), TEST_GUEST.len() as u64, "<embedded test guest>"),
+        Some(image) => (image, "image"),
+    };
+    let size = image.len() as u64;
+    let mut file = Cursor::new(image);
+    if image.len() >= 4 && &image[..4] == ELF_MAGIC {
+        load_elf(mem, &mut file, size, name)
+    } else if image.len() >= 0x206 && u32::from_le_bytes(image[0x202..0x206].try_into().unwrap()) == BZIMAGE_MAGIC {
+        load_bzimage(mem, &mut file, size, name)
+    } else if image.is_empty() {
+        Err(payload_err(name, "the file is empty"))
+    } else {
+        Err(payload_err(name, "not a kernel: neither an ELF vmlinux (\\x7fELF) nor a bzImage (\"HdrS\" at 0x202)"))
     }
 }
 
@@ -315,7 +306,7 @@ struct BzHeader {
     init_size: u32,
 }
 
-fn read_bz_header(image: &mut File) -> std::io::Result<(BzHeader, usize)> {
+fn read_bz_header(image: &mut Cursor<&[u8]>) -> std::io::Result<(BzHeader, usize)> {
     let mut h = [0u8; 0x268];
     image.seek(SeekFrom::Start(0))?;
     let n = read_up_to(image, &mut h)?;
@@ -398,7 +389,7 @@ fn check_bzimage(mem: &GuestMem, h: &BzHeader, header_len: usize, file_size: u64
     Ok((load, image_end.max(run_end)))
 }
 
-fn load_bzimage(mem: &GuestMem, image: &mut File, file_size: u64, name: &str) -> Result<Payload> {
+fn load_bzimage(mem: &GuestMem, image: &mut Cursor<&[u8]>, file_size: u64, name: &str) -> Result<Payload> {
     let (hdr, header_len) = read_bz_header(image).map_err(|e| Error::io(Kind::Payload, &format!("kernel {name}"), e))?;
     let (load, kernel_end) = check_bzimage(mem, &hdr, header_len, file_size).map_err(|e| payload_err(name, e))?;
     let res = BzImage::load(mem, Some(GuestAddress(load)), image, Some(GuestAddress(layout::HIMEM_START)))
@@ -417,15 +408,9 @@ fn load_bzimage(mem: &GuestMem, image: &mut File, file_size: u64, name: &str) ->
 
 /// Places the initramfs at the top of low RAM (below the hole and the kernel's limit), page aligned,
 /// above everything the kernel occupies. Returns (address, size).
-pub fn load_initramfs(mem: &GuestMem, path: &Path, payload: &Payload, ram_size: u64) -> Result<(u64, u64)> {
-    let name = path.display().to_string();
-    let err = |what: String| Error::new(Kind::Payload, format!("initramfs {name}: {what}"));
-    let io_err = |e| Error::io(Kind::Payload, &format!("initramfs {name}"), e);
-    let meta = std::fs::metadata(path).map_err(io_err)?;
-    if !meta.is_file() {
-        return Err(err("not a regular file".into()));
-    }
-    let size = meta.len();
+pub fn load_initramfs(mem: &GuestMem, image: &[u8], payload: &Payload, ram_size: u64) -> Result<(u64, u64)> {
+    let err = |what: String| Error::new(Kind::Payload, format!("initramfs: {what}"));
+    let size = image.len() as u64;
     if size == 0 {
         return Err(err("the file is empty".into()));
     }
@@ -447,28 +432,16 @@ pub fn load_initramfs(mem: &GuestMem, path: &Path, payload: &Payload, ram_size: 
             )))
         }
     };
-    let mut file = File::open(path).map_err(io_err)?;
-    mem.read_exact_volatile_from(GuestAddress(start), &mut file, size as usize)
-        .map_err(|e| err(format!("reading it into guest memory: {e}")))?;
+    mem.write_slice(image, GuestAddress(start)).map_err(|e| err(format!("writing it into guest memory: {e}")))?;
     Ok((start, size))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     fn mem(mib: u64) -> GuestMem {
         GuestMem::from_ranges(&[(GuestAddress(0), (mib << 20) as usize)]).unwrap()
-    }
-
-    /// A file of its own for each call (tests run in parallel).
-    fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("vmmpy-payload-test-{}-{n}-{name}", std::process::id()));
-        File::create(&p).unwrap().write_all(bytes).unwrap();
-        p
     }
 
     /// A minimal x86-64 ELF: one PT_LOAD of `filesz`/`memsz` bytes at `paddr`, entry at `entry`.
@@ -497,10 +470,7 @@ mod tests {
     }
 
     fn load(bytes: &[u8], mib_: u64) -> Result<Payload> {
-        let p = tmp(&format!("{}", bytes.len()), bytes);
-        let r = load_kernel(&mem(mib_), Some(&p));
-        std::fs::remove_file(p).unwrap();
-        r
+        load_kernel(&mem(mib_), Some(bytes))
     }
 
     fn msg(r: Result<Payload>) -> String {
@@ -568,18 +538,15 @@ mod tests {
         // Decompresses at pref_address (LOAD_PHYSICAL_ADDR) for init_size bytes.
         assert_eq!((p.kernel_start, p.kernel_end), (0x10_0000, 0x300_0000));
         // initramfs above that, at the top of RAM.
-        let ird = tmp("initrd", &[7u8; 5000]);
+        let ird = [7u8; 5000];
         let m = mem(64);
-        let bz = tmp("bz", &bzimage(0x200_0000, 0x10000));
+        let bz = bzimage(0x200_0000, 0x10000);
         let p = load_kernel(&m, Some(&bz)).unwrap();
         let (addr, size) = load_initramfs(&m, &ird, &p, 64 << 20).unwrap();
         assert_eq!((addr, size), ((64 << 20) - 0x2000, 5000));
-        let big = tmp("big-initrd", &vec![1u8; 40 << 20]);
+        let big = vec![1u8; 40 << 20];
         let e = load_initramfs(&m, &big, &p, 64 << 20).unwrap_err();
         assert!(e.message.contains("overlap the kernel"), "{}", e.message);
-        for f in [ird, big, bz] {
-            std::fs::remove_file(f).unwrap();
-        }
     }
 
     #[test]

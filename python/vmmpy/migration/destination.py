@@ -1,13 +1,17 @@
 """The receiving side: an explicit state machine over one connection at a time.
 
 Anything out of order, unknown, oversized, outside guest RAM or cut short gets an Error response;
-the half-built VM is discarded and the listener waits for the next attempt.
+the half-built VM is discarded and the listener waits for the next attempt. While one source is
+served, every other one is answered "busy" at once; a source has a short handshake timeout until
+its Config is accepted (docs/security.md).
 
-With a TLS context every accepted connection first passes a mutual TLS handshake; one that fails is
-closed before any request is read. A Start asking for `connections` = N > 1 (tcp only) is answered
-with a random connection token; the receiver then accepts the N - 1 extra connections, each of
-which must present that token (Join). After Config each extra connection gets a thread that takes
-only Memory frames; State stops them (all memory is in by then) before the VM state is loaded.
+With a TLS context every served connection first passes a mutual TLS handshake; one that fails is
+closed before any request is read (a busy source on a TLS listener is simply closed: it cannot be
+answered in plaintext). A Start asking for `connections` = N > 1 (tcp only) is answered with a
+random connection token; new connections then go to the attempt being served, and each of the
+N - 1 extra ones must present that token (Join). After Config each extra connection gets a thread
+that takes only Memory frames; State stops them (all memory is in by then) before the VM state is
+loaded.
 """
 
 from __future__ import annotations
@@ -16,17 +20,21 @@ import enum
 import hmac
 import json
 import logging
+import os
+import queue
 import secrets
-import select
+import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..config import VmConfig, from_peer
 from ..errors import MigrationError, VmmError
+from ..payload import PARTS, BootPayload, check_description, verify
 from ..snapshot import decode_state
 from . import transport
-from .protocol import JSON_MAX, MESSAGE_MAX, VERSION, Capability, Command, Connection, Status
+from .protocol import JSON_MAX, MESSAGE_MAX, VERSION, Capability, Command, Connection, PeerTimeout, Status
 
 log = logging.getLogger("vmmpy.migration")
 
@@ -41,9 +49,12 @@ class ReceiveState(enum.Enum):
 
 
 CAPABILITIES = [Capability.LOCAL.value, Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value,
-                Capability.CONNECTIONS.value]
+                Capability.PAYLOAD.value, Capability.CONNECTIONS.value]
 MAX_CONNECTIONS = 128
 JOIN_TIMEOUT_S = 10.0  # for all extra connections of a migration to arrive and present the token
+MAX_MEMORY_FDS = 2  # guest RAM has at most two regions: below the 4 GiB hole and above it
+BUSY_MAX = 64  # sources answered "busy" whose connection stays open until they hang up
+BUSY_MESSAGE = "busy: this destination is receiving another migration; try again later"
 
 
 class Abandoned(MigrationError):
@@ -52,16 +63,20 @@ class Abandoned(MigrationError):
 
 @dataclass
 class Incoming:
-    """The VM being received: the native VM and the config it was built from."""
+    """The VM being received: the native VM, the config it was built from, and its boot payload
+    (described in Config, received in Payload frames, checked by size and sha256)."""
 
     vm: object
     config: object
+    described: dict = field(default_factory=dict)
+    received: dict = field(default_factory=dict)
+    payload: BootPayload = field(default_factory=BootPayload)
 
 
 class ReceiveHooks:
     """What the receiver needs from its VMM (implemented by Vmm; runs on the VMM's control loop)."""
 
-    def build_vm(self, config_api: dict, memory_fds: list[int] | None) -> Incoming:
+    def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
         raise NotImplementedError
 
     def complete(self, incoming: Incoming, fields: dict) -> None:
@@ -82,73 +97,199 @@ class Receiver:
         self.closed = threading.Event()
         self.last_error: str | None = None
         self._active: Connection | None = None  # the source being served, for close()
+        self._active_sock: socket.socket | None = None  # its socket, cut by close() even mid-handshake
         self._joined: list[Connection] = []  # its extra connections
         self._joined_threads: list[threading.Thread] = []
         self._joined_errors: list[str] = []
         self._joined_done = threading.Event()  # set when they are being stopped: errors no longer count
+        # Open while the attempt being served waits for its extra connections: serve() hands new
+        # connections to it instead of answering them busy.
+        self._join_lock = threading.Lock()
+        self._join_window: queue.SimpleQueue | None = None
+        self._worker: threading.Thread | None = None  # serves the active source
+        self._worker_done = threading.Event()
+        self._completed = False
+        # Written by close() and by the worker as its last act; serve() owns and closes it.
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_lock = threading.Lock()
+        self._wake_closed = False
 
     def serve(self) -> bool:
-        """Accepts sources until one migration completes (True) or the listener closes (False)."""
-        while not self.closed.is_set():
-            try:
-                conn = self._accept()
-            except OSError:
+        """Accepts sources until one migration completes (True) or the receiver is closed (False).
+        One source is served at a time (on a worker thread); others are answered busy."""
+        sel = selectors.DefaultSelector()
+        busy: dict[socket.socket, float] = {}  # answered busy: open until they hang up or expire
+        try:
+            self.listener.setblocking(False)
+            sel.register(self.listener, selectors.EVENT_READ, "accept")
+            sel.register(self._wake, selectors.EVENT_READ, "wake")
+            while not self.closed.is_set():
+                timeout = max(0.0, min(busy.values()) - time.monotonic()) if busy else None
+                for key, _ in sel.select(timeout):
+                    if key.data == "accept":
+                        if self._accept(sel, busy):
+                            return True
+                    elif key.data == "wake":
+                        _drain(self._wake)
+                        if self._reap():
+                            return True
+                    else:
+                        self._drain_busy(sel, busy, key.fileobj)
+                now = time.monotonic()
+                for conn in [c for c, deadline in busy.items() if deadline <= now]:
+                    _drop(sel, busy, conn)
+            return False
+        finally:
+            for conn in list(busy):
+                _drop(sel, busy, conn)
+            sel.close()
+            if self._worker is not None:
+                active = self._active
+                if active is not None:
+                    active.shutdown()
+                self._worker.join()
+                self._worker = None
+            self.listener.close()
+            with self._wake_lock:
+                self._wake_closed = True
+                os.close(self._wake)
+
+    def _reap(self) -> bool:
+        """Joins a worker whose attempt is over (it may still be sending its last answer); True
+        if that attempt completed the migration."""
+        if self._worker is None or not self._worker_done.is_set():
+            return False
+        self._worker.join()
+        self._worker = None
+        return self._completed
+
+    def _accept(self, sel: selectors.BaseSelector, busy: dict) -> bool:
+        """Takes the next source: served if none is, else answered busy. True once a migration
+        has completed (the receiver ends; this source is not taken)."""
+        try:
+            sock = transport.accept(self.listener)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:  # e.g. EMFILE: this source is not taken; the next may be
+            log.warning("migration accept failed: %s", e)
+            return False
+        if self._reap():
+            sock.close()
+            return True
+        if self._worker is None:
+            self._active_sock = sock
+            self._worker_done = threading.Event()
+            self._worker = threading.Thread(target=self._run, args=(sock, self._worker_done),
+                                            name="migration-receive-conn", daemon=True)
+            self._worker.start()
+            return False
+        with self._join_lock:
+            if self._join_window is not None:
+                self._join_window.put(sock)
                 return False
+        if self.tls is not None:  # a busy answer in plaintext would mean nothing to a TLS peer
+            sock.close()
+            return False
+        # Busy: the answer goes out at once; the socket stays open (our side shut for writing)
+        # so that the source can still send its Start and then read the answer.
+        try:
+            Connection(sock).respond_error(BUSY_MESSAGE)
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+        except (OSError, MigrationError):
+            sock.close()
+            return False
+        if len(busy) >= BUSY_MAX:
+            sock.close()
+            return False
+        busy[sock] = time.monotonic() + transport.HANDSHAKE_TIMEOUT_S
+        sel.register(sock, selectors.EVENT_READ, "busy")
+        return False
+
+    def _drain_busy(self, sel: selectors.BaseSelector, busy: dict, sock: socket.socket) -> None:
+        try:
+            if sock.recv(MESSAGE_MAX):
+                return  # whatever a busy source sends is discarded
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        _drop(sel, busy, sock)
+
+    def _run(self, sock: socket.socket, done: threading.Event) -> None:
+        conn = None
+        try:
+            try:
+                conn = transport.secure(sock, self.tls)
             except VmmError as e:  # the TLS handshake failed: nothing was read from this peer
                 self.last_error = str(e)
                 self.hooks.emit("migration-receive-failed", {"error": str(e)})
-                continue
+                return
             self._active = conn
-            try:
-                if self._serve_connection(conn):
-                    return True
-            finally:
-                self._active = None
+            self._completed = self._serve_connection(conn, done)
+        finally:
+            self._active = self._active_sock = None
+            if conn is not None:
                 conn.close()
-        return False
+            else:
+                sock.close()
+            done.set()
+            self._wake_up()
+
+    def _wake_up(self) -> None:
+        with self._wake_lock:
+            if not self._wake_closed:
+                os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
         """Stops listening and cuts off a source being served (its attempt fails)."""
         self.closed.set()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
-        active = self._active
+        self._wake_up()
+        active, sock = self._active, self._active_sock
         if active is not None:
             active.shutdown()
+        elif sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         for extra in list(self._joined):
             extra.shutdown()
 
-    def _accept(self) -> Connection:
-        return transport.secure(transport.accept(self.listener), self.tls)
-
-    def _serve_connection(self, conn: Connection) -> bool:
+    def _serve_connection(self, conn: Connection, done: threading.Event) -> bool:
+        """Serves one source. `done` is set once the attempt has released what it held (before
+        its last answer goes out), so a source that heard the answer and reconnects is served."""
         self.state = ReceiveState.ESTABLISHED
         self._joined_errors = []
         self._joined_done.clear()
         incoming: Incoming | None = None
         fds: dict[int, int] = {}
         fields: dict = {}
+        last_answer = None  # sent after the cleanup
         try:
             while True:
                 try:
                     command, arg, length, got_fds = conn.read_request()
                 except EOFError:
                     raise MigrationError(f"source closed the connection in state {self.state.value}") from None
-                if command == Command.MEMORY_FD and len(got_fds) == 1 and arg not in fds:
-                    fds[arg] = got_fds[0]
-                else:
-                    for fd in got_fds:
+                except PeerTimeout:
+                    if self.state in (ReceiveState.ESTABLISHED, ReceiveState.STARTED):
+                        raise PeerTimeout(f"handshake timed out: no Start and Config within "
+                                          f"{transport.HANDSHAKE_TIMEOUT_S:g} s") from None
+                    raise
+                try:
+                    if command == Command.MEMORY_FD and self.state is ReceiveState.STARTED:
+                        _check_memory_fd(arg, got_fds, fds)
+                        fds[arg] = got_fds.pop()
+                finally:
+                    for fd in got_fds:  # any fd not taken, on every path
                         _close(fd)
-                    if command == Command.MEMORY_FD:
-                        raise MigrationError(f"MemoryFd {arg} without exactly one new fd")
-                incoming, done = self._step(conn, command, arg, length, incoming, fds, fields)
-                if done:
+                incoming, completed = self._step(conn, command, arg, length, incoming, fds, fields)
+                if completed:
                     return True
         except Abandoned:
             self.last_error = "abandoned by the source"
+            last_answer = lambda: conn.respond(Status.OK)  # noqa: E731
             self.hooks.emit("migration-receive-failed", {"error": self.last_error})
             return False
         except Exception as e:  # noqa: BLE001 - any failure ends this attempt, not the receiver
@@ -156,10 +297,8 @@ class Receiver:
                 log.exception("migration receive failed unexpectedly")
             self.last_error = str(e)
             self.state = ReceiveState.ABORTED
-            try:
-                conn.respond_error(str(e))
-            except Exception:  # noqa: BLE001 - the connection may be what failed
-                pass
+            message = str(e)
+            last_answer = lambda: conn.respond_error(message)  # noqa: E731
             self.hooks.emit("migration-receive-failed", {"error": str(e)})
             return False
         finally:
@@ -168,14 +307,20 @@ class Receiver:
                 incoming.vm.stop()
             for fd in fds.values():
                 _close(fd)
+            if self.state is not ReceiveState.COMPLETED:
+                done.set()
+            if last_answer is not None:
+                try:
+                    last_answer()
+                except Exception:  # noqa: BLE001 - the connection may be what failed
+                    pass
 
     def _step(self, conn, command, arg, length, incoming, fds, fields):
         st = self.state
         if command == Command.ABANDON:
             conn.read_payload(length, 0)
-            conn.respond(Status.OK)
             self.state = ReceiveState.ABORTED
-            raise Abandoned("abandoned")
+            raise Abandoned("abandoned")  # answered Ok once the attempt is cleaned up
         if command == Command.START and st is ReceiveState.ESTABLISHED:
             doc = self._json(conn, length, MESSAGE_MAX)
             if doc.get("version") != VERSION:
@@ -190,6 +335,7 @@ class Receiver:
             token = secrets.token_hex(16) if connections > 1 else None
             if token is not None:
                 answer["connection_token"] = token
+                self._open_join_window()  # before the answer: the joins follow it at once
             conn.respond(Status.OK, json.dumps(answer).encode())
             self.state = ReceiveState.STARTED
             if token is not None:
@@ -207,14 +353,32 @@ class Receiver:
             if local and (not fds or sorted(fds) != list(range(len(fds)))):
                 raise MigrationError(f"local migration needs memory fds for regions 0..n-1, got {sorted(fds)}")
             memory_fds = [fds[i] for i in range(len(fds))] if local else None
-            incoming = self.hooks.build_vm(doc.get("config") or {}, memory_fds)
+            described = doc.get("payload")
+            cfg = from_peer(doc.get("config") or {}, described if isinstance(described, dict) else {})
+            described = check_description(described, cfg.memory_bytes)
+            incoming = self.hooks.build_vm(cfg, memory_fds)
+            incoming.described = described
             for extra in self._joined:
                 t = threading.Thread(target=self._serve_joined, args=(extra, incoming.vm), daemon=True,
                                      name="migration-receive-joined")
                 self._joined_threads.append(t)
                 t.start()
+            transport.set_timeouts(conn.sock, transport.IO_TIMEOUT_S, transport.IO_TIMEOUT_S)  # handshake over
             conn.respond(Status.OK)
             self.state = ReceiveState.CONFIGURED
+            return incoming, False
+        if command == Command.PAYLOAD and st is ReceiveState.CONFIGURED:
+            part = PARTS[arg] if arg < len(PARTS) else f"#{arg}"
+            expected = incoming.described.get(part)
+            if expected is None or part in incoming.received:
+                raise MigrationError(f"Payload {part}: not described in Config, or sent twice")
+            if length != expected["size"]:
+                raise MigrationError(f"payload {part}: a frame of {length} bytes; its described size is "
+                                     f"{expected['size']}")
+            data = conn.read_payload(length, expected["size"])
+            verify(part, data, expected)
+            incoming.received[part] = data
+            conn.respond(Status.OK)
             return incoming, False
         if command == Command.MEMORY and st is ReceiveState.CONFIGURED:
             incoming.vm.receive_memory(conn.memory_link(), length)
@@ -225,6 +389,10 @@ class Receiver:
             self._stop_joined()
             if self._joined_errors:
                 raise MigrationError(f"an extra connection failed: {self._joined_errors[0]}")
+            missing = sorted(set(incoming.described) - set(incoming.received))
+            if missing:
+                raise MigrationError(f"State before the described payload arrived: {', '.join(missing)} missing")
+            incoming.payload = BootPayload(**incoming.received)
             decoded = decode_state(self._json(conn, length))
             incoming.vm.restore_state(decoded.native)
             fields.update(decoded.fields)
@@ -249,17 +417,37 @@ class Receiver:
 
     # ---- extra connections (connections > 1) ---------------------------------------------------
 
+    def _open_join_window(self) -> None:
+        with self._join_lock:
+            self._join_window = queue.SimpleQueue()
+
+    def _close_join_window(self) -> None:
+        with self._join_lock:
+            window, self._join_window = self._join_window, None
+        while window is not None and not window.empty():  # handed over after the last take
+            window.get().close()
+
     def _accept_joins(self, count: int, token: str) -> None:
-        """Accepts `count` extra connections presenting `token` within JOIN_TIMEOUT_S; any other
+        """Takes `count` extra connections presenting `token` within JOIN_TIMEOUT_S; any other
         connection meanwhile gets an Error answer and is closed."""
+        try:
+            self._take_joins(count, token)
+        finally:
+            self._close_join_window()
+
+    def _take_joins(self, count: int, token: str) -> None:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         wanted = set(range(1, count + 1))
+        window = self._join_window
+        assert window is not None
         while wanted:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.listener], [], [], left)[0]:
-                raise MigrationError(f"{len(wanted)} of {count} extra connections did not join within {JOIN_TIMEOUT_S}s")
             try:
-                extra = self._accept()
+                sock = window.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                raise MigrationError(f"{len(wanted)} of {count} extra connections did not join within "
+                                     f"{JOIN_TIMEOUT_S:g} s") from None
+            try:
+                extra = transport.secure(sock, self.tls)
             except VmmError as e:
                 self.hooks.emit("migration-join-refused", {"error": str(e)})
                 continue
@@ -328,10 +516,30 @@ class Receiver:
         return doc
 
 
-def _close(fd: int) -> None:
-    import os
+def _check_memory_fd(arg: int, got_fds: list[int], fds: dict[int, int]) -> None:
+    if len(got_fds) != 1:
+        raise MigrationError(f"MemoryFd needs exactly one fd, {len(got_fds)} came")
+    if arg >= MAX_MEMORY_FDS:
+        raise MigrationError(f"MemoryFd for RAM region {arg}: guest RAM has at most {MAX_MEMORY_FDS} regions")
+    if arg in fds:
+        raise MigrationError(f"MemoryFd for RAM region {arg} came twice")
 
+
+def _close(fd: int) -> None:
     try:
         os.close(fd)
     except OSError:
         pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:
+        pass
+
+
+def _drop(sel: selectors.BaseSelector, busy: dict, sock: socket.socket) -> None:
+    sel.unregister(sock)
+    del busy[sock]
+    sock.close()

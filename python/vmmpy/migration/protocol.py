@@ -30,6 +30,7 @@ class Command(enum.IntEnum):
     ABANDON = 6
     MEMORY_FD = 7
     JOIN = 8  # an extra connection of a migration with connections > 1
+    PAYLOAD = 9  # one boot payload part (kernel, initramfs) as content
 
 
 class Status(enum.IntEnum):
@@ -42,10 +43,15 @@ class Capability(str, enum.Enum):
     ZERO_RANGES = "zero-ranges"
     LIFECYCLE_EVENT = "lifecycle-event"  # state may carry a latched guest reboot/power-off
     CONNECTIONS = "connections"  # Memory frames may also come over extra connections (Join)
+    PAYLOAD = "payload"  # kernel/initramfs travel as content (Payload frames), never as paths
 
 
 class PeerError(MigrationError):
     """The other side answered with an Error response."""
+
+
+class PeerTimeout(MigrationError):
+    """The other side sent or took nothing for the socket's timeout."""
 
 
 class Connection:
@@ -92,7 +98,7 @@ class Connection:
             try:
                 k = self.sock.recv_into(view[got:])
             except (TimeoutError, BlockingIOError):
-                raise MigrationError("migration peer timed out") from None
+                raise PeerTimeout("migration peer timed out") from None
             except OSError as e:
                 raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
             if k == 0:
@@ -107,7 +113,7 @@ class Connection:
         try:
             self.sock.sendall(data)
         except (TimeoutError, BlockingIOError):
-            raise MigrationError("migration peer timed out") from None
+            raise PeerTimeout("migration peer timed out") from None
         except OSError as e:
             raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
 
@@ -159,9 +165,11 @@ class Connection:
             return command, arg, length, []
         fds = array.array("i")
         try:
-            data, ancdata, flags, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_LEN(4 * fds.itemsize))
+            # Close-on-exec from the start; fds beyond the buffer's room are discarded by the kernel.
+            data, ancdata, flags, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_LEN(4 * fds.itemsize),
+                                                        socket.MSG_CMSG_CLOEXEC)
         except (TimeoutError, BlockingIOError):
-            raise MigrationError("migration peer timed out") from None
+            raise PeerTimeout("migration peer timed out") from None
         except OSError as e:
             raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
         for level, kind, cdata in ancdata:

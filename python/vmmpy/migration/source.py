@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from .. import _native
 from ..errors import InvalidConfig, MigrationCancelled, MigrationError
 from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
+from ..payload import PARTS, BootPayload
 from ..snapshot import encode_state
 from ..testhooks import NO_HOOKS, TestHooks
 from . import transport
@@ -155,8 +156,10 @@ class SourceMigration:
     """Runs one outgoing migration on the caller's thread (the VMM's migration worker)."""
 
     def __init__(self, vm, config_api: dict, memory_size: int, options: MigrationOptions, events,
-                 progress: ProgressTracker, latch: LifecycleLatch, hooks: TestHooks = NO_HOOKS):
+                 progress: ProgressTracker, latch: LifecycleLatch, hooks: TestHooks = NO_HOOKS,
+                 payload: BootPayload | None = None):
         self.vm = vm
+        self.payload = payload or BootPayload()  # the content the destination reboots from
         self.latch = latch
         self.hooks = hooks  # timing windows tests must hit deliberately
         self.config_api = config_api
@@ -235,7 +238,12 @@ class SourceMigration:
             self.progress.update(phase="memory-fds", local=True)
             for i, (gpa, fd, size) in enumerate(self.vm.memory_fds()):
                 conn.request(Command.MEMORY_FD, arg=i, fds=[fd])
+        parts = self.payload.parts()
+        if parts and Capability.PAYLOAD.value not in self.peer_capabilities:
+            raise MigrationError("destination cannot take the kernel/initramfs as content (no payload capability)")
         config = {"config": self.config_api, "memory_size": self.memory_size, "local": self.opts.local}
+        if parts:
+            config["payload"] = self.payload.describe()
         conn.send_request(Command.CONFIG, json.dumps(config).encode())
         if not self.opts.local:
             # While the destination builds its VM, turn dirty logging on here.
@@ -243,6 +251,8 @@ class SourceMigration:
             self._dirty_logging = True
         conn.read_response()
         self._check_cancel()
+        for name, data in parts.items():
+            conn.request(Command.PAYLOAD, data, arg=PARTS.index(name))
         remaining = None
         if not self.opts.local:
             remaining = self._precopy(conn)

@@ -3,17 +3,17 @@ and mutual TLS on tcp connections (`tls_dir`, docs/tls.md)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 from dataclasses import dataclass
 
-from .. import _native
+from .. import _native, unix_socket
 from ..errors import InvalidConfig, MigrationError
 from .protocol import Connection
 
 IO_TIMEOUT_S = 30.0  # a peer that stops answering for this long is gone
-TLS_HANDSHAKE_TIMEOUT_S = 10.0  # the whole TLS handshake, from the first byte to the last
+HANDSHAKE_TIMEOUT_S = 5.0  # for a new source's TLS handshake, then again for its Start and Config
+BACKLOG = 64  # sources that may wait for accept(): each then gets an answer (busy, if one is served)
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,12 @@ def parse_url(url: str) -> Url:
     raise InvalidConfig(f"migration URL {url!r}: expected tcp:<host>:<port> or unix:<path>")
 
 
-def _tune(sock: socket.socket) -> None:
+def _tune(sock: socket.socket, timeout_s: float = IO_TIMEOUT_S) -> None:
     sock.setblocking(True)
     # Unix sockets get large buffers; TCP gets TCP_NODELAY (a request's header and payload must
     # not wait on Nagle) and keeps the kernel's autotuned buffers, which measured as fast.
     _native.tune_socket(sock.fileno())
-    # Kernel-level timeouts keep the socket blocking, so the native core can use it directly.
-    set_timeouts(sock, IO_TIMEOUT_S, IO_TIMEOUT_S)
+    set_timeouts(sock, timeout_s, timeout_s)
 
 
 def set_timeouts(sock: socket.socket, receive_s: float, send_s: float) -> None:
@@ -73,7 +72,7 @@ def secure(sock: socket.socket, tls, server_name: str = "") -> Connection:
     if tls is None:
         return Connection(sock)
     try:
-        channel = tls.handshake(sock.fileno(), TLS_HANDSHAKE_TIMEOUT_S, server_name)
+        channel = tls.handshake(sock.fileno(), HANDSHAKE_TIMEOUT_S, server_name)
     except BaseException:
         sock.close()
         raise
@@ -109,13 +108,10 @@ def listen(url: Url) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         address: object = (url.host, url.port)
     else:
-        if os.path.exists(url.path):
-            os.unlink(url.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = url.path
+        return unix_socket.listen(url.path, BACKLOG, "migration socket")
     try:
         sock.bind(address)
-        sock.listen(1)
+        sock.listen(BACKLOG)
     except OSError as e:
         sock.close()
         raise InvalidConfig(f"cannot listen on {url}: {e.strerror or e}", e.errno) from None
@@ -123,6 +119,7 @@ def listen(url: Url) -> socket.socket:
 
 
 def accept(listener: socket.socket) -> socket.socket:
+    """The next source, with the short handshake timeout (raise it once its Config is accepted)."""
     conn, _ = listener.accept()
-    _tune(conn)
+    _tune(conn, HANDSHAKE_TIMEOUT_S)
     return conn
