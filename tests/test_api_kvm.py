@@ -22,7 +22,7 @@ import pytest
 import vmmpy
 from vmmpy.client import UnixHTTPConnection, error_message
 
-from helpers import SerialClient
+from helpers import SerialClient, guest_answers
 
 # helpers.BANNER has no line end, so it can match a number cut by a short read ("mem_mib=1" of 128).
 BANNER_LINE = re.compile(rb"vmmpy-testguest boot_id=([0-9a-f]{16}) cpus=(\d+) mem_mib=(\d+)\r\n")
@@ -133,8 +133,6 @@ def assert_silent(serial: SerialClient, text: str, window: float = 0.5) -> None:
         serial.expect(text, timeout=window)
 
 
-def answers(serial: SerialClient, text: str) -> None:
-    serial.command(f"echo {text}", f"{text}\r\n".encode(), timeout=10)
 
 
 # ------------------------------------------------------------------------------------------
@@ -179,7 +177,7 @@ def test_every_endpoint_through_a_vm_lifecycle(vmm_process, tmp_path, driver):
     boot_id, cpus, mem_mib = ready(p.serial)
     assert (cpus, mem_mib) == (2, 128)
     assert not os.path.exists(body_socket), "the body's serial socket was used, not the VMM's --serial"
-    answers(p.serial, "first boot")
+    guest_answers(p.serial, "first boot")
     r = call("vm.boot")
     assert r.status == 500 and "Running" in r.message  # CH's server: 500
 
@@ -210,7 +208,7 @@ def test_every_endpoint_through_a_vm_lifecycle(vmm_process, tmp_path, driver):
     p.wait_event("vm.rebooted")
     second_id, cpus, _ = ready(p.serial)
     assert second_id != boot_id and cpus == 2
-    answers(p.serial, "after reboot")
+    guest_answers(p.serial, "after reboot")
     assert call("vm.info").body["boot_count"] == 2
 
     # vm.shutdown, as CH: the VM instance is gone, its config kept (state Created), the VMM stays
@@ -229,14 +227,14 @@ def test_every_endpoint_through_a_vm_lifecycle(vmm_process, tmp_path, driver):
     assert call("vm.boot").status == 204
     third_id, cpus, _ = ready(p.serial)
     assert third_id not in (boot_id, second_id) and cpus == 2
-    answers(p.serial, "booted again")
+    guest_answers(p.serial, "booted again")
     assert call("vm.info").body["state"] == "Running"
 
     # vm.power-button: vmmpy has no ACPI power button device; what it answers must be documented
     r = call("vm.power-button")
     assert r.status in documented_statuses("/vm.power-button")
     assert r.status == 405 and "vm.power-button failed" in r.message and "power button" in r.message
-    answers(p.serial, "the button did nothing")
+    guest_answers(p.serial, "the button did nothing")
     assert call("vm.info").body["state"] == "Running"
 
     # vm.delete: the VM is gone (404), the guest is silent; deleting nothing is a no-op (as in CH)
@@ -326,7 +324,7 @@ def test_error_statuses_from_a_real_vmm(vmm_process):
     ready(p.serial)
     r = call("vm.boot")
     assert r.status == 500 and r.body == ["vm.boot failed", "cannot boot a VM in state Running"]
-    answers(p.serial, "still fine")  # none of the refused requests disturbed the guest
+    guest_answers(p.serial, "still fine")  # none of the refused requests disturbed the guest
 
     # Statuses used above are all ones the OpenAPI document lists for their endpoint.
     assert {404, 405} <= documented_statuses("/vm.pause")

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidConfig
+from .errors import InvalidConfig, VmmError
 
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 1
@@ -131,7 +131,10 @@ def parse_file_url(url: str) -> Path:
 
 def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm) -> None:
     """Writes config, state and memory of the paused `vm` into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a path under a regular file, no permission, ...: the client's to fix
+        raise InvalidConfig(f"snapshot {directory}: cannot create the directory: {e.strerror}", e.errno) from None
     # Over an older snapshot: it stops being complete before any of its files change.
     (directory / STATE_FILE).unlink(missing_ok=True)
     for i, _ in enumerate(vm.memory_regions()):
@@ -142,17 +145,27 @@ def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm) -> No
 
 
 def read_snapshot(directory: Path) -> tuple[dict, dict]:
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-        state = json.loads((directory / STATE_FILE).read_text())
-    except FileNotFoundError as e:
-        raise InvalidConfig(f"snapshot {directory}: missing {Path(e.filename).name}") from None
-    except json.JSONDecodeError as e:
-        raise InvalidConfig(f"snapshot {directory}: malformed JSON: {e}") from None
+    docs = []
+    for name in (CONFIG_FILE, STATE_FILE):
+        try:
+            doc = json.loads((directory / name).read_bytes())
+        except FileNotFoundError:
+            raise InvalidConfig(f"snapshot {directory}: missing {name}") from None
+        except OSError as e:  # not a directory, not readable, ...
+            raise InvalidConfig(f"snapshot {directory}: cannot read {name}: {e.strerror}", e.errno) from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise InvalidConfig(f"snapshot {directory}: {name} is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise InvalidConfig(f"snapshot {directory}: {name} is not a JSON object")
+        docs.append(doc)
+    config, state = docs
     return config, state  # decode_state checks the version, before anything is built
 
 
 def _write_json(path: Path, doc: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise VmmError(f"snapshot: cannot write {path}: {e.strerror}", e.errno) from None
