@@ -336,9 +336,9 @@ class ApiServer:
             # umask): the file is never reachable by others, not even between bind and a chmod.
             os.fchmod(sock.fileno(), 0o600)
             sock.bind(path)
+            sock.listen(BACKLOG)
             st = os.stat(path)
             self._bound_inode = (st.st_dev, st.st_ino)
-            sock.listen(BACKLOG)
         except OSError as e:
             sock.close()
             if e.errno == errno.EADDRINUSE:
