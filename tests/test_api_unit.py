@@ -86,6 +86,10 @@ class RecordingVmm:
             "error": {"reason": "KVM_EXIT_INTERNAL_ERROR suberror 1", "vcpu": 0, "regs": {"rip": 4096}},
         }
 
+    def counters(self) -> dict:
+        self._do("counters")
+        return {}
+
     def boot(self):
         self._do("boot")
 
@@ -762,6 +766,13 @@ def test_remote_actions(served, capsys, command, call):
     assert remote.main(["--api-socket", path, command]) == 0
     assert vmm.names() == [call]
     assert capsys.readouterr().out == ""
+
+
+def test_remote_counters(served, capsys):
+    vmm, path, _client, _server = served
+    assert remote.main(["--api-socket", path, "counters"]) == 0
+    assert json.loads(capsys.readouterr().out) == {}
+    assert vmm.names() == ["counters"]
 
 
 def test_remote_error_answer(served, capsys):

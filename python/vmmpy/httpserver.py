@@ -144,10 +144,11 @@ class HttpServer:
     # ---- the selector thread -----------------------------------------------------------------
 
     def _wake(self) -> None:
-        try:
-            os.eventfd_write(self._wake_fd, 1)
-        except OSError:
-            pass  # closed: the loop has ended
+        # Under the lock: a worker finishing after the loop ended must not write to the closed
+        # eventfd's number, which the process may have reused.
+        with self._lock:
+            if self._wake_fd >= 0:
+                os.eventfd_write(self._wake_fd, 1)
 
     def _run(self) -> None:
         try:
@@ -196,7 +197,9 @@ class HttpServer:
             self._listening = False
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._selector.close()
-        os.close(self._wake_fd)
+        with self._lock:
+            os.close(self._wake_fd)
+            self._wake_fd = -1
 
     def _next_deadline(self, now: float) -> float:
         timeout = 1.0
