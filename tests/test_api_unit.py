@@ -386,6 +386,15 @@ def test_oversized_head_is_refused(served):
     vmm, path, _client, _server = served
     answer = _raw_answer(path, b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 431 \r\n"), answer[:100]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])[0] == "Request Header Fields Too Large"
+    assert vmm.names() == []
+
+
+def test_unknown_transfer_coding_is_501(served):
+    vmm, path, _client, _server = served
+    answer = _raw_answer(path, b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 \r\n") and json.loads(body)[0] == "Not Implemented", answer
     assert vmm.names() == []
 
 

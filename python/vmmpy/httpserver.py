@@ -34,6 +34,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Callable
 
 import h11
@@ -268,7 +269,8 @@ class HttpServer:
             try:
                 event = conn.h11.next_event()
             except h11.RemoteProtocolError as e:
-                self._answer_and_close(conn, error_reply(e.error_status_hint, "Bad Request", str(e)))
+                status = e.error_status_hint  # 400, 431 (head too large) or 501 (transfer coding)
+                self._answer_and_close(conn, error_reply(status, HTTPStatus(status).phrase, str(e)))
                 return
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 self._update(conn)
