@@ -505,7 +505,7 @@ def test_timeout_strategy_takes_chs_enum_and_lower_case(spelling, value):
     ("SendMigrationData", {**CH_SEND, "connections": 2, "tls_dir": "/etc/tls"},
      "unsupported SendMigrationData fields: connections, tls_dir (vmmpy accepts them only at Cloud Hypervisor's "
      "default value)"),
-    ("SendMigrationData", {**CH_SEND, "timeout_strategy": "Retry"}, "timeout_strategy='Retry': expected one of "
+    ("SendMigrationData", {**CH_SEND, "timeout_strategy": "Retry"}, 'timeout_strategy="Retry": expected one of '
      "Cancel, Ignore"),
     ("SendMigrationData", {**CH_SEND, "local": "on"}, 'local="on": must be a boolean'),
     ("SendMigrationData", {**CH_SEND, "downtime_ms": True}, "downtime_ms=true: must be an integer"),

@@ -599,7 +599,7 @@ def read_request_body(name: str, body: Any) -> dict[str, Any]:
                 if isinstance(value, str) and value.lower() in kind:
                     out[key] = value.lower()
                 else:
-                    problems.append(f"{key}={value!r}: expected one of {', '.join(v.capitalize() for v in kind)}")
+                    problems.append(f"{key}={_short(value)}: expected one of {', '.join(v.capitalize() for v in kind)}")
             elif _json_type_ok(value, kind):
                 out[key] = value
             else:

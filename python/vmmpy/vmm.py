@@ -545,10 +545,10 @@ class Vmm(ReceiveHooks):
     def counters(self) -> dict:
         """Per-device counters, as CH's vm.counters; vmmpy's devices keep none: ``{}``."""
         def do():
-            if self._vm is None:
-                raise InvalidState("VM is not running")
             if self.ownership is Ownership.MIGRATION:
                 raise VmMigrating("the VM is being migrated")
+            if self._vm is None:
+                raise InvalidState("VM is not running")
             return {}
         return self._call(do)
 
