@@ -12,6 +12,8 @@ pub enum Kind {
     PauseTimeout,
     InvalidState,
     Migration,
+    /// A host I/O failure (disk full, I/O error): the host's, not the caller's.
+    HostIo,
 }
 
 impl Kind {
@@ -23,6 +25,7 @@ impl Kind {
             Kind::PauseTimeout => "PauseTimeout",
             Kind::InvalidState => "InvalidState",
             Kind::Migration => "MigrationError",
+            Kind::HostIo => "VmmError",
         }
     }
 }

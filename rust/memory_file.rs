@@ -12,8 +12,9 @@ use crate::error::{Error, Kind, Result};
 
 const PAGE: usize = 4096;
 
+/// Reading or writing an open snapshot file fails only through the host (disk full, I/O error).
 fn io_err(what: &str, e: std::io::Error) -> Error {
-    Error::io(Kind::InvalidConfig, &format!("{what} memory file"), e)
+    Error::io(Kind::HostIo, &format!("{what} memory file"), e)
 }
 
 fn is_zero(page: &[u8]) -> bool {
@@ -60,11 +61,18 @@ pub fn load(mem: &mut [u8], file: &File) -> Result<()> {
         // SAFETY: lseek on a descriptor we own; negative results are checked.
         let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
         if data < 0 {
-            break; // ENXIO: no data after pos
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // no data after pos: the rest is a hole
+            }
+            return Err(io_err("seeking in", e)); // RAM left partly unread must fail the restore
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { len as i64 } else { hole };
+        if hole < 0 {
+            return Err(io_err("seeking in", std::io::Error::last_os_error()));
+        }
+        let end = hole.min(len as i64);
         file.read_exact_at(&mut mem[data as usize..end as usize], data as u64).map_err(|e| io_err("reading", e))?;
         pos = end;
     }

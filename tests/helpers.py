@@ -91,6 +91,48 @@ class SerialClient:
         self.sock.close()
 
 
+def raw_exchange(path: str, request: bytes, sock: socket.socket | None = None):
+    """Send `request` and read the answer the way ch-remote's client does: up to the end of the
+    headers, then Content-Length bytes if there is such a header. Returns (status, headers, body)."""
+    own = sock is None
+    if own:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(10)
+        sock.connect(path)
+    try:
+        sock.sendall(request)
+        res = b""
+        body_offset = content_length = None
+        while True:
+            chunk = sock.recv(256)
+            if not chunk:
+                break
+            res += chunk
+            end = res.find(b"\r\n\r\n")
+            if end >= 0:
+                body_offset = end + 4
+                m = re.search(rb"Content-Length: (\d+)\r", res[:body_offset])
+                content_length = int(m.group(1)) if m else None
+                if content_length is None:
+                    break
+            if body_offset is not None and content_length is not None:
+                if len(res) >= body_offset + content_length:
+                    break
+        head = res[:body_offset].decode()
+        status_line, *header_lines = head.strip().split("\r\n")
+        assert status_line.startswith("HTTP/1.1 "), status_line  # ch-remote insists on HTTP/1.1
+        headers = dict(line.split(": ", 1) for line in header_lines)
+        return int(status_line.split()[1]), headers, res[body_offset:]
+    finally:
+        if own:
+            sock.close()
+
+
+def guest_answers(serial: SerialClient, text: str) -> None:
+    """The guest echoes `text` (it runs and its console works)."""
+    serial.command(f"echo {text}", f"{text}\r\n".encode(), timeout=20)
+
+
 class VmmProcess:
     """A `vmmpy` process with an API socket, a console socket and an event monitor file."""
 

@@ -22,7 +22,7 @@ import pytest
 import vmmpy
 from vmmpy.client import UnixHTTPConnection, error_message
 
-from helpers import SerialClient
+from helpers import SerialClient, guest_answers
 
 # helpers.BANNER has no line end, so it can match a number cut by a short read ("mem_mib=1" of 128).
 BANNER_LINE = re.compile(rb"vmmpy-testguest boot_id=([0-9a-f]{16}) cpus=(\d+) mem_mib=(\d+)\r\n")
@@ -133,8 +133,6 @@ def assert_silent(serial: SerialClient, text: str, window: float = 0.5) -> None:
         serial.expect(text, timeout=window)
 
 
-def answers(serial: SerialClient, text: str) -> None:
-    serial.command(f"echo {text}", f"{text}\r\n".encode(), timeout=10)
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,7 +160,7 @@ def test_every_endpoint_through_a_vm_lifecycle(vmm_process, tmp_path, driver):
               "serial": {"mode": "Socket", "socket": body_socket}}
     assert call("vm.create", config).status == 204
     r = call("vm.create", config)
-    assert r.status == 405 and "already" in r.message
+    assert r.status == 500 and "already" in r.message  # CH's server: 500
     r = call("vm.info")
     assert r.body["state"] == "Created"
     assert r.body["config"]["cpus"] == {"boot_vcpus": 2, "max_vcpus": 2}
@@ -179,9 +177,9 @@ def test_every_endpoint_through_a_vm_lifecycle(vmm_process, tmp_path, driver):
     boot_id, cpus, mem_mib = ready(p.serial)
     assert (cpus, mem_mib) == (2, 128)
     assert not os.path.exists(body_socket), "the body's serial socket was used, not the VMM's --serial"
-    answers(p.serial, "first boot")
+    guest_answers(p.serial, "first boot")
     r = call("vm.boot")
-    assert r.status == 405 and "Running" in r.message
+    assert r.status == 500 and "Running" in r.message  # CH's server: 500
 
     # vm.info while running
     r = call("vm.info")
@@ -210,26 +208,26 @@ def test_every_endpoint_through_a_vm_lifecycle(vmm_process, tmp_path, driver):
     p.wait_event("vm.rebooted")
     second_id, cpus, _ = ready(p.serial)
     assert second_id != boot_id and cpus == 2
-    answers(p.serial, "after reboot")
+    guest_answers(p.serial, "after reboot")
     assert call("vm.info").body["boot_count"] == 2
 
-    # vm.shutdown: state Shutdown, the guest is gone, the VMM stays
+    # vm.shutdown, as CH: the VM instance is gone, its config kept (state Created), the VMM stays
     assert call("vm.shutdown").status == 204
     p.wait_event("vm.shutdown")
     r = call("vm.info")
-    assert r.body["state"] == "Shutdown" and "vcpu_states" not in r.body
+    assert r.body["state"] == "Created" and "vcpu_states" not in r.body
+    assert r.body["config"]["cpus"] == {"boot_vcpus": 2, "max_vcpus": 2}
     assert_silent(p.serial, "typed while shut down")
-    for endpoint, state in [("vm.pause", "Shutdown"), ("vm.resume", "Shutdown"), ("vm.shutdown", "Shutdown"),
-                            ("vm.reboot", "Shutdown"), ("vm.power-button", "Shutdown")]:
+    for endpoint in ("vm.pause", "vm.resume", "vm.shutdown", "vm.reboot", "vm.power-button"):
         r = call(endpoint)
-        assert r.status == 405 and state in r.message, (endpoint, r)
+        assert r.status == 405 and "Created" in r.message, (endpoint, r)
     assert p.proc.poll() is None
 
     # vm.boot again, from the same config
     assert call("vm.boot").status == 204
     third_id, cpus, _ = ready(p.serial)
     assert third_id not in (boot_id, second_id) and cpus == 2
-    answers(p.serial, "booted again")
+    guest_answers(p.serial, "booted again")
     assert call("vm.info").body["state"] == "Running"
 
     # vm.delete: the VM is gone (404), the guest is silent; deleting nothing is a no-op (as in CH)
@@ -307,22 +305,24 @@ def test_error_statuses_from_a_real_vmm(vmm_process):
         assert status == 405 and headers.get("allow") == allow and body[0] == "Method Not Allowed", \
             (method, path, status, headers, body)
 
-    # A real VM: create twice → 405, boot twice → 405, pause when not running → 405.
+    # A real VM: create twice → 500, boot twice → 500 (CH's server), pause when not running → 405
+    # (CH's spec).
     assert call("vm.create", {"cpus": {"boot_vcpus": 1}, "memory": {"size": 64 << 20}}).status == 204
     r = call("vm.create", {"cpus": {"boot_vcpus": 1}, "memory": {"size": 64 << 20}})
-    assert r.status == 405 and r.body == ["vm.create failed", "a VM has already been created"]
+    assert r.status == 500 and r.body == ["vm.create failed", "a VM has already been created"]
     for endpoint in ("vm.pause", "vm.resume", "vm.reboot", "vm.shutdown"):
         r = call(endpoint)
         assert r.status == 405 and "state Created" in r.body[1], r
     assert call("vm.boot").status == 204
     ready(p.serial)
     r = call("vm.boot")
-    assert r.status == 405 and r.body == ["vm.boot failed", "cannot boot a VM in state Running"]
-    answers(p.serial, "still fine")  # none of the refused requests disturbed the guest
+    assert r.status == 500 and r.body == ["vm.boot failed", "cannot boot a VM in state Running"]
+    guest_answers(p.serial, "still fine")  # none of the refused requests disturbed the guest
 
     # Statuses used above are all ones the OpenAPI document lists for their endpoint.
     assert {404, 405} <= documented_statuses("/vm.pause")
-    assert {400, 405} <= documented_statuses("/vm.create")
+    assert {400, 500} <= documented_statuses("/vm.create")
+    assert 500 in documented_statuses("/vm.boot")
     assert 404 in documented_statuses("/vm.info")
 
 

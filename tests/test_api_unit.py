@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -37,6 +38,8 @@ from vmmpy.errors import (
     VmmShutDown,
     VmNotCreated,
 )
+
+from helpers import raw_exchange
 
 
 class RecordingVmm:
@@ -77,10 +80,15 @@ class RecordingVmm:
             raise VmNotCreated("VM is not created")
         return {
             "config": self.config,  # a VmConfig: the server turns it into CH's JSON shape
-            "state": "Error",
+            "state": "Running",
+            "vmmpy_state": "Error",
             "memory_actual_size": self.config.memory_mib * MIB,
             "error": {"reason": "KVM_EXIT_INTERNAL_ERROR suberror 1", "vcpu": 0, "regs": {"rip": 4096}},
         }
+
+    def counters(self) -> dict:
+        self._do("counters")
+        return {}
 
     def boot(self):
         self._do("boot")
@@ -122,43 +130,6 @@ def served(sockdir):
     server = ApiServer(vmm, path).start()
     yield vmm, path, ApiClient(path, timeout=10), server
     server.close()
-
-
-def raw_exchange(path: str, request: bytes, sock: socket.socket | None = None):
-    """Send `request` and read the answer the way ch-remote's client does: up to the end of the
-    headers, then Content-Length bytes if there is such a header. Returns (status, headers, body)."""
-    own = sock is None
-    if own:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(path)
-    try:
-        sock.sendall(request)
-        res = b""
-        body_offset = content_length = None
-        while True:
-            chunk = sock.recv(256)
-            if not chunk:
-                break
-            res += chunk
-            end = res.find(b"\r\n\r\n")
-            if end >= 0:
-                body_offset = end + 4
-                m = re.search(rb"Content-Length: (\d+)\r", res[:body_offset])
-                content_length = int(m.group(1)) if m else None
-                if content_length is None:
-                    break
-            if body_offset is not None and content_length is not None:
-                if len(res) >= body_offset + content_length:
-                    break
-        head = res[:body_offset].decode()
-        status_line, *header_lines = head.strip().split("\r\n")
-        assert status_line.startswith("HTTP/1.1 "), status_line  # ch-remote insists on HTTP/1.1
-        headers = dict(line.split(": ", 1) for line in header_lines)
-        return int(status_line.split()[1]), headers, res[body_offset:]
-    finally:
-        if own:
-            sock.close()
 
 
 CH_REMOTE_PREAMBLE = "{method} /api/v1/{cmd} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n"
@@ -232,7 +203,7 @@ def test_create_then_info(served):
     )
     status, info = client.info()
     assert status == 200
-    assert info["state"] == "Error"
+    assert info["state"] == "Running" and info["vmmpy_state"] == "Error"
     assert info["memory_actual_size"] == 256 * MIB
     assert info["error"] == {"reason": "KVM_EXIT_INTERNAL_ERROR suberror 1", "vcpu": 0, "regs": {"rip": 4096}}
     assert info["config"] == config.to_api()
@@ -254,7 +225,7 @@ def test_create_with_vmconfig_object(served):
     [
         (VmNotCreated("VM is not created"), 404),
         (InvalidState("VM is not running"), 405),
-        (VmAlreadyCreated("a VM exists"), 405),
+        (VmAlreadyCreated("a VM exists"), 405),  # vm.pause's wrong state: 405 (CH's spec)
         (VmMigrating("VM is migrating"), 409),
         (InvalidConfig("bad"), 400),
         (PayloadError("kernel is not an ELF"), 400),
@@ -269,7 +240,7 @@ def test_error_statuses(served, exc, status):
     vmm, _path, client, _server = served
     vmm.fail["pause"] = exc
     got_status, body = client.pause()
-    assert got_status == status == status_for(exc)
+    assert got_status == status == status_for(exc, ENDPOINTS["vm.pause"])
     assert isinstance(body, list) and all(isinstance(s, str) for s in body)
     assert body[0] == "vm.pause failed"
     assert str(exc) in body[-1]
@@ -290,7 +261,7 @@ def test_create_errors(served):
     vmm, _path, client, _server = served
     vmm.fail["create"] = VmAlreadyCreated("a VM already exists")
     status, body = client.create({})
-    assert status == 405 and body == ["vm.create failed", "a VM already exists"]
+    assert status == 500 and body == ["vm.create failed", "a VM already exists"]  # CH's server: 500
 
 
 def test_create_unsupported_fields_400(served):
@@ -376,6 +347,155 @@ def test_malformed_request_gets_json_error(served):
     status, headers, body = raw_exchange(path, b"GARBAGE\r\n\r\n")
     assert status == 400
     assert isinstance(json.loads(body), list)
+
+
+def _raw_answer(path: str, request: bytes) -> bytes:
+    """Everything the server writes for `request` until it closes the connection."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(request)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_conflicting_content_length_is_refused_and_nothing_runs(served):
+    vmm, path, _client, _server = served
+    answer = _raw_answer(path, b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
+                               b"Content-Length: 5\r\n\r\nhello")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 \r\n") and b"Connection: close" in head
+    assert json.loads(body) == ["Bad Request", "conflicting Content-Length headers"]
+    assert vmm.names() == []
+
+
+@pytest.mark.parametrize("chunk_size", [b"-5", b"zz", b"1" * 40])
+def test_bad_chunk_size_is_refused(served, chunk_size):
+    vmm, path, _client, _server = served
+    answer = _raw_answer(path, b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+                               b"\r\n" + chunk_size + b"\r\nabc\r\n0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 \r\n"), answer
+    assert json.loads(body)[0] == "Bad Request" and "chunk" in json.loads(body)[1]
+    assert vmm.names() == []
+
+
+def test_oversized_head_is_refused(served):
+    vmm, path, _client, _server = served
+    answer = _raw_answer(path, b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: localhost\r\nX: " + b"a" * 70000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 \r\n"), answer[:100]
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])[0] == "Request Header Fields Too Large"
+    assert vmm.names() == []
+
+
+def test_unknown_transfer_coding_is_501(served):
+    vmm, path, _client, _server = served
+    answer = _raw_answer(path, b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501 \r\n") and json.loads(body)[0] == "Not Implemented", answer
+    assert vmm.names() == []
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[" * 100000 + "]" * 100000, "request body nests deeper than 32 levels"),
+    ('{"a":' * 50000 + "1" + "}" * 50000, "request body nests deeper than 32 levels"),
+    ('{"memory": {"size": ' + "9" * 5000 + "}}", "request body is not valid JSON: Exceeds the limit"),
+    ('{"memory": {"size": NaN}}', "request body is not valid JSON: NaN is not JSON"),
+])
+def test_hostile_json_is_400(served, body, message):
+    vmm, path, client, _server = served
+    status, answer = client.create(body)
+    assert status == 400 and answer[0] == "Bad Request" and answer[1].startswith(message), answer
+    assert vmm.names() == []
+    assert client.ping()[0] == 200
+
+
+def test_json_depth_check_ignores_brackets_in_strings():
+    from vmmpy.api import json_depth_exceeds
+
+    assert not json_depth_exceeds(b'{"a": "[[[[[[[[[[", "b": "\\"[[[["}', 3)
+    assert json_depth_exceeds(b"[[[[", 3) and not json_depth_exceeds(b"[[[]]]", 3)
+
+
+def test_api_socket_is_owner_only_whatever_the_umask(sockdir):
+    path = os.path.join(sockdir, "umask.sock")
+    old = os.umask(0)
+    try:
+        server = ApiServer(RecordingVmm(), path).start()
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert ApiClient(path).ping()[0] == 200
+    finally:
+        server.close()
+
+
+def test_connections_past_the_limit_get_503_and_the_server_keeps_answering(sockdir):
+    from vmmpy.httpserver import Limits
+
+    path = os.path.join(sockdir, "limits.sock")
+    server = ApiServer(RecordingVmm(), path, limits=Limits(max_connections=4, max_refusing=2, evict_idle_s=60,
+                                                           refuse_wait_s=30)).start()
+    held = []
+    try:
+        for _ in range(4):  # the served connections, each kept alive after one answer
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(path)
+            assert raw_exchange(path, ch_remote_request("GET", "vmm.ping"), sock=s)[0] == 200
+            held.append(s)
+        status, headers, body = raw_exchange(path, ch_remote_request("GET", "vmm.ping"))
+        assert status == 503 and headers["Connection"] == "close"
+        assert json.loads(body) == ["Service Unavailable", "the API server is serving its limit of 4 connections; "
+                                                           "retry later"]
+        # A served connection ends: the next client is served again.
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while (status := raw_exchange(path, ch_remote_request("GET", "vmm.ping"))[0]) != 200:
+            assert status == 503 and time.monotonic() < deadline
+        # The kept-alive ones were served all along.
+        assert all(raw_exchange(path, ch_remote_request("GET", "vmm.ping"), sock=s)[0] == 200 for s in held)
+    finally:
+        for s in held:
+            s.close()
+        server.close()
+
+
+def test_idle_connection_makes_room_for_a_new_one(sockdir):
+    from vmmpy.httpserver import Limits
+
+    path = os.path.join(sockdir, "evict.sock")
+    server = ApiServer(RecordingVmm(), path, limits=Limits(max_connections=2, evict_idle_s=0.2)).start()
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+    try:
+        for s in idle:
+            s.settimeout(10)
+            s.connect(path)
+        deadline = time.monotonic() + 10
+        while raw_exchange(path, ch_remote_request("GET", "vmm.ping"))[0] != 200:
+            assert time.monotonic() < deadline
+        assert idle[0].recv(10) == b""  # the longest idle one was closed to make room
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
+
+
+def test_pipelined_requests_are_answered_in_order(served):
+    vmm, path, _client, _server = served
+    two = ch_remote_request("PUT", "vm.pause") + ch_remote_request("GET", "vmm.ping")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(two)
+        out = b""
+        while out.count(b"HTTP/1.1 ") < 2 or not out.endswith(b"}"):
+            out += s.recv(65536)
+    assert out.startswith(b"HTTP/1.1 204 \r\n") and b"HTTP/1.1 200 \r\n" in out
+    assert vmm.names() == ["pause", "ping"]
 
 
 # ------------------------------------------------------------------------------ wire format
@@ -655,6 +775,13 @@ def test_remote_actions(served, capsys, command, call):
     assert remote.main(["--api-socket", path, command]) == 0
     assert vmm.names() == [call]
     assert capsys.readouterr().out == ""
+
+
+def test_remote_counters(served, capsys):
+    vmm, path, _client, _server = served
+    assert remote.main(["--api-socket", path, "counters"]) == 0
+    assert json.loads(capsys.readouterr().out) == {}
+    assert vmm.names() == ["counters"]
 
 
 def test_remote_error_answer(served, capsys):

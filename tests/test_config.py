@@ -465,3 +465,66 @@ def test_split_options_quotes():
 def test_host_memory_is_positive():
     assert host_memory_mib() > 0
     assert os.sysconf("SC_PHYS_PAGES") > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Cloud Hypervisor's other request bodies (send/receive-migration, snapshot, restore)
+# --------------------------------------------------------------------------------------------
+
+# As ch-remote 54 sends them (recorded), defaults spelled out.
+CH_SEND = {"destination_url": "tcp:127.0.0.1:6000", "local": False, "preserve_source": False, "downtime_ms": 300,
+           "timeout_s": 3600, "timeout_strategy": "Cancel", "connections": 1, "tls_dir": None,
+           "memory_mode": "Precopy"}
+CH_RECEIVE = {"receiver_url": "unix:/tmp/m.sock", "tls_dir": None, "memory_mode": "Precopy", "vfio_fds": None,
+              "iommufd_fd": None, "zone_updates": []}
+CH_RESTORE = {"source_url": "file:///tmp/snap", "prefault": False, "memory_restore_mode": "Copy", "net_fds": None,
+              "vfio_fds": None, "iommufd_fd": None, "resume": False, "zone_updates": []}
+
+
+def test_ch_request_bodies_at_their_defaults_are_read():
+    from vmmpy.config import read_request_body
+
+    assert read_request_body("SendMigrationData", CH_SEND) == {
+        "destination_url": "tcp:127.0.0.1:6000", "local": False, "downtime_ms": 300, "timeout_s": 3600,
+        "timeout_strategy": "cancel"}
+    assert read_request_body("ReceiveMigrationData", CH_RECEIVE) == {"receiver_url": "unix:/tmp/m.sock"}
+    assert read_request_body("RestoreConfig", CH_RESTORE) == {"source_url": "file:///tmp/snap", "resume": False}
+    assert read_request_body("RestoreConfig", {**CH_RESTORE, "prefault": True})["source_url"]  # what vmmpy does
+    assert read_request_body("VmSnapshotConfig", {"destination_url": "file:///x"}) == {"destination_url": "file:///x"}
+
+
+@pytest.mark.parametrize("spelling, value", [("Cancel", "cancel"), ("Ignore", "ignore"), ("cancel", "cancel"),
+                                             ("ignore", "ignore"), ("IGNORE", "ignore")])
+def test_timeout_strategy_takes_chs_enum_and_lower_case(spelling, value):
+    from vmmpy.config import read_request_body
+
+    assert read_request_body("SendMigrationData", {**CH_SEND, "timeout_strategy": spelling})["timeout_strategy"] == value
+
+
+@pytest.mark.parametrize("name, body, message", [
+    ("SendMigrationData", {**CH_SEND, "connections": 2, "tls_dir": "/etc/tls"},
+     "unsupported SendMigrationData fields: connections, tls_dir (vmmpy accepts them only at Cloud Hypervisor's "
+     "default value)"),
+    ("SendMigrationData", {**CH_SEND, "timeout_strategy": "Retry"}, 'timeout_strategy="Retry": expected one of '
+     "Cancel, Ignore"),
+    ("SendMigrationData", {**CH_SEND, "local": "on"}, 'local="on": must be a boolean'),
+    ("SendMigrationData", {**CH_SEND, "downtime_ms": True}, "downtime_ms=true: must be an integer"),
+    ("SendMigrationData", {"local": True}, "SendMigrationData needs destination_url"),
+    ("ReceiveMigrationData", {**CH_RECEIVE, "zone_updates": [{"id": "z", "host_numa_node": 1}]},
+     "unsupported ReceiveMigrationData fields: zone_updates"),
+    ("ReceiveMigrationData", {**CH_RECEIVE, "memory_mode": "Postcopy", "extra": 1},
+     "unsupported ReceiveMigrationData fields: extra, memory_mode"),
+    ("RestoreConfig", {**CH_RESTORE, "memory_restore_mode": "OnDemand"},
+     "unsupported RestoreConfig fields: memory_restore_mode"),
+    ("RestoreConfig", {**CH_RESTORE, "net_fds": [{"id": "net0", "fds": [3]}]}, "unsupported RestoreConfig fields: "
+     "net_fds"),
+    ("RestoreConfig", {**CH_RESTORE, "source_url": {"a": 1}}, 'source_url={"a": 1}: must be a string'),
+    ("VmSnapshotConfig", ["file:///x"], "VmSnapshotConfig must be a JSON object, not an array"),
+    ("VmSnapshotConfig", None, "VmSnapshotConfig must be a JSON object, not null"),
+])
+def test_ch_request_bodies_asking_for_more_are_refused_by_name(name, body, message):
+    from vmmpy.config import read_request_body
+
+    with pytest.raises(InvalidConfig) as excinfo:
+        read_request_body(name, body)
+    assert message in str(excinfo.value)

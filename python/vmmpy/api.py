@@ -1,23 +1,25 @@
 """vmmpy's REST API: Cloud Hypervisor's HTTP API, over a Unix socket.
 
-Paths, methods, bodies and status codes follow Cloud Hypervisor's OpenAPI description for every
-endpoint vmmpy implements, so ``ch-remote`` and libvirt's CH driver can drive vmmpy. vmmpy's own
-description is ``openapi/vmmpy.yaml``.
+Paths, methods, bodies and status codes follow Cloud Hypervisor's OpenAPI description and its
+server for every endpoint vmmpy implements, so ``ch-remote`` and libvirt's CH driver can drive
+vmmpy. vmmpy's own description is ``openapi/vmmpy.yaml``. The HTTP side (framing, bounds) is
+:mod:`vmmpy.httpserver`.
 
 Status codes
 ------------
-Success: ``200`` with a JSON body (``vmm.ping``, ``vm.info``), ``204`` without one (all PUTs).
+Success: ``200`` with a JSON body (the GETs), ``204`` without one (all PUTs).
 
 Errors raised by the VMM are mapped by :data:`ERROR_STATUS` (the one table; first match wins):
 
 =====================  ======  ==============================================================
 exception              status  why
 =====================  ======  ==============================================================
-VmNotCreated           404     CH spec: "not created"
+VmNotCreated           404     CH: "not created"
 VmMigrating            409     the VM is owned by a migration; retry later (CH itself: 500)
-VmAlreadyCreated       405     vm.create while a VM exists: the VMM's state does not allow it
-InvalidState           405     CH spec: "not in a state that allows it" (not booted/paused...)
-InvalidConfig          400     bad VmConfig body (CH answers 400 for config validation errors)
+InvalidState           405/500 the VM's state does not allow the request: the endpoint's
+                               ``wrong_state`` status, 405 where CH's spec documents 405 for
+                               it, else 500 as CH's server answers
+InvalidConfig          400     a body vmmpy cannot honour (CH: 400 for config validation)
 PayloadError           400     kernel/initramfs/command line that cannot be loaded
 PauseTimeout           500     the vCPUs did not stop in time; the request failed inside
 KvmError               500     a host call failed
@@ -27,8 +29,10 @@ any other exception    500     a bug; logged with its traceback
 =====================  ======  ==============================================================
 
 Protocol errors: unknown path ``404``; known path, wrong method ``405`` (with ``Allow``; CH
-answers 400 here); body that is not JSON, or a body sent to an endpoint that takes none, or no
-body for ``vm.create`` ``400``; body over 1 MiB ``413``.
+answers 400 here); a body that is not JSON (or nested deeper than :data:`MAX_JSON_DEPTH`, or with
+an integer over Python's digit limit), a body sent to an endpoint that takes none, or no body
+for an endpoint that needs one ``400``; framing errors ``400`` (h11); body over 1 MiB ``413``;
+more connections than the server serves ``503``.
 
 Every error response has a JSON body like Cloud Hypervisor's: an array of strings from the
 outermost description to the root cause, e.g. ``["vm.pause failed", "VM is not running"]``.
@@ -41,17 +45,12 @@ import json
 import logging
 import os
 import socket
-import socketserver
 import stat
-import threading
-import time
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-from vmmpy.config import VmConfig
+from vmmpy.config import VmConfig, read_request_body
 from vmmpy.errors import (
     InvalidConfig,
     InvalidState,
@@ -59,32 +58,34 @@ from vmmpy.errors import (
     MigrationError,
     PauseTimeout,
     PayloadError,
-    VmAlreadyCreated,
     VmMigrating,
     VmmError,
     VmmShutDown,
     VmNotCreated,
 )
-
-from vmmpy.migration.source import MigrationOptions
+from vmmpy.httpserver import HttpServer, Limits, Reply, Request, error_reply
 
 log = logging.getLogger("vmmpy.api")
 
 API_ROOT = "/api/v1/"
 MAX_BODY = 1 << 20
-#: An oversized body up to this size is read and dropped before the 413 answer goes out.
-DISCARD_LIMIT = 16 << 20
+#: Deepest JSON nesting a request body may have (CH's bodies need 4); deeper is refused before
+#: parsing, so no parser or later walk over the value can recurse without bound.
+MAX_JSON_DEPTH = 32
 #: How long :meth:`ApiServer.close` lets requests in progress finish before cutting them off.
 CLOSE_GRACE = 5.0
-#: An idle keep-alive connection is dropped after this many seconds.
-IDLE_TIMEOUT = 60.0
+#: Connections served at once; more are answered 503 (see vmmpy.httpserver).
+MAX_CONNECTIONS = 64
+#: The listen backlog: clients that connect with a timeout (as curl does) all get an answer even
+#: when a hundred connect at once. The kernel caps it at net.core.somaxconn.
+BACKLOG = socket.SOMAXCONN
 
-# The one exception → status table. Order matters: subclasses before their bases.
-ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+# The one exception → status table. Order matters: subclasses before their bases. None: the
+# endpoint's own wrong_state status.
+ERROR_STATUS: tuple[tuple[type[BaseException], int | None], ...] = (
     (VmNotCreated, 404),
     (VmMigrating, 409),
-    (VmAlreadyCreated, 405),
-    (InvalidState, 405),
+    (InvalidState, None),
     (InvalidConfig, 400),
     (PayloadError, 400),
     (PauseTimeout, 500),
@@ -93,14 +94,6 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (VmmShutDown, 503),
     (VmmError, 500),
 )
-
-
-def status_for(exc: BaseException) -> int:
-    """The HTTP status for an exception raised while serving a request."""
-    for cls, status in ERROR_STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
 
 
 # ------------------------------------------------------------------------------------------
@@ -113,43 +106,42 @@ class Endpoint:
     method: str  # "GET" or "PUT"
     call: Callable[[Any, Any], Any]  # (vmm, parsed body) -> JSON-able result or None
     takes_body: bool = False  # True: a JSON body is required; False: no body allowed
+    #: Status for InvalidState: 405 where CH's spec documents it for this endpoint, else 500
+    #: (what CH's server answers for every wrong-state error).
+    wrong_state: int = 500
+
+
+def status_for(exc: BaseException, endpoint: Endpoint | None = None) -> int:
+    """The HTTP status for an exception raised while serving a request to ``endpoint``."""
+    for cls, status in ERROR_STATUS:
+        if isinstance(exc, cls):
+            if status is None:
+                return endpoint.wrong_state if endpoint is not None else 500
+            return status
+    return 500
 
 
 def _create(vmm: Any, body: Any) -> None:
     vmm.create(VmConfig.from_api(body))
 
 
-def _fields(body: Any, name: str, allowed: set[str], required: str) -> dict:
-    """A JSON object body with only `allowed` keys (unknown ones refused by name) and `required`."""
-    if not isinstance(body, dict):
-        raise InvalidConfig(f"{name} takes a JSON object")
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise InvalidConfig(f"unsupported {name} fields: {', '.join(unknown)}")
-    if required not in body:
-        raise InvalidConfig(f"{name} needs {required}")
-    return body
-
-
 def _send_migration(vmm: Any, body: Any) -> None:
-    vmm.send_migration(**_fields(body, "SendMigrationData", set(MigrationOptions.__dataclass_fields__),
-                                 "destination_url"))
+    vmm.send_migration(**read_request_body("SendMigrationData", body))
 
 
 def _receive_migration(vmm: Any, body: Any) -> None:
     """Blocks until a migration completed here, as Cloud Hypervisor's does."""
-    handle = vmm.receive_migration(**_fields(body, "ReceiveMigrationData", {"receiver_url", "tls_dir"}, "receiver_url"))
+    handle = vmm.receive_migration(**read_request_body("ReceiveMigrationData", body))
     if not handle.wait():
         raise MigrationError(f"no migration was received: {handle.receiver.last_error or 'receive stopped'}")
 
 
 def _snapshot(vmm: Any, body: Any) -> None:
-    vmm.snapshot(_fields(body, "VmSnapshotConfig", {"destination_url"}, "destination_url")["destination_url"])
+    vmm.snapshot(**read_request_body("VmSnapshotConfig", body))
 
 
 def _restore(vmm: Any, body: Any) -> None:
-    body = _fields(body, "RestoreConfig", {"source_url", "resume", "prefault"}, "source_url")
-    vmm.restore(body["source_url"], resume=bool(body.get("resume", False)))
+    vmm.restore(**read_request_body("RestoreConfig", body))
 
 
 ENDPOINTS: dict[str, Endpoint] = {
@@ -157,18 +149,19 @@ ENDPOINTS: dict[str, Endpoint] = {
     "vmm.shutdown": Endpoint("PUT", lambda vmm, _: vmm.shutdown_vmm()),
     "vm.create": Endpoint("PUT", _create, takes_body=True),
     "vm.boot": Endpoint("PUT", lambda vmm, _: vmm.boot()),
-    "vm.pause": Endpoint("PUT", lambda vmm, _: vmm.pause()),
-    "vm.resume": Endpoint("PUT", lambda vmm, _: vmm.resume()),
-    "vm.reboot": Endpoint("PUT", lambda vmm, _: vmm.reboot()),
-    "vm.shutdown": Endpoint("PUT", lambda vmm, _: vmm.shutdown()),
+    "vm.pause": Endpoint("PUT", lambda vmm, _: vmm.pause(), wrong_state=405),
+    "vm.resume": Endpoint("PUT", lambda vmm, _: vmm.resume(), wrong_state=405),
+    "vm.reboot": Endpoint("PUT", lambda vmm, _: vmm.reboot(), wrong_state=405),
+    "vm.shutdown": Endpoint("PUT", lambda vmm, _: vmm.shutdown(), wrong_state=405),
     "vm.delete": Endpoint("PUT", lambda vmm, _: vmm.delete()),
-    "vm.power-button": Endpoint("PUT", lambda vmm, _: vmm.power_button()),
+    "vm.power-button": Endpoint("PUT", lambda vmm, _: vmm.power_button(), wrong_state=405),
     "vm.info": Endpoint("GET", lambda vmm, _: vmm.info()),
+    "vm.counters": Endpoint("GET", lambda vmm, _: vmm.counters()),
     "vm.send-migration": Endpoint("PUT", _send_migration, takes_body=True),
     "vm.receive-migration": Endpoint("PUT", _receive_migration, takes_body=True),
     "vm.migration-progress": Endpoint("GET", lambda vmm, _: vmm.migration_progress()),
     "vm.cancel-migration": Endpoint("PUT", lambda vmm, _: vmm.cancel_migration()),
-    "vm.snapshot": Endpoint("PUT", _snapshot, takes_body=True),
+    "vm.snapshot": Endpoint("PUT", _snapshot, takes_body=True, wrong_state=405),
     "vm.restore": Endpoint("PUT", _restore, takes_body=True),
 }
 
@@ -185,251 +178,97 @@ def _json_default(obj: Any) -> Any:
 
 
 class _HttpError(Exception):
-    """A protocol-level failure: answered with ``status`` and the message chain."""
+    """A request that is answered with ``status`` and the message chain."""
 
-    def __init__(self, status: int, *messages: str, close: bool = False, allow: str | None = None):
+    def __init__(self, status: int, *messages: str, allow: str | None = None):
         super().__init__(": ".join(messages))
-        self.status = status
-        self.messages = list(messages)
-        self.close = close
-        self.allow = allow
+        self.reply = error_reply(status, *messages, headers=[("Allow", allow)] if allow else None)
 
 
-# ------------------------------------------------------------------------------------------
-# HTTP plumbing
-# ------------------------------------------------------------------------------------------
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether the JSON text nests arrays/objects deeper than ``limit`` (brackets inside strings
+    do not count). A linear scan that stops at the first level too deep."""
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # ch-remote looks for "HTTP/1.1" in the status line
-    server_version = "vmmpy-api"
-    sys_version = ""
-    timeout = IDLE_TIMEOUT
-    server: "_UnixHTTPServer"
-
-    # -- connection bookkeeping -------------------------------------------------------------
-
-    def setup(self) -> None:
-        super().setup()
-        self.server.owner._connection_opened(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            self.server.owner._connection_closed(self.connection)
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def address_string(self) -> str:  # Unix peers have no address
-        return "unix"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (base class name)
-        log.debug("api: " + format, *args)
-
-    # -- methods ----------------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_PUT(self) -> None:
-        self._serve()
-
-    def __getattr__(self, name: str) -> Any:
-        # Any other method (POST, DELETE, HEAD, ...) exists as far as http.server is concerned,
-        # so it is answered 405 (or 404 for an unknown path) rather than 501.
-        if name.startswith("do_"):
-            return self._serve
-        raise AttributeError(name)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # Used by http.server for requests it cannot parse; answer in our JSON error format.
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "Error"
-        messages = [phrase] + ([message] if message and message != phrase else [])
-        if getattr(self, "request_version", None) in (None, "", "HTTP/0.9"):
-            self.request_version = self.protocol_version  # never answer without a status line
-        self.close_connection = True
-        self._reply(code, json.dumps(messages).encode(), close=True)
-
-    # -- request handling -------------------------------------------------------------------
-
-    def _serve(self) -> None:
-        owner = self.server.owner
-        owner._request_started()
-        try:
-            try:
-                status, payload = self._dispatch()
-                self._reply(status, payload)
-            except _HttpError as e:
-                body = json.dumps(e.messages).encode()
-                self._reply(e.status, body, close=e.close, allow=e.allow)
-        except (BrokenPipeError, ConnectionResetError) as e:
-            log.debug("api: client went away: %s", e)
-            self.close_connection = True
-        finally:
-            owner._request_finished()
-
-    def _dispatch(self) -> tuple[int, bytes | None]:
-        path = urlsplit(self.path).path
-        name = path[len(API_ROOT) :] if path.startswith(API_ROOT) else None
-        endpoint = ENDPOINTS.get(name) if name else None
-        if endpoint is None:
-            self._drain_body()
-            raise _HttpError(404, "Not Found", f"no endpoint {path}")
-        if self.command != endpoint.method:
-            self._drain_body()
-            raise _HttpError(
-                405,
-                "Method Not Allowed",
-                f"{name} takes {endpoint.method}, not {self.command}",
-                allow=endpoint.method,
-            )
-
-        raw = self._read_body()
-        parsed: Any = None
-        if endpoint.takes_body:
-            if not raw.strip():
-                raise _HttpError(400, "Bad Request", f"{name} needs a JSON request body")
-            try:
-                parsed = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise _HttpError(400, "Bad Request", f"request body is not valid JSON: {e}") from e
-        elif raw:
-            raise _HttpError(400, "Bad Request", f"{name} takes no request body")
-
-        vmm = self.server.owner.vmm
-        try:
-            result = endpoint.call(vmm, parsed)
-        except Exception as e:  # noqa: BLE001 - every failure becomes an HTTP answer
-            status = status_for(e)
-            if not isinstance(e, VmmError):
-                log.exception("api: %s raised an unexpected error", name)
-                detail = f"internal error: {type(e).__name__}: {e}"
-            else:
-                log.info("api: %s failed (%d): %s", name, status, e)
-                detail = str(e)
-            raise _HttpError(status, f"{name} failed", detail) from e
-
-        if endpoint.method == "GET":
-            try:
-                return 200, json.dumps(result, default=_json_default).encode()
-            except (TypeError, ValueError) as e:
-                log.exception("api: %s returned something that is not JSON", name)
-                raise _HttpError(500, f"{name} failed", f"internal error: {e}") from e
-        return 204, None
-
-    def _read_body(self) -> bytes:
-        """The request body, whole (Content-Length or chunked); b"" when there is none."""
-        encoding = self.headers.get("Transfer-Encoding")
-        if encoding:
-            if encoding.strip().lower() != "chunked":
-                raise _HttpError(
-                    501, "Not Implemented", f"transfer encoding {encoding!r}", close=True
-                )
-            return self._read_chunked()
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
-            return b""
-        try:
-            length = int(length_text)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise _HttpError(
-                400, "Bad Request", f"bad Content-Length {length_text!r}", close=True
-            ) from None
-        if length > MAX_BODY:
-            # Read (and drop) a moderately oversized body before answering, so the client sees
-            # the 413 instead of a broken pipe while it is still sending.
-            left = length if length <= DISCARD_LIMIT else 0
-            while left > 0:
-                got = self.rfile.read(min(left, 65536))
-                if not got:
-                    break
-                left -= len(got)
-            raise _HttpError(
-                413, "Payload Too Large", f"request body over {MAX_BODY} bytes", close=True
-            )
-        data = self.rfile.read(length)
-        if len(data) != length:
-            raise _HttpError(400, "Bad Request", "request body cut short", close=True)
-        return data
-
-    def _read_chunked(self) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _HttpError(400, "Bad Request", "malformed chunked body", close=True) from None
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(chunks)
-            total += size
-            if total > MAX_BODY:
-                raise _HttpError(
-                    413, "Payload Too Large", f"request body over {MAX_BODY} bytes", close=True
-                )
-            chunk = self.rfile.read(size)
-            if len(chunk) != size:
-                raise _HttpError(400, "Bad Request", "request body cut short", close=True)
-            chunks.append(chunk)
-            self.rfile.readline(16)  # the CRLF after the chunk
-
-    def _drain_body(self) -> None:
-        """Consume a body we will not use, so the next request on the connection parses."""
-        try:
-            self._read_body()
-        except _HttpError:
-            self.close_connection = True
-
-    def _reply(
-        self,
-        status: int,
-        body: bytes | None,
-        *,
-        close: bool = False,
-        allow: str | None = None,
-    ) -> None:
-        self.send_response(status)
-        if allow:
-            self.send_header("Allow", allow)
-        if body is not None:
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-        if close:
-            self.close_connection = True
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if body is not None and self.command != "HEAD":
-            self.wfile.write(body)
-        self.wfile.flush()
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
-class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 32
+def parse_json_body(raw: bytes) -> Any:
+    """A request body as JSON, or a 400 saying why not (never a recursion or digit-limit error)."""
+    if json_depth_exceeds(raw, MAX_JSON_DEPTH):
+        raise _HttpError(400, "Bad Request", f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError:  # the depth check makes this unreachable; belt and braces
+        raise _HttpError(400, "Bad Request", "request body nests too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, int digit limit, NaN
+        raise _HttpError(400, "Bad Request", f"request body is not valid JSON: {e}") from None
 
-    def __init__(self, owner: "ApiServer", address: str | None, sock: socket.socket | None):
-        self.owner = owner
-        if sock is None:
-            super().__init__(address, _Handler, bind_and_activate=True)
+
+def handle(vmm: Any, request: Request) -> Reply:
+    """One API request → its answer (runs on an HTTP worker thread)."""
+    try:
+        return _dispatch(vmm, request)
+    except _HttpError as e:
+        return e.reply
+
+
+def _dispatch(vmm: Any, request: Request) -> Reply:
+    path = urlsplit(request.target).path
+    name = path[len(API_ROOT):] if path.startswith(API_ROOT) else None
+    endpoint = ENDPOINTS.get(name) if name else None
+    if endpoint is None:
+        raise _HttpError(404, "Not Found", f"no endpoint {path}")
+    if request.method != endpoint.method:
+        raise _HttpError(405, "Method Not Allowed", f"{name} takes {endpoint.method}, not {request.method}",
+                         allow=endpoint.method)
+    parsed: Any = None
+    if endpoint.takes_body:
+        if not request.body.strip():
+            raise _HttpError(400, "Bad Request", f"{name} needs a JSON request body")
+        parsed = parse_json_body(request.body)
+    elif request.body:
+        raise _HttpError(400, "Bad Request", f"{name} takes no request body")
+
+    try:
+        result = endpoint.call(vmm, parsed)
+    except Exception as e:  # noqa: BLE001 - every failure becomes an HTTP answer
+        status = status_for(e, endpoint)
+        if not isinstance(e, VmmError):
+            log.exception("api: %s raised an unexpected error", name)
+            detail = f"internal error: {type(e).__name__}: {e}"
         else:
-            super().__init__(None, _Handler, bind_and_activate=False)
-            self.socket.close()
-            self.socket = sock
-            self.server_address = sock.getsockname()
+            log.info("api: %s failed (%d): %s", name, status, e)
+            detail = str(e)
+        raise _HttpError(status, f"{name} failed", detail) from e
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("api: error while serving a connection", exc_info=True)
+    if endpoint.method == "GET":
+        try:
+            return Reply(200, json.dumps(result, default=_json_default).encode())
+        except (TypeError, ValueError) as e:
+            log.exception("api: %s returned something that is not JSON", name)
+            raise _HttpError(500, f"{name} failed", f"internal error: {e}") from e
+    return Reply(204)
 
 
 # ------------------------------------------------------------------------------------------
@@ -438,99 +277,48 @@ class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
 
 
 class ApiServer:
-    """Serves the REST API for ``vmm`` on a Unix socket, from its own daemon thread.
+    """Serves the REST API for ``vmm`` on a Unix socket, from its own threads.
 
     Give ``socket_path`` (a stale socket file there is replaced; a live server there is an
-    error) or ``fd``, an already bound AF_UNIX stream socket (``--api-socket fd=N``, as libvirt
-    passes it). The ``fd`` is taken over and closed by :meth:`close`; its path is not unlinked.
+    error; the socket is created 0600, owner only, whatever the umask) or ``fd``, an already
+    bound AF_UNIX stream socket (``--api-socket fd=N``, as libvirt passes it; its mode is the
+    passer's business). The ``fd`` is taken over and closed by :meth:`close`; its path is not
+    unlinked.
     """
 
-    def __init__(self, vmm: Any, socket_path: str | None = None, *, fd: int | None = None):
+    def __init__(self, vmm: Any, socket_path: str | None = None, *, fd: int | None = None,
+                 limits: Limits | None = None):
         if (socket_path is None) == (fd is None):
             raise InvalidConfig("API server: give exactly one of a socket path or an fd")
         self.vmm = vmm
         self.socket_path = socket_path
         self.fd = fd
-        self._server: _UnixHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self.limits = limits or Limits(max_connections=MAX_CONNECTIONS, max_body=MAX_BODY)
+        self._http: HttpServer | None = None
         self._bound_inode: tuple[int, int] | None = None
-        self._lock = threading.Condition()
-        self._connections: set[socket.socket] = set()
-        self._busy: dict[int, int] = {}  # thread id -> requests in progress on it
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> "ApiServer":
         """Bind (in the caller's thread, so errors surface here) and start serving."""
-        if self._server is not None or self._closed:
+        if self._http is not None or self._closed:
             raise VmmError("API server already started")
-        if self.fd is not None:
-            sock = self._adopt_fd(self.fd)
-            self._server = _UnixHTTPServer(self, None, sock)
-        else:
-            path = self.socket_path
-            assert path is not None
-            self._remove_stale_socket(path)
-            try:
-                self._server = _UnixHTTPServer(self, path, None)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    raise VmmError(f"API socket {path}: in use by another server") from e
-                raise VmmError(f"API socket {path}: {e.strerror or e}", e.errno) from e
-            try:
-                st = os.stat(path)
-                self._bound_inode = (st.st_dev, st.st_ino)
-            except OSError:
-                self._bound_inode = None
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="vmmpy-api",
-            daemon=True,
-        )
-        self._thread.start()
+        sock = self._adopt_fd(self.fd) if self.fd is not None else self._bind(self.socket_path)
+        self._http = HttpServer(sock, lambda request: handle(self.vmm, request), self.limits).start()
         log.info("api: serving on %s", self.socket_path or f"fd {self.fd}")
         return self
 
     def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop serving: no new connections, requests in progress get ``grace`` seconds to be
-        answered, idle connections are dropped, the thread is joined and the socket file removed.
+        answered, idle connections are dropped, the threads end and the socket file is removed.
         Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        server = self._server
-        if server is None:
+        if self._closed:
             return
-        server.shutdown()  # returns once serve_forever has left its loop
-        server.server_close()
+        self._closed = True
         self._unlink_socket()
-        me = threading.get_ident()
-        deadline = time.monotonic() + grace
-        with self._lock:
-            while any(n for tid, n in self._busy.items() if tid != me):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.warning("api: closing with requests still in progress")
-                    break
-                self._lock.wait(remaining)
-            connections = list(self._connections)
-        for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        with self._lock:
-            deadline = time.monotonic() + 1.0
-            while self._connections and not self._busy_elsewhere(me):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._lock.wait(remaining)
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
+        if self._http is not None:
+            self._http.close(grace)
 
     def __enter__(self) -> "ApiServer":
         return self.start()
@@ -539,6 +327,24 @@ class ApiServer:
         self.close()
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _bind(self, path: str) -> socket.socket:
+        self._remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # The socket inode's mode, set before bind, is what bind gives the file (less the
+            # umask): the file is never reachable by others, not even between bind and a chmod.
+            os.fchmod(sock.fileno(), 0o600)
+            sock.bind(path)
+            sock.listen(BACKLOG)
+            st = os.stat(path)
+            self._bound_inode = (st.st_dev, st.st_ino)
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise VmmError(f"API socket {path}: in use by another server") from e
+            raise VmmError(f"API socket {path}: {e.strerror or e}", e.errno) from e
+        return sock
 
     @staticmethod
     def _remove_stale_socket(path: str) -> None:
@@ -562,7 +368,7 @@ class ApiServer:
                 pass
             return
         except socket.timeout:
-            raise VmmError(f"API socket {path}: in use by another server (it does not answer)")
+            raise VmmError(f"API socket {path}: in use by another server (it does not answer)") from None
         except OSError as e:
             raise VmmError(f"API socket {path}: {e.strerror or e}", e.errno) from e
         finally:
@@ -579,7 +385,7 @@ class ApiServer:
             sock.detach()
             raise VmmError(f"API socket fd={fd}: not a Unix stream socket")
         try:
-            sock.listen(32)
+            sock.listen(BACKLOG)
         except OSError as e:
             sock.detach()
             raise VmmError(f"API socket fd={fd}: cannot listen: {e.strerror or e}", e.errno) from e
@@ -595,36 +401,3 @@ class ApiServer:
                 os.unlink(path)
         except OSError:
             pass
-
-    def _busy_elsewhere(self, me: int) -> bool:
-        return any(n for tid, n in self._busy.items() if tid != me)
-
-    def _connection_opened(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(conn)
-            closed = self._closed
-        if closed:  # raced with close(): refuse politely by hanging up
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def _connection_closed(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
-            self._lock.notify_all()
-
-    def _request_started(self) -> None:
-        tid = threading.get_ident()
-        with self._lock:
-            self._busy[tid] = self._busy.get(tid, 0) + 1
-
-    def _request_finished(self) -> None:
-        tid = threading.get_ident()
-        with self._lock:
-            left = self._busy.get(tid, 1) - 1
-            if left:
-                self._busy[tid] = left
-            else:
-                self._busy.pop(tid, None)
-            self._lock.notify_all()

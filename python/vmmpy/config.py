@@ -13,6 +13,7 @@ flag) and the offending value.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -541,6 +542,130 @@ def from_peer(body: Any, content: dict) -> VmConfig:
                                     "sha256); vmmpy never opens a host path it names")
         body["payload"] = payload
     return _parse_api_vm_config(body)
+
+
+# --------------------------------------------------------------------------------------------
+# Cloud Hypervisor's other request bodies
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestBody:
+    """How vmmpy reads one of Cloud Hypervisor's request bodies.
+
+    ``fields``: what vmmpy implements, name -> the JSON type it takes, or a tuple of enum values
+    (any capitalisation; passed on in lower case); these become keyword arguments of the Vmm
+    method. ``no_ops``: fields vmmpy takes with any value of the given type because it always does
+    what they ask (restore's ``prefault``: memory is read in whole). ``ch_defaults``: fields vmmpy
+    does not implement, accepted when they carry CH's default, because ch-remote serialises its
+    whole struct, defaults included; any other value asks for something vmmpy does not do and is
+    refused by name.
+    """
+
+    fields: dict[str, Any]
+    required: tuple[str, ...]
+    ch_defaults: dict[str, Any] = field(default_factory=dict)
+    no_ops: dict[str, Any] = field(default_factory=dict)
+
+
+# CH's defaults, as ch-remote sends them (api_client / vmm/src/api/mod.rs at CH 54):
+# send-migration: preserve_source=false (the source VM is torn down: what vmmpy does),
+#   memory_mode="Precopy";
+# receive-migration: memory_mode="Precopy", vfio_fds/iommufd_fd=null (no passthrough
+#   devices), zone_updates=[];
+# restore: memory_restore_mode="Copy" (memory read from the files), net_fds/vfio_fds/iommufd_fd=null,
+#   zone_updates=[].
+REQUEST_BODIES: dict[str, RequestBody] = {
+    "SendMigrationData": RequestBody(
+        fields={"destination_url": str, "local": bool, "downtime_ms": int, "timeout_s": int,
+                "timeout_strategy": ("cancel", "ignore"), "auto_converge": bool, "tls_dir": str,
+                "connections": int, "max_bandwidth": SIZE},
+        required=("destination_url",),
+        ch_defaults={"preserve_source": False, "memory_mode": "Precopy"},
+    ),
+    "ReceiveMigrationData": RequestBody(
+        fields={"receiver_url": str, "tls_dir": str},
+        required=("receiver_url",),
+        ch_defaults={"memory_mode": "Precopy", "vfio_fds": None, "iommufd_fd": None, "zone_updates": []},
+    ),
+    "VmSnapshotConfig": RequestBody(fields={"destination_url": str}, required=("destination_url",)),
+    "RestoreConfig": RequestBody(
+        fields={"source_url": str, "resume": bool},
+        required=("source_url",),
+        ch_defaults={"memory_restore_mode": "Copy", "net_fds": None, "vfio_fds": None, "iommufd_fd": None,
+                     "zone_updates": []},
+        no_ops={"prefault": bool},
+    ),
+}
+
+#: A size field: bytes as an integer, or a string with a K/M/G suffix (checked by its consumer).
+SIZE = "size"
+_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", SIZE: "an integer or a size string"}
+
+
+def _json_type_ok(value: Any, kind: Any) -> bool:
+    if kind is int:
+        return _is_int(value)
+    if kind is SIZE:
+        return _is_int(value) or isinstance(value, str)
+    return isinstance(value, kind)
+
+
+def read_request_body(name: str, body: Any) -> dict[str, Any]:
+    """The fields vmmpy implements from CH request body ``name`` (a key of
+    :data:`REQUEST_BODIES`), as keyword arguments; :class:`InvalidConfig` naming every field that
+    is unknown, of the wrong JSON type, or asks for what vmmpy does not do."""
+    spec = REQUEST_BODIES[name]
+    if not isinstance(body, dict):
+        raise InvalidConfig(f"{name} must be a JSON object, not {_json_kind(body)}")
+    out: dict[str, Any] = {}
+    unsupported: list[str] = []
+    problems: list[str] = []
+    for key, value in body.items():
+        if key in spec.fields and value is None:
+            continue  # JSON null: not set (CH's reading of null for optional fields)
+        if key in spec.fields:
+            kind = spec.fields[key]
+            if isinstance(kind, tuple):
+                if isinstance(value, str) and value.lower() in kind:
+                    out[key] = value.lower()
+                else:
+                    problems.append(f"{key}={_short(value)}: expected one of {', '.join(v.capitalize() for v in kind)}")
+            elif _json_type_ok(value, kind):
+                out[key] = value
+            else:
+                problems.append(f"{key}={_short(value)}: must be {_JSON_TYPE_NAMES[kind]}")
+        elif key in spec.no_ops:
+            if not _json_type_ok(value, spec.no_ops[key]):
+                problems.append(f"{key}={_short(value)}: must be {_JSON_TYPE_NAMES[spec.no_ops[key]]}")
+        elif key in spec.ch_defaults and _same(value, spec.ch_defaults[key]):
+            continue
+        else:
+            unsupported.append(key)
+    missing = [key for key in spec.required if key not in body]
+    message: list[str] = []
+    if unsupported:
+        message.append(f"unsupported {name} fields: {', '.join(sorted(unsupported))} "
+                       "(vmmpy accepts them only at Cloud Hypervisor's default value)")
+    if missing:
+        message.append(f"{name} needs {', '.join(missing)}")
+    message.extend(problems)
+    if message:
+        raise InvalidConfig("; ".join(message))
+    return out
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: JSON, cut short (a client's value can be large)."""
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 # --------------------------------------------------------------------------------------------

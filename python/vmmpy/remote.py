@@ -19,6 +19,7 @@ PROG = "vmmpy-remote"
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "ping": ("GET", "vmm.ping", "show the VMM's version and pid"),
     "info": ("GET", "vm.info", "show the VM's config and state"),
+    "counters": ("GET", "vm.counters", "show the VM's device counters"),
     "create": ("PUT", "vm.create", "create a VM from a Cloud Hypervisor VmConfig JSON file"),
     "boot": ("PUT", "vm.boot", "boot the created VM"),
     "pause": ("PUT", "vm.pause", "pause the running VM"),

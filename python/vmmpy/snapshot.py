@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidConfig
+from .errors import InvalidConfig, VmmError
 from .payload import PARTS, BootPayload, verify
 
 FORMAT_MAJOR = 1
@@ -146,6 +146,17 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+# A path that cannot be used as asked is the client's to fix (400); anything else (disk full, I/O
+# error, out of fds) is the host's failure (500). Both carry the errno and the path.
+_CLIENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EEXIST, errno.EACCES,
+                            errno.EPERM, errno.ENAMETOOLONG, errno.EROFS, errno.ENXIO})
+
+
+def io_error(what: str, e: OSError) -> VmmError:
+    cls = InvalidConfig if e.errno in _CLIENT_ERRNOS else VmmError
+    return cls(f"{what}: {e.strerror or e}", e.errno)
+
+
 class SnapshotDir:
     """A snapshot directory held open; its files are opened relative to it (the directory's own
     path is the caller's), created with O_EXCL and mode 0600, read only if they are regular files."""
@@ -157,7 +168,7 @@ class SnapshotDir:
                 path.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
-            raise InvalidConfig(f"snapshot {path}: {e.strerror}", e.errno) from None
+            raise io_error(f"snapshot {path}", e) from None
 
     def __enter__(self) -> "SnapshotDir":
         return self
@@ -165,8 +176,8 @@ class SnapshotDir:
     def __exit__(self, *exc) -> None:
         os.close(self.fd)
 
-    def _fail(self, name: str, e: OSError) -> InvalidConfig:
-        return InvalidConfig(f"snapshot {self.path}: {name}: {e.strerror}", e.errno)
+    def _fail(self, name: str, e: OSError) -> VmmError:
+        return io_error(f"snapshot {self.path}: {name}", e)
 
     def open_read(self, name: str) -> int:
         """An fd of the regular file `name` in the directory (the caller closes it)."""
@@ -232,9 +243,11 @@ class SnapshotDir:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except OSError as e:  # disk full, I/O error: the host's failure
+            raise self._fail(name, e) from None
         finally:
             os.close(fd)
-        os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
 
 def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm, payload: BootPayload) -> None:

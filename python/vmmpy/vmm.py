@@ -54,7 +54,12 @@ class VmState(str, enum.Enum):
     RUNNING = "Running"
     PAUSED = "Paused"
     SHUTDOWN = "Shutdown"
-    ERROR = "Error"
+    ERROR = "Error"  # a vCPU hit an exit vmmpy cannot handle; vm.info says Running plus the error
+
+    @property
+    def api(self) -> str:
+        """The state as Cloud Hypervisor's VmState enum spells it (vm.info)."""
+        return VmState.RUNNING.value if self is VmState.ERROR else self.value
 
 
 def _eventfd() -> int:
@@ -106,6 +111,9 @@ class Vmm(ReceiveHooks):
         # migrations and snapshots use these bytes, never a path again.
         self._payload: BootPayload | None = None
         self._state: VmState | None = None
+        # Why the last VM instance ended without being asked to (its rebuild on reboot failed):
+        # shown by vm.info until the next boot, shutdown or delete.
+        self._failure: dict | None = None
         # A guest request that arrived while paused (or whose migration failed ambiguously): carried
         # out on resume ("reset" or "shutdown").
         self._pending_on_resume: str | None = None
@@ -276,6 +284,7 @@ class Vmm(ReceiveHooks):
             raise
         self._vm, self._payload = vm, payload
         self._state = VmState.RUNNING
+        self._failure = None
         self.ownership = Ownership.OWNED
         self.boot_count += 1
 
@@ -295,7 +304,15 @@ class Vmm(ReceiveHooks):
     def _vm_reboot(self) -> None:
         self.events.emit("vm", "rebooting")
         self._destroy_vm()
-        self._build_and_boot()
+        try:
+            self._build_and_boot()
+        except Exception as e:
+            # As in Cloud Hypervisor the VM is gone and its config kept: state Created, from which
+            # boot (after fixing the cause), shutdown and delete work. The failure is reported.
+            self._state = VmState.CREATED
+            self._failure = {"during": "reboot", "message": str(e)}
+            self.events.emit("vm", "reboot-failed", {"error": str(e)})
+            raise VmmError(f"the VM could not be rebuilt for its reboot and is now Created: {e}") from e
         self.events.emit("vm", "rebooted")
 
     # ---- migration (control thread) ---------------------------------------------------------
@@ -472,8 +489,12 @@ class Vmm(ReceiveHooks):
             if self.ownership is Ownership.MIGRATION and self._info_cache is not None:
                 return self._info_cache  # the worker owns the VM: what it was when handed over
             self._require_vm()
-            info = {"config": self._config.to_api(), "state": self._state.value,
-                    "memory_actual_size": self._config.memory_bytes}
+            # `state` is always one of CH's VmState values; vmmpy's own detail (an unhandled vCPU
+            # exit, a failed reboot) is in `error`, with `vmmpy_state` naming vmmpy's state.
+            info = {"config": self._config.to_api(), "state": self._state.api,
+                    "vmmpy_state": self._state.value, "memory_actual_size": self._config.memory_bytes}
+            if self._failure is not None:
+                info["error"] = self._failure
             if self._vm is not None:
                 info["payload_kind"] = self._vm.payload_kind
                 info["vcpu_states"] = self._vm.vcpu_states()
@@ -524,14 +545,29 @@ class Vmm(ReceiveHooks):
         self._call(do)
 
     def shutdown(self) -> None:
+        """As Cloud Hypervisor: the VM instance goes, its config stays (state Created, boot starts
+        it again). After a failed reboot (no instance) it acknowledges the failure."""
         def do():
             self._require_owned()
+            if self._failure is not None and self._vm is None:
+                self._failure = None
+                return
             if self._state not in (VmState.RUNNING, VmState.PAUSED, VmState.ERROR):
                 raise InvalidState(f"cannot shut down a VM in state {self._state.value}")
             self._destroy_vm()
-            self._state = VmState.SHUTDOWN
+            self._state = VmState.CREATED
             self.events.emit("vm", "shutdown")
         self._call(do)
+
+    def counters(self) -> dict:
+        """Per-device counters, as CH's vm.counters; vmmpy's devices keep none: ``{}``."""
+        def do():
+            if self.ownership is Ownership.MIGRATION:
+                raise VmMigrating("the VM is being migrated")
+            if self._vm is None:
+                raise InvalidState("VM is not running")
+            return {}
+        return self._call(do)
 
     def delete(self) -> None:
         def do():
@@ -543,6 +579,7 @@ class Vmm(ReceiveHooks):
             self._config = None
             self._payload = None
             self._state = None
+            self._failure = None
             if had_vm:
                 self.events.emit("vm", "shutdown")
             self.events.emit("vm", "deleted")
