@@ -88,8 +88,15 @@ def _connect(path, timeout=20):
     return s
 
 
-def _open_fds():
-    return len(os.listdir("/proc/self/fd"))
+def _fds_to(memfd_name: str) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if f"memfd:{memfd_name}" in os.readlink(f"/proc/self/fd/{fd}"):
+                out.append(fd)
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def _wait(pred, what, timeout=30.0):
@@ -276,8 +283,8 @@ def test_unsealed_or_oversized_memfd_is_refused(receiver, seal):
 
 def test_memory_fd_flood_is_bounded_and_leaves_no_fd(receiver):
     vmm, path = receiver
-    before = _open_fds()
-    fd = os.memfd_create("peer", os.MFD_CLOEXEC)
+    name = f"peer-{os.getpid()}-{time.monotonic_ns()}"
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         s = _connect(path)
         _start(s, ["local"])
@@ -295,7 +302,9 @@ def test_memory_fd_flood_is_bounded_and_leaves_no_fd(receiver):
         s.close()
     finally:
         os.close(fd)
-    _wait(lambda: _open_fds() <= before, f"fds back to {before} (now {_open_fds()})")
+    # Every copy the receiver got is closed: no fd of this process refers to the peer's memfd
+    # (counted by name, so fds other tests' threads open or close meanwhile do not matter).
+    _wait(lambda: not _fds_to(name), f"fds to the peer's memfd closed (still {_fds_to(name)})")
 
 
 # ---- 5: one migration at a time; others hear "busy" at once ------------------------------------

@@ -40,12 +40,10 @@ outermost description to the root cause, e.g. ``["vm.pause failed", "VM is not r
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import socket
-import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -64,6 +62,7 @@ from vmmpy.errors import (
     VmNotCreated,
 )
 from vmmpy.httpserver import HttpServer, Limits, Reply, Request, error_reply
+from vmmpy import unix_socket
 
 log = logging.getLogger("vmmpy.api")
 
@@ -329,51 +328,10 @@ class ApiServer:
     # -- helpers ----------------------------------------------------------------------------
 
     def _bind(self, path: str) -> socket.socket:
-        self._remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            # The socket inode's mode, set before bind, is what bind gives the file (less the
-            # umask): the file is never reachable by others, not even between bind and a chmod.
-            os.fchmod(sock.fileno(), 0o600)
-            sock.bind(path)
-            sock.listen(BACKLOG)
-            st = os.stat(path)
-            self._bound_inode = (st.st_dev, st.st_ino)
-        except OSError as e:
-            sock.close()
-            if e.errno == errno.EADDRINUSE:
-                raise VmmError(f"API socket {path}: in use by another server") from e
-            raise VmmError(f"API socket {path}: {e.strerror or e}", e.errno) from e
+        sock = unix_socket.listen(path, BACKLOG, "API socket")
+        st = os.stat(path)
+        self._bound_inode = (st.st_dev, st.st_ino)
         return sock
-
-    @staticmethod
-    def _remove_stale_socket(path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            raise VmmError(f"API socket {path}: {e.strerror}", e.errno) from e
-        if not stat.S_ISSOCK(st.st_mode):
-            raise VmmError(f"API socket {path}: exists and is not a socket; not replacing it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            log.info("api: removing stale socket %s", path)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            return
-        except socket.timeout:
-            raise VmmError(f"API socket {path}: in use by another server (it does not answer)") from None
-        except OSError as e:
-            raise VmmError(f"API socket {path}: {e.strerror or e}", e.errno) from e
-        finally:
-            probe.close()
-        raise VmmError(f"API socket {path}: in use by another server")
 
     @staticmethod
     def _adopt_fd(fd: int) -> socket.socket:

@@ -1,12 +1,15 @@
-"""Listening Unix sockets that only their owner can connect to (serial console, migration).
+"""Listening Unix sockets that only their owner can connect to (API, serial console, migration).
 
 The socket's mode is set on the socket itself before bind (Linux creates the node with the
 socket inode's mode minus the umask), so there is no moment at which the node exists with the
-umask's looser mode, and no process-wide umask change races with other threads.
+umask's looser mode, and no process-wide umask change races with other threads. The socket is
+bound under a temporary name and renamed to its path once it listens: whoever sees the path can
+connect (a client polling for the file never meets a refused connection).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -17,24 +20,53 @@ MODE = 0o600
 
 
 def listen(path: str, backlog: int, what: str) -> socket.socket:
-    """A socket listening at `path` with mode 0600. A stale socket there is replaced; any other
-    kind of file is left alone and refused."""
+    """A socket listening at `path` with mode 0600. A stale socket there (nobody accepts on it)
+    is replaced; a live one, or any other kind of file, is left alone and refused."""
+    _remove_stale(path, what)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.fchmod(sock.fileno(), MODE)
+        try:
+            os.unlink(tmp)  # left by a crashed process with this pid
+        except FileNotFoundError:
+            pass
+        sock.bind(tmp)
+        sock.listen(backlog)
+        os.rename(tmp, path)
+    except OSError as e:
+        sock.close()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise InvalidConfig(f"{what} {path}: {e.strerror}", e.errno) from None
+    return sock
+
+
+def _remove_stale(path: str, what: str) -> None:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        pass
+        return
     except OSError as e:
         raise InvalidConfig(f"{what} {path}: {e.strerror}", e.errno) from None
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise InvalidConfig(f"{what} {path}: exists and is not a socket; vmmpy replaces only a stale socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InvalidConfig(f"{what} {path}: exists and is not a socket; vmmpy replaces only a stale socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
     try:
-        os.fchmod(sock.fileno(), MODE)
-        sock.bind(path)
-        sock.listen(backlog)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    except socket.timeout:
+        raise InvalidConfig(f"{what} {path}: in use by another server (it does not answer)") from None
     except OSError as e:
-        sock.close()
-        raise InvalidConfig(f"{what} {path}: {e.strerror}", e.errno) from None
-    return sock
+        raise InvalidConfig(f"{what} {path}: {e.strerror or e}", e.errno) from None
+    finally:
+        probe.close()
+    raise InvalidConfig(f"{what} {path}: in use by another server", errno.EADDRINUSE)
