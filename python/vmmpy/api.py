@@ -46,6 +46,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -79,6 +80,8 @@ MAX_CONNECTIONS = 64
 #: The listen backlog: clients that connect with a timeout (as curl does) all get an answer even
 #: when a hundred connect at once. The kernel caps it at net.core.somaxconn.
 BACKLOG = socket.SOMAXCONN
+#: sun_path's size on Linux, terminating NUL included.
+MAX_SOCKET_PATH = 108
 
 # The one exception → status table. Order matters: subclasses before their bases. None: the
 # endpoint's own wrong_state status.
@@ -330,13 +333,26 @@ class ApiServer:
 
     def _bind(self, path: str) -> socket.socket:
         self._remove_stale_socket(path)
+        # Bound and listening under a temporary name, then renamed: a client that sees the path
+        # can connect (no ECONNREFUSED between bind and listen). A path too long for a temporary
+        # name beside it is bound directly.
+        staging = os.path.join(os.path.dirname(path), f".vmmpy-api-{os.getpid()}-{threading.get_ident()}")
+        if len(os.fsencode(staging)) >= MAX_SOCKET_PATH:
+            staging = path
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # The socket inode's mode, set before bind, is what bind gives the file (less the
             # umask): the file is never reachable by others, not even between bind and a chmod.
             os.fchmod(sock.fileno(), 0o600)
-            sock.bind(path)
-            sock.listen(BACKLOG)
+            sock.bind(staging)
+            try:
+                sock.listen(BACKLOG)
+                if staging != path:
+                    os.rename(staging, path)
+            except OSError:
+                if staging != path:
+                    os.unlink(staging)
+                raise
             st = os.stat(path)
             self._bound_inode = (st.st_dev, st.st_ino)
         except OSError as e:
