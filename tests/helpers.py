@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -131,6 +132,17 @@ def raw_exchange(path: str, request: bytes, sock: socket.socket | None = None):
 def guest_answers(serial: SerialClient, text: str) -> None:
     """The guest echoes `text` (it runs and its console works)."""
     serial.command(f"echo {text}", f"{text}\r\n".encode(), timeout=20)
+
+
+def int3_elf() -> bytes:
+    """A minimal ELF64 kernel whose entry point is `int3` in CPL0: on kvm_pvm the VM goes to vmmpy's
+    Error state at once and stays there, spending no CPU."""
+    code = b"\xcc\xeb\xfe"
+    entry = 0x100000
+    ehdr = struct.pack("<4s5B7x2HI3QI6H", b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, entry, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<2I6Q", 1, 5, 0x1000, entry, entry, len(code), len(code), 0x1000)
+    image = ehdr + phdr
+    return image + b"\0" * (0x1000 - len(image)) + code
 
 
 class VmmProcess:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import guest_answers, raw_exchange
+from helpers import guest_answers, int3_elf, raw_exchange
 from migration_helpers import free_port
 
 MIB128 = 128 << 20
@@ -277,24 +277,12 @@ def test_bad_snapshot_paths_and_files_get_400(vmm_process, tmp_path):
     guest_answers(p.serial, "the source is untouched")
 
 
-def _int3_elf() -> bytes:
-    """A 64-bit ELF kernel whose first instruction is int3: on kvm_pvm the VM goes to vmmpy's
-    Error state at once and stays there (no CPU spent)."""
-    import struct
-
-    entry = 0x100000
-    ehdr = struct.pack("<4s5B7x2HI3QI6H", b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, entry, 64, 0, 0, 64, 56, 1, 0, 0, 0)
-    phdr = struct.pack("<2I6Q", 1, 5, 0x1000, entry, entry, 3, 3, 0x1000)
-    image = ehdr + phdr
-    return image + b"\0" * (0x1000 - len(image)) + b"\xcc\xeb\xfe"
-
-
 @pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"),
                     reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0); hardware KVM delivers "
                            "the exception instead")
 def test_failed_reboot_leaves_a_reported_state_from_which_the_vmm_recovers(vmm_process, tmp_path):
     kernel = tmp_path / "kernel.elf"
-    kernel.write_bytes(_int3_elf())
+    kernel.write_bytes(int3_elf())
     p = vmm_process()
     config = {"cpus": {"boot_vcpus": 1}, "memory": {"size": 64 << 20}, "payload": {"kernel": str(kernel)}}
     assert p.api.request("PUT", "vm.create", config)[0] == 204

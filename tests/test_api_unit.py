@@ -419,6 +419,17 @@ def test_json_depth_check_ignores_brackets_in_strings():
     assert json_depth_exceeds(b"[[[[", 3) and not json_depth_exceeds(b"[[[]]]", 3)
 
 
+def test_socket_appears_only_when_listening_and_nothing_else_is_left(sockdir):
+    path = os.path.join(sockdir, "staged.sock")
+    server = ApiServer(RecordingVmm(), path).start()
+    try:
+        assert os.listdir(sockdir) == ["staged.sock"]  # bound under another name, renamed once listening
+        assert ApiClient(path).ping()[0] == 200
+    finally:
+        server.close()
+    assert os.listdir(sockdir) == []
+
+
 def test_api_socket_is_owner_only_whatever_the_umask(sockdir):
     path = os.path.join(sockdir, "umask.sock")
     old = os.umask(0)

@@ -1,14 +1,13 @@
 """Guest-initiated reboot and power-off, parked vCPUs, and unhandled exits, on real KVM."""
 
 import os
-import struct
 import time
 
 import pytest
 
 from vmmpy import _native
 
-from helpers import SerialClient
+from helpers import SerialClient, int3_elf
 
 
 @pytest.mark.parametrize("method", ["acpi", "kbd", "cmos", "triple"])
@@ -148,16 +147,6 @@ def test_reset_requested_while_pausing_happens_on_resume(guest_vmm):
     assert len(vmm.events.events("vm.rebooted")) == 1
 
 
-def _int3_elf() -> bytes:
-    """A minimal ELF64 whose entry point is `int3` in CPL0."""
-    code = b"\xcc\xeb\xfe"
-    entry = 0x100000
-    ehdr = struct.pack("<4s5B7x2HI3QI6H", b"\x7fELF", 2, 1, 1, 0, 0, 2, 0x3E, 1, entry, 64, 0, 0, 64, 56, 1, 0, 0, 0)
-    phdr = struct.pack("<2I6Q", 1, 5, 0x1000, entry, entry, len(code), len(code), 0x1000)
-    image = ehdr + phdr
-    return image + b"\0" * (0x1000 - len(image)) + code
-
-
 @pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"),
                     reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0, see shared/KVM_HERE.md); "
                            "hardware KVM delivers the exception instead")
@@ -166,7 +155,7 @@ def test_unhandled_exit_is_an_error_state_not_a_crash(tmp_path):
     from vmmpy.config import VmConfig
 
     kernel = tmp_path / "int3.elf"
-    kernel.write_bytes(_int3_elf())
+    kernel.write_bytes(int3_elf())
     with Vmm() as vmm:
         vmm.create(VmConfig(memory_mib=64, vcpus=1, kernel=str(kernel)))
         vmm.boot()

@@ -17,6 +17,7 @@ import stat
 from .errors import InvalidConfig
 
 MODE = 0o600
+MAX_PATH = 108  # sun_path, NUL included
 
 
 def listen(path: str, backlog: int, what: str) -> socket.socket:
@@ -25,6 +26,8 @@ def listen(path: str, backlog: int, what: str) -> socket.socket:
     _remove_stale(path, what)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = f"{path}.{os.getpid()}.tmp"
+    if len(os.fsencode(tmp)) >= MAX_PATH:
+        tmp = path  # no room for a temporary name beside it: bound where it is
     try:
         os.fchmod(sock.fileno(), MODE)
         try:
@@ -33,13 +36,15 @@ def listen(path: str, backlog: int, what: str) -> socket.socket:
             pass
         sock.bind(tmp)
         sock.listen(backlog)
-        os.rename(tmp, path)
+        if tmp != path:
+            os.rename(tmp, path)
     except OSError as e:
         sock.close()
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        if tmp != path:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
         raise InvalidConfig(f"{what} {path}: {e.strerror}", e.errno) from None
     return sock
 
