@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM, NONCE_LEN};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM, AES_256_GCM, NONCE_LEN};
 use rustls::client::{ClientConfig, ClientConnectionData, UnbufferedClientConnection};
 use rustls::crypto::{ring as ring_provider, CryptoProvider};
 use rustls::kernel::KernelConnection;
@@ -642,6 +642,69 @@ impl TlsStream {
         Ok(())
     }
 
+    /// With nothing buffered and room in the caller's buffer for a full record: reads the next
+    /// record's ciphertext straight into `dst` (content and inner type) and decrypts it there,
+    /// sparing the copy out of the read buffer; its header and tag go to small buffers. Returns
+    /// the content bytes now at the front of `dst`. Any other record (shorter, not application
+    /// data) is moved to the read buffer and taken the usual way (returns 0): `dst`'s bytes
+    /// after what is returned are scratch, the caller's later bytes overwrite them.
+    fn read_record_into(&mut self, dst: &mut [u8]) -> Result<usize> {
+        const FULL: usize = RECORD_PLAIN + 1 + TAG;
+        let (mut head, mut tag) = ([0u8; RECORD_HEADER], [0u8; TAG]);
+        let fd = self.fd();
+        let mut got = 0;
+        while got < RECORD_HEADER + FULL {
+            let parts = [(head.as_mut_ptr(), RECORD_HEADER), (dst.as_mut_ptr(), dst.len()), (tag.as_mut_ptr(), TAG)];
+            let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 3];
+            let (mut cnt, mut skip) = (0, got);
+            for (base, len) in parts {
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                // SAFETY: skip < len, inside the buffer.
+                iovs[cnt] = libc::iovec { iov_base: unsafe { base.add(skip) }.cast(), iov_len: len - skip };
+                (cnt, skip) = (cnt + 1, 0);
+            }
+            // SAFETY: the iovecs describe our own writable buffers and the caller's `dst`.
+            let n = unsafe { libc::readv(fd, iovs.as_ptr(), cnt as libc::c_int) };
+            if n < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => {
+                        would_block(fd, libc::POLLIN, "receiving over TLS")?;
+                        continue;
+                    }
+                    _ => return Err(Error::io(Kind::Migration, "receiving over TLS", io::Error::last_os_error())),
+                }
+            }
+            if n == 0 {
+                return Err(Error::new(Kind::Migration, "the migration peer closed the TLS connection"));
+            }
+            got += n as usize;
+            if got >= RECORD_HEADER && head != [APPLICATION_DATA, 3, 3, (FULL >> 8) as u8, FULL as u8] {
+                // Not a full record: what came goes to the read buffer, in stream order.
+                let body = (got - RECORD_HEADER).min(dst.len());
+                let rest = got - RECORD_HEADER - body;
+                self.inbuf[..RECORD_HEADER].copy_from_slice(&head);
+                self.inbuf[RECORD_HEADER..RECORD_HEADER + body].copy_from_slice(&dst[..body]);
+                self.inbuf[RECORD_HEADER + body..got].copy_from_slice(&tag[..rest]);
+                (self.in_pos, self.in_end) = (0, got);
+                return Ok(0);
+            }
+        }
+        let nonce = self.rx.next_nonce();
+        let inner = self
+            .rx
+            .key
+            .open_in_place_separate_tag(nonce, Aad::from(head), Tag::from(tag), dst, 0..)
+            .map_err(|_| record_err("bad record MAC (corrupted or forged)"))?;
+        match inner.iter().rposition(|&b| b != 0) {
+            Some(t) if inner[t] == APPLICATION_DATA => Ok(t),
+            _ => Err(record_err("a full-size record that is not application data")),
+        }
+    }
+
     /// Fills all of `buf` with decrypted bytes.
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
         let mut got = 0;
@@ -654,7 +717,11 @@ impl TlsStream {
         while got < buf.len() {
             let (start, end) = self.plain;
             if start == end {
-                self.next_record()?;
+                if self.in_pos == self.in_end && buf.len() - got > RECORD_PLAIN {
+                    got += self.read_record_into(&mut buf[got..got + RECORD_PLAIN + 1])?;
+                } else {
+                    self.next_record()?;
+                }
                 continue;
             }
             let n = (end - start).min(buf.len() - got);
@@ -860,6 +927,19 @@ pub mod tests {
         // SAFETY: shutdown of our own socket; the feeder then stops on EPIPE.
         unsafe { libc::shutdown(s.fd(), libc::SHUT_RDWR) };
         feeder.join().unwrap();
+        // A flipped bit in a record read straight into the caller's buffer: refused the same way.
+        c.write_all(&msg).unwrap();
+        let mut bytes = ciphertext(&mut raw, wire);
+        bytes[RECORD_HEADER + 5000] ^= 1;
+        let feeder = trickle(&mut s, bytes);
+        let e = s.read_exact(&mut got).unwrap_err();
+        assert_eq!(e.errno, Some(libc::EBADMSG), "{}", e.message);
+        // SAFETY: as above.
+        unsafe { libc::shutdown(s.fd(), libc::SHUT_RDWR) };
+        feeder.join().unwrap();
+        let (c2, s2) = handshake(&a, &a, "127.0.0.1");
+        (c, s) = (c2.unwrap(), s2.unwrap());
+        raw = std::net::TcpStream::from(s.sock.try_clone().unwrap());
         // A stream that ends inside a record is an error too.
         c.write_all(&msg[..100]).unwrap();
         let bytes = ciphertext(&mut raw, 100 + RECORD_HEADER + 1 + TAG);
