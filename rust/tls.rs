@@ -6,9 +6,9 @@
 //! CA; the source also checks that the destination's certificate names the host of its URL.
 //!
 //! A `TlsStream` owns a migration socket (its own duplicate) and the session on it. All bytes of
-//! the connection pass through it: the small control messages and the Memory frames, which
-//! rust/transfer.rs encrypts straight from guest memory into rustls's records and decrypts into
-//! guest memory. The socket stays blocking with SO_SNDTIMEO / SO_RCVTIMEO as the plaintext path
+//! the connection pass through it: the small control messages and the Memory frames. rustls runs
+//! the handshake and every peer check; the TLS 1.3 record layer after it is TlsStream's own, with
+//! the secrets rustls hands over (see `TlsStream`). The socket stays blocking with SO_SNDTIMEO / SO_RCVTIMEO as the plaintext path
 //! has them; only the handshake has its own deadline.
 
 use std::io::{self, Read, Write};

@@ -7,8 +7,8 @@
 //! mapping). Receiver: `recv_memory` reads and validates the whole table before it touches guest
 //! memory, then zeroes the ZERO ranges and reads the rest with `readv` straight into the mapping.
 //!
-//! Over TLS (`Link::Tls`) the same iovecs are encrypted from guest memory into rustls's records
-//! and decrypted into guest memory: no bounce buffer, no call per page. A `Pacer` caps and measures
+//! Over TLS (`Link::Tls`) the same iovecs are sealed into TLS records copied once out of guest
+//! memory, and full records are read and opened in guest memory (rust/tls.rs): no call per page. A `Pacer` caps and measures
 //! the send rate (`max_bandwidth`); writes are cut to its slice size.
 //!
 //! Both block until the frame is done. On a blocking socket, SO_SNDTIMEO / SO_RCVTIMEO bound each
