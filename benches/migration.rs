@@ -443,7 +443,9 @@ fn migration_bench_write_size() {
 }
 
 /// Plaintext vs mutual TLS for the page path alone: 512 MiB of non-zero pages from one GuestRam
-/// into another over TCP loopback with send_memory / recv_memory, alternating runs.
+/// into another over TCP loopback with send_memory / recv_memory, a warm-up run, then 7 runs of
+/// each mode alternating; medians. Measured on the loaded 2-core development host: 0.39-0.49
+/// (docs/tls.md "Throughput"; the target 0.7 is not met on this path yet).
 #[test]
 #[ignore]
 fn migration_bench_tls_vs_plaintext() {
@@ -498,12 +500,41 @@ fn migration_bench_tls_vs_plaintext() {
         assert_eq!(total, size);
         size as f64 / t0.elapsed().as_secs_f64() / 1e9
     };
+    run(false); // warm-up: the destination's RAM gets its pages
     let (mut plain, mut tls) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
+    for _ in 0..7 {
         plain.push(run(false));
         tls.push(run(true));
     }
     let (p, t) = (median(plain.clone()), median(tls.clone()));
     println!("512 MiB over TCP loopback: plaintext {p:.2} GB/s {plain:.2?}, TLS {t:.2} GB/s {tls:.2?}: ratio {:.3} (target >= 0.7)", t / p);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The record layer's floor: copying 16 KiB records out of a 64 MiB buffer alone, and copying
+/// plus sealing them with ring's AES-128-GCM (what TlsStream does per record on the sender).
+#[test]
+#[ignore]
+fn migration_bench_aead_floor() {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).unwrap());
+    let src = vec![5u8; 64 << 20];
+    let mut rec = vec![0u8; 16 << 10];
+    for round in 0..3 {
+        let t0 = Instant::now();
+        for (i, c) in src.chunks(16 << 10).enumerate() {
+            rec.copy_from_slice(c);
+            let mut n = [0u8; 12];
+            n[4..].copy_from_slice(&(i as u64 + round * 10000).to_be_bytes());
+            let _ = std::hint::black_box(key.seal_in_place_separate_tag(Nonce::assume_unique_for_key(n), Aad::from([0u8; 5]), &mut rec).unwrap());
+        }
+        let seal = t0.elapsed();
+        let t0 = Instant::now();
+        for c in src.chunks(16 << 10) {
+            rec.copy_from_slice(c);
+            std::hint::black_box(&mut rec);
+        }
+        let copy = t0.elapsed();
+        println!("64 MiB: copy+seal {:.2} GB/s, copy alone {:.2} GB/s", 64.0 * 1.048576e-3 / seal.as_secs_f64(), 64.0 * 1.048576e-3 / copy.as_secs_f64());
+    }
 }

@@ -6,9 +6,9 @@
 //! CA; the source also checks that the destination's certificate names the host of its URL.
 //!
 //! A `TlsStream` owns a migration socket (its own duplicate) and the session on it. All bytes of
-//! the connection pass through it: the small control messages and the Memory frames, which
-//! rust/transfer.rs encrypts straight from guest memory into rustls's records and decrypts into
-//! guest memory. The socket stays blocking with SO_SNDTIMEO / SO_RCVTIMEO as the plaintext path
+//! the connection pass through it: the small control messages and the Memory frames. rustls runs
+//! the handshake and every peer check; the TLS 1.3 record layer after it is TlsStream's own, with
+//! the secrets rustls hands over (see `TlsStream`). The socket stays blocking with SO_SNDTIMEO / SO_RCVTIMEO as the plaintext path
 //! has them; only the handshake has its own deadline.
 
 use std::io::{self, Read, Write};
@@ -17,12 +17,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::client::ClientConfig;
-use rustls::crypto::{ring, CryptoProvider};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM, AES_256_GCM, NONCE_LEN};
+use rustls::client::{ClientConfig, ClientConnectionData, UnbufferedClientConnection};
+use rustls::crypto::{ring as ring_provider, CryptoProvider};
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{ServerConfig, WebPkiClientVerifier};
-use rustls::{ClientConnection, Connection, RootCertStore, ServerConnection};
+use rustls::server::{ServerConfig, ServerConnectionData, UnbufferedServerConnection, WebPkiClientVerifier};
+use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, RootCertStore};
 
 use crate::error::{Error, Kind, Result};
 use crate::transfer::would_block;
@@ -33,12 +36,25 @@ pub const CLIENT_KEY: &str = "client-key.pem";
 pub const SERVER_CERT: &str = "server-cert.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 
-/// Plaintext bytes handed to rustls at once; what it encrypts is then written out before more.
-const WRITE_PIECE: usize = 1 << 20;
-/// Encrypted bytes rustls may hold: one piece and its record overhead fit.
-const SEND_BUFFER: usize = 2 * WRITE_PIECE;
-/// Socket bytes read ahead of rustls per read call (rustls itself asks for at most one record).
-const READ_AHEAD: usize = 1 << 20;
+/// Ciphertext buffer of a connection: records are built in it and sent in one call when it is full.
+const SEND_BUFFER: usize = 128 << 10;
+/// Socket bytes read ahead per read call; records are decrypted in place in this buffer.
+const READ_AHEAD: usize = 128 << 10;
+/// Handshake messages are small; a peer sending more than this before the handshake ends is refused.
+const HANDSHAKE_BUFFER: usize = 64 << 10;
+
+// TLS 1.3 record layer (RFC 8446 section 5).
+const RECORD_HEADER: usize = 5;
+const TAG: usize = 16;
+/// Largest plaintext of one record (2^14).
+const RECORD_PLAIN: usize = 1 << 14;
+/// Largest ciphertext of one record (2^14 + 256).
+const RECORD_CIPHER: usize = RECORD_PLAIN + 256;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const APPLICATION_DATA: u8 = 23;
+const NEW_SESSION_TICKET: u8 = 4;
+const KEY_UPDATE: u8 = 24;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -67,8 +83,8 @@ fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// AES-128-GCM first (the fastest with AES-NI), then AES-256-GCM; TLS 1.3 only.
 fn provider() -> Arc<CryptoProvider> {
-    let mut p = ring::default_provider();
-    p.cipher_suites = vec![ring::cipher_suite::TLS13_AES_128_GCM_SHA256, ring::cipher_suite::TLS13_AES_256_GCM_SHA384];
+    let mut p = ring_provider::default_provider();
+    p.cipher_suites = vec![ring_provider::cipher_suite::TLS13_AES_128_GCM_SHA256, ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384];
     Arc::new(p)
 }
 
@@ -106,12 +122,13 @@ impl TlsContext {
         let builder = |what| bad_dir(dir, what);
         let config = match role {
             Role::Client => {
-                let c = ClientConfig::builder_with_provider(provider)
+                let mut c = ClientConfig::builder_with_provider(provider)
                     .with_protocol_versions(&[&rustls::version::TLS13])
                     .map_err(builder)?
                     .with_root_certificates(roots)
                     .with_client_auth_cert(certs(dir, CLIENT_CERT)?, key(dir, CLIENT_KEY)?)
                     .map_err(|e| bad_dir(dir, format!("{CLIENT_CERT} / {CLIENT_KEY}: {e}")))?;
+                c.enable_secret_extraction = true; // TlsStream's record layer takes over after the handshake
                 Config::Client(Arc::new(c))
             }
             Role::Server => {
@@ -125,6 +142,7 @@ impl TlsContext {
                     .with_single_cert(certs(dir, SERVER_CERT)?, key(dir, SERVER_KEY)?)
                     .map_err(|e| bad_dir(dir, format!("{SERVER_CERT} / {SERVER_KEY}: {e}")))?;
                 c.send_tls13_tickets = 0; // every connection is a full, mutually checked handshake
+                c.enable_secret_extraction = true;
                 Config::Server(Arc::new(c))
             }
         };
@@ -134,18 +152,19 @@ impl TlsContext {
     /// Runs the handshake on `sock` (taking it over) within `timeout`. A client checks that the
     /// server's certificate names `server_name` (a DNS name or an IP address).
     pub fn handshake(&self, sock: OwnedFd, server_name: &str, timeout: Duration) -> Result<TlsStream> {
-        let conn: Connection = match &self.config {
+        let deadline = Instant::now() + timeout;
+        match &self.config {
             Config::Client(c) => {
                 let name = ServerName::try_from(server_name.to_owned())
                     .map_err(|e| Error::new(Kind::InvalidConfig, format!("TLS server name {server_name:?}: {e}")))?;
-                ClientConnection::new(c.clone(), name).map_err(|e| tls_err("session", e))?.into()
+                let conn = UnbufferedClientConnection::new(c.clone(), name).map_err(|e| tls_err("session", e))?;
+                drive_handshake(conn, sock, deadline)
             }
-            Config::Server(c) => ServerConnection::new(c.clone()).map_err(|e| tls_err("session", e))?.into(),
-        };
-        let mut s = TlsStream { conn, sock, inbuf: vec![0; READ_AHEAD].into_boxed_slice(), in_pos: 0, in_end: 0 };
-        s.conn.set_buffer_limit(Some(SEND_BUFFER));
-        s.handshake(Instant::now() + timeout)?;
-        Ok(s)
+            Config::Server(c) => {
+                let conn = UnbufferedServerConnection::new(c.clone()).map_err(|e| tls_err("session", e))?;
+                drive_handshake(conn, sock, deadline)
+            }
+        }
     }
 }
 
@@ -165,17 +184,8 @@ impl Read for Fd {
 
 impl Write for Fd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_vectored(&[io::IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        // IoSlice is guaranteed ABI compatible with iovec.
-        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len() as _;
-        // SAFETY: the iovecs describe live, readable buffers; MSG_NOSIGNAL: EPIPE, never SIGPIPE.
-        let n = unsafe { libc::sendmsg(self.0, &msg, libc::MSG_NOSIGNAL) };
+        // SAFETY: `buf` is valid for reads of its length; MSG_NOSIGNAL: EPIPE, never SIGPIPE.
+        let n = unsafe { libc::send(self.0, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -185,15 +195,6 @@ impl Write for Fd {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
-}
-
-pub struct TlsStream {
-    conn: Connection,
-    sock: OwnedFd,
-    /// Socket bytes read but not yet taken by rustls: `inbuf[in_pos..in_end]`.
-    inbuf: Box<[u8]>,
-    in_pos: usize,
-    in_end: usize,
 }
 
 /// Waits up to `deadline` for `events` on `fd`.
@@ -215,102 +216,518 @@ fn poll_until(fd: RawFd, events: libc::c_short, deadline: Instant, what: &str) -
     }
 }
 
+/// Sends all of `data` during the handshake, each wait bounded by `deadline`.
+fn send_by(fd: RawFd, mut data: &[u8], deadline: Instant) -> Result<()> {
+    while !data.is_empty() {
+        poll_until(fd, libc::POLLOUT, deadline, "sending")?;
+        match Fd(fd).write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+            Err(e) => return Err(Error::io(Kind::Migration, "TLS handshake", e)),
+        }
+    }
+    Ok(())
+}
+
+/// The session after the handshake: rustls computes the next traffic secrets of a KeyUpdate.
+enum Kernel {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl Kernel {
+    fn update_tx(&mut self) -> std::result::Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_tx_secret(),
+            Kernel::Server(k) => k.update_tx_secret(),
+        }
+    }
+
+    fn update_rx(&mut self) -> std::result::Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match self {
+            Kernel::Client(k) => k.update_rx_secret(),
+            Kernel::Server(k) => k.update_rx_secret(),
+        }
+    }
+
+    /// Records one key may protect (the suite's confidentiality limit).
+    fn record_limit(&self) -> u64 {
+        let suite = match self {
+            Kernel::Client(k) => k.negotiated_cipher_suite(),
+            Kernel::Server(k) => k.negotiated_cipher_suite(),
+        };
+        suite.tls13().map_or(1 << 23, |s| s.common.confidentiality_limit)
+    }
+}
+
+/// The client and server unbuffered connections, for the one handshake loop.
+trait Handshaking {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn handshaking(&self) -> bool;
+    fn into_kernel(self) -> std::result::Result<(ExtractedSecrets, Kernel), rustls::Error>;
+}
+
+impl Handshaking for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn handshaking(&self) -> bool {
+        self.is_handshaking()
+    }
+    fn into_kernel(self) -> std::result::Result<(ExtractedSecrets, Kernel), rustls::Error> {
+        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Client(k)))
+    }
+}
+
+impl Handshaking for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn handshaking(&self) -> bool {
+        self.is_handshaking()
+    }
+    fn into_kernel(self) -> std::result::Result<(ExtractedSecrets, Kernel), rustls::Error> {
+        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Server(k)))
+    }
+}
+
+/// What the handshake loop does after rustls has told its state.
+enum Step {
+    Again,
+    Read,
+    /// rustls would take application data: done once the handshake is.
+    Ready,
+    Fail(Error),
+}
+
+/// Runs rustls's handshake (certificates, peer checks: all rustls) until both sides have finished,
+/// then takes the traffic secrets for the record layer of `TlsStream`. Bytes that came behind the
+/// peer's Finished stay in the read buffer (undecrypted) or in `early` (application data rustls
+/// decrypted already).
+fn drive_handshake<H: Handshaking>(mut conn: H, sock: OwnedFd, deadline: Instant) -> Result<TlsStream> {
+    let fd = sock.as_raw_fd();
+    let mut inbuf = vec![0u8; READ_AHEAD].into_boxed_slice();
+    let mut in_end = 0;
+    let mut out = vec![0u8; HANDSHAKE_BUFFER];
+    let mut out_len = 0;
+    let mut early = Vec::new();
+    loop {
+        let UnbufferedStatus { discard, state } = conn.process(&mut inbuf[..in_end]);
+        let step = match state {
+            Err(e) => Step::Fail(tls_err("refused the connection", e)),
+            Ok(ConnectionState::EncodeTlsData(mut d)) => match d.encode(&mut out[out_len..]) {
+                Ok(n) => {
+                    out_len += n;
+                    Step::Again
+                }
+                Err(e) => Step::Fail(tls_err("handshake", format!("{e:?}"))),
+            },
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                send_by(fd, &out[..out_len], deadline)?;
+                out_len = 0;
+                t.done();
+                Step::Again
+            }
+            Ok(ConnectionState::ReadTraffic(mut r)) => {
+                while let Some(rec) = r.next_record() {
+                    match rec {
+                        Ok(rec) => early.extend_from_slice(rec.payload),
+                        Err(e) => return Err(tls_err("receiving", e)),
+                    }
+                }
+                Step::Again
+            }
+            Ok(ConnectionState::BlockedHandshake) => Step::Read,
+            Ok(ConnectionState::WriteTraffic(_)) => Step::Ready,
+            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
+                Step::Fail(Error::new(Kind::Migration, "the migration peer closed the connection during the TLS handshake"))
+            }
+            Ok(other) => Step::Fail(tls_err("handshake", format!("unexpected state {other:?}"))),
+        };
+        inbuf.copy_within(discard..in_end, 0);
+        in_end -= discard;
+        match step {
+            Step::Again => {}
+            // A TLS 1.3 server may send once its Finished is out, but the client's certificate is
+            // checked only with the client's Finished: until then, read on.
+            Step::Ready if !conn.handshaking() => break,
+            Step::Read | Step::Ready => {
+                if in_end == inbuf.len() {
+                    return Err(tls_err("handshake", "the peer sent more than a handshake"));
+                }
+                poll_until(fd, libc::POLLIN, deadline, "waiting for the peer")?;
+                match Fd(fd).read(&mut inbuf[in_end..]) {
+                    Ok(0) => return Err(Error::new(Kind::Migration, "the migration peer closed the connection during the TLS handshake")),
+                    Ok(n) => in_end += n,
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
+                    Err(e) => return Err(Error::io(Kind::Migration, "TLS handshake", e)),
+                }
+            }
+            Step::Fail(e) => {
+                send_alert(&mut conn, fd);
+                return Err(e);
+            }
+        }
+    }
+    let (secrets, kernel) = conn.into_kernel().map_err(|e| tls_err("handshake", e))?;
+    let key_update_at = kernel.record_limit();
+    Ok(TlsStream {
+        sock,
+        kernel,
+        tx: Keys::new(secrets.tx)?,
+        rx: Keys::new(secrets.rx)?,
+        key_update_at,
+        update_requested: false,
+        out: Vec::with_capacity(SEND_BUFFER),
+        inbuf,
+        in_pos: 0,
+        in_end,
+        plain: (0, 0),
+        early,
+        early_pos: 0,
+    })
+}
+
+/// After a failed handshake: the alert rustls queued, telling the peer why (best effort, short).
+fn send_alert<H: Handshaking>(conn: &mut H, fd: RawFd) {
+    let mut buf = [0u8; 64];
+    if let Ok(ConnectionState::EncodeTlsData(mut d)) = conn.process(&mut []).state {
+        if let Ok(n) = d.encode(&mut buf) {
+            let _ = send_by(fd, &buf[..n], Instant::now() + Duration::from_millis(200));
+        }
+    }
+}
+
+/// One direction's AEAD key, IV and record sequence number (RFC 8446 section 5.3).
+struct Keys {
+    key: LessSafeKey,
+    iv: [u8; NONCE_LEN],
+    seq: u64,
+}
+
+impl Keys {
+    fn new((seq, secrets): (u64, ConnectionTrafficSecrets)) -> Result<Self> {
+        let (alg, key, iv) = match &secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
+            _ => return Err(tls_err("handshake", "the peer chose a cipher suite that is not offered")),
+        };
+        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| tls_err("handshake", "bad traffic key"))?;
+        let iv = iv.as_ref().try_into().map_err(|_| tls_err("handshake", "bad traffic IV"))?;
+        Ok(Keys { key: LessSafeKey::new(key), iv, seq })
+    }
+
+    /// The per-record nonce: the IV xor the sequence number; the number then moves on.
+    fn next_nonce(&mut self) -> Nonce {
+        let mut n = self.iv;
+        for (b, s) in n[NONCE_LEN - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        self.seq += 1;
+        Nonce::assume_unique_for_key(n)
+    }
+}
+
+/// A migration connection after its mutual TLS handshake. rustls ran the handshake (and checked
+/// the peer); the TLS 1.3 record layer is done here, so records are built straight from the
+/// caller's buffers (guest memory) into one send buffer and decrypted in place in the read
+/// buffer: one copy each way instead of rustls's three on the receiving side. KeyUpdates go both
+/// ways with rustls computing the secrets; a rustls peer reads what this writes and vice versa.
+pub struct TlsStream {
+    sock: OwnedFd,
+    kernel: Kernel,
+    tx: Keys,
+    rx: Keys,
+    /// Sequence number at which the sending key is replaced (a KeyUpdate is sent first).
+    key_update_at: u64,
+    /// The peer's KeyUpdate asked for ours: sent before the next record.
+    update_requested: bool,
+    /// Records built but not yet sent.
+    out: Vec<u8>,
+    /// Socket bytes: `inbuf[in_pos..in_end]` not yet decrypted; `inbuf[plain.0..plain.1]` the
+    /// decrypted, not yet taken content of the last record.
+    inbuf: Box<[u8]>,
+    in_pos: usize,
+    in_end: usize,
+    plain: (usize, usize),
+    /// Application data rustls decrypted during the handshake, taken first.
+    early: Vec<u8>,
+    early_pos: usize,
+}
+
+fn record_err(what: impl std::fmt::Display) -> Error {
+    Error { kind: Kind::Migration, message: format!("TLS record: {what}"), errno: Some(libc::EBADMSG) }
+}
+
 impl TlsStream {
     pub fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
 
-    fn handshake(&mut self, deadline: Instant) -> Result<()> {
-        let fd = self.fd();
-        while self.conn.is_handshaking() {
-            if self.conn.wants_write() {
-                poll_until(fd, libc::POLLOUT, deadline, "sending")?;
-                self.write_tls()?;
-            } else {
-                poll_until(fd, libc::POLLIN, deadline, "waiting for the peer")?;
-                self.fill().map_err(|e| Error { message: format!("TLS handshake: {}", e.message), ..e })?;
-            }
-        }
-        while self.conn.wants_write() {
-            poll_until(fd, libc::POLLOUT, deadline, "sending")?;
-            self.write_tls()?;
-        }
+    /// Encrypts `content` (the rest of `out` from `start + RECORD_HEADER`) as one record of
+    /// inner type `typ`.
+    fn seal(&mut self, start: usize, typ: u8) -> Result<()> {
+        self.out.push(typ);
+        let len = self.out.len() - start - RECORD_HEADER + TAG;
+        self.out[start..start + RECORD_HEADER].copy_from_slice(&[APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8]);
+        let aad: [u8; RECORD_HEADER] = self.out[start..start + RECORD_HEADER].try_into().unwrap();
+        let nonce = self.tx.next_nonce();
+        let tag = self
+            .tx
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut self.out[start + RECORD_HEADER..])
+            .map_err(|_| tls_err("encrypt", "AEAD failure"))?;
+        self.out.extend_from_slice(tag.as_ref());
         Ok(())
     }
 
-    /// One write of queued TLS records.
-    fn write_tls(&mut self) -> Result<()> {
-        let fd = self.fd();
-        match self.conn.write_tls(&mut Fd(fd)) {
-            Ok(_) => Ok(()),
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EINTR) => Ok(()),
-                Some(libc::EAGAIN) => would_block(fd, libc::POLLOUT, "sending over TLS"),
-                _ => Err(Error::io(Kind::Migration, "sending over TLS", e)),
-            },
-        }
-    }
-
-    /// Writes out every queued TLS record.
-    fn flush(&mut self) -> Result<()> {
-        while self.conn.wants_write() {
-            self.write_tls()?;
-        }
+    /// A KeyUpdate under the current key, then the next key (from rustls) for what follows.
+    fn key_update(&mut self) -> Result<()> {
+        let start = self.out.len();
+        self.out.extend_from_slice(&[0; RECORD_HEADER]);
+        self.out.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0]); // update_not_requested
+        self.seal(start, HANDSHAKE)?;
+        self.tx = Keys::new(self.kernel.update_tx().map_err(|e| tls_err("key update", e))?)?;
+        self.update_requested = false;
         Ok(())
     }
 
-    /// Reads more from the socket and lets rustls decrypt it. The stream ending is an error.
-    fn fill(&mut self) -> Result<()> {
-        if self.in_pos == self.in_end {
-            let fd = self.fd();
-            let n = loop {
-                match Fd(fd).read(&mut self.inbuf) {
-                    Ok(n) => break n,
-                    Err(e) => match e.raw_os_error() {
-                        Some(libc::EINTR) => continue,
-                        Some(libc::EAGAIN) => would_block(fd, libc::POLLIN, "receiving over TLS")?,
-                        _ => return Err(Error::io(Kind::Migration, "receiving over TLS", e)),
-                    },
-                }
-            };
-            if n == 0 {
-                return Err(Error::new(Kind::Migration, "the migration peer closed the TLS connection"));
+    /// Sends every built record.
+    fn send_out(&mut self) -> Result<()> {
+        let fd = self.fd();
+        let mut sent = 0;
+        while sent < self.out.len() {
+            match Fd(fd).write(&self.out[sent..]) {
+                Ok(0) => return Err(Error::new(Kind::Migration, "sending over TLS: the connection accepts no more bytes")),
+                Ok(n) => sent += n,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EAGAIN) => would_block(fd, libc::POLLOUT, "sending over TLS")?,
+                    _ => return Err(Error::io(Kind::Migration, "sending over TLS", e)),
+                },
             }
-            (self.in_pos, self.in_end) = (0, n);
         }
-        let n = self
-            .conn
-            .read_tls(&mut &self.inbuf[self.in_pos..self.in_end])
-            .map_err(|e| Error::io(Kind::Migration, "receiving over TLS", e))?;
-        self.in_pos += n;
-        if let Err(e) = self.conn.process_new_packets() {
-            let _ = self.flush(); // the alert telling the peer why
-            return Err(tls_err("refused the connection", e));
-        }
+        self.out.clear();
         Ok(())
     }
 
     /// Encrypts and sends all of `data`.
-    pub fn write_all(&mut self, mut data: &[u8]) -> Result<()> {
-        while !data.is_empty() {
-            let piece = data.len().min(WRITE_PIECE);
-            let n = self.conn.writer().write(&data[..piece]).map_err(|e| Error::io(Kind::Migration, "TLS encrypt", e))?;
-            data = &data[n..];
-            self.flush()?;
+    pub fn write_all(&mut self, data: &[u8]) -> Result<()> {
+        self.write_gather(&[data])
+    }
+
+    /// Encrypts and sends the bytes of `parts` in order; records span parts, so a frame's header,
+    /// table and pages fill whole records.
+    pub fn write_gather(&mut self, parts: &[&[u8]]) -> Result<()> {
+        let (mut i, mut off) = (0, 0);
+        loop {
+            while i < parts.len() && off == parts[i].len() {
+                (i, off) = (i + 1, 0);
+            }
+            if i == parts.len() {
+                break;
+            }
+            // Room for a KeyUpdate record and one full record.
+            if self.out.len() + 2 * RECORD_CIPHER > self.out.capacity().max(SEND_BUFFER) {
+                self.send_out()?;
+            }
+            if self.update_requested || self.tx.seq + 1 >= self.key_update_at {
+                self.key_update()?;
+            }
+            let start = self.out.len();
+            self.out.extend_from_slice(&[0; RECORD_HEADER]);
+            let mut room = RECORD_PLAIN;
+            while room > 0 && i < parts.len() {
+                let take = (parts[i].len() - off).min(room);
+                self.out.extend_from_slice(&parts[i][off..off + take]);
+                off += take;
+                room -= take;
+                if off == parts[i].len() {
+                    (i, off) = (i + 1, 0);
+                }
+            }
+            self.seal(start, APPLICATION_DATA)?;
+        }
+        self.send_out()
+    }
+
+    /// Reads until `inbuf[in_pos..]` holds `need` bytes. The stream ending is an error.
+    fn fill_to(&mut self, need: usize) -> Result<()> {
+        if self.in_pos + need > self.inbuf.len() {
+            self.inbuf.copy_within(self.in_pos..self.in_end, 0);
+            (self.in_pos, self.in_end) = (0, self.in_end - self.in_pos);
+        }
+        let fd = self.fd();
+        while self.in_end - self.in_pos < need {
+            match Fd(fd).read(&mut self.inbuf[self.in_end..]) {
+                Ok(0) => return Err(Error::new(Kind::Migration, "the migration peer closed the TLS connection")),
+                Ok(n) => self.in_end += n,
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EAGAIN) => would_block(fd, libc::POLLIN, "receiving over TLS")?,
+                    _ => return Err(Error::io(Kind::Migration, "receiving over TLS", e)),
+                },
+            }
         }
         Ok(())
+    }
+
+    /// Reads and decrypts the next record; application data is then at `plain`.
+    fn next_record(&mut self) -> Result<()> {
+        self.fill_to(RECORD_HEADER)?;
+        let h: [u8; RECORD_HEADER] = self.inbuf[self.in_pos..self.in_pos + RECORD_HEADER].try_into().unwrap();
+        let len = u16::from_be_bytes([h[3], h[4]]) as usize;
+        if h[0] != APPLICATION_DATA || h[1] != 3 || len <= TAG || len > RECORD_CIPHER {
+            return Err(record_err(format!("malformed header {h:02x?}")));
+        }
+        self.fill_to(RECORD_HEADER + len)?;
+        let body = self.in_pos + RECORD_HEADER;
+        self.in_pos = body + len;
+        let nonce = self.rx.next_nonce();
+        let inner = self
+            .rx
+            .key
+            .open_in_place(nonce, Aad::from(h), &mut self.inbuf[body..body + len])
+            .map_err(|_| record_err("bad record MAC (corrupted or forged)"))?;
+        // The inner plaintext: content, its type, zero padding.
+        let Some(t) = inner.iter().rposition(|&b| b != 0) else {
+            return Err(record_err("no content type"));
+        };
+        let (typ, content) = (inner[t], body..body + t);
+        match typ {
+            APPLICATION_DATA => self.plain = (content.start, content.end),
+            HANDSHAKE => self.post_handshake(content)?,
+            ALERT if self.inbuf[content.clone()] == [1, 0] => {
+                return Err(Error::new(Kind::Migration, "the migration peer ended the TLS session"));
+            }
+            ALERT => return Err(tls_err("peer sent an alert", format!("{:02x?}", &self.inbuf[content]))),
+            _ => return Err(record_err(format!("unexpected content type {typ}"))),
+        }
+        Ok(())
+    }
+
+    /// Handshake messages after the handshake: KeyUpdate (and session tickets for a client, which
+    /// rustls files; vmmpy's server sends none).
+    fn post_handshake(&mut self, content: std::ops::Range<usize>) -> Result<()> {
+        let mut msgs = &self.inbuf[content];
+        while !msgs.is_empty() {
+            let [typ, a, b, c, rest @ ..] = msgs else { return Err(record_err("truncated handshake message")) };
+            let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
+            if rest.len() < len {
+                return Err(record_err("handshake message split across records"));
+            }
+            let (body, rest) = rest.split_at(len);
+            match (*typ, &self.kernel) {
+                (KEY_UPDATE, _) if len == 1 && body[0] <= 1 => {
+                    if !rest.is_empty() {
+                        return Err(record_err("data after a KeyUpdate in its record"));
+                    }
+                    self.update_requested |= body[0] == 1;
+                    self.rx = Keys::new(self.kernel.update_rx().map_err(|e| tls_err("key update", e))?)?;
+                    return Ok(());
+                }
+                (NEW_SESSION_TICKET, Kernel::Client(_)) => {
+                    let body = body.to_vec();
+                    if let Kernel::Client(k) = &mut self.kernel {
+                        k.handle_new_session_ticket(&body).map_err(|e| tls_err("session ticket", e))?;
+                    }
+                }
+                _ => return Err(record_err(format!("unexpected handshake message {typ}"))),
+            }
+            msgs = rest;
+        }
+        Ok(())
+    }
+
+    /// With nothing buffered and room in the caller's buffer for a full record: reads the next
+    /// record's ciphertext straight into `dst` (content and inner type) and decrypts it there,
+    /// sparing the copy out of the read buffer; its header and tag go to small buffers. Returns
+    /// the content bytes now at the front of `dst`. Any other record (shorter, not application
+    /// data) is moved to the read buffer and taken the usual way (returns 0): `dst`'s bytes
+    /// after what is returned are scratch, the caller's later bytes overwrite them.
+    fn read_record_into(&mut self, dst: &mut [u8]) -> Result<usize> {
+        const FULL: usize = RECORD_PLAIN + 1 + TAG;
+        let (mut head, mut tag) = ([0u8; RECORD_HEADER], [0u8; TAG]);
+        let fd = self.fd();
+        let mut got = 0;
+        while got < RECORD_HEADER + FULL {
+            let parts = [(head.as_mut_ptr(), RECORD_HEADER), (dst.as_mut_ptr(), dst.len()), (tag.as_mut_ptr(), TAG)];
+            let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 3];
+            let (mut cnt, mut skip) = (0, got);
+            for (base, len) in parts {
+                if skip >= len {
+                    skip -= len;
+                    continue;
+                }
+                // SAFETY: skip < len, inside the buffer.
+                iovs[cnt] = libc::iovec { iov_base: unsafe { base.add(skip) }.cast(), iov_len: len - skip };
+                (cnt, skip) = (cnt + 1, 0);
+            }
+            // SAFETY: the iovecs describe our own writable buffers and the caller's `dst`.
+            let n = unsafe { libc::readv(fd, iovs.as_ptr(), cnt as libc::c_int) };
+            if n < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => {
+                        would_block(fd, libc::POLLIN, "receiving over TLS")?;
+                        continue;
+                    }
+                    _ => return Err(Error::io(Kind::Migration, "receiving over TLS", io::Error::last_os_error())),
+                }
+            }
+            if n == 0 {
+                return Err(Error::new(Kind::Migration, "the migration peer closed the TLS connection"));
+            }
+            got += n as usize;
+            if got >= RECORD_HEADER && head != [APPLICATION_DATA, 3, 3, (FULL >> 8) as u8, FULL as u8] {
+                // Not a full record: what came goes to the read buffer, in stream order.
+                let body = (got - RECORD_HEADER).min(dst.len());
+                let rest = got - RECORD_HEADER - body;
+                self.inbuf[..RECORD_HEADER].copy_from_slice(&head);
+                self.inbuf[RECORD_HEADER..RECORD_HEADER + body].copy_from_slice(&dst[..body]);
+                self.inbuf[RECORD_HEADER + body..got].copy_from_slice(&tag[..rest]);
+                (self.in_pos, self.in_end) = (0, got);
+                return Ok(0);
+            }
+        }
+        let nonce = self.rx.next_nonce();
+        let inner = self
+            .rx
+            .key
+            .open_in_place_separate_tag(nonce, Aad::from(head), Tag::from(tag), dst, 0..)
+            .map_err(|_| record_err("bad record MAC (corrupted or forged)"))?;
+        match inner.iter().rposition(|&b| b != 0) {
+            Some(t) if inner[t] == APPLICATION_DATA => Ok(t),
+            _ => Err(record_err("a full-size record that is not application data")),
+        }
     }
 
     /// Fills all of `buf` with decrypted bytes.
     pub fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
         let mut got = 0;
+        if self.early_pos < self.early.len() {
+            let n = (self.early.len() - self.early_pos).min(buf.len());
+            buf[..n].copy_from_slice(&self.early[self.early_pos..self.early_pos + n]);
+            self.early_pos += n;
+            got = n;
+        }
         while got < buf.len() {
-            match self.conn.reader().read(&mut buf[got..]) {
-                Ok(0) => return Err(Error::new(Kind::Migration, "the migration peer ended the TLS session")),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.fill()?,
-                Err(e) => return Err(Error::io(Kind::Migration, "receiving over TLS", e)),
+            let (start, end) = self.plain;
+            if start == end {
+                if self.in_pos == self.in_end && buf.len() - got > RECORD_PLAIN {
+                    got += self.read_record_into(&mut buf[got..got + RECORD_PLAIN + 1])?;
+                } else {
+                    self.next_record()?;
+                }
+                continue;
             }
+            let n = (end - start).min(buf.len() - got);
+            buf[got..got + n].copy_from_slice(&self.inbuf[start..start + n]);
+            self.plain.0 += n;
+            got += n;
         }
         Ok(())
     }
@@ -401,6 +818,135 @@ pub mod tests {
         for d in [a, b] {
             std::fs::remove_dir_all(d).unwrap();
         }
+    }
+
+    /// A plain rustls peer (its own record layer) for `ctx`'s other side, on a thread: reads
+    /// `data.len()` bytes and checks them, updates its keys, sends `data` back, then close_notify.
+    fn rustls_peer(ctx: &TlsContext, sock: std::net::TcpStream, data: Vec<u8>) -> std::thread::JoinHandle<()> {
+        fn run<C, S>(conn: C, sock: std::net::TcpStream, data: Vec<u8>)
+        where
+            C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
+            S: rustls::SideData,
+        {
+            let mut s = rustls::StreamOwned::new(conn, sock);
+            let mut got = vec![0u8; data.len()];
+            s.read_exact(&mut got).unwrap();
+            assert!(got == data, "rustls read other bytes than were written");
+            s.conn.refresh_traffic_keys().unwrap();
+            s.write_all(&data).unwrap();
+            s.conn.send_close_notify();
+            s.flush().unwrap();
+        }
+        match &ctx.config {
+            Config::Client(c) => {
+                let conn = rustls::ClientConnection::new(c.clone(), "127.0.0.1".try_into().unwrap()).unwrap();
+                std::thread::spawn(move || run(conn, sock, data))
+            }
+            Config::Server(c) => {
+                let conn = rustls::ServerConnection::new(c.clone()).unwrap();
+                std::thread::spawn(move || run(conn, sock, data))
+            }
+        }
+    }
+
+    #[test]
+    fn records_interoperate_with_rustls_both_ways_with_key_updates() {
+        let dir = make_tls_dir("interop", "127.0.0.1");
+        let client = TlsContext::load(&dir, Role::Client).unwrap();
+        let server = TlsContext::load(&dir, Role::Server).unwrap();
+        let data: Vec<u8> = (0..(1 << 20) + 12345).map(|i| (i * 13 + i / 7) as u8).collect();
+        for ours_is_client in [true, false] {
+            let (c, s) = tcp_pair();
+            let (ours, theirs, sock, peer_sock) =
+                if ours_is_client { (&client, &server, c, s) } else { (&server, &client, s, c) };
+            let peer = rustls_peer(theirs, peer_sock.into(), data.clone());
+            let mut t = ours.handshake(sock, "127.0.0.1", Duration::from_secs(5)).unwrap();
+            t.key_update_at = t.tx.seq + 9; // a KeyUpdate every few records: rustls must follow them
+            let (head, tail) = data.split_at(100);
+            t.write_gather(&[head, &[], tail]).unwrap();
+            // What rustls sends back (after its own KeyUpdate), read in odd pieces.
+            let mut back = vec![0u8; data.len()];
+            for piece in back.chunks_mut(7777) {
+                t.read_exact(piece).unwrap();
+            }
+            assert!(back == data, "our records decrypted to other bytes");
+            let e = t.read_exact(&mut [0u8; 1]).unwrap_err();
+            assert!(e.message.contains("ended the TLS session"), "{}", e.message);
+            peer.join().unwrap();
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Feeds `bytes` to `t` through a fresh socket, three bytes per write (records split anywhere).
+    fn trickle(t: &mut TlsStream, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        t.sock = b.into();
+        std::thread::spawn(move || {
+            let mut a = a;
+            for piece in bytes.chunks(3) {
+                if a.write_all(piece).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// What `t`'s peer sent on `raw` (the socket under `t`), `n` bytes.
+    fn ciphertext(raw: &mut std::net::TcpStream, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        raw.read_exact(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn split_records_are_read_and_a_forged_record_is_an_error() {
+        let a = make_tls_dir("forge", "127.0.0.1");
+        let (c, s) = handshake(&a, &a, "127.0.0.1");
+        let (mut c, mut s) = (c.unwrap(), s.unwrap());
+        let mut raw = std::net::TcpStream::from(s.sock.try_clone().unwrap());
+        let msg: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        // 40000 bytes: three records (16384 + 16384 + 7232), 17 bytes of overhead plus a header each.
+        let wire = msg.len() + 3 * (RECORD_HEADER + 1 + TAG);
+        c.write_all(&msg).unwrap();
+        let feeder = trickle(&mut s, ciphertext(&mut raw, wire));
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert!(got == msg);
+        feeder.join().unwrap();
+        // The same again with one bit flipped in the second record: refused, no bytes of it.
+        c.write_all(&msg).unwrap();
+        let mut bytes = ciphertext(&mut raw, wire);
+        bytes[RECORD_HEADER + 16384 + 1 + TAG + 100] ^= 4;
+        let feeder = trickle(&mut s, bytes);
+        let mut first = vec![0u8; 16384];
+        s.read_exact(&mut first).unwrap();
+        assert!(first[..] == msg[..16384]);
+        let e = s.read_exact(&mut [0u8; 1]).unwrap_err();
+        assert_eq!((e.kind, e.errno), (Kind::Migration, Some(libc::EBADMSG)), "{}", e.message);
+        assert!(e.message.contains("bad record MAC"), "{}", e.message);
+        // SAFETY: shutdown of our own socket; the feeder then stops on EPIPE.
+        unsafe { libc::shutdown(s.fd(), libc::SHUT_RDWR) };
+        feeder.join().unwrap();
+        // A flipped bit in a record read straight into the caller's buffer: refused the same way.
+        c.write_all(&msg).unwrap();
+        let mut bytes = ciphertext(&mut raw, wire);
+        bytes[RECORD_HEADER + 5000] ^= 1;
+        let feeder = trickle(&mut s, bytes);
+        let e = s.read_exact(&mut got).unwrap_err();
+        assert_eq!(e.errno, Some(libc::EBADMSG), "{}", e.message);
+        // SAFETY: as above.
+        unsafe { libc::shutdown(s.fd(), libc::SHUT_RDWR) };
+        feeder.join().unwrap();
+        let (c2, s2) = handshake(&a, &a, "127.0.0.1");
+        (c, s) = (c2.unwrap(), s2.unwrap());
+        raw = std::net::TcpStream::from(s.sock.try_clone().unwrap());
+        // A stream that ends inside a record is an error too.
+        c.write_all(&msg[..100]).unwrap();
+        let bytes = ciphertext(&mut raw, 100 + RECORD_HEADER + 1 + TAG);
+        let feeder = trickle(&mut s, bytes[..50].to_vec());
+        assert!(s.read_exact(&mut [0u8; 100]).is_err());
+        feeder.join().unwrap();
+        std::fs::remove_dir_all(a).unwrap();
     }
 
     #[test]

@@ -7,8 +7,8 @@
 //! mapping). Receiver: `recv_memory` reads and validates the whole table before it touches guest
 //! memory, then zeroes the ZERO ranges and reads the rest with `readv` straight into the mapping.
 //!
-//! Over TLS (`Link::Tls`) the same iovecs are encrypted from guest memory into rustls's records
-//! and decrypted into guest memory: no bounce buffer, no call per page. A `Pacer` caps and measures
+//! Over TLS (`Link::Tls`) the same iovecs are sealed into TLS records copied once out of guest
+//! memory, and full records are read and opened in guest memory (rust/tls.rs): no call per page. A `Pacer` caps and measures
 //! the send rate (`max_bandwidth`); writes are cut to its slice size.
 //!
 //! Both block until the frame is done. On a blocking socket, SO_SNDTIMEO / SO_RCVTIMEO bound each
@@ -259,22 +259,39 @@ fn write_all(fd: RawFd, iovs: &mut [libc::iovec], pacer: Option<&Pacer>) -> Resu
     Ok(())
 }
 
-/// `write_all` over TLS: each iovec's bytes are encrypted straight out of their buffer, in pieces
-/// of the pacer's slice size.
+/// `write_all` over TLS: the iovecs' bytes are encrypted straight out of their buffers into
+/// records that span iovecs, in pieces of the pacer's slice size.
 fn write_all_tls(tls: &mut TlsStream, iovs: &[libc::iovec], pacer: Option<&Pacer>) -> Result<()> {
     let piece = pacer.map_or(WRITE_MAX, |p| p.slice(WRITE_MAX));
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(iovs.len().min(IOV_MAX));
+    let mut len = 0;
+    let mut flush = |parts: &mut Vec<&[u8]>, len: &mut usize| -> Result<()> {
+        tls.write_gather(parts)?;
+        if let Some(p) = pacer {
+            p.take(*len)?;
+        }
+        parts.clear();
+        *len = 0;
+        Ok(())
+    };
     for v in iovs {
         // SAFETY: the iovec describes live, readable memory (guest RAM, the table, the header).
-        // The guest may write its pages while they are read: rustls copies them once into its
-        // record and encrypts the copy, and the dirty log sends such a page again, the same
-        // contract as the kernel's copy in sendmsg.
-        let bytes = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
-        for chunk in bytes.chunks(piece) {
-            tls.write_all(chunk)?;
-            if let Some(p) = pacer {
-                p.take(chunk.len())?;
+        // The guest may write its pages while they are read: each record's bytes are copied once
+        // and the copy is encrypted, and the dirty log sends such a page again, the same contract
+        // as the kernel's copy in sendmsg.
+        let mut bytes = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+        while !bytes.is_empty() {
+            let take = (piece - len).min(bytes.len());
+            parts.push(&bytes[..take]);
+            bytes = &bytes[take..];
+            len += take;
+            if len == piece {
+                flush(&mut parts, &mut len)?;
             }
         }
+    }
+    if len > 0 {
+        flush(&mut parts, &mut len)?;
     }
     Ok(())
 }

@@ -258,3 +258,27 @@ def test_progress_shows_the_options(vmm_process, tls):
     assert src.api.request("PUT", "/api/v1/vm.cancel-migration")[0] == 204
     assert wait_progress(src, lambda p: p["status"] != "active")["status"] == "cancelled"
     assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
+
+
+def test_cancel_cuts_a_tls_handshake(vmm_process, tls):
+    """A destination that accepts but never answers the ClientHello: cancel-migration ends the
+    handshake at once (the socket is shut down), not at the handshake's 10 s timeout."""
+    src = vmm_process("--memory", "size=64M", name="src")
+    boot_id, _ = src.serial.wait_ready()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+    try:
+        url = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+        send(src, url, tls_dir=tls["lo-src"])
+        peer, _ = listener.accept()
+        with peer:
+            peer.settimeout(60)
+            assert peer.recv(1) == b"\x16", "the source starts its TLS handshake"  # a handshake record
+            assert src.api.request("PUT", "/api/v1/vm.cancel-migration")[0] == 204
+            peer.settimeout(6)  # well under the 10 s handshake timeout
+            while peer.recv(65536):  # the rest of the ClientHello, then the end of the connection
+                pass
+        assert wait_progress(src, lambda p: p["status"] != "active")["status"] == "cancelled"
+        src.serial.command("status", rb"STATUS boot_id=" + boot_id.encode())
+    finally:
+        listener.close()

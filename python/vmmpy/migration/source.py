@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -177,6 +178,7 @@ class SourceMigration:
         self._throttle: Throttle | None = None
         self._conn: Connection | None = None
         self._extra: list[Connection] = []  # connections 2..N
+        self._opening: list[socket.socket] = []  # sockets in their TLS handshake
         self.pacer = _native.Pacer(options.max_bandwidth)
         progress.live = lambda: {"current_rate": self.pacer.rate()}
 
@@ -190,6 +192,28 @@ class SourceMigration:
             conn.shutdown()
         for extra in list(self._extra):
             extra.shutdown()
+        for sock in list(self._opening):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # ends a handshake at once, not at its timeout
+            except OSError:
+                pass
+
+    def _open(self, url: transport.Url) -> Connection:
+        """Connects to the destination and runs the TLS handshake (with tls_dir); cancel() shuts a
+        socket in its handshake down."""
+        sock = transport.connect(url)
+        self._opening.append(sock)
+        try:
+            if self.cancel_requested.is_set():
+                sock.close()
+                raise MigrationCancelled("migration cancelled")
+            return transport.secure(sock, self.opts.tls, url.host)
+        except BaseException as e:
+            if self.cancel_requested.is_set() and not isinstance(e, MigrationCancelled):
+                raise MigrationCancelled("migration cancelled") from e
+            raise
+        finally:
+            self._opening.remove(sock)
 
     def _check_cancel(self) -> None:
         if self.cancel_requested.is_set():
@@ -199,7 +223,7 @@ class SourceMigration:
         url = transport.parse_url(self.opts.destination_url)
         self.progress.update(status="active", total=self.memory_size, connections=self.opts.connections,
                              tls=self.opts.tls is not None, max_bandwidth=self.opts.max_bandwidth)
-        conn = transport.open_connection(url, self.opts.tls)
+        conn = self._open(url)
         self._conn = conn
         try:
             self._check_cancel()  # a cancel that came while connecting
@@ -266,7 +290,7 @@ class SourceMigration:
         url = transport.parse_url(self.opts.destination_url)
         for index in range(1, self.opts.connections):
             self._check_cancel()
-            extra = transport.open_connection(url, self.opts.tls)
+            extra = self._open(url)
             self._extra.append(extra)
             extra.request_json(Command.JOIN, {"token": token, "index": index})
 

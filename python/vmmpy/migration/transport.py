@@ -79,10 +79,6 @@ def secure(sock: socket.socket, tls, server_name: str = "") -> Connection:
     return Connection(sock, channel)
 
 
-def open_connection(url: Url, tls=None) -> Connection:
-    return secure(connect(url), tls, url.host)
-
-
 def connect(url: Url, timeout: float = 10.0) -> socket.socket:
     if url.kind == "tcp":
         try:
