@@ -321,7 +321,8 @@ def _fds(vmm) -> list[str]:
             target = os.readlink(f"/proc/{vmm.proc.pid}/fd/{fd}")
         except FileNotFoundError:
             continue
-        if target.startswith("socket:[") and paths.get(target[8:-1]) == vmm.api_path:
+        # (bound under a temporary name beside the path, then renamed: /proc shows the first name)
+        if target.startswith("socket:[") and paths.get(target[8:-1], "").startswith(vmm.api_path):
             continue
         out.append(target.split(":")[0] if target.startswith(("socket:", "anon_inode:")) else target)
     return sorted(out)
