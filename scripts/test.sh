@@ -7,6 +7,9 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q ".[test]"
+# Lint: Rust (every unsafe block carries its SAFETY comment) and Python.
+cargo clippy --lib --quiet -- -D warnings -D clippy::undocumented_unsafe_blocks
+ruff check python tests benches
 # The Rust core's unit tests (ACPI tables, CMOS, range tables, page transfer, dirty log on real KVM).
 cargo test --lib --quiet
 python -m pytest -q -p no:cacheprovider tests "$@"
