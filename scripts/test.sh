@@ -10,6 +10,9 @@ pip install -q ".[test]"
 # Lint: Rust (every unsafe block carries its SAFETY comment) and Python.
 cargo clippy --lib --quiet -- -D warnings -D clippy::undocumented_unsafe_blocks
 ruff check python tests benches
+# The native module's type stubs match the built module (run outside the source tree, so the
+# installed package is what is checked).
+(cd / && python -m mypy.stubtest vmmpy._native)
 # The Rust core's unit tests (ACPI tables, CMOS, range tables, page transfer, dirty log on real KVM).
 cargo test --lib --quiet
 python -m pytest -q -p no:cacheprovider tests "$@"

@@ -1,33 +1,47 @@
-"""Type stubs for vmmpy's native core (rust/python.rs)."""
+"""Type stubs for vmmpy's native core (rust/python.rs). Checked against the built module by
+`python -m mypy.stubtest vmmpy._native` (in the test command)."""
+
+from typing import final
+
+__all__ = ["Console", "GuestRegion", "MAX_VCPUS", "Pacer", "RangeTable", "TlsChannel", "TlsContext", "Vm",
+           "kvm_check", "test_guest_elf", "tune_socket"]
 
 MAX_VCPUS: int
 
 def kvm_check() -> str:
     """Opens /dev/kvm and checks the API version; raises KvmError when KVM is unusable."""
 
+def tune_socket(fd: int) -> None:
+    """Sets a migration socket's buffer sizes and TCP_NODELAY the way the transfer code wants."""
+
 def test_guest_elf() -> bytes:
     """The embedded test guest's ELF image."""
 
+@final
 class Console:
     """The VMM's serial console backend; outlives the VMs attached to it."""
-    def __init__(self, output_fd: int | None = None, keep_backlog: bool = False) -> None: ...
+    def __new__(cls, output_fd: int | None = None, keep_backlog: bool = False) -> Console: ...
     def add_client(self, fd: int) -> None: ...
     def client_count(self) -> int: ...
     def push_input(self, data: bytes) -> int: ...
     def close(self) -> None: ...
 
+@final
 class GuestRegion:
     """A read-only, zero-copy view of one guest RAM region (supports the buffer protocol)."""
     guest_address: int
     size: int
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int) -> memoryview: ...
 
+@final
 class Vm:
     """A KVM VM with its payload loaded. No vCPU runs before boot()."""
-    def __init__(self, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
-                 cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int) -> None: ...
-    def boot(self) -> None: ...
+    def __new__(cls, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
+                cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int,
+                restore: bool = False, memory_fds: list[int] | None = None) -> Vm:
+        """`restore`: built to take saved state (no payload loaded); `memory_fds`: map these
+        sealed memfds as guest RAM (same-host migration) instead of new ones."""
+    def boot(self, paused: bool = False) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""
     def resume(self) -> None: ...
@@ -46,6 +60,22 @@ class Vm:
         """'test-guest', 'elf' or 'bzimage'."""
     @property
     def cmdline(self) -> str: ...
+    def inject_request(self, kind: str) -> None:
+        """Records 'reset' or 'shutdown' as if a vCPU had asked, and writes its eventfd."""
+    def save_state(self) -> dict:
+        """The paused VM's state (all but memory): raw KVM structures and device registers."""
+    def restore_state(self, state: dict) -> None: ...
+    def start_dirty_log(self) -> None: ...
+    def stop_dirty_log(self) -> None: ...
+    def dirty_ranges(self) -> RangeTable:
+        """Pages written since the last call: KVM's log OR-ed with the VMM's own writes."""
+    def all_ram_ranges(self) -> RangeTable: ...
+    def memory_fds(self) -> list[tuple[int, int, int]]:
+        """(guest address, fd, size) per RAM region; the fds stay the VM's."""
+    def save_memory(self, index: int, fd: int) -> None:
+        """RAM region `index` into the open, empty file `fd` (sparse); the VM must be paused."""
+    def load_memory(self, index: int, fd: int) -> None:
+        """RAM region `index` from the open snapshot file `fd`, before the VM runs."""
     def memory_regions(self) -> list[GuestRegion]: ...
     def send_memory(self, link: int | TlsChannel, table: RangeTable, pacer: Pacer | None = None) -> tuple[int, int, int]:
         """One Memory frame for `table` to a socket fd or a TlsChannel, straight from guest memory
@@ -53,25 +83,28 @@ class Vm:
     def receive_memory(self, link: int | TlsChannel, table_len: int) -> tuple[int, int, int]:
         """The rest of a Memory frame whose header was read, into guest memory (GIL released)."""
 
+@final
 class TlsContext:
     """Mutual-TLS material of a tls_dir (Cloud Hypervisor's file names); InvalidConfig if unusable."""
-    def __init__(self, tls_dir: str, role: str) -> None:
+    def __new__(cls, tls_dir: str, role: str) -> TlsContext:
         """`role`: 'client' (source: ca-cert.pem, client-cert.pem, client-key.pem) or 'server'
         (destination: ca-cert.pem, server-cert.pem, server-key.pem)."""
-    def handshake(self, fd: int, timeout: float, server_name: str = "") -> TlsChannel:
+    def handshake(self, fd: int, timeout: float, server_name: str = ...) -> TlsChannel:
         """Handshake on a duplicate of socket `fd` within `timeout` s (GIL released); MigrationError
         if the peer's certificate does not chain to the CA (or, for a client, does not name
         `server_name`)."""
 
+@final
 class TlsChannel:
     """One TLS migration connection; every byte of it goes through here."""
     def sendall(self, data: bytes) -> None: ...
     def recv_exact(self, n: int) -> bytes: ...
     def close(self) -> None: ...
 
+@final
 class Pacer:
     """max_bandwidth shared by all connections of a migration; measures the send rate."""
-    def __init__(self, max_bandwidth: int) -> None: ...
+    def __new__(cls, max_bandwidth: int) -> Pacer: ...
     @property
     def max_bandwidth(self) -> int: ...
     def rate(self) -> float:
@@ -79,6 +112,7 @@ class Pacer:
     def cancel(self) -> None:
         """Senders waiting for the cap (and later ones) fail at once."""
 
+@final
 class RangeTable:
     """Guest-physical page ranges, kept in Rust."""
     @property
