@@ -57,8 +57,8 @@ CH_REQUESTS: dict[str, tuple[str, str | None]] = {
                                  '"iommufd_fd":null,"zone_updates":[]}'),
 }
 ENDPOINT_OF = {"ping": "vmm.ping", "shutdown-vmm": "vmm.shutdown"}
-# ch-remote's power-button request is PUT /api/v1/vm.power-button with no body; its end-to-end
-# test lives with the ACPI power button.
+# ch-remote's power-button request is PUT /api/v1/vm.power-button with no body (end to end in
+# test_every_ch_remote_subcommand and tests/test_power_button.py).
 
 
 def ch_bytes(command: str, **fields: str) -> bytes:
@@ -450,6 +450,14 @@ def test_every_ch_remote_subcommand(vmm_process, tmp_path):
     r = _ch_remote(src, "shutdown-vmm")
     assert r.returncode == 0, r.stderr
     assert src.wait_exit(30) == 0
+    # power-button: the guest sees the ACPI GED event and powers off; the VMM exits 0
+    b = vmm_process(name="button")
+    boot_guest(b)
+    ok_b = _ch_remote(b, "power-button")
+    assert ok_b.returncode == 0, ok_b.stderr
+    b.serial.expect(rb"POWER BUTTON")
+    assert b.wait_exit(60) == 0
+    assert "vm.shutdown" in b.event_names()
     # What vmmpy does not implement exits 1 with a message, and does not hang.
     t = vmm_process(name="rest")
     for args in (["resize", "--cpus", "2"], ["add-disk", "path=/dev/null"], ["nmi"], ["remove-device", "x"],
