@@ -26,7 +26,10 @@ class GuestRegion:
 class Vm:
     """A KVM VM with its payload loaded. No vCPU runs before boot()."""
     def __init__(self, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
-                 cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int) -> None: ...
+                 cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int,
+                 restore: bool = False, memory_fds: list[int] | None = None,
+                 boot_protocol: str | None = None) -> None:
+        """`boot_protocol` 'pvh' or 'linux64'; None: PVH for an ELF with the PVH note, else linux64."""
     def boot(self) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""
@@ -44,6 +47,9 @@ class Vm:
     @property
     def payload_kind(self) -> str:
         """'test-guest', 'elf' or 'bzimage'."""
+    @property
+    def boot_protocol(self) -> str | None:
+        """'pvh' or 'linux64' (how the BSP entered); None for a restored VM."""
     @property
     def cmdline(self) -> str: ...
     def memory_regions(self) -> list[GuestRegion]: ...
