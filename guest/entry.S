@@ -16,10 +16,12 @@
  *  - `ap_entry` (the `vmmpy` note; vmmpy only): as `_start`, RDI = vCPU index (1..N-1), RSP undefined.
  * bsp_main(zero_page, start_info) gets exactly one of the two non-zero.
  *
- * The IDT has three gates and nothing else, so every exception still ends in a triple fault: the
- * LAPIC timer and spurious vectors, and `int $0x80` from CPL3, which halts until the next
- * interrupt. That is the idle fallback for VMMs without vmmpy's idle port (idle.c); under vmmpy
- * it is never used.
+ * The idle fallback for VMMs without vmmpy's idle port (idle.c; under vmmpy it is never used):
+ * SYSCALL from CPL3 enters idle_syscall, which halts until the next interrupt and returns. The IDT
+ * has only the LAPIC timer and spurious vectors, so every exception still ends in a triple fault.
+ * SYSCALL and an interrupt at CPL0 switch no stacks, so no TSS is needed (LTR triple-faults on
+ * the PVM hosts we test on); the guest is built without a red zone,
+ * so the interrupt frame on the user stack is harmless.
  */
 
 #define KERNEL_CS   0x10
@@ -34,11 +36,15 @@
 #define AP_STACK_SHIFT 14       /* 16 KiB per AP */
 #define AP_STACK_SIZE  (1 << AP_STACK_SHIFT)
 #define IDLE_PORT      0x5f0
-#define KERNEL_TSS    0x30
 #define CR0_PE_PG     0x80000001
 #define CR4_PAE       0x20
 #define MSR_EFER      0xc0000080
+#define MSR_STAR      0xc0000081
+#define MSR_LSTAR     0xc0000082
+#define EFER_SCE      0x1
 #define EFER_LME      0x100
+/* STAR[47:32]: SYSCALL's CS (SS = +8); STAR[63:48] + 16 / + 8: SYSRET's CS / SS, with RPL 3 */
+#define STAR_HIGH     ((0x18 | 3) << 16 | KERNEL_CS)
 #define LAPIC_EOI     0xfee000b0
 
     .code64
@@ -49,10 +55,19 @@
 _start:                                 /* BSP, 64-bit entry */
     mov     %rsi, %rdi                  /* bsp_main(zero_page, 0) */
     xor     %esi, %esi
-bsp_enter:
-    lgdt    gdt_desc(%rip)
-    mov     $KERNEL_TSS, %ax            /* RSP0 for the idle gate; one TSS, so only the BSP */
-    ltr     %ax
+bsp_enter:                              /* SYSCALL for the idle fallback; only the BSP idles so */
+    mov     $MSR_EFER, %ecx
+    rdmsr
+    or      $EFER_SCE, %eax
+    wrmsr
+    mov     $MSR_STAR, %ecx
+    xor     %eax, %eax
+    mov     $STAR_HIGH, %edx
+    wrmsr
+    mov     $MSR_LSTAR, %ecx
+    lea     idle_syscall(%rip), %eax
+    xor     %edx, %edx
+    wrmsr
     lea     bsp_main(%rip), %rbx
     lea     bsp_stack_top(%rip), %rax
     jmp     enter_user
@@ -68,13 +83,12 @@ ap_entry:                               /* APs: RDI = index, RSI = zero page */
     lea     ap_stacks(%rip), %rcx
     add     %rcx, %rax                  /* top of this AP's stack: ap_stacks + i*SIZE */
     lea     ap_main(%rip), %rbx         /* ap_main(index, zero_page) */
-    lgdt    gdt_desc(%rip)
     /* fall through */
 
-/* The guest's GDT is loaded. RAX = user stack top, RBX = C function to call at CPL3 (RDI/RSI
- * already hold its arguments). */
+/* RAX = user stack top, RBX = C function to call at CPL3 (RDI/RSI already hold its arguments) */
 enter_user:
-    lidt    idt_desc(%rip)              /* three gates: any exception escalates to a triple fault */
+    lgdt    gdt_desc(%rip)
+    lidt    idt_desc(%rip)              /* two gates: any exception escalates to a triple fault */
     mov     %cr4, %rcx
     test    $CR4_SMEP_SMAP, %ecx        /* CPL0 runs on from user pages until iretq */
     jz      1f
@@ -91,13 +105,13 @@ enter_user:
     pushq   %rcx                        /* RIP */
     iretq
 
-/* CPL0 ends of the idle fallback (idle.c): the gate sleeps until an interrupt, with the caller's
- * IF=0 back on return; the timer handler only acknowledges. */
-    .globl  idle_gate, timer_isr, spurious_isr, tss
-idle_gate:
+/* CPL0 ends of the idle fallback (idle.c): SYSCALL lands here and sleeps until an interrupt;
+ * SYSRET gives the caller its RFLAGS (IF=0) back. The timer handler only acknowledges. */
+    .globl  timer_isr, spurious_isr
+idle_syscall:
     sti
     hlt
-    iretq
+    sysretq
 timer_isr:
     push    %rax
     mov     $LAPIC_EOI, %eax
@@ -170,23 +184,9 @@ gdt:
     .quad   0x00cf93000000ffff          /* 0x18 kernel data */
     .quad   0x00cff3000000ffff          /* 0x20 user data  (selector 0x23) */
     .quad   0x00affb000000ffff          /* 0x28 user code64 (selector 0x2b) */
-    .word   tss_end - tss - 1           /* 0x30 64-bit TSS: limit, base (split by guest.ld) */
-    .word   tss_base_0_15
-    .byte   tss_base_16_23
-    .byte   0x89                        /* present, available 64-bit TSS */
-    .byte   0
-    .byte   tss_base_24_31
-    .long   0, 0
 gdt_end:
 
-    .balign 16
-tss:
-    .long   0
-    .quad   idle_stack_top              /* RSP0 */
-    .fill   (104 - 12) / 4, 4, 0        /* no I/O bitmap: IOPL=3 already allows every port */
-tss_end:
-
-/* Interrupt gates, 16 bytes each: offset 0-15, CS, type (0x8e DPL0, 0xee DPL3), offset 16-31, 0. */
+/* Interrupt gates, 16 bytes each: offset 0-15 and 16-31 (split by guest.ld), CS, type 0x8e. */
     .balign 16
 idt:
     .fill   0x20 * 2, 8, 0              /* exceptions: not present */
@@ -194,9 +194,6 @@ idt:
     .long   0, 0                        /* 0x20: LAPIC timer */
     .word   spurious_isr_0_15, KERNEL_CS, 0x8e00, spurious_isr_16_31
     .long   0, 0                        /* 0x21: LAPIC spurious */
-    .fill   (0x80 - 0x22) * 2, 8, 0
-    .word   idle_gate_0_15, KERNEL_CS, 0xee00, idle_gate_16_31
-    .long   0, 0                        /* 0x80: idle gate, callable from CPL3 */
 idt_end:
 
     .balign 8
@@ -218,9 +215,6 @@ idt_desc:
 bsp_stack_top:
 ap_stacks:                              /* AP i's stack: [ap_stacks + (i-1)*SIZE, ap_stacks + i*SIZE) */
     .skip   (MAX_CPUS - 1) * AP_STACK_SIZE
-    .balign 16
-    .skip   4096
-idle_stack_top:                         /* the idle gate's CPL0 stack (TSS RSP0) */
 
 /* ---------------------------------------------------------------- ELF note ------------ */
 /* name "vmmpy" (namesz 6), type 1, desc = 64-bit physical address of the AP entry.

@@ -54,9 +54,13 @@ pub fn write_boot_tables(mem: &GuestMem) -> Result<()> {
 }
 
 fn segment(desc: u64, selector: u16) -> kvm_segment {
+    let raw_limit = (((desc >> 32) & 0xf_0000) | (desc & 0xffff)) as u32;
+    let granular = (desc >> 55) & 1 == 1;
     kvm_segment {
         base: ((desc >> 16) & 0xff_ffff) | (((desc >> 56) & 0xff) << 24),
-        limit: (((desc >> 32) & 0xf_0000) | (desc & 0xffff)) as u32,
+        // KVM takes the limit in bytes: with G set the descriptor counts 4 KiB pages. Long mode
+        // ignores limits, 32-bit protected mode (PVH) does not.
+        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector,
         type_: ((desc >> 40) & 0xf) as u8,
         present: ((desc >> 47) & 1) as u8,
@@ -134,6 +138,19 @@ pub fn setup_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
     vcpu.set_regs(&regs).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
     let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_segments_span_4_gib() {
+        let code = segment(CODE32, BOOT_CS32);
+        assert_eq!((code.base, code.limit, code.db, code.l, code.g, code.type_), (0, 0xffff_ffff, 1, 0, 1, 0xb));
+        assert_eq!(segment(DATA, BOOT_DS).limit, 0xffff_ffff);
+        assert_eq!(segment(TSS, BOOT_TSS).limit, 0x0fff_ffff);
+    }
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
