@@ -19,9 +19,12 @@
  * The idle fallback for VMMs without vmmpy's idle port (idle.c; under vmmpy it is never used):
  * SYSCALL from CPL3 enters idle_syscall, which halts until the next interrupt and returns. The IDT
  * has only the LAPIC timer and spurious vectors, so every exception still ends in a triple fault.
- * SYSCALL and an interrupt at CPL0 switch no stacks, so no TSS is needed (LTR triple-faults on
- * the PVM hosts we test on); the guest is built without a red zone,
- * so the interrupt frame on the user stack is harmless.
+ * SYSCALL and an interrupt at CPL0 switch no stacks; the guest is built without a red zone, so
+ * the interrupt frame on the user stack is harmless.
+ *
+ * The BSP loads a TSS whose I/O bitmap allows every port: PVM hosts do not honour IOPL=3 at CPL3
+ * and check the bitmap instead, and the TR a VMM leaves points at whatever is in low memory
+ * (zeros under vmmpy, firmware data under QEMU).
  */
 
 #define KERNEL_CS   0x10
@@ -36,6 +39,7 @@
 #define AP_STACK_SHIFT 14       /* 16 KiB per AP */
 #define AP_STACK_SIZE  (1 << AP_STACK_SHIFT)
 #define IDLE_PORT      0x5f0
+#define KERNEL_TSS    0x30
 #define CR0_PE_PG     0x80000001
 #define CR4_PAE       0x20
 #define MSR_EFER      0xc0000080
@@ -56,6 +60,9 @@ _start:                                 /* BSP, 64-bit entry */
     mov     %rsi, %rdi                  /* bsp_main(zero_page, 0) */
     xor     %esi, %esi
 bsp_enter:                              /* SYSCALL for the idle fallback; only the BSP idles so */
+    lgdt    gdt_desc(%rip)
+    mov     $KERNEL_TSS, %ax            /* one TSS (LTR marks it busy), so only the BSP */
+    ltr     %ax
     mov     $MSR_EFER, %ecx
     rdmsr
     or      $EFER_SCE, %eax
@@ -87,7 +94,7 @@ ap_entry:                               /* APs: RDI = index, RSI = zero page */
 
 /* RAX = user stack top, RBX = C function to call at CPL3 (RDI/RSI already hold its arguments) */
 enter_user:
-    lgdt    gdt_desc(%rip)
+    lgdt    gdt_desc(%rip)              /* again on the BSP: one path for all vCPUs */
     lidt    idt_desc(%rip)              /* two gates: any exception escalates to a triple fault */
     mov     %cr4, %rcx
     test    $CR4_SMEP_SMAP, %ecx        /* CPL0 runs on from user pages until iretq */
@@ -184,7 +191,24 @@ gdt:
     .quad   0x00cf93000000ffff          /* 0x18 kernel data */
     .quad   0x00cff3000000ffff          /* 0x20 user data  (selector 0x23) */
     .quad   0x00affb000000ffff          /* 0x28 user code64 (selector 0x2b) */
+    .word   tss_end - tss - 1           /* 0x30 64-bit TSS: limit, base (split by guest.ld) */
+    .word   tss_base_0_15
+    .byte   tss_base_16_23
+    .byte   0x89                        /* present, available 64-bit TSS */
+    .byte   0
+    .byte   tss_base_24_31
+    .long   0, 0
 gdt_end:
+
+/* The TSS is only an I/O permission bitmap: no stack is ever switched to. */
+    .balign 16
+    .globl  tss
+tss:
+    .fill   102, 1, 0
+    .word   104                         /* I/O bitmap offset */
+    .fill   65536 / 8, 1, 0             /* every port allowed */
+    .byte   0xff                        /* the bitmap's terminator */
+tss_end:
 
 /* Interrupt gates, 16 bytes each: offset 0-15 and 16-31 (split by guest.ld), CS, type 0x8e. */
     .balign 16
