@@ -7,8 +7,24 @@
  * the page tables are initialised data in the ELF file, not built at run time; that is also why an
  * AP does not have to wait for the BSP before it loads them.
  *
- * Entry state (BSP and APs alike): 64-bit mode, CPL0, IF=0, the VMM's boot GDT/page tables,
- * RSI = zero page. APs also have RDI = vCPU index (1..N-1); their RSP is undefined.
+ * Entry states:
+ *  - `_start` (ELF e_entry, Linux's 64-bit boot protocol; BSP): 64-bit mode, CPL0, IF=0, the VMM's
+ *    boot GDT/page tables, RSI = zero page.
+ *  - `pvh_start` (the Xen PHYS32_ENTRY note, what QEMU microvm, Cloud Hypervisor and vmmpy use by
+ *    default; BSP): 32-bit protected mode, paging off, flat segments, EBX = hvm_start_info. Six
+ *    more instructions switch to long mode on the static page tables.
+ *  - `ap_entry` (the `vmmpy` note; vmmpy only): as `_start`, RDI = vCPU index (1..N-1), RSP undefined.
+ * bsp_main(zero_page, start_info) gets exactly one of the two non-zero.
+ *
+ * The idle fallback for VMMs without vmmpy's idle port (idle.c; under vmmpy it is never used):
+ * SYSCALL from CPL3 enters idle_syscall, which halts until the next interrupt and returns. The IDT
+ * has only the LAPIC timer and spurious vectors, so every exception still ends in a triple fault.
+ * SYSCALL and an interrupt at CPL0 switch no stacks; the guest is built without a red zone, so
+ * the interrupt frame on the user stack is harmless.
+ *
+ * The BSP loads a TSS whose I/O bitmap allows every port: PVM hosts do not honour IOPL=3 at CPL3
+ * and check the bitmap instead, and the TR a VMM leaves points at whatever is in low memory
+ * (zeros under vmmpy, firmware data under QEMU).
  */
 
 #define KERNEL_CS   0x10
@@ -23,14 +39,42 @@
 #define AP_STACK_SHIFT 14       /* 16 KiB per AP */
 #define AP_STACK_SIZE  (1 << AP_STACK_SHIFT)
 #define IDLE_PORT      0x5f0
+#define KERNEL_TSS    0x30
+#define CR0_PE_PG     0x80000001
+#define CR4_PAE       0x20
+#define MSR_EFER      0xc0000080
+#define MSR_STAR      0xc0000081
+#define MSR_LSTAR     0xc0000082
+#define EFER_SCE      0x1
+#define EFER_LME      0x100
+/* STAR[47:32]: SYSCALL's CS (SS = +8); STAR[63:48] + 16 / + 8: SYSRET's CS / SS, with RPL 3 */
+#define STAR_HIGH     ((0x18 | 3) << 16 | KERNEL_CS)
+#define LAPIC_EOI     0xfee000b0
 
     .code64
 
 /* ---------------------------------------------------------------- CPL0 ---------------- */
     .section .text.entry, "ax"
     .globl _start
-_start:                                 /* BSP */
-    mov     %rsi, %rdi                  /* bsp_main(zero_page) */
+_start:                                 /* BSP, 64-bit entry */
+    mov     %rsi, %rdi                  /* bsp_main(zero_page, 0) */
+    xor     %esi, %esi
+bsp_enter:                              /* SYSCALL for the idle fallback; only the BSP idles so */
+    lgdt    gdt_desc(%rip)
+    mov     $KERNEL_TSS, %ax            /* one TSS (LTR marks it busy), so only the BSP */
+    ltr     %ax
+    mov     $MSR_EFER, %ecx
+    rdmsr
+    or      $EFER_SCE, %eax
+    wrmsr
+    mov     $MSR_STAR, %ecx
+    xor     %eax, %eax
+    mov     $STAR_HIGH, %edx
+    wrmsr
+    mov     $MSR_LSTAR, %ecx
+    lea     idle_syscall(%rip), %eax
+    xor     %edx, %edx
+    wrmsr
     lea     bsp_main(%rip), %rbx
     lea     bsp_stack_top(%rip), %rax
     jmp     enter_user
@@ -50,8 +94,8 @@ ap_entry:                               /* APs: RDI = index, RSI = zero page */
 
 /* RAX = user stack top, RBX = C function to call at CPL3 (RDI/RSI already hold its arguments) */
 enter_user:
-    lgdt    gdt_desc(%rip)
-    lidt    idt_desc(%rip)              /* limit 0: any exception escalates to a triple fault */
+    lgdt    gdt_desc(%rip)              /* again on the BSP: one path for all vCPUs */
+    lidt    idt_desc(%rip)              /* two gates: any exception escalates to a triple fault */
     mov     %cr4, %rcx
     test    $CR4_SMEP_SMAP, %ecx        /* CPL0 runs on from user pages until iretq */
     jz      1f
@@ -67,6 +111,43 @@ enter_user:
     lea     user_trampoline(%rip), %rcx
     pushq   %rcx                        /* RIP */
     iretq
+
+/* CPL0 ends of the idle fallback (idle.c): SYSCALL lands here and sleeps until an interrupt;
+ * SYSRET gives the caller its RFLAGS (IF=0) back. The timer handler only acknowledges. */
+    .globl  timer_isr, spurious_isr
+idle_syscall:
+    sti
+    hlt
+    sysretq
+timer_isr:
+    push    %rax
+    mov     $LAPIC_EOI, %eax
+    movl    $0, (%rax)
+    pop     %rax
+spurious_isr:
+    iretq
+
+/* PVH entry: EBX = hvm_start_info. Long mode on the static tables, then the 64-bit BSP path. */
+    .code32
+    .globl pvh_start
+pvh_start:
+    mov     $CR4_PAE, %eax
+    mov     %eax, %cr4
+    mov     $pml4, %eax
+    mov     %eax, %cr3
+    mov     $MSR_EFER, %ecx
+    rdmsr
+    or      $EFER_LME, %eax
+    wrmsr
+    mov     $CR0_PE_PG, %eax
+    mov     %eax, %cr0
+    lgdt    gdt_desc                    /* the 32-bit form reads the low half of the base */
+    ljmp    $KERNEL_CS, $pvh_start64
+    .code64
+pvh_start64:
+    mov     %ebx, %esi                  /* bsp_main(0, start_info); zero-extends */
+    xor     %edi, %edi
+    jmp     bsp_enter
 
 /* An AP index the guest has no room for: sleep in the idle port forever (rarely, never tight). */
 ap_park:
@@ -110,7 +191,34 @@ gdt:
     .quad   0x00cf93000000ffff          /* 0x18 kernel data */
     .quad   0x00cff3000000ffff          /* 0x20 user data  (selector 0x23) */
     .quad   0x00affb000000ffff          /* 0x28 user code64 (selector 0x2b) */
+    .word   tss_end - tss - 1           /* 0x30 64-bit TSS: limit, base (split by guest.ld) */
+    .word   tss_base_0_15
+    .byte   tss_base_16_23
+    .byte   0x89                        /* present, available 64-bit TSS */
+    .byte   0
+    .byte   tss_base_24_31
+    .long   0, 0
 gdt_end:
+
+/* The TSS is only an I/O permission bitmap: no stack is ever switched to. */
+    .balign 16
+    .globl  tss
+tss:
+    .fill   102, 1, 0
+    .word   104                         /* I/O bitmap offset */
+    .fill   65536 / 8, 1, 0             /* every port allowed */
+    .byte   0xff                        /* the bitmap's terminator */
+tss_end:
+
+/* Interrupt gates, 16 bytes each: offset 0-15 and 16-31 (split by guest.ld), CS, type 0x8e. */
+    .balign 16
+idt:
+    .fill   0x20 * 2, 8, 0              /* exceptions: not present */
+    .word   timer_isr_0_15, KERNEL_CS, 0x8e00, timer_isr_16_31
+    .long   0, 0                        /* 0x20: LAPIC timer */
+    .word   spurious_isr_0_15, KERNEL_CS, 0x8e00, spurious_isr_16_31
+    .long   0, 0                        /* 0x21: LAPIC spurious */
+idt_end:
 
     .balign 8
     .word   0, 0, 0
@@ -121,8 +229,8 @@ gdt_desc:
     .balign 8
     .word   0, 0, 0
 idt_desc:
-    .word   0
-    .quad   0
+    .word   idt_end - idt - 1
+    .quad   idt
 
 /* ---------------------------------------------------------------- stacks --------------- */
     .section .bss.stacks, "aw", @nobits
@@ -143,5 +251,14 @@ ap_stacks:                              /* AP i's stack: [ap_stacks + (i-1)*SIZE
     .asciz  "vmmpy"
     .balign 4
     .quad   ap_entry
+
+/* name "Xen" (namesz 4), type 18 (XEN_ELFNOTE_PHYS32_ENTRY), desc = 32-bit PVH entry. */
+    .section .note.Xen, "a", @note
+    .balign 4
+    .long   4
+    .long   4
+    .long   18
+    .asciz  "Xen"
+    .long   pvh_start
 
     .section .note.GNU-stack, "", @progbits

@@ -54,9 +54,10 @@ static inline uint64_t rdtsc(void)
 static inline uint8_t mmio_read8(uint64_t addr) { return *(volatile const uint8_t *)addr; }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 
-/* Sleep in the VMM for at most `ms` milliseconds (woken early by serial input, the wake port,
- * pause or kill). Never HLT: that would need interrupts, which land in emulated CPL0. */
-static inline void idle_ms(uint32_t ms) { outl(IDLE_PORT, ms); }
+/* idle.c: sleep for at most `ms` milliseconds, in vmmpy's idle port (woken early by serial input,
+ * the wake port, pause or kill) or, without vmmpy, in HLT until the LAPIC timer fires. */
+void idle_init(void); /* BSP, before it first idles: is vmmpy's idle port there? */
+void idle_ms(uint32_t ms);
 static inline void wake_all(void) { outb(WAKE_PORT, 1); }
 
 /* main.c */

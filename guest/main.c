@@ -174,9 +174,11 @@ static int poll_line(void)
 }
 
 /* ------------------------------------------------------------------ boot information */
-static void parse_cmdline(const uint8_t *zp)
+/* From the zero page (64-bit entry) or from hvm_start_info (PVH: magic, version >= 1 for the map). */
+#define PVH_MAGIC 0x336ec578u
+
+static void parse_cmdline(uint64_t ptr)
 {
-    uint64_t ptr = *(const uint32_t *)(zp + 0x228) | (uint64_t) * (const uint32_t *)(zp + 0x0c8) << 32;
     if (ptr == 0 || ptr >= FOUR_GIB) /* only the first 4 GiB are mapped */
         return;
     const char *s = (const char *)ptr;
@@ -192,13 +194,12 @@ static void parse_cmdline(const uint8_t *zp)
     ncpus = cpus_asked == 0 ? 1 : cpus_asked > MAX_CPUS ? MAX_CPUS : cpus_asked;
 }
 
-static void parse_e820(const uint8_t *zp)
+/* n entries of `stride` bytes: u64 addr, u64 size, u32 type (e820 and hvm_memmap_table_entry) */
+static void parse_memmap(const uint8_t *e, uint32_t n, uint32_t stride)
 {
-    uint32_t n = zp[0x1e8];
     if (n > 128)
         n = 128;
-    for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *e = zp + 0x2d0 + 20 * i;
+    for (uint32_t i = 0; i < n; i++, e += stride) {
         uint64_t addr, size;
         uint32_t type;
         memcpy(&addr, e, 8);
@@ -467,13 +468,21 @@ void ap_main(uint64_t index, const uint8_t *zero_page)
     dirty_ap_loop((uint32_t)index);
 }
 
-void bsp_main(const uint8_t *zero_page)
+void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
 {
     uint64_t entropy = rdtsc();
-    parse_cmdline(zero_page);
+    if (zero_page) {
+        parse_cmdline(*(const uint32_t *)(zero_page + 0x228) | (uint64_t) * (const uint32_t *)(zero_page + 0x0c8) << 32);
+        parse_memmap(zero_page + 0x2d0, zero_page[0x1e8], 20);
+    } else if (*(const uint32_t *)start_info == PVH_MAGIC) {
+        parse_cmdline(*(const uint64_t *)(start_info + 24));
+        uint64_t map = *(const uint64_t *)(start_info + 40);
+        if (*(const uint32_t *)(start_info + 4) >= 1 && map && map < FOUR_GIB)
+            parse_memmap((const uint8_t *)map, *(const uint32_t *)(start_info + 48), 24);
+    }
     if (!tsc_khz)
         tsc_khz = DEFAULT_TSC_KHZ;
-    parse_e820(zero_page);
+    idle_init();
     uart_init(&entropy);
     boot_id = make_boot_id(entropy);
 

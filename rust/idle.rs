@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 
 pub const IDLE_PORT: u16 = 0x5f0;
 pub const WAKE_PORT: u16 = 0x5f4;
+/// What a read of the idle port returns ("VMPY"): how the test guest tells vmmpy from a VMM
+/// without the idle port (there an unclaimed port reads as all ones) and falls back to HLT.
+pub const IDLE_SIGNATURE: u32 = 0x5950_4d56;
 /// Upper bound on one idle sleep, whatever the guest asks.
 pub const MAX_IDLE: Duration = Duration::from_millis(1000);
 

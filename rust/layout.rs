@@ -3,6 +3,10 @@
 
 pub const BOOT_GDT: u64 = 0x500;
 pub const BOOT_IDT: u64 = 0x520;
+/// PVH boot: `hvm_start_info`, then one module entry (the initramfs), then the memory map.
+pub const PVH_START_INFO: u64 = 0x6000;
+pub const PVH_MODLIST: u64 = 0x6040;
+pub const PVH_MEMMAP: u64 = 0x6100;
 pub const ZERO_PAGE: u64 = 0x7000;
 pub const BOOT_STACK: u64 = 0x8ff0;
 pub const PML4: u64 = 0x9000;

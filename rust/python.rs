@@ -290,7 +290,7 @@ impl PyVm {
     /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
     /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -305,8 +305,10 @@ impl PyVm {
         error_fd: i32,
         restore: bool,
         memory_fds: Option<Vec<i32>>,
+        boot_protocol: Option<&str>,
     ) -> PyResult<Self> {
-        let cfg = VmConfig { memory_size, vcpus, kernel, initramfs, cmdline };
+        let boot_protocol = boot_protocol.map(crate::boot::payload::BootProtocol::from_name).transpose()?;
+        let cfg = VmConfig { memory_size, vcpus, kernel, initramfs, cmdline, boot_protocol };
         let console = console.0.clone();
         let fds = LifecycleFds { reset: reset_fd, guest_exit: guest_exit_fd, error: error_fd };
         // The caller keeps its fds; the VM maps duplicates it owns.
@@ -367,6 +369,12 @@ impl PyVm {
     #[getter]
     fn payload_kind(&self) -> error::Result<Option<&'static str>> {
         self.with(|vm| Ok(vm.payload_kind.map(|k| k.name())))
+    }
+
+    /// "pvh" or "linux64": how the BSP entered; None for a restored VM.
+    #[getter]
+    fn boot_protocol(&self) -> error::Result<Option<&'static str>> {
+        self.with(|vm| Ok(vm.boot_protocol.map(|p| p.name())))
     }
 
     /// Records `kind` ("reset" or "shutdown") as if a vCPU had asked for it and writes its eventfd:

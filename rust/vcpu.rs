@@ -16,7 +16,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::DeviceAction;
 use crate::error::{Error, Kind, Result};
-use crate::idle::{IDLE_PORT, WAKE_PORT};
+use crate::idle::{IDLE_PORT, IDLE_SIGNATURE, WAKE_PORT};
 use crate::vm::{LifecycleRequest, VmShared};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,6 +274,11 @@ fn device_outcome(action: DeviceAction) -> Outcome {
 
 fn handle_exit(exit: VcpuExit, vm: &VmShared) -> Outcome {
     match exit {
+        VcpuExit::IoIn(IDLE_PORT, data) => {
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&IDLE_SIGNATURE.to_le_bytes()[..n]);
+            Outcome::Continue
+        }
         VcpuExit::IoIn(port, data) => {
             vm.pio.read(port, data);
             Outcome::Continue

@@ -12,7 +12,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MP_STATE_RUN
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::{cpu_setup, payload, zero_page};
+use crate::boot::{cpu_setup, payload, pvh, zero_page};
 use crate::console::{Console, InputListener};
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::ged::{self, Ged};
@@ -52,6 +52,8 @@ pub struct VmConfig<'a> {
     pub kernel: Option<&'a [u8]>,
     pub initramfs: Option<&'a [u8]>,
     pub cmdline: String,
+    /// None: PVH for an ELF with the PVH note, else the 64-bit entry.
+    pub boot_protocol: Option<payload::BootProtocol>,
 }
 
 /// Everything but memory that a snapshot or migration carries for a paused VM.
@@ -165,6 +167,8 @@ pub struct Vm {
     pub ram: Arc<GuestRam>,
     /// None for a VM restored from a snapshot or migration.
     pub payload_kind: Option<payload::PayloadKind>,
+    /// How the BSP entered; None for a restored VM.
+    pub boot_protocol: Option<payload::BootProtocol>,
     pub cmdline: String,
 }
 
@@ -231,14 +235,14 @@ impl Vm {
         for (i, vcpu) in vcpu_fds.iter().enumerate() {
             vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i as u8, cfg.vcpus)).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
         }
-        let (payload_kind, cmdline) = if restore {
-            (None, cfg.cmdline.clone())
+        let (payload_kind, boot_protocol, cmdline) = if restore {
+            (None, None, cfg.cmdline.clone())
         } else {
             let (kind, cmdline) = load_payload(cfg, &ram, &vcpu_fds)?;
             for (i, vcpu) in vcpu_fds.iter().enumerate() {
                 setup_boot_vcpu(&kvm, vcpu, i as u8, &kind)?;
             }
-            (Some(kind.kind), cmdline)
+            (Some(kind.kind), Some(kind.protocol), cmdline)
         };
 
         // Devices.
@@ -287,7 +291,7 @@ impl Vm {
                 thread: None,
             })
             .collect();
-        Ok(Vm { vcpus, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, cmdline })
+        Ok(Vm { vcpus, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, boot_protocol, cmdline })
     }
 
     /// Starts the vCPU threads; with `paused`, they stop before running any guest code (a
@@ -424,7 +428,7 @@ impl Vm {
 
 /// Loads kernel, initramfs, command line, ACPI tables, zero page and boot page tables.
 fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(payload::Payload, String)> {
-    let payload = payload::load_kernel(&ram.mem, cfg.kernel)?;
+    let payload = payload::load_kernel(&ram.mem, cfg.kernel, cfg.boot_protocol)?;
     let initramfs = match cfg.initramfs {
         Some(image) => Some(payload::load_initramfs(&ram.mem, image, &payload, cfg.memory_size)?),
         None => None,
@@ -436,10 +440,13 @@ fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(
     }
     let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus)
         .map_err(|e| Error::new(Kind::Kvm, format!("writing ACPI tables: {e}")))?;
-    zero_page::write_zero_page(
-        &ram.mem,
-        &zero_page::BootInputs { payload: &payload, cmdline: &cmdline, ram_size: cfg.memory_size, initramfs, rsdp: rsdp.0 },
-    )?;
+    let inputs = zero_page::BootInputs { payload: &payload, cmdline: &cmdline, ram_size: cfg.memory_size, initramfs, rsdp: rsdp.0 };
+    zero_page::write_cmdline(&ram.mem, &inputs)?;
+    match payload.protocol {
+        payload::BootProtocol::Pvh => pvh::write_start_info(&ram.mem, cfg.memory_size, initramfs, rsdp.0)?,
+        payload::BootProtocol::Linux64 => zero_page::write_zero_page(&ram.mem, &inputs)?,
+    }
+    // The test guest's APs start in 64-bit mode on these tables whichever way the BSP enters.
     cpu_setup::write_boot_tables(&ram.mem)?;
     Ok((payload, cmdline))
 }
@@ -450,7 +457,10 @@ fn setup_boot_vcpu(kvm: &Kvm, vcpu: &VcpuFd, index: u8, payload: &payload::Paylo
     cpu_setup::setup_msrs(kvm, vcpu)?;
     cpu_setup::setup_lint(vcpu)?;
     if index == 0 {
-        cpu_setup::setup_long_mode(vcpu, payload.entry, layout::ZERO_PAGE, 0)?;
+        match payload.protocol {
+            payload::BootProtocol::Pvh => cpu_setup::setup_pvh(vcpu, payload.entry, layout::PVH_START_INFO)?,
+            payload::BootProtocol::Linux64 => cpu_setup::setup_long_mode(vcpu, payload.entry, layout::ZERO_PAGE, 0)?,
+        }
     } else if let Some(ap_entry) = payload.ap_entry {
         cpu_setup::setup_long_mode(vcpu, ap_entry, layout::ZERO_PAGE, index as u64)?;
         vcpu.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })

@@ -9,8 +9,9 @@ On the PVM hosts vmmpy is developed on, guest supervisor code is instruction-emu
   builds without CONFIG_X86_VERBOSE_BOOTUP, so its decompressor never prints
   ``Decompressing Linux...``; with ``nokaslr`` it prints ``KASLR disabled: 'nokaslr' on cmdline.``
   from extract_kernel() just before it decompresses.) Decompressing takes minutes here: not waited.
-* vmlinux: the banner, the exact command line, every e820 line against the map vmmpy wrote into
-  the zero page (and against layout.rs's rules), the ACPI table lines with vmmpy's OEM id.
+* vmlinux, through the 64-bit entry and through PVH (the default for an ELF with the PVH note): the
+  banner, the exact command line, every e820 line against the map vmmpy wrote into the zero page
+  or hvm_start_info (and against layout.rs's rules), the ACPI table lines with vmmpy's OEM id.
 * the emulation failure that eventually ends the kernel here is a VM error (event ``vm.error``,
   state ``Error``), and the VMM survives it.
 * bad kernels, initramfs and command lines: PayloadError before any vCPU runs (API 400, CLI exit 1).
@@ -40,6 +41,8 @@ from vmmpy.errors import PayloadError
 
 MIB = 1 << 20
 ZERO_PAGE = 0x7000
+PVH_START_INFO = 0x6000
+PVH_MAGIC = 0x336EC578
 LOAD_PHYSICAL_ADDR = 0x1000000  # Debian's CONFIG_PHYSICAL_START: where the decompressor writes
 MMIO_HOLE_START = 0xC000_0000
 FOUR_GIB = 1 << 32
@@ -71,12 +74,12 @@ class LinuxVm:
     """An in-process Vmm booting `kernel`, its serial console on a socket, with timing marks."""
 
     def __init__(self, tmp: Path, kernel: str, cmdline: str, memory_mib: int = 256, vcpus: int = 2,
-                 initramfs: str | None = None):
+                 initramfs: str | None = None, boot_protocol: str | None = None):
         self.serial_path = str(tmp / f"linux-{time.monotonic_ns()}.serial")
         self.vmm = Vmm(serial=SerialConfig(mode="Socket", socket=self.serial_path))
         self.serial = SerialClient(self.serial_path)
         self.config = VmConfig(memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, cmdline=cmdline,
-                               initramfs=initramfs)
+                               initramfs=initramfs, boot_protocol=boot_protocol)
         self.vmm.create(self.config)
         self.t0 = time.monotonic()
         self.vmm.boot()
@@ -111,6 +114,16 @@ def zero_page_e820(vm: LinuxVm) -> list[tuple[int, int, int]]:
     return [struct.unpack_from("<QQI", zp, 0x2D0 + 20 * i) for i in range(zp[0x1E8])]
 
 
+def start_info(vm: LinuxVm) -> tuple[list[tuple[int, int, int]], int, int]:
+    """The memory map (hvm_memmap_table_entry: addr, size, type), RSDP and command line addresses
+    in the hvm_start_info vmmpy wrote for a PVH entry."""
+    magic, version, _, _, _, cmdline, rsdp, memmap, entries = struct.unpack(
+        "<IIIIQQQQI", vm.guest_bytes(PVH_START_INFO, 52))
+    assert (magic, version) == (PVH_MAGIC, 1)
+    table = vm.guest_bytes(memmap, 24 * entries)
+    return [struct.unpack_from("<QQI", table, 24 * i) for i in range(entries)], rsdp, cmdline
+
+
 def layout_e820(ram: int) -> list[tuple[int, int, int]]:
     """rust/layout.rs e820_map(), restated: RAM below the EBDA, EBDA and BIOS area reserved, RAM
     from 1 MiB to the MMIO hole at 3 GiB, the rest from 4 GiB."""
@@ -118,6 +131,19 @@ def layout_e820(ram: int) -> list[tuple[int, int, int]]:
     if ram <= MMIO_HOLE_START:
         return out + [(0x100000, ram - 0x100000, 1)]
     return out + [(0x100000, MMIO_HOLE_START - 0x100000, 1), (FOUR_GIB, ram - MMIO_HOLE_START, 1)]
+
+
+def pvh_e820_as_linux_prints(entries: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """What Linux makes of a PVH memory map before it prints it: its PVH entry adds the ISA hole
+    [0xa0000, 0x100000) as reserved (arch/x86/platform/pvh/enlighten.c), and sanitising the table
+    merges ranges of one type that touch or overlap."""
+    out: list[list[int]] = []
+    for addr, size, kind in sorted(entries + [(0xA0000, 0x60000, 2)]):
+        if out and out[-1][2] == kind and addr <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], addr + size - out[-1][0])
+        else:
+            out.append([addr, size, kind])
+    return [tuple(e) for e in out]
 
 
 def e820_line(addr: int, size: int, kind: int) -> bytes:
@@ -141,7 +167,7 @@ def test_extract_vmlinux_from_debian_bzimage(request, flavour, compression):
     assert vmlinux == k.vmlinux.read_bytes()
     elf = vmmpy_kernel.inspect_bytes(vmlinux)
     assert elf.kind == "elf" and elf.entry == LOAD_PHYSICAL_ADDR and elf.version == k.release
-    assert elf.pvh_entry is not None  # Debian builds CONFIG_PVH; vmmpy still enters at 64 bits
+    assert elf.pvh_entry is not None  # Debian builds CONFIG_PVH: vmmpy enters there by default
     with pytest.raises(PayloadError, match="already an ELF"):
         vmmpy_kernel.extract_vmlinux(vmlinux)
     with pytest.raises(PayloadError, match="truncated"):
@@ -197,9 +223,11 @@ CLOUD_MIB = 256
 GENERIC_MIB = 4096  # above the MMIO hole: the e820 gets RAM from 4 GiB on
 
 
-def _early_boot(tmp: Path, kernel: linux_kernel.DebianKernel, memory_mib: int, vcpus: int):
+def _early_boot(tmp: Path, kernel: linux_kernel.DebianKernel, memory_mib: int, vcpus: int,
+                boot_protocol: str = "linux64"):
     cmdline = f"console=ttyS0 earlyprintk=serial nokaslr vmmpy.test=early-boot-{kernel.flavour}"
-    vm = LinuxVm(tmp, str(kernel.vmlinux), cmdline, memory_mib=memory_mib, vcpus=vcpus)
+    vm = LinuxVm(tmp, str(kernel.vmlinux), cmdline, memory_mib=memory_mib, vcpus=vcpus,
+                 boot_protocol=boot_protocol)
     vm.cmdline = cmdline
     vm.kernel = kernel
     return vm
@@ -212,12 +240,28 @@ def cloud_early_boot(cloud_kernel, tmp_path_factory):
     vm.close()
 
 
+@pytest.fixture(scope="module")
+def cloud_pvh_early_boot(cloud_kernel, tmp_path_factory):
+    """The same kernel entered through its PVH note (vmmpy's default for it): booted once."""
+    vm = _early_boot(tmp_path_factory.mktemp("cloud-pvh"), cloud_kernel, CLOUD_MIB, vcpus=2, boot_protocol="pvh")
+    yield vm
+    vm.close()
+
+
 def check_early_boot(vm: LinuxVm, memory_mib: int, vcpus: int, smp_line: bool = True) -> None:
     info = vm.vmm.info()
     assert info["payload_kind"] == "elf"
+    assert info["boot_protocol"] == vm.config.boot_protocol
     # APs wait for the kernel's INIT/SIPI.
     assert info["vcpu_states"][1:] == ["running"] * (vcpus - 1)
-    built = zero_page_e820(vm)
+    if vm.config.boot_protocol == "pvh":
+        built, rsdp, cmdline_addr = start_info(vm)
+        assert vm.guest_bytes(cmdline_addr, len(vm.cmdline) + 1) == vm.cmdline.encode() + b"\0"
+        printed = pvh_e820_as_linux_prints(built)
+    else:
+        built = zero_page_e820(vm)
+        rsdp = int.from_bytes(vm.guest_bytes(ZERO_PAGE + 0x70, 8), "little")
+        printed = built
     assert built == layout_e820(memory_mib * MIB)
 
     m = vm.expect("Linux version", rb"Linux version (\S+) ", EARLY_BOOT_S)
@@ -225,8 +269,8 @@ def check_early_boot(vm: LinuxVm, memory_mib: int, vcpus: int, smp_line: bool = 
     m = vm.expect("Command line", rb"Command line: ([^\r\n]*)\r?\n", EARLY_BOOT_S)
     assert m.group(1).decode() == vm.cmdline
     vm.expect("e820 header", rb"BIOS-provided physical RAM map:\r?\n", EARLY_BOOT_S)
-    lines = [vm.expect(f"e820 {i}", rb"(BIOS-e820: [^\r\n]*)\r?\n", EARLY_BOOT_S).group(1) for i in range(len(built))]
-    assert lines == [e820_line(*entry) for entry in built]
+    lines = [vm.expect(f"e820 {i}", rb"(BIOS-e820: [^\r\n]*)\r?\n", EARLY_BOOT_S).group(1) for i in range(len(printed))]
+    assert lines == [e820_line(*entry) for entry in printed]
     # The line after the map is not another e820 entry.
     nxt = vm.expect("after e820", rb"\] ([^\r\n]*)\r?\n", EARLY_BOOT_S).group(1)
     assert not nxt.startswith(b"BIOS-e820")
@@ -235,7 +279,7 @@ def check_early_boot(vm: LinuxVm, memory_mib: int, vcpus: int, smp_line: bool = 
     for sig in ACPI_TABLES:
         m = vm.expect(f"ACPI {sig}", rb"ACPI: " + sig.encode() + rb" 0x([0-9A-F]{16}) ([0-9A-F]{6}) \(v(\d\d) ([^)]*)\)", EARLY_BOOT_S)
         seen[sig] = (int(m.group(1), 16), int(m.group(2), 16), int(m.group(3)), m.group(4).decode())
-    assert seen["RSDP"][0] == int.from_bytes(vm.guest_bytes(ZERO_PAGE + 0x70, 8), "little")
+    assert seen["RSDP"][0] == rsdp
     assert seen["RSDP"][3].split() == ["VMMPY"]
     for sig in ACPI_TABLES[1:]:
         assert seen[sig][3].split()[:2] == ["VMMPY", "VMMPYVM"], seen[sig]
@@ -244,11 +288,16 @@ def check_early_boot(vm: LinuxVm, memory_mib: int, vcpus: int, smp_line: bool = 
     if smp_line:  # printed after the memory map is set up: late with a lot of RAM
         m = vm.expect("smpboot: Allowing N CPUs", rb"smpboot: Allowing (\d+) CPUs", EARLY_BOOT_S)
         assert int(m.group(1)) == vcpus
-    vm.report(f"vmlinux {vm.kernel.release}, {memory_mib} MiB, {vcpus} vCPUs")
+    vm.report(f"vmlinux {vm.kernel.release} ({vm.config.boot_protocol}), {memory_mib} MiB, {vcpus} vCPUs")
 
 
 def test_cloud_vmlinux_early_boot(cloud_early_boot):
     check_early_boot(cloud_early_boot, CLOUD_MIB, 2)
+
+
+def test_cloud_vmlinux_early_boot_through_pvh(cloud_pvh_early_boot):
+    """Entered at the PVH note in 32-bit mode, the kernel prints the same lines from hvm_start_info."""
+    check_early_boot(cloud_pvh_early_boot, CLOUD_MIB, 2)
 
 
 def test_cloud_vmlinux_emulation_failure_is_a_vm_error(cloud_early_boot):
@@ -277,19 +326,23 @@ def test_generic_vmlinux_early_boot_above_4g(generic_kernel, tmp_path):
         vm.close()
 
 
-@pytest.mark.parametrize("which,kind", [("bzimage", "bzimage"), ("vmlinux", "elf")])
-def test_cli_says_which_kernel_it_found(cloud_kernel, vmm_process, which, kind):
+@pytest.mark.parametrize("which,kind,args,protocol", [
+    ("bzimage", "bzimage", (), "linux64"),
+    ("vmlinux", "elf", (), "pvh"),
+    ("vmlinux", "elf", ("--boot-protocol", "linux64"), "linux64"),
+])
+def test_cli_says_which_kernel_it_found(cloud_kernel, vmm_process, which, kind, args, protocol):
     path = str(getattr(cloud_kernel, which))
-    p = vmm_process("--kernel", path, "--memory", "size=256M", "--cmdline", "console=ttyS0")
+    p = vmm_process("--kernel", path, "--memory", "size=256M", "--cmdline", "console=ttyS0", *args)
     p.wait_event("vm.booted", timeout=30)
     status, info = p.api.info()
-    assert status == 200 and info["payload_kind"] == kind
+    assert status == 200 and info["payload_kind"] == kind and info["boot_protocol"] == protocol
     deadline = time.monotonic() + 10
     while f"payload_kind={kind}" not in p.log_path.read_text():
         assert time.monotonic() < deadline, p.log_path.read_text()
         time.sleep(0.05)
     line = next(x for x in p.log_path.read_text().splitlines() if "payload_kind=" in x)
-    assert line.startswith(f"vmmpy: kernel {path}: payload_kind={kind}: ")
+    assert line.startswith(f"vmmpy: kernel {path}: payload_kind={kind} boot_protocol={protocol}: ")
     assert ("bzImage (boot protocol" if kind == "bzimage" else "ELF vmlinux") in line
 
 

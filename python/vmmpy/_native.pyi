@@ -38,9 +38,10 @@ class Vm:
     """A KVM VM with its payload loaded. No vCPU runs before boot()."""
     def __new__(cls, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
                 cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int,
-                restore: bool = False, memory_fds: list[int] | None = None) -> Vm:
+                restore: bool = False, memory_fds: list[int] | None = None, boot_protocol: str | None = None) -> Vm:
         """`restore`: built to take saved state (no payload loaded); `memory_fds`: map these
-        sealed memfds as guest RAM (same-host migration) instead of new ones."""
+        sealed memfds as guest RAM (same-host migration) instead of new ones; `boot_protocol`
+        'pvh' or 'linux64' (None: PVH for an ELF with the PVH note, else linux64)."""
     def boot(self, paused: bool = False) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""
@@ -58,6 +59,9 @@ class Vm:
     @property
     def payload_kind(self) -> str:
         """'test-guest', 'elf' or 'bzimage'."""
+    @property
+    def boot_protocol(self) -> str | None:
+        """'pvh' or 'linux64' (how the BSP entered); None for a restored VM."""
     @property
     def cmdline(self) -> str: ...
     def inject_request(self, kind: str) -> None:

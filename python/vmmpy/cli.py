@@ -84,6 +84,12 @@ def build_parser() -> OneLineParser:
     )
     p.add_argument("--kernel", metavar="PATH", help="ELF vmlinux or bzImage (default: test guest)")
     p.add_argument("--initramfs", metavar="PATH", help="initramfs image")
+    p.add_argument(
+        "--boot-protocol",
+        choices=("pvh", "linux64"),
+        help="enter an ELF kernel through its PVH note (pvh, the default when it has one) "
+        "or Linux's 64-bit entry (linux64)",
+    )
     p.add_argument("--cmdline", metavar="STRING", help='kernel command line (default "console=ttyS0")')
     p.add_argument("--memory", metavar="size=SIZE[,shared=on|off]", help="guest RAM, e.g. size=512M")
     p.add_argument("--cpus", metavar="boot=N", help="vCPU count, e.g. boot=2 (1 to 8)")
@@ -183,11 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_path, api_fd = parse_api_socket(args.api_socket)
         want_vm = any(
             value is not None
-            for value in (args.kernel, args.initramfs, args.cmdline, args.memory, args.cpus)
+            for value in (args.kernel, args.initramfs, args.cmdline, args.boot_protocol, args.memory, args.cpus)
         )
         restore = parse_restore(args.restore) if args.restore is not None else None
         if restore is not None and want_vm:
-            parser.error("--restore takes the VM from the snapshot: drop --kernel/--memory/--cpus")
+            parser.error("--restore takes the VM from the snapshot: drop --kernel/--boot-protocol/--memory/--cpus")
         if not want_vm and restore is None and args.api_socket is None:
             parser.error(
                 "nothing to do: give --kernel, --memory or --cpus to boot a VM, "
@@ -207,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kernel=args.kernel,
                 initramfs=args.initramfs,
                 cmdline=args.cmdline,
+                boot_protocol=args.boot_protocol,
                 serial=serial if serial is not None else SerialConfig(),
                 **vm_args,
             )
@@ -276,10 +283,12 @@ def _say_kernel_kind(vmm: Any, path: str) -> None:
     from vmmpy.kernel import describe
 
     try:
-        kind = vmm.info().get("payload_kind", "unknown")
+        info = vmm.info()
+        kind, protocol = info.get("payload_kind", "unknown"), info.get("boot_protocol", "unknown")
     except Exception:  # noqa: BLE001 - an informative line must never fail the boot
-        kind = "unknown"
-    print(f"{PROG}: kernel {path}: payload_kind={kind}: {describe(path)}", file=sys.stderr, flush=True)
+        kind = protocol = "unknown"
+    print(f"{PROG}: kernel {path}: payload_kind={kind} boot_protocol={protocol}: {describe(path)}",
+          file=sys.stderr, flush=True)
 
 
 def _start_api(vmm: Any, path: str | None, fd: int | None) -> Any:

@@ -28,6 +28,9 @@ MIN_VCPUS = 1
 MAX_VCPUS = 8
 DEFAULT_MEMORY_MIB = 512
 DEFAULT_CMDLINE = "console=ttyS0"
+#: How the BSP enters the kernel: Xen's PVH entry (an ELF with the PVH note) or Linux's 64-bit
+#: entry. Unset: PVH when the ELF has the note (as Cloud Hypervisor does), else linux64.
+BOOT_PROTOCOLS = ("pvh", "linux64")
 
 #: Serial back-ends vmmpy implements, spelled as Cloud Hypervisor's ``ConsoleMode`` enum.
 SERIAL_MODES = ("Off", "Null", "Tty", "File", "Socket")
@@ -138,6 +141,7 @@ _FIELD_LABELS = {
     "kernel": "kernel",
     "initramfs": "initramfs",
     "cmdline": "cmdline",
+    "boot_protocol": "boot_protocol",
     "memory_shared": "memory_shared",
     "serial": "serial",
 }
@@ -147,6 +151,7 @@ _API_LABELS = {
     "kernel": "payload.kernel",
     "initramfs": "payload.initramfs",
     "cmdline": "payload.cmdline",
+    "boot_protocol": "payload.boot_protocol",
     "memory_shared": "memory.shared",
     "serial": "serial",
 }
@@ -162,6 +167,7 @@ def _check_vm_fields(
     memory_shared: Any,
     serial: Any,
     api: bool,
+    boot_protocol: Any = None,
 ) -> list[str]:
     """Every problem with these VmConfig field values, as messages naming field and value."""
     labels = _API_LABELS if api else _FIELD_LABELS
@@ -207,6 +213,8 @@ def _check_vm_fields(
     if cmdline is not None and (not isinstance(cmdline, str) or "\0" in cmdline):
         out.append(f"{labels['cmdline']}={cmdline!r}: must be a string without NUL bytes")
 
+    if boot_protocol is not None and boot_protocol not in BOOT_PROTOCOLS:
+        out.append(f"{labels['boot_protocol']}={boot_protocol!r}: must be one of {', '.join(BOOT_PROTOCOLS)}")
     if not isinstance(serial, SerialConfig):
         out.append(f"{labels['serial']}={serial!r}: must be a SerialConfig")
     else:
@@ -218,7 +226,8 @@ def _check_vm_fields(
 class VmConfig:
     """What vmmpy needs to build a VM.
 
-    ``kernel=None`` boots the embedded test guest; ``cmdline=None`` means :data:`DEFAULT_CMDLINE`.
+    ``kernel=None`` boots the embedded test guest; ``cmdline=None`` means :data:`DEFAULT_CMDLINE`;
+    ``boot_protocol=None`` enters an ELF with the PVH note through PVH (see :data:`BOOT_PROTOCOLS`).
     ``memory_shared`` is accepted for compatibility only: vmmpy's guest RAM is always a shared
     memfd mapping.
     """
@@ -230,6 +239,7 @@ class VmConfig:
     cmdline: str | None = None
     memory_shared: bool = False
     serial: SerialConfig = field(default_factory=SerialConfig)
+    boot_protocol: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -245,6 +255,7 @@ class VmConfig:
             memory_shared=self.memory_shared,
             serial=self.serial,
             api=False,
+            boot_protocol=self.boot_protocol,
         )
         if problems:
             raise InvalidConfig("; ".join(problems))
@@ -281,6 +292,8 @@ class VmConfig:
         if self.initramfs is not None:
             payload["initramfs"] = self.initramfs
         payload["cmdline"] = self.effective_cmdline
+        if self.boot_protocol is not None:
+            payload["boot_protocol"] = self.boot_protocol  # a vmmpy extension of CH's PayloadConfig
         return {
             "cpus": {"boot_vcpus": self.vcpus, "max_vcpus": self.vcpus},
             "memory": {"size": self.memory_mib * MIB, "shared": self.memory_shared},
@@ -394,7 +407,8 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
     if cmdline is not None and not isinstance(cmdline, str):
         problems.append(f"payload.cmdline={cmdline!r}: must be a string")
         cmdline = None
-    leftovers("payload", payload, {"kernel", "initramfs", "cmdline"}, {})
+    boot_protocol = payload.get("boot_protocol")
+    leftovers("payload", payload, {"kernel", "initramfs", "cmdline", "boot_protocol"}, {})
 
     # cpus --------------------------------------------------------------------------------
     cpus = section("cpus")
@@ -511,7 +525,7 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
     message.extend(problems)
     fields = dict(memory_mib=memory_mib, vcpus=boot, kernel=kernel, initramfs=initramfs, cmdline=cmdline,
-                  memory_shared=shared, serial=serial)
+                  memory_shared=shared, serial=serial, boot_protocol=boot_protocol)
     if not message:
         message.extend(_check_vm_fields(**fields, api=True))
     if message:

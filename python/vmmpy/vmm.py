@@ -270,7 +270,7 @@ class Vmm(ReceiveHooks):
             memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=payload.kernel, initramfs=payload.initramfs,
             cmdline=cfg.effective_cmdline,
             console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
-            error_fd=self._error_fd, restore=restore, memory_fds=memory_fds)
+            error_fd=self._error_fd, restore=restore, memory_fds=memory_fds, boot_protocol=cfg.boot_protocol)
 
     def _build_and_boot(self) -> None:
         cfg = self._config
@@ -497,6 +497,7 @@ class Vmm(ReceiveHooks):
                 info["error"] = self._failure
             if self._vm is not None:
                 info["payload_kind"] = self._vm.payload_kind
+                info["boot_protocol"] = self._vm.boot_protocol
                 info["vcpu_states"] = self._vm.vcpu_states()
                 err = self._vm.error()
                 if err is not None:

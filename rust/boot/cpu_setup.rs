@@ -1,5 +1,6 @@
-//! vCPU state for the 64-bit boot protocol: identity page tables, the boot GDT, segment and control
-//! registers, FPU, boot MSRs and the LAPIC's LINT0/LINT1 wiring.
+//! vCPU state for the 64-bit boot protocol (identity page tables, the boot GDT, long mode) and for
+//! the PVH entry (flat 32-bit protected mode, paging off), FPU, boot MSRs and the LAPIC's
+//! LINT0/LINT1 wiring.
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
@@ -12,10 +13,13 @@ use crate::memory::GuestMem;
 const CODE64: u64 = 0x00af_9b00_0000_ffff;
 const DATA: u64 = 0x00cf_9300_0000_ffff;
 const TSS: u64 = 0x0080_8b00_0000_ffff;
+const CODE32: u64 = 0x00cf_9b00_0000_ffff;
 /// Linux's 64-bit boot protocol wants __BOOT_CS = 0x10 and __BOOT_DS = 0x18.
 const BOOT_CS: u16 = 0x10;
 const BOOT_DS: u16 = 0x18;
 const BOOT_TSS: u16 = 0x20;
+const BOOT_CS32: u16 = 0x28;
+const BOOT_GDT_ENTRIES: u16 = 6;
 
 const X86_CR0_PE: u64 = 1;
 const X86_CR0_MP: u64 = 1 << 1;
@@ -34,7 +38,7 @@ pub fn write_boot_tables(mem: &GuestMem) -> Result<()> {
         mem.write_obj(val, GuestAddress(addr))
             .map_err(|e| Error::new(Kind::Kvm, format!("writing boot tables at {addr:#x}: {e}")))
     };
-    for (i, desc) in [0, 0, CODE64, DATA, TSS].iter().enumerate() {
+    for (i, desc) in [0, 0, CODE64, DATA, TSS, CODE32].iter().enumerate() {
         w(layout::BOOT_GDT + 8 * i as u64, *desc)?;
     }
     w(layout::BOOT_IDT, 0)?;
@@ -50,9 +54,13 @@ pub fn write_boot_tables(mem: &GuestMem) -> Result<()> {
 }
 
 fn segment(desc: u64, selector: u16) -> kvm_segment {
+    let raw_limit = (((desc >> 32) & 0xf_0000) | (desc & 0xffff)) as u32;
+    let granular = (desc >> 55) & 1 == 1;
     kvm_segment {
         base: ((desc >> 16) & 0xff_ffff) | (((desc >> 56) & 0xff) << 24),
-        limit: (((desc >> 32) & 0xf_0000) | (desc & 0xffff)) as u32,
+        // KVM takes the limit in bytes: with G set the descriptor counts 4 KiB pages. Long mode
+        // ignores limits, 32-bit protected mode (PVH) does not.
+        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
         selector,
         type_: ((desc >> 40) & 0xf) as u8,
         present: ((desc >> 47) & 1) as u8,
@@ -81,7 +89,7 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<
     sregs.ss = data;
     sregs.tr = segment(TSS, BOOT_TSS);
     sregs.gdt.base = layout::BOOT_GDT;
-    sregs.gdt.limit = 5 * 8 - 1;
+    sregs.gdt.limit = BOOT_GDT_ENTRIES * 8 - 1;
     sregs.idt.base = layout::BOOT_IDT;
     sregs.idt.limit = 7;
     sregs.cr3 = layout::PML4;
@@ -103,6 +111,46 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<
 
     let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
+}
+
+/// Puts a vCPU at `entry` as the PVH ABI wants it: 32-bit protected mode with flat 4 GiB code and
+/// data segments, paging and long mode off, EBX = the `hvm_start_info` address.
+pub fn setup_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
+    let mut sregs = vcpu.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
+    let data = segment(DATA, BOOT_DS);
+    sregs.cs = segment(CODE32, BOOT_CS32);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(TSS, BOOT_TSS);
+    sregs.gdt.base = layout::BOOT_GDT;
+    sregs.gdt.limit = BOOT_GDT_ENTRIES * 8 - 1;
+    sregs.idt.base = layout::BOOT_IDT;
+    sregs.idt.limit = 7;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    let regs = kvm_regs { rflags: 0x2, rip: entry, rbx: start_info, ..Default::default() };
+    vcpu.set_regs(&regs).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_segments_span_4_gib() {
+        let code = segment(CODE32, BOOT_CS32);
+        assert_eq!((code.base, code.limit, code.db, code.l, code.g, code.type_), (0, 0xffff_ffff, 1, 0, 1, 0xb));
+        assert_eq!(segment(DATA, BOOT_DS).limit, 0xffff_ffff);
+        assert_eq!(segment(TSS, BOOT_TSS).limit, 0x0fff_ffff);
+    }
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;

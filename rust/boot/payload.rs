@@ -9,9 +9,10 @@
 //! * ELF: 64-bit little-endian x86-64 executable; program headers and every PT_LOAD segment inside
 //!   the file (a truncated file is caught here, not as linux-loader's "Unable to read kernel
 //!   image"); every segment in guest RAM and above vmmpy's boot structures below 1 MiB; the entry
-//!   point inside a loaded segment, where vmmpy enters it in 64-bit mode (Linux's 64-bit boot
-//!   protocol; a PVH note is not needed and not used). The test guest's `vmmpy` note (its AP
-//!   entry) is read here too.
+//!   point inside a loaded segment. A `Xen` note of type 18 (XEN_ELFNOTE_PHYS32_ENTRY) names the
+//!   32-bit PVH entry, which must lie in a loaded segment too; an ELF with that note is entered the
+//!   PVH way unless the 64-bit entry (Linux's 64-bit boot protocol at e_entry) is asked for. The
+//!   test guest's `vmmpy` note (its AP entry) is read here too.
 //! * bzImage: boot flag and `HdrS` magic, boot protocol >= 2.12, a 64-bit entry (XLF_KERNEL_64),
 //!   `syssize` and the compressed payload inside the file, and the memory the kernel needs while it
 //!   starts: the decompressor runs from `max(load address aligned up to kernel_alignment,
@@ -49,9 +50,37 @@ impl PayloadKind {
     }
 }
 
+/// How the BSP enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// Xen's PVH entry: 32-bit protected mode, paging off, EBX = `hvm_start_info`.
+    Pvh,
+    /// Linux's 64-bit boot protocol: long mode, identity-mapped, RSI = zero page.
+    Linux64,
+}
+
+impl BootProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            BootProtocol::Pvh => "pvh",
+            BootProtocol::Linux64 => "linux64",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<BootProtocol> {
+        match name {
+            "pvh" => Ok(BootProtocol::Pvh),
+            "linux64" => Ok(BootProtocol::Linux64),
+            other => Err(Error::new(Kind::InvalidConfig, format!("boot protocol {other:?}: must be \"pvh\" or \"linux64\""))),
+        }
+    }
+}
+
 pub struct Payload {
     pub kind: PayloadKind,
-    /// 64-bit entry point of the BSP.
+    /// How the BSP enters: `Pvh` at `entry` in 32-bit mode, `Linux64` at `entry` in 64-bit mode.
+    pub protocol: BootProtocol,
+    /// Entry point of the BSP for `protocol`.
     pub entry: u64,
     /// Where APs start in 64-bit mode, when the payload asks for that (the `vmmpy` ELF note).
     pub ap_entry: Option<u64>,
@@ -80,6 +109,7 @@ const PT_NOTE: u32 = 4;
 const ET_EXEC: u16 = 2;
 const EM_X86_64: u16 = 62;
 const VMMPY_NOTE_AP_ENTRY: u32 = 1;
+const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 /// x86's COMMAND_LINE_SIZE for kernels that do not state theirs.
 const DEFAULT_CMDLINE_LIMIT: usize = 2048;
 const MAX_PHDRS: u16 = 64;
@@ -106,16 +136,20 @@ fn low_ram_end(mem: &GuestMem) -> u64 {
 /// Loads the kernel into guest memory. `kernel` None means the embedded test guest. The image
 /// comes as bytes the VMM holds (read from the host by the VMM itself, or received from a
 /// migration peer and checked), never as a path: a reboot loads the same content again.
-pub fn load_kernel(mem: &GuestMem, kernel: Option<&[u8]>) -> Result<Payload> {
+/// `protocol` None chooses PVH for an ELF with the PVH note and the 64-bit entry otherwise.
+pub fn load_kernel(mem: &GuestMem, kernel: Option<&[u8]>, protocol: Option<BootProtocol>) -> Result<Payload> {
     let (image, name) = match kernel {
-        None => return load_elf(mem, &mut Cursor::new(TEST_GUEST), TEST_GUEST.len() as u64, "<embedded test guest>"),
+        None => return load_elf(mem, &mut Cursor::new(TEST_GUEST), TEST_GUEST.len() as u64, "<embedded test guest>", protocol),
         Some(image) => (image, "image"),
     };
     let size = image.len() as u64;
     let mut file = Cursor::new(image);
     if image.len() >= 4 && &image[..4] == ELF_MAGIC {
-        load_elf(mem, &mut file, size, name)
+        load_elf(mem, &mut file, size, name, protocol)
     } else if image.len() >= 0x206 && u32::from_le_bytes(image[0x202..0x206].try_into().unwrap()) == BZIMAGE_MAGIC {
+        if protocol == Some(BootProtocol::Pvh) {
+            return Err(payload_err(name, "a bzImage has no PVH entry: boot it with the linux64 protocol, or boot its vmlinux"));
+        }
         load_bzimage(mem, &mut file, size, name)
     } else if image.is_empty() {
         Err(payload_err(name, "the file is empty"))
@@ -151,6 +185,7 @@ struct ElfInfo {
     start: u64,
     end: u64,
     ap_entry: Option<u64>,
+    pvh_entry: Option<u64>,
 }
 
 fn inspect_elf<F: Read + Seek>(
@@ -196,6 +231,7 @@ fn inspect_elf<F: Read + Seek>(
     let (mut start, mut end) = (u64::MAX, 0u64);
     let mut entry_loaded = false;
     let mut notes = Vec::new();
+    let mut loaded = Vec::new();
     for (i, ph) in phdrs.iter().enumerate() {
         let (p_type, off, paddr, filesz, memsz) = (u32_at(ph, 0), u64_at(ph, 8), u64_at(ph, 24), u64_at(ph, 32), u64_at(ph, 40));
         if p_type == PT_NOTE {
@@ -226,6 +262,7 @@ fn inspect_elf<F: Read + Seek>(
         start = start.min(paddr);
         end = end.max(seg_end);
         entry_loaded |= paddr <= entry && entry < seg_end;
+        loaded.push((paddr, seg_end));
     }
     if end == 0 {
         return Err("no loadable (PT_LOAD) segment".into());
@@ -234,6 +271,7 @@ fn inspect_elf<F: Read + Seek>(
         return Err(format!("the entry point {entry:#x} is not inside a loaded segment"));
     }
     let mut ap_entry = None;
+    let mut pvh_entry = None;
     for (off, size) in notes {
         let note_end = off.saturating_add(size);
         if size > MAX_NOTE_SEGMENT || note_end > file_size {
@@ -246,9 +284,18 @@ fn inspect_elf<F: Read + Seek>(
             if name == b"vmmpy\0" && ntype == VMMPY_NOTE_AP_ENTRY && desc.len() == 8 {
                 ap_entry = Some(u64_at(desc, 0));
             }
+            // Linux emits the address as a 32-bit or a 64-bit value; it is a 32-bit entry either way.
+            if name == b"Xen\0" && ntype == XEN_ELFNOTE_PHYS32_ENTRY && desc.len() >= 4 {
+                pvh_entry = Some(u32_at(desc, 0) as u64);
+            }
         }
     }
-    Ok(ElfInfo { entry, start, end, ap_entry })
+    if let Some(pvh) = pvh_entry {
+        if !loaded.iter().any(|&(s, e)| s <= pvh && pvh < e) {
+            return Err(format!("the PVH entry point {pvh:#x} (Xen note type 18) is not inside a loaded segment"));
+        }
+    }
+    Ok(ElfInfo { entry, start, end, ap_entry, pvh_entry })
 }
 
 /// The (name, type, descriptor) of each note in a PT_NOTE segment.
@@ -269,17 +316,25 @@ fn notes_in(notes: &[u8]) -> Vec<(&[u8], u32, &[u8])> {
     out
 }
 
-fn load_elf<F>(mem: &GuestMem, image: &mut F, file_size: u64, name: &str) -> Result<Payload>
+fn load_elf<F>(mem: &GuestMem, image: &mut F, file_size: u64, name: &str, protocol: Option<BootProtocol>) -> Result<Payload>
 where
     F: Read + vm_memory::ReadVolatile + Seek,
 {
     let info = inspect_elf(mem, image, file_size).map_err(|e| payload_err(name, e))?;
+    let (protocol, entry) = match (protocol, info.pvh_entry) {
+        (None | Some(BootProtocol::Pvh), Some(pvh)) => (BootProtocol::Pvh, pvh),
+        (Some(BootProtocol::Pvh), None) => {
+            return Err(payload_err(name, "no PVH entry (no Xen ELF note of type 18, XEN_ELFNOTE_PHYS32_ENTRY): boot it with the linux64 protocol"))
+        }
+        (None | Some(BootProtocol::Linux64), _) => (BootProtocol::Linux64, info.entry),
+    };
     let res = Elf::load(mem, None, image, Some(GuestAddress(layout::HIMEM_START)))
         .map_err(|e| payload_err(name, format!("ELF load failed: {e}")))?;
     debug_assert_eq!(res.kernel_load.0, info.entry);
     Ok(Payload {
         kind: if info.ap_entry.is_some() { PayloadKind::TestGuest } else { PayloadKind::Elf },
-        entry: info.entry,
+        protocol,
+        entry,
         ap_entry: info.ap_entry,
         kernel_start: info.start,
         kernel_end: info.end.max(res.kernel_end),
@@ -397,6 +452,7 @@ fn load_bzimage(mem: &GuestMem, image: &mut Cursor<&[u8]>, file_size: u64, name:
     let setup = res.setup_header.ok_or_else(|| payload_err(name, "bzImage without a setup header"))?;
     Ok(Payload {
         kind: PayloadKind::BzImage,
+        protocol: BootProtocol::Linux64,
         entry: res.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET,
         ap_entry: None,
         kernel_start: load,
@@ -470,7 +526,47 @@ mod tests {
     }
 
     fn load(bytes: &[u8], mib_: u64) -> Result<Payload> {
-        load_kernel(&mem(mib_), Some(bytes))
+        load_kernel(&mem(mib_), Some(bytes), None)
+    }
+
+    /// `elf(...)` with a second program header: a PT_NOTE segment holding a Xen PHYS32_ENTRY note.
+    fn elf_with_pvh(pvh: u32) -> Vec<u8> {
+        let mut img = elf(0x20_0000, 0x1000, 0x3000, 0x20_0010);
+        img[56..58].copy_from_slice(&2u16.to_le_bytes());
+        let off = img.len() as u64;
+        for v in [4u32, 4, XEN_ELFNOTE_PHYS32_ENTRY] {
+            img.extend_from_slice(&v.to_le_bytes());
+        }
+        img.extend_from_slice(b"Xen\0");
+        img.extend_from_slice(&pvh.to_le_bytes());
+        let ph = &mut img[64 + 56..64 + 112];
+        ph[0..4].copy_from_slice(&PT_NOTE.to_le_bytes());
+        ph[8..16].copy_from_slice(&off.to_le_bytes());
+        ph[32..40].copy_from_slice(&20u64.to_le_bytes());
+        img
+    }
+
+    #[test]
+    fn pvh_note_chooses_the_entry() {
+        let img = elf_with_pvh(0x20_0100);
+        let p = load(&img, 64).unwrap();
+        assert_eq!((p.protocol, p.entry), (BootProtocol::Pvh, 0x20_0100));
+        let p = load_kernel(&mem(64), Some(&img), Some(BootProtocol::Linux64)).unwrap();
+        assert_eq!((p.protocol, p.entry), (BootProtocol::Linux64, 0x20_0010));
+        let plain = elf(0x20_0000, 0x1000, 0x3000, 0x20_0010);
+        assert_eq!(load(&plain, 64).unwrap().protocol, BootProtocol::Linux64);
+        assert!(msg(load_kernel(&mem(64), Some(&plain), Some(BootProtocol::Pvh))).contains("no PVH entry"));
+        assert!(msg(load(&elf_with_pvh(0x50_0000), 64)).contains("PVH entry point 0x500000"));
+        assert!(msg(load_kernel(&mem(64), Some(&bzimage(0x200_0000, 0x10000)), Some(BootProtocol::Pvh))).contains("no PVH entry"));
+    }
+
+    #[test]
+    fn test_guest_has_both_entries() {
+        let p = load_kernel(&mem(64), None, None).unwrap();
+        assert_eq!((p.kind, p.protocol), (PayloadKind::TestGuest, BootProtocol::Pvh));
+        assert!(p.ap_entry.is_some());
+        let p = load_kernel(&mem(64), None, Some(BootProtocol::Linux64)).unwrap();
+        assert_eq!(p.protocol, BootProtocol::Linux64);
     }
 
     fn msg(r: Result<Payload>) -> String {
@@ -541,7 +637,7 @@ mod tests {
         let ird = [7u8; 5000];
         let m = mem(64);
         let bz = bzimage(0x200_0000, 0x10000);
-        let p = load_kernel(&m, Some(&bz)).unwrap();
+        let p = load_kernel(&m, Some(&bz), None).unwrap();
         let (addr, size) = load_initramfs(&m, &ird, &p, 64 << 20).unwrap();
         assert_eq!((addr, size), ((64 << 20) - 0x2000, 5000));
         let big = vec![1u8; 40 << 20];

@@ -1,5 +1,6 @@
 //! The Linux boot_params "zero page": setup header, command line pointer, initramfs, e820 map and
-//! the RSDP address. The test guest reads the same page, so both payloads boot one way.
+//! the RSDP address (the 64-bit entry's boot information; the test guest reads it too when it is
+//! entered that way), and the command line, which both boot protocols point at.
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
@@ -25,7 +26,8 @@ pub struct BootInputs<'a> {
     pub rsdp: u64,
 }
 
-pub fn write_zero_page(mem: &GuestMem, inp: &BootInputs) -> Result<()> {
+/// Writes the command line at `layout::CMDLINE`, within the kernel's limit.
+pub fn write_cmdline(mem: &GuestMem, inp: &BootInputs) -> Result<()> {
     let limit = inp.payload.cmdline_limit.min(layout::CMDLINE_MAX);
     if inp.cmdline.len() + 1 > limit {
         return Err(Error::new(
@@ -38,8 +40,10 @@ pub fn write_zero_page(mem: &GuestMem, inp: &BootInputs) -> Result<()> {
         .insert_str(inp.cmdline)
         .map_err(|e| Error::new(Kind::Payload, format!("command line {:?}: {e}", inp.cmdline)))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline)
-        .map_err(|e| Error::new(Kind::Payload, format!("writing the command line: {e}")))?;
+        .map_err(|e| Error::new(Kind::Payload, format!("writing the command line: {e}")))
+}
 
+pub fn write_zero_page(mem: &GuestMem, inp: &BootInputs) -> Result<()> {
     let mut params = boot_params::default();
     if let Some(hdr) = inp.payload.setup_header {
         params.hdr = hdr;
