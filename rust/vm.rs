@@ -9,13 +9,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{cpu_setup, payload, zero_page};
 use crate::console::{Console, InputListener};
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::ged::{self, Ged};
+use crate::devices::msi_routes::MsiRoutes;
+use crate::devices::pci::{bar_window::PciBarWindow, config_io::PciConfigIo, ecam::PciEcam, PciRoot, SharedFunction};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::disk_image::DiskImage;
+use crate::devices::virtio::msix::Msix;
+use crate::devices::virtio::pci::{VirtioPci, VirtioPciState, BAR0_SIZE};
+use crate::devices::virtio::worker::Worker;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::error::{Error, Kind, Result};
 use crate::fd::dup_owned;
@@ -52,6 +59,26 @@ pub struct VmConfig<'a> {
     pub kernel: Option<&'a [u8]>,
     pub initramfs: Option<&'a [u8]>,
     pub cmdline: String,
+    pub disks: Vec<DiskSpec>,
+}
+
+/// A virtio-blk disk: the image the operator named for it and how to open it.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub id: String,
+    pub path: String,
+    pub readonly: bool,
+    pub direct: bool,
+}
+
+/// A virtio device of the VM: its transport (shared with the PCI bus and its worker thread), its
+/// eventfds and, once booted, the worker.
+struct DeviceSlot {
+    id: String,
+    dev: Arc<Mutex<VirtioPci>>,
+    kicks: Vec<EventFd>,
+    wake: EventFd,
+    worker: Option<Worker>,
 }
 
 /// Everything but memory that a snapshot or migration carries for a paused VM.
@@ -60,6 +87,8 @@ pub struct SavedState {
     pub machine: Blobs,
     pub serial: vm_superio::serial::SerialState,
     pub cmos: (Vec<u8>, u8),
+    /// Device state by device id.
+    pub devices: Vec<(String, VirtioPciState)>,
 }
 
 #[derive(Clone)]
@@ -152,6 +181,7 @@ struct VcpuSlot {
 pub struct Vm {
     // Field order is drop order: vCPUs end before the VM fd closes, and memory is unmapped last.
     vcpus: Vec<VcpuSlot>,
+    devices: Vec<DeviceSlot>,
     shared: Arc<VmShared>,
     console: Console,
     /// This VM's registration with the console, to detach exactly it.
@@ -160,7 +190,7 @@ pub struct Vm {
     /// Dirty logging while a migration runs.
     dirty: Mutex<Option<DirtyLog>>,
     manual_protect: bool,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     kvm: Kvm,
     pub ram: Arc<GuestRam>,
     /// None for a VM restored from a snapshot or migration.
@@ -191,6 +221,12 @@ impl Vm {
         if cfg.memory_size < (64 << 20) || !cfg.memory_size.is_multiple_of(1 << 20) {
             return Err(Error::new(Kind::InvalidConfig, format!("memory size {} is not a whole number of MiB >= 64 MiB", cfg.memory_size)));
         }
+        // Disk images open first: a missing or unreadable one fails the build before anything runs.
+        let images = cfg
+            .disks
+            .iter()
+            .map(|d| DiskImage::open(&d.path, d.readonly, d.direct))
+            .collect::<Result<Vec<_>>>()?;
         let kvm = Kvm::new().map_err(|e| Error::kvm("opening /dev/kvm", e))?;
         let fd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
         fd.set_tss_address(layout::KVM_TSS_ADDR).map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
@@ -261,6 +297,16 @@ impl Vm {
         let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
         let mut mmio = MmioBus::default();
         mmio.insert(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE, ged.clone());
+        let fd = Arc::new(fd);
+        let devices = build_disks(&fd, &ram, cfg, images)?;
+        let functions: Vec<SharedFunction> = devices.iter().map(|d| d.dev.clone() as SharedFunction).collect();
+        let root = Arc::new(PciRoot::new(functions));
+        pio.insert(crate::devices::pci::config_io::PORT, crate::devices::pci::config_io::LEN, Arc::new(Mutex::new(PciConfigIo::new(root.clone()))));
+        mmio.insert(layout::PCI_ECAM_BASE, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(PciEcam::new(root.clone()))));
+        let windows = [(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE), (layout::pci_mmio64_base(cfg.memory_size), layout::PCI_MMIO64_SIZE)];
+        for (base, size) in windows {
+            mmio.insert(base, size, Arc::new(Mutex::new(PciBarWindow::new(root.clone(), base))));
+        }
 
         let shared = Arc::new(VmShared {
             pio,
@@ -287,7 +333,7 @@ impl Vm {
                 thread: None,
             })
             .collect();
-        Ok(Vm { vcpus, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, cmdline })
+        Ok(Vm { vcpus, devices, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, cmdline })
     }
 
     /// Starts the vCPU threads; with `paused`, they stop before running any guest code (a
@@ -302,6 +348,12 @@ impl Vm {
             }
             slot.thread = Some(vcpu::spawn(slot.fd.clone(), slot.ctl.clone(), self.shared.clone())?);
         }
+        for d in &mut self.devices {
+            let kicks = d.kicks.iter().map(|k| k.try_clone()).collect::<std::io::Result<Vec<_>>>();
+            let kicks = kicks.map_err(|e| Error::io(Kind::Kvm, "dup of a kick eventfd", e))?;
+            let wake = d.wake.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a wake eventfd", e))?;
+            d.worker = Some(Worker::spawn(format!("virtio-{}", d.id), d.dev.clone(), kicks, wake, paused)?);
+        }
         // Input typed before boot is waiting in the console.
         self.shared.input_ready();
         Ok(())
@@ -315,10 +367,18 @@ impl Vm {
         for v in &self.vcpus {
             v.ctl.wait_paused(deadline)?;
         }
+        // Quiesce after the vCPUs stand still: no new request can be made, and each device's
+        // thread completes the requests it took before it acknowledges.
+        for w in self.devices.iter().filter_map(|d| d.worker.as_ref()) {
+            w.pause(deadline)?;
+        }
         Ok(())
     }
 
     pub fn resume(&self) {
+        for w in self.devices.iter().filter_map(|d| d.worker.as_ref()) {
+            w.resume();
+        }
         for v in &self.vcpus {
             v.ctl.resume(&self.shared);
         }
@@ -332,6 +392,11 @@ impl Vm {
         for v in &mut self.vcpus {
             if let Some(t) = v.thread.take() {
                 let _ = t.join();
+            }
+        }
+        for d in &mut self.devices {
+            if let Some(mut w) = d.worker.take() {
+                w.stop();
             }
         }
     }
@@ -379,6 +444,7 @@ impl Vm {
             machine: state::save_machine(&self.fd)?,
             serial: self.shared.serial.lock().unwrap().state(),
             cmos: self.cmos.lock().unwrap().state(),
+            devices: self.devices.iter().map(|d| (d.id.clone(), d.dev.lock().unwrap().save())).collect(),
         })
     }
 
@@ -400,7 +466,25 @@ impl Vm {
             .unwrap()
             .restore(&st.serial)
             .map_err(|e| Error::io(Kind::InvalidConfig, "serial state", e))?;
-        self.cmos.lock().unwrap().restore(&st.cmos.0, st.cmos.1).map_err(|e| Error::new(Kind::InvalidConfig, e))
+        self.cmos.lock().unwrap().restore(&st.cmos.0, st.cmos.1).map_err(|e| Error::new(Kind::InvalidConfig, e))?;
+        self.restore_devices(&st.devices)
+    }
+
+    /// Device state by id: every saved device must exist here and every device here must have
+    /// saved state, or the VM would run with a device the guest's driver does not know.
+    fn restore_devices(&self, saved: &[(String, VirtioPciState)]) -> Result<()> {
+        for (id, _) in saved {
+            if !self.devices.iter().any(|d| &d.id == id) {
+                return Err(Error::new(Kind::InvalidConfig, format!("state has device {id}, which this VM does not have")));
+            }
+        }
+        for d in &self.devices {
+            let Some((_, st)) = saved.iter().find(|(id, _)| id == &d.id) else {
+                return Err(Error::new(Kind::InvalidConfig, format!("state has nothing for device {}", d.id)));
+            };
+            d.dev.lock().unwrap().restore(st).map_err(|e| Error::new(Kind::InvalidConfig, format!("device {}: {e}", d.id)))?;
+        }
+        Ok(())
     }
 
     /// Presses the ACPI power button: latches the GED's event bit and raises its interrupt (a
@@ -422,6 +506,49 @@ impl Vm {
     }
 }
 
+/// The virtio-blk devices, in `cfg.disks` order (00:01.0 on): BAR0 from the 32-bit window, a
+/// kick eventfd per queue registered as an ioeventfd on its notify register, and an irqfd per
+/// MSI-X vector on its own GSI.
+fn build_disks(fd: &Arc<VmFd>, ram: &Arc<GuestRam>, cfg: &VmConfig, images: Vec<DiskImage>) -> Result<Vec<DeviceSlot>> {
+    use vm_allocator::{AddressAllocator, AllocPolicy};
+    let mut bars = AddressAllocator::new(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE)
+        .map_err(|e| Error::new(Kind::Kvm, format!("PCI window: {e}")))?;
+    let routes = Arc::new(MsiRoutes::new(fd.clone()));
+    let mut next_gsi = layout::MSI_GSI_BASE;
+    let mut out = Vec::new();
+    for (spec, image) in cfg.disks.iter().zip(images) {
+        let bar0 = bars
+            .allocate(BAR0_SIZE, BAR0_SIZE, AllocPolicy::FirstMatch)
+            .map_err(|e| Error::new(Kind::InvalidConfig, format!("no room for disk {}'s BAR: {e}", spec.id)))?
+            .start();
+        let device = Block::new(image, &spec.id);
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e));
+        let queues = crate::devices::virtio::VirtioDevice::queue_max_sizes(&device).len();
+        let mut kicks = Vec::new();
+        for q in 0..queues {
+            let kick = eventfd()?;
+            let addr = IoEventAddress::Mmio(VirtioPci::notify_address(bar0, q));
+            fd.register_ioevent(&kick, &addr, NoDatamatch).map_err(|e| Error::kvm("KVM_IOEVENTFD", e))?;
+            kicks.push(kick);
+        }
+        let mut irqfds = Vec::new();
+        let gsi_base = next_gsi;
+        for _ in 0..queues + 1 {
+            let irq = eventfd()?;
+            fd.register_irqfd(&irq, next_gsi).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+            irqfds.push(irq);
+            next_gsi += 1;
+        }
+        let msix = Msix::new(irqfds, Some(routes.clone()), gsi_base);
+        let wake = eventfd()?;
+        let own = |e: &EventFd| e.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e));
+        let dev_kicks = kicks.iter().map(own).collect::<Result<Vec<_>>>()?;
+        let dev = VirtioPci::new(Box::new(device), bar0, msix, dev_kicks, own(&wake)?, ram.clone());
+        out.push(DeviceSlot { id: spec.id.clone(), dev: Arc::new(Mutex::new(dev)), kicks, wake, worker: None });
+    }
+    Ok(out)
+}
+
 /// Loads kernel, initramfs, command line, ACPI tables, zero page and boot page tables.
 fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(payload::Payload, String)> {
     let payload = payload::load_kernel(&ram.mem, cfg.kernel)?;
@@ -434,7 +561,7 @@ fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(
         let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
         cmdline.push_str(&format!(" vmmpy.cpus={} vmmpy.tsc_khz={}", cfg.vcpus, tsc_khz));
     }
-    let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus)
+    let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus, cfg.memory_size)
         .map_err(|e| Error::new(Kind::Kvm, format!("writing ACPI tables: {e}")))?;
     zero_page::write_zero_page(
         &ram.mem,
