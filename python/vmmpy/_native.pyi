@@ -26,7 +26,10 @@ class GuestRegion:
 class Vm:
     """A KVM VM with its payload loaded. No vCPU runs before boot()."""
     def __init__(self, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
-                 cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int) -> None: ...
+                 cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int,
+                 restore: bool = False, memory_fds: list[int] | None = None,
+                 disks: list[tuple[str, str, bool, bool]] = ...) -> None:
+        """`disks`: (id, path, readonly, direct) per virtio-blk disk, opened before anything runs."""
     def boot(self) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""
