@@ -29,6 +29,8 @@ typedef unsigned long size_t;
 #define CMOS_DATA 0x71
 
 /* MMIO (docs/architecture.md): the ACPI GED's event register; reading it clears it */
+#define LAPIC_SVR 0xfee000f0ul
+#define LAPIC_SW_ENABLE 0x100
 #define GED_EVENTS 0xfeb00000ul
 #define GED_POWER_BUTTON 0x08
 
