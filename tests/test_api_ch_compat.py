@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import re
 import shutil
 import socket
@@ -163,9 +164,8 @@ def test_ch_remote_bodies_asking_for_more_than_defaults_are_refused_by_name(vmm_
     p = vmm_process()
     boot_guest(p)
     url = f"unix:{tmp_path}/never.sock"
-    for old, new, field in [('"connections":1', '"connections":4', "connections"),
-                            ('"tls_dir":null', '"tls_dir":"/etc/tls"', "tls_dir"),
-                            ('"memory_mode":"Precopy"', '"memory_mode":"Postcopy"', "memory_mode"),
+    # (connections and tls_dir are implemented: tests/test_migration_tls.py)
+    for old, new, field in [('"memory_mode":"Precopy"', '"memory_mode":"Postcopy"', "memory_mode"),
                             ('"preserve_source":false', '"preserve_source":true', "preserve_source")]:
         request = ch_bytes("send-migration", url=url, local="false").decode()
         body = request.split("\r\n\r\n", 1)[1].replace(old, new)
@@ -248,8 +248,7 @@ def test_bad_snapshot_paths_and_files_get_400(vmm_process, tmp_path):
     regular.write_text("not a directory")
     assert ch(p, "pause") == (204, None)
     status, body = ch(p, "snapshot", dir=f"{regular}/snap")
-    assert status == 400 and body[0] == "vm.snapshot failed" and "cannot create the directory: Not a directory" \
-        in body[1], body
+    assert status == 400 and body[0] == "vm.snapshot failed" and f"{regular}/snap: Not a directory" in body[1], body
     good = tmp_path / "good"
     assert ch(p, "snapshot", dir=str(good)) == (204, None)
     assert ch(p, "resume") == (204, None)
@@ -263,9 +262,9 @@ def test_bad_snapshot_paths_and_files_get_400(vmm_process, tmp_path):
 
     q = vmm_process(name="empty")
     cases = [
-        (regular, "cannot read config.json: Not a directory"),
-        (variant("config-latin1", "config.json", b'{"memory": "\xff"}'), "config.json is not valid JSON"),
-        (variant("state-latin1", "state.json", b'{"format_version": "\xe9"}'), "state.json is not valid JSON"),
+        (regular, "a-file: Not a directory"),
+        (variant("config-latin1", "config.json", b'{"memory": "\xff"}'), "malformed JSON in config.json"),
+        (variant("state-latin1", "state.json", b'{"format_version": "\xe9"}'), "malformed JSON in state.json"),
         (variant("state-list", "state.json", b"[1, 2]"), "state.json is not a JSON object"),
     ]
     for directory, message in cases:
@@ -304,7 +303,11 @@ def test_failed_reboot_leaves_a_reported_state_from_which_the_vmm_recovers(vmm_p
     info = ch(p, "info")[1]
     assert info["state"] == "Running" and info["vmmpy_state"] == "Error"  # CH's enum; vmmpy's detail beside it
 
-    kernel.write_bytes(b"garbage, not a kernel" * 100)
+    # The rebuild fails on the host: guest RAM (a 64 MiB memfd) cannot be sized under a 1 MiB file
+    # size limit (Python ignores SIGXFSZ; ftruncate answers EFBIG). The VMM holds the kernel's bytes,
+    # so a kernel file changed on disk no longer breaks a reboot.
+    soft, hard = resource.prlimit(p.proc.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(p.proc.pid, resource.RLIMIT_FSIZE, (1 << 20, hard))  # the soft limit: it can be raised back
     status, body = ch(p, "reboot")
     assert status == 500 and body[0] == "vm.reboot failed"
     assert body[1].startswith("the VM could not be rebuilt for its reboot and is now Created: "), body
@@ -320,7 +323,7 @@ def test_failed_reboot_leaves_a_reported_state_from_which_the_vmm_recovers(vmm_p
     # shutdown acknowledges the failure; boot (kernel fixed) starts the VM again; delete works
     assert ch(p, "shutdown") == (204, None)
     assert "error" not in ch(p, "info")[1]
-    kernel.write_bytes(_int3_elf())
+    resource.prlimit(p.proc.pid, resource.RLIMIT_FSIZE, (soft, hard))
     assert ch(p, "boot") == (204, None)
     p.wait_event("vm.error", count=2)
     assert ch(p, "delete") == (204, None)

@@ -486,7 +486,7 @@ def test_ch_request_bodies_at_their_defaults_are_read():
 
     assert read_request_body("SendMigrationData", CH_SEND) == {
         "destination_url": "tcp:127.0.0.1:6000", "local": False, "downtime_ms": 300, "timeout_s": 3600,
-        "timeout_strategy": "cancel"}
+        "timeout_strategy": "cancel", "connections": 1}  # tls_dir null: not set
     assert read_request_body("ReceiveMigrationData", CH_RECEIVE) == {"receiver_url": "unix:/tmp/m.sock"}
     assert read_request_body("RestoreConfig", CH_RESTORE) == {"source_url": "file:///tmp/snap", "resume": False}
     assert read_request_body("RestoreConfig", {**CH_RESTORE, "prefault": True})["source_url"]  # what vmmpy does
@@ -502,9 +502,10 @@ def test_timeout_strategy_takes_chs_enum_and_lower_case(spelling, value):
 
 
 @pytest.mark.parametrize("name, body, message", [
-    ("SendMigrationData", {**CH_SEND, "connections": 2, "tls_dir": "/etc/tls"},
-     "unsupported SendMigrationData fields: connections, tls_dir (vmmpy accepts them only at Cloud Hypervisor's "
-     "default value)"),
+    ("SendMigrationData", {**CH_SEND, "preserve_source": True, "memory_mode": "Postcopy"},
+     "unsupported SendMigrationData fields: memory_mode, preserve_source (vmmpy accepts them only at Cloud "
+     "Hypervisor's default value)"),
+    ("SendMigrationData", {**CH_SEND, "connections": "4"}, 'connections="4": must be an integer'),
     ("SendMigrationData", {**CH_SEND, "timeout_strategy": "Retry"}, 'timeout_strategy="Retry": expected one of '
      "Cancel, Ignore"),
     ("SendMigrationData", {**CH_SEND, "local": "on"}, 'local="on": must be a boolean'),

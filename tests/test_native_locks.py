@@ -21,17 +21,20 @@ for round in range(30):
     console = _native.Console(None)
     vm = _native.Vm(memory_size=64 << 20, vcpus=1, kernel=None, initramfs=None, cmdline="console=ttyS0",
                     console=console, reset_fd=fds[0], guest_exit_fd=fds[1], error_fd=fds[2])
-    failures = []
     started = threading.Event()
+    scratch = os.open("/tmp", os.O_TMPFILE | os.O_RDWR)
 
     def hammer():
         while True:
             try:
-                vm.save_memory(9, "/nonexistent")  # fails inside the lock: no RAM region 9
+                vm.save_memory(9, scratch)  # fails inside the lock: no RAM region 9
             except InvalidConfig:
                 started.set()
             except InvalidState:  # stopped: done
                 return
+            except BaseException:
+                started.set()  # never leave the main thread waiting
+                raise
 
     t = threading.Thread(target=hammer)
     t.start()
@@ -39,7 +42,7 @@ for round in range(30):
     vm.stop()  # called holding the GIL while the other thread fails inside the lock
     t.join()
     console.close()
-    for fd in fds:
+    for fd in (*fds, scratch):
         os.close(fd)
 print("OK")
 """

@@ -695,6 +695,9 @@ SIZE = "size"
 #   devices), zone_updates=[];
 # restore: memory_restore_mode="Copy" (memory read from the files), net_fds/vfio_fds/iommufd_fd=null,
 #   zone_updates=[].
+#: A size field: bytes as an integer, or a string with a K/M/G suffix (checked by its consumer).
+SIZE = "size"
+
 REQUEST_BODIES: dict[str, RequestBody] = {
     "SendMigrationData": RequestBody(
         fields={"destination_url": str, "local": bool, "downtime_ms": int, "timeout_s": int,
@@ -741,7 +744,7 @@ def read_request_body(name: str, body: Any) -> dict[str, Any]:
     unsupported: list[str] = []
     problems: list[str] = []
     for key, value in body.items():
-        if key in spec.fields and value is None:
+        if key in spec.fields and value is None and key not in spec.required:
             continue  # JSON null: not set (CH's reading of null for optional fields)
         if key in spec.fields:
             kind = spec.fields[key]

@@ -33,3 +33,5 @@ pub trait VirtioDevice: Send {
     /// Serves the available requests on queue `index`; true when it added used entries.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool;
 }
+#[cfg(test)]
+mod tests;

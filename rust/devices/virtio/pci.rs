@@ -249,9 +249,10 @@ impl VirtioPci {
         let mem = &self.ram.mem;
         let Some(q) = self.queues.get_mut(self.regs.queue_select as usize) else { return };
         q.set_event_idx(event_idx);
-        // A queue whose rings are not in guest RAM (or misaligned) stays disabled.
-        if q.is_valid(mem) {
-            q.set_ready(true);
+        // A queue whose rings are not in guest RAM stays disabled (is_valid looks at ready too).
+        q.set_ready(true);
+        if !q.is_valid(mem) {
+            q.set_ready(false);
         }
     }
 
