@@ -579,6 +579,17 @@ def test_bad_disks_are_refused_at_create(images, make, fragment):
     assert fragment in str(e.value)
 
 
+def test_disk_count_is_bounded(images):
+    with pytest.raises(InvalidConfig, match="17 disks, at most 16"):
+        VmConfig(disks=[DiskConfig(path=images[0], id=f"d{i}", readonly=True) for i in range(17)])
+
+
+def test_native_disk_limit_matches():
+    from vmmpy import _native
+    from vmmpy.config import MAX_DISKS
+    assert _native.MAX_DISKS == MAX_DISKS
+
+
 def test_unreadable_disk_is_refused(images):
     if os.geteuid() == 0:
         pytest.skip("root reads any file: an unreadable image cannot be made (host capability: non-root user)")
