@@ -35,6 +35,9 @@ use crate::vcpu::{self, SharedVcpuFd, VcpuControl};
 use crate::{acpi, cpuid, layout};
 
 pub const MAX_VCPUS: u8 = 8;
+/// Disks per VM: each takes a PCI slot (31 after the host bridge), 32 KiB of the BAR window and
+/// two GSIs; 16 keeps all of them far from their limits.
+pub const MAX_DISKS: usize = 16;
 const SERIAL_GSI: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,6 +223,9 @@ impl Vm {
         }
         if cfg.memory_size < (64 << 20) || !cfg.memory_size.is_multiple_of(1 << 20) {
             return Err(Error::new(Kind::InvalidConfig, format!("memory size {} is not a whole number of MiB >= 64 MiB", cfg.memory_size)));
+        }
+        if cfg.disks.len() > MAX_DISKS {
+            return Err(Error::new(Kind::InvalidConfig, format!("{} disks: at most {MAX_DISKS}", cfg.disks.len())));
         }
         // Disk images open first: a missing or unreadable one fails the build before anything runs.
         let images = cfg

@@ -1,6 +1,7 @@
 """Type stubs for vmmpy's native core (rust/python.rs)."""
 
 MAX_VCPUS: int
+MAX_DISKS: int
 
 def kvm_check() -> str:
     """Opens /dev/kvm and checks the API version; raises KvmError when KVM is unusable."""

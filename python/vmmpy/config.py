@@ -133,6 +133,10 @@ class SerialConfig:
         return out
 
 
+#: Disks per VM (the native core's limit too: PCI slots, BAR window, GSIs).
+MAX_DISKS = 16
+
+
 @dataclass
 class DiskConfig:
     """A virtio-blk disk (Cloud Hypervisor's ``DiskConfig``): a raw image file. ``id=None`` gets
@@ -170,6 +174,8 @@ def _check_disks(disks: Any, label: str) -> list[str]:
     if not isinstance(disks, list) or not all(isinstance(d, DiskConfig) for d in disks):
         return [f"{label}={disks!r}: must be a list of DiskConfig"]
     out: list[str] = []
+    if len(disks) > MAX_DISKS:
+        out.append(f"{label}: {len(disks)} disks, at most {MAX_DISKS}")
     seen: set[str] = set()
     for i, d in enumerate(disks):
         out.extend(d.problems(f"{label}[{i}]"))

@@ -129,7 +129,7 @@ impl ConfigSpace {
     fn write_bar(&mut self, index: usize, value: u32, touched: u32) {
         let (bar, high) = match (self.bars[index], index.checked_sub(1).and_then(|i| self.bars[i])) {
             (Some(bar), _) => (bar, false),
-            (None, Some(bar)) if index % 6 != 0 => (bar, true),
+            (None, Some(bar)) => (bar, true),
             _ => return,
         };
         let size_mask = !(bar.size - 1);

@@ -89,7 +89,7 @@ impl PciRoot {
 /// Splits a config access at byte `offset` of config space into (register, byte in register),
 /// or None when it is misaligned or crosses a register.
 pub fn config_reg(offset: usize, len: usize) -> Option<(usize, usize)> {
-    (matches!(len, 1 | 2 | 4) && offset % len == 0).then_some((offset / 4, offset % 4))
+    (matches!(len, 1 | 2 | 4) && offset.is_multiple_of(len)).then_some((offset / 4, offset % 4))
 }
 
 /// Reads `data.len()` bytes at byte `within` of a register value.

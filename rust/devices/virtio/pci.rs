@@ -225,7 +225,7 @@ impl VirtioPci {
             0x1c if configurable && value == 1 => self.enable_selected(),
             0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 if configurable => {
                 let q = self.selected().expect("configurable means selected");
-                let (lo, hi) = if offset % 8 == 0 { (Some(value as u32), (data.len() == 8).then_some((value >> 32) as u32)) } else { (None, Some(value as u32)) };
+                let (lo, hi) = if offset.is_multiple_of(8) { (Some(value as u32), (data.len() == 8).then_some((value >> 32) as u32)) } else { (None, Some(value as u32)) };
                 match offset & !7 {
                     0x20 => q.set_desc_table_address(lo, hi),
                     0x28 => q.set_avail_ring_address(lo, hi),
