@@ -691,9 +691,6 @@ class RequestBody:
     no_ops: dict[str, Any] = field(default_factory=dict)
 
 
-#: A size field: bytes as an integer, or a string with a K/M/G suffix (checked by its consumer).
-SIZE = "size"
-
 # CH's defaults, as ch-remote sends them (api_client / vmm/src/api/mod.rs at CH 54):
 # send-migration: preserve_source=false (the source VM is torn down: what vmmpy does),
 #   memory_mode="Precopy";
