@@ -99,6 +99,7 @@ def test_info_shows_capacity_and_both_disks(vmm_process, tmp_path):
     by_disk = {int(m.group(5)): m for m in (first, second)}
     assert int(by_disk[0].group(2)) == 16 * 2048 and by_disk[0].group(3) == b"0"
     assert int(by_disk[1].group(2)) == 3 * 2048 and by_disk[1].group(3) == b"1"
+    assert (by_disk[0].group(4), by_disk[1].group(4)) == (b"disk0", b"data1")  # GET_ID: each disk's id=
 
 
 def test_writes_land_in_the_image_and_read_back_after_a_reboot(vmm_process, tmp_path):
