@@ -11,7 +11,6 @@
 /* virtio_pci_cap.cfg_type */
 #define CAP_COMMON 1
 #define CAP_NOTIFY 2
-#define CAP_ISR 3
 #define CAP_DEVICE 4
 
 /* struct virtio_pci_common_cfg */
@@ -65,12 +64,6 @@ static int reset_done(struct virtio_dev *d)
     return 1;
 }
 
-void virtio_reset(struct virtio_dev *d)
-{
-    mmio_write8(d->common + CC_STATUS, 0);
-    reset_done(d);
-}
-
 static void find_caps(struct virtio_dev *d, uint8_t *msix_cap)
 {
     *msix_cap = 0;
@@ -97,9 +90,7 @@ static void find_caps(struct virtio_dev *d, uint8_t *msix_cap)
         else if (type == CAP_NOTIFY && !d->notify_base) {
             d->notify_base = addr;
             d->notify_mult = pci_read32(d->pci, p + 16u);
-        } else if (type == CAP_ISR && !d->isr)
-            d->isr = addr;
-        else if (type == CAP_DEVICE && !d->device)
+        } else if (type == CAP_DEVICE && !d->device) /* ISR (3): not read, the driver polls */
             d->device = addr;
     }
 }

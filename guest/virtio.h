@@ -34,7 +34,7 @@ struct virtq {
 
 struct virtio_dev {
     uint32_t pci;
-    uint64_t common, notify_base, isr, device;
+    uint64_t common, notify_base, device;
     uint32_t notify_mult;
     uint64_t msix_table;
     uint16_t msix_vector; /* the queue's vector, 0 when MSI-X is not in use */
@@ -46,7 +46,6 @@ struct virtio_dev {
  * three pages at `rings` (at most 256 entries) with MSI-X `vector` (0: none) and sets DRIVER_OK.
  * Returns 0 or a static message. */
 const char *virtio_init(struct virtio_dev *d, uint32_t pci, uint64_t wanted, uint64_t rings, uint8_t vector);
-void virtio_reset(struct virtio_dev *d);
 /* Device config space: one access of the field's width (the caller checks config_generation). */
 uint32_t virtio_cfg32(struct virtio_dev *d, uint32_t off);
 uint64_t virtio_cfg64(struct virtio_dev *d, uint32_t off);
