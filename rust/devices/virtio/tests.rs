@@ -14,6 +14,7 @@ use super::block::*;
 use super::disk_image::DiskImage;
 use super::msix::Msix;
 use super::pci::*;
+use super::worker::Worker;
 use super::*;
 use crate::devices::pci::PciFunction;
 use crate::memory::GuestRam;
@@ -112,6 +113,25 @@ impl Harness {
     /// Puts a chain of (address, length, device-writable) at descriptors 0.., makes it available,
     /// lets the device serve the queue; returns the used element (id, len).
     fn submit(&mut self, chain: &[(u64, u32, bool)]) -> (u32, u32) {
+        self.publish(chain);
+        self.dev.process_queues();
+        self.last_used()
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.ram.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    fn last_used(&self) -> (u32, u32) {
+        let mem = &self.ram.mem;
+        let used_idx = self.used_idx();
+        assert_eq!(used_idx, self.avail_idx, "the request was completed");
+        let elem = USED + 4 + 8 * u64::from(used_idx.wrapping_sub(1) % QSIZE);
+        (mem.read_obj(GuestAddress(elem)).unwrap(), mem.read_obj(GuestAddress(elem + 4)).unwrap())
+    }
+
+    /// Makes a chain available without telling the device.
+    fn publish(&mut self, chain: &[(u64, u32, bool)]) {
         let mem = &self.ram.mem;
         for (i, &(addr, len, write)) in chain.iter().enumerate() {
             let last = i + 1 == chain.len();
@@ -126,11 +146,14 @@ impl Harness {
         mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(slot))).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
-        self.dev.process_queues();
-        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
-        assert_eq!(used_idx, self.avail_idx, "the request was completed");
-        let elem = USED + 4 + 8 * u64::from(used_idx.wrapping_sub(1) % QSIZE);
-        (mem.read_obj(GuestAddress(elem)).unwrap(), mem.read_obj(GuestAddress(elem + 4)).unwrap())
+    }
+
+    /// A request without data, made available but not served.
+    fn request_publish(&mut self, kind: u32) {
+        let mem = &self.ram.mem;
+        mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        self.publish(&[(HEADER, 16, false), (STATUS, 1, true)]);
     }
 
     fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
@@ -358,4 +381,58 @@ fn state_round_trip_continues_from_saved_indices() {
     let mut bad = st.clone();
     bad.transport.driver_features |= 1 << 40;
     assert!(h.dev.restore(&bad).is_err());
+}
+
+/// Waits (generously: the machine may be busy) until the device completed `want` requests.
+fn wait_used(ram: &GuestRam, want: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != want {
+        assert!(std::time::Instant::now() < deadline, "the device thread did not complete request {want}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
+    use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuExit};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    let mut h = harness("kick", false);
+    let Some((_kvm, vm, mut vcpu)) = crate::dirty::tests::tiny_vm(&h.ram, false) else { return };
+    h.setup();
+    let notify = VirtioPci::notify_address(BAR0, 0);
+    vm.register_ioevent(&h.kicks[0], &IoEventAddress::Mmio(notify), NoDatamatch).unwrap();
+    // CPL3 at 0x2000: `L: mov edi, notify ; mov word [rdi], 0 (the queue index) ; out 0x3f8 ; jmp L`.
+    let mut code: Vec<u8> = vec![0xbf];
+    code.extend((notify as u32).to_le_bytes());
+    code.extend([0x66, 0xc7, 0x07, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0xee]);
+    let back = -(code.len() as i64 + 2) as i8;
+    code.extend([0xeb, back as u8]);
+    h.ram.mem.write_slice(&code, GuestAddress(0x2000)).unwrap();
+
+    h.request_publish(VIRTIO_BLK_T_FLUSH);
+    let Harness { dev, ram, kicks, _image, .. } = h;
+    let dev_kicks = vec![kicks[0].try_clone().unwrap()];
+    let dev = Arc::new(Mutex::new(dev));
+    let mut worker = Worker::spawn("virtio-test".into(), dev, dev_kicks, EventFd::new(EFD_NONBLOCK).unwrap(), true).unwrap();
+    worker.pause(Instant::now() + Duration::from_secs(30)).unwrap();
+
+    // The store to the notify register does not exit: the next exit is the `out`.
+    match vcpu.run().unwrap() {
+        VcpuExit::IoOut(0x3f8, _) => {}
+        other => panic!("the kick exited to userspace: {other:?}"),
+    }
+    let run_once = |vcpu: &mut kvm_ioctls::VcpuFd| match vcpu.run().unwrap() {
+        VcpuExit::IoOut(0x3f8, _) => {}
+        other => panic!("unexpected exit {other:?}"),
+    };
+    run_once(&mut vcpu); // one more kick
+    // A paused worker serves nothing, however often it is kicked.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 0, "paused: nothing served");
+    worker.resume();
+    wait_used(&ram, 1);
+    assert_eq!(ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    worker.stop();
 }
