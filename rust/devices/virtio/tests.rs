@@ -55,8 +55,12 @@ fn image(name: &str, sectors: u64) -> Image {
 }
 
 fn harness(name: &str, readonly: bool) -> Harness {
+    harness_with(name, readonly, false)
+}
+
+fn harness_with(name: &str, readonly: bool, direct: bool) -> Harness {
     let img = image(name, 64);
-    let disk = DiskImage::open(img.0.to_str().unwrap(), readonly, false).unwrap();
+    let disk = DiskImage::open(img.0.to_str().unwrap(), readonly, direct).unwrap();
     let ram = GuestRam::with_ranges(&[(0, 4 << 20)]).unwrap();
     let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
     let kicks = vec![evt()];
@@ -435,4 +439,32 @@ fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
     wait_used(&ram, 1);
     assert_eq!(ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
     worker.stop();
+}
+
+#[test]
+fn direct_io_through_unaligned_guest_buffers() {
+    let mut h = harness_with("direct", false, true);
+    h.setup();
+    h.clear_dirty();
+    let before = h.file();
+    // Data at DATA + 512: not aligned for O_DIRECT; the bounce buffer is.
+    let mem = &h.ram.mem;
+    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(5u64, GuestAddress(HEADER + 8)).unwrap();
+    let (_, len) = h.submit(&[(HEADER, 16, false), (DATA + 512, 1024, true), (STATUS, 1, true)]);
+    assert_eq!(len, 1025);
+    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    let mut got = vec![0u8; 1024];
+    h.ram.mem.read_slice(&mut got, GuestAddress(DATA + 512)).unwrap();
+    assert_eq!(got, before[5 * 512..7 * 512]);
+    assert!(h.vmm_dirty(DATA), "bounced read data is dirty too");
+
+    let pattern: Vec<u8> = (0..1024).map(|i| (i * 13 + 1) as u8).collect();
+    h.ram.mem.write_slice(&pattern, GuestAddress(DATA + 512)).unwrap();
+    let mem = &h.ram.mem;
+    mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(8u64, GuestAddress(HEADER + 8)).unwrap();
+    h.submit(&[(HEADER, 16, false), (DATA + 512, 1024, false), (STATUS, 1, true)]);
+    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(h.file()[8 * 512..10 * 512], pattern[..]);
 }
