@@ -468,3 +468,48 @@ fn direct_io_through_unaligned_guest_buffers() {
     assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
     assert_eq!(h.file()[8 * 512..10 * 512], pattern[..]);
 }
+
+/// A DISCARD or WRITE_ZEROES request for one range.
+fn zero_request(h: &mut Harness, kind: u32, sector: u64, count: u32, flags: u32) -> u8 {
+    let mem = &h.ram.mem;
+    mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(sector, GuestAddress(DATA)).unwrap();
+    mem.write_obj(count, GuestAddress(DATA + 8)).unwrap();
+    mem.write_obj(flags, GuestAddress(DATA + 12)).unwrap();
+    h.submit(&[(HEADER, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    h.ram.mem.read_obj(GuestAddress(STATUS)).unwrap()
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    let mut h = harness("zeroes", false);
+    assert_ne!(h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    assert_eq!(h.read(0x2000 + 36, 4), u64::from(MAX_ZERO_SECTORS));
+    assert_eq!(h.read(0x2000 + 40, 4), 1, "one range per request");
+    h.setup();
+    let before = h.file();
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 2, 3, 0), VIRTIO_BLK_S_OK);
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 1), VIRTIO_BLK_S_OK, "with unmap");
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 24, 8, 0), VIRTIO_BLK_S_OK);
+    let after = h.file();
+    assert_eq!(after.len(), before.len(), "the image keeps its size");
+    assert!(after[2 * 512..5 * 512].iter().all(|&b| b == 0));
+    assert!(after[8 * 512..16 * 512].iter().all(|&b| b == 0));
+    assert_eq!(after[..2 * 512], before[..2 * 512], "sectors around the range are untouched");
+    assert_eq!(after[5 * 512..8 * 512], before[5 * 512..8 * 512]);
+    assert_eq!(after[16 * 512..24 * 512], before[16 * 512..24 * 512]);
+    assert_eq!(after[32 * 512..], before[32 * 512..]);
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 1, 1), VIRTIO_BLK_S_UNSUPP, "discard takes no flags");
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 60, 8, 0), VIRTIO_BLK_S_IOERR, "past the end");
+}
+
+#[test]
+fn read_only_disks_offer_no_discard_and_refuse_it() {
+    let mut h = harness("zeroes-ro", true);
+    assert_eq!(h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    h.setup();
+    let before = h.file();
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 0, 4, 0), VIRTIO_BLK_S_IOERR);
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 4, 0), VIRTIO_BLK_S_IOERR);
+    assert_eq!(h.file(), before);
+}
