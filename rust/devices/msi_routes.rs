@@ -62,3 +62,28 @@ impl MsiRoutes {
         self.vm.set_gsi_routing(&table).map_err(|e| Error::kvm("KVM_SET_GSI_ROUTING", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_takes_the_table_with_msi_routes_added_and_removed() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("no /dev/kvm: skipping");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let routes = MsiRoutes::new(vm.clone());
+        routes.set(24, Some((0xfee0_0000, 0x41))).unwrap();
+        routes.set(25, Some((0xfee0_1000, 0x42))).unwrap();
+        routes.set(24, Some((0xfee0_0000, 0x41))).unwrap(); // unchanged: no ioctl
+        routes.set(24, None).unwrap();
+        assert_eq!(routes.msi.lock().unwrap().keys().copied().collect::<Vec<_>>(), vec![25]);
+        // An irqfd on a routed GSI is accepted and can be raised.
+        let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        vm.register_irqfd(&evt, 25).unwrap();
+        evt.write(1).unwrap();
+    }
+}

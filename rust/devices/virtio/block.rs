@@ -1,5 +1,6 @@
-//! virtio-blk (virtio 1.2 §5.2) over a raw image: one request queue; IN, OUT, FLUSH and GET_ID,
-//! anything else answered VIRTIO_BLK_S_UNSUPP; writes to a read-only disk VIRTIO_BLK_S_IOERR.
+//! virtio-blk (virtio 1.2 §5.2) over a raw image: one request queue; IN, OUT, FLUSH, GET_ID, and
+//! for writable disks DISCARD (a punched hole) and WRITE_ZEROES; anything else answered
+//! VIRTIO_BLK_S_UNSUPP; writes of any kind to a read-only disk VIRTIO_BLK_S_IOERR.
 //! Requests are served synchronously on the device's worker thread.
 
 use virtio_queue::{Queue, QueueT};
@@ -15,6 +16,12 @@ pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+/// Sectors per DISCARD / WRITE_ZEROES range (1 GiB), and one range per request.
+pub const MAX_ZERO_SECTORS: u32 = 1 << 21;
+const RANGE_LEN: u64 = 16;
+const RANGE_FLAG_UNMAP: u32 = 1;
 /// Data segments per request: the queue size less the header and status descriptors.
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 pub const ID_BYTES: usize = 20;
@@ -24,6 +31,8 @@ pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
 pub const VIRTIO_BLK_S_OK: u8 = 0;
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
@@ -77,6 +86,12 @@ impl Block {
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
         // num_queues at 34 is meaningful only with VIRTIO_BLK_F_MQ, which is not offered.
         config[34..36].copy_from_slice(&1u16.to_le_bytes());
+        // max_discard_sectors, max_discard_seg, discard_sector_alignment; max_write_zeroes_sectors,
+        // max_write_zeroes_seg, write_zeroes_may_unmap.
+        for (at, value) in [(36, MAX_ZERO_SECTORS), (40, 1), (44, 1), (48, MAX_ZERO_SECTORS), (52, 1)] {
+            config[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        }
+        config[56] = 1;
         Block { disk, id: id_bytes, config, queue_sizes: [QUEUE_SIZE] }
     }
 
@@ -136,12 +151,56 @@ impl Block {
                         VIRTIO_BLK_S_IOERR
                     }
                 }
+                VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if self.disk.readonly => VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                    let segs = sub_segments(readable, HEADER_LEN, total(readable).saturating_sub(HEADER_LEN));
+                    self.zero_range(kind, &segs, mem)
+                }
                 _ => VIRTIO_BLK_S_UNSUPP,
             }
         };
         // write_obj goes through vm-memory, which marks the status byte's page dirty.
         let _ = mem.write_obj(code, status);
         (data_written + 1) as u32
+    }
+
+    /// A DISCARD or WRITE_ZEROES request: exactly one range {sector, num_sectors, flags} (16
+    /// bytes, as max_*_seg says). DISCARD takes no flags; WRITE_ZEROES' unmap flag punches a hole.
+    fn zero_range(&self, kind: u32, segs: &[Segment], mem: &GuestMem) -> u8 {
+        if total(segs) != RANGE_LEN {
+            return VIRTIO_BLK_S_UNSUPP;
+        }
+        let mut range = [0u8; RANGE_LEN as usize];
+        let mut off = 0;
+        for s in segs {
+            if mem.read_slice(&mut range[off..off + s.len as usize], GuestAddress(s.addr)).is_err() {
+                return VIRTIO_BLK_S_IOERR;
+            }
+            off += s.len as usize;
+        }
+        let sector = u64::from_le_bytes(range[0..8].try_into().unwrap());
+        let count = u32::from_le_bytes(range[8..12].try_into().unwrap());
+        let flags = u32::from_le_bytes(range[12..16].try_into().unwrap());
+        let allowed = if kind == VIRTIO_BLK_T_WRITE_ZEROES { RANGE_FLAG_UNMAP } else { 0 };
+        if flags & !allowed != 0 {
+            return VIRTIO_BLK_S_UNSUPP;
+        }
+        let in_disk = sector.checked_add(u64::from(count)).is_some_and(|end| end <= self.disk.sectors());
+        if count > MAX_ZERO_SECTORS || !in_disk {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        let (offset, len) = (sector * SECTOR_SIZE, u64::from(count) * SECTOR_SIZE);
+        let r = if kind == VIRTIO_BLK_T_DISCARD || flags & RANGE_FLAG_UNMAP != 0 {
+            self.disk.punch_hole(offset, len)
+        } else {
+            self.disk.write_zeroes(offset, len)
+        };
+        match r {
+            Ok(()) => VIRTIO_BLK_S_OK,
+            // A discard is a hint: a file system that cannot punch holes keeps the data.
+            Err(e) if kind == VIRTIO_BLK_T_DISCARD && e.raw_os_error() == Some(libc::EOPNOTSUPP) => VIRTIO_BLK_S_OK,
+            Err(_) => VIRTIO_BLK_S_IOERR,
+        }
     }
 
     /// Reads (`write` false) or writes the disk from `sector` on, through `segs` of guest memory.
@@ -170,14 +229,14 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.disk.readonly { VIRTIO_BLK_F_RO } else { 0 };
+        let writes = if self.disk.readonly { VIRTIO_BLK_F_RO } else { VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES };
         VIRTIO_F_VERSION_1
             | VIRTIO_F_RING_EVENT_IDX
             | VIRTIO_F_RING_INDIRECT_DESC
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_FLUSH
-            | ro
+            | writes
     }
 
     fn queue_max_sizes(&self) -> &[u16] {

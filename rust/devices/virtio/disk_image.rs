@@ -14,6 +14,8 @@ use crate::error::{Error, Kind, Result};
 pub const SECTOR_SIZE: u64 = 512;
 /// O_DIRECT's alignment for memory, offsets and lengths on every block device we meet.
 const DIRECT_ALIGN: usize = 4096;
+/// Zeros written per pwrite where the filesystem cannot zero a range itself.
+const ZERO_CHUNK: usize = 1 << 20;
 
 pub struct DiskImage {
     file: File,
@@ -77,6 +79,37 @@ impl DiskImage {
         }
         let guard = buf.ptr_guard();
         self.pwrite_all(guard.as_ptr() as *mut u8, buf.len(), offset)
+    }
+
+    /// Lets the host drop `len` bytes at `offset` (they read back as zeros afterwards).
+    pub fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros, keeping them allocated; with a filesystem that
+    /// cannot, by writing zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let zeros = AlignedBuf::new(ZERO_CHUNK);
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(ZERO_CHUNK as u64) as usize;
+                    self.pwrite_all(zeros.ptr, n, offset + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+        // SAFETY: fallocate on a file we own, with plain integer arguments.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub fn flush(&self) -> std::io::Result<()> {

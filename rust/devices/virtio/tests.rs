@@ -14,6 +14,7 @@ use super::block::*;
 use super::disk_image::DiskImage;
 use super::msix::Msix;
 use super::pci::*;
+use super::worker::Worker;
 use super::*;
 use crate::devices::pci::PciFunction;
 use crate::memory::GuestRam;
@@ -54,8 +55,12 @@ fn image(name: &str, sectors: u64) -> Image {
 }
 
 fn harness(name: &str, readonly: bool) -> Harness {
+    harness_with(name, readonly, false)
+}
+
+fn harness_with(name: &str, readonly: bool, direct: bool) -> Harness {
     let img = image(name, 64);
-    let disk = DiskImage::open(img.0.to_str().unwrap(), readonly, false).unwrap();
+    let disk = DiskImage::open(img.0.to_str().unwrap(), readonly, direct).unwrap();
     let ram = GuestRam::with_ranges(&[(0, 4 << 20)]).unwrap();
     let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
     let kicks = vec![evt()];
@@ -112,6 +117,25 @@ impl Harness {
     /// Puts a chain of (address, length, device-writable) at descriptors 0.., makes it available,
     /// lets the device serve the queue; returns the used element (id, len).
     fn submit(&mut self, chain: &[(u64, u32, bool)]) -> (u32, u32) {
+        self.publish(chain);
+        self.dev.process_queues();
+        self.last_used()
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.ram.mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    fn last_used(&self) -> (u32, u32) {
+        let mem = &self.ram.mem;
+        let used_idx = self.used_idx();
+        assert_eq!(used_idx, self.avail_idx, "the request was completed");
+        let elem = USED + 4 + 8 * u64::from(used_idx.wrapping_sub(1) % QSIZE);
+        (mem.read_obj(GuestAddress(elem)).unwrap(), mem.read_obj(GuestAddress(elem + 4)).unwrap())
+    }
+
+    /// Makes a chain available without telling the device.
+    fn publish(&mut self, chain: &[(u64, u32, bool)]) {
         let mem = &self.ram.mem;
         for (i, &(addr, len, write)) in chain.iter().enumerate() {
             let last = i + 1 == chain.len();
@@ -126,11 +150,14 @@ impl Harness {
         mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(slot))).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
-        self.dev.process_queues();
-        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
-        assert_eq!(used_idx, self.avail_idx, "the request was completed");
-        let elem = USED + 4 + 8 * u64::from(used_idx.wrapping_sub(1) % QSIZE);
-        (mem.read_obj(GuestAddress(elem)).unwrap(), mem.read_obj(GuestAddress(elem + 4)).unwrap())
+    }
+
+    /// A request without data, made available but not served.
+    fn request_publish(&mut self, kind: u32) {
+        let mem = &self.ram.mem;
+        mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        self.publish(&[(HEADER, 16, false), (STATUS, 1, true)]);
     }
 
     fn request(&mut self, kind: u32, sector: u64, data: Option<(u32, bool)>) -> (u8, u32) {
@@ -358,4 +385,131 @@ fn state_round_trip_continues_from_saved_indices() {
     let mut bad = st.clone();
     bad.transport.driver_features |= 1 << 40;
     assert!(h.dev.restore(&bad).is_err());
+}
+
+/// Waits (generously: the machine may be busy) until the device completed `want` requests.
+fn wait_used(ram: &GuestRam, want: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != want {
+        assert!(std::time::Instant::now() < deadline, "the device thread did not complete request {want}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
+    use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuExit};
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    let mut h = harness("kick", false);
+    let Some((_kvm, vm, mut vcpu)) = crate::dirty::tests::tiny_vm(&h.ram, false) else { return };
+    h.setup();
+    let notify = VirtioPci::notify_address(BAR0, 0);
+    vm.register_ioevent(&h.kicks[0], &IoEventAddress::Mmio(notify), NoDatamatch).unwrap();
+    // CPL3 at 0x2000: `L: mov edi, notify ; mov word [rdi], 0 (the queue index) ; out 0x3f8 ; jmp L`.
+    let mut code: Vec<u8> = vec![0xbf];
+    code.extend((notify as u32).to_le_bytes());
+    code.extend([0x66, 0xc7, 0x07, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0xee]);
+    let back = -(code.len() as i64 + 2) as i8;
+    code.extend([0xeb, back as u8]);
+    h.ram.mem.write_slice(&code, GuestAddress(0x2000)).unwrap();
+
+    h.request_publish(VIRTIO_BLK_T_FLUSH);
+    let Harness { dev, ram, kicks, _image, .. } = h;
+    let dev_kicks = vec![kicks[0].try_clone().unwrap()];
+    let dev = Arc::new(Mutex::new(dev));
+    let mut worker = Worker::spawn("virtio-test".into(), dev, dev_kicks, EventFd::new(EFD_NONBLOCK).unwrap(), true).unwrap();
+    worker.pause(Instant::now() + Duration::from_secs(30)).unwrap();
+
+    // The store to the notify register does not exit: the next exit is the `out`.
+    match vcpu.run().unwrap() {
+        VcpuExit::IoOut(0x3f8, _) => {}
+        other => panic!("the kick exited to userspace: {other:?}"),
+    }
+    let run_once = |vcpu: &mut kvm_ioctls::VcpuFd| match vcpu.run().unwrap() {
+        VcpuExit::IoOut(0x3f8, _) => {}
+        other => panic!("unexpected exit {other:?}"),
+    };
+    run_once(&mut vcpu); // one more kick
+    // A paused worker serves nothing, however often it is kicked.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 0, "paused: nothing served");
+    worker.resume();
+    wait_used(&ram, 1);
+    assert_eq!(ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    worker.stop();
+}
+
+#[test]
+fn direct_io_through_unaligned_guest_buffers() {
+    let mut h = harness_with("direct", false, true);
+    h.setup();
+    h.clear_dirty();
+    let before = h.file();
+    // Data at DATA + 512: not aligned for O_DIRECT; the bounce buffer is.
+    let mem = &h.ram.mem;
+    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(5u64, GuestAddress(HEADER + 8)).unwrap();
+    let (_, len) = h.submit(&[(HEADER, 16, false), (DATA + 512, 1024, true), (STATUS, 1, true)]);
+    assert_eq!(len, 1025);
+    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    let mut got = vec![0u8; 1024];
+    h.ram.mem.read_slice(&mut got, GuestAddress(DATA + 512)).unwrap();
+    assert_eq!(got, before[5 * 512..7 * 512]);
+    assert!(h.vmm_dirty(DATA), "bounced read data is dirty too");
+
+    let pattern: Vec<u8> = (0..1024).map(|i| (i * 13 + 1) as u8).collect();
+    h.ram.mem.write_slice(&pattern, GuestAddress(DATA + 512)).unwrap();
+    let mem = &h.ram.mem;
+    mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(8u64, GuestAddress(HEADER + 8)).unwrap();
+    h.submit(&[(HEADER, 16, false), (DATA + 512, 1024, false), (STATUS, 1, true)]);
+    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(h.file()[8 * 512..10 * 512], pattern[..]);
+}
+
+/// A DISCARD or WRITE_ZEROES request for one range.
+fn zero_request(h: &mut Harness, kind: u32, sector: u64, count: u32, flags: u32) -> u8 {
+    let mem = &h.ram.mem;
+    mem.write_obj(kind, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(sector, GuestAddress(DATA)).unwrap();
+    mem.write_obj(count, GuestAddress(DATA + 8)).unwrap();
+    mem.write_obj(flags, GuestAddress(DATA + 12)).unwrap();
+    h.submit(&[(HEADER, 16, false), (DATA, 16, false), (STATUS, 1, true)]);
+    h.ram.mem.read_obj(GuestAddress(STATUS)).unwrap()
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    let mut h = harness("zeroes", false);
+    assert_ne!(h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    assert_eq!(h.read(0x2000 + 36, 4), u64::from(MAX_ZERO_SECTORS));
+    assert_eq!(h.read(0x2000 + 40, 4), 1, "one range per request");
+    h.setup();
+    let before = h.file();
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 2, 3, 0), VIRTIO_BLK_S_OK);
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 1), VIRTIO_BLK_S_OK, "with unmap");
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 24, 8, 0), VIRTIO_BLK_S_OK);
+    let after = h.file();
+    assert_eq!(after.len(), before.len(), "the image keeps its size");
+    assert!(after[2 * 512..5 * 512].iter().all(|&b| b == 0));
+    assert!(after[8 * 512..16 * 512].iter().all(|&b| b == 0));
+    assert_eq!(after[..2 * 512], before[..2 * 512], "sectors around the range are untouched");
+    assert_eq!(after[5 * 512..8 * 512], before[5 * 512..8 * 512]);
+    assert_eq!(after[16 * 512..24 * 512], before[16 * 512..24 * 512]);
+    assert_eq!(after[32 * 512..], before[32 * 512..]);
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 1, 1), VIRTIO_BLK_S_UNSUPP, "discard takes no flags");
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 60, 8, 0), VIRTIO_BLK_S_IOERR, "past the end");
+}
+
+#[test]
+fn read_only_disks_offer_no_discard_and_refuse_it() {
+    let mut h = harness("zeroes-ro", true);
+    assert_eq!(h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    h.setup();
+    let before = h.file();
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 0, 4, 0), VIRTIO_BLK_S_IOERR);
+    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 4, 0), VIRTIO_BLK_S_IOERR);
+    assert_eq!(h.file(), before);
 }
