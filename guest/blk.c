@@ -51,6 +51,9 @@
 #define F_RO (1ul << 5)
 #define F_BLK_SIZE (1ul << 6)
 #define F_FLUSH (1ul << 9)
+/* How long a request may stay unanswered before the device counts as hung: generous, because the
+ * TSC runs on while the VMM pauses the guest (a migration, a snapshot) and the host may be busy. */
+#define HUNG_MS 60000
 
 struct req {
     uint32_t type, reserved;
@@ -142,13 +145,13 @@ static void submit(struct disk *k, uint32_t d, uint32_t slot, uint32_t type, uin
     virtq_add(&k->v.q, h);
 }
 
-/* Waits for one completion (10 s at most, the host may be busy); returns its slot or -1. */
+/* Waits for one completion (HUNG_MS at most); returns its slot or -1. */
 static int wait_one(struct disk *k)
 {
     uint32_t id;
     uint64_t t0 = rdtsc();
     while (!virtq_poll(&k->v.q, &id)) {
-        if (rdtsc() - t0 > tsc_khz * 10000)
+        if (rdtsc() - t0 > tsc_khz * HUNG_MS)
             return -1;
         cpu_relax();
     }
@@ -401,7 +404,7 @@ void blk_step(void)
         load.on = 0;
 }
 
-/* Lets what is in flight complete (bounded: 20 s without a completion is a hung device). */
+/* Lets what is in flight complete (bounded: HUNG_MS without a completion is a hung device). */
 static int load_stop(void)
 {
     if (!load.on)
@@ -413,7 +416,7 @@ static int load_stop(void)
         if (load.inflight != seen) {
             seen = load.inflight;
             t0 = rdtsc();
-        } else if (rdtsc() - t0 > tsc_khz * 20000) {
+        } else if (rdtsc() - t0 > tsc_khz * HUNG_MS) {
             return 0;
         }
     }
@@ -731,7 +734,7 @@ static void cmd_bench(char *args)
         uint64_t now = rdtsc();
         if (timing && now >= end)
             timing = 0;
-        if (now - last > tsc_khz * 20000) {
+        if (now - last > tsc_khz * HUNG_MS) {
             say("ERR blk: the device does not complete requests");
             return;
         }
