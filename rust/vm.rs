@@ -378,6 +378,11 @@ impl Vm {
         for w in self.devices.iter().filter_map(|d| d.worker.as_ref()) {
             w.pause(deadline)?;
         }
+        // Then what the devices wrote goes to stable storage: a destination on another host
+        // opens the same shared image and must read it.
+        for d in &self.devices {
+            d.dev.lock().unwrap().sync_backing().map_err(|e| Error::io(Kind::HostIo, &format!("syncing disk {}", d.id), e))?;
+        }
         Ok(())
     }
 

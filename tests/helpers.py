@@ -219,11 +219,11 @@ def guest_vmm(tmp_path):
 
     made = []
 
-    def start(vcpus: int = 1, memory_mib: int = 128, **kw):
+    def start(vcpus: int = 1, memory_mib: int = 128, disks=(), **kw):
         path = str(tmp_path / f"serial{len(made)}.sock")
         vmm = Vmm(serial=SerialConfig(mode="Socket", socket=path), **kw)
         serial = SerialClient(path)
-        vmm.create(VmConfig(memory_mib=memory_mib, vcpus=vcpus))
+        vmm.create(VmConfig(memory_mib=memory_mib, vcpus=vcpus, disks=list(disks)))
         vmm.boot()
         made.append((vmm, serial))
         return vmm, serial

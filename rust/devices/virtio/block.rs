@@ -43,6 +43,8 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
+    /// The image was written since its last fdatasync.
+    unsynced: bool,
 }
 
 /// A run of guest memory a descriptor names.
@@ -92,12 +94,12 @@ impl Block {
             config[at..at + 4].copy_from_slice(&value.to_le_bytes());
         }
         config[56] = 1;
-        Block { disk, id: id_bytes, config, queue_sizes: [QUEUE_SIZE] }
+        Block { disk, id: id_bytes, config, queue_sizes: [QUEUE_SIZE], unsynced: false }
     }
 
     /// Serves one request; returns the bytes written into the chain's device-writable buffers
     /// (data and status), for the used ring.
-    fn execute(&self, readable: &[Segment], writable: &[Segment], mem: &GuestMem) -> u32 {
+    fn execute(&mut self, readable: &[Segment], writable: &[Segment], mem: &GuestMem) -> u32 {
         let Some(status) = writable.last().filter(|s| s.len >= 1).map(|s| GuestAddress(s.addr + s.len - 1)) else {
             // No room for a status byte: nothing can be said to the driver.
             return 0;
@@ -117,6 +119,9 @@ impl Block {
         } else {
             let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
             let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+            if matches!(kind, VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES) {
+                self.unsynced = true;
+            }
             let data_in = total(writable) - 1;
             match kind {
                 VIRTIO_BLK_T_IN => {
@@ -132,7 +137,7 @@ impl Block {
                     let segs = sub_segments(readable, HEADER_LEN, total(readable).saturating_sub(HEADER_LEN));
                     self.transfer(sector, &segs, mem, true)
                 }
-                VIRTIO_BLK_T_FLUSH => match self.disk.flush() {
+                VIRTIO_BLK_T_FLUSH => match self.sync_backing() {
                     Ok(()) => VIRTIO_BLK_S_OK,
                     Err(_) => VIRTIO_BLK_S_IOERR,
                 },
@@ -249,6 +254,16 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: usize, data: &mut [u8]) {
         data.copy_from_slice(&self.config[offset..offset + data.len()]);
+    }
+
+    fn sync_backing(&mut self) -> std::io::Result<()> {
+        if std::mem::take(&mut self.unsynced) {
+            if let Err(e) = self.disk.flush() {
+                self.unsynced = true;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMem) -> bool {

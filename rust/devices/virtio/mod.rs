@@ -32,6 +32,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: usize, data: &mut [u8]);
     /// Serves the available requests on queue `index`; true when it added used entries.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool;
+    /// Makes what the device wrote durable on its backing (called once it is quiesced, so that
+    /// another host on the same shared storage sees it).
+    fn sync_backing(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 #[cfg(test)]
 mod tests;

@@ -153,6 +153,10 @@ impl VirtioPci {
         }
     }
 
+    pub fn sync_backing(&mut self) -> std::io::Result<()> {
+        self.device.sync_backing()
+    }
+
     fn selected(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.regs.queue_select as usize)
     }
