@@ -7,7 +7,7 @@
  *
  *     u64 index, u64 generation, u64 checksum, 509 u64 fill words derived from index and generation
  *
- * and only after the whole page is written does the vCPU store the generation into gen_table[index].
+ * (pattern.c), and only after the whole page is written does the vCPU store the generation into gen_table[index].
  * So whenever the vCPUs stand still, every page whose table entry is non-zero holds exactly that
  * generation, whatever instant the VMM paused, snapshotted or migrated the guest at: a vCPU stopped
  * in the middle of a page has not yet published it, and finishes it when it resumes.
@@ -22,10 +22,6 @@
 #define CMD_DIRTY 1
 #define STEP_NO_WORK 0xffffffffu
 #define RATE_QUANTUM_MS 4
-
-#define K1 0x9e3779b97f4a7c15ul
-#define K2 0xd6e8feb86659fd93ul
-#define CK0 0x6a09e667f3bcc908ul
 
 /* One u32 per page of the area (sized for 4 GiB). NOBITS: dirty_start zeroes the part it uses. */
 static uint32_t gen_table[MAX_DIRTY_PAGES] __attribute__((section(".bss.gentable"), aligned(4096)));
@@ -57,46 +53,6 @@ static int bsp_on, ever;
 static uint64_t last_pages;
 static uint32_t bsp_seq;
 static struct run bsp_run;
-
-static inline uint64_t page_seed(uint64_t idx, uint64_t gen)
-{
-    uint64_t x = idx * K2 ^ (gen + 1) * K1;
-    return x ^ (x >> 29);
-}
-
-/* Fletcher-style sum of sums over all words but the checksum itself: catches changed, lost and
- * reordered words. */
-static void write_page(uint64_t *p, uint64_t idx, uint64_t gen)
-{
-    uint64_t a = CK0, b = 0, w = page_seed(idx, gen);
-    a += idx;
-    b += a;
-    a += gen;
-    b += a;
-    for (int j = 3; j < 512; j++) {
-        w += K1;
-        p[j] = w;
-        a += w;
-        b += a;
-    }
-    p[0] = idx;
-    p[1] = gen;
-    p[2] = a ^ (b * K2);
-}
-
-static uint64_t page_checksum(const uint64_t *p)
-{
-    uint64_t a = CK0, b = 0;
-    a += p[0];
-    b += a;
-    a += p[1];
-    b += a;
-    for (int j = 3; j < 512; j++) {
-        a += p[j];
-        b += a;
-    }
-    return a ^ (b * K2);
-}
 
 static void run_init(struct run *r, uint32_t cpu)
 {
@@ -148,7 +104,7 @@ static uint32_t run_step(struct run *r, uint32_t max, uint32_t seq)
             if ((uint64_t)-ahead > r->maxlag)
                 r->t0 += (uint64_t)-ahead - r->maxlag;
         }
-        write_page((uint64_t *)(r->base + (r->cur << 12)), r->cur, r->gen);
+        pattern_fill((uint64_t *)(r->base + (r->cur << 12)), 512, r->cur, r->gen);
         STORE_REL(&gen_table[r->cur], r->gen); /* publish: strictly after the page */
         STORE_REL(&percpu[r->cpu].gen, r->gen);
         r->done++;
@@ -283,7 +239,7 @@ int dirty_verify(uint64_t *checked, uint64_t *page, uint64_t *want, uint64_t *go
             bad = 0;
         else if (p[0] != i)
             bad = 1;
-        else if (page_checksum((const uint64_t *)p) != p[2])
+        else if (pattern_checksum((const uint64_t *)p, 512) != p[2])
             bad = 2;
         if (bad >= 0) {
             *page = i;

@@ -29,15 +29,6 @@
 /* Until the BSP has looked, assume vmmpy: APs (which only vmmpy starts) may idle at once. */
 static int pv_idle = 1;
 
-static inline uint32_t inl(uint16_t port)
-{
-    uint32_t v;
-    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory");
-    return v;
-}
-
-static inline void mmio_write32(uint64_t addr, uint32_t v) { *(volatile uint32_t *)addr = v; }
-
 void idle_init(void)
 {
     if (inl(IDLE_PORT) == VMMPY_IDLE_SIGNATURE)

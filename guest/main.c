@@ -38,7 +38,7 @@ void *memcpy(void *d, const void *s, size_t n)
     return r;
 }
 
-static int streq(const char *a, const char *b)
+int streq(const char *a, const char *b)
 {
     while (*a && *a == *b)
         a++, b++;
@@ -54,7 +54,7 @@ static int starts(const char *s, const char *prefix)
 }
 
 /* decimal, at most 18 digits; the whole string must be digits */
-static int parse_u64(const char *s, uint64_t *out)
+int parse_u64(const char *s, uint64_t *out)
 {
     uint64_t v = 0;
     int n = 0;
@@ -93,13 +93,13 @@ static void put_ch(char c)
         obuf[olen++] = c;
 }
 
-static void put_s(const char *s)
+void put_s(const char *s)
 {
     while (*s)
         put_ch(*s++);
 }
 
-static void put_u(uint64_t v)
+void put_u(uint64_t v)
 {
     char t[21];
     int n = 0;
@@ -108,6 +108,16 @@ static void put_u(uint64_t v)
     while (v /= 10);
     while (n)
         put_ch(t[--n]);
+}
+
+void put_x(uint64_t v)
+{
+    int i = 60;
+    put_s("0x");
+    while (i > 0 && !((v >> i) & 15))
+        i -= 4;
+    for (; i >= 0; i -= 4)
+        put_ch("0123456789abcdef"[(v >> i) & 15]);
 }
 
 static void put_x16(uint64_t v)
@@ -125,7 +135,7 @@ static void wait_thre(void)
             return;
 }
 
-static void put_line(void)
+void put_line(void)
 {
     obuf[olen++] = '\r';
     obuf[olen++] = '\n';
@@ -137,7 +147,7 @@ static void put_line(void)
     olen = 0;
 }
 
-static void say(const char *s)
+void say(const char *s)
 {
     put_s(s);
     put_line();
@@ -215,7 +225,7 @@ static void parse_memmap(const uint8_t *e, uint32_t n, uint32_t stride)
 }
 
 /* Is [start, end) RAM (inside one e820 RAM entry, or entries that touch) and below 4 GiB? */
-static int is_ram(uint64_t start, uint64_t end)
+int is_ram(uint64_t start, uint64_t end)
 {
     if (end > FOUR_GIB)
         return 0;
@@ -411,7 +421,7 @@ static void cmd_pio(char *args)
     put_line();
 }
 
-static char *next_word(char **s)
+char *next_word(char **s)
 {
     char *p = *s, *w;
     while (*p == ' ' || *p == '\t')
@@ -454,6 +464,8 @@ static void handle(char *s)
         cmd_poweroff();
     } else if (streq(cmd, "pio")) {
         cmd_pio(rest);
+    } else if (streq(cmd, "blk")) {
+        blk_command(rest);
     } else {
         say("ERR unknown command");
     }
@@ -514,11 +526,16 @@ void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
         if (poll_line()) {
             handle(line);
             llen = 0;
-        } else if (dirty_running()) {
-            /* work for ~1 ms between two looks at the UART (each look is a ~25 us VM exit) */
+        } else if (dirty_running() || blk_running()) {
+            /* work for ~1 ms between two looks at the UART (each look is a ~25 us VM exit); a
+             * rate-limited `dirty` sleeps in between, and `blk load` waits for that sleep */
             uint64_t t0 = rdtsc();
-            while (dirty_bsp_step() == 0 && rdtsc() - t0 < tsc_khz)
-                ;
+            do {
+                if (blk_running())
+                    blk_step();
+                if (dirty_running() && dirty_bsp_step())
+                    break;
+            } while (rdtsc() - t0 < tsc_khz);
             if (rdtsc() - button_polled_at > tsc_khz * 100)
                 poll_power_button();
         } else {

@@ -1,7 +1,7 @@
 //! ACPI tables for a firmware-less x86-64 guest.
 //!
 //! The tables are laid out in the legacy BIOS area, starting at 0xe0000 (see
-//! `docs/architecture.md`), in this order: RSDP, XSDT, FADT, DSDT, MADT. Each table after the RSDP
+//! `docs/architecture.md`), in this order: RSDP, XSDT, FADT, DSDT, MADT, MCFG. Each table after the RSDP
 //! starts on an 8-byte boundary. Everything must end below 1 MiB, where the kernel is loaded.
 //!
 //! The platform is described as *hardware-reduced* ACPI: there is no PM1 event/control block, no
@@ -11,6 +11,10 @@
 //! Platform events (the power button) come from a Generic Event Device, `\_SB_.GED_`, whose
 //! `_EVT` method reads the GED's event register and notifies the control-method power button
 //! `\_SB_.PWRB` (Linux: drivers/acpi/evged.c, then the ACPI button driver).
+//!
+//! PCI: the MCFG table gives bus 0's ECAM region, and `\_SB_.PCI0` (PNP0A08, compatible with
+//! PNP0A03) is the root bridge, whose `_CRS` lists bus 0, the config ports, the I/O window and the
+//! 32-bit and 64-bit memory windows (docs/devices.md).
 //!
 //! What comes from the `acpi_tables` crate: the RSDP (both checksums), the FADT layout (ACPI 6.5,
 //! 276 bytes) and its flags/GAS types, the generic `Sdt` buffer (length and checksum upkeep), the
@@ -30,7 +34,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::devices::ged::{GED_GSI, POWER_BUTTON};
-use crate::layout::GED_MMIO_BASE;
+use crate::layout::{self, GED_MMIO_BASE};
 use crate::memory::GuestMem;
 
 /// Where the RSDP goes; Linux is told about it through boot_params.acpi_rsdp_addr (and would also
@@ -202,9 +206,60 @@ fn power_button_devices(sink: &mut Vec<u8>) {
     aml::Device::new("GED_".into(), vec![&hid, &uid_zero, &crs, &region, &field, &evt]).to_aml_bytes(sink);
 }
 
+/// `\_SB_.PCI0`: the PCI root bridge of segment 0, bus 0, and the windows it forwards.
+fn pci_root_device(sink: &mut Vec<u8>, ram_size: u64) {
+    let mmio32_end = (layout::PCI_MMIO32_BASE + layout::PCI_MMIO32_SIZE - 1) as u32;
+    let mmio64 = layout::pci_mmio64_base(ram_size);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let config_ports = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, 0x0cf7u16, None);
+    let io_high = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let mem32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        layout::PCI_MMIO32_BASE as u32,
+        mmio32_end,
+        None,
+    );
+    let mem64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64,
+        mmio64 + layout::PCI_MMIO64_SIZE - 1,
+        None,
+    );
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&bus, &config_ports, &io_low, &io_high, &mem32, &mem64]),
+    );
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &crs,
+        ],
+    )
+    .to_aml_bytes(sink);
+}
+
+/// MCFG (PCI Firmware 3.0 §4.1.2): after the header 8 reserved bytes, then one allocation: bus 0's
+/// ECAM base, segment 0, buses 0..=0.
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = new_sdt(*b"MCFG", HEADER_LEN as u32 + 8, 1);
+    let mut entry = [0u8; 16];
+    entry[0..8].copy_from_slice(&layout::PCI_ECAM_BASE.to_le_bytes());
+    mcfg.append_slice(&entry);
+    mcfg.as_slice().to_vec()
+}
+
 /// The DSDT's AML: `\_S5_` and, under `\_SB_`, COM1, the PS/2 keyboard controller, the RTC, the
-/// power button and the Generic Event Device.
-fn dsdt_aml() -> Vec<u8> {
+/// power button, the Generic Event Device and the PCI root bridge.
+fn dsdt_aml(ram_size: u64) -> Vec<u8> {
     let mut devices = Vec::new();
 
     // 16550 UART, COM1. An extended interrupt descriptor: consumer, edge, active high, exclusive.
@@ -243,6 +298,7 @@ fn dsdt_aml() -> Vec<u8> {
     );
 
     power_button_devices(&mut devices);
+    pci_root_device(&mut devices, ram_size);
 
     let mut bytes = aml::Scope::raw("\\_SB_".into(), devices);
 
@@ -258,10 +314,10 @@ fn dsdt_aml() -> Vec<u8> {
     bytes
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(ram_size: u64) -> Vec<u8> {
     // Revision 2: AML integers are 64 bits wide.
     let mut dsdt = new_sdt(*b"DSDT", HEADER_LEN as u32, 2);
-    dsdt.append_slice(&dsdt_aml());
+    dsdt.append_slice(&dsdt_aml(ram_size));
     dsdt.as_slice().to_vec()
 }
 
@@ -322,25 +378,29 @@ fn write_table(mem: &GuestMem, addr: u64, bytes: &[u8]) -> Result<(), GuestMemor
     mem.write_slice(bytes, GuestAddress(addr))
 }
 
-/// Build RSDP, XSDT, FADT, DSDT and MADT for `vcpus` vCPUs (APIC ids 0..vcpus) and write them into
-/// guest memory from 0xe0000 up. Returns the RSDP's guest physical address.
+/// Build RSDP, XSDT, FADT, DSDT, MADT and MCFG for `vcpus` vCPUs (APIC ids 0..vcpus) and a guest
+/// of `ram_size` bytes (the 64-bit PCI window lies above its RAM), and write them into guest
+/// memory from 0xe0000 up. Returns the RSDP's guest physical address.
 pub fn create_acpi_tables(
     mem: &GuestMem,
     vcpus: u8,
+    ram_size: u64,
 ) -> Result<GuestAddress, GuestMemoryError> {
-    let dsdt = dsdt();
+    let dsdt = dsdt(ram_size);
     let madt = madt(vcpus);
+    let mcfg = mcfg();
     let fadt_len = acpi_tables::fadt::FADT::len() as u64;
-    let xsdt_len = (HEADER_LEN + 2 * 8) as u64;
+    let xsdt_len = (HEADER_LEN + 3 * 8) as u64;
 
     let rsdp_addr = align_up(ACPI_TABLES_START, RSDP_ALIGN);
     let xsdt_addr = align_up(rsdp_addr + Rsdp::len() as u64, TABLE_ALIGN);
     let fadt_addr = align_up(xsdt_addr + xsdt_len, TABLE_ALIGN);
     let dsdt_addr = align_up(fadt_addr + fadt_len, TABLE_ALIGN);
     let madt_addr = align_up(dsdt_addr + dsdt.len() as u64, TABLE_ALIGN);
+    let mcfg_addr = align_up(madt_addr + madt.len() as u64, TABLE_ALIGN);
 
     let fadt = fadt(dsdt_addr);
-    let xsdt = xsdt(&[fadt_addr, madt_addr]);
+    let xsdt = xsdt(&[fadt_addr, madt_addr, mcfg_addr]);
     debug_assert_eq!(fadt.len() as u64, fadt_len);
     debug_assert_eq!(xsdt.len() as u64, xsdt_len);
 
@@ -348,7 +408,7 @@ pub fn create_acpi_tables(
     Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
 
     // Check the whole block first so that nothing is written when it does not fit.
-    let end = madt_addr + madt.len() as u64;
+    let end = mcfg_addr + mcfg.len() as u64;
     if end > ACPI_TABLES_END {
         return Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(end - 1)));
     }
@@ -357,6 +417,7 @@ pub fn create_acpi_tables(
     write_table(mem, fadt_addr, &fadt)?;
     write_table(mem, dsdt_addr, &dsdt)?;
     write_table(mem, madt_addr, &madt)?;
+    write_table(mem, mcfg_addr, &mcfg)?;
     Ok(GuestAddress(rsdp_addr))
 }
 
@@ -411,11 +472,12 @@ mod tests {
         fadt: Vec<u8>,
         dsdt: Vec<u8>,
         madt: Vec<u8>,
+        mcfg: Vec<u8>,
     }
 
     fn build(vcpus: u8) -> Tables {
         let mem = guest_mem();
-        let rsdp_addr = create_acpi_tables(&mem, vcpus).unwrap();
+        let rsdp_addr = create_acpi_tables(&mem, vcpus, 1 << 30).unwrap();
         assert_eq!(rsdp_addr.0, 0xe0000);
         assert_eq!(rsdp_addr.0 % 16, 0);
 
@@ -430,13 +492,16 @@ mod tests {
         let xsdt_addr = u64_at(&rsdp, 24);
         assert!(xsdt_addr > rsdp_addr.0);
         let xsdt = table(&mem, xsdt_addr, b"XSDT");
-        assert_eq!(xsdt.len(), HEADER_LEN + 16);
+        assert_eq!(xsdt.len(), HEADER_LEN + 24);
         let fadt_addr = u64_at(&xsdt, 36);
         let madt_addr = u64_at(&xsdt, 44);
         let fadt = table(&mem, fadt_addr, b"FACP");
         let dsdt_addr = u64_at(&fadt, 140);
         let dsdt = table(&mem, dsdt_addr, b"DSDT");
         let madt = table(&mem, madt_addr, b"APIC");
+        let mcfg_addr = u64_at(&xsdt, 52);
+        let mcfg = table(&mem, mcfg_addr, b"MCFG");
+        assert!(madt_addr + madt.len() as u64 <= mcfg_addr);
         // Laid out in the documented order, without overlaps.
         assert!(xsdt_addr + xsdt.len() as u64 <= fadt_addr);
         assert!(fadt_addr + fadt.len() as u64 <= dsdt_addr);
@@ -446,6 +511,7 @@ mod tests {
             fadt,
             dsdt,
             madt,
+            mcfg,
         }
     }
 
@@ -601,6 +667,36 @@ mod tests {
     #[test]
     fn refuses_memory_without_the_bios_area() {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0xa0000)]).unwrap();
-        assert!(create_acpi_tables(&mem, 1).is_err());
+        assert!(create_acpi_tables(&mem, 1, 1 << 30).is_err());
+    }
+
+    #[test]
+    fn mcfg_gives_bus_0_ecam() {
+        let m = build(1).mcfg;
+        assert_eq!(m.len(), HEADER_LEN + 8 + 16);
+        assert_eq!(m[8], 1);
+        assert_eq!(u64_at(&m, 44), layout::PCI_ECAM_BASE);
+        assert_eq!(&m[52..56], &[0, 0, 0, 0], "segment 0, buses 0..=0");
+    }
+
+    #[test]
+    fn dsdt_pci_root_bridge() {
+        let d = build(1).dsdt;
+        let aml = &d[HEADER_LEN..];
+        assert!(contains(aml, b"PCI0"));
+        // _HID EisaId ("PNP0A08"), _CID EisaId ("PNP0A03").
+        assert!(contains(aml, b"_HID\x0c\x41\xd0\x0a\x08"));
+        assert!(contains(aml, b"_CID\x0c\x41\xd0\x0a\x03"));
+        // WordBusNumber 0..0: type 2, min/max fixed, length 0x0d.
+        assert!(contains(aml, &[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00]));
+        // The config ports, then WordIO 0..0xcf7.
+        assert!(contains(aml, &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]));
+        assert!(contains(aml, &[0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03, 0x00, 0x00, 0x00, 0x00, 0xf7, 0x0c]));
+        // DWordMemory 0xc0000000..0xdfffffff and QWordMemory from 4 GiB (1 GiB of RAM).
+        assert!(contains(aml, &[0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff, 0xff, 0xdf]));
+        let mut q = vec![0x8a, 0x2b, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0, 0, 0, 0, 0];
+        q.extend(layout::FOUR_GIB.to_le_bytes());
+        q.extend((layout::FOUR_GIB + layout::PCI_MMIO64_SIZE - 1).to_le_bytes());
+        assert!(contains(aml, &q));
     }
 }

@@ -24,6 +24,16 @@ pub const FOUR_GIB: u64 = 0x1_0000_0000;
 /// The ACPI GED's event register page (devices/ged.rs), in the hole just below the IOAPIC.
 pub const GED_MMIO_BASE: u64 = 0xfeb0_0000;
 pub const GED_MMIO_SIZE: u64 = 0x1000;
+/// PCI (docs/devices.md): ECAM for bus 0 (the ACPI MCFG table describes it), the 32-bit window
+/// vmmpy allocates BARs from, and the I/O window the DSDT's root bridge describes.
+pub const PCI_ECAM_BASE: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+pub const PCI_MMIO32_BASE: u64 = 0xc000_0000;
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// The 64-bit window the DSDT describes: from 64 GiB above the top of RAM's address space, 64 GiB.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// GSIs from here on carry MSI-X vectors (0-23 are the IOAPIC's pins).
+pub const MSI_GSI_BASE: u32 = 24;
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
@@ -37,6 +47,12 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     }
 }
 
+/// Where the 64-bit PCI window starts: above guest RAM, on a 1 GiB boundary.
+pub fn pci_mmio64_base(ram_size: u64) -> u64 {
+    let top = ram_ranges(ram_size).last().map(|&(start, len)| start + len).unwrap_or(FOUR_GIB).max(FOUR_GIB);
+    top.next_multiple_of(1 << 30)
+}
+
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
@@ -48,6 +64,8 @@ pub fn e820_map(size: u64) -> Vec<(u64, u64, u32)> {
         (0, EBDA_START, E820_RAM),
         (EBDA_START, 0xa0000 - EBDA_START, E820_RESERVED),
         (ACPI_START, HIMEM_START - ACPI_START, E820_RESERVED),
+        // Linux uses the MCFG's ECAM only where the firmware reserved it.
+        (PCI_ECAM_BASE, PCI_ECAM_SIZE, E820_RESERVED),
     ];
     for (start, len) in ram_ranges(size) {
         if start == 0 {
@@ -56,5 +74,6 @@ pub fn e820_map(size: u64) -> Vec<(u64, u64, u32)> {
             map.push((start, len, E820_RAM));
         }
     }
+    map.sort_by_key(|e| e.0);
     map
 }

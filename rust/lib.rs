@@ -51,5 +51,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
     m.add_function(wrap_pyfunction!(python::test_guest_elf, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
+    m.add("MAX_DISKS", vm::MAX_DISKS)?;
     Ok(())
 }

@@ -22,7 +22,9 @@ use crate::pacer::Pacer;
 use crate::tls::{Role, TlsContext, TlsStream};
 use crate::transfer::Link;
 use crate::state::{Blobs, VcpuState};
-use crate::vm::{LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
+use crate::devices::virtio::msix::MsixState;
+use crate::devices::virtio::pci::{TransportState, VirtioPciState};
+use crate::vm::{DiskSpec, LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
 
 #[pyclass(name = "Console", module = "vmmpy._native")]
 pub struct PyConsole(pub Console);
@@ -290,7 +292,7 @@ impl PyVm {
     /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
     /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -306,9 +308,12 @@ impl PyVm {
         restore: bool,
         memory_fds: Option<Vec<i32>>,
         boot_protocol: Option<&str>,
+        disks: Vec<(String, String, bool, bool)>,
     ) -> PyResult<Self> {
         let boot_protocol = boot_protocol.map(crate::boot::payload::BootProtocol::from_name).transpose()?;
-        let cfg = VmConfig { memory_size, vcpus, kernel, initramfs, cmdline, boot_protocol };
+        // Disks as (id, path, readonly, direct), in PCI slot order.
+        let disks = disks.into_iter().map(|(id, path, readonly, direct)| DiskSpec { id, path, readonly, direct }).collect();
+        let cfg = VmConfig { memory_size, vcpus, kernel, initramfs, cmdline, boot_protocol, disks };
         let console = console.0.clone();
         let fds = LifecycleFds { reset: reset_fd, guest_exit: guest_exit_fd, error: error_fd };
         // The caller keeps its fds; the VM maps duplicates it owns.
@@ -561,7 +566,90 @@ fn saved_state_to_dict<'py>(py: Python<'py>, st: &SavedState) -> PyResult<Bound<
     devices.set_item("serial", serial)?;
     devices.set_item("cmos", cmos)?;
     out.set_item("devices", devices)?;
+    let virtio = PyList::empty(py);
+    for (id, dev) in &st.devices {
+        virtio.append(virtio_to_dict(py, id, dev)?)?;
+    }
+    out.set_item("virtio", virtio)?;
     Ok(out)
+}
+
+fn virtio_to_dict<'py>(py: Python<'py>, id: &str, st: &VirtioPciState) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("id", id)?;
+    d.set_item("config_space", PyBytes::new(py, &st.config_space))?;
+    let t = &st.transport;
+    d.set_item("device_feature_select", t.device_feature_select)?;
+    d.set_item("driver_feature_select", t.driver_feature_select)?;
+    d.set_item("driver_features", t.driver_features)?;
+    d.set_item("status", t.status)?;
+    d.set_item("config_generation", t.config_generation)?;
+    d.set_item("queue_select", t.queue_select)?;
+    d.set_item("config_vector", t.config_vector)?;
+    d.set_item("isr", t.isr)?;
+    let queues = PyList::empty(py);
+    for (q, vector) in st.queues.iter().zip(&st.queue_vectors) {
+        let qd = PyDict::new(py);
+        qd.set_item("max_size", q.max_size)?;
+        qd.set_item("size", q.size)?;
+        qd.set_item("ready", q.ready)?;
+        qd.set_item("desc_table", q.desc_table)?;
+        qd.set_item("avail_ring", q.avail_ring)?;
+        qd.set_item("used_ring", q.used_ring)?;
+        qd.set_item("next_avail", q.next_avail)?;
+        qd.set_item("next_used", q.next_used)?;
+        qd.set_item("event_idx", q.event_idx_enabled)?;
+        qd.set_item("msix_vector", *vector)?;
+        queues.append(qd)?;
+    }
+    d.set_item("queues", queues)?;
+    let m = PyDict::new(py);
+    m.set_item("table", st.msix.table.iter().map(|e| e.to_vec()).collect::<Vec<_>>())?;
+    m.set_item("pba", st.msix.pba.clone())?;
+    m.set_item("enabled", st.msix.enabled)?;
+    m.set_item("function_masked", st.msix.function_masked)?;
+    d.set_item("msix", m)?;
+    Ok(d)
+}
+
+fn virtio_from_dict(d: &Bound<'_, PyDict>) -> PyResult<(String, VirtioPciState)> {
+    let transport = TransportState {
+        device_feature_select: item(d, "device_feature_select")?.extract()?,
+        driver_feature_select: item(d, "driver_feature_select")?.extract()?,
+        driver_features: item(d, "driver_features")?.extract()?,
+        status: item(d, "status")?.extract()?,
+        config_generation: item(d, "config_generation")?.extract()?,
+        queue_select: item(d, "queue_select")?.extract()?,
+        config_vector: item(d, "config_vector")?.extract()?,
+        isr: item(d, "isr")?.extract()?,
+    };
+    let (mut queues, mut queue_vectors) = (Vec::new(), Vec::new());
+    for q in item(d, "queues")?.cast::<PyList>()?.iter() {
+        let q = q.cast::<PyDict>()?;
+        queues.push(virtio_queue::QueueState {
+            max_size: item(q, "max_size")?.extract()?,
+            size: item(q, "size")?.extract()?,
+            ready: item(q, "ready")?.extract()?,
+            desc_table: item(q, "desc_table")?.extract()?,
+            avail_ring: item(q, "avail_ring")?.extract()?,
+            used_ring: item(q, "used_ring")?.extract()?,
+            next_avail: item(q, "next_avail")?.extract()?,
+            next_used: item(q, "next_used")?.extract()?,
+            event_idx_enabled: item(q, "event_idx")?.extract()?,
+        });
+        queue_vectors.push(item(q, "msix_vector")?.extract()?);
+    }
+    let m = item(d, "msix")?;
+    let m = m.cast::<PyDict>()?;
+    let table: Vec<[u32; 4]> = item(m, "table")?.extract()?;
+    let msix = MsixState {
+        table,
+        pba: item(m, "pba")?.extract()?,
+        enabled: item(m, "enabled")?.extract()?,
+        function_masked: item(m, "function_masked")?.extract()?,
+    };
+    let st = VirtioPciState { config_space: item(d, "config_space")?.extract()?, transport, queues, queue_vectors, msix };
+    Ok((item(d, "id")?.extract()?, st))
 }
 
 fn saved_state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<SavedState> {
@@ -596,5 +684,12 @@ fn saved_state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<SavedState> {
     let cmos_d = item(devices, "cmos")?;
     let cmos_d = cmos_d.cast::<PyDict>()?;
     let cmos = (item(cmos_d, "nvram")?.extract()?, item(cmos_d, "index")?.extract()?);
-    Ok(SavedState { vcpus, machine, serial, cmos })
+    // Absent before format 1.3: a VM without virtio devices.
+    let mut virtio = Vec::new();
+    if let Some(list) = d.get_item("virtio")? {
+        for dev in list.cast::<PyList>()?.iter() {
+            virtio.push(virtio_from_dict(dev.cast::<PyDict>()?)?);
+        }
+    }
+    Ok(SavedState { vcpus, machine, serial, cmos, devices: virtio })
 }

@@ -9,13 +9,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{cpu_setup, payload, pvh, zero_page};
 use crate::console::{Console, InputListener};
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::ged::{self, Ged};
+use crate::devices::msi_routes::MsiRoutes;
+use crate::devices::pci::{bar_window::PciBarWindow, config_io::PciConfigIo, ecam::PciEcam, PciRoot, SharedFunction};
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::disk_image::DiskImage;
+use crate::devices::virtio::msix::Msix;
+use crate::devices::virtio::pci::{VirtioPci, VirtioPciState, BAR0_SIZE};
+use crate::devices::virtio::worker::Worker;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::error::{Error, Kind, Result};
 use crate::fd::dup_owned;
@@ -28,6 +35,9 @@ use crate::vcpu::{self, SharedVcpuFd, VcpuControl};
 use crate::{acpi, cpuid, layout};
 
 pub const MAX_VCPUS: u8 = 8;
+/// Disks per VM: each takes a PCI slot (31 after the host bridge), 32 KiB of the BAR window and
+/// two GSIs; 16 keeps all of them far from their limits.
+pub const MAX_DISKS: usize = 16;
 const SERIAL_GSI: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +64,26 @@ pub struct VmConfig<'a> {
     pub cmdline: String,
     /// None: PVH for an ELF with the PVH note, else the 64-bit entry.
     pub boot_protocol: Option<payload::BootProtocol>,
+    pub disks: Vec<DiskSpec>,
+}
+
+/// A virtio-blk disk: the image the operator named for it and how to open it.
+#[derive(Clone, Debug)]
+pub struct DiskSpec {
+    pub id: String,
+    pub path: String,
+    pub readonly: bool,
+    pub direct: bool,
+}
+
+/// A virtio device of the VM: its transport (shared with the PCI bus and its worker thread), its
+/// eventfds and, once booted, the worker.
+struct DeviceSlot {
+    id: String,
+    dev: Arc<Mutex<VirtioPci>>,
+    kicks: Vec<EventFd>,
+    wake: EventFd,
+    worker: Option<Worker>,
 }
 
 /// Everything but memory that a snapshot or migration carries for a paused VM.
@@ -62,6 +92,8 @@ pub struct SavedState {
     pub machine: Blobs,
     pub serial: vm_superio::serial::SerialState,
     pub cmos: (Vec<u8>, u8),
+    /// Device state by device id.
+    pub devices: Vec<(String, VirtioPciState)>,
 }
 
 #[derive(Clone)]
@@ -154,6 +186,7 @@ struct VcpuSlot {
 pub struct Vm {
     // Field order is drop order: vCPUs end before the VM fd closes, and memory is unmapped last.
     vcpus: Vec<VcpuSlot>,
+    devices: Vec<DeviceSlot>,
     shared: Arc<VmShared>,
     console: Console,
     /// This VM's registration with the console, to detach exactly it.
@@ -162,7 +195,7 @@ pub struct Vm {
     /// Dirty logging while a migration runs.
     dirty: Mutex<Option<DirtyLog>>,
     manual_protect: bool,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     kvm: Kvm,
     pub ram: Arc<GuestRam>,
     /// None for a VM restored from a snapshot or migration.
@@ -195,6 +228,15 @@ impl Vm {
         if cfg.memory_size < (64 << 20) || !cfg.memory_size.is_multiple_of(1 << 20) {
             return Err(Error::new(Kind::InvalidConfig, format!("memory size {} is not a whole number of MiB >= 64 MiB", cfg.memory_size)));
         }
+        if cfg.disks.len() > MAX_DISKS {
+            return Err(Error::new(Kind::InvalidConfig, format!("{} disks: at most {MAX_DISKS}", cfg.disks.len())));
+        }
+        // Disk images open first: a missing or unreadable one fails the build before anything runs.
+        let images = cfg
+            .disks
+            .iter()
+            .map(|d| DiskImage::open(&d.path, d.readonly, d.direct))
+            .collect::<Result<Vec<_>>>()?;
         let kvm = Kvm::new().map_err(|e| Error::kvm("opening /dev/kvm", e))?;
         let fd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
         fd.set_tss_address(layout::KVM_TSS_ADDR).map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
@@ -265,6 +307,16 @@ impl Vm {
         let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
         let mut mmio = MmioBus::default();
         mmio.insert(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE, ged.clone());
+        let fd = Arc::new(fd);
+        let devices = build_disks(&fd, &ram, cfg, images)?;
+        let functions: Vec<SharedFunction> = devices.iter().map(|d| d.dev.clone() as SharedFunction).collect();
+        let root = Arc::new(PciRoot::new(functions));
+        pio.insert(crate::devices::pci::config_io::PORT, crate::devices::pci::config_io::LEN, Arc::new(Mutex::new(PciConfigIo::new(root.clone()))));
+        mmio.insert(layout::PCI_ECAM_BASE, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(PciEcam::new(root.clone()))));
+        let windows = [(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE), (layout::pci_mmio64_base(cfg.memory_size), layout::PCI_MMIO64_SIZE)];
+        for (base, size) in windows {
+            mmio.insert(base, size, Arc::new(Mutex::new(PciBarWindow::new(root.clone(), base))));
+        }
 
         let shared = Arc::new(VmShared {
             pio,
@@ -291,7 +343,7 @@ impl Vm {
                 thread: None,
             })
             .collect();
-        Ok(Vm { vcpus, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, boot_protocol, cmdline })
+        Ok(Vm { vcpus, devices, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, boot_protocol, cmdline })
     }
 
     /// Starts the vCPU threads; with `paused`, they stop before running any guest code (a
@@ -306,6 +358,12 @@ impl Vm {
             }
             slot.thread = Some(vcpu::spawn(slot.fd.clone(), slot.ctl.clone(), self.shared.clone())?);
         }
+        for d in &mut self.devices {
+            let kicks = d.kicks.iter().map(|k| k.try_clone()).collect::<std::io::Result<Vec<_>>>();
+            let kicks = kicks.map_err(|e| Error::io(Kind::Kvm, "dup of a kick eventfd", e))?;
+            let wake = d.wake.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a wake eventfd", e))?;
+            d.worker = Some(Worker::spawn(format!("virtio-{}", d.id), d.dev.clone(), kicks, wake, paused)?);
+        }
         // Input typed before boot is waiting in the console.
         self.shared.input_ready();
         Ok(())
@@ -319,10 +377,23 @@ impl Vm {
         for v in &self.vcpus {
             v.ctl.wait_paused(deadline)?;
         }
+        // Quiesce after the vCPUs stand still: no new request can be made, and each device's
+        // thread completes the requests it took before it acknowledges.
+        for w in self.devices.iter().filter_map(|d| d.worker.as_ref()) {
+            w.pause(deadline)?;
+        }
+        // Then what the devices wrote goes to stable storage: a destination on another host
+        // opens the same shared image and must read it.
+        for d in &self.devices {
+            d.dev.lock().unwrap().sync_backing().map_err(|e| Error::io(Kind::HostIo, &format!("syncing disk {}", d.id), e))?;
+        }
         Ok(())
     }
 
     pub fn resume(&self) {
+        for w in self.devices.iter().filter_map(|d| d.worker.as_ref()) {
+            w.resume();
+        }
         for v in &self.vcpus {
             v.ctl.resume(&self.shared);
         }
@@ -336,6 +407,11 @@ impl Vm {
         for v in &mut self.vcpus {
             if let Some(t) = v.thread.take() {
                 let _ = t.join();
+            }
+        }
+        for d in &mut self.devices {
+            if let Some(mut w) = d.worker.take() {
+                w.stop();
             }
         }
     }
@@ -383,6 +459,7 @@ impl Vm {
             machine: state::save_machine(&self.fd)?,
             serial: self.shared.serial.lock().unwrap().state(),
             cmos: self.cmos.lock().unwrap().state(),
+            devices: self.devices.iter().map(|d| (d.id.clone(), d.dev.lock().unwrap().save())).collect(),
         })
     }
 
@@ -404,7 +481,25 @@ impl Vm {
             .unwrap()
             .restore(&st.serial)
             .map_err(|e| Error::io(Kind::InvalidConfig, "serial state", e))?;
-        self.cmos.lock().unwrap().restore(&st.cmos.0, st.cmos.1).map_err(|e| Error::new(Kind::InvalidConfig, e))
+        self.cmos.lock().unwrap().restore(&st.cmos.0, st.cmos.1).map_err(|e| Error::new(Kind::InvalidConfig, e))?;
+        self.restore_devices(&st.devices)
+    }
+
+    /// Device state by id: every saved device must exist here and every device here must have
+    /// saved state, or the VM would run with a device the guest's driver does not know.
+    fn restore_devices(&self, saved: &[(String, VirtioPciState)]) -> Result<()> {
+        for (id, _) in saved {
+            if !self.devices.iter().any(|d| &d.id == id) {
+                return Err(Error::new(Kind::InvalidConfig, format!("state has device {id}, which this VM does not have")));
+            }
+        }
+        for d in &self.devices {
+            let Some((_, st)) = saved.iter().find(|(id, _)| id == &d.id) else {
+                return Err(Error::new(Kind::InvalidConfig, format!("state has nothing for device {}", d.id)));
+            };
+            d.dev.lock().unwrap().restore(st).map_err(|e| Error::new(Kind::InvalidConfig, format!("device {}: {e}", d.id)))?;
+        }
+        Ok(())
     }
 
     /// Presses the ACPI power button: latches the GED's event bit and raises its interrupt (a
@@ -426,6 +521,49 @@ impl Vm {
     }
 }
 
+/// The virtio-blk devices, in `cfg.disks` order (00:01.0 on): BAR0 from the 32-bit window, a
+/// kick eventfd per queue registered as an ioeventfd on its notify register, and an irqfd per
+/// MSI-X vector on its own GSI.
+fn build_disks(fd: &Arc<VmFd>, ram: &Arc<GuestRam>, cfg: &VmConfig, images: Vec<DiskImage>) -> Result<Vec<DeviceSlot>> {
+    use vm_allocator::{AddressAllocator, AllocPolicy};
+    let mut bars = AddressAllocator::new(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE)
+        .map_err(|e| Error::new(Kind::Kvm, format!("PCI window: {e}")))?;
+    let routes = Arc::new(MsiRoutes::new(fd.clone()));
+    let mut next_gsi = layout::MSI_GSI_BASE;
+    let mut out = Vec::new();
+    for (spec, image) in cfg.disks.iter().zip(images) {
+        let bar0 = bars
+            .allocate(BAR0_SIZE, BAR0_SIZE, AllocPolicy::FirstMatch)
+            .map_err(|e| Error::new(Kind::InvalidConfig, format!("no room for disk {}'s BAR: {e}", spec.id)))?
+            .start();
+        let device = Block::new(image, &spec.id);
+        let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e));
+        let queues = crate::devices::virtio::VirtioDevice::queue_max_sizes(&device).len();
+        let mut kicks = Vec::new();
+        for q in 0..queues {
+            let kick = eventfd()?;
+            let addr = IoEventAddress::Mmio(VirtioPci::notify_address(bar0, q));
+            fd.register_ioevent(&kick, &addr, NoDatamatch).map_err(|e| Error::kvm("KVM_IOEVENTFD", e))?;
+            kicks.push(kick);
+        }
+        let mut irqfds = Vec::new();
+        let gsi_base = next_gsi;
+        for _ in 0..queues + 1 {
+            let irq = eventfd()?;
+            fd.register_irqfd(&irq, next_gsi).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+            irqfds.push(irq);
+            next_gsi += 1;
+        }
+        let msix = Msix::new(irqfds, Some(routes.clone()), gsi_base);
+        let wake = eventfd()?;
+        let own = |e: &EventFd| e.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e));
+        let dev_kicks = kicks.iter().map(own).collect::<Result<Vec<_>>>()?;
+        let dev = VirtioPci::new(Box::new(device), bar0, msix, dev_kicks, own(&wake)?, ram.clone());
+        out.push(DeviceSlot { id: spec.id.clone(), dev: Arc::new(Mutex::new(dev)), kicks, wake, worker: None });
+    }
+    Ok(out)
+}
+
 /// Loads kernel, initramfs, command line, ACPI tables, zero page and boot page tables.
 fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(payload::Payload, String)> {
     let payload = payload::load_kernel(&ram.mem, cfg.kernel, cfg.boot_protocol)?;
@@ -438,7 +576,7 @@ fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(
         let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
         cmdline.push_str(&format!(" vmmpy.cpus={} vmmpy.tsc_khz={}", cfg.vcpus, tsc_khz));
     }
-    let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus)
+    let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus, cfg.memory_size)
         .map_err(|e| Error::new(Kind::Kvm, format!("writing ACPI tables: {e}")))?;
     let inputs = zero_page::BootInputs { payload: &payload, cmdline: &cmdline, ram_size: cfg.memory_size, initramfs, rsdp: rsdp.0 };
     zero_page::write_cmdline(&ram.mem, &inputs)?;

@@ -231,11 +231,11 @@ def guest_vmm(tmp_path):
 
     made = []
 
-    def start(vcpus: int = 1, memory_mib: int = 128, boot_protocol: str | None = None, **kw):
+    def start(vcpus: int = 1, memory_mib: int = 128, boot_protocol: str | None = None, disks=(), **kw):
         path = str(tmp_path / f"serial{len(made)}.sock")
         vmm = Vmm(serial=SerialConfig(mode="Socket", socket=path), **kw)
         serial = SerialClient(path)
-        vmm.create(VmConfig(memory_mib=memory_mib, vcpus=vcpus, boot_protocol=boot_protocol))
+        vmm.create(VmConfig(memory_mib=memory_mib, vcpus=vcpus, boot_protocol=boot_protocol, disks=list(disks)))
         vmm.boot()
         made.append((vmm, serial))
         return vmm, serial

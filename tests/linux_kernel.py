@@ -91,12 +91,13 @@ def resolve(package: str) -> tuple[str, str]:
     return package, version
 
 
-def fetch_package(package: str) -> Path:
+def fetch_package(package: str, keep: tuple[str, ...] = ("boot", "bin", "usr/bin"), tag: str = "") -> Path:
     """Downloads and unpacks `package` (its current candidate) into the cache, once. Returns the
-    directory it was unpacked in."""
+    directory it was unpacked in, holding the `keep` directories (slashes become underscores);
+    another `keep` needs another `tag`, its own cache entry."""
     real, version = resolve(package)
     root = cache_dir()
-    dest = root / f"{real}_{version.replace(':', '%3a')}"
+    dest = root / f"{real}_{version.replace(':', '%3a')}{tag}"
     if (dest / "complete").exists():
         return dest
     with open(root / ".lock", "w") as lock:
@@ -112,9 +113,9 @@ def fetch_package(package: str) -> Path:
             unpacked = Path(tmp) / "root"
             _run(["dpkg", "-x", str(debs[0]), str(unpacked)])
             dest.mkdir()
-            for keep in ("boot", "bin", "usr/bin"):
-                if (unpacked / keep).is_dir():
-                    shutil.move(str(unpacked / keep), dest / keep.replace("/", "_"))
+            for kept in keep:
+                if (unpacked / kept).is_dir():
+                    shutil.move(str(unpacked / kept), dest / kept.replace("/", "_"))
         for image in (dest / "boot").glob("vmlinuz-*") if (dest / "boot").is_dir() else []:
             vmmpy_kernel.extract_file(image, dest / "vmlinux")
         (dest / "complete").write_text(f"{real} {version}\n")
@@ -148,6 +149,17 @@ def fetch_kernel(flavour: str) -> DebianKernel:
     (config,) = (dest / "boot").glob("config-*")
     package, version = (dest / "complete").read_text().split()
     return DebianKernel(flavour, package, version, bzimage, dest / "vmlinux", config)
+
+
+def fetch_kernel_modules(flavour: str) -> Path:
+    """The kernel's module tree (lib/modules/<release>/; /usr/lib/modules on merged-/usr
+    packages), cached apart from its boot files."""
+    dest = fetch_package(KERNEL_PACKAGES[flavour], keep=("lib/modules", "usr/lib/modules"), tag="+modules")
+    for tree in (dest / "lib_modules", dest / "usr_lib_modules"):
+        if tree.is_dir():
+            (release,) = tree.iterdir()
+            return release
+    raise FetchError(f"{KERNEL_PACKAGES[flavour]} has no lib/modules in {dest}")
 
 
 def fetch_busybox() -> Path:

@@ -18,6 +18,7 @@ SHUTDOWN_PORT = 0x600
 GED_MMIO = 0xFEB00000  # the GED's event register (docs/architecture.md)
 GED_GSI = 5
 GED_POWER_BUTTON = 0x08
+PCI_ECAM = 0xE000_0000  # docs/devices.md
 
 
 def checksum(data: bytes) -> int:
@@ -227,6 +228,12 @@ def resources(buffer: bytes) -> list[tuple]:
                 flags, count = body[0], body[1]
                 irqs = list(struct.unpack_from(f"<{count}I", body, 2))
                 out.append(("Interrupt", flags, irqs))
+            elif tag in (0x88, 0x87, 0x8A):  # Word / DWord / QWord address space
+                width = {0x88: "H", 0x87: "I", 0x8A: "Q"}[tag]
+                kind = {0: "Memory", 1: "IO", 2: "BusNumber"}[body[0]]
+                _gran, lo, hi, _tra, size = struct.unpack_from(f"<5{width}", body, 3)
+                assert size == hi - lo + 1, "length matches the range"
+                out.append((kind, lo, hi))
             else:
                 out.append(("large", tag))
             pos += 3 + length
@@ -250,7 +257,9 @@ def resources(buffer: bytes) -> list[tuple]:
 
 @pytest.fixture
 def acpi(guest_vmm):
-    vmm, serial = guest_vmm(vcpus=3)
+    # The 64-bit entry: the RSDP's address is then in the zero page (PVH has it in hvm_start_info,
+    # tests/test_boot.py).
+    vmm, serial = guest_vmm(vcpus=3, boot_protocol="linux64")
     serial.wait_ready()
     (low, *_) = vmm.memory_regions()
     mem = memoryview(low)
@@ -276,7 +285,7 @@ def test_acpi_tables_from_guest_memory(acpi):
         tables[t.signature] = t
     fadt = tables["FACP"]
     dsdt = tables["DSDT"] = Table(mem, struct.unpack_from("<Q", fadt.data, 140)[0])
-    assert sorted(tables) == ["APIC", "DSDT", "FACP", "XSDT"]
+    assert sorted(tables) == ["APIC", "DSDT", "FACP", "MCFG", "XSDT"]
     for t in tables.values():
         print(t)
         assert checksum(t.data) == 0, f"{t.signature} checksum"
@@ -332,7 +341,7 @@ def test_acpi_tables_from_guest_memory(acpi):
                if isinstance(v, dict) and v["kind"] == "Device"}
     hids = {path: hid if isinstance(hid, str) else eisa_id(hid) for path, hid in devices.items()}
     assert hids == {"\\_SB_.COM1": "PNP0501", "\\_SB_.PS2K": "PNP0303", "\\_SB_.RTC_": "PNP0B00",
-                    "\\_SB_.PWRB": "PNP0C0C", "\\_SB_.GED_": "ACPI0013"}
+                    "\\_SB_.PWRB": "PNP0C0C", "\\_SB_.GED_": "ACPI0013", "\\_SB_.PCI0": "PNP0A08"}
     # The raw EISA encodings (what Linux's PNP layer matches on).
     assert bytes([0x0C, 0x41, 0xD0, 0x05, 0x01]) in dsdt.data
     assert bytes([0x0C, 0x41, 0xD0, 0x03, 0x03]) in dsdt.data
@@ -342,6 +351,23 @@ def test_acpi_tables_from_guest_memory(acpi):
     assert crs["\\_SB_.PS2K"] == [("IO", 0x60, 0x60, 1, 1), ("IO", 0x64, 0x64, 1, 1),
                                   ("Interrupt", edge_high_exclusive_consumer, [1])]
     assert crs["\\_SB_.RTC_"] == [("IO", 0x70, 0x70, 1, 2)]
+
+    # PCI: MCFG gives bus 0's ECAM; the root bridge (PNP0A08, compatible PNP0A03) forwards bus 0,
+    # the config ports, the I/O space around them and the 32-bit and 64-bit windows (RAM is 512 MiB
+    # here, so the 64-bit window starts at 4 GiB).
+    mcfg = tables["MCFG"]
+    assert mcfg.length == 36 + 8 + 16 and mcfg.revision == 1
+    assert struct.unpack_from("<QHBB", mcfg.data, 44) == (PCI_ECAM, 0, 0, 0)
+    assert eisa_id(names["\\_SB_.PCI0._CID"]) == "PNP0A03"
+    assert (names["\\_SB_.PCI0._SEG"], names["\\_SB_.PCI0._BBN"], names["\\_SB_.PCI0._UID"]) == (0, 0, 0)
+    assert crs["\\_SB_.PCI0"] == [
+        ("BusNumber", 0, 0),
+        ("IO", 0xCF8, 0xCF8, 1, 8),
+        ("IO", 0x0000, 0x0CF7),
+        ("IO", 0x0D00, 0xFFFF),
+        ("Memory", 0xC000_0000, 0xDFFF_FFFF),
+        ("Memory", 1 << 32, (1 << 32) + (64 << 30) - 1),
+    ]
 
     # The power button: a control-method button (the FADT says there is no fixed-feature one).
     assert flags & (1 << 4), "PWR_BUTTON: no fixed-feature power button"

@@ -266,9 +266,9 @@ def test_create_errors(served):
 
 def test_create_unsupported_fields_400(served):
     vmm, _path, client, _server = served
-    status, body = client.create({"disks": [{"path": "/img"}], "memory": {"size": 512 * MIB, "hugepages": True}})
+    status, body = client.create({"net": [{"tap": "tap0"}], "memory": {"size": 512 * MIB, "hugepages": True}})
     assert status == 400
-    assert body == ["vm.create failed", "unsupported VmConfig fields: disks, memory.hugepages"]
+    assert body == ["vm.create failed", "unsupported VmConfig fields: memory.hugepages, net"]
     assert vmm.calls == []  # never reached the VMM
 
 

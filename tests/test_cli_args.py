@@ -21,7 +21,7 @@ import pytest
 
 from vmmpy import cli
 from vmmpy.client import ApiClient
-from vmmpy.config import SerialConfig, VmConfig
+from vmmpy.config import DiskConfig, SerialConfig, VmConfig
 from vmmpy.errors import InvalidConfig, KvmError
 
 PYTHON_DIR = str(Path(cli.__file__).resolve().parents[1])
@@ -137,8 +137,10 @@ class FakeVmm:
     on_wait = None  # callable(fake) -> exit code, run inside wait()
     fail: dict = {}
 
-    def __init__(self, *, serial=None, event_monitor=None, no_shutdown=False, test_hooks=None):
+    def __init__(self, *, serial=None, event_monitor=None, no_shutdown=False, test_hooks=None, disk_backings=None):
         self.kwargs = {"serial": serial, "event_monitor": event_monitor, "no_shutdown": no_shutdown}
+        if disk_backings:
+            self.kwargs["disk_backings"] = disk_backings
         self.calls: list[tuple] = []
         self.events = event_monitor
         FakeVmm.instances.append(self)
@@ -292,3 +294,39 @@ def test_api_socket_in_use_exits_1(fake_vmm, capsys, sockdir):
     assert rc == 1
     assert err.count("\n") == 1 and "in use" in err
     assert [c[0] for c in fake_vmm.instances[0].calls] == ["shutdown_vmm", "wait"]
+
+
+def test_disk_flags_become_the_vms_disks(fake_vmm, capsys, tmp_path):
+    a, b = tmp_path / "a.raw", tmp_path / "b.raw"
+    a.write_bytes(bytes(4096))
+    b.write_bytes(bytes(4096))
+    rc, _out, err = run_main(["--memory", "size=128M", "--disk", f"path={a}",
+                              "--disk", f"path={b},readonly=on,id=data,direct=on"], capsys)
+    assert rc == 0, err
+    config = fake_vmm.instances[0].calls[0][1]
+    assert config.disks == [DiskConfig(path=str(a), id="disk0"),
+                            DiskConfig(path=str(b), readonly=True, id="data", direct=True)]
+    assert "disk_backings" not in fake_vmm.instances[0].kwargs
+
+
+@pytest.mark.parametrize("disk, message", [
+    ("path=/nonexistent/x.raw", "disks[0].path='/nonexistent/x.raw': no such file"),
+    ("path=/dev/null", "not a regular file"),
+    ("readonly=on", "expected path=<file>"),
+    ("path=/x,cache=on", "unsupported option 'cache'"),
+    ("path=/x,readonly=maybe", "expected on or off"),
+])
+def test_bad_disk_is_a_usage_error_before_any_vmm(fake_vmm, capsys, disk, message):
+    rc, _out, err = run_main(["--memory", "size=128M", "--disk", disk], capsys)
+    assert rc == 2 and message in err, err
+    assert fake_vmm.instances == []  # nothing was built, no vCPU ran
+
+
+def test_disk_flags_without_a_vm_are_this_hosts_backings(fake_vmm, capsys, sockdir, tmp_path):
+    image = tmp_path / "shared.raw"
+    image.write_bytes(bytes(4096))
+    fake_vmm.on_wait = lambda vmm: 0
+    rc, _out, err = run_main(["--api-socket", f"path={os.path.join(sockdir, 'api.sock')}",
+                              "--disk", f"path={image},id=root", "--disk", "path=/elsewhere.raw"], capsys)
+    assert rc == 0, err
+    assert fake_vmm.instances[0].kwargs["disk_backings"] == {"root": str(image), "disk1": "/elsewhere.raw"}

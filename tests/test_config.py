@@ -13,6 +13,7 @@ import pytest
 from vmmpy.config import (
     DEFAULT_CMDLINE,
     MIB,
+    DiskConfig,
     SerialConfig,
     VmConfig,
     host_memory_mib,
@@ -22,6 +23,7 @@ from vmmpy.config import (
     parse_serial,
     parse_size,
     split_options,
+    from_peer,
 )
 from vmmpy.errors import InvalidConfig, VmmError
 
@@ -183,7 +185,7 @@ def test_from_api_names_every_unsupported_field():
         "payload": {"firmware": "/fw", "kernel": None},
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": {"packages": 1}, "kvm_hyperv": True},
         "memory": {"size": 512 * MIB, "hugepages": True, "zones": [{"id": "z", "size": 1}]},
-        "disks": [{"path": "/img"}],
+        "disks": [{"path": "/img", "vhost_user": True}],
         "net": [{"tap": "tap0"}],
         "vsock": {"cid": 3, "socket": "/v"},
         "landlock_enable": True,
@@ -192,14 +194,14 @@ def test_from_api_names_every_unsupported_field():
     with pytest.raises(InvalidConfig) as e:
         VmConfig.from_api(body)
     assert str(e.value) == (
-        "unsupported VmConfig fields: cpus.kvm_hyperv, cpus.topology, disks, frobnicate, "
+        "unsupported VmConfig fields: cpus.kvm_hyperv, cpus.topology, disks[0].vhost_user, frobnicate, "
         "landlock_enable, memory.hugepages, memory.zones, net, payload.firmware, vsock"
     )
 
 
 def test_from_api_unsupported_example_from_brief():
-    with pytest.raises(InvalidConfig, match=r"^unsupported VmConfig fields: disks, memory\.hugepages$"):
-        VmConfig.from_api({"disks": [{"path": "/x"}], "memory": {"size": 512 * MIB, "hugepages": True}})
+    with pytest.raises(InvalidConfig, match=r"^unsupported VmConfig fields: memory\.hugepages, net$"):
+        VmConfig.from_api({"net": [{"tap": "tap0"}], "memory": {"size": 512 * MIB, "hugepages": True}})
 
 
 def test_from_api_accepts_ch_defaults_nulls_and_empty_lists():
@@ -310,9 +312,9 @@ def test_from_api_bad_values_named(body, fragment):
 
 def test_from_api_reports_unsupported_and_bad_values_together():
     with pytest.raises(InvalidConfig) as e:
-        VmConfig.from_api({"disks": [{}], "cpus": {"boot_vcpus": 2, "max_vcpus": 3}})
+        VmConfig.from_api({"net": [{}], "cpus": {"boot_vcpus": 2, "max_vcpus": 3}})
     msg = str(e.value)
-    assert msg.startswith("unsupported VmConfig fields: disks; ")
+    assert msg.startswith("unsupported VmConfig fields: net; ")
     assert "cpus.max_vcpus=3" in msg
 
 
@@ -529,3 +531,81 @@ def test_ch_request_bodies_asking_for_more_are_refused_by_name(name, body, messa
     with pytest.raises(InvalidConfig) as excinfo:
         read_request_body(name, body)
     assert message in str(excinfo.value)
+
+
+# ---- disks ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for name in ("a.raw", "b.raw"):
+        p = tmp_path / name
+        p.write_bytes(bytes(8192))
+        paths.append(str(p))
+    return paths
+
+
+def test_disks_get_default_ids_in_order_and_round_trip_through_the_api(images):
+    cfg = VmConfig(disks=[DiskConfig(path=images[0]), DiskConfig(path=images[1], readonly=True, direct=True)])
+    assert [d.id for d in cfg.disks] == ["disk0", "disk1"]
+    api = cfg.to_api()
+    assert api["disks"] == [
+        {"path": images[0], "readonly": False, "direct": False, "id": "disk0"},
+        {"path": images[1], "readonly": True, "direct": True, "id": "disk1"},
+    ]
+    assert VmConfig.from_api(api).disks == cfg.disks
+
+
+def test_api_disks_take_ch_defaults_only(images):
+    ch_defaults = {"iommu": False, "num_queues": 1, "queue_size": 128, "vhost_user": False, "pci_segment": 0,
+                   "backing_files": False, "sparse": True, "image_type": "Raw", "vhost_socket": None,
+                   "rate_limiter_config": None, "serial": None, "queue_affinity": None}
+    cfg = VmConfig.from_api({"disks": [{"path": images[0], **ch_defaults}]})
+    assert cfg.disks == [DiskConfig(path=images[0], id="disk0")]
+    with pytest.raises(InvalidConfig, match=r"unsupported VmConfig fields: disks\[0\]\.num_queues, disks\[0\]\.sparse"):
+        VmConfig.from_api({"disks": [{"path": images[0], "num_queues": 4, "sparse": False}]})
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda imgs: [DiskConfig(path="/nonexistent.raw")], "disks[0].path='/nonexistent.raw': no such file"),
+    (lambda imgs: [DiskConfig(path="/dev")], "not a regular file"),
+    (lambda imgs: [DiskConfig(path=imgs[0], id="x"), DiskConfig(path=imgs[1], id="x")], "disks[1].id='x': used by"),
+    (lambda imgs: [DiskConfig(path=imgs[0], readonly="yes")], "disks[0].readonly='yes': must be a boolean"),
+])
+def test_bad_disks_are_refused_at_create(images, make, fragment):
+    with pytest.raises(InvalidConfig) as e:
+        VmConfig(disks=make(images))
+    assert fragment in str(e.value)
+
+
+def test_disk_count_is_bounded(images):
+    with pytest.raises(InvalidConfig, match="17 disks, at most 16"):
+        VmConfig(disks=[DiskConfig(path=images[0], id=f"d{i}", readonly=True) for i in range(17)])
+
+
+def test_native_disk_limit_matches():
+    from vmmpy import _native
+    from vmmpy.config import MAX_DISKS
+    assert _native.MAX_DISKS == MAX_DISKS
+
+
+def test_unreadable_disk_is_refused(images):
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file: an unreadable image cannot be made (host capability: non-root user)")
+    os.chmod(images[0], 0)
+    with pytest.raises(InvalidConfig, match="not readable"):
+        VmConfig(disks=[DiskConfig(path=images[0], readonly=True)])
+
+
+def test_peer_disk_paths_are_replaced_by_this_hosts_backings(images):
+    peer = VmConfig(disks=[DiskConfig(path=images[0], id="root", readonly=True)]).to_api()
+    peer["disks"][0]["path"] = "/peer/chose/this.raw"
+    cfg = from_peer(peer, {}, {"root": images[1]})
+    assert cfg.disks == [DiskConfig(path=images[1], id="root", readonly=True)]
+    # A disk id this host names no file for is refused, and the message shows no peer path.
+    with pytest.raises(InvalidConfig, match="disk 'root': this host names no backing") as e:
+        from_peer(peer, {}, {"other": images[1]})
+    assert "/peer/chose" not in str(e.value)
+    with pytest.raises(InvalidConfig, match="disk 'root'"):
+        from_peer(peer, {})

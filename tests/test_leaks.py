@@ -2,7 +2,8 @@
 grow this process's open fds, threads or resident memory.
 
 Every VM rebuild opens a KVM VM fd, vCPU fds, a memfd for guest RAM and its mapping, eventfds and
-vCPU threads; a reboot must give all of them back.
+vCPU threads, and for its disk the image file, kick/irq eventfds and the device thread; a reboot
+must give all of them back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 import time
 
 from vmmpy import Vmm
-from vmmpy.config import SerialConfig, VmConfig
+from vmmpy.config import DiskConfig, SerialConfig, VmConfig
 
 from helpers import SerialClient
 
@@ -78,8 +79,10 @@ def report(title: str, before: dict[str, int], after: dict[str, int]) -> None:
         print(f"  {k:10} before {before[k]:8}  after {after[k]:8}  growth {after[k] - before[k]:+}")
 
 
-def test_fifty_reboots_leak_nothing(guest_vmm):
-    vmm, serial = guest_vmm(vcpus=1, memory_mib=96)
+def test_fifty_reboots_leak_nothing(guest_vmm, tmp_path):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    vmm, serial = guest_vmm(vcpus=1, memory_mib=96, disks=[DiskConfig(path=str(image))])
     boot_id, _ = serial.wait_ready()
     seen = {boot_id}
 

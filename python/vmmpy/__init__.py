@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .errors import (InvalidConfig, InvalidState, KvmError, PauseTimeout, PayloadError, VmAlreadyCreated,
                      VmMigrating, VmmError, VmmShutDown, VmNotCreated)
 
-__all__ = ["Vmm", "VmConfig", "SerialConfig", "EventMonitor", "VmmError", "InvalidConfig", "InvalidState", "KvmError",
+__all__ = ["Vmm", "VmConfig", "SerialConfig", "DiskConfig", "EventMonitor", "VmmError", "InvalidConfig", "InvalidState", "KvmError",
            "PauseTimeout", "PayloadError", "VmAlreadyCreated", "VmMigrating", "VmmShutDown", "VmNotCreated"]
 
 
@@ -14,7 +14,7 @@ def __getattr__(name):
     if name == "Vmm":
         from .vmm import Vmm
         return Vmm
-    if name in ("VmConfig", "SerialConfig"):
+    if name in ("VmConfig", "SerialConfig", "DiskConfig"):
         from . import config
         return getattr(config, name)
     if name == "EventMonitor":

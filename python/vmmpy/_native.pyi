@@ -3,10 +3,11 @@
 
 from typing import final
 
-__all__ = ["Console", "GuestRegion", "MAX_VCPUS", "Pacer", "RangeTable", "TlsChannel", "TlsContext", "Vm",
+__all__ = ["Console", "GuestRegion", "MAX_DISKS", "MAX_VCPUS", "Pacer", "RangeTable", "TlsChannel", "TlsContext", "Vm",
            "kvm_check", "test_guest_elf", "tune_socket"]
 
 MAX_VCPUS: int
+MAX_DISKS: int
 
 def kvm_check() -> str:
     """Opens /dev/kvm and checks the API version; raises KvmError when KVM is unusable."""
@@ -38,10 +39,12 @@ class Vm:
     """A KVM VM with its payload loaded. No vCPU runs before boot()."""
     def __new__(cls, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
                 cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int,
-                restore: bool = False, memory_fds: list[int] | None = None, boot_protocol: str | None = None) -> Vm:
+                restore: bool = False, memory_fds: list[int] | None = None, boot_protocol: str | None = None,
+                disks: list[tuple[str, str, bool, bool]] = ...) -> Vm:
         """`restore`: built to take saved state (no payload loaded); `memory_fds`: map these
         sealed memfds as guest RAM (same-host migration) instead of new ones; `boot_protocol`
-        'pvh' or 'linux64' (None: PVH for an ELF with the PVH note, else linux64)."""
+        'pvh' or 'linux64' (None: PVH for an ELF with the PVH note, else linux64); `disks`: (id,
+        path, readonly, direct) per virtio-blk disk, opened before anything runs."""
     def boot(self, paused: bool = False) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""

@@ -24,6 +24,7 @@ from vmmpy.config import (
     VmConfig,
     parse_console,
     parse_cpus,
+    parse_disk,
     parse_memory,
     parse_serial,
 )
@@ -93,6 +94,13 @@ def build_parser() -> OneLineParser:
     p.add_argument("--cmdline", metavar="STRING", help='kernel command line (default "console=ttyS0")')
     p.add_argument("--memory", metavar="size=SIZE[,shared=on|off]", help="guest RAM, e.g. size=512M")
     p.add_argument("--cpus", metavar="boot=N", help="vCPU count, e.g. boot=2 (1 to 8)")
+    p.add_argument(
+        "--disk",
+        action="append",
+        metavar="path=FILE[,readonly=on][,id=NAME][,direct=on]",
+        help="a virtio-blk disk on a raw image (repeatable); without a VM to boot, this host's file "
+        "for that disk id when a VM is restored or received",
+    )
     p.add_argument(
         "--serial",
         metavar="off|null|tty|file=PATH|socket=PATH",
@@ -207,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             vm_args.update(parse_memory(args.memory))
         if args.cpus is not None:
             vm_args.update(parse_cpus(args.cpus))
+        disks = [parse_disk(text) for text in args.disk or []]
         config = None
+        disk_backings: dict[str, str] = {}
         if want_vm:
             config = VmConfig(
                 kernel=args.kernel,
@@ -215,8 +225,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cmdline=args.cmdline,
                 boot_protocol=args.boot_protocol,
                 serial=serial if serial is not None else SerialConfig(),
+                disks=disks,
                 **vm_args,
             )
+        else:
+            # The operator's own files for the disks of a VM this VMM restores or receives.
+            for i, d in enumerate(disks):
+                disk_id = d.id if d.id is not None else f"disk{i}"
+                if disk_id in disk_backings:
+                    raise InvalidConfig(f"--disk id={disk_id}: given twice")
+                disk_backings[disk_id] = d.path
         test_hooks = TestHooks.parse(args.test_hooks) if args.test_hooks else NO_HOOKS
         monitor_args = parse_event_monitor(args.event_monitor) if args.event_monitor else None
         # Opened here, so a bad path is a usage error (a FIFO blocks until its reader opens).
@@ -232,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot load the VMM core: {e}")
 
     try:
-        vmm = Vmm(serial=serial, event_monitor=monitor, no_shutdown=args.no_shutdown, test_hooks=test_hooks)
+        vmm = Vmm(serial=serial, event_monitor=monitor, no_shutdown=args.no_shutdown, test_hooks=test_hooks,
+                  disk_backings=disk_backings)
     except VmmError as e:
         if monitor is not None:
             monitor.close()

@@ -13,8 +13,10 @@ flag) and the offending value.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +136,58 @@ class SerialConfig:
         return out
 
 
+#: Disks per VM (the native core's limit too: PCI slots, BAR window, GSIs).
+MAX_DISKS = 16
+
+
+@dataclass
+class DiskConfig:
+    """A virtio-blk disk (Cloud Hypervisor's ``DiskConfig``): a raw image file. ``id=None`` gets
+    ``disk<i>`` from its place in :attr:`VmConfig.disks`."""
+
+    path: str
+    readonly: bool = False
+    id: str | None = None
+    direct: bool = False
+
+    def problems(self, label: str) -> list[str]:
+        out = []
+        for name in ("readonly", "direct"):
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{label}.{name}={getattr(self, name)!r}: must be a boolean")
+        if self.id is not None and (not isinstance(self.id, str) or not self.id or "\0" in self.id
+                                    or len(self.id.encode()) > 255):
+            out.append(f"{label}.id={self.id!r}: must be a non-empty string")
+        path = self.path
+        if not isinstance(path, str) or not path or "\0" in path:
+            out.append(f"{label}.path={path!r}: must be a non-empty path")
+        elif not os.path.exists(path):
+            out.append(f"{label}.path={path!r}: no such file")
+        elif not (os.path.isfile(path) or stat.S_ISBLK(os.stat(path).st_mode)):
+            out.append(f"{label}.path={path!r}: not a regular file")
+        elif not os.access(path, os.R_OK if self.readonly else os.R_OK | os.W_OK):
+            out.append(f"{label}.path={path!r}: not {'readable' if self.readonly else 'readable and writable'}")
+        return out
+
+    def to_api(self) -> dict:
+        return {"path": self.path, "readonly": self.readonly, "direct": self.direct, "id": self.id}
+
+
+def _check_disks(disks: Any, label: str) -> list[str]:
+    if not isinstance(disks, list) or not all(isinstance(d, DiskConfig) for d in disks):
+        return [f"{label}={disks!r}: must be a list of DiskConfig"]
+    out: list[str] = []
+    if len(disks) > MAX_DISKS:
+        out.append(f"{label}: {len(disks)} disks, at most {MAX_DISKS}")
+    seen: set[str] = set()
+    for i, d in enumerate(disks):
+        out.extend(d.problems(f"{label}[{i}]"))
+        if d.id in seen:
+            out.append(f"{label}[{i}].id={d.id!r}: used by another disk")
+        seen.add(d.id)
+    return out
+
+
 # Field labels used in error messages: the dataclass names, or Cloud Hypervisor's JSON paths.
 _FIELD_LABELS = {
     "memory_mib": "memory_mib",
@@ -144,6 +198,7 @@ _FIELD_LABELS = {
     "boot_protocol": "boot_protocol",
     "memory_shared": "memory_shared",
     "serial": "serial",
+    "disks": "disks",
 }
 _API_LABELS = {
     "memory_mib": "memory.size",
@@ -154,6 +209,7 @@ _API_LABELS = {
     "boot_protocol": "payload.boot_protocol",
     "memory_shared": "memory.shared",
     "serial": "serial",
+    "disks": "disks",
 }
 
 
@@ -168,6 +224,7 @@ def _check_vm_fields(
     serial: Any,
     api: bool,
     boot_protocol: Any = None,
+    disks: Any = (),
 ) -> list[str]:
     """Every problem with these VmConfig field values, as messages naming field and value."""
     labels = _API_LABELS if api else _FIELD_LABELS
@@ -219,6 +276,7 @@ def _check_vm_fields(
         out.append(f"{labels['serial']}={serial!r}: must be a SerialConfig")
     else:
         out.extend(serial.problems())
+    out.extend(_check_disks(list(disks), labels["disks"]))
     return out
 
 
@@ -240,8 +298,13 @@ class VmConfig:
     memory_shared: bool = False
     serial: SerialConfig = field(default_factory=SerialConfig)
     boot_protocol: str | None = None
+    disks: list[DiskConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # Default ids follow the disks' order, as the guest sees them on the PCI bus.
+        if isinstance(self.disks, list):
+            self.disks = [dataclasses.replace(d, id=f"disk{i}") if isinstance(d, DiskConfig) and d.id is None else d
+                          for i, d in enumerate(self.disks)]
         self.validate()
 
     def validate(self) -> None:
@@ -256,6 +319,7 @@ class VmConfig:
             serial=self.serial,
             api=False,
             boot_protocol=self.boot_protocol,
+            disks=self.disks,
         )
         if problems:
             raise InvalidConfig("; ".join(problems))
@@ -294,13 +358,16 @@ class VmConfig:
         payload["cmdline"] = self.effective_cmdline
         if self.boot_protocol is not None:
             payload["boot_protocol"] = self.boot_protocol  # a vmmpy extension of CH's PayloadConfig
-        return {
+        out = {
             "cpus": {"boot_vcpus": self.vcpus, "max_vcpus": self.vcpus},
             "memory": {"size": self.memory_mib * MIB, "shared": self.memory_shared},
             "payload": payload,
             "serial": self.serial.to_api(),
             "console": {"mode": "Off"},
         }
+        if self.disks:
+            out["disks"] = [d.to_api() for d in self.disks]
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +421,19 @@ _MEMORY_DEFAULTS: dict[str, Any] = {
     "thp": True,
 }
 _PCI_COMMON_DEFAULTS: dict[str, Any] = {"iommu": False, "pci_segment": 0}
+#   disks[i]  : iommu=false, num_queues=1, queue_size=128, vhost_user=false, pci_segment=0,
+#               backing_files=false, sparse=true, image_type="Raw" (vmmpy's disks are raw images
+#               on one queue; its queue's maximum size is 256, the driver picks the size)
+_DISK_DEFAULTS: dict[str, Any] = {
+    "iommu": False,
+    "num_queues": 1,
+    "queue_size": 128,
+    "vhost_user": False,
+    "pci_segment": 0,
+    "backing_files": False,
+    "sparse": True,
+    "image_type": "Raw",
+}
 _RNG_DEFAULT_SRC = "/dev/urandom"
 
 
@@ -511,8 +591,35 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         if not ok:
             unsupported.append("rng")
 
+    # disks -------------------------------------------------------------------------------
+    disks: list[DiskConfig] = []
+    disks_body = body.get("disks")
+    if disks_body is not None and not isinstance(disks_body, list):
+        problems.append(f"disks={disks_body!r}: must be a list")
+    for i, d in enumerate(disks_body if isinstance(disks_body, list) else []):
+        label = f"disks[{i}]"
+        if not isinstance(d, dict):
+            problems.append(f"{label}={d!r}: must be an object")
+            continue
+        path = path_value(f"{label}.path", d.get("path"))
+        if path is None:
+            problems.append(f"{label}.path: required")
+            continue
+        flags = {}
+        for name in ("readonly", "direct"):
+            value = d.get(name)
+            if value is not None and not isinstance(value, bool):
+                problems.append(f"{label}.{name}={value!r}: must be a boolean")
+            flags[name] = bool(value)
+        disk_id = d.get("id")
+        if disk_id is not None and not isinstance(disk_id, str):
+            problems.append(f"{label}.id={disk_id!r}: must be a string")
+            disk_id = None
+        disks.append(DiskConfig(path=path, readonly=flags["readonly"], direct=flags["direct"], id=disk_id))
+        leftovers(label, d, {"path", "readonly", "direct", "id"}, _DISK_DEFAULTS)
+
     # everything else ---------------------------------------------------------------------
-    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng"}
+    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng", "disks"}
     for key, value in body.items():
         if key in known or _unset(value):
             continue
@@ -524,8 +631,9 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
     if unsupported:
         message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
     message.extend(problems)
+    disks = [dataclasses.replace(d, id=f"disk{i}") if d.id is None else d for i, d in enumerate(disks)]
     fields = dict(memory_mib=memory_mib, vcpus=boot, kernel=kernel, initramfs=initramfs, cmdline=cmdline,
-                  memory_shared=shared, serial=serial, boot_protocol=boot_protocol)
+                  memory_shared=shared, serial=serial, boot_protocol=boot_protocol, disks=disks)
     if not message:
         message.extend(_check_vm_fields(**fields, api=True))
     if message:
@@ -540,13 +648,28 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
 PEER_IGNORED = ("serial",)
 
 
-def from_peer(body: Any, content: dict) -> VmConfig:
+def from_peer(body: Any, content: dict, disk_backings: dict[str, str] | None = None) -> VmConfig:
     """A VmConfig from a migration peer or a snapshot, host paths taken out. `content` names the
     payload parts that travel as content; a part named only by a path is refused, with a message
-    that does not depend on the path (nor on whether it exists here)."""
+    that does not depend on the path (nor on whether it exists here). Each disk's path is the one
+    this host's operator gave for its id in `disk_backings`; a disk id without one is refused."""
     if not isinstance(body, dict):
         raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
     body = {k: v for k, v in body.items() if k not in PEER_IGNORED}
+    disks = body.get("disks")
+    if isinstance(disks, list):
+        backings = disk_backings or {}
+        own = []
+        for i, d in enumerate(disks):
+            if not isinstance(d, dict):
+                raise InvalidConfig(f"disks[{i}]={d!r}: must be an object")
+            disk_id = d.get("id") if d.get("id") is not None else f"disk{i}"
+            if disk_id not in backings:
+                raise InvalidConfig(f"disk {disk_id!r}: this host names no backing file for it (give the "
+                                    f"destination's own path for each disk id); vmmpy never opens a path "
+                                    "the peer names")
+            own.append({**d, "id": disk_id, "path": backings[disk_id]})
+        body["disks"] = own
     payload = body.get("payload")
     if isinstance(payload, dict):
         payload = dict(payload)
@@ -601,13 +724,13 @@ REQUEST_BODIES: dict[str, RequestBody] = {
         ch_defaults={"preserve_source": False, "memory_mode": "Precopy"},
     ),
     "ReceiveMigrationData": RequestBody(
-        fields={"receiver_url": str, "tls_dir": str},
+        fields={"receiver_url": str, "tls_dir": str, "disks": dict},
         required=("receiver_url",),
         ch_defaults={"memory_mode": "Precopy", "vfio_fds": None, "iommufd_fd": None, "zone_updates": []},
     ),
     "VmSnapshotConfig": RequestBody(fields={"destination_url": str}, required=("destination_url",)),
     "RestoreConfig": RequestBody(
-        fields={"source_url": str, "resume": bool},
+        fields={"source_url": str, "resume": bool, "disks": dict},
         required=("source_url",),
         ch_defaults={"memory_restore_mode": "Copy", "net_fds": None, "vfio_fds": None, "iommufd_fd": None,
                      "zone_updates": []},
@@ -615,7 +738,8 @@ REQUEST_BODIES: dict[str, RequestBody] = {
     ),
 }
 
-_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", SIZE: "an integer or a size string"}
+_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", SIZE: "an integer or a size string",
+                    dict: "an object"}
 
 
 def _json_type_ok(value: Any, kind: Any) -> bool:
@@ -748,6 +872,20 @@ def parse_toggle(text: str, what: str) -> bool:
     if value in ("off", "false", "no"):
         return False
     raise InvalidConfig(f"{what}={text!r}: expected on or off")
+
+
+def parse_disk(text: str) -> DiskConfig:
+    """``--disk path=FILE[,readonly=on][,id=NAME][,direct=on]`` → a DiskConfig (not yet checked)."""
+    usage = "path=<file>[,readonly=on|off][,id=<name>][,direct=on|off]"
+    opts = _options_dict(text, "--disk", ("path", "readonly", "id", "direct"), usage)
+    if "path" not in opts:
+        raise InvalidConfig(f"--disk {text!r}: expected {usage}")
+    return DiskConfig(
+        path=opts["path"],
+        readonly=parse_toggle(opts["readonly"], "--disk readonly") if "readonly" in opts else False,
+        id=opts.get("id"),
+        direct=parse_toggle(opts["direct"], "--disk direct") if "direct" in opts else False,
+    )
 
 
 def parse_memory(text: str) -> dict:

@@ -24,7 +24,7 @@ from .errors import InvalidConfig, VmmError
 from .payload import PARTS, BootPayload, verify
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 2
+FORMAT_MINOR = 3
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # Top-level fields each minor version knows, and the defaults of those added after 1.0.
@@ -34,8 +34,12 @@ FIELDS_1_1 = FIELDS_1_0 | {"post_migration_lifecycle_event"}
 # 1.2: the boot payload's parts in the snapshot directory, {part: {size, sha256}}; absent = none
 # (the embedded test guest).
 FIELDS_1_2 = FIELDS_1_1 | {"payload"}
-KNOWN_FIELDS = FIELDS_1_2
+# 1.3: virtio device state by device id (docs/snapshot-format.md); absent = a VM without virtio devices.
+FIELDS_1_3 = FIELDS_1_2 | {"virtio_devices"}
+KNOWN_FIELDS = FIELDS_1_3
 DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None, "payload": None}
+#: Per-device fields that are bytes in the native state and base64 in the document.
+_VIRTIO_BYTES = ("config_space",)
 
 
 def _b64(data: bytes) -> str:
@@ -65,6 +69,9 @@ def encode_state(native: dict, **extra) -> dict:
         "machine": {k: _b64(b) for k, b in native["machine"].items()},
         "devices": {"serial": serial, "cmos": {"nvram": _b64(cmos["nvram"]), "index": cmos["index"]}},
     }
+    virtio = [{k: _b64(v) if k in _VIRTIO_BYTES else v for k, v in d.items()} for d in native.get("virtio", [])]
+    if virtio:
+        doc["virtio_devices"] = virtio
     unknown = set(extra) - KNOWN_FIELDS
     if unknown:
         raise ValueError(f"not fields of format {FORMAT_VERSION}: {sorted(unknown)}")
@@ -110,6 +117,8 @@ def decode_state(doc: dict) -> DecodedState:
             "vcpus": vcpus,
             "machine": {k: _unb64(b) for k, b in doc["machine"].items()},
             "devices": {"serial": serial, "cmos": {"nvram": _unb64(cmos["nvram"]), "index": int(cmos["index"])}},
+            "virtio": [{k: _unb64(v) if k in _VIRTIO_BYTES else v for k, v in d.items()}
+                       for d in doc.get("virtio_devices", [])],
         }
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InvalidConfig(f"malformed state document: {type(e).__name__}: {e}") from None

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from . import __version__, _native
 from .config import SerialConfig, VmConfig, from_peer
 from .console import ConsoleBackend
-from .errors import (InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
+from .errors import (InvalidConfig, InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
                      VmmError, VmmShutDown, VmNotCreated)
 from .events import EventMonitor
 from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
@@ -86,7 +86,11 @@ class _ClassOrInstance:
 
 class Vmm(ReceiveHooks):
     def __init__(self, *, serial: SerialConfig | None = None, event_monitor: EventMonitor | None = None,
-                 no_shutdown: bool = False, test_hooks: TestHooks = NO_HOOKS):
+                 no_shutdown: bool = False, test_hooks: TestHooks = NO_HOOKS,
+                 disk_backings: dict[str, str] | None = None):
+        """`disk_backings` (disk id -> path): this host's own files for the disks of a VM it
+        receives or restores, unless the receive or restore call names its own."""
+        self._disk_backings = dict(disk_backings or {})
         self.events = event_monitor or EventMonitor()
         self.test_hooks = test_hooks
         test_hooks.announce()
@@ -270,7 +274,8 @@ class Vmm(ReceiveHooks):
             memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=payload.kernel, initramfs=payload.initramfs,
             cmdline=cfg.effective_cmdline,
             console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
-            error_fd=self._error_fd, restore=restore, memory_fds=memory_fds, boot_protocol=cfg.boot_protocol)
+            error_fd=self._error_fd, restore=restore, memory_fds=memory_fds, boot_protocol=cfg.boot_protocol,
+            disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks])
 
     def _build_and_boot(self) -> None:
         cfg = self._config
@@ -639,10 +644,13 @@ class Vmm(ReceiveHooks):
             self._migration.cancel()
         self._call(do)
 
-    def receive_migration(self, receiver_url: str, tls_dir: str | None = None) -> ReceiveHandle:
+    def receive_migration(self, receiver_url: str, tls_dir: str | None = None,
+                          disks: dict[str, str] | None = None) -> ReceiveHandle:
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
-        With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS."""
+        With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
+        each disk id to this host's file for it (default: the VMM's `disk_backings`)."""
         url = transport.parse_url(receiver_url)
+        backings = self._checked_backings(disks)
         tls = transport.tls_context(tls_dir, url, "server")
 
         def do():
@@ -653,7 +661,7 @@ class Vmm(ReceiveHooks):
             caps = None
             if self.test_hooks.no_lifecycle_capability:
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
-            receiver = Receiver(transport.listen(url), self, caps, tls)
+            receiver = Receiver(transport.listen(url), self, caps, tls, disk_backings=backings)
             thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",
                                       daemon=True)
             handle = ReceiveHandle(receiver, thread)
@@ -680,30 +688,39 @@ class Vmm(ReceiveHooks):
             self.events.emit("vm", "snapshotted", {"path": str(directory)})
         self._call(do)
 
+    def _checked_backings(self, disks: Any) -> dict[str, str]:
+        if disks is None:
+            return dict(self._disk_backings)
+        if not isinstance(disks, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in disks.items()):
+            raise InvalidConfig(f"disks={disks!r}: must map disk ids to paths (strings)")
+        return dict(disks)
+
     @_ClassOrInstance
-    def restore(self, cls, source_url: str, *, resume: bool = False, **vmm_kwargs):
+    def restore(self, cls, source_url: str, *, resume: bool = False, disks: dict[str, str] | None = None,
+                **vmm_kwargs):
         """`vmm.restore(dir)` restores a snapshot into this empty VMM, paused unless `resume`;
         `Vmm.restore(dir, **kwargs)` does that in a new VMM and returns it."""
         if self is None:
             vmm = cls(**vmm_kwargs)
             try:
-                vmm.restore(source_url, resume=resume)
+                vmm.restore(source_url, resume=resume, disks=disks)
             except BaseException:
                 vmm.close()
                 raise
             return vmm
         directory = parse_file_url(source_url)
+        backings = self._checked_backings(disks)
         with SnapshotDir(directory) as snap:
-            self._restore_from(snap, directory)
+            self._restore_from(snap, directory, backings)
         if resume:
             self.resume()
 
-    def _restore_from(self, snap: SnapshotDir, directory) -> None:
+    def _restore_from(self, snap: SnapshotDir, directory, disk_backings: dict[str, str]) -> None:
         """Everything is read and checked (version, config, payload digests) before a VM is built;
         the snapshot's config chooses no host path here (its serial is this VMM's own)."""
         config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
         described = decoded.fields["payload"] or {}
-        cfg = from_peer(config_api, described)
+        cfg = from_peer(config_api, described, disk_backings)
         payload = read_payload(snap, check_description(described, cfg.memory_bytes))
         cfg = self._own_serial(cfg)
 

@@ -6,7 +6,10 @@ pub mod bus;
 pub mod cmos;
 pub mod ged;
 pub mod i8042;
+pub mod msi_routes;
+pub mod pci;
 pub mod serial;
+pub mod virtio;
 
 /// What a device asks of the VM after a guest write: the vCPU loop turns it into an eventfd write,
 /// records it as the VM's first lifecycle request if it is, and parks the vCPU.

@@ -88,8 +88,10 @@ class ReceiveHooks:
 
 class Receiver:
     def __init__(self, listener: socket.socket, hooks: ReceiveHooks, capabilities: list[str] | None = None,
-                 tls=None):
+                 tls=None, disk_backings: dict[str, str] | None = None):
         self.listener = listener
+        # This host's operator's file for each disk id; the peer's config names none that is used.
+        self.disk_backings = dict(disk_backings or {})
         self.tls = tls  # _native.TlsContext ("server"), or None for plaintext
         self.hooks = hooks
         self.capabilities = CAPABILITIES if capabilities is None else capabilities
@@ -354,7 +356,8 @@ class Receiver:
                 raise MigrationError(f"local migration needs memory fds for regions 0..n-1, got {sorted(fds)}")
             memory_fds = [fds[i] for i in range(len(fds))] if local else None
             described = doc.get("payload")
-            cfg = from_peer(doc.get("config") or {}, described if isinstance(described, dict) else {})
+            cfg = from_peer(doc.get("config") or {}, described if isinstance(described, dict) else {},
+                            self.disk_backings)
             described = check_description(described, cfg.memory_bytes)
             incoming = self.hooks.build_vm(cfg, memory_fds)
             incoming.described = described
