@@ -25,7 +25,7 @@ from typing import Any, Callable
 from . import __version__, _native
 from .config import SerialConfig, VmConfig, from_peer
 from .console import ConsoleBackend
-from .errors import (InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
+from .errors import (InvalidConfig, InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
                      VmmError, VmmShutDown, VmNotCreated)
 from .events import EventMonitor
 from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
