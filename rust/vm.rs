@@ -358,11 +358,11 @@ impl Vm {
             }
             slot.thread = Some(vcpu::spawn(slot.fd.clone(), slot.ctl.clone(), self.shared.clone())?);
         }
-        for d in &mut self.devices {
+        for (i, d) in self.devices.iter_mut().enumerate() {
             let kicks = d.kicks.iter().map(|k| k.try_clone()).collect::<std::io::Result<Vec<_>>>();
             let kicks = kicks.map_err(|e| Error::io(Kind::Kvm, "dup of a kick eventfd", e))?;
             let wake = d.wake.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a wake eventfd", e))?;
-            d.worker = Some(Worker::spawn(format!("virtio-{}", d.id), d.dev.clone(), kicks, wake, paused)?);
+            d.worker = Some(Worker::spawn(format!("virtio-blk{i}"), d.dev.clone(), kicks, wake, paused)?);
         }
         // Input typed before boot is waiting in the console.
         self.shared.input_ready();

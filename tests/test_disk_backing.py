@@ -101,3 +101,17 @@ def test_native_vm_refuses_an_image_it_cannot_open(tmp_path):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_disk_maps_must_name_paths(tmp_path):
+    from vmmpy import Vmm
+    from vmmpy.errors import InvalidConfig
+
+    vmm = Vmm()
+    try:
+        with pytest.raises(InvalidConfig, match="must map disk ids to paths"):
+            vmm.receive_migration(f"unix:{tmp_path}/mig.sock", disks={"disk0": 7})
+        with pytest.raises(InvalidConfig, match="must map disk ids to paths"):
+            vmm.restore(f"file://{tmp_path}", disks=["disk0"])
+    finally:
+        vmm.close()

@@ -47,7 +47,8 @@ LOAD_PHYSICAL_ADDR = 0x1000000  # Debian's CONFIG_PHYSICAL_START: where the deco
 MMIO_HOLE_START = 0xC000_0000
 FOUR_GIB = 1 << 32
 E820_NAMES = {1: "usable", 2: "reserved", 3: "ACPI data", 4: "ACPI NVS", 5: "unusable"}
-ACPI_TABLES = ("RSDP", "XSDT", "FACP", "DSDT", "APIC")
+ACPI_TABLES = ("RSDP", "XSDT", "FACP", "DSDT", "APIC", "MCFG")
+PCI_ECAM = (0xE000_0000, 0x10_0000)  # docs/devices.md: reserved in the e820 map
 DECOMPRESSOR_LINE = rb"KASLR disabled: 'nokaslr' on cmdline\."
 
 
@@ -126,11 +127,12 @@ def start_info(vm: LinuxVm) -> tuple[list[tuple[int, int, int]], int, int]:
 
 def layout_e820(ram: int) -> list[tuple[int, int, int]]:
     """rust/layout.rs e820_map(), restated: RAM below the EBDA, EBDA and BIOS area reserved, RAM
-    from 1 MiB to the MMIO hole at 3 GiB, the rest from 4 GiB."""
+    from 1 MiB to the MMIO hole at 3 GiB, the PCI ECAM reserved, the rest of RAM from 4 GiB."""
     out = [(0, 0x9FC00, 1), (0x9FC00, 0x400, 2), (0xE0000, 0x20000, 2)]
+    ecam = (*PCI_ECAM, 2)
     if ram <= MMIO_HOLE_START:
-        return out + [(0x100000, ram - 0x100000, 1)]
-    return out + [(0x100000, MMIO_HOLE_START - 0x100000, 1), (FOUR_GIB, ram - MMIO_HOLE_START, 1)]
+        return out + [(0x100000, ram - 0x100000, 1), ecam]
+    return out + [(0x100000, MMIO_HOLE_START - 0x100000, 1), ecam, (FOUR_GIB, ram - MMIO_HOLE_START, 1)]
 
 
 def pvh_e820_as_linux_prints(entries: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

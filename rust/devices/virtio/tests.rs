@@ -513,3 +513,64 @@ fn read_only_disks_offer_no_discard_and_refuse_it() {
     assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 4, 0), VIRTIO_BLK_S_IOERR);
     assert_eq!(h.file(), before);
 }
+
+#[test]
+fn indirect_descriptor_tables() {
+    const F_INDIRECT: u16 = 4;
+    const TABLE: u64 = 0x50000;
+    let mut h = harness("indirect", false);
+    assert_ne!(h.read(0x04, 4) & VIRTIO_F_RING_INDIRECT_DESC, 0);
+    h.setup();
+    let mem = &h.ram.mem;
+    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(4u64, GuestAddress(HEADER + 8)).unwrap();
+    for (i, (addr, len, flags)) in [(HEADER, 16u32, F_NEXT), (DATA, 512, F_WRITE | F_NEXT), (STATUS, 1, F_WRITE)].into_iter().enumerate() {
+        let d = TABLE + 16 * i as u64;
+        mem.write_obj(addr, GuestAddress(d)).unwrap();
+        mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+        mem.write_obj(i as u16 + 1, GuestAddress(d + 14)).unwrap();
+    }
+    // One ring descriptor pointing at the 3-entry table.
+    mem.write_obj(TABLE, GuestAddress(DESC)).unwrap();
+    mem.write_obj(48u32, GuestAddress(DESC + 8)).unwrap();
+    mem.write_obj(F_INDIRECT, GuestAddress(DESC + 12)).unwrap();
+    mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+    mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+    h.avail_idx = 1;
+    h.dev.process_queues();
+    assert_eq!(h.last_used(), (0, 513));
+    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    let mut got = vec![0u8; 512];
+    h.ram.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, h.file()[4 * 512..5 * 512]);
+}
+
+#[test]
+fn event_idx_suppresses_interrupts_until_used_event() {
+    let mut h = harness("eventidx", false);
+    assert_ne!(h.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX) & STATUS_FEATURES_OK, 0);
+    h.write(0x16, 2, 0);
+    h.write(0x18, 2, u64::from(QSIZE));
+    for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
+        h.write(off, 4, addr);
+        h.write(off + 4, 4, 0);
+    }
+    h.write(0x1a, 2, 0);
+    h.write(0x1c, 2, 1);
+    h.write(0x14, 1, u64::from(3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK));
+    h.dev.write_config(0x40 / 4, 2, &0x8000u16.to_le_bytes());
+    h.write(0x4000, 4, 0xfee0_0000);
+    h.write(0x400c, 4, 0);
+    // used_event (the avail ring's last field): interrupt once the device passes used index 2.
+    let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE));
+    h.ram.mem.write_obj(2u16, used_event).unwrap();
+    h.request(VIRTIO_BLK_T_FLUSH, 0, None);
+    h.request(VIRTIO_BLK_T_FLUSH, 0, None);
+    assert!(h.irqs[0].read().is_err(), "no interrupt before used_event is passed");
+    h.request(VIRTIO_BLK_T_FLUSH, 0, None);
+    assert_eq!(h.irqs[0].read().unwrap(), 1, "the third completion crosses used_event");
+    // The device publishes avail_event (the used ring's last field) for the driver's kicks.
+    let avail_event: u16 = h.ram.mem.read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE))).unwrap();
+    assert_eq!(avail_event, 3);
+}
