@@ -86,4 +86,51 @@ mod tests {
         vm.register_irqfd(&evt, 25).unwrap();
         evt.write(1).unwrap();
     }
+
+    #[test]
+    fn an_msix_vector_lands_in_the_lapic_irr() {
+        use crate::devices::virtio::msix::{Msix, CONTROL_ENABLE};
+        use std::time::{Duration, Instant};
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("no /dev/kvm: skipping");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        // Software-enable the local APIC (spurious vector register, bit 8).
+        let mut lapic = vcpu.get_lapic().unwrap();
+        let svr = 0xf0;
+        let bytes: &mut [u8] = lapic_bytes(&mut lapic.regs);
+        bytes[svr..svr + 4].copy_from_slice(&0x1ffu32.to_le_bytes());
+        vcpu.set_lapic(&lapic).unwrap();
+
+        let routes = Arc::new(MsiRoutes::new(vm.clone()));
+        let irq = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        vm.register_irqfd(&irq, 24).unwrap();
+        let mut msix = Msix::new(vec![irq], Some(routes), 24);
+        msix.set_control(CONTROL_ENABLE);
+        // Vector 0: to APIC 0, fixed delivery, vector 0x41; then unmasked.
+        msix.write_table(0, &0xfee0_0000u32.to_le_bytes());
+        msix.write_table(8, &0x41u32.to_le_bytes());
+        msix.write_table(12, &0u32.to_le_bytes());
+        msix.signal(0);
+        let irr_bit = |vcpu: &kvm_ioctls::VcpuFd| {
+            let mut l = vcpu.get_lapic().unwrap();
+            let b = lapic_bytes(&mut l.regs);
+            let reg = 0x200 + (0x41 / 32) * 0x10;
+            u32::from_le_bytes(b[reg..reg + 4].try_into().unwrap()) & (1 << (0x41 % 32)) != 0
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !irr_bit(&vcpu) {
+            assert!(Instant::now() < deadline, "vector 0x41 never reached the LAPIC's IRR");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// The LAPIC register page as bytes.
+    fn lapic_bytes(regs: &mut [std::os::raw::c_char; 1024]) -> &mut [u8] {
+        // SAFETY: c_char and u8 have the same size and alignment; the borrow is carried over.
+        unsafe { std::slice::from_raw_parts_mut(regs.as_mut_ptr().cast::<u8>(), regs.len()) }
+    }
 }
