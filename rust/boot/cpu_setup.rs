@@ -2,7 +2,7 @@
 //! the PVH entry (flat 32-bit protected mode, paging off), FPU, boot MSRs and the LAPIC's
 //! LINT0/LINT1 wiring.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -77,9 +77,10 @@ fn segment(desc: u64, selector: u16) -> kvm_segment {
 
 /// Puts a vCPU at `entry` in 64-bit mode as the boot protocol expects; `rsi`/`rdi` carry the zero
 /// page and (for the test guest's APs) the vCPU index.
-pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<()> {
+/// The vCPU's special registers with the boot GDT's flat segments (`code` for CS), its TSS, and
+/// an IDT of limit 7 (any exception is a triple fault); both entries start from these.
+fn boot_segments(vcpu: &VcpuFd, code: kvm_segment) -> Result<kvm_sregs> {
     let mut sregs = vcpu.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
-    let code = segment(CODE64, BOOT_CS);
     let data = segment(DATA, BOOT_DS);
     sregs.cs = code;
     sregs.ds = data;
@@ -92,6 +93,11 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<
     sregs.gdt.limit = BOOT_GDT_ENTRIES * 8 - 1;
     sregs.idt.base = layout::BOOT_IDT;
     sregs.idt.limit = 7;
+    Ok(sregs)
+}
+
+pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<()> {
+    let mut sregs = boot_segments(vcpu, segment(CODE64, BOOT_CS))?;
     sregs.cr3 = layout::PML4;
     sregs.cr4 |= X86_CR4_PAE;
     sregs.cr0 = X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_AM | X86_CR0_PG;
@@ -116,19 +122,7 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<
 /// Puts a vCPU at `entry` as the PVH ABI wants it: 32-bit protected mode with flat 4 GiB code and
 /// data segments, paging and long mode off, EBX = the `hvm_start_info` address.
 pub fn setup_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
-    let mut sregs = vcpu.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
-    let data = segment(DATA, BOOT_DS);
-    sregs.cs = segment(CODE32, BOOT_CS32);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = segment(TSS, BOOT_TSS);
-    sregs.gdt.base = layout::BOOT_GDT;
-    sregs.gdt.limit = BOOT_GDT_ENTRIES * 8 - 1;
-    sregs.idt.base = layout::BOOT_IDT;
-    sregs.idt.limit = 7;
+    let mut sregs = boot_segments(vcpu, segment(CODE32, BOOT_CS32))?;
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
     sregs.cr3 = 0;
     sregs.cr4 = 0;
