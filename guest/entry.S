@@ -17,14 +17,13 @@
  * bsp_main(zero_page, start_info) gets exactly one of the two non-zero.
  *
  * The idle fallback for VMMs without vmmpy's idle port (idle.c; under vmmpy it is never used):
- * SYSCALL from CPL3 enters idle_syscall, which halts until the next interrupt and returns. The IDT
- * has only the LAPIC timer and spurious vectors, so every exception still ends in a triple fault.
- * SYSCALL and an interrupt at CPL0 switch no stacks; the guest is built without a red zone, so
- * the interrupt frame on the user stack is harmless.
+ * `int $0x80` from CPL3 enters idle_gate, which halts until the next interrupt and returns. (Not
+ * SYSCALL: PVM hosts jump to LSTAR without leaving CPL3.) The IDT has only that gate and the LAPIC
+ * timer and spurious vectors, so every exception still ends in a triple fault.
  *
- * The BSP loads a TSS whose I/O bitmap allows every port: PVM hosts do not honour IOPL=3 at CPL3
- * and check the bitmap instead, and the TR a VMM leaves points at whatever is in low memory
- * (zeros under vmmpy, firmware data under QEMU).
+ * The BSP loads a TSS: RSP0 for the gate, and an I/O bitmap that allows every port, because PVM
+ * hosts do not honour IOPL=3 at CPL3 and check the bitmap instead, and the TR a VMM leaves points
+ * at whatever is in low memory (zeros under vmmpy, firmware data under QEMU).
  */
 
 #define KERNEL_CS   0x10
@@ -43,12 +42,7 @@
 #define CR0_PE_PG     0x80000001
 #define CR4_PAE       0x20
 #define MSR_EFER      0xc0000080
-#define MSR_STAR      0xc0000081
-#define MSR_LSTAR     0xc0000082
-#define EFER_SCE      0x1
 #define EFER_LME      0x100
-/* STAR[47:32]: SYSCALL's CS (SS = +8); STAR[63:48] + 16 / + 8: SYSRET's CS / SS, with RPL 3 */
-#define STAR_HIGH     ((0x18 | 3) << 16 | KERNEL_CS)
 #define LAPIC_EOI     0xfee000b0
 
     .code64
@@ -59,22 +53,10 @@
 _start:                                 /* BSP, 64-bit entry */
     mov     %rsi, %rdi                  /* bsp_main(zero_page, 0) */
     xor     %esi, %esi
-bsp_enter:                              /* SYSCALL for the idle fallback; only the BSP idles so */
+bsp_enter:
     lgdt    gdt_desc(%rip)
     mov     $KERNEL_TSS, %ax            /* one TSS (LTR marks it busy), so only the BSP */
     ltr     %ax
-    mov     $MSR_EFER, %ecx
-    rdmsr
-    or      $EFER_SCE, %eax
-    wrmsr
-    mov     $MSR_STAR, %ecx
-    xor     %eax, %eax
-    mov     $STAR_HIGH, %edx
-    wrmsr
-    mov     $MSR_LSTAR, %ecx
-    lea     idle_syscall(%rip), %eax
-    xor     %edx, %edx
-    wrmsr
     lea     bsp_main(%rip), %rbx
     lea     bsp_stack_top(%rip), %rax
     jmp     enter_user
@@ -95,7 +77,7 @@ ap_entry:                               /* APs: RDI = index, RSI = zero page */
 /* RAX = user stack top, RBX = C function to call at CPL3 (RDI/RSI already hold its arguments) */
 enter_user:
     lgdt    gdt_desc(%rip)              /* again on the BSP: one path for all vCPUs */
-    lidt    idt_desc(%rip)              /* two gates: any exception escalates to a triple fault */
+    lidt    idt_desc(%rip)              /* three gates: any exception escalates to a triple fault */
     mov     %cr4, %rcx
     test    $CR4_SMEP_SMAP, %ecx        /* CPL0 runs on from user pages until iretq */
     jz      1f
@@ -112,13 +94,13 @@ enter_user:
     pushq   %rcx                        /* RIP */
     iretq
 
-/* CPL0 ends of the idle fallback (idle.c): SYSCALL lands here and sleeps until an interrupt;
- * SYSRET gives the caller its RFLAGS (IF=0) back. The timer handler only acknowledges. */
-    .globl  timer_isr, spurious_isr
-idle_syscall:
+/* CPL0 ends of the idle fallback (idle.c): the gate sleeps until an interrupt; IRETQ gives the
+ * caller its RFLAGS (IF=0) back. The timer handler only acknowledges. */
+    .globl  idle_gate, timer_isr, spurious_isr
+idle_gate:
     sti
     hlt
-    sysretq
+    iretq
 timer_isr:
     push    %rax
     mov     $LAPIC_EOI, %eax
@@ -200,17 +182,19 @@ gdt:
     .long   0, 0
 gdt_end:
 
-/* The TSS is only an I/O permission bitmap: no stack is ever switched to. */
     .balign 16
     .globl  tss
 tss:
-    .fill   102, 1, 0
+    .long   0
+    .quad   idle_stack_top              /* RSP0: the idle gate's stack */
+    .fill   102 - 12, 1, 0
     .word   104                         /* I/O bitmap offset */
     .fill   65536 / 8, 1, 0             /* every port allowed */
     .byte   0xff                        /* the bitmap's terminator */
 tss_end:
 
-/* Interrupt gates, 16 bytes each: offset 0-15 and 16-31 (split by guest.ld), CS, type 0x8e. */
+/* Interrupt gates, 16 bytes each: offset 0-15 and 16-31 (split by guest.ld), CS, type (0x8e for
+ * DPL 0, 0xee for DPL 3). */
     .balign 16
 idt:
     .fill   0x20 * 2, 8, 0              /* exceptions: not present */
@@ -218,6 +202,9 @@ idt:
     .long   0, 0                        /* 0x20: LAPIC timer */
     .word   spurious_isr_0_15, KERNEL_CS, 0x8e00, spurious_isr_16_31
     .long   0, 0                        /* 0x21: LAPIC spurious */
+    .fill   (0x80 - 0x22) * 2, 8, 0
+    .word   idle_gate_0_15, KERNEL_CS, 0xee00, idle_gate_16_31
+    .long   0, 0                        /* 0x80: the idle gate, callable from CPL3 */
 idt_end:
 
     .balign 8
@@ -239,6 +226,8 @@ idt_desc:
 bsp_stack_top:
 ap_stacks:                              /* AP i's stack: [ap_stacks + (i-1)*SIZE, ap_stacks + i*SIZE) */
     .skip   (MAX_CPUS - 1) * AP_STACK_SIZE
+    .skip   4096
+idle_stack_top:                         /* the idle gate's CPL0 stack (TSS RSP0), BSP only */
 
 /* ---------------------------------------------------------------- ELF note ------------ */
 /* name "vmmpy" (namesz 6), type 1, desc = 64-bit physical address of the AP entry.

@@ -103,6 +103,18 @@ def test_cmdline_checked():
         VmConfig(cmdline=5)
 
 
+def test_boot_protocol_checked_and_carried_by_the_api_shape():
+    assert VmConfig().boot_protocol is None
+    assert "boot_protocol" not in VmConfig().to_api()["payload"]  # CH's shape when unset
+    c = VmConfig(boot_protocol="linux64")
+    assert c.to_api()["payload"]["boot_protocol"] == "linux64"
+    assert VmConfig.from_api(c.to_api()).boot_protocol == "linux64"
+    with pytest.raises(InvalidConfig, match="payload.boot_protocol='bios': must be one of pvh, linux64"):
+        VmConfig.from_api({"payload": {"boot_protocol": "bios"}})
+    with pytest.raises(InvalidConfig, match="boot_protocol='x'"):
+        VmConfig(boot_protocol="x")
+
+
 def test_validate_after_mutation():
     c = VmConfig()
     c.vcpus = 99
