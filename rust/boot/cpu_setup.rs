@@ -134,19 +134,6 @@ pub fn setup_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
     vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flat_segments_span_4_gib() {
-        let code = segment(CODE32, BOOT_CS32);
-        assert_eq!((code.base, code.limit, code.db, code.l, code.g, code.type_), (0, 0xffff_ffff, 1, 0, 1, 0xb));
-        assert_eq!(segment(DATA, BOOT_DS).limit, 0xffff_ffff);
-        assert_eq!(segment(TSS, BOOT_TSS).limit, 0x0fff_ffff);
-    }
-}
-
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
@@ -214,4 +201,17 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<()> {
 fn unsafe_bytes(regs: &mut [std::os::raw::c_char]) -> &mut [u8] {
     // SAFETY: c_char and u8 have the same size and alignment; the slice covers the same memory.
     unsafe { std::slice::from_raw_parts_mut(regs.as_mut_ptr() as *mut u8, regs.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_segments_span_4_gib() {
+        let code = segment(CODE32, BOOT_CS32);
+        assert_eq!((code.base, code.limit, code.db, code.l, code.g, code.type_), (0, 0xffff_ffff, 1, 0, 1, 0xb));
+        assert_eq!(segment(DATA, BOOT_DS).limit, 0xffff_ffff);
+        assert_eq!(segment(TSS, BOOT_TSS).limit, 0x0fff_ffff);
+    }
 }

@@ -39,6 +39,9 @@ pub fn write_start_info(mem: &GuestMem, ram_size: u64, initramfs: Option<(u64, u
         .map_err(|e| Error::new(Kind::Payload, format!("writing the PVH start info: {e}")))
 }
 
+// The memory map (at most six entries: two RAM ranges) ends below the zero page's page.
+const _: () = assert!(layout::PVH_MEMMAP + 24 * 6 <= layout::ZERO_PAGE);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,7 +58,6 @@ mod tests {
         assert_eq!((module.paddr, module.size), (0x300_0000, 0x1234));
         let map = layout::e820_map(64 << 20);
         assert_eq!(info.memmap_entries as usize, map.len());
-        assert!(layout::PVH_MEMMAP + 24 * 6 <= layout::ZERO_PAGE, "the largest map (two RAM ranges) fits below the zero page");
         assert!(layout::e820_map(8 << 30).len() <= 6);
         let last: hvm_memmap_table_entry = mem.read_obj(GuestAddress(layout::PVH_MEMMAP + 24 * (map.len() as u64 - 1))).unwrap();
         assert_eq!((last.addr, last.size, last.type_), map[map.len() - 1]);
