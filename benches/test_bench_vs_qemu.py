@@ -13,7 +13,6 @@ first idle sleep after `READY` (guest/README.md), so only start → READY is com
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import subprocess
