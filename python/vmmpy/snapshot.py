@@ -281,6 +281,16 @@ def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm, paylo
         d.write(STATE_FILE, json.dumps(state_doc, indent=1).encode())
 
 
+def read_memory(d: SnapshotDir, vm) -> None:
+    """Fills the RAM regions of `vm` (built with restore=True) from the directory's memory files."""
+    for i, _ in enumerate(vm.memory_regions()):
+        fd = d.open_read(memory_file(i))
+        try:
+            vm.load_memory(i, fd)
+        finally:
+            os.close(fd)
+
+
 def read_payload(d: SnapshotDir, described: dict) -> BootPayload:
     """The payload parts the state document describes (already bounded), checked by size and digest."""
     parts = {}

@@ -37,8 +37,8 @@ from .migration.handles import MigrationHandle, ReceiveHandle
 from .migration.source import PAUSE_TIMEOUT_S, MigrationOptions, SourceMigration
 from .payload import BootPayload, check_description
 from .testhooks import NO_HOOKS, TestHooks
-from .snapshot import (CONFIG_FILE, STATE_FILE, SnapshotDir, decode_state, encode_state, memory_file, parse_file_url,
-                       read_payload, write_snapshot)
+from .snapshot import (CONFIG_FILE, STATE_FILE, SnapshotDir, decode_state, encode_state, parse_file_url,
+                       read_memory, read_payload, write_snapshot)
 
 log = logging.getLogger("vmmpy.vmm")
 
@@ -730,12 +730,7 @@ class Vmm(ReceiveHooks):
             self.events.emit("vm", "restoring", {"path": str(directory)})
             vm = self._new_native_vm(cfg, payload, restore=True)
             try:
-                for i, _ in enumerate(vm.memory_regions()):
-                    fd = snap.open_read(memory_file(i))
-                    try:
-                        vm.load_memory(i, fd)
-                    finally:
-                        os.close(fd)
+                read_memory(snap, vm)
                 vm.restore_state(decoded.native)
                 vm.boot(paused=True)
                 vm.pause(PAUSE_TIMEOUT_S)  # returns once every vCPU has parked
