@@ -6,6 +6,7 @@ import threading
 import time
 
 from helpers import VmmProcess
+from vmmpy.migration.protocol import HEADER
 
 
 def start_receive(dst: VmmProcess, url: str, **options) -> threading.Thread:
@@ -68,3 +69,22 @@ def free_port() -> int:
             continue
         finally:
             s.close()
+
+
+def read_response(s) -> tuple[int | None, bytes]:
+    """One raw protocol response (status, payload) from socket `s`; (None, b"") if the peer closed
+    the connection before a header, a shorter payload if it closed inside one."""
+    head = b""
+    while len(head) < HEADER.size:
+        chunk = s.recv(HEADER.size - len(head))
+        if not chunk:
+            return None, b""
+        head += chunk
+    status, _, _, length = HEADER.unpack(head)
+    body = b""
+    while len(body) < length:
+        chunk = s.recv(length - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return status, body

@@ -14,6 +14,8 @@ from vmmpy import Vmm
 from vmmpy.config import SerialConfig, VmConfig
 from vmmpy.migration.protocol import HEADER, Command, Status
 
+from migration_helpers import read_response
+
 CONFIG = {"config": VmConfig(memory_mib=64, vcpus=1).to_api(), "memory_size": 64 << 20, "local": False}
 
 
@@ -39,18 +41,7 @@ def _req(command, payload=b"", arg=0, length=None):
     return HEADER.pack(command, 0, arg, len(payload) if length is None else length) + payload
 
 
-def _resp(s):
-    head = b""
-    while len(head) < HEADER.size:
-        chunk = s.recv(HEADER.size - len(head))
-        if not chunk:
-            return None, b""  # the receiver closed the connection
-        head += chunk
-    status, _, _, length = HEADER.unpack(head)
-    body = b""
-    while len(body) < length:
-        body += s.recv(length - len(body))
-    return status, body
+_resp = read_response
 
 
 def _start(s):

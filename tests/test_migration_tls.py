@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from migration_helpers import free_port, send, start_receive, wait_progress
+from migration_helpers import free_port, read_response, send, start_receive, wait_progress
 from tls_certs import make_ca, make_tls_dir
 from vmmpy import Vmm
 from vmmpy.config import SerialConfig
@@ -185,15 +185,8 @@ def test_migration_options_are_checked(vmm_process, tmp_path, tls):
 def _request(s: socket.socket, command: int, doc: dict | None = None) -> tuple[int, bytes]:
     payload = json.dumps(doc).encode() if doc is not None else b""
     s.sendall(HEADER.pack(command, 0, 0, len(payload)) + payload)
-    head = b""
-    while len(head) < HEADER.size:
-        chunk = s.recv(HEADER.size - len(head))
-        assert chunk, "the destination closed the connection without an answer"
-        head += chunk
-    status, _, _, length = HEADER.unpack(head)
-    body = b""
-    while len(body) < length:
-        body += s.recv(length - len(body))
+    status, body = read_response(s)
+    assert status is not None, "the destination closed the connection without an answer"
     return status, body
 
 

@@ -23,6 +23,8 @@ from vmmpy.errors import InvalidConfig
 from vmmpy.migration import transport
 from vmmpy.migration.protocol import HEADER, Command, Status
 
+from migration_helpers import read_response
+
 from helpers import SerialClient
 
 FIXTURE = Path(__file__).parent / "fixtures" / "snapshot-1.0"
@@ -40,21 +42,7 @@ def _req(command, payload=b"", arg=0):
     return HEADER.pack(command, 0, arg, len(payload)) + payload
 
 
-def _resp(s):
-    head = b""
-    while len(head) < HEADER.size:
-        chunk = s.recv(HEADER.size - len(head))
-        if not chunk:
-            return None, b""
-        head += chunk
-    status, _, _, length = HEADER.unpack(head)
-    body = b""
-    while len(body) < length:
-        chunk = s.recv(length - len(body))
-        if not chunk:
-            break
-        body += chunk
-    return status, body
+_resp = read_response
 
 
 def _ok(s, command, payload=b"", arg=0, fds=None):
