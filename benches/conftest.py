@@ -14,8 +14,10 @@ from helpers import SerialClient, guest_vmm, vmm_process  # noqa: E402,F401  (fi
 
 def pytest_report_header(config):
     modules = [m for m in os.listdir("/sys/module") if m.startswith("kvm")]
-    return (f"KVM modules: {' '.join(modules)} — on kvm_pvm (a nested, pagetable-based host) absolute times "
-            "are not those of bare-metal KVM; compare the ratios")
+    return (
+        f"KVM modules: {' '.join(modules)} — on kvm_pvm (a nested, pagetable-based host) absolute times "
+        "are not those of bare-metal KVM; compare the ratios"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,11 @@ HOST = "nested PVM host (kvm_pvm)"
 IMAGE_MIB = 1024
 RUN_MS = 3000
 BENCH = re.compile(rb"BLK BENCH mode=(\w+) qd=(\d+) bs=(\d+) ios=(\d+) us=(\d+) kicks=(\d+) kick_ns=(\d+)\r\n")
-CASES = [(mode, depth, cache) for cache in ("uncached", "cached") for mode, depth in
-         (("rand", 1), ("rand", 32), ("seq", 1), ("seq", 32))]
+CASES = [
+    (mode, depth, cache)
+    for cache in ("uncached", "cached")
+    for mode, depth in (("rand", 1), ("rand", 32), ("seq", 1), ("seq", 32))
+]
 
 
 def report(benchmark, name, line, ratio, target, met, **figures):
@@ -80,11 +83,24 @@ def fio(path, mode, depth, cache) -> dict:
         pytest.skip("fio is not installed (bash scripts/bench-setup.sh installs Debian's fio)")
     set_cache(path, cache)
     out = subprocess.run(
-        [exe, "--name=host", f"--filename={path}", "--readonly", f"--direct={int(cache == 'uncached')}",
-         "--ioengine=io_uring",
-         f"--rw={'randread' if mode == 'rand' else 'read'}", f"--bs={'4k' if mode == 'rand' else '1m'}",
-         f"--iodepth={depth}", "--time_based", f"--runtime={RUN_MS}ms", "--output-format=json"],
-        check=True, capture_output=True, text=True).stdout
+        [
+            exe,
+            "--name=host",
+            f"--filename={path}",
+            "--readonly",
+            f"--direct={int(cache == 'uncached')}",
+            "--ioengine=io_uring",
+            f"--rw={'randread' if mode == 'rand' else 'read'}",
+            f"--bs={'4k' if mode == 'rand' else '1m'}",
+            f"--iodepth={depth}",
+            "--time_based",
+            f"--runtime={RUN_MS}ms",
+            "--output-format=json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     read = json.loads(out)["jobs"][0]["read"]
     return {"iops": read["iops"], "bytes_per_s": read["bw_bytes"]}
 
@@ -93,14 +109,18 @@ def guest_run(serial, path, mode, depth, cache) -> dict:
     set_cache(path, cache)
     m = serial.command(f"blk bench {mode} {depth} {RUN_MS}", BENCH, timeout=RUN_MS / 1000 + 120)
     bs, ios, us, kicks, kick_ns = (int(m.group(i)) for i in range(3, 8))
-    return {"iops": ios * 1e6 / us, "bytes_per_s": ios * bs * 1e6 / us, "kicks_per_io": kicks / ios,
-            "kick_us": kick_ns / 1000, "bs": bs}
+    return {
+        "iops": ios * 1e6 / us,
+        "bytes_per_s": ios * bs * 1e6 / us,
+        "kicks_per_io": kicks / ios,
+        "kick_us": kick_ns / 1000,
+        "bs": bs,
+    }
 
 
 @pytest.mark.parametrize("mode,depth,cache", CASES, ids=[f"{m}-qd{d}-{c}" for m, d, c in CASES])
 def test_guest_reads_vs_host_fio(benchmark, vmm_process, image, mode, depth, cache):
-    vmm = vmm_process("--cpus", "boot=1", "--memory", "size=256M", "--disk", f"path={image},id=bench",
-                      name="bench")
+    vmm = vmm_process("--cpus", "boot=1", "--memory", "size=256M", "--disk", f"path={image},id=bench", name="bench")
     vmm.serial.wait_ready()
     vmm.serial.command("blk info", rb"BLK info disks=1 ")
     # the plain exit round trip (a PIO write to an unclaimed port), to set the kick's cost against
@@ -111,11 +131,18 @@ def test_guest_reads_vs_host_fio(benchmark, vmm_process, image, mode, depth, cac
     ratio = guest[key] / host[key]
     target = {("seq", 1): 0.8, ("seq", 32): 0.8, ("rand", 32): 0.5}.get((mode, depth))
     unit = (lambda v: f"{v / 1e6:.0f} MB/s") if mode == "seq" else (lambda v: f"{v:.0f} IOPS")
-    report(benchmark, f"blk {mode} qd{depth} {cache}",
-           f"guest {unit(guest[key])} ({guest['bs']} B), host fio {unit(host[key])}; "
-           f"{guest['kicks_per_io']:.2f} kicks/IO at {guest['kick_us']:.1f} us each (PIO exit {pio_us:.1f} us)",
-           ratio, f">= {target}" if target else "", target is None or ratio >= target,
-           guest=guest, host=host, pio_exit_us=pio_us)
+    report(
+        benchmark,
+        f"blk {mode} qd{depth} {cache}",
+        f"guest {unit(guest[key])} ({guest['bs']} B), host fio {unit(host[key])}; "
+        f"{guest['kicks_per_io']:.2f} kicks/IO at {guest['kick_us']:.1f} us each (PIO exit {pio_us:.1f} us)",
+        ratio,
+        f">= {target}" if target else "",
+        target is None or ratio >= target,
+        guest=guest,
+        host=host,
+        pio_exit_us=pio_us,
+    )
 
 
 def _migrate(vmm_process, tmp_path, with_disk: bool) -> dict:
@@ -149,7 +176,14 @@ def test_migration_with_blk_load(benchmark, vmm_process, tmp_path):
     plain = _migrate(vmm_process, tmp_path, False)
     loaded = benchmark.pedantic(_migrate, args=(vmm_process, tmp_path, True), rounds=1, iterations=1)
     ratio = loaded["downtime_ms"] / max(plain["downtime_ms"], 0.001)
-    report(benchmark, "migration with blk load",
-           f"with blk load: total {loaded['total_ms']:.1f} ms, downtime {loaded['downtime_ms']:.1f} ms; "
-           f"no disk: total {plain['total_ms']:.1f} ms, downtime {plain['downtime_ms']:.1f} ms (downtime ratio)",
-           ratio, "", True, loaded=loaded, plain=plain)
+    report(
+        benchmark,
+        "migration with blk load",
+        f"with blk load: total {loaded['total_ms']:.1f} ms, downtime {loaded['downtime_ms']:.1f} ms; "
+        f"no disk: total {plain['total_ms']:.1f} ms, downtime {plain['downtime_ms']:.1f} ms (downtime ratio)",
+        ratio,
+        "",
+        True,
+        loaded=loaded,
+        plain=plain,
+    )

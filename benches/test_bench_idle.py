@@ -35,7 +35,7 @@ def per_thread(pid: int) -> dict[str, float]:
                 text = f.read()
         except FileNotFoundError:
             continue
-        name = text[text.index("(") + 1:text.rindex(")")]
+        name = text[text.index("(") + 1 : text.rindex(")")]
         fields = text.rsplit(")", 1)[1].split()
         out[f"{tid}:{name}"] = (int(fields[11]) + int(fields[12])) / TICK
     return out

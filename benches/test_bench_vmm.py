@@ -17,10 +17,16 @@ def test_pio_exit_round_trip_vs_c_floor(benchmark, guest_vmm, pio_floor):
     samples_vmm = [guest_pio() for _ in range(5)]
     samples_c = [pio_floor(EXITS) for _ in range(5)]
     ratio = statistics.median(samples_vmm) / statistics.median(samples_c)
-    benchmark.extra_info.update(vmm_ns_per_exit=statistics.median(samples_vmm), c_floor_ns_per_exit=statistics.median(samples_c),
-                                ratio=round(ratio, 3), target="<= 1.10")
-    print(f"\nPIO exit: vmmpy {statistics.median(samples_vmm):.0f} ns, C floor {statistics.median(samples_c):.0f} ns, "
-          f"ratio {ratio:.3f} (target <= 1.10) last={vmm_ns}")
+    benchmark.extra_info.update(
+        vmm_ns_per_exit=statistics.median(samples_vmm),
+        c_floor_ns_per_exit=statistics.median(samples_c),
+        ratio=round(ratio, 3),
+        target="<= 1.10",
+    )
+    print(
+        f"\nPIO exit: vmmpy {statistics.median(samples_vmm):.0f} ns, C floor {statistics.median(samples_c):.0f} ns, "
+        f"ratio {ratio:.3f} (target <= 1.10) last={vmm_ns}"
+    )
 
 
 def test_boot_to_ready(benchmark, tmp_path):

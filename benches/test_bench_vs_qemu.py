@@ -46,8 +46,21 @@ def wait_for(path: Path, marker: bytes, deadline_s: float = 30.0) -> float:
 def run_vmmpy_command(tmp: Path, vcpus: int, mib: int) -> float:
     log = tmp / f"vmmpy-{time.monotonic_ns()}.log"
     t0 = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "vmmpy.cli", "--memory", f"size={mib}M", "--cpus", f"boot={vcpus}",
-                          "--serial", f"file={log}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vmmpy.cli",
+            "--memory",
+            f"size={mib}M",
+            "--cpus",
+            f"boot={vcpus}",
+            "--serial",
+            f"file={log}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         return wait_for(log, b"READY") - t0
     finally:
@@ -70,10 +83,32 @@ def run_in_process(tmp: Path, vcpus: int, mib: int) -> float:
 def run_qemu(tmp: Path, guest: Path, vcpus: int, mib: int) -> float:
     log = tmp / f"qemu-{time.monotonic_ns()}.log"
     t0 = time.monotonic()
-    p = subprocess.Popen([QEMU, "-machine", "microvm", "-accel", "kvm", "-cpu", "host", "-m", str(mib),
-                          "-smp", str(vcpus), "-display", "none", "-nodefaults", "-no-user-config", "-no-reboot",
-                          "-kernel", str(guest), "-serial", f"file:{log}"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [
+            QEMU,
+            "-machine",
+            "microvm",
+            "-accel",
+            "kvm",
+            "-cpu",
+            "host",
+            "-m",
+            str(mib),
+            "-smp",
+            str(vcpus),
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-kernel",
+            str(guest),
+            "-serial",
+            f"file:{log}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         return wait_for(log, b"READY") - t0
     finally:
@@ -97,7 +132,9 @@ def test_start_to_ready_vs_qemu_microvm(benchmark, tmp_path, vcpus, mib):
     med = {k: statistics.median(v) * 1000 for k, v in samples.items()}
     ratio = med["vmmpy command"] / med["QEMU microvm"]
     benchmark.extra_info.update({f"{k} ms": round(v, 1) for k, v in med.items()}, command_vs_qemu=round(ratio, 2))
-    print(f"\nstart -> READY, {vcpus} vCPU / {mib} MiB, medians of {ROUNDS}: "
-          + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
-          + f"; vmmpy command / QEMU = {ratio:.2f} (target <= 0.5), in-process {med['in-process Vmm']:.1f} ms"
-          " (target <= 20 ms)")
+    print(
+        f"\nstart -> READY, {vcpus} vCPU / {mib} MiB, medians of {ROUNDS}: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in med.items())
+        + f"; vmmpy command / QEMU = {ratio:.2f} (target <= 0.5), in-process {med['in-process Vmm']:.1f} ms"
+        " (target <= 20 ms)"
+    )

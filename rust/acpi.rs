@@ -176,7 +176,10 @@ fn power_button_devices(sink: &mut Vec<u8>) {
     let uid_zero = aml::Name::new("_UID".into(), &aml::ZERO);
     aml::Device::new(
         "PWRB".into(),
-        vec![&aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")), &uid_zero],
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &uid_zero,
+        ],
     )
     .to_aml_bytes(sink);
 
@@ -185,9 +188,16 @@ fn power_button_devices(sink: &mut Vec<u8>) {
     let hid = aml::Name::new("_HID".into(), &"ACPI0013");
     let crs = aml::Name::new(
         "_CRS".into(),
-        &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(true, true, false, false, GED_GSI)]),
+        &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+            true, true, false, false, GED_GSI,
+        )]),
     );
-    let region = aml::OpRegion::new("EVRG".into(), aml::OpRegionSpace::SystemMemory, &GED_MMIO_BASE, &1u8);
+    let region = aml::OpRegion::new(
+        "EVRG".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &GED_MMIO_BASE,
+        &1u8,
+    );
     let field = aml::Field::new(
         "EVRG".into(),
         aml::FieldAccessType::Byte,
@@ -197,13 +207,21 @@ fn power_button_devices(sink: &mut Vec<u8>) {
     );
     // Method (_EVT, 1, Serialized) { Local0 = EVTS; If (Local0 & POWER_BUTTON) { Notify (PWRB, 0x80) } }
     // 0x80: "status change", which the button driver reports as a power-button press.
-    let (events, register, button) = (aml::Local(0), aml::Path::new("EVTS"), aml::Path::new("\\_SB_.PWRB"));
+    let (events, register, button) = (
+        aml::Local(0),
+        aml::Path::new("EVTS"),
+        aml::Path::new("\\_SB_.PWRB"),
+    );
     let read = aml::Store::new(&events, &register);
     let power_button = aml::And::new(&aml::ZERO, &events, &POWER_BUTTON);
     let notify = aml::Notify::new(&button, &0x80u8);
     let on_power_button = aml::If::new(&power_button, vec![&notify]);
     let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &on_power_button]);
-    aml::Device::new("GED_".into(), vec![&hid, &uid_zero, &crs, &region, &field, &evt]).to_aml_bytes(sink);
+    aml::Device::new(
+        "GED_".into(),
+        vec![&hid, &uid_zero, &crs, &region, &field, &evt],
+    )
+    .to_aml_bytes(sink);
 }
 
 /// `\_SB_.PCI0`: the PCI root bridge of segment 0, bus 0, and the windows it forwards.
@@ -656,7 +674,10 @@ mod tests {
         assert!(contains(aml, b"EVRG\x41EVTS\x08"));
         // _EVT (1 argument, serialized): Local0 = EVTS; If (Local0 & 8) { Notify (\_SB_.PWRB, 0x80) }.
         assert!(contains(aml, b"_EVT\x09\x70EVTS\x60\xa0"));
-        assert!(contains(aml, b"\x7b\x60\x0a\x08\x00\x86\x5c\x2e_SB_PWRB\x0a\x80"));
+        assert!(contains(
+            aml,
+            b"\x7b\x60\x0a\x08\x00\x86\x5c\x2e_SB_PWRB\x0a\x80"
+        ));
         // Name (_S5_, Package (4) {5, 5, 0, 0}) at the root.
         assert!(contains(
             aml,
@@ -688,12 +709,27 @@ mod tests {
         assert!(contains(aml, b"_HID\x0c\x41\xd0\x0a\x08"));
         assert!(contains(aml, b"_CID\x0c\x41\xd0\x0a\x03"));
         // WordBusNumber 0..0: type 2, min/max fixed, length 0x0d.
-        assert!(contains(aml, &[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00]));
+        assert!(contains(
+            aml,
+            &[0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00]
+        ));
         // The config ports, then WordIO 0..0xcf7.
-        assert!(contains(aml, &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]));
-        assert!(contains(aml, &[0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03, 0x00, 0x00, 0x00, 0x00, 0xf7, 0x0c]));
+        assert!(contains(
+            aml,
+            &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]
+        ));
+        assert!(contains(
+            aml,
+            &[0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03, 0x00, 0x00, 0x00, 0x00, 0xf7, 0x0c]
+        ));
         // DWordMemory 0xc0000000..0xdfffffff and QWordMemory from 4 GiB (1 GiB of RAM).
-        assert!(contains(aml, &[0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff, 0xff, 0xdf]));
+        assert!(contains(
+            aml,
+            &[
+                0x87, 0x17, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0, 0, 0, 0, 0xc0, 0xff, 0xff, 0xff,
+                0xdf
+            ]
+        ));
         let mut q = vec![0x8a, 0x2b, 0x00, 0x00, 0x0c, 0x01, 0, 0, 0, 0, 0, 0, 0, 0];
         q.extend(layout::FOUR_GIB.to_le_bytes());
         q.extend((layout::FOUR_GIB + layout::PCI_MMIO64_SIZE - 1).to_le_bytes());

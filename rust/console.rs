@@ -31,12 +31,17 @@ fn open_output(fd: RawFd) -> Result<OwnedFd> {
     // SAFETY: fstat into a zeroed stat buffer we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: as above; the result is checked.
-    let regular = unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    let regular =
+        unsafe { libc::fstat(fd, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
     if !regular {
-        let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a path of digits");
+        let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}"))
+            .expect("no NUL in a path of digits");
         // SAFETY: a valid C string; the result is checked.
         let new = unsafe {
-            libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            libc::open(
+                path.as_ptr(),
+                libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
+            )
         };
         if new >= 0 {
             // SAFETY: `new` is a fresh descriptor owned by nobody else.
@@ -88,7 +93,10 @@ impl Console {
             *console.0.backlog.lock().unwrap() = Some(VecDeque::new());
         }
         if let Some(fd) = output_fd {
-            console.0.outputs.lock().unwrap().push(Output { fd: open_output(fd)?, client: false });
+            console.0.outputs.lock().unwrap().push(Output {
+                fd: open_output(fd)?,
+                client: false,
+            });
         }
         Ok(console)
     }
@@ -113,7 +121,13 @@ impl Console {
     }
 
     pub fn client_count(&self) -> usize {
-        self.0.outputs.lock().unwrap().iter().filter(|o| o.client).count()
+        self.0
+            .outputs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| o.client)
+            .count()
     }
 
     /// Guest output. A slow output loses bytes rather than stall the vCPU; a gone socket client
@@ -142,7 +156,13 @@ impl Console {
             q.extend(&data[..n]);
             n
         };
-        let listener = self.0.listener.lock().unwrap().as_ref().and_then(Weak::upgrade);
+        let listener = self
+            .0
+            .listener
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(Weak::upgrade);
         if let Some(l) = listener {
             l.input_ready();
         }
@@ -195,7 +215,10 @@ mod tests {
     #[test]
     fn input_is_bounded_like_a_uart_fifo() {
         let console = Console::new(None, false).unwrap();
-        assert_eq!(console.push_input(&vec![b'a'; INPUT_MAX - 10]), INPUT_MAX - 10);
+        assert_eq!(
+            console.push_input(&vec![b'a'; INPUT_MAX - 10]),
+            INPUT_MAX - 10
+        );
         assert_eq!(console.push_input(b"0123456789abcdef"), 10); // what did not fit is dropped
         assert_eq!(console.push_input(b"x"), 0);
         assert_eq!(console.take_input(4).len(), 4);

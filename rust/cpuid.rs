@@ -14,7 +14,8 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
 pub fn supported(kvm: &Kvm) -> Result<CpuId> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))
 }
 
 pub fn for_vcpu(base: &CpuId, index: u8, count: u8) -> CpuId {

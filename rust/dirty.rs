@@ -12,8 +12,9 @@
 use std::os::fd::AsRawFd;
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log, kvm_dirty_log__bindgen_ty_1, kvm_enable_cap,
-    kvm_userspace_memory_region, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
+    kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, kvm_userspace_memory_region, KVMIO,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::VmFd;
@@ -35,8 +36,12 @@ pub fn enable_manual_protect(vm: &VmFd) -> bool {
     if offered <= 0 || offered as u32 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 0 {
         return false;
     }
-    let flags = offered as u32 & (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
-    let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
+    let flags =
+        offered as u32 & (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
     cap.args[0] = flags as u64;
     vm.enable_cap(&cap).is_ok()
 }
@@ -65,7 +70,8 @@ fn set_slot(vm: &VmFd, index: usize, s: &Slot, flags: u32) -> Result<()> {
     };
     // SAFETY: the region is the one vm.rs registered (same slot, addresses and size; only the flags
     // differ): memory owned by the GuestRam the caller passes, which outlives the VM's use of it.
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION (dirty logging)", e))
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION (dirty logging)", e))
 }
 
 /// The VMM-side bitmap of a RAM region (one bit per 4 KiB page).
@@ -81,13 +87,22 @@ impl DirtyLog {
         let mut slots = Vec::new();
         for (gpa, host, size) in ram.regions() {
             let pages = size / PAGE_SIZE;
-            slots.push(Slot { gpa, host, size, pages, bits: vec![0; pages.div_ceil(64) as usize] });
+            slots.push(Slot {
+                gpa,
+                host,
+                size,
+                pages,
+                bits: vec![0; pages.div_ceil(64) as usize],
+            });
         }
         // Reset first: a VMM write between here and the KVM registration is reported (once more).
         for region in ram.mem.iter() {
             vmm_bitmap(region).reset();
         }
-        let mut log = DirtyLog { slots, manual_protect };
+        let mut log = DirtyLog {
+            slots,
+            manual_protect,
+        };
         for (i, s) in log.slots.iter().enumerate() {
             set_slot(vm, i, s, KVM_MEM_LOG_DIRTY_PAGES)?;
         }
@@ -113,11 +128,18 @@ impl DirtyLog {
 
     fn check_layout(&self, ram: &GuestRam) -> Result<()> {
         let same = ram.mem.num_regions() == self.slots.len()
-            && ram.mem.iter().zip(&self.slots).all(|(r, s)| r.start_addr().0 == s.gpa && r.len() == s.size);
+            && ram
+                .mem
+                .iter()
+                .zip(&self.slots)
+                .all(|(r, s)| r.start_addr().0 == s.gpa && r.len() == s.size);
         if same {
             Ok(())
         } else {
-            Err(Error::new(Kind::Migration, "guest RAM changed since dirty logging started"))
+            Err(Error::new(
+                Kind::Migration,
+                "guest RAM changed since dirty logging started",
+            ))
         }
     }
 
@@ -130,13 +152,19 @@ impl DirtyLog {
             let log = kvm_dirty_log {
                 slot: i as u32,
                 padding1: 0,
-                __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 { dirty_bitmap: s.bits.as_mut_ptr().cast() },
+                __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+                    dirty_bitmap: s.bits.as_mut_ptr().cast(),
+                },
             };
             // SAFETY: `log` points at `s.bits`, which holds ceil(pages / 64) u64 words: the size KVM
             // writes for a slot of `pages` pages. The ioctl reads `log` and writes only the bitmap.
             let rc = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &log) };
             if rc < 0 {
-                return Err(Error::io(Kind::Kvm, "KVM_GET_DIRTY_LOG", std::io::Error::last_os_error()));
+                return Err(Error::io(
+                    Kind::Kvm,
+                    "KVM_GET_DIRTY_LOG",
+                    std::io::Error::last_os_error(),
+                ));
             }
             if self.manual_protect {
                 // Clear (re-protect) only the span of words that has bits: KVM walks every word.
@@ -175,13 +203,19 @@ fn clear_dirty_log(vm: &VmFd, slot: u32, s: &mut Slot, first: usize, end: usize)
         slot,
         num_pages: num_pages as u32,
         first_page,
-        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 { dirty_bitmap: s.bits[first..].as_mut_ptr().cast() },
+        __bindgen_anon_1: kvm_clear_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: s.bits[first..].as_mut_ptr().cast(),
+        },
     };
     // SAFETY: the bitmap pointer covers words first..bits.len() of `s.bits`, at least
     // ceil(num_pages / 64) words; KVM only reads it. `clear` lives across the call.
     let rc = unsafe { ioctl_with_ref(vm, KVM_CLEAR_DIRTY_LOG(), &clear) };
     if rc < 0 {
-        return Err(Error::io(Kind::Kvm, "KVM_CLEAR_DIRTY_LOG", std::io::Error::last_os_error()));
+        return Err(Error::io(
+            Kind::Kvm,
+            "KVM_CLEAR_DIRTY_LOG",
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }
@@ -194,7 +228,9 @@ pub fn all_ram(ram: &GuestRam) -> RangeTable {
         let gpa = region.start_addr().0;
         let len = region.len();
         match region.file_offset() {
-            Some(fo) => data_extents(fo.file().as_raw_fd(), fo.start(), len, |off, n| table.push(gpa + off, n)),
+            Some(fo) => data_extents(fo.file().as_raw_fd(), fo.start(), len, |off, n| {
+                table.push(gpa + off, n)
+            }),
             None => table.push(gpa, len),
         }
     }
@@ -221,7 +257,11 @@ fn data_extents(fd: i32, start: u64, len: u64, mut f: impl FnMut(u64, u64)) {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).next_multiple_of(PAGE_SIZE).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).next_multiple_of(PAGE_SIZE).min(end)
+        };
         if hole <= data {
             f(data - start, end - data);
             return;
@@ -245,7 +285,9 @@ pub(crate) mod tests {
 
     /// Page numbers (gpa / 4096) in a table.
     fn pages_of(t: &RangeTable) -> Vec<u64> {
-        t.iter().flat_map(|r| (r.gpa / PAGE_SIZE)..(r.end() / PAGE_SIZE)).collect()
+        t.iter()
+            .flat_map(|r| (r.gpa / PAGE_SIZE)..(r.end() / PAGE_SIZE))
+            .collect()
     }
 
     #[test]
@@ -273,25 +315,42 @@ pub(crate) mod tests {
         };
         let vm = kvm.create_vm().unwrap();
         if manual {
-            assert!(enable_manual_protect(&vm), "this host offers MANUAL_DIRTY_LOG_PROTECT2");
+            assert!(
+                enable_manual_protect(&vm),
+                "this host offers MANUAL_DIRTY_LOG_PROTECT2"
+            );
         }
         vm.set_tss_address(0xfffb_d000).unwrap();
         for (slot, (gpa, host, size)) in ram.regions().into_iter().enumerate() {
-            let r = kvm_userspace_memory_region { slot: slot as u32, flags: 0, guest_phys_addr: gpa, memory_size: size, userspace_addr: host };
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host,
+            };
             // SAFETY: `ram` outlives the VM in every test.
             unsafe { vm.set_user_memory_region(r) }.unwrap();
         }
         let m = &ram.mem;
         m.write_obj(0xa000u64 | 0x27, GuestAddress(0x9000)).unwrap();
         for i in 0..4u64 {
-            m.write_obj((0xb000 + i * 0x1000) | 0x27, GuestAddress(0xa000 + 8 * i)).unwrap();
+            m.write_obj((0xb000 + i * 0x1000) | 0x27, GuestAddress(0xa000 + 8 * i))
+                .unwrap();
         }
         for i in 0..4 * 512u64 {
-            m.write_obj((i << 21) | 0xe7, GuestAddress(0xb000 + 8 * i)).unwrap();
+            m.write_obj((i << 21) | 0xe7, GuestAddress(0xb000 + 8 * i))
+                .unwrap();
         }
-        for (i, d) in [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff]
-            .iter()
-            .enumerate()
+        for (i, d) in [
+            0u64,
+            0x00af_9b00_0000_ffff,
+            0x00cf_9300_0000_ffff,
+            0x00af_fb00_0000_ffff,
+            0x00cf_f300_0000_ffff,
+        ]
+        .iter()
+        .enumerate()
         {
             m.write_obj(*d, GuestAddress(0x500 + 8 * i as u64)).unwrap();
         }
@@ -306,15 +365,39 @@ pub(crate) mod tests {
         m.write_slice(&c, GuestAddress(0x1000)).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         let mut s = vcpu.get_sregs().unwrap();
-        let cs = kvm_segment { limit: 0xffff_ffff, selector: 8, type_: 11, present: 1, s: 1, l: 1, g: 1, ..Default::default() };
-        let ds = kvm_segment { limit: 0xffff_ffff, selector: 16, type_: 3, present: 1, s: 1, db: 1, g: 1, ..Default::default() };
+        let cs = kvm_segment {
+            limit: 0xffff_ffff,
+            selector: 8,
+            type_: 11,
+            present: 1,
+            s: 1,
+            l: 1,
+            g: 1,
+            ..Default::default()
+        };
+        let ds = kvm_segment {
+            limit: 0xffff_ffff,
+            selector: 16,
+            type_: 3,
+            present: 1,
+            s: 1,
+            db: 1,
+            g: 1,
+            ..Default::default()
+        };
         s.cs = cs;
         (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
         s.gdt.base = 0x500;
         s.gdt.limit = 5 * 8 - 1;
         (s.cr3, s.cr4, s.cr0, s.efer) = (0x9000, 0x20, 0x8005_0033, 0x500);
         vcpu.set_sregs(&s).unwrap();
-        vcpu.set_regs(&kvm_regs { rip: 0x1000, rflags: 2, rsp: 0x8000, ..Default::default() }).unwrap();
+        vcpu.set_regs(&kvm_regs {
+            rip: 0x1000,
+            rflags: 2,
+            rsp: 0x8000,
+            ..Default::default()
+        })
+        .unwrap();
         Some((kvm, vm, vcpu))
     }
 
@@ -339,15 +422,28 @@ pub(crate) mod tests {
     }
 
     fn dirty_log_reports_exact_pages(manual: bool) {
-        let ram: Arc<GuestRam> = GuestRam::with_ranges(&[(0, 16 * MIB), (32 * MIB, 4 * MIB)]).unwrap();
-        let Some((_kvm, vm, mut vcpu)) = tiny_vm(&ram, manual) else { return };
-        let targets = [0x40_0000u32, 0x40_1ffc, 0x7f_f000, 16 * MIB as u32 - 4, 32 * MIB as u32, 36 * MIB as u32 - 8];
+        let ram: Arc<GuestRam> =
+            GuestRam::with_ranges(&[(0, 16 * MIB), (32 * MIB, 4 * MIB)]).unwrap();
+        let Some((_kvm, vm, mut vcpu)) = tiny_vm(&ram, manual) else {
+            return;
+        };
+        let targets = [
+            0x40_0000u32,
+            0x40_1ffc,
+            0x7f_f000,
+            16 * MIB as u32 - 4,
+            32 * MIB as u32,
+            36 * MIB as u32 - 8,
+        ];
         store_loop(&ram, &targets);
         run_to_out(&mut vcpu); // CPL0 prologue (its pushes write the stack page) and the first `out`
 
         let mut log = DirtyLog::start(&vm, &ram, manual).unwrap();
         assert_eq!(log.manual_protect(), manual);
-        assert!(log.sync(&vm, &ram).unwrap().is_empty(), "nothing written since start");
+        assert!(
+            log.sync(&vm, &ram).unwrap().is_empty(),
+            "nothing written since start"
+        );
 
         ram.mem.write_obj(7u64, GuestAddress(0x30_0000)).unwrap(); // a VMM write
         run_to_out(&mut vcpu); // the guest's stores
@@ -355,7 +451,10 @@ pub(crate) mod tests {
         let want: Vec<u64> = vec![0x300, 0x400, 0x401, 0x7ff, 0xfff, 0x2000, 0x23ff];
         assert_eq!(pages_of(&t), want);
         assert_eq!(t.len(), 6, "0x400 and 0x401 coalesce");
-        assert!(log.sync(&vm, &ram).unwrap().is_empty(), "a second sync without writes is empty");
+        assert!(
+            log.sync(&vm, &ram).unwrap().is_empty(),
+            "a second sync without writes is empty"
+        );
 
         // Write protection was re-armed: the same stores are seen again.
         run_to_out(&mut vcpu);
@@ -379,11 +478,17 @@ pub(crate) mod tests {
     #[test]
     fn vmm_writes_are_tracked_per_region() {
         let ram = GuestRam::with_ranges(&[(0, 2 * MIB), (4 * MIB, 2 * MIB)]).unwrap();
-        let Some((_kvm, vm, _vcpu)) = tiny_vm(&ram, true) else { return };
+        let Some((_kvm, vm, _vcpu)) = tiny_vm(&ram, true) else {
+            return;
+        };
         let mut log = DirtyLog::start(&vm, &ram, true).unwrap();
         ram.mem.write_obj(1u8, GuestAddress(2 * MIB - 1)).unwrap(); // last byte of region 0
-        ram.mem.write_slice(&[1u8; 8192], GuestAddress(6 * MIB - 8192)).unwrap(); // end of region 1
-        ram.mem.write_obj(1u16, GuestAddress(4 * MIB + 4095)).unwrap(); // straddles two pages
+        ram.mem
+            .write_slice(&[1u8; 8192], GuestAddress(6 * MIB - 8192))
+            .unwrap(); // end of region 1
+        ram.mem
+            .write_obj(1u16, GuestAddress(4 * MIB + 4095))
+            .unwrap(); // straddles two pages
         let t = log.sync(&vm, &ram).unwrap();
         assert_eq!(pages_of(&t), vec![0x1ff, 0x400, 0x401, 0x5fe, 0x5ff]);
         assert!(log.sync(&vm, &ram).unwrap().is_empty());

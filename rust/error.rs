@@ -41,13 +41,21 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), errno: None }
+        Error {
+            kind,
+            message: message.into(),
+            errno: None,
+        }
     }
 
     /// A failed host call: `what` names it, the errno comes along.
     pub fn os(kind: Kind, what: &str, errno: i32) -> Self {
         let text = std::io::Error::from_raw_os_error(errno);
-        Error { kind, message: format!("{what}: {text}"), errno: Some(errno) }
+        Error {
+            kind,
+            message: format!("{what}: {text}"),
+            errno: Some(errno),
+        }
     }
 
     pub fn kvm(what: &str, err: vmm_sys_util::errno::Error) -> Self {
@@ -71,8 +79,8 @@ impl std::fmt::Display for Error {
 impl From<Error> for PyErr {
     fn from(err: Error) -> PyErr {
         Python::attach(|py| {
-            let class = PyModule::import(py, "vmmpy.errors")
-                .and_then(|m| m.getattr(err.kind.class_name()));
+            let class =
+                PyModule::import(py, "vmmpy.errors").and_then(|m| m.getattr(err.kind.class_name()));
             match class {
                 Ok(class) => match class.call1((err.message.clone(), err.errno)) {
                     Ok(instance) => PyErr::from_value(instance),

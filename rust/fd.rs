@@ -10,7 +10,11 @@ pub fn dup_owned(fd: RawFd, what: &str) -> Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor; a negative result is checked.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if new < 0 {
-        return Err(Error::io(Kind::InvalidConfig, what, std::io::Error::last_os_error()));
+        return Err(Error::io(
+            Kind::InvalidConfig,
+            what,
+            std::io::Error::last_os_error(),
+        ));
     }
     // SAFETY: `new` is a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })

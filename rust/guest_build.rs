@@ -60,7 +60,9 @@ pub fn build_test_guest(out_dir: &Path, guest_dir: &Path) -> PathBuf {
     let entries = std::fs::read_dir(guest_dir)
         .unwrap_or_else(|e| panic!("test guest: cannot read {}: {e}", guest_dir.display()));
     for entry in entries {
-        let path = entry.unwrap_or_else(|e| panic!("test guest: reading {}: {e}", guest_dir.display())).path();
+        let path = entry
+            .unwrap_or_else(|e| panic!("test guest: reading {}: {e}", guest_dir.display()))
+            .path();
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         if matches!(ext, "c" | "S" | "h" | "ld") {
             println!("cargo:rerun-if-changed={}", path.display());
@@ -79,7 +81,10 @@ pub fn build_test_guest(out_dir: &Path, guest_dir: &Path) -> PathBuf {
     }
 
     // CC may carry a wrapper and arguments, e.g. "ccache gcc".
-    let cc_var = std::env::var("CC").ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "cc".into());
+    let cc_var = std::env::var("CC")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "cc".into());
     let mut cc_words = cc_var.split_whitespace();
     let cc = cc_words.next().unwrap_or("cc").to_string();
 
@@ -115,12 +120,16 @@ pub fn build_test_guest(out_dir: &Path, guest_dir: &Path) -> PathBuf {
         println!("cargo:warning=test guest: {line}");
     }
 
-    let image = std::fs::read(&out).unwrap_or_else(|e| panic!("test guest: {} was not produced: {e}", out.display()));
+    let image = std::fs::read(&out)
+        .unwrap_or_else(|e| panic!("test guest: {} was not produced: {e}", out.display()));
     if image.len() < 64 || &image[..4] != b"\x7fELF" || image[4] != 2 {
         panic!("test guest: {} is not an ELF64 file", out.display());
     }
     if !image.windows(6).any(|w| w == b"vmmpy\0") {
-        panic!("test guest: {} lacks the `vmmpy` ELF note (AP entry); check guest/guest.ld", out.display());
+        panic!(
+            "test guest: {} lacks the `vmmpy` ELF note (AP entry); check guest/guest.ld",
+            out.display()
+        );
     }
     out
 }

@@ -49,7 +49,11 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 
 /// Where the 64-bit PCI window starts: above guest RAM, on a 1 GiB boundary.
 pub fn pci_mmio64_base(ram_size: u64) -> u64 {
-    let top = ram_ranges(ram_size).last().map(|&(start, len)| start + len).unwrap_or(FOUR_GIB).max(FOUR_GIB);
+    let top = ram_ranges(ram_size)
+        .last()
+        .map(|&(start, len)| start + len)
+        .unwrap_or(FOUR_GIB)
+        .max(FOUR_GIB);
     top.next_multiple_of(1 << 30)
 }
 

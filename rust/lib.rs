@@ -13,10 +13,10 @@ mod idle;
 mod layout;
 mod memory;
 mod memory_file;
-mod pacer;
 #[cfg(test)]
 #[path = "../benches/migration.rs"]
 mod migration_bench;
+mod pacer;
 mod python;
 mod ranges;
 mod state;
@@ -33,9 +33,16 @@ fn kvm_check() -> PyResult<String> {
     let kvm = kvm_ioctls::Kvm::new().map_err(|e| error::Error::kvm("opening /dev/kvm", e))?;
     let version = kvm.get_api_version();
     if version != 12 {
-        return Err(error::Error::new(error::Kind::Kvm, format!("KVM API version {version}, expected 12")).into());
+        return Err(error::Error::new(
+            error::Kind::Kvm,
+            format!("KVM API version {version}, expected 12"),
+        )
+        .into());
     }
-    Ok(format!("KVM API {version}, max vCPUs {}", kvm.get_max_vcpus()))
+    Ok(format!(
+        "KVM API {version}, max vCPUs {}",
+        kvm.get_max_vcpus()
+    ))
 }
 
 #[pymodule]

@@ -32,7 +32,9 @@ impl VmmBitmap {
     pub fn take(&self) -> Option<Vec<u64>> {
         // Bits are set before the flag, so a mark that races with this call is at worst seen by
         // the next one, never lost.
-        self.marked.swap(false, Ordering::Acquire).then(|| self.pages.get_and_reset())
+        self.marked
+            .swap(false, Ordering::Acquire)
+            .then(|| self.pages.get_and_reset())
     }
 
     pub fn reset(&self) {
@@ -64,7 +66,10 @@ impl Bitmap for VmmBitmap {
 
 impl NewBitmap for VmmBitmap {
     fn with_len(len: usize) -> Self {
-        VmmBitmap { pages: AtomicBitmap::with_len(len), marked: AtomicBool::new(false) }
+        VmmBitmap {
+            pages: AtomicBitmap::with_len(len),
+            marked: AtomicBool::new(false),
+        }
     }
 }
 
@@ -84,16 +89,26 @@ const RAM_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 fn memfd(name: &str, size: u64) -> Result<File> {
     let cname = CString::new(name).expect("memfd name has no NUL");
     // SAFETY: cname is a valid NUL-terminated string; the returned fd is checked before use.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd =
+        unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
-        return Err(Error::io(Kind::Kvm, "memfd_create", std::io::Error::last_os_error()));
+        return Err(Error::io(
+            Kind::Kvm,
+            "memfd_create",
+            std::io::Error::last_os_error(),
+        ));
     }
     // SAFETY: fd was just created by memfd_create and is owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).map_err(|e| Error::io(Kind::Kvm, "ftruncate guest memory", e))?;
+    file.set_len(size)
+        .map_err(|e| Error::io(Kind::Kvm, "ftruncate guest memory", e))?;
     // SAFETY: fcntl on an fd we own, with an int argument.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, RAM_SEALS) } < 0 {
-        return Err(Error::io(Kind::Kvm, "sealing guest memory", std::io::Error::last_os_error()));
+        return Err(Error::io(
+            Kind::Kvm,
+            "sealing guest memory",
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(file)
 }
@@ -103,11 +118,20 @@ fn check_received(file: &File, gpa: u64, size: u64) -> Result<()> {
     // SAFETY: fcntl on an fd we own; F_GET_SEALS takes no argument.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
     if seals < 0 || seals & RAM_SEALS != RAM_SEALS {
-        return Err(Error::new(Kind::InvalidConfig, format!("RAM fd for {gpa:#x} is not a memfd sealed with F_SEAL_SHRINK|F_SEAL_GROW")));
+        return Err(Error::new(
+            Kind::InvalidConfig,
+            format!("RAM fd for {gpa:#x} is not a memfd sealed with F_SEAL_SHRINK|F_SEAL_GROW"),
+        ));
     }
-    let flen = file.metadata().map_err(|e| Error::io(Kind::InvalidConfig, "fstat guest memory fd", e))?.len();
+    let flen = file
+        .metadata()
+        .map_err(|e| Error::io(Kind::InvalidConfig, "fstat guest memory fd", e))?
+        .len();
     if flen != size {
-        return Err(Error::new(Kind::InvalidConfig, format!("RAM fd for {gpa:#x} holds {flen} bytes, the region has {size}")));
+        return Err(Error::new(
+            Kind::InvalidConfig,
+            format!("RAM fd for {gpa:#x} holds {flen} bytes, the region has {size}"),
+        ));
     }
     Ok(())
 }
@@ -137,13 +161,20 @@ impl GuestRam {
         let mut ranges = Vec::with_capacity(fds.len());
         for (gpa, file, size) in fds {
             if size == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
-                return Err(Error::new(Kind::InvalidConfig, format!("RAM region {gpa:#x}+{size:#x} is not page aligned")));
+                return Err(Error::new(
+                    Kind::InvalidConfig,
+                    format!("RAM region {gpa:#x}+{size:#x} is not page aligned"),
+                ));
             }
             // Mapping past the end of the file would fault (SIGBUS) on first access.
             if received {
                 check_received(&file, gpa, size)?;
             }
-            ranges.push((GuestAddress(gpa), size as usize, Some(FileOffset::new(file, 0))));
+            ranges.push((
+                GuestAddress(gpa),
+                size as usize,
+                Some(FileOffset::new(file, 0)),
+            ));
         }
         let mem = GuestMem::from_ranges_with_files(&ranges)
             .map_err(|e| Error::new(Kind::Kvm, format!("mapping guest memory: {e}")))?;
@@ -155,7 +186,9 @@ impl GuestRam {
         self.mem
             .iter()
             .map(|r| {
-                let host = r.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("region mapped") as u64;
+                let host = r
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .expect("region mapped") as u64;
                 (r.start_addr().0, host, r.len())
             })
             .collect()
@@ -168,7 +201,11 @@ impl GuestRam {
         self.mem
             .iter()
             .map(|r| {
-                let fd = r.file_offset().expect("guest RAM is memfd-backed").file().as_raw_fd();
+                let fd = r
+                    .file_offset()
+                    .expect("guest RAM is memfd-backed")
+                    .file()
+                    .as_raw_fd();
                 (r.start_addr().0, fd, r.len())
             })
             .collect()
@@ -184,11 +221,18 @@ mod tests {
         let f = memfd("t", 1 << 20).unwrap();
         assert!(f.set_len(4096).is_err(), "a sealed memfd cannot shrink");
         check_received(&f, 0, 1 << 20).unwrap();
-        assert!(check_received(&f, 0, 2 << 20).unwrap_err().message.contains("holds"));
+        assert!(check_received(&f, 0, 2 << 20)
+            .unwrap_err()
+            .message
+            .contains("holds"));
         let cname = CString::new("unsealed").unwrap();
         // SAFETY: a valid name; the fd is owned by the File at once.
-        let unsealed = unsafe { File::from_raw_fd(libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC)) };
+        let unsealed =
+            unsafe { File::from_raw_fd(libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC)) };
         unsealed.set_len(1 << 20).unwrap();
-        assert!(check_received(&unsealed, 0, 1 << 20).unwrap_err().message.contains("sealed"));
+        assert!(check_received(&unsealed, 0, 1 << 20)
+            .unwrap_err()
+            .message
+            .contains("sealed"));
     }
 }

@@ -27,20 +27,23 @@ fn is_zero(page: &[u8]) -> bool {
 
 /// Writes `mem` (one region's mapping) to the empty `file`, leaving zero pages as holes.
 pub fn save(mem: &[u8], file: &File) -> Result<()> {
-    file.set_len(mem.len() as u64).map_err(|e| io_err("sizing", e))?;
+    file.set_len(mem.len() as u64)
+        .map_err(|e| io_err("sizing", e))?;
     let mut run_start = None;
     for (i, page) in mem.chunks(PAGE).enumerate() {
         match (is_zero(page), run_start) {
             (false, None) => run_start = Some(i),
             (true, Some(start)) => {
-                file.write_all_at(&mem[start * PAGE..i * PAGE], (start * PAGE) as u64).map_err(|e| io_err("writing", e))?;
+                file.write_all_at(&mem[start * PAGE..i * PAGE], (start * PAGE) as u64)
+                    .map_err(|e| io_err("writing", e))?;
                 run_start = None;
             }
             _ => {}
         }
     }
     if let Some(start) = run_start {
-        file.write_all_at(&mem[start * PAGE..], (start * PAGE) as u64).map_err(|e| io_err("writing", e))?;
+        file.write_all_at(&mem[start * PAGE..], (start * PAGE) as u64)
+            .map_err(|e| io_err("writing", e))?;
     }
     file.sync_all().map_err(|e| io_err("syncing", e))
 }
@@ -49,11 +52,20 @@ pub fn save(mem: &[u8], file: &File) -> Result<()> {
 pub fn load(mem: &mut [u8], file: &File) -> Result<()> {
     let meta = file.metadata().map_err(|e| io_err("reading", e))?;
     if !meta.is_file() {
-        return Err(Error::new(Kind::InvalidConfig, "a memory file must be a regular file"));
+        return Err(Error::new(
+            Kind::InvalidConfig,
+            "a memory file must be a regular file",
+        ));
     }
     let len = meta.len();
     if len != mem.len() as u64 {
-        return Err(Error::new(Kind::InvalidConfig, format!("the memory file holds {len} bytes; the RAM region has {}", mem.len())));
+        return Err(Error::new(
+            Kind::InvalidConfig,
+            format!(
+                "the memory file holds {len} bytes; the RAM region has {}",
+                mem.len()
+            ),
+        ));
     }
     let fd = file.as_raw_fd();
     let mut pos: i64 = 0;
@@ -73,7 +85,8 @@ pub fn load(mem: &mut [u8], file: &File) -> Result<()> {
             return Err(io_err("seeking in", std::io::Error::last_os_error()));
         }
         let end = hole.min(len as i64);
-        file.read_exact_at(&mut mem[data as usize..end as usize], data as u64).map_err(|e| io_err("reading", e))?;
+        file.read_exact_at(&mut mem[data as usize..end as usize], data as u64)
+            .map_err(|e| io_err("reading", e))?;
         pos = end;
     }
     Ok(())
@@ -94,12 +107,20 @@ mod tests {
         load(&mut back, &file).unwrap();
         assert_eq!(mem, back);
         let mut short = vec![0u8; 8 * PAGE];
-        assert!(load(&mut short, &file).unwrap_err().message.contains("holds"));
+        assert!(load(&mut short, &file)
+            .unwrap_err()
+            .message
+            .contains("holds"));
     }
 
     /// An unnamed file in the temp directory (O_TMPFILE): nothing to clean up.
     fn tempfile_in_tmp() -> File {
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).open(std::env::temp_dir()).unwrap()
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open(std::env::temp_dir())
+            .unwrap()
     }
 }

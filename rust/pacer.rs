@@ -40,7 +40,13 @@ impl Pacer {
         let now = Instant::now();
         Pacer {
             limit,
-            clock: Mutex::new(Clock { next: now, cancelled: false, window_start: now, window_bytes: 0, rate: 0.0 }),
+            clock: Mutex::new(Clock {
+                next: now,
+                cancelled: false,
+                window_start: now,
+                window_bytes: 0,
+                rate: 0.0,
+            }),
             wake: Condvar::new(),
         }
     }
@@ -144,9 +150,15 @@ mod tests {
             w.join().unwrap();
         }
         let secs = t.elapsed().as_secs_f64();
-        assert!((0.95..1.3).contains(&secs), "8 MiB at 8 MiB/s took {secs} s");
+        assert!(
+            (0.95..1.3).contains(&secs),
+            "8 MiB at 8 MiB/s took {secs} s"
+        );
         let rate = p.rate();
-        assert!(rate > limit as f64 * 0.8 && rate < limit as f64 * 1.2, "rate {rate}");
+        assert!(
+            rate > limit as f64 * 0.8 && rate < limit as f64 * 1.2,
+            "rate {rate}"
+        );
     }
 
     #[test]

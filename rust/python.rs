@@ -12,19 +12,19 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::console::Console;
-use crate::error::{self, Error, Kind};
-use crate::memory::GuestRam;
-use crate::ranges::RangeTable;
-use crate::{dirty, transfer};
-use crate::fd::dup_owned;
-use crate::memory_file;
-use crate::pacer::Pacer;
-use crate::tls::{Role, TlsContext, TlsStream};
-use crate::transfer::Link;
-use crate::state::{Blobs, VcpuState};
 use crate::devices::virtio::msix::MsixState;
 use crate::devices::virtio::pci::{TransportState, VirtioPciState};
+use crate::error::{self, Error, Kind};
+use crate::fd::dup_owned;
+use crate::memory::GuestRam;
+use crate::memory_file;
+use crate::pacer::Pacer;
+use crate::ranges::RangeTable;
+use crate::state::{Blobs, VcpuState};
+use crate::tls::{Role, TlsContext, TlsStream};
+use crate::transfer::Link;
 use crate::vm::{DiskSpec, LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
+use crate::{dirty, transfer};
 
 #[pyclass(name = "Console", module = "vmmpy._native")]
 pub struct PyConsole(pub Console);
@@ -77,7 +77,11 @@ impl PyGuestRegion {
         self.size as usize
     }
 
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
         if flags & ffi::PyBUF_WRITABLE != 0 {
             return Err(PyBufferError::new_err("guest memory is exposed read-only"));
         }
@@ -85,7 +89,14 @@ impl PyGuestRegion {
         // SAFETY: `host..host+size` is a live mapping owned by `me._ram`, which the exporter object
         // (kept alive by the view) holds; the view is read-only.
         let rc = unsafe {
-            ffi::PyBuffer_FillInfo(view, slf.as_ptr(), me.host as *mut std::ffi::c_void, me.size as ffi::Py_ssize_t, 1, flags)
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                me.host as *mut std::ffi::c_void,
+                me.size as ffi::Py_ssize_t,
+                1,
+                flags,
+            )
         };
         if rc != 0 {
             return Err(PyErr::fetch(slf.py()));
@@ -121,7 +132,11 @@ impl PyRangeTable {
 
     /// Tables of at most `max_bytes` each, in address order.
     fn split(&self, max_bytes: u64) -> Vec<PyRangeTable> {
-        self.0.split(max_bytes).into_iter().map(PyRangeTable).collect()
+        self.0
+            .split(max_bytes)
+            .into_iter()
+            .map(PyRangeTable)
+            .collect()
     }
 
     /// Adds `other`'s ranges (a union).
@@ -147,7 +162,13 @@ impl PyTlsContext {
         let role = match role {
             "client" => Role::Client,
             "server" => Role::Server,
-            other => return Err(Error::new(Kind::InvalidConfig, format!("TLS role {other:?}: expected client or server")).into()),
+            other => {
+                return Err(Error::new(
+                    Kind::InvalidConfig,
+                    format!("TLS role {other:?}: expected client or server"),
+                )
+                .into())
+            }
         };
         Ok(PyTlsContext(TlsContext::load(&tls_dir, role)?))
     }
@@ -156,9 +177,18 @@ impl PyTlsContext {
     /// then carries all of the connection's bytes. `server_name` (client only): the host the
     /// server's certificate must name.
     #[pyo3(signature = (fd, timeout, server_name=String::new()))]
-    fn handshake(&self, py: Python<'_>, fd: i32, timeout: f64, server_name: String) -> PyResult<PyTlsChannel> {
+    fn handshake(
+        &self,
+        py: Python<'_>,
+        fd: i32,
+        timeout: f64,
+        server_name: String,
+    ) -> PyResult<PyTlsChannel> {
         let sock = dup_owned(fd, "migration socket")?;
-        let stream = py.detach(|| self.0.handshake(sock, &server_name, Duration::from_secs_f64(timeout)))?;
+        let stream = py.detach(|| {
+            self.0
+                .handshake(sock, &server_name, Duration::from_secs_f64(timeout))
+        })?;
         Ok(PyTlsChannel(Mutex::new(Some(stream))))
     }
 }
@@ -227,7 +257,10 @@ impl PyPacer {
 }
 
 /// A Memory frame's link: an int socket fd (plaintext) or a TlsChannel.
-fn with_link<T>(target: &Bound<'_, PyAny>, f: impl FnOnce(Link) -> error::Result<T> + Send) -> PyResult<T>
+fn with_link<T>(
+    target: &Bound<'_, PyAny>,
+    f: impl FnOnce(Link) -> error::Result<T> + Send,
+) -> PyResult<T>
 where
     T: Send,
 {
@@ -310,16 +343,42 @@ impl PyVm {
         boot_protocol: Option<&str>,
         disks: Vec<(String, String, bool, bool)>,
     ) -> PyResult<Self> {
-        let boot_protocol = boot_protocol.map(crate::boot::payload::BootProtocol::from_name).transpose()?;
+        let boot_protocol = boot_protocol
+            .map(crate::boot::payload::BootProtocol::from_name)
+            .transpose()?;
         // Disks as (id, path, readonly, direct), in PCI slot order.
-        let disks = disks.into_iter().map(|(id, path, readonly, direct)| DiskSpec { id, path, readonly, direct }).collect();
-        let cfg = VmConfig { memory_size, vcpus, kernel, initramfs, cmdline, boot_protocol, disks };
+        let disks = disks
+            .into_iter()
+            .map(|(id, path, readonly, direct)| DiskSpec {
+                id,
+                path,
+                readonly,
+                direct,
+            })
+            .collect();
+        let cfg = VmConfig {
+            memory_size,
+            vcpus,
+            kernel,
+            initramfs,
+            cmdline,
+            boot_protocol,
+            disks,
+        };
         let console = console.0.clone();
-        let fds = LifecycleFds { reset: reset_fd, guest_exit: guest_exit_fd, error: error_fd };
+        let fds = LifecycleFds {
+            reset: reset_fd,
+            guest_exit: guest_exit_fd,
+            error: error_fd,
+        };
         // The caller keeps its fds; the VM maps duplicates it owns.
-        let memory_files = memory_fds.map(|fds| fds.into_iter().map(dup_file).collect::<PyResult<Vec<_>>>()).transpose()?;
+        let memory_files = memory_fds
+            .map(|fds| fds.into_iter().map(dup_file).collect::<PyResult<Vec<_>>>())
+            .transpose()?;
         let vm = py.detach(move || Vm::new(&cfg, console, &fds, restore, memory_files))?;
-        Ok(PyVm { vm: RwLock::new(Some(vm)) })
+        Ok(PyVm {
+            vm: RwLock::new(Some(vm)),
+        })
     }
 
     /// Starts the vCPUs; with `paused`, they wait for resume() before running guest code.
@@ -334,10 +393,12 @@ impl PyVm {
     }
 
     fn resume(&self, py: Python<'_>) -> error::Result<()> {
-        py.detach(|| self.with(|vm| {
-            vm.resume();
-            Ok(())
-        }))
+        py.detach(|| {
+            self.with(|vm| {
+                vm.resume();
+                Ok(())
+            })
+        })
     }
 
     /// Ends the vCPU threads and releases the VM's fds and memory (a region object handed out
@@ -388,7 +449,13 @@ impl PyVm {
         let req = match kind {
             "reset" => LifecycleRequest::Reset,
             "shutdown" => LifecycleRequest::Shutdown,
-            other => return Err(Error::new(Kind::InvalidConfig, format!("unknown lifecycle request {other:?}")).into()),
+            other => {
+                return Err(Error::new(
+                    Kind::InvalidConfig,
+                    format!("unknown lifecycle request {other:?}"),
+                )
+                .into())
+            }
         };
         Ok(self.with(|vm| {
             vm.shared().request(req);
@@ -440,7 +507,12 @@ impl PyVm {
     /// guest memory, at most at `pacer`'s rate. Returns (page bytes sent, pages sent with bytes,
     /// zero pages).
     #[pyo3(signature = (link, table, pacer=None))]
-    fn send_memory(&self, link: &Bound<'_, PyAny>, table: &PyRangeTable, pacer: Option<&PyPacer>) -> PyResult<(u64, u64, u64)> {
+    fn send_memory(
+        &self,
+        link: &Bound<'_, PyAny>,
+        table: &PyRangeTable,
+        pacer: Option<&PyPacer>,
+    ) -> PyResult<(u64, u64, u64)> {
         let pacer = pacer.map(|p| &p.0);
         with_link(link, |link| {
             self.with(|vm| {
@@ -473,8 +545,15 @@ impl PyVm {
         let file = dup_file(fd)?;
         Ok(py.detach(|| {
             self.with(|vm| {
-                if vm.vcpu_states().iter().any(|s| !matches!(*s, "created" | "paused" | "exited")) {
-                    return Err(Error::new(Kind::InvalidState, "memory can only be saved from a paused VM"));
+                if vm
+                    .vcpu_states()
+                    .iter()
+                    .any(|s| !matches!(*s, "created" | "paused" | "exited"))
+                {
+                    return Err(Error::new(
+                        Kind::InvalidState,
+                        "memory can only be saved from a paused VM",
+                    ));
                 }
                 let (_, host, size) = region(vm, index)?;
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM; the guest
@@ -492,7 +571,10 @@ impl PyVm {
         Ok(py.detach(|| {
             self.with(|vm| {
                 if vm.vcpu_states().iter().any(|s| *s != "created") {
-                    return Err(Error::new(Kind::InvalidState, "memory can only be loaded before the VM runs"));
+                    return Err(Error::new(
+                        Kind::InvalidState,
+                        "memory can only be loaded before the VM runs",
+                    ));
                 }
                 let (_, host, size) = region(vm, index)?;
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM, and no
@@ -509,7 +591,12 @@ impl PyVm {
                 .ram
                 .regions()
                 .into_iter()
-                .map(|(gpa, host, size)| PyGuestRegion { _ram: vm.ram.clone(), guest_address: gpa, host, size })
+                .map(|(gpa, host, size)| PyGuestRegion {
+                    _ram: vm.ram.clone(),
+                    guest_address: gpa,
+                    host,
+                    size,
+                })
                 .collect())
         })
     }
@@ -537,8 +624,15 @@ fn item<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, PyAny>> {
 }
 
 const SERIAL_REGS: [&str; 9] = [
-    "baud_divisor_low", "baud_divisor_high", "interrupt_enable", "interrupt_identification",
-    "line_control", "line_status", "modem_control", "modem_status", "scratch",
+    "baud_divisor_low",
+    "baud_divisor_high",
+    "interrupt_enable",
+    "interrupt_identification",
+    "line_control",
+    "line_status",
+    "modem_control",
+    "modem_status",
+    "scratch",
 ];
 
 fn saved_state_to_dict<'py>(py: Python<'py>, st: &SavedState) -> PyResult<Bound<'py, PyDict>> {
@@ -546,15 +640,27 @@ fn saved_state_to_dict<'py>(py: Python<'py>, st: &SavedState) -> PyResult<Bound<
     let vcpus = PyList::empty(py);
     for v in &st.vcpus {
         let d = blobs_to_dict(py, &v.blobs)?;
-        d.set_item("msrs", v.msrs.iter().map(|&(i, val)| (i, val)).collect::<Vec<_>>())?;
+        d.set_item(
+            "msrs",
+            v.msrs.iter().map(|&(i, val)| (i, val)).collect::<Vec<_>>(),
+        )?;
         vcpus.append(d)?;
     }
     out.set_item("vcpus", vcpus)?;
     out.set_item("machine", blobs_to_dict(py, &st.machine)?)?;
     let serial = PyDict::new(py);
     let s = &st.serial;
-    let regs = [s.baud_divisor_low, s.baud_divisor_high, s.interrupt_enable, s.interrupt_identification,
-                s.line_control, s.line_status, s.modem_control, s.modem_status, s.scratch];
+    let regs = [
+        s.baud_divisor_low,
+        s.baud_divisor_high,
+        s.interrupt_enable,
+        s.interrupt_identification,
+        s.line_control,
+        s.line_status,
+        s.modem_control,
+        s.modem_status,
+        s.scratch,
+    ];
     for (name, value) in SERIAL_REGS.iter().zip(regs) {
         serial.set_item(name, value)?;
     }
@@ -574,7 +680,11 @@ fn saved_state_to_dict<'py>(py: Python<'py>, st: &SavedState) -> PyResult<Bound<
     Ok(out)
 }
 
-fn virtio_to_dict<'py>(py: Python<'py>, id: &str, st: &VirtioPciState) -> PyResult<Bound<'py, PyDict>> {
+fn virtio_to_dict<'py>(
+    py: Python<'py>,
+    id: &str,
+    st: &VirtioPciState,
+) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("id", id)?;
     d.set_item("config_space", PyBytes::new(py, &st.config_space))?;
@@ -604,7 +714,10 @@ fn virtio_to_dict<'py>(py: Python<'py>, id: &str, st: &VirtioPciState) -> PyResu
     }
     d.set_item("queues", queues)?;
     let m = PyDict::new(py);
-    m.set_item("table", st.msix.table.iter().map(|e| e.to_vec()).collect::<Vec<_>>())?;
+    m.set_item(
+        "table",
+        st.msix.table.iter().map(|e| e.to_vec()).collect::<Vec<_>>(),
+    )?;
     m.set_item("pba", st.msix.pba.clone())?;
     m.set_item("enabled", st.msix.enabled)?;
     m.set_item("function_masked", st.msix.function_masked)?;
@@ -648,7 +761,13 @@ fn virtio_from_dict(d: &Bound<'_, PyDict>) -> PyResult<(String, VirtioPciState)>
         enabled: item(m, "enabled")?.extract()?,
         function_masked: item(m, "function_masked")?.extract()?,
     };
-    let st = VirtioPciState { config_space: item(d, "config_space")?.extract()?, transport, queues, queue_vectors, msix };
+    let st = VirtioPciState {
+        config_space: item(d, "config_space")?.extract()?,
+        transport,
+        queues,
+        queue_vectors,
+        msix,
+    };
     Ok((item(d, "id")?.extract()?, st))
 }
 
@@ -683,7 +802,10 @@ fn saved_state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<SavedState> {
     };
     let cmos_d = item(devices, "cmos")?;
     let cmos_d = cmos_d.cast::<PyDict>()?;
-    let cmos = (item(cmos_d, "nvram")?.extract()?, item(cmos_d, "index")?.extract()?);
+    let cmos = (
+        item(cmos_d, "nvram")?.extract()?,
+        item(cmos_d, "index")?.extract()?,
+    );
     // Absent before format 1.3: a VM without virtio devices.
     let mut virtio = Vec::new();
     if let Some(list) = d.get_item("virtio")? {
@@ -691,5 +813,11 @@ fn saved_state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<SavedState> {
             virtio.push(virtio_from_dict(dev.cast::<PyDict>()?)?);
         }
     }
-    Ok(SavedState { vcpus, machine, serial, cmos, devices: virtio })
+    Ok(SavedState {
+        vcpus,
+        machine,
+        serial,
+        cmos,
+        devices: virtio,
+    })
 }

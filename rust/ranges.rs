@@ -91,7 +91,10 @@ impl RangeTable {
     }
 
     fn push_page_run(&mut self, base_gpa: u64, first: u64, end: u64) {
-        self.push_after(base_gpa + (first << PAGE_SHIFT), (end - first) << PAGE_SHIFT);
+        self.push_after(
+            base_gpa + (first << PAGE_SHIFT),
+            (end - first) << PAGE_SHIFT,
+        );
     }
 
     /// Appends a range that starts at or after the end of the last one.
@@ -110,21 +113,32 @@ impl RangeTable {
         if self.ranges.last().is_none_or(|last| last.end() <= gpa) {
             self.push_after(gpa, len);
         } else {
-            self.merge(&RangeTable { ranges: vec![Range { gpa, len }] });
+            self.merge(&RangeTable {
+                ranges: vec![Range { gpa, len }],
+            });
         }
     }
 
     /// Union with `other`.
     pub fn merge(&mut self, other: &RangeTable) {
-        let Some(first) = other.ranges.first() else { return };
-        if self.ranges.last().is_none_or(|last| last.end() <= first.gpa) {
+        let Some(first) = other.ranges.first() else {
+            return;
+        };
+        if self
+            .ranges
+            .last()
+            .is_none_or(|last| last.end() <= first.gpa)
+        {
             for r in &other.ranges {
                 self.push_after(r.gpa, r.len);
             }
             return;
         }
         let mut out: Vec<Range> = Vec::with_capacity(self.ranges.len() + other.ranges.len());
-        let (mut a, mut b) = (self.ranges.iter().peekable(), other.ranges.iter().peekable());
+        let (mut a, mut b) = (
+            self.ranges.iter().peekable(),
+            other.ranges.iter().peekable(),
+        );
         loop {
             let next = match (a.peek(), b.peek()) {
                 (Some(x), Some(y)) => {
@@ -306,7 +320,10 @@ mod tests {
                 .collect();
             let t = RangeTable::from_bitmap(&words, 0x4000_0000);
             assert_eq!(pairs(&t), naive(&words, 0x4000_0000), "words {words:x?}");
-            assert_eq!(t.total_bytes(), words.iter().map(|w| w.count_ones() as u64).sum::<u64>() * P);
+            assert_eq!(
+                t.total_bytes(),
+                words.iter().map(|w| w.count_ones() as u64).sum::<u64>() * P
+            );
         }
     }
 
@@ -318,7 +335,10 @@ mod tests {
         assert_eq!(pairs(&t), vec![(63 * P, 2 * P), (0x1_0000_0000, P)]);
         // Out of order: merged.
         t.append_bitmap(&[0b110], 0);
-        assert_eq!(pairs(&t), vec![(P, 2 * P), (63 * P, 2 * P), (0x1_0000_0000, P)]);
+        assert_eq!(
+            pairs(&t),
+            vec![(P, 2 * P), (63 * P, 2 * P), (0x1_0000_0000, P)]
+        );
     }
 
     #[test]
@@ -333,7 +353,10 @@ mod tests {
         b.push(20 * P, P);
         let mut m = a.clone();
         m.merge(&b);
-        assert_eq!(pairs(&m), vec![(0, 2 * P), (4 * P, 4 * P), (10 * P, P), (20 * P, P)]);
+        assert_eq!(
+            pairs(&m),
+            vec![(0, 2 * P), (4 * P, 4 * P), (10 * P, P), (20 * P, P)]
+        );
         let mut e = b.clone();
         e.extend(a.clone());
         assert_eq!(e, m);
@@ -345,10 +368,22 @@ mod tests {
         tail.push(21 * P, P);
         tail.push(30 * P, P);
         s.merge(&tail);
-        assert_eq!(pairs(&s), vec![(0, 2 * P), (4 * P, 4 * P), (10 * P, P), (20 * P, 2 * P), (30 * P, P)]);
+        assert_eq!(
+            pairs(&s),
+            vec![
+                (0, 2 * P),
+                (4 * P, 4 * P),
+                (10 * P, P),
+                (20 * P, 2 * P),
+                (30 * P, P)
+            ]
+        );
         // push in the middle, containing existing ranges.
         s.push(3 * P, 9 * P);
-        assert_eq!(pairs(&s), vec![(0, 2 * P), (3 * P, 9 * P), (20 * P, 2 * P), (30 * P, P)]);
+        assert_eq!(
+            pairs(&s),
+            vec![(0, 2 * P), (3 * P, 9 * P), (20 * P, 2 * P), (30 * P, P)]
+        );
         let mut empty = RangeTable::new();
         empty.extend(s.clone());
         assert_eq!(empty, s);
@@ -374,7 +409,10 @@ mod tests {
             ]
         );
         assert!(chunks.iter().all(|c| c.total_bytes() <= 4 * P));
-        assert_eq!(chunks.iter().map(|c| c.total_bytes()).sum::<u64>(), t.total_bytes());
+        assert_eq!(
+            chunks.iter().map(|c| c.total_bytes()).sum::<u64>(),
+            t.total_bytes()
+        );
         // Odd sizes round down to pages; tiny ones become one page.
         assert_eq!(t.split(4 * P + 100).len(), 4);
         assert_eq!(t.split(1).len(), 14);

@@ -4,9 +4,9 @@
 //! state document (vmmpy/snapshot.py).
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -45,12 +45,20 @@ unsafe impl Pod for kvm_clock_data {}
 
 fn to_bytes<T: Pod>(v: &T) -> Vec<u8> {
     // SAFETY: T is Pod, so all size_of::<T>() bytes behind &T are initialised plain data.
-    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }.to_vec()
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, std::mem::size_of::<T>()) }
+        .to_vec()
 }
 
 fn from_bytes<T: Pod>(name: &str, b: &[u8]) -> Result<T> {
     if b.len() != std::mem::size_of::<T>() {
-        return Err(Error::new(Kind::InvalidConfig, format!("state field {name}: {} bytes, expected {}", b.len(), std::mem::size_of::<T>())));
+        return Err(Error::new(
+            Kind::InvalidConfig,
+            format!(
+                "state field {name}: {} bytes, expected {}",
+                b.len(),
+                std::mem::size_of::<T>()
+            ),
+        ));
     }
     // SAFETY: T is Pod (any bit pattern is valid) and b has exactly size_of::<T>() bytes.
     Ok(unsafe { std::ptr::read_unaligned(b.as_ptr() as *const T) })
@@ -75,12 +83,21 @@ pub struct VcpuState {
 
 /// Reads the MSRs KVM lists, dropping those this host refuses to read.
 fn save_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<(u32, u64)>> {
-    let list = kvm.get_msr_index_list().map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
     let mut pending: Vec<u32> = list.as_slice().to_vec();
     let mut out = Vec::new();
     while !pending.is_empty() {
-        let entries: Vec<kvm_msr_entry> = pending.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::new(Kind::Kvm, format!("MSR list: {e:?}")))?;
+        let entries: Vec<kvm_msr_entry> = pending
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| Error::new(Kind::Kvm, format!("MSR list: {e:?}")))?;
         let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
         // KVM stops at the first MSR it cannot read: skip that one and go on.
@@ -94,8 +111,16 @@ fn restore_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<Vec<u32>> {
     let mut refused = Vec::new();
     let mut rest = msrs;
     while !rest.is_empty() {
-        let entries: Vec<kvm_msr_entry> = rest.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
-        let batch = Msrs::from_entries(&entries).map_err(|e| Error::new(Kind::Kvm, format!("MSR list: {e:?}")))?;
+        let entries: Vec<kvm_msr_entry> = rest
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let batch = Msrs::from_entries(&entries)
+            .map_err(|e| Error::new(Kind::Kvm, format!("MSR list: {e:?}")))?;
         let n = fd.set_msrs(&batch).map_err(kvm_err("KVM_SET_MSRS"))?;
         if n < rest.len() {
             refused.push(rest[n].0);
@@ -107,50 +132,103 @@ fn restore_msrs(fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<Vec<u32>> {
 
 pub fn save_vcpu(kvm: &Kvm, fd: &VcpuFd) -> Result<VcpuState> {
     let mut blobs: Blobs = vec![
-        ("regs".into(), to_bytes(&fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?)),
-        ("sregs".into(), to_bytes(&fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?)),
-        ("xsave".into(), to_bytes(&fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?)),
-        ("xcrs".into(), to_bytes(&fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?)),
-        ("lapic".into(), to_bytes(&fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?)),
-        ("mp_state".into(), to_bytes(&fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?)),
-        ("debugregs".into(), to_bytes(&fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?)),
+        (
+            "regs".into(),
+            to_bytes(&fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?),
+        ),
+        (
+            "sregs".into(),
+            to_bytes(&fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?),
+        ),
+        (
+            "xsave".into(),
+            to_bytes(&fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?),
+        ),
+        (
+            "xcrs".into(),
+            to_bytes(&fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?),
+        ),
+        (
+            "lapic".into(),
+            to_bytes(&fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?),
+        ),
+        (
+            "mp_state".into(),
+            to_bytes(&fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?),
+        ),
+        (
+            "debugregs".into(),
+            to_bytes(&fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?),
+        ),
     ];
     // Events last: reading the others must not change them.
-    blobs.push(("vcpu_events".into(), to_bytes(&fd.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?)));
-    Ok(VcpuState { blobs, msrs: save_msrs(kvm, fd)? })
+    blobs.push((
+        "vcpu_events".into(),
+        to_bytes(
+            &fd.get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+        ),
+    ));
+    Ok(VcpuState {
+        blobs,
+        msrs: save_msrs(kvm, fd)?,
+    })
 }
 
 /// Restores a vCPU (CPUID already set). Returns the MSRs the host refused.
 pub fn restore_vcpu(fd: &VcpuFd, st: &VcpuState) -> Result<Vec<u32>> {
     let b = &st.blobs;
-    fd.set_sregs(&from_bytes("sregs", blob(b, "sregs")?)?).map_err(kvm_err("KVM_SET_SREGS"))?;
-    fd.set_regs(&from_bytes("regs", blob(b, "regs")?)?).map_err(kvm_err("KVM_SET_REGS"))?;
+    fd.set_sregs(&from_bytes("sregs", blob(b, "sregs")?)?)
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    fd.set_regs(&from_bytes("regs", blob(b, "regs")?)?)
+        .map_err(kvm_err("KVM_SET_REGS"))?;
     let xsave: kvm_xsave = from_bytes("xsave", blob(b, "xsave")?)?;
     // SAFETY: a plain 4 KiB kvm_xsave (no extra AMX area) as KVM_GET_XSAVE returned it.
     unsafe { fd.set_xsave(&xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
-    fd.set_xcrs(&from_bytes("xcrs", blob(b, "xcrs")?)?).map_err(kvm_err("KVM_SET_XCRS"))?;
-    fd.set_debug_regs(&from_bytes("debugregs", blob(b, "debugregs")?)?).map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-    fd.set_lapic(&from_bytes("lapic", blob(b, "lapic")?)?).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    fd.set_xcrs(&from_bytes("xcrs", blob(b, "xcrs")?)?)
+        .map_err(kvm_err("KVM_SET_XCRS"))?;
+    fd.set_debug_regs(&from_bytes("debugregs", blob(b, "debugregs")?)?)
+        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&from_bytes("lapic", blob(b, "lapic")?)?)
+        .map_err(kvm_err("KVM_SET_LAPIC"))?;
     let refused = restore_msrs(fd, &st.msrs)?;
-    fd.set_mp_state(from_bytes("mp_state", blob(b, "mp_state")?)?).map_err(kvm_err("KVM_SET_MP_STATE"))?;
-    fd.set_vcpu_events(&from_bytes("vcpu_events", blob(b, "vcpu_events")?)?).map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    fd.set_mp_state(from_bytes("mp_state", blob(b, "mp_state")?)?)
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    fd.set_vcpu_events(&from_bytes("vcpu_events", blob(b, "vcpu_events")?)?)
+        .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
     Ok(refused)
 }
 
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
-    let mut chip = kvm_irqchip { chip_id, ..Default::default() };
-    vm.get_irqchip(&mut chip).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip)
+        .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
     Ok(chip)
 }
 
 /// PIC, IOAPIC, PIT and the KVM clock.
 pub fn save_machine(vm: &VmFd) -> Result<Blobs> {
     Ok(vec![
-        ("pic_master".into(), to_bytes(&irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?)),
-        ("pic_slave".into(), to_bytes(&irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?)),
+        (
+            "pic_master".into(),
+            to_bytes(&irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?),
+        ),
+        (
+            "pic_slave".into(),
+            to_bytes(&irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?),
+        ),
         ("ioapic".into(), to_bytes(&irqchip(vm, KVM_IRQCHIP_IOAPIC)?)),
-        ("pit".into(), to_bytes(&vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?)),
-        ("clock".into(), to_bytes(&vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?)),
+        (
+            "pit".into(),
+            to_bytes(&vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?),
+        ),
+        (
+            "clock".into(),
+            to_bytes(&vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?),
+        ),
     ])
 }
 
@@ -159,7 +237,8 @@ pub fn restore_machine(vm: &VmFd, b: &Blobs) -> Result<()> {
         let chip: kvm_irqchip = from_bytes(name, blob(b, name)?)?;
         vm.set_irqchip(&chip).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
     }
-    vm.set_pit2(&from_bytes("pit", blob(b, "pit")?)?).map_err(kvm_err("KVM_SET_PIT2"))?;
+    vm.set_pit2(&from_bytes("pit", blob(b, "pit")?)?)
+        .map_err(kvm_err("KVM_SET_PIT2"))?;
     let mut clock: kvm_clock_data = from_bytes("clock", blob(b, "clock")?)?;
     // Only the clock value is settable; the flags KVM_GET_CLOCK reports describe the source host.
     clock.flags = 0;

@@ -23,7 +23,9 @@ use rustls::crypto::{ring as ring_provider, CryptoProvider};
 use rustls::kernel::KernelConnection;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{ServerConfig, ServerConnectionData, UnbufferedServerConnection, WebPkiClientVerifier};
+use rustls::server::{
+    ServerConfig, ServerConnectionData, UnbufferedServerConnection, WebPkiClientVerifier,
+};
 use rustls::unbuffered::{ConnectionState, UnbufferedStatus};
 use rustls::{ConnectionTrafficSecrets, ExtractedSecrets, RootCertStore};
 
@@ -74,7 +76,10 @@ pub struct TlsContext {
 }
 
 fn bad_dir(dir: &Path, what: impl std::fmt::Display) -> Error {
-    Error::new(Kind::InvalidConfig, format!("tls_dir {}: {what}", dir.display()))
+    Error::new(
+        Kind::InvalidConfig,
+        format!("tls_dir {}: {what}", dir.display()),
+    )
 }
 
 fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
@@ -84,7 +89,10 @@ fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
 /// AES-128-GCM first (the fastest with AES-NI), then AES-256-GCM; TLS 1.3 only.
 fn provider() -> Arc<CryptoProvider> {
     let mut p = ring_provider::default_provider();
-    p.cipher_suites = vec![ring_provider::cipher_suite::TLS13_AES_128_GCM_SHA256, ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384];
+    p.cipher_suites = vec![
+        ring_provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+    ];
     Arc::new(p)
 }
 
@@ -106,7 +114,9 @@ fn key(dir: &Path, name: &str) -> Result<PrivateKeyDer<'static>> {
 fn roots(dir: &Path) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     for c in certs(dir, CA_CERT)? {
-        roots.add(c).map_err(|e| bad_dir(dir, format!("{CA_CERT}: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| bad_dir(dir, format!("{CA_CERT}: {e}")))?;
     }
     Ok(Arc::new(roots))
 }
@@ -151,17 +161,28 @@ impl TlsContext {
 
     /// Runs the handshake on `sock` (taking it over) within `timeout`. A client checks that the
     /// server's certificate names `server_name` (a DNS name or an IP address).
-    pub fn handshake(&self, sock: OwnedFd, server_name: &str, timeout: Duration) -> Result<TlsStream> {
+    pub fn handshake(
+        &self,
+        sock: OwnedFd,
+        server_name: &str,
+        timeout: Duration,
+    ) -> Result<TlsStream> {
         let deadline = Instant::now() + timeout;
         match &self.config {
             Config::Client(c) => {
-                let name = ServerName::try_from(server_name.to_owned())
-                    .map_err(|e| Error::new(Kind::InvalidConfig, format!("TLS server name {server_name:?}: {e}")))?;
-                let conn = UnbufferedClientConnection::new(c.clone(), name).map_err(|e| tls_err("session", e))?;
+                let name = ServerName::try_from(server_name.to_owned()).map_err(|e| {
+                    Error::new(
+                        Kind::InvalidConfig,
+                        format!("TLS server name {server_name:?}: {e}"),
+                    )
+                })?;
+                let conn = UnbufferedClientConnection::new(c.clone(), name)
+                    .map_err(|e| tls_err("session", e))?;
                 drive_handshake(conn, sock, deadline)
             }
             Config::Server(c) => {
-                let conn = UnbufferedServerConnection::new(c.clone()).map_err(|e| tls_err("session", e))?;
+                let conn = UnbufferedServerConnection::new(c.clone())
+                    .map_err(|e| tls_err("session", e))?;
                 drive_handshake(conn, sock, deadline)
             }
         }
@@ -202,16 +223,34 @@ fn poll_until(fd: RawFd, events: libc::c_short, deadline: Instant, what: &str) -
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error { kind: Kind::Migration, message: format!("TLS handshake timed out ({what})"), errno: Some(libc::ETIMEDOUT) });
+            return Err(Error {
+                kind: Kind::Migration,
+                message: format!("TLS handshake timed out ({what})"),
+                errno: Some(libc::ETIMEDOUT),
+            });
         }
-        let mut p = libc::pollfd { fd, events, revents: 0 };
+        let mut p = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd that lives across the call.
-        let rc = unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, i32::MAX as u128) as i32) };
+        let rc = unsafe {
+            libc::poll(
+                &mut p,
+                1,
+                left.as_millis().clamp(1, i32::MAX as u128) as i32,
+            )
+        };
         if rc > 0 {
             return Ok(());
         }
         if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return Err(Error::io(Kind::Migration, "poll", io::Error::last_os_error()));
+            return Err(Error::io(
+                Kind::Migration,
+                "poll",
+                io::Error::last_os_error(),
+            ));
         }
     }
 }
@@ -256,41 +295,54 @@ impl Kernel {
             Kernel::Client(k) => k.negotiated_cipher_suite(),
             Kernel::Server(k) => k.negotiated_cipher_suite(),
         };
-        suite.tls13().map_or(1 << 23, |s| s.common.confidentiality_limit)
+        suite
+            .tls13()
+            .map_or(1 << 23, |s| s.common.confidentiality_limit)
     }
 }
 
 /// The client and server unbuffered connections, for the one handshake loop.
 trait Handshaking {
     type Data;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     fn handshaking(&self) -> bool;
     fn into_kernel(self) -> std::result::Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
 impl Handshaking for UnbufferedClientConnection {
     type Data = ClientConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
     }
     fn into_kernel(self) -> std::result::Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Client(k)))
+        self.dangerous_into_kernel_connection()
+            .map(|(s, k)| (s, Kernel::Client(k)))
     }
 }
 
 impl Handshaking for UnbufferedServerConnection {
     type Data = ServerConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
     }
     fn into_kernel(self) -> std::result::Result<(ExtractedSecrets, Kernel), rustls::Error> {
-        self.dangerous_into_kernel_connection().map(|(s, k)| (s, Kernel::Server(k)))
+        self.dangerous_into_kernel_connection()
+            .map(|(s, k)| (s, Kernel::Server(k)))
     }
 }
 
@@ -307,7 +359,11 @@ enum Step {
 /// then takes the traffic secrets for the record layer of `TlsStream`. Bytes that came behind the
 /// peer's Finished stay in the read buffer (undecrypted) or in `early` (application data rustls
 /// decrypted already).
-fn drive_handshake<H: Handshaking>(mut conn: H, sock: OwnedFd, deadline: Instant) -> Result<TlsStream> {
+fn drive_handshake<H: Handshaking>(
+    mut conn: H,
+    sock: OwnedFd,
+    deadline: Instant,
+) -> Result<TlsStream> {
     let fd = sock.as_raw_fd();
     let mut inbuf = vec![0u8; READ_AHEAD].into_boxed_slice();
     let mut in_end = 0;
@@ -342,9 +398,10 @@ fn drive_handshake<H: Handshaking>(mut conn: H, sock: OwnedFd, deadline: Instant
             }
             Ok(ConnectionState::BlockedHandshake) => Step::Read,
             Ok(ConnectionState::WriteTraffic(_)) => Step::Ready,
-            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
-                Step::Fail(Error::new(Kind::Migration, "the migration peer closed the connection during the TLS handshake"))
-            }
+            Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => Step::Fail(Error::new(
+                Kind::Migration,
+                "the migration peer closed the connection during the TLS handshake",
+            )),
             Ok(other) => Step::Fail(tls_err("handshake", format!("unexpected state {other:?}"))),
         };
         inbuf.copy_within(discard..in_end, 0);
@@ -360,7 +417,12 @@ fn drive_handshake<H: Handshaking>(mut conn: H, sock: OwnedFd, deadline: Instant
                 }
                 poll_until(fd, libc::POLLIN, deadline, "waiting for the peer")?;
                 match Fd(fd).read(&mut inbuf[in_end..]) {
-                    Ok(0) => return Err(Error::new(Kind::Migration, "the migration peer closed the connection during the TLS handshake")),
+                    Ok(0) => {
+                        return Err(Error::new(
+                            Kind::Migration,
+                            "the migration peer closed the connection during the TLS handshake",
+                        ))
+                    }
                     Ok(n) => in_end += n,
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
                     Err(e) => return Err(Error::io(Kind::Migration, "TLS handshake", e)),
@@ -413,11 +475,24 @@ impl Keys {
         let (alg, key, iv) = match &secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
-            _ => return Err(tls_err("handshake", "the peer chose a cipher suite that is not offered")),
+            _ => {
+                return Err(tls_err(
+                    "handshake",
+                    "the peer chose a cipher suite that is not offered",
+                ))
+            }
         };
-        let key = UnboundKey::new(alg, key.as_ref()).map_err(|_| tls_err("handshake", "bad traffic key"))?;
-        let iv = iv.as_ref().try_into().map_err(|_| tls_err("handshake", "bad traffic IV"))?;
-        Ok(Keys { key: LessSafeKey::new(key), iv, seq })
+        let key = UnboundKey::new(alg, key.as_ref())
+            .map_err(|_| tls_err("handshake", "bad traffic key"))?;
+        let iv = iv
+            .as_ref()
+            .try_into()
+            .map_err(|_| tls_err("handshake", "bad traffic IV"))?;
+        Ok(Keys {
+            key: LessSafeKey::new(key),
+            iv,
+            seq,
+        })
     }
 
     /// The per-record nonce: the IV xor the sequence number; the number then moves on.
@@ -459,7 +534,11 @@ pub struct TlsStream {
 }
 
 fn record_err(what: impl std::fmt::Display) -> Error {
-    Error { kind: Kind::Migration, message: format!("TLS record: {what}"), errno: Some(libc::EBADMSG) }
+    Error {
+        kind: Kind::Migration,
+        message: format!("TLS record: {what}"),
+        errno: Some(libc::EBADMSG),
+    }
 }
 
 impl TlsStream {
@@ -472,13 +551,23 @@ impl TlsStream {
     fn seal(&mut self, start: usize, typ: u8) -> Result<()> {
         self.out.push(typ);
         let len = self.out.len() - start - RECORD_HEADER + TAG;
-        self.out[start..start + RECORD_HEADER].copy_from_slice(&[APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8]);
+        self.out[start..start + RECORD_HEADER].copy_from_slice(&[
+            APPLICATION_DATA,
+            3,
+            3,
+            (len >> 8) as u8,
+            len as u8,
+        ]);
         let aad: [u8; RECORD_HEADER] = self.out[start..start + RECORD_HEADER].try_into().unwrap();
         let nonce = self.tx.next_nonce();
         let tag = self
             .tx
             .key
-            .seal_in_place_separate_tag(nonce, Aad::from(aad), &mut self.out[start + RECORD_HEADER..])
+            .seal_in_place_separate_tag(
+                nonce,
+                Aad::from(aad),
+                &mut self.out[start + RECORD_HEADER..],
+            )
             .map_err(|_| tls_err("encrypt", "AEAD failure"))?;
         self.out.extend_from_slice(tag.as_ref());
         Ok(())
@@ -490,7 +579,11 @@ impl TlsStream {
         self.out.extend_from_slice(&[0; RECORD_HEADER]);
         self.out.extend_from_slice(&[KEY_UPDATE, 0, 0, 1, 0]); // update_not_requested
         self.seal(start, HANDSHAKE)?;
-        self.tx = Keys::new(self.kernel.update_tx().map_err(|e| tls_err("key update", e))?)?;
+        self.tx = Keys::new(
+            self.kernel
+                .update_tx()
+                .map_err(|e| tls_err("key update", e))?,
+        )?;
         self.update_requested = false;
         Ok(())
     }
@@ -501,7 +594,12 @@ impl TlsStream {
         let mut sent = 0;
         while sent < self.out.len() {
             match Fd(fd).write(&self.out[sent..]) {
-                Ok(0) => return Err(Error::new(Kind::Migration, "sending over TLS: the connection accepts no more bytes")),
+                Ok(0) => {
+                    return Err(Error::new(
+                        Kind::Migration,
+                        "sending over TLS: the connection accepts no more bytes",
+                    ))
+                }
                 Ok(n) => sent += n,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => {}
@@ -563,7 +661,12 @@ impl TlsStream {
         let fd = self.fd();
         while self.in_end - self.in_pos < need {
             match Fd(fd).read(&mut self.inbuf[self.in_end..]) {
-                Ok(0) => return Err(Error::new(Kind::Migration, "the migration peer closed the TLS connection")),
+                Ok(0) => {
+                    return Err(Error::new(
+                        Kind::Migration,
+                        "the migration peer closed the TLS connection",
+                    ))
+                }
                 Ok(n) => self.in_end += n,
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EINTR) => {}
@@ -578,7 +681,9 @@ impl TlsStream {
     /// Reads and decrypts the next record; application data is then at `plain`.
     fn next_record(&mut self) -> Result<()> {
         self.fill_to(RECORD_HEADER)?;
-        let h: [u8; RECORD_HEADER] = self.inbuf[self.in_pos..self.in_pos + RECORD_HEADER].try_into().unwrap();
+        let h: [u8; RECORD_HEADER] = self.inbuf[self.in_pos..self.in_pos + RECORD_HEADER]
+            .try_into()
+            .unwrap();
         let len = u16::from_be_bytes([h[3], h[4]]) as usize;
         if h[0] != APPLICATION_DATA || h[1] != 3 || len <= TAG || len > RECORD_CIPHER {
             return Err(record_err(format!("malformed header {h:02x?}")));
@@ -601,9 +706,17 @@ impl TlsStream {
             APPLICATION_DATA => self.plain = (content.start, content.end),
             HANDSHAKE => self.post_handshake(content)?,
             ALERT if self.inbuf[content.clone()] == [1, 0] => {
-                return Err(Error::new(Kind::Migration, "the migration peer ended the TLS session"));
+                return Err(Error::new(
+                    Kind::Migration,
+                    "the migration peer ended the TLS session",
+                ));
             }
-            ALERT => return Err(tls_err("peer sent an alert", format!("{:02x?}", &self.inbuf[content]))),
+            ALERT => {
+                return Err(tls_err(
+                    "peer sent an alert",
+                    format!("{:02x?}", &self.inbuf[content]),
+                ))
+            }
             _ => return Err(record_err(format!("unexpected content type {typ}"))),
         }
         Ok(())
@@ -614,7 +727,9 @@ impl TlsStream {
     fn post_handshake(&mut self, content: std::ops::Range<usize>) -> Result<()> {
         let mut msgs = &self.inbuf[content];
         while !msgs.is_empty() {
-            let [typ, a, b, c, rest @ ..] = msgs else { return Err(record_err("truncated handshake message")) };
+            let [typ, a, b, c, rest @ ..] = msgs else {
+                return Err(record_err("truncated handshake message"));
+            };
             let len = u32::from_be_bytes([0, *a, *b, *c]) as usize;
             if rest.len() < len {
                 return Err(record_err("handshake message split across records"));
@@ -626,13 +741,18 @@ impl TlsStream {
                         return Err(record_err("data after a KeyUpdate in its record"));
                     }
                     self.update_requested |= body[0] == 1;
-                    self.rx = Keys::new(self.kernel.update_rx().map_err(|e| tls_err("key update", e))?)?;
+                    self.rx = Keys::new(
+                        self.kernel
+                            .update_rx()
+                            .map_err(|e| tls_err("key update", e))?,
+                    )?;
                     return Ok(());
                 }
                 (NEW_SESSION_TICKET, Kernel::Client(_)) => {
                     let body = body.to_vec();
                     if let Kernel::Client(k) = &mut self.kernel {
-                        k.handle_new_session_ticket(&body).map_err(|e| tls_err("session ticket", e))?;
+                        k.handle_new_session_ticket(&body)
+                            .map_err(|e| tls_err("session ticket", e))?;
                     }
                 }
                 _ => return Err(record_err(format!("unexpected handshake message {typ}"))),
@@ -654,8 +774,15 @@ impl TlsStream {
         let fd = self.fd();
         let mut got = 0;
         while got < RECORD_HEADER + FULL {
-            let parts = [(head.as_mut_ptr(), RECORD_HEADER), (dst.as_mut_ptr(), dst.len()), (tag.as_mut_ptr(), TAG)];
-            let mut iovs = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 3];
+            let parts = [
+                (head.as_mut_ptr(), RECORD_HEADER),
+                (dst.as_mut_ptr(), dst.len()),
+                (tag.as_mut_ptr(), TAG),
+            ];
+            let mut iovs = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 3];
             let (mut cnt, mut skip) = (0, got);
             for (base, len) in parts {
                 if skip >= len {
@@ -663,7 +790,11 @@ impl TlsStream {
                     continue;
                 }
                 // SAFETY: skip < len, inside the buffer.
-                iovs[cnt] = libc::iovec { iov_base: unsafe { base.add(skip) }.cast(), iov_len: len - skip };
+                let start = unsafe { base.add(skip) };
+                iovs[cnt] = libc::iovec {
+                    iov_base: start.cast(),
+                    iov_len: len - skip,
+                };
                 (cnt, skip) = (cnt + 1, 0);
             }
             // SAFETY: the iovecs describe our own writable buffers and the caller's `dst`.
@@ -675,14 +806,25 @@ impl TlsStream {
                         would_block(fd, libc::POLLIN, "receiving over TLS")?;
                         continue;
                     }
-                    _ => return Err(Error::io(Kind::Migration, "receiving over TLS", io::Error::last_os_error())),
+                    _ => {
+                        return Err(Error::io(
+                            Kind::Migration,
+                            "receiving over TLS",
+                            io::Error::last_os_error(),
+                        ))
+                    }
                 }
             }
             if n == 0 {
-                return Err(Error::new(Kind::Migration, "the migration peer closed the TLS connection"));
+                return Err(Error::new(
+                    Kind::Migration,
+                    "the migration peer closed the TLS connection",
+                ));
             }
             got += n as usize;
-            if got >= RECORD_HEADER && head != [APPLICATION_DATA, 3, 3, (FULL >> 8) as u8, FULL as u8] {
+            if got >= RECORD_HEADER
+                && head != [APPLICATION_DATA, 3, 3, (FULL >> 8) as u8, FULL as u8]
+            {
                 // Not a full record: what came goes to the read buffer, in stream order.
                 let body = (got - RECORD_HEADER).min(dst.len());
                 let rest = got - RECORD_HEADER - body;
@@ -701,7 +843,9 @@ impl TlsStream {
             .map_err(|_| record_err("bad record MAC (corrupted or forged)"))?;
         match inner.iter().rposition(|&b| b != 0) {
             Some(t) if inner[t] == APPLICATION_DATA => Ok(t),
-            _ => Err(record_err("a full-size record that is not application data")),
+            _ => Err(record_err(
+                "a full-size record that is not application data",
+            )),
         }
     }
 
@@ -746,19 +890,73 @@ pub mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let run = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(&dir).output().expect("the openssl CLI");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("the openssl CLI");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
-        run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-              "-subj", "/CN=vmmpy test CA", "-keyout", "ca-key.pem", "-out", "ca-cert.pem"]);
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=vmmpy test CA",
+            "-keyout",
+            "ca-key.pem",
+            "-out",
+            "ca-cert.pem",
+        ]);
         let ext = format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n");
         std::fs::write(dir.join("ext.cnf"), ext).unwrap();
         for side in ["client", "server"] {
-            let (key, csr, cert) = (format!("{side}-key.pem"), format!("{side}.csr"), format!("{side}-cert.pem"));
-            run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &format!("/CN={side}"),
-                  "-keyout", &key, "-out", &csr]);
-            run(&["x509", "-req", "-in", &csr, "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-                  "-days", "2", "-extfile", "ext.cnf", "-out", &cert]);
+            let (key, csr, cert) = (
+                format!("{side}-key.pem"),
+                format!("{side}.csr"),
+                format!("{side}-cert.pem"),
+            );
+            run(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={side}"),
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca-cert.pem",
+                "-CAkey",
+                "ca-key.pem",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &cert,
+            ]);
         }
         dir
     }
@@ -771,7 +969,11 @@ pub mod tests {
     }
 
     /// Client and server handshakes on two threads; the results of both.
-    fn handshake(client_dir: &Path, server_dir: &Path, name: &str) -> (Result<TlsStream>, Result<TlsStream>) {
+    fn handshake(
+        client_dir: &Path,
+        server_dir: &Path,
+        name: &str,
+    ) -> (Result<TlsStream>, Result<TlsStream>) {
         let (c, s) = tcp_pair();
         let client = TlsContext::load(client_dir, Role::Client).unwrap();
         let server = TlsContext::load(server_dir, Role::Server).unwrap();
@@ -822,7 +1024,11 @@ pub mod tests {
 
     /// A plain rustls peer (its own record layer) for `ctx`'s other side, on a thread: reads
     /// `data.len()` bytes and checks them, updates its keys, sends `data` back, then close_notify.
-    fn rustls_peer(ctx: &TlsContext, sock: std::net::TcpStream, data: Vec<u8>) -> std::thread::JoinHandle<()> {
+    fn rustls_peer(
+        ctx: &TlsContext,
+        sock: std::net::TcpStream,
+        data: Vec<u8>,
+    ) -> std::thread::JoinHandle<()> {
         fn run<C, S>(conn: C, sock: std::net::TcpStream, data: Vec<u8>)
         where
             C: std::ops::DerefMut<Target = rustls::ConnectionCommon<S>>,
@@ -839,7 +1045,9 @@ pub mod tests {
         }
         match &ctx.config {
             Config::Client(c) => {
-                let conn = rustls::ClientConnection::new(c.clone(), "127.0.0.1".try_into().unwrap()).unwrap();
+                let conn =
+                    rustls::ClientConnection::new(c.clone(), "127.0.0.1".try_into().unwrap())
+                        .unwrap();
                 std::thread::spawn(move || run(conn, sock, data))
             }
             Config::Server(c) => {
@@ -854,13 +1062,20 @@ pub mod tests {
         let dir = make_tls_dir("interop", "127.0.0.1");
         let client = TlsContext::load(&dir, Role::Client).unwrap();
         let server = TlsContext::load(&dir, Role::Server).unwrap();
-        let data: Vec<u8> = (0..(1 << 20) + 12345).map(|i| (i * 13 + i / 7) as u8).collect();
+        let data: Vec<u8> = (0..(1 << 20) + 12345)
+            .map(|i| (i * 13 + i / 7) as u8)
+            .collect();
         for ours_is_client in [true, false] {
             let (c, s) = tcp_pair();
-            let (ours, theirs, sock, peer_sock) =
-                if ours_is_client { (&client, &server, c, s) } else { (&server, &client, s, c) };
+            let (ours, theirs, sock, peer_sock) = if ours_is_client {
+                (&client, &server, c, s)
+            } else {
+                (&server, &client, s, c)
+            };
             let peer = rustls_peer(theirs, peer_sock.into(), data.clone());
-            let mut t = ours.handshake(sock, "127.0.0.1", Duration::from_secs(5)).unwrap();
+            let mut t = ours
+                .handshake(sock, "127.0.0.1", Duration::from_secs(5))
+                .unwrap();
             t.key_update_at = t.tx.seq + 9; // a KeyUpdate every few records: rustls must follow them
             let (head, tail) = data.split_at(100);
             t.write_gather(&[head, &[], tail]).unwrap();
@@ -922,7 +1137,12 @@ pub mod tests {
         s.read_exact(&mut first).unwrap();
         assert!(first[..] == msg[..16384]);
         let e = s.read_exact(&mut [0u8; 1]).unwrap_err();
-        assert_eq!((e.kind, e.errno), (Kind::Migration, Some(libc::EBADMSG)), "{}", e.message);
+        assert_eq!(
+            (e.kind, e.errno),
+            (Kind::Migration, Some(libc::EBADMSG)),
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("bad record MAC"), "{}", e.message);
         // SAFETY: shutdown of our own socket; the feeder then stops on EPIPE.
         unsafe { libc::shutdown(s.fd(), libc::SHUT_RDWR) };
@@ -956,16 +1176,22 @@ pub mod tests {
         // A plaintext migration header instead of a ClientHello.
         let (c, s) = tcp_pair();
         let mut c = std::net::TcpStream::from(c);
-        c.write_all(&[1, 0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        c.write_all(&[1, 0, 0, 0, 0, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap();
         assert!(server.handshake(s, "", Duration::from_secs(5)).is_err());
         // A peer that sends nothing: the handshake deadline ends it.
         let (_c, s) = tcp_pair();
         let t = Instant::now();
-        let e = server.handshake(s, "", Duration::from_millis(300)).err().unwrap();
+        let e = server
+            .handshake(s, "", Duration::from_millis(300))
+            .err()
+            .unwrap();
         assert_eq!(e.errno, Some(libc::ETIMEDOUT), "{}", e.message);
         assert!(t.elapsed() < Duration::from_secs(3));
         // Missing files are a config error naming the file.
-        let e = TlsContext::load(&a.join("nope"), Role::Client).err().unwrap();
+        let e = TlsContext::load(&a.join("nope"), Role::Client)
+            .err()
+            .unwrap();
         assert_eq!(e.kind, Kind::InvalidConfig);
         std::fs::remove_file(a.join(CLIENT_KEY)).unwrap();
         let e = TlsContext::load(&a, Role::Client).err().unwrap();

@@ -84,7 +84,9 @@ fn mig_err(msg: impl Into<String>) -> Error {
 }
 
 fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// EAGAIN from a blocking socket is its SO_SNDTIMEO/SO_RCVTIMEO expiring: a timeout. From a
@@ -95,12 +97,20 @@ pub(crate) fn would_block(fd: RawFd, events: libc::c_short, what: &str) -> Resul
     if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
         return wait_fd(fd, events);
     }
-    Err(Error { kind: Kind::Migration, message: format!("migration peer timed out ({what})"), errno: Some(libc::EAGAIN) })
+    Err(Error {
+        kind: Kind::Migration,
+        message: format!("migration peer timed out ({what})"),
+        errno: Some(libc::EAGAIN),
+    })
 }
 
 /// Waits until `fd` is readable or writable (for descriptors in non-blocking mode).
 fn wait_fd(fd: RawFd, events: libc::c_short) -> Result<()> {
-    let mut p = libc::pollfd { fd, events, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
     loop {
         // SAFETY: `p` is one valid pollfd that lives across the call.
         let rc = unsafe { libc::poll(&mut p, 1, -1) };
@@ -128,9 +138,13 @@ fn regions(ram: &GuestRam) -> Vec<Region> {
         .iter()
         .map(|r| Region {
             gpa: r.start_addr().0,
-            host: r.get_host_address(vm_memory::MemoryRegionAddress(0)).expect("guest RAM is mapped"),
+            host: r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("guest RAM is mapped"),
             size: r.len(),
-            file: r.file_offset().map(|fo| (fo.file().as_raw_fd(), fo.start())),
+            file: r
+                .file_offset()
+                .map(|fo| (fo.file().as_raw_fd(), fo.start())),
         })
         .collect()
 }
@@ -138,7 +152,9 @@ fn regions(ram: &GuestRam) -> Vec<Region> {
 /// The region holding all of `gpa..gpa + len`.
 fn find_region(regions: &[Region], gpa: u64, len: u64) -> Option<usize> {
     let end = gpa.checked_add(len)?;
-    regions.iter().position(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+    regions
+        .iter()
+        .position(|r| gpa >= r.gpa && end <= r.gpa + r.size)
 }
 
 /// True when the 4 KiB page at `p` is all zero. The guest may be writing it meanwhile (any answer
@@ -168,7 +184,10 @@ fn page_is_zero(p: *const u8) -> bool {
 }
 
 fn iov(base: *mut u8, len: usize) -> libc::iovec {
-    libc::iovec { iov_base: base.cast(), iov_len: len }
+    libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    }
 }
 
 /// Appends `len` bytes at `base` to `iovs`, extending the last iovec when contiguous.
@@ -249,7 +268,9 @@ fn write_all(fd: RawFd, iovs: &mut [libc::iovec], pacer: Option<&Pacer>) -> Resu
             }
         }
         if n == 0 {
-            return Err(mig_err("sending a Memory frame: the connection accepts no more bytes"));
+            return Err(mig_err(
+                "sending a Memory frame: the connection accepts no more bytes",
+            ));
         }
         advance(iovs, &mut idx, n as usize);
         if let Some(p) = pacer {
@@ -337,7 +358,12 @@ fn read_all(fd: RawFd, iovs: &mut [libc::iovec]) -> Result<()> {
 /// Writes one complete Memory frame for the pages of `table` (page aligned, inside guest RAM,
 /// at most TABLE_MAX / 16 entries after zero splitting: pass chunks of at most CHUNK_MAX bytes).
 /// Nothing is written when the table is refused; after that only a socket error stops it midway.
-pub fn send_memory(link: Link, ram: &GuestRam, table: &RangeTable, pacer: Option<&Pacer>) -> Result<SendStats> {
+pub fn send_memory(
+    link: Link,
+    ram: &GuestRam,
+    table: &RangeTable,
+    pacer: Option<&Pacer>,
+) -> Result<SendStats> {
     send_frame(link, ram, table, TABLE_MAX as usize / ENTRY_SIZE, pacer)
 }
 
@@ -353,7 +379,8 @@ impl Frame {
         let len = pages * PAGE_SIZE;
         self.entries.extend_from_slice(&gpa.to_le_bytes());
         self.entries.extend_from_slice(&(len as u32).to_le_bytes());
-        self.entries.extend_from_slice(&(if zero { FLAG_ZERO } else { 0 }).to_le_bytes());
+        self.entries
+            .extend_from_slice(&(if zero { FLAG_ZERO } else { 0 }).to_le_bytes());
         if zero {
             self.stats.zero_pages += pages;
         } else {
@@ -364,14 +391,27 @@ impl Frame {
     }
 }
 
-fn send_frame(link: Link, ram: &GuestRam, table: &RangeTable, max_entries: usize, pacer: Option<&Pacer>) -> Result<SendStats> {
+fn send_frame(
+    link: Link,
+    ram: &GuestRam,
+    table: &RangeTable,
+    max_entries: usize,
+    pacer: Option<&Pacer>,
+) -> Result<SendStats> {
     let regions = regions(ram);
     let guess = table.len().min(4096);
-    let mut f = Frame { entries: Vec::with_capacity(guess * ENTRY_SIZE), data: Vec::with_capacity(guess), stats: SendStats::default() };
+    let mut f = Frame {
+        entries: Vec::with_capacity(guess * ENTRY_SIZE),
+        data: Vec::with_capacity(guess),
+        stats: SendStats::default(),
+    };
     let run_max = RANGE_MAX / PAGE_SIZE;
     for r in table {
         if !r.gpa.is_multiple_of(PAGE_SIZE) || !r.len.is_multiple_of(PAGE_SIZE) {
-            return Err(mig_err(format!("range {:#x}+{:#x} is not page aligned", r.gpa, r.len)));
+            return Err(mig_err(format!(
+                "range {:#x}+{:#x} is not page aligned",
+                r.gpa, r.len
+            )));
         }
         // A range may span regions that touch; walk it region by region.
         let (mut gpa, end) = (r.gpa, r.end());
@@ -379,7 +419,12 @@ fn send_frame(link: Link, ram: &GuestRam, table: &RangeTable, max_entries: usize
             let reg = regions
                 .iter()
                 .find(|g| gpa >= g.gpa && gpa < g.gpa + g.size)
-                .ok_or_else(|| mig_err(format!("range {:#x}+{:#x} is outside guest RAM", r.gpa, r.len)))?;
+                .ok_or_else(|| {
+                    mig_err(format!(
+                        "range {:#x}+{:#x} is outside guest RAM",
+                        r.gpa, r.len
+                    ))
+                })?;
             let seg_end = end.min(reg.gpa + reg.size);
             let pages = (seg_end - gpa) / PAGE_SIZE;
             // SAFETY: gpa - reg.gpa < reg.size, so the pointer stays inside the region's mapping.
@@ -394,12 +439,22 @@ fn send_frame(link: Link, ram: &GuestRam, table: &RangeTable, max_entries: usize
             for p in 1..pages {
                 let z = page_is_zero(page_ptr(p));
                 if z != run_zero || p - run_start == run_max {
-                    f.emit(gpa + run_start * PAGE_SIZE, page_ptr(run_start), p - run_start, run_zero);
+                    f.emit(
+                        gpa + run_start * PAGE_SIZE,
+                        page_ptr(run_start),
+                        p - run_start,
+                        run_zero,
+                    );
                     run_start = p;
                     run_zero = z;
                 }
             }
-            f.emit(gpa + run_start * PAGE_SIZE, page_ptr(run_start), pages - run_start, run_zero);
+            f.emit(
+                gpa + run_start * PAGE_SIZE,
+                page_ptr(run_start),
+                pages - run_start,
+                run_zero,
+            );
             gpa = seg_end;
         }
         if f.entries.len() / ENTRY_SIZE > max_entries {
@@ -438,10 +493,14 @@ struct Entry {
 /// guest).
 pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<RecvStats> {
     if !table_len.is_multiple_of(ENTRY_SIZE as u64) {
-        return Err(mig_err(format!("Memory frame table length {table_len} is not a multiple of {ENTRY_SIZE}")));
+        return Err(mig_err(format!(
+            "Memory frame table length {table_len} is not a multiple of {ENTRY_SIZE}"
+        )));
     }
     if table_len > TABLE_MAX {
-        return Err(mig_err(format!("Memory frame table length {table_len} exceeds TABLE_MAX ({TABLE_MAX})")));
+        return Err(mig_err(format!(
+            "Memory frame table length {table_len} exceeds TABLE_MAX ({TABLE_MAX})"
+        )));
     }
     let mut table = vec![0u8; table_len as usize];
     let mut table_iov = [iov(table.as_mut_ptr(), table.len())];
@@ -457,7 +516,11 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
         let gpa = u64::from_le_bytes(e[0..8].try_into().unwrap());
         let len = u32::from_le_bytes(e[8..12].try_into().unwrap()) as u64;
         let flags = u32::from_le_bytes(e[12..16].try_into().unwrap());
-        let bad = |why: &str| mig_err(format!("Memory frame range {i} ({gpa:#x}+{len:#x}, flags {flags:#x}): {why}"));
+        let bad = |why: &str| {
+            mig_err(format!(
+                "Memory frame range {i} ({gpa:#x}+{len:#x}, flags {flags:#x}): {why}"
+            ))
+        };
         if flags & !FLAG_ZERO != 0 {
             return Err(bad("unknown flags"));
         }
@@ -470,12 +533,21 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
         if i > 0 && gpa < prev_end {
             return Err(bad("ranges are not in ascending order or overlap"));
         }
-        let region = find_region(&regions, gpa, len).ok_or_else(|| bad("not inside one guest RAM region"))?;
+        let region = find_region(&regions, gpa, len)
+            .ok_or_else(|| bad("not inside one guest RAM region"))?;
         prev_end = gpa + len;
-        entries.push(Entry { region, offset: gpa - regions[region].gpa, len, zero: flags & FLAG_ZERO != 0 });
+        entries.push(Entry {
+            region,
+            offset: gpa - regions[region].gpa,
+            len,
+            zero: flags & FLAG_ZERO != 0,
+        });
     }
 
-    let mut stats = RecvStats { wire_bytes: table_len, ..Default::default() };
+    let mut stats = RecvStats {
+        wire_bytes: table_len,
+        ..Default::default()
+    };
     let mut iovs: Vec<libc::iovec> = Vec::new();
     for e in &entries {
         let reg = &regions[e.region];
@@ -526,7 +598,11 @@ fn zero_range(reg: &Region, offset: u64, len: u64) {
         }
         // SAFETY: as above.
         let h = unsafe { libc::lseek(fd, (fstart + d) as libc::off_t, libc::SEEK_HOLE) };
-        let h = if h < 0 { end } else { (h as u64 - fstart).next_multiple_of(PAGE_SIZE).min(end) };
+        let h = if h < 0 {
+            end
+        } else {
+            (h as u64 - fstart).next_multiple_of(PAGE_SIZE).min(end)
+        };
         let h = if h <= d { end } else { h };
         memset(d, h);
         cur = h;
@@ -545,14 +621,28 @@ pub fn tune_socket(sock: RawFd) -> Result<()> {
     let mut domain: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `domain` and `len` are valid for getsockopt to write an int.
-    let rc = unsafe { libc::getsockopt(sock, libc::SOL_SOCKET, libc::SO_DOMAIN, (&mut domain as *mut libc::c_int).cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
     if rc < 0 {
         return Err(Error::os(Kind::Migration, "migration socket", last_errno()));
     }
     let set = |level: libc::c_int, name: libc::c_int, what: &str, val: libc::c_int| -> Result<()> {
         // SAFETY: `val` is a c_int that lives across the call; its size is passed.
         let rc = unsafe {
-            libc::setsockopt(sock, level, name, (&val as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+            libc::setsockopt(
+                sock,
+                level,
+                name,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
         };
         if rc < 0 {
             return Err(Error::os(Kind::Migration, what, last_errno()));
@@ -561,10 +651,25 @@ pub fn tune_socket(sock: RawFd) -> Result<()> {
     };
     match domain {
         libc::AF_UNIX => {
-            set(libc::SOL_SOCKET, libc::SO_SNDBUF, "setsockopt SO_SNDBUF", UNIX_SOCKET_BUFFER)?;
-            set(libc::SOL_SOCKET, libc::SO_RCVBUF, "setsockopt SO_RCVBUF", UNIX_SOCKET_BUFFER)
+            set(
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                "setsockopt SO_SNDBUF",
+                UNIX_SOCKET_BUFFER,
+            )?;
+            set(
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                "setsockopt SO_RCVBUF",
+                UNIX_SOCKET_BUFFER,
+            )
         }
-        libc::AF_INET | libc::AF_INET6 => set(libc::IPPROTO_TCP, libc::TCP_NODELAY, "setsockopt TCP_NODELAY", 1),
+        libc::AF_INET | libc::AF_INET6 => set(
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            "setsockopt TCP_NODELAY",
+            1,
+        ),
         _ => Ok(()),
     }
 }
@@ -585,7 +690,17 @@ mod tests {
     fn socketpair() -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors socketpair returns.
-        assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) }, 0);
+        assert_eq!(
+            unsafe {
+                libc::socketpair(
+                    libc::AF_UNIX,
+                    libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                    0,
+                    fds.as_mut_ptr(),
+                )
+            },
+            0
+        );
         // SAFETY: both descriptors are fresh and owned by nobody else.
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
     }
@@ -605,7 +720,9 @@ mod tests {
     }
 
     fn fill_random(ram: &GuestRam, gpa: u64, len: u64, rng: &mut Rng) {
-        let bytes: Vec<u8> = (0..len / 8).flat_map(|_| rng.next().to_le_bytes()).collect();
+        let bytes: Vec<u8> = (0..len / 8)
+            .flat_map(|_| rng.next().to_le_bytes())
+            .collect();
         ram.mem.write_slice(&bytes, GuestAddress(gpa)).unwrap();
     }
 
@@ -616,7 +733,10 @@ mod tests {
     }
 
     fn snapshot(ram: &GuestRam) -> Vec<Vec<u8>> {
-        ram.regions().iter().map(|&(gpa, _, size)| read(ram, gpa, size)).collect()
+        ram.regions()
+            .iter()
+            .map(|&(gpa, _, size)| read(ram, gpa, size))
+            .collect()
     }
 
     fn read_exact(fd: RawFd, buf: &mut [u8]) {
@@ -628,14 +748,20 @@ mod tests {
         let mut h = [0u8; HEADER_SIZE];
         read_exact(fd, &mut h);
         assert_eq!(u16::from_le_bytes([h[0], h[1]]), CMD_MEMORY);
-        recv_memory(Link::Plain(fd), ram, u64::from_le_bytes(h[8..16].try_into().unwrap()))
+        recv_memory(
+            Link::Plain(fd),
+            ram,
+            u64::from_le_bytes(h[8..16].try_into().unwrap()),
+        )
     }
 
     /// Sends `table` from `src` on one thread, receives into `dst` here.
     fn transfer(src: &Arc<GuestRam>, dst: &GuestRam, table: &RangeTable) -> (SendStats, RecvStats) {
         let (a, b) = socketpair();
         let (src, table) = (src.clone(), table.clone());
-        let sender = std::thread::spawn(move || send_memory(Link::Plain(a.as_raw_fd()), &src, &table, None).unwrap());
+        let sender = std::thread::spawn(move || {
+            send_memory(Link::Plain(a.as_raw_fd()), &src, &table, None).unwrap()
+        });
         let got = recv_frame(b.as_raw_fd(), dst).unwrap();
         (sender.join().unwrap(), got)
     }
@@ -650,7 +776,9 @@ mod tests {
         fill_random(&src, 4 * P, 2 * P, &mut rng);
         fill_random(&src, 8 * MIB - P, P, &mut rng);
         // A page that is zero except its very last byte, and one that is zero except its first.
-        src.mem.write_obj(0xffu8, GuestAddress(0x10_0000 + P - 1)).unwrap();
+        src.mem
+            .write_obj(0xffu8, GuestAddress(0x10_0000 + P - 1))
+            .unwrap();
         src.mem.write_obj(0x01u8, GuestAddress(0x10_2000)).unwrap();
         // Region 1: 2 random MiB at its start, its last page random.
         fill_random(&src, 16 * MIB, 2 * MIB, &mut rng);
@@ -670,7 +798,12 @@ mod tests {
         let (sent, got) = transfer(&src, &dst, &table);
 
         for r in &table {
-            assert_eq!(read(&src, r.gpa, r.len), read(&dst, r.gpa, r.len), "range {:#x}", r.gpa);
+            assert_eq!(
+                read(&src, r.gpa, r.len),
+                read(&dst, r.gpa, r.len),
+                "range {:#x}",
+                r.gpa
+            );
         }
         // Outside the table the destination kept what it had.
         assert_eq!(read(&dst, 7 * MIB, MIB - P), untouched_dst);
@@ -678,7 +811,10 @@ mod tests {
         assert_eq!(sent.pages + sent.zero_pages, total);
         assert_eq!(sent.pages, 3 + 2 + 1 + 2 + 512 + 1);
         assert_eq!(sent.bytes_sent, sent.pages * P);
-        assert_eq!((got.pages, got.zero_pages, got.bytes_received), (sent.pages, sent.zero_pages, sent.bytes_sent));
+        assert_eq!(
+            (got.pages, got.zero_pages, got.bytes_received),
+            (sent.pages, sent.zero_pages, sent.bytes_sent)
+        );
         assert_eq!(got.wire_bytes + HEADER_SIZE as u64, sent.wire_bytes);
     }
 
@@ -694,8 +830,15 @@ mod tests {
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let s = l.accept().unwrap().0;
         let server = TlsContext::load(&dir, Role::Server).unwrap();
-        let accept = std::thread::spawn(move || server.handshake(s.into(), "", std::time::Duration::from_secs(5)).unwrap());
-        let mut tx = TlsContext::load(&dir, Role::Client).unwrap().handshake(c.into(), "127.0.0.1", std::time::Duration::from_secs(5)).unwrap();
+        let accept = std::thread::spawn(move || {
+            server
+                .handshake(s.into(), "", std::time::Duration::from_secs(5))
+                .unwrap()
+        });
+        let mut tx = TlsContext::load(&dir, Role::Client)
+            .unwrap()
+            .handshake(c.into(), "127.0.0.1", std::time::Duration::from_secs(5))
+            .unwrap();
         let mut rx = accept.join().unwrap();
         let mut table = RangeTable::new();
         table.push(0, 16 * MIB);
@@ -709,7 +852,12 @@ mod tests {
         });
         let mut h = [0u8; HEADER_SIZE];
         rx.read_exact(&mut h).unwrap();
-        let got = recv_memory(Link::Tls(&mut rx), &dst, u64::from_le_bytes(h[8..16].try_into().unwrap())).unwrap();
+        let got = recv_memory(
+            Link::Tls(&mut rx),
+            &dst,
+            u64::from_le_bytes(h[8..16].try_into().unwrap()),
+        )
+        .unwrap();
         let (sent, _tx) = sender.join().unwrap();
         let secs = t0.elapsed().as_secs_f64();
         assert_eq!(read(&src, 0, 16 * MIB), read(&dst, 0, 16 * MIB));
@@ -724,14 +872,16 @@ mod tests {
         let src = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();
         let mut rng = Rng(77);
         fill_random(&src, 0, 9 * MIB, &mut rng); // 9 MiB non-zero: split 4 + 4 + 1 MiB
-        // 9 MiB..16 MiB zero except the page at 12 MiB.
+                                                 // 9 MiB..16 MiB zero except the page at 12 MiB.
         fill_random(&src, 12 * MIB, P, &mut rng);
         let mut table = RangeTable::new();
         table.push(0, 16 * MIB);
         let (a, b) = socketpair();
         let src2 = src.clone();
         let t2 = table.clone();
-        let sender = std::thread::spawn(move || send_memory(Link::Plain(a.as_raw_fd()), &src2, &t2, None).unwrap());
+        let sender = std::thread::spawn(move || {
+            send_memory(Link::Plain(a.as_raw_fd()), &src2, &t2, None).unwrap()
+        });
         let mut h = [0u8; HEADER_SIZE];
         read_exact(b.as_raw_fd(), &mut h);
         assert_eq!(&h[0..8], &[4, 0, 0, 0, 0, 0, 0, 0]);
@@ -740,7 +890,13 @@ mod tests {
         read_exact(b.as_raw_fd(), &mut t);
         let entries: Vec<(u64, u32, u32)> = t
             .chunks(16)
-            .map(|e| (u64::from_le_bytes(e[0..8].try_into().unwrap()), u32::from_le_bytes(e[8..12].try_into().unwrap()), u32::from_le_bytes(e[12..16].try_into().unwrap())))
+            .map(|e| {
+                (
+                    u64::from_le_bytes(e[0..8].try_into().unwrap()),
+                    u32::from_le_bytes(e[8..12].try_into().unwrap()),
+                    u32::from_le_bytes(e[12..16].try_into().unwrap()),
+                )
+            })
             .collect();
         let m = MIB as u32;
         assert_eq!(
@@ -759,13 +915,25 @@ mod tests {
         assert_eq!(&data[..9 * MIB as usize], &read(&src, 0, 9 * MIB)[..]);
         assert_eq!(&data[9 * MIB as usize..], &read(&src, 12 * MIB, P)[..]);
         let stats = sender.join().unwrap();
-        assert_eq!(stats, SendStats { bytes_sent: 9 * MIB + P, pages: 9 * 256 + 1, zero_pages: 7 * 256 - 1, wire_bytes: 16 + 6 * 16 + 9 * MIB + P });
+        assert_eq!(
+            stats,
+            SendStats {
+                bytes_sent: 9 * MIB + P,
+                pages: 9 * 256 + 1,
+                zero_pages: 7 * 256 - 1,
+                wire_bytes: 16 + 6 * 16 + 9 * MIB + P
+            }
+        );
         // Nothing more on the wire.
         // SAFETY: plain fcntl on our own descriptor.
         unsafe { libc::fcntl(b.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         let mut one = [0u8; 1];
         // SAFETY: reads at most one byte into `one`.
-        assert_eq!(unsafe { libc::read(b.as_raw_fd(), one.as_mut_ptr().cast(), 1) }, 0, "the sender closed after one frame");
+        assert_eq!(
+            unsafe { libc::read(b.as_raw_fd(), one.as_mut_ptr().cast(), 1) },
+            0,
+            "the sender closed after one frame"
+        );
     }
 
     #[test]
@@ -773,7 +941,13 @@ mod tests {
         let src = two_regions();
         let dst = two_regions();
         let (sent, got) = transfer(&src, &dst, &RangeTable::new());
-        assert_eq!(sent, SendStats { wire_bytes: 16, ..Default::default() });
+        assert_eq!(
+            sent,
+            SendStats {
+                wire_bytes: 16,
+                ..Default::default()
+            }
+        );
         assert_eq!(got, RecvStats::default());
     }
 
@@ -800,11 +974,20 @@ mod tests {
         drop(a);
         let mut h = [0u8; HEADER_SIZE];
         read_exact(b.as_raw_fd(), &mut h);
-        assert_eq!(u64::from_le_bytes(h[8..16].try_into().unwrap()), 8 * 16, "only the good frame went out");
+        assert_eq!(
+            u64::from_le_bytes(h[8..16].try_into().unwrap()),
+            8 * 16,
+            "only the good frame went out"
+        );
     }
 
     /// Writes `header length` + `table` (+ `extra` bytes) to a socket, closes it, runs recv_memory.
-    fn recv_raw(dst: &GuestRam, table_len: u64, table: &[(u64, u32, u32)], extra: usize) -> Result<RecvStats> {
+    fn recv_raw(
+        dst: &GuestRam,
+        table_len: u64,
+        table: &[(u64, u32, u32)],
+        extra: usize,
+    ) -> Result<RecvStats> {
         let (a, b) = socketpair();
         let mut bytes: Vec<u8> = Vec::new();
         for &(gpa, len, flags) in table {
@@ -834,7 +1017,10 @@ mod tests {
         type Table = Vec<(u64, u32, u32)>;
         let cases: Vec<(&str, Table)> = vec![
             ("outside RAM", vec![good, (8 * MIB, p, 0)]),
-            ("across a region end", vec![good, (8 * MIB - P, 2 * p, FLAG_ZERO)]),
+            (
+                "across a region end",
+                vec![good, (8 * MIB - P, 2 * p, FLAG_ZERO)],
+            ),
             ("far outside", vec![good, (u64::MAX - P + 1, p, FLAG_ZERO)]),
             ("unaligned gpa", vec![good, (0x10_0800, p, 0)]),
             ("unaligned length", vec![good, (0x10_0000, 100, 0)]),
@@ -855,7 +1041,10 @@ mod tests {
         assert!(recv_raw(&dst, TABLE_MAX + 16, &[good], 0).is_err());
         // Truncated table: the header promised 3 entries, 2 came.
         assert!(recv_raw(&dst, 48, &[good, (P, p, FLAG_ZERO)], 0).is_err());
-        assert!(snapshot(&dst) == before, "truncated table: guest memory changed");
+        assert!(
+            snapshot(&dst) == before,
+            "truncated table: guest memory changed"
+        );
         // Truncated data: a stream that ends inside the page bytes is an error too.
         let e = recv_raw(&dst, 32, &[good, (0x10_0000, 2 * p, 0)], P as usize + 5).unwrap_err();
         assert!(e.message.contains("ended"), "{}", e.message);
@@ -872,7 +1061,10 @@ mod tests {
         dst.mem.write_obj(0x55u8, GuestAddress(MIB + 7)).unwrap();
         let s = recv_raw(&dst, 16, &[(0, 4 * MIB as u32, FLAG_ZERO)], 0).unwrap();
         assert_eq!(s.zero_pages, 1024);
-        assert!(read(&dst, MIB, P).iter().all(|&b| b == 0), "a written page is zeroed");
+        assert!(
+            read(&dst, MIB, P).iter().all(|&b| b == 0),
+            "a written page is zeroed"
+        );
         // Only the one page that had data is allocated: the rest stayed holes.
         let t = crate::dirty::all_ram(&dst);
         assert_eq!(t.total_bytes(), P);
@@ -896,7 +1088,9 @@ mod tests {
             }
         }
         let (src2, t2) = (src.clone(), table.clone());
-        let sender = std::thread::spawn(move || send_memory(Link::Plain(a.as_raw_fd()), &src2, &t2, None).unwrap());
+        let sender = std::thread::spawn(move || {
+            send_memory(Link::Plain(a.as_raw_fd()), &src2, &t2, None).unwrap()
+        });
         let got = recv_frame(b.as_raw_fd(), &dst).unwrap();
         let sent = sender.join().unwrap();
         assert_eq!(got.pages, sent.pages);
@@ -904,13 +1098,27 @@ mod tests {
         for r in &table {
             assert_eq!(read(&src, r.gpa, r.len), read(&dst, r.gpa, r.len));
         }
-        assert!(read(&dst, 0, P).iter().all(|&b| b == 0), "page 0 was not in the table");
+        assert!(
+            read(&dst, 0, P).iter().all(|&b| b == 0),
+            "page 0 was not in the table"
+        );
     }
 
     fn set_timeout(fd: RawFd, opt: libc::c_int, ms: i64) {
-        let tv = libc::timeval { tv_sec: 0, tv_usec: ms * 1000 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: ms * 1000,
+        };
         // SAFETY: `tv` is a valid timeval for the option.
-        let rc = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t) };
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
         assert_eq!(rc, 0);
     }
 
@@ -924,7 +1132,12 @@ mod tests {
         let mut t = RangeTable::new();
         t.push(0, 8 * MIB);
         let e = send_memory(Link::Plain(a.as_raw_fd()), &ram, &t, None).unwrap_err();
-        assert_eq!((e.kind, e.errno), (Kind::Migration, Some(libc::EAGAIN)), "{}", e.message);
+        assert_eq!(
+            (e.kind, e.errno),
+            (Kind::Migration, Some(libc::EAGAIN)),
+            "{}",
+            e.message
+        );
         assert!(e.message.contains("timed out"), "{}", e.message);
         // Nobody writes: SO_RCVTIMEO expires while the table is awaited.
         let (c, _d) = socketpair();
@@ -945,10 +1158,21 @@ mod tests {
         let mut val: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: `val` and `len` are valid for getsockopt to write.
-        unsafe { libc::getsockopt(a.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&mut val as *mut libc::c_int).cast(), &mut len) };
+        unsafe {
+            libc::getsockopt(
+                a.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&mut val as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
         assert!(val >= UNIX_SOCKET_BUFFER, "unix SO_SNDBUF {val}");
         assert!(tune_socket(0x7fff_0000).is_err());
         let f = std::fs::File::open("/dev/null").unwrap();
-        assert_eq!(tune_socket(f.as_raw_fd()).unwrap_err().errno, Some(libc::ENOTSOCK));
+        assert_eq!(
+            tune_socket(f.as_raw_fd()).unwrap_err().errno,
+            Some(libc::ENOTSOCK)
+        );
     }
 }

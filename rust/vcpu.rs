@@ -56,14 +56,22 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 /// The kick only has to interrupt KVM_RUN; its handler does nothing.
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
-    ONCE.call_once(|| register_signal_handler(kick_signal(), on_kick).expect("installing the vCPU kick handler"));
+    ONCE.call_once(|| {
+        register_signal_handler(kick_signal(), on_kick).expect("installing the vCPU kick handler")
+    });
 }
 
 impl VcpuControl {
     pub fn new(index: u8, fd: &mut VcpuFd) -> Arc<VcpuControl> {
         Arc::new(VcpuControl {
             index,
-            ctl: Mutex::new(Ctl { want: Want::Run, paused: false, parked: false, exited: false, thread: None }),
+            ctl: Mutex::new(Ctl {
+                want: Want::Run,
+                paused: false,
+                parked: false,
+                exited: false,
+                thread: None,
+            }),
             cv: Condvar::new(),
             run: AtomicPtr::new(fd.get_kvm_run() as *mut kvm_run),
         })
@@ -112,7 +120,10 @@ impl VcpuControl {
         while !(c.paused || c.exited) {
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::new(Kind::PauseTimeout, format!("vCPU {} did not acknowledge the pause", self.index)));
+                return Err(Error::new(
+                    Kind::PauseTimeout,
+                    format!("vCPU {} did not acknowledge the pause", self.index),
+                ));
             }
             c = self.cv.wait_timeout(c, deadline - now).unwrap().0;
         }
@@ -179,14 +190,21 @@ fn complete_pending_io(fd: &mut VcpuFd) {
 }
 
 /// Spawns the vCPU thread.
-pub fn spawn(fd: SharedVcpuFd, ctl: Arc<VcpuControl>, vm: Arc<VmShared>) -> Result<std::thread::JoinHandle<()>> {
+pub fn spawn(
+    fd: SharedVcpuFd,
+    ctl: Arc<VcpuControl>,
+    vm: Arc<VmShared>,
+) -> Result<std::thread::JoinHandle<()>> {
     use std::os::unix::thread::JoinHandleExt;
     install_kick_handler();
     let thread_ctl = ctl.clone();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{}", ctl.index))
         .spawn(move || {
-            let _exit = ExitGuard { ctl: &thread_ctl, vm: &vm };
+            let _exit = ExitGuard {
+                ctl: &thread_ctl,
+                vm: &vm,
+            };
             unblock_kick_signal();
             run_loop(&fd, &thread_ctl, &vm);
         })
@@ -204,9 +222,17 @@ struct ExitGuard<'a> {
 impl Drop for ExitGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.vm.record_failure(self.ctl.index, "the vCPU thread panicked".into(), Vec::new());
+            self.vm.record_failure(
+                self.ctl.index,
+                "the vCPU thread panicked".into(),
+                Vec::new(),
+            );
         }
-        let mut c = self.ctl.ctl.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut c = self
+            .ctl
+            .ctl
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         c.exited = true;
         drop(c);
         self.ctl.cv.notify_all();
@@ -240,7 +266,9 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &VcpuControl, vm: &VmShared) {
             let mut fd = fd.lock().unwrap();
             let outcome = match fd.run() {
                 Ok(exit) => handle_exit(exit, vm),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Outcome::Continue,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Outcome::Continue
+                }
                 Err(e) => Outcome::Error(format!("KVM_RUN failed: {e}")),
             };
             if let Outcome::Error(reason) = outcome {
@@ -254,7 +282,10 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &VcpuControl, vm: &VmShared) {
         match outcome {
             Outcome::Continue | Outcome::Error(_) => {}
             Outcome::Idle(ms) => {
-                vm.gate.sleep(&mut idle_seq, Duration::from_millis(ms as u64), || ctl.interrupted());
+                vm.gate
+                    .sleep(&mut idle_seq, Duration::from_millis(ms as u64), || {
+                        ctl.interrupted()
+                    });
             }
             Outcome::Request(req) => {
                 ctl.park();
@@ -301,11 +332,17 @@ fn handle_exit(exit: VcpuExit, vm: &VmShared) -> Outcome {
         VcpuExit::Intr | VcpuExit::Hlt | VcpuExit::IoapicEoi(_) => Outcome::Continue,
         // A triple fault.
         VcpuExit::Shutdown => Outcome::Request(LifecycleRequest::Reset),
-        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Outcome::Request(LifecycleRequest::Reset),
-        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => Outcome::Request(LifecycleRequest::Shutdown),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => {
+            Outcome::Request(LifecycleRequest::Reset)
+        }
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => {
+            Outcome::Request(LifecycleRequest::Shutdown)
+        }
         VcpuExit::SystemEvent(kind, _) => Outcome::Error(format!("system event {kind}")),
         VcpuExit::InternalError => Outcome::Error("internal error".into()),
-        VcpuExit::FailEntry(reason, cpu) => Outcome::Error(format!("failed entry (hardware reason {reason:#x}, cpu {cpu})")),
+        VcpuExit::FailEntry(reason, cpu) => Outcome::Error(format!(
+            "failed entry (hardware reason {reason:#x}, cpu {cpu})"
+        )),
         VcpuExit::Unknown => Outcome::Error("unknown exit".into()),
         other => Outcome::Error(format!("unhandled exit {other:?}")),
     }

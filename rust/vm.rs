@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -17,17 +19,19 @@ use crate::console::{Console, InputListener};
 use crate::devices::bus::{MmioBus, PioBus};
 use crate::devices::ged::{self, Ged};
 use crate::devices::msi_routes::MsiRoutes;
-use crate::devices::pci::{bar_window::PciBarWindow, config_io::PciConfigIo, ecam::PciEcam, PciRoot, SharedFunction};
+use crate::devices::pci::{
+    bar_window::PciBarWindow, config_io::PciConfigIo, ecam::PciEcam, PciRoot, SharedFunction,
+};
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::disk_image::DiskImage;
 use crate::devices::virtio::msix::Msix;
 use crate::devices::virtio::pci::{VirtioPci, VirtioPciState, BAR0_SIZE};
 use crate::devices::virtio::worker::Worker;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
+use crate::dirty::{self, DirtyLog};
 use crate::error::{Error, Kind, Result};
 use crate::fd::dup_owned;
 use crate::idle::IdleGate;
-use crate::dirty::{self, DirtyLog};
 use crate::memory::GuestRam;
 use crate::ranges::RangeTable;
 use crate::state::{self, Blobs, VcpuState};
@@ -121,7 +125,9 @@ impl VmShared {
     /// Records the VM's first lifecycle request, then writes its eventfd: whoever reads the eventfd
     /// finds the record already there.
     pub fn request(&self, req: LifecycleRequest) {
-        let _ = self.first_request.compare_exchange(0, req as u8, Ordering::SeqCst, Ordering::SeqCst);
+        let _ =
+            self.first_request
+                .compare_exchange(0, req as u8, Ordering::SeqCst, Ordering::SeqCst);
         let evt = match req {
             LifecycleRequest::Reset => &self.reset_evt,
             LifecycleRequest::Shutdown => &self.guest_exit_evt,
@@ -147,17 +153,36 @@ impl VmShared {
         }
         let mut regs = Vec::new();
         if let Ok(r) = fd.get_regs() {
-            regs.extend([("rip", r.rip), ("rsp", r.rsp), ("rflags", r.rflags), ("rax", r.rax), ("rbx", r.rbx), ("rcx", r.rcx), ("rdx", r.rdx), ("rsi", r.rsi), ("rdi", r.rdi)]);
+            regs.extend([
+                ("rip", r.rip),
+                ("rsp", r.rsp),
+                ("rflags", r.rflags),
+                ("rax", r.rax),
+                ("rbx", r.rbx),
+                ("rcx", r.rcx),
+                ("rdx", r.rdx),
+                ("rsi", r.rsi),
+                ("rdi", r.rdi),
+            ]);
         }
         if let Ok(s) = fd.get_sregs() {
-            regs.extend([("cr0", s.cr0), ("cr3", s.cr3), ("cr4", s.cr4), ("efer", s.efer), ("cs", s.cs.selector as u64)]);
+            regs.extend([
+                ("cr0", s.cr0),
+                ("cr3", s.cr3),
+                ("cr4", s.cr4),
+                ("efer", s.efer),
+                ("cs", s.cs.selector as u64),
+            ]);
         }
         self.record_failure(vcpu, reason, regs);
     }
 
     /// Records the VM's first unhandled failure and tells the control loop (error eventfd).
     pub fn record_failure(&self, vcpu: u8, reason: String, regs: Vec<(&'static str, u64)>) {
-        let mut slot = self.error.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot = self
+            .error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if slot.is_none() {
             *slot = Some(VmErrorInfo { vcpu, reason, regs });
         }
@@ -221,15 +246,33 @@ impl Vm {
     /// Builds a VM. With `restore`, guest memory and CPU state come from a snapshot or a migration
     /// (`restore_state`), so no payload is loaded and no boot state is written; `memory_fds` then
     /// maps RAM another VMM on this host hands over (same-host migration) instead of fresh memory.
-    pub fn new(cfg: &VmConfig, console: Console, fds: &LifecycleFds, restore: bool, memory_fds: Option<Vec<File>>) -> Result<Vm> {
+    pub fn new(
+        cfg: &VmConfig,
+        console: Console,
+        fds: &LifecycleFds,
+        restore: bool,
+        memory_fds: Option<Vec<File>>,
+    ) -> Result<Vm> {
         if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-            return Err(Error::new(Kind::InvalidConfig, format!("vcpus must be 1..={MAX_VCPUS}, not {}", cfg.vcpus)));
+            return Err(Error::new(
+                Kind::InvalidConfig,
+                format!("vcpus must be 1..={MAX_VCPUS}, not {}", cfg.vcpus),
+            ));
         }
         if cfg.memory_size < (64 << 20) || !cfg.memory_size.is_multiple_of(1 << 20) {
-            return Err(Error::new(Kind::InvalidConfig, format!("memory size {} is not a whole number of MiB >= 64 MiB", cfg.memory_size)));
+            return Err(Error::new(
+                Kind::InvalidConfig,
+                format!(
+                    "memory size {} is not a whole number of MiB >= 64 MiB",
+                    cfg.memory_size
+                ),
+            ));
         }
         if cfg.disks.len() > MAX_DISKS {
-            return Err(Error::new(Kind::InvalidConfig, format!("{} disks: at most {MAX_DISKS}", cfg.disks.len())));
+            return Err(Error::new(
+                Kind::InvalidConfig,
+                format!("{} disks: at most {MAX_DISKS}", cfg.disks.len()),
+            ));
         }
         // Disk images open first: a missing or unreadable one fails the build before anything runs.
         let images = cfg
@@ -238,12 +281,21 @@ impl Vm {
             .map(|d| DiskImage::open(&d.path, d.readonly, d.direct))
             .collect::<Result<Vec<_>>>()?;
         let kvm = Kvm::new().map_err(|e| Error::kvm("opening /dev/kvm", e))?;
-        let fd = kvm.create_vm().map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
-        fd.set_tss_address(layout::KVM_TSS_ADDR).map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
-        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR).map_err(|e| Error::kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
-        fd.create_irq_chip().map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
-        fd.create_pit2(pit).map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
+        let fd = kvm
+            .create_vm()
+            .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(layout::KVM_TSS_ADDR)
+            .map_err(|e| Error::kvm("KVM_SET_TSS_ADDR", e))?;
+        fd.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDR)
+            .map_err(|e| Error::kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        fd.create_irq_chip()
+            .map_err(|e| Error::kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| Error::kvm("KVM_CREATE_PIT2", e))?;
         // Before any slot logs dirty pages, as KVM requires.
         let manual_protect = dirty::enable_manual_protect(&fd);
 
@@ -252,9 +304,22 @@ impl Vm {
             Some(files) => {
                 let ranges = layout::ram_ranges(cfg.memory_size);
                 if files.len() != ranges.len() || !restore {
-                    return Err(Error::new(Kind::InvalidConfig, format!("{} memory fds for {} RAM regions", files.len(), ranges.len())));
+                    return Err(Error::new(
+                        Kind::InvalidConfig,
+                        format!(
+                            "{} memory fds for {} RAM regions",
+                            files.len(),
+                            ranges.len()
+                        ),
+                    ));
                 }
-                GuestRam::from_fds(ranges.iter().zip(files).map(|(&(gpa, size), f)| (gpa, f, size)).collect())?
+                GuestRam::from_fds(
+                    ranges
+                        .iter()
+                        .zip(files)
+                        .map(|(&(gpa, size), f)| (gpa, f, size))
+                        .collect(),
+                )?
             }
         };
         for (slot, (gpa, host, size)) in ram.regions().into_iter().enumerate() {
@@ -266,16 +331,21 @@ impl Vm {
                 userspace_addr: host,
             };
             // SAFETY: the region maps memory owned by `ram`, which outlives the VM fd (field order).
-            unsafe { fd.set_user_memory_region(region) }.map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(|e| Error::kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
 
         let mut vcpu_fds = Vec::new();
         for i in 0..cfg.vcpus {
-            vcpu_fds.push(fd.create_vcpu(i as u64).map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?);
+            vcpu_fds.push(
+                fd.create_vcpu(i as u64)
+                    .map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?,
+            );
         }
         let base_cpuid = cpuid::supported(&kvm)?;
         for (i, vcpu) in vcpu_fds.iter().enumerate() {
-            vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i as u8, cfg.vcpus)).map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i as u8, cfg.vcpus))
+                .map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
         }
         let (payload_kind, boot_protocol, cmdline) = if restore {
             (None, None, cfg.cmdline.clone())
@@ -289,7 +359,8 @@ impl Vm {
 
         // Devices.
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e))?;
-        fd.register_irqfd(&irq, SERIAL_GSI).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+        fd.register_irqfd(&irq, SERIAL_GSI)
+            .map_err(|e| Error::kvm("KVM_IRQFD", e))?;
         let serial = Arc::new(Mutex::new(Serial::new(irq, console.clone())));
         let mut pio = PioBus::default();
         pio.insert(0x3f8, 8, serial.clone());
@@ -303,19 +374,41 @@ impl Vm {
         pio.insert(0x70, 2, cmos.clone());
         pio.insert(0x600, 8, Arc::new(Mutex::new(AcpiPm)));
         let ged_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e))?;
-        fd.register_irqfd(&ged_irq, ged::GED_GSI).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+        fd.register_irqfd(&ged_irq, ged::GED_GSI)
+            .map_err(|e| Error::kvm("KVM_IRQFD", e))?;
         let ged = Arc::new(Mutex::new(Ged::new(ged_irq)));
         let mut mmio = MmioBus::default();
         mmio.insert(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE, ged.clone());
         let fd = Arc::new(fd);
         let devices = build_disks(&fd, &ram, cfg, images)?;
-        let functions: Vec<SharedFunction> = devices.iter().map(|d| d.dev.clone() as SharedFunction).collect();
+        let functions: Vec<SharedFunction> = devices
+            .iter()
+            .map(|d| d.dev.clone() as SharedFunction)
+            .collect();
         let root = Arc::new(PciRoot::new(functions));
-        pio.insert(crate::devices::pci::config_io::PORT, crate::devices::pci::config_io::LEN, Arc::new(Mutex::new(PciConfigIo::new(root.clone()))));
-        mmio.insert(layout::PCI_ECAM_BASE, layout::PCI_ECAM_SIZE, Arc::new(Mutex::new(PciEcam::new(root.clone()))));
-        let windows = [(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE), (layout::pci_mmio64_base(cfg.memory_size), layout::PCI_MMIO64_SIZE)];
+        pio.insert(
+            crate::devices::pci::config_io::PORT,
+            crate::devices::pci::config_io::LEN,
+            Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+        );
+        mmio.insert(
+            layout::PCI_ECAM_BASE,
+            layout::PCI_ECAM_SIZE,
+            Arc::new(Mutex::new(PciEcam::new(root.clone()))),
+        );
+        let windows = [
+            (layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE),
+            (
+                layout::pci_mmio64_base(cfg.memory_size),
+                layout::PCI_MMIO64_SIZE,
+            ),
+        ];
         for (base, size) in windows {
-            mmio.insert(base, size, Arc::new(Mutex::new(PciBarWindow::new(root.clone(), base))));
+            mmio.insert(
+                base,
+                size,
+                Arc::new(Mutex::new(PciBarWindow::new(root.clone(), base))),
+            );
         }
 
         let shared = Arc::new(VmShared {
@@ -343,7 +436,22 @@ impl Vm {
                 thread: None,
             })
             .collect();
-        Ok(Vm { vcpus, devices, shared, console, listener, cmos, dirty: Mutex::new(None), manual_protect, fd, kvm, ram, payload_kind, boot_protocol, cmdline })
+        Ok(Vm {
+            vcpus,
+            devices,
+            shared,
+            console,
+            listener,
+            cmos,
+            dirty: Mutex::new(None),
+            manual_protect,
+            fd,
+            kvm,
+            ram,
+            payload_kind,
+            boot_protocol,
+            cmdline,
+        })
     }
 
     /// Starts the vCPU threads; with `paused`, they stop before running any guest code (a
@@ -356,13 +464,30 @@ impl Vm {
             if paused {
                 slot.ctl.pause(&self.shared);
             }
-            slot.thread = Some(vcpu::spawn(slot.fd.clone(), slot.ctl.clone(), self.shared.clone())?);
+            slot.thread = Some(vcpu::spawn(
+                slot.fd.clone(),
+                slot.ctl.clone(),
+                self.shared.clone(),
+            )?);
         }
         for (i, d) in self.devices.iter_mut().enumerate() {
-            let kicks = d.kicks.iter().map(|k| k.try_clone()).collect::<std::io::Result<Vec<_>>>();
+            let kicks = d
+                .kicks
+                .iter()
+                .map(|k| k.try_clone())
+                .collect::<std::io::Result<Vec<_>>>();
             let kicks = kicks.map_err(|e| Error::io(Kind::Kvm, "dup of a kick eventfd", e))?;
-            let wake = d.wake.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a wake eventfd", e))?;
-            d.worker = Some(Worker::spawn(format!("virtio-blk{i}"), d.dev.clone(), kicks, wake, paused)?);
+            let wake = d
+                .wake
+                .try_clone()
+                .map_err(|e| Error::io(Kind::Kvm, "dup of a wake eventfd", e))?;
+            d.worker = Some(Worker::spawn(
+                format!("virtio-blk{i}"),
+                d.dev.clone(),
+                kicks,
+                wake,
+                paused,
+            )?);
         }
         // Input typed before boot is waiting in the console.
         self.shared.input_ready();
@@ -385,7 +510,11 @@ impl Vm {
         // Then what the devices wrote goes to stable storage: a destination on another host
         // opens the same shared image and must read it.
         for d in &self.devices {
-            d.dev.lock().unwrap().sync_backing().map_err(|e| Error::io(Kind::HostIo, &format!("syncing disk {}", d.id), e))?;
+            d.dev
+                .lock()
+                .unwrap()
+                .sync_backing()
+                .map_err(|e| Error::io(Kind::HostIo, &format!("syncing disk {}", d.id), e))?;
         }
         Ok(())
     }
@@ -417,13 +546,25 @@ impl Vm {
     }
 
     pub fn vcpu_states(&self) -> Vec<&'static str> {
-        self.vcpus.iter().map(|v| if v.thread.is_some() { v.ctl.state() } else { "created" }).collect()
+        self.vcpus
+            .iter()
+            .map(|v| {
+                if v.thread.is_some() {
+                    v.ctl.state()
+                } else {
+                    "created"
+                }
+            })
+            .collect()
     }
 
     pub fn start_dirty_log(&self) -> Result<()> {
         let mut dirty = self.dirty.lock().unwrap();
         if dirty.is_some() {
-            return Err(Error::new(Kind::InvalidState, "dirty logging is on already"));
+            return Err(Error::new(
+                Kind::InvalidState,
+                "dirty logging is on already",
+            ));
         }
         *dirty = Some(DirtyLog::start(&self.fd, &self.ram, self.manual_protect)?);
         Ok(())
@@ -446,8 +587,15 @@ impl Vm {
 
     /// The state of a paused (or never started) VM.
     pub fn save_state(&self) -> Result<SavedState> {
-        if self.vcpus.iter().any(|v| v.thread.is_some() && !matches!(v.ctl.state(), "paused" | "exited")) {
-            return Err(Error::new(Kind::InvalidState, "the VM must be paused to save its state"));
+        if self
+            .vcpus
+            .iter()
+            .any(|v| v.thread.is_some() && !matches!(v.ctl.state(), "paused" | "exited"))
+        {
+            return Err(Error::new(
+                Kind::InvalidState,
+                "the VM must be paused to save its state",
+            ));
         }
         let vcpus = self
             .vcpus
@@ -459,17 +607,31 @@ impl Vm {
             machine: state::save_machine(&self.fd)?,
             serial: self.shared.serial.lock().unwrap().state(),
             cmos: self.cmos.lock().unwrap().state(),
-            devices: self.devices.iter().map(|d| (d.id.clone(), d.dev.lock().unwrap().save())).collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|d| (d.id.clone(), d.dev.lock().unwrap().save()))
+                .collect(),
         })
     }
 
     /// Loads saved state into a VM built with `restore`, before it boots.
     pub fn restore_state(&self, st: &SavedState) -> Result<()> {
         if self.vcpus.iter().any(|v| v.thread.is_some()) {
-            return Err(Error::new(Kind::InvalidState, "state can only be restored before the VM runs"));
+            return Err(Error::new(
+                Kind::InvalidState,
+                "state can only be restored before the VM runs",
+            ));
         }
         if st.vcpus.len() != self.vcpus.len() {
-            return Err(Error::new(Kind::InvalidConfig, format!("state has {} vCPUs, the VM {}", st.vcpus.len(), self.vcpus.len())));
+            return Err(Error::new(
+                Kind::InvalidConfig,
+                format!(
+                    "state has {} vCPUs, the VM {}",
+                    st.vcpus.len(),
+                    self.vcpus.len()
+                ),
+            ));
         }
         state::restore_machine(&self.fd, &st.machine)?;
         for (slot, vst) in self.vcpus.iter().zip(&st.vcpus) {
@@ -481,7 +643,11 @@ impl Vm {
             .unwrap()
             .restore(&st.serial)
             .map_err(|e| Error::io(Kind::InvalidConfig, "serial state", e))?;
-        self.cmos.lock().unwrap().restore(&st.cmos.0, st.cmos.1).map_err(|e| Error::new(Kind::InvalidConfig, e))?;
+        self.cmos
+            .lock()
+            .unwrap()
+            .restore(&st.cmos.0, st.cmos.1)
+            .map_err(|e| Error::new(Kind::InvalidConfig, e))?;
         self.restore_devices(&st.devices)
     }
 
@@ -490,14 +656,24 @@ impl Vm {
     fn restore_devices(&self, saved: &[(String, VirtioPciState)]) -> Result<()> {
         for (id, _) in saved {
             if !self.devices.iter().any(|d| &d.id == id) {
-                return Err(Error::new(Kind::InvalidConfig, format!("state has device {id}, which this VM does not have")));
+                return Err(Error::new(
+                    Kind::InvalidConfig,
+                    format!("state has device {id}, which this VM does not have"),
+                ));
             }
         }
         for d in &self.devices {
             let Some((_, st)) = saved.iter().find(|(id, _)| id == &d.id) else {
-                return Err(Error::new(Kind::InvalidConfig, format!("state has nothing for device {}", d.id)));
+                return Err(Error::new(
+                    Kind::InvalidConfig,
+                    format!("state has nothing for device {}", d.id),
+                ));
             };
-            d.dev.lock().unwrap().restore(st).map_err(|e| Error::new(Kind::InvalidConfig, format!("device {}: {e}", d.id)))?;
+            d.dev
+                .lock()
+                .unwrap()
+                .restore(st)
+                .map_err(|e| Error::new(Kind::InvalidConfig, format!("device {}: {e}", d.id)))?;
         }
         Ok(())
     }
@@ -524,7 +700,12 @@ impl Vm {
 /// The virtio-blk devices, in `cfg.disks` order (00:01.0 on): BAR0 from the 32-bit window, a
 /// kick eventfd per queue registered as an ioeventfd on its notify register, and an irqfd per
 /// MSI-X vector on its own GSI.
-fn build_disks(fd: &Arc<VmFd>, ram: &Arc<GuestRam>, cfg: &VmConfig, images: Vec<DiskImage>) -> Result<Vec<DeviceSlot>> {
+fn build_disks(
+    fd: &Arc<VmFd>,
+    ram: &Arc<GuestRam>,
+    cfg: &VmConfig,
+    images: Vec<DiskImage>,
+) -> Result<Vec<DeviceSlot>> {
     use vm_allocator::{AddressAllocator, AllocPolicy};
     let mut bars = AddressAllocator::new(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE)
         .map_err(|e| Error::new(Kind::Kvm, format!("PCI window: {e}")))?;
@@ -534,7 +715,12 @@ fn build_disks(fd: &Arc<VmFd>, ram: &Arc<GuestRam>, cfg: &VmConfig, images: Vec<
     for (spec, image) in cfg.disks.iter().zip(images) {
         let bar0 = bars
             .allocate(BAR0_SIZE, BAR0_SIZE, AllocPolicy::FirstMatch)
-            .map_err(|e| Error::new(Kind::InvalidConfig, format!("no room for disk {}'s BAR: {e}", spec.id)))?
+            .map_err(|e| {
+                Error::new(
+                    Kind::InvalidConfig,
+                    format!("no room for disk {}'s BAR: {e}", spec.id),
+                )
+            })?
             .start();
         let device = Block::new(image, &spec.id);
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e));
@@ -543,45 +729,83 @@ fn build_disks(fd: &Arc<VmFd>, ram: &Arc<GuestRam>, cfg: &VmConfig, images: Vec<
         for q in 0..queues {
             let kick = eventfd()?;
             let addr = IoEventAddress::Mmio(VirtioPci::notify_address(bar0, q));
-            fd.register_ioevent(&kick, &addr, NoDatamatch).map_err(|e| Error::kvm("KVM_IOEVENTFD", e))?;
+            fd.register_ioevent(&kick, &addr, NoDatamatch)
+                .map_err(|e| Error::kvm("KVM_IOEVENTFD", e))?;
             kicks.push(kick);
         }
         let mut irqfds = Vec::new();
         let gsi_base = next_gsi;
         for _ in 0..queues + 1 {
             let irq = eventfd()?;
-            fd.register_irqfd(&irq, next_gsi).map_err(|e| Error::kvm("KVM_IRQFD", e))?;
+            fd.register_irqfd(&irq, next_gsi)
+                .map_err(|e| Error::kvm("KVM_IRQFD", e))?;
             irqfds.push(irq);
             next_gsi += 1;
         }
         let msix = Msix::new(irqfds, Some(routes.clone()), gsi_base);
         let wake = eventfd()?;
-        let own = |e: &EventFd| e.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e));
+        let own = |e: &EventFd| {
+            e.try_clone()
+                .map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e))
+        };
         let dev_kicks = kicks.iter().map(own).collect::<Result<Vec<_>>>()?;
-        let dev = VirtioPci::new(Box::new(device), bar0, msix, dev_kicks, own(&wake)?, ram.clone());
-        out.push(DeviceSlot { id: spec.id.clone(), dev: Arc::new(Mutex::new(dev)), kicks, wake, worker: None });
+        let dev = VirtioPci::new(
+            Box::new(device),
+            bar0,
+            msix,
+            dev_kicks,
+            own(&wake)?,
+            ram.clone(),
+        );
+        out.push(DeviceSlot {
+            id: spec.id.clone(),
+            dev: Arc::new(Mutex::new(dev)),
+            kicks,
+            wake,
+            worker: None,
+        });
     }
     Ok(out)
 }
 
 /// Loads kernel, initramfs, command line, ACPI tables, zero page and boot page tables.
-fn load_payload(cfg: &VmConfig, ram: &GuestRam, vcpu_fds: &[VcpuFd]) -> Result<(payload::Payload, String)> {
+fn load_payload(
+    cfg: &VmConfig,
+    ram: &GuestRam,
+    vcpu_fds: &[VcpuFd],
+) -> Result<(payload::Payload, String)> {
     let payload = payload::load_kernel(&ram.mem, cfg.kernel, cfg.boot_protocol)?;
     let initramfs = match cfg.initramfs {
-        Some(image) => Some(payload::load_initramfs(&ram.mem, image, &payload, cfg.memory_size)?),
+        Some(image) => Some(payload::load_initramfs(
+            &ram.mem,
+            image,
+            &payload,
+            cfg.memory_size,
+        )?),
         None => None,
     };
     let mut cmdline = cfg.cmdline.clone();
     if payload.ap_entry.is_some() {
         let tsc_khz = vcpu_fds[0].get_tsc_khz().unwrap_or(0);
-        cmdline.push_str(&format!(" vmmpy.cpus={} vmmpy.tsc_khz={}", cfg.vcpus, tsc_khz));
+        cmdline.push_str(&format!(
+            " vmmpy.cpus={} vmmpy.tsc_khz={}",
+            cfg.vcpus, tsc_khz
+        ));
     }
     let rsdp = acpi::create_acpi_tables(&ram.mem, cfg.vcpus, cfg.memory_size)
         .map_err(|e| Error::new(Kind::Kvm, format!("writing ACPI tables: {e}")))?;
-    let inputs = zero_page::BootInputs { payload: &payload, cmdline: &cmdline, ram_size: cfg.memory_size, initramfs, rsdp: rsdp.0 };
+    let inputs = zero_page::BootInputs {
+        payload: &payload,
+        cmdline: &cmdline,
+        ram_size: cfg.memory_size,
+        initramfs,
+        rsdp: rsdp.0,
+    };
     zero_page::write_cmdline(&ram.mem, &inputs)?;
     match payload.protocol {
-        payload::BootProtocol::Pvh => pvh::write_start_info(&ram.mem, cfg.memory_size, initramfs, rsdp.0)?,
+        payload::BootProtocol::Pvh => {
+            pvh::write_start_info(&ram.mem, cfg.memory_size, initramfs, rsdp.0)?
+        }
         payload::BootProtocol::Linux64 => zero_page::write_zero_page(&ram.mem, &inputs)?,
     }
     // The test guest's APs start in 64-bit mode on these tables whichever way the BSP enters.
@@ -596,13 +820,19 @@ fn setup_boot_vcpu(kvm: &Kvm, vcpu: &VcpuFd, index: u8, payload: &payload::Paylo
     cpu_setup::setup_lint(vcpu)?;
     if index == 0 {
         match payload.protocol {
-            payload::BootProtocol::Pvh => cpu_setup::setup_pvh(vcpu, payload.entry, layout::PVH_START_INFO)?,
-            payload::BootProtocol::Linux64 => cpu_setup::setup_long_mode(vcpu, payload.entry, layout::ZERO_PAGE, 0)?,
+            payload::BootProtocol::Pvh => {
+                cpu_setup::setup_pvh(vcpu, payload.entry, layout::PVH_START_INFO)?
+            }
+            payload::BootProtocol::Linux64 => {
+                cpu_setup::setup_long_mode(vcpu, payload.entry, layout::ZERO_PAGE, 0)?
+            }
         }
     } else if let Some(ap_entry) = payload.ap_entry {
         cpu_setup::setup_long_mode(vcpu, ap_entry, layout::ZERO_PAGE, index as u64)?;
-        vcpu.set_mp_state(kvm_bindings::kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })
-            .map_err(|e| Error::kvm("KVM_SET_MP_STATE", e))?;
+        vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(|e| Error::kvm("KVM_SET_MP_STATE", e))?;
     }
     Ok(())
 }

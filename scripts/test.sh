@@ -7,9 +7,11 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q ".[test]"
-# Lint: Rust (every unsafe block carries its SAFETY comment) and Python.
+# Lint and format: Rust (every unsafe block carries its SAFETY comment) and Python.
+cargo fmt --check
 cargo clippy --lib --quiet -- -D warnings -D clippy::undocumented_unsafe_blocks
 ruff check python tests benches
+ruff format --check python tests benches
 # The native module's type stubs match the built module (run outside the source tree, so the
 # installed package is what is checked).
 (cd / && python -m mypy.stubtest vmmpy._native)

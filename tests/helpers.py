@@ -63,7 +63,7 @@ class SerialClient:
                 return m
             left = deadline - time.monotonic()
             if left <= 0 or not self._fill(min(left, 0.5)):
-                tail = self.buf[self.pos:][-2000:]
+                tail = self.buf[self.pos :][-2000:]
                 raise AssertionError(f"serial: {pattern!r} not seen in {timeout}s; unconsumed output: {tail!r}")
 
     def send(self, line: str) -> None:
@@ -154,8 +154,18 @@ class VmmProcess:
         self.serial_path = str(tmp / f"{name}.serial")
         self.events_path = str(tmp / f"{name}.events")
         self.log_path = tmp / f"{name}.log"
-        cmd = [sys.executable, "-m", "vmmpy.cli", "--api-socket", self.api_path,
-               "--serial", f"socket={self.serial_path}", "--event-monitor", f"path={self.events_path}", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vmmpy.cli",
+            "--api-socket",
+            self.api_path,
+            "--serial",
+            f"socket={self.serial_path}",
+            "--event-monitor",
+            f"path={self.events_path}",
+            *args,
+        ]
         if hooks:
             cmd += ["--test-hooks", hooks]
         if netns is not None:  # another "host": its own network namespace (the files are shared)

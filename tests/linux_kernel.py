@@ -42,8 +42,14 @@ def cache_dir() -> Path:
 
 def _run(cmd: list[str], cwd: str | Path | None = None, timeout: float = 600) -> str:
     try:
-        p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"})
+        p = subprocess.run(
+            cmd,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise FetchError(f"{' '.join(cmd)}: {e}") from None
     if p.returncode != 0:

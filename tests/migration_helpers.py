@@ -15,8 +15,7 @@ def start_receive(dst: VmmProcess, url: str, **options) -> threading.Thread:
 
     def call():
         try:
-            result["answer"] = dst.api.request("PUT", "/api/v1/vm.receive-migration",
-                                               {"receiver_url": url, **options})
+            result["answer"] = dst.api.request("PUT", "/api/v1/vm.receive-migration", {"receiver_url": url, **options})
         except OSError as e:  # the destination was killed or shut down: the test checks that itself
             result["answer"] = (None, str(e))
 

@@ -53,7 +53,7 @@ def read_sectors(path: Path, start: int, count: int) -> list[bytes]:
         f.seek(start * SECTOR)
         data = f.read(count * SECTOR)
     assert len(data) == count * SECTOR, f"{path} is shorter than sector {start + count}"
-    return [data[i * SECTOR:(i + 1) * SECTOR] for i in range(count)]
+    return [data[i * SECTOR : (i + 1) * SECTOR] for i in range(count)]
 
 
 def generations(path: Path, start: int, count: int) -> list[int]:

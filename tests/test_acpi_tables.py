@@ -27,11 +27,11 @@ def checksum(data: bytes) -> int:
 
 class Table:
     def __init__(self, mem: memoryview, addr: int):
-        header = bytes(mem[addr:addr + 36])
+        header = bytes(mem[addr : addr + 36])
         self.addr = addr
         self.signature = header[:4].decode()
         self.length = struct.unpack_from("<I", header, 4)[0]
-        self.data = bytes(mem[addr:addr + self.length])
+        self.data = bytes(mem[addr : addr + self.length])
         self.revision = header[8]
         self.oem_id = header[10:16].decode()
         self.oem_table_id = header[16:24].decode()
@@ -39,8 +39,10 @@ class Table:
         self.creator_id = header[28:32].decode()
 
     def __str__(self) -> str:  # the line Linux prints for it
-        return (f"{self.signature} {self.addr:#018X} {self.length:06X} (v{self.revision:02d} {self.oem_id} "
-                f"{self.oem_table_id} {self.oem_revision:08X} {self.creator_id})")
+        return (
+            f"{self.signature} {self.addr:#018X} {self.length:06X} (v{self.revision:02d} {self.oem_id} "
+            f"{self.oem_table_id} {self.oem_revision:08X} {self.creator_id})"
+        )
 
 
 # ---- a small AML decoder: the subset vmmpy's DSDT uses ------------------------------------------
@@ -83,7 +85,7 @@ class Aml:
             segs, pos = self.data[pos + 1], pos + 2
         else:
             segs = 1
-        names = [self.data[pos + 4 * i:pos + 4 * i + 4].decode() for i in range(segs)]
+        names = [self.data[pos + 4 * i : pos + 4 * i + 4].decode() for i in range(segs)]
         return prefix + ".".join(names), pos + 4 * segs
 
     def data_object(self, pos: int):
@@ -104,7 +106,7 @@ class Aml:
             return struct.unpack_from("<Q", self.data, pos + 1)[0], pos + 9
         if op == 0x0D:
             end = self.data.index(b"\0", pos + 1)
-            return self.data[pos + 1:end].decode(), end + 1
+            return self.data[pos + 1 : end].decode(), end + 1
         if op == 0x11:  # Buffer: PkgLength, BufferSize, bytes
             length, body = self.pkg_length(pos + 1)
             end = pos + 1 + length
@@ -149,16 +151,24 @@ class Aml:
                 length, body = self.pkg_length(pos + 1)
                 name, body = self.name_string(body)
                 flags = self.data[body]
-                out[self.join(scope, name)] = {"kind": "Method", "args": flags & 7, "serialized": bool(flags & 8),
-                                               "body": self.statements(body + 1, pos + 1 + length)}
+                out[self.join(scope, name)] = {
+                    "kind": "Method",
+                    "args": flags & 7,
+                    "serialized": bool(flags & 8),
+                    "body": self.statements(body + 1, pos + 1 + length),
+                }
                 pos = pos + 1 + length
             elif op == 0x5B and self.data[pos + 1] == 0x80:  # OperationRegion: name, space, offset, length
                 name, body = self.name_string(pos + 2)
                 space = self.data[body]
                 offset, body = self.data_object(body + 1)
                 length, pos = self.data_object(body)
-                out[self.join(scope, name)] = {"kind": "OperationRegion", "space": space, "offset": offset,
-                                               "length": length}
+                out[self.join(scope, name)] = {
+                    "kind": "OperationRegion",
+                    "space": space,
+                    "offset": offset,
+                    "length": length,
+                }
             elif op == 0x5B and self.data[pos + 1] == 0x81:  # Field: PkgLength, region, flags, units
                 length, body = self.pkg_length(pos + 2)
                 field_end = pos + 2 + length
@@ -168,15 +178,19 @@ class Aml:
                     if self.data[body] == 0x00:  # reserved bits
                         bits, body = self.pkg_length(body + 1)
                     else:
-                        unit = self.data[body:body + 4].decode()
+                        unit = self.data[body : body + 4].decode()
                         bits, body = self.pkg_length(body + 4)
-                        out[self.join(scope, unit)] = {"kind": "Field", "region": self.join(scope, region),
-                                                       "flags": flags, "bit": bit, "bits": bits}
+                        out[self.join(scope, unit)] = {
+                            "kind": "Field",
+                            "region": self.join(scope, region),
+                            "flags": flags,
+                            "bit": bit,
+                            "bits": bits,
+                        }
                     bit += bits
                 pos = field_end
             else:
                 raise AssertionError(f"AML opcode {op:#x} at {pos} not understood")
-
 
     def term(self, pos: int) -> tuple[str, int]:
         """One expression of a method body as ASL-like text: the operators vmmpy's methods use."""
@@ -223,7 +237,7 @@ def resources(buffer: bytes) -> list[tuple]:
         tag = buffer[pos]
         if tag & 0x80:  # large item
             length = struct.unpack_from("<H", buffer, pos + 1)[0]
-            body = buffer[pos + 3:pos + 3 + length]
+            body = buffer[pos + 3 : pos + 3 + length]
             if tag == 0x89:  # Extended Interrupt
                 flags, count = body[0], body[1]
                 irqs = list(struct.unpack_from(f"<{count}I", body, 2))
@@ -239,12 +253,12 @@ def resources(buffer: bytes) -> list[tuple]:
             pos += 3 + length
         else:
             kind, length = (tag >> 3) & 0x0F, tag & 0x07
-            body = buffer[pos + 1:pos + 1 + length]
+            body = buffer[pos + 1 : pos + 1 + length]
             if kind == 0x08:  # IO
                 lo, hi, align, size = struct.unpack_from("<HHBB", body, 1)
                 out.append(("IO", lo, hi, align, size))
             elif kind == 0x0F:  # end tag
-                assert checksum(buffer[:pos + 2]) == 0 or body[0] == 0
+                assert checksum(buffer[: pos + 2]) == 0 or body[0] == 0
                 return out
             else:
                 out.append(("small", kind))
@@ -271,7 +285,7 @@ def test_acpi_tables_from_guest_memory(acpi):
     mem = acpi
     rsdp_addr = struct.unpack_from("<Q", mem, ZERO_PAGE + ACPI_RSDP_ADDR)[0]
     assert rsdp_addr == 0xE0000 and rsdp_addr % 16 == 0
-    rsdp = bytes(mem[rsdp_addr:rsdp_addr + 36])
+    rsdp = bytes(mem[rsdp_addr : rsdp_addr + 36])
     assert rsdp[:8] == b"RSD PTR "
     assert checksum(rsdp[:20]) == 0 and checksum(rsdp) == 0
     assert rsdp[9:15] == b"VMMPY " and rsdp[15] == 2 and struct.unpack_from("<I", rsdp, 20)[0] == 36
@@ -337,19 +351,29 @@ def test_acpi_tables_from_guest_memory(acpi):
     aml = Aml(dsdt.data)
     aml.terms(36, dsdt.length, "\\", names)
     assert names["\\_S5_"] == ("package", [5, 5, 0, 0])
-    devices = {path: names.get(f"{path}._HID") for path, v in names.items()
-               if isinstance(v, dict) and v["kind"] == "Device"}
+    devices = {
+        path: names.get(f"{path}._HID") for path, v in names.items() if isinstance(v, dict) and v["kind"] == "Device"
+    }
     hids = {path: hid if isinstance(hid, str) else eisa_id(hid) for path, hid in devices.items()}
-    assert hids == {"\\_SB_.COM1": "PNP0501", "\\_SB_.PS2K": "PNP0303", "\\_SB_.RTC_": "PNP0B00",
-                    "\\_SB_.PWRB": "PNP0C0C", "\\_SB_.GED_": "ACPI0013", "\\_SB_.PCI0": "PNP0A08"}
+    assert hids == {
+        "\\_SB_.COM1": "PNP0501",
+        "\\_SB_.PS2K": "PNP0303",
+        "\\_SB_.RTC_": "PNP0B00",
+        "\\_SB_.PWRB": "PNP0C0C",
+        "\\_SB_.GED_": "ACPI0013",
+        "\\_SB_.PCI0": "PNP0A08",
+    }
     # The raw EISA encodings (what Linux's PNP layer matches on).
     assert bytes([0x0C, 0x41, 0xD0, 0x05, 0x01]) in dsdt.data
     assert bytes([0x0C, 0x41, 0xD0, 0x03, 0x03]) in dsdt.data
     crs = {path: resources(names[f"{path}._CRS"][1]) for path in devices if f"{path}._CRS" in names}
     edge_high_exclusive_consumer = 0x03
     assert crs["\\_SB_.COM1"] == [("IO", 0x3F8, 0x3F8, 1, 8), ("Interrupt", edge_high_exclusive_consumer, [4])]
-    assert crs["\\_SB_.PS2K"] == [("IO", 0x60, 0x60, 1, 1), ("IO", 0x64, 0x64, 1, 1),
-                                  ("Interrupt", edge_high_exclusive_consumer, [1])]
+    assert crs["\\_SB_.PS2K"] == [
+        ("IO", 0x60, 0x60, 1, 1),
+        ("IO", 0x64, 0x64, 1, 1),
+        ("Interrupt", edge_high_exclusive_consumer, [1]),
+    ]
     assert crs["\\_SB_.RTC_"] == [("IO", 0x70, 0x70, 1, 2)]
 
     # PCI: MCFG gives bus 0's ECAM; the root bridge (PNP0A08, compatible PNP0A03) forwards bus 0,
@@ -376,10 +400,19 @@ def test_acpi_tables_from_guest_memory(acpi):
     assert names["\\_SB_.GED_._UID"] == 0
     assert crs["\\_SB_.GED_"] == [("Interrupt", edge_high_exclusive_consumer, [GED_GSI])]
     system_memory, byte_acc_write_as_zeros = 0, 0x41
-    assert names["\\_SB_.GED_.EVRG"] == {"kind": "OperationRegion", "space": system_memory,
-                                           "offset": GED_MMIO, "length": 1}
-    assert names["\\_SB_.GED_.EVTS"] == {"kind": "Field", "region": "\\_SB_.GED_.EVRG",
-                                           "flags": byte_acc_write_as_zeros, "bit": 0, "bits": 8}
+    assert names["\\_SB_.GED_.EVRG"] == {
+        "kind": "OperationRegion",
+        "space": system_memory,
+        "offset": GED_MMIO,
+        "length": 1,
+    }
+    assert names["\\_SB_.GED_.EVTS"] == {
+        "kind": "Field",
+        "region": "\\_SB_.GED_.EVRG",
+        "flags": byte_acc_write_as_zeros,
+        "bit": 0,
+        "bits": 8,
+    }
     evt = names["\\_SB_.GED_._EVT"]
     assert (evt["kind"], evt["args"], evt["serialized"]) == ("Method", 1, True)
     assert evt["body"] == [

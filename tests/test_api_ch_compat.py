@@ -48,13 +48,22 @@ CH_REQUESTS: dict[str, tuple[str, str | None]] = {
     # `ch-remote create cfg.json` (and `create < cfg.json`): the file as it is, newline included.
     "create": ("PUT", '{"cpus":{"boot_vcpus":1,"max_vcpus":1},"memory":{"size":134217728}}\n'),
     "snapshot": ("PUT", '{"destination_url":"file://{dir}"}'),
-    "restore": ("PUT", '{"source_url":"file://{dir}","prefault":false,"memory_restore_mode":"Copy",'
-                       '"net_fds":null,"vfio_fds":null,"iommufd_fd":null,"resume":false,"zone_updates":[]}'),
-    "send-migration": ("PUT", '{"destination_url":"{url}","local":{local},"preserve_source":false,'
-                              '"downtime_ms":300,"timeout_s":3600,"timeout_strategy":"Cancel","connections":1,'
-                              '"tls_dir":null,"memory_mode":"Precopy"}'),
-    "receive-migration": ("PUT", '{"receiver_url":"{url}","tls_dir":null,"memory_mode":"Precopy","vfio_fds":null,'
-                                 '"iommufd_fd":null,"zone_updates":[]}'),
+    "restore": (
+        "PUT",
+        '{"source_url":"file://{dir}","prefault":false,"memory_restore_mode":"Copy",'
+        '"net_fds":null,"vfio_fds":null,"iommufd_fd":null,"resume":false,"zone_updates":[]}',
+    ),
+    "send-migration": (
+        "PUT",
+        '{"destination_url":"{url}","local":{local},"preserve_source":false,'
+        '"downtime_ms":300,"timeout_s":3600,"timeout_strategy":"Cancel","connections":1,'
+        '"tls_dir":null,"memory_mode":"Precopy"}',
+    ),
+    "receive-migration": (
+        "PUT",
+        '{"receiver_url":"{url}","tls_dir":null,"memory_mode":"Precopy","vfio_fds":null,'
+        '"iommufd_fd":null,"zone_updates":[]}',
+    ),
 }
 ENDPOINT_OF = {"ping": "vmm.ping", "shutdown-vmm": "vmm.shutdown"}
 # ch-remote's power-button request is PUT /api/v1/vm.power-button with no body (end to end in
@@ -165,8 +174,10 @@ def test_ch_remote_bodies_asking_for_more_than_defaults_are_refused_by_name(vmm_
     boot_guest(p)
     url = f"unix:{tmp_path}/never.sock"
     # (connections and tls_dir are implemented: tests/test_migration_tls.py)
-    for old, new, field in [('"memory_mode":"Precopy"', '"memory_mode":"Postcopy"', "memory_mode"),
-                            ('"preserve_source":false', '"preserve_source":true', "preserve_source")]:
+    for old, new, field in [
+        ('"memory_mode":"Precopy"', '"memory_mode":"Postcopy"', "memory_mode"),
+        ('"preserve_source":false', '"preserve_source":true', "preserve_source"),
+    ]:
         request = ch_bytes("send-migration", url=url, local="false").decode()
         body = request.split("\r\n\r\n", 1)[1].replace(old, new)
         request = request.split("Content-Length")[0] + f"Content-Length: {len(body)}\r\n\r\n" + body
@@ -174,7 +185,8 @@ def test_ch_remote_bodies_asking_for_more_than_defaults_are_refused_by_name(vmm_
         assert status == 400 and json.loads(answer) == [
             "vm.send-migration failed",
             f"unsupported SendMigrationData fields: {field} (vmmpy accepts them only at Cloud Hypervisor's "
-            "default value)"], answer
+            "default value)",
+        ], answer
     guest_answers(p.serial, "still here")
     assert ch(p, "info")[1]["state"] == "Running"
 
@@ -185,38 +197,76 @@ def test_ch_remote_bodies_asking_for_more_than_defaults_are_refused_by_name(vmm_
 
 
 def _put(endpoint: str, body: bytes) -> bytes:
-    return (f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-            + body)
+    return f"PUT /api/v1/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
 
 HOSTILE = {
-    "arrays-100000-deep": (_put("vm.create", b"[" * 100000 + b"]" * 100000), 400,
-                           ["Bad Request", "request body nests deeper than 32 levels"]),
-    "objects-50000-deep": (_put("vm.create", b'{"a":' * 50000 + b"1" + b"}" * 50000), 400,
-                           ["Bad Request", "request body nests deeper than 32 levels"]),
-    "5000-digit-number": (_put("vm.create", b'{"memory":{"size":' + b"7" * 5000 + b"}}"), 400,
-                          re.compile(r"request body is not valid JSON: Exceeds the limit \(4300 digits\)")),
-    "chunk-size-minus-5": (b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
-                           b"-5\r\nabcde\r\n0\r\n\r\n", 400, re.compile(r"illegal chunk header")),
-    "conflicting-content-length": (b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
-                                   b"Content-Length: 2\r\n\r\n{}", 400,
-                                   ["Bad Request", "conflicting Content-Length headers"]),
-    "receive-url-number": (_put("vm.receive-migration", b'{"receiver_url": 5}'), 400,
-                           ["vm.receive-migration failed", "receiver_url=5: must be a string"]),
-    "receive-url-list": (_put("vm.receive-migration", b'{"receiver_url": ["unix:/x"]}'), 400,
-                         ["vm.receive-migration failed", 'receiver_url=["unix:/x"]: must be a string']),
-    "receive-url-null": (_put("vm.receive-migration", b'{"receiver_url": null}'), 400,
-                         ["vm.receive-migration failed", "receiver_url=null: must be a string"]),
-    "snapshot-url-number": (_put("vm.snapshot", b'{"destination_url": 5}'), 400,
-                            ["vm.snapshot failed", "destination_url=5: must be a string"]),
-    "snapshot-url-list": (_put("vm.snapshot", b'{"destination_url": []}'), 400,
-                          ["vm.snapshot failed", "destination_url=[]: must be a string"]),
-    "restore-url-null": (_put("vm.restore", b'{"source_url": null}'), 400,
-                         ["vm.restore failed", "source_url=null: must be a string"]),
-    "restore-url-number": (_put("vm.restore", b'{"source_url": 1e3}'), 400,
-                           ["vm.restore failed", "source_url=1000.0: must be a string"]),
-    "send-url-list": (_put("vm.send-migration", b'{"destination_url": [1]}'), 400,
-                      ["vm.send-migration failed", "destination_url=[1]: must be a string"]),
+    "arrays-100000-deep": (
+        _put("vm.create", b"[" * 100000 + b"]" * 100000),
+        400,
+        ["Bad Request", "request body nests deeper than 32 levels"],
+    ),
+    "objects-50000-deep": (
+        _put("vm.create", b'{"a":' * 50000 + b"1" + b"}" * 50000),
+        400,
+        ["Bad Request", "request body nests deeper than 32 levels"],
+    ),
+    "5000-digit-number": (
+        _put("vm.create", b'{"memory":{"size":' + b"7" * 5000 + b"}}"),
+        400,
+        re.compile(r"request body is not valid JSON: Exceeds the limit \(4300 digits\)"),
+    ),
+    "chunk-size-minus-5": (
+        b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"-5\r\nabcde\r\n0\r\n\r\n",
+        400,
+        re.compile(r"illegal chunk header"),
+    ),
+    "conflicting-content-length": (
+        b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nContent-Length: 2\r\n\r\n{}",
+        400,
+        ["Bad Request", "conflicting Content-Length headers"],
+    ),
+    "receive-url-number": (
+        _put("vm.receive-migration", b'{"receiver_url": 5}'),
+        400,
+        ["vm.receive-migration failed", "receiver_url=5: must be a string"],
+    ),
+    "receive-url-list": (
+        _put("vm.receive-migration", b'{"receiver_url": ["unix:/x"]}'),
+        400,
+        ["vm.receive-migration failed", 'receiver_url=["unix:/x"]: must be a string'],
+    ),
+    "receive-url-null": (
+        _put("vm.receive-migration", b'{"receiver_url": null}'),
+        400,
+        ["vm.receive-migration failed", "receiver_url=null: must be a string"],
+    ),
+    "snapshot-url-number": (
+        _put("vm.snapshot", b'{"destination_url": 5}'),
+        400,
+        ["vm.snapshot failed", "destination_url=5: must be a string"],
+    ),
+    "snapshot-url-list": (
+        _put("vm.snapshot", b'{"destination_url": []}'),
+        400,
+        ["vm.snapshot failed", "destination_url=[]: must be a string"],
+    ),
+    "restore-url-null": (
+        _put("vm.restore", b'{"source_url": null}'),
+        400,
+        ["vm.restore failed", "source_url=null: must be a string"],
+    ),
+    "restore-url-number": (
+        _put("vm.restore", b'{"source_url": 1e3}'),
+        400,
+        ["vm.restore failed", "source_url=1000.0: must be a string"],
+    ),
+    "send-url-list": (
+        _put("vm.send-migration", b'{"destination_url": [1]}'),
+        400,
+        ["vm.send-migration failed", "destination_url=[1]: must be a string"],
+    ),
 }
 
 
@@ -277,9 +327,10 @@ def test_bad_snapshot_paths_and_files_get_400(vmm_process, tmp_path):
     guest_answers(p.serial, "the source is untouched")
 
 
-@pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"),
-                    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0); hardware KVM delivers "
-                           "the exception instead")
+@pytest.mark.skipif(
+    not os.path.exists("/sys/module/kvm_pvm"),
+    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0); hardware KVM delivers the exception instead",
+)
 def test_failed_reboot_leaves_a_reported_state_from_which_the_vmm_recovers(vmm_process, tmp_path):
     kernel = tmp_path / "kernel.elf"
     kernel.write_bytes(int3_elf())
@@ -391,8 +442,9 @@ def test_idle_connections_do_not_cost_threads_and_the_api_keeps_answering(vmm_pr
 
 
 def _ch_remote(p, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CH_REMOTE), "--api-socket", p.api_path, *args], input=stdin, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [str(CH_REMOTE), "--api-socket", p.api_path, *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.skipif(not CH_REMOTE.exists(), reason=f"Cloud Hypervisor's ch-remote is not built at {CH_REMOTE}")
@@ -433,12 +485,20 @@ def test_every_ch_remote_subcommand(vmm_process, tmp_path):
     guest_answers(q.serial, "ch-remote restore")
     # migrations: tcp, unix, local
     src = q
-    for n, (url, extra) in enumerate([(f"tcp:127.0.0.1:{free_port()}", ""),
-                                      (f"unix:{tmp_path}/m1.sock", ""),
-                                      (f"unix:{tmp_path}/m2.sock", ",local=on")]):
+    for n, (url, extra) in enumerate(
+        [
+            (f"tcp:127.0.0.1:{free_port()}", ""),
+            (f"unix:{tmp_path}/m1.sock", ""),
+            (f"unix:{tmp_path}/m2.sock", ",local=on"),
+        ]
+    ):
         dst = vmm_process(name=f"dst{n}")
-        recv = subprocess.Popen([str(CH_REMOTE), "--api-socket", dst.api_path, "receive-migration",
-                                 f"receiver_url={url}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        recv = subprocess.Popen(
+            [str(CH_REMOTE), "--api-socket", dst.api_path, "receive-migration", f"receiver_url={url}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         dst.wait_event("vm.migration-receive-ready")
         r = _ch_remote(src, "send-migration", f"destination_url={url}{extra}")
         assert r.returncode == 0, r.stderr
@@ -460,7 +520,12 @@ def test_every_ch_remote_subcommand(vmm_process, tmp_path):
     assert "vm.shutdown" in b.event_names()
     # What vmmpy does not implement exits 1 with a message, and does not hang.
     t = vmm_process(name="rest")
-    for args in (["resize", "--cpus", "2"], ["add-disk", "path=/dev/null"], ["nmi"], ["remove-device", "x"],
-                 ["coredump", f"file://{tmp_path}/core"]):
+    for args in (
+        ["resize", "--cpus", "2"],
+        ["add-disk", "path=/dev/null"],
+        ["nmi"],
+        ["remove-device", "x"],
+        ["coredump", f"file://{tmp_path}/core"],
+    ):
         r = _ch_remote(t, *args)
         assert r.returncode == 1 and r.stderr, (args, r.stderr)

@@ -96,8 +96,13 @@ class Cli:
         self.p = p
 
     def run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "vmmpy.remote", "--api-socket", self.p.api_path, *args],
-                              input=stdin, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "vmmpy.remote", "--api-socket", self.p.api_path, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     def __call__(self, endpoint: str, body: Any = None) -> Answer:
         method, command = ENDPOINTS[endpoint]
@@ -133,8 +138,6 @@ def assert_silent(serial: SerialClient, text: str, window: float = 0.5) -> None:
         serial.expect(text, timeout=window)
 
 
-
-
 # ------------------------------------------------------------------------------------------
 # The whole lifecycle, through REST and through vmmpy-remote
 # ------------------------------------------------------------------------------------------
@@ -156,8 +159,11 @@ def test_every_endpoint_through_a_vm_lifecycle(vmm_process, tmp_path, driver):
 
     # vm.create, Cloud Hypervisor's shape. The VMM's own --serial wins over the body's.
     body_socket = str(tmp_path / "from-the-body.sock")
-    config = {"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "memory": {"size": MIB128},
-              "serial": {"mode": "Socket", "socket": body_socket}}
+    config = {
+        "cpus": {"boot_vcpus": 2, "max_vcpus": 2},
+        "memory": {"size": MIB128},
+        "serial": {"mode": "Socket", "socket": body_socket},
+    }
     assert call("vm.create", config).status == 204
     r = call("vm.create", config)
     assert r.status == 500 and "already" in r.message  # CH's server: 500
@@ -282,9 +288,16 @@ def test_error_statuses_from_a_real_vmm(vmm_process):
     assert status == 400 and "needs a JSON request body" in body[1]
 
     # Unknown VmConfig fields → 400 naming every one.
-    status, body = p.api.request("PUT", "vm.create", {
-        "memory": {"size": MIB128, "hugepages": True}, "vsock": {"cid": 3, "socket": "/v"},
-        "net": [{"tap": "tap0"}], "cpus": {"boot_vcpus": 1, "topology": {"threads_per_core": 1}}})
+    status, body = p.api.request(
+        "PUT",
+        "vm.create",
+        {
+            "memory": {"size": MIB128, "hugepages": True},
+            "vsock": {"cid": 3, "socket": "/v"},
+            "net": [{"tap": "tap0"}],
+            "cpus": {"boot_vcpus": 1, "topology": {"threads_per_core": 1}},
+        },
+    )
     assert status == 400 and body[0] == "vm.create failed"
     for field in ("vsock", "net", "memory.hugepages", "cpus.topology"):
         assert field in body[1], (field, body)
@@ -299,11 +312,20 @@ def test_error_statuses_from_a_real_vmm(vmm_process):
     for path in ("/api/v1/vm.nothing", "/api/v1/", "/api/v2/vm.info", "/"):
         status, _, body = _raw(p, "GET", path)
         assert status == 404 and body[0] == "Not Found", (path, status, body)
-    for method, path, allow in [("POST", "/api/v1/vm.info", "GET"), ("GET", "/api/v1/vm.boot", "PUT"),
-                                ("DELETE", "/api/v1/vm.delete", "PUT"), ("PUT", "/api/v1/vmm.ping", "GET")]:
+    for method, path, allow in [
+        ("POST", "/api/v1/vm.info", "GET"),
+        ("GET", "/api/v1/vm.boot", "PUT"),
+        ("DELETE", "/api/v1/vm.delete", "PUT"),
+        ("PUT", "/api/v1/vmm.ping", "GET"),
+    ]:
         status, headers, body = _raw(p, method, path)
-        assert status == 405 and headers.get("allow") == allow and body[0] == "Method Not Allowed", \
-            (method, path, status, headers, body)
+        assert status == 405 and headers.get("allow") == allow and body[0] == "Method Not Allowed", (
+            method,
+            path,
+            status,
+            headers,
+            body,
+        )
 
     # A real VM: create twice → 500, boot twice → 500 (CH's server), pause when not running → 405
     # (CH's spec).
@@ -340,7 +362,9 @@ def test_remote_error_answers_are_one_line(vmm_process, tmp_path):
     assert r.stderr.startswith("error: 400 Bad Request: request body is not valid JSON")
 
     unknown = tmp_path / "unknown.json"
-    unknown.write_text(json.dumps({"memory": {"size": MIB128}, "vsock": {"cid": 3, "socket": "/v"}, "rng": {"src": "/x"}}))
+    unknown.write_text(
+        json.dumps({"memory": {"size": MIB128}, "vsock": {"cid": 3, "socket": "/v"}, "rng": {"src": "/x"}})
+    )
     r = cli.run("create", str(unknown))
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
     assert r.stderr.startswith("error: 400 vm.create failed: unsupported VmConfig fields:")
@@ -372,8 +396,9 @@ def _vmmpy_commands() -> list[list[str]]:
 @pytest.mark.parametrize("command", _vmmpy_commands(), ids=lambda c: "script" if len(c) == 1 else "module")
 def test_vmmpy_bad_memory_size_exits_2_with_one_line(tmp_path, command):
     api = tmp_path / "api.sock"
-    r = subprocess.run([*command, "--api-socket", str(api), "--memory", "size=abc"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [*command, "--api-socket", str(api), "--memory", "size=abc"], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 2
     assert r.stdout == ""
     lines = r.stderr.splitlines()
@@ -384,8 +409,12 @@ def test_vmmpy_bad_memory_size_exits_2_with_one_line(tmp_path, command):
 def test_vmmpy_remote_missing_socket_exits_1_with_one_line(tmp_path):
     missing = tmp_path / "nobody-listens.sock"
     for args in (["ping"], ["info"], ["shutdown-vmm"]):
-        r = subprocess.run([sys.executable, "-m", "vmmpy.remote", "--api-socket", str(missing), *args],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [sys.executable, "-m", "vmmpy.remote", "--api-socket", str(missing), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 1 and r.stdout == ""
         lines = r.stderr.splitlines()
         assert len(lines) == 1 and str(missing) in lines[0] and "vmmpy-remote: error:" in lines[0], r.stderr

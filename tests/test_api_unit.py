@@ -193,7 +193,7 @@ def test_create_then_info(served):
         "serial": {"mode": "File", "file": "/tmp/x.log"},
     }
     assert client.create(body) == (204, None)
-    (name, config), = [c for c in vmm.calls if c[0] == "create"]
+    ((name, config),) = [c for c in vmm.calls if c[0] == "create"]
     assert config == VmConfig(
         memory_mib=256,
         vcpus=2,
@@ -363,8 +363,9 @@ def _raw_answer(path: str, request: bytes) -> bytes:
 
 def test_conflicting_content_length_is_refused_and_nothing_runs(served):
     vmm, path, _client, _server = served
-    answer = _raw_answer(path, b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n"
-                               b"Content-Length: 5\r\n\r\nhello")
+    answer = _raw_answer(
+        path, b"PUT /api/v1/vm.pause HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\nhello"
+    )
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 \r\n") and b"Connection: close" in head
     assert json.loads(body) == ["Bad Request", "conflicting Content-Length headers"]
@@ -374,8 +375,11 @@ def test_conflicting_content_length_is_refused_and_nothing_runs(served):
 @pytest.mark.parametrize("chunk_size", [b"-5", b"zz", b"1" * 40])
 def test_bad_chunk_size_is_refused(served, chunk_size):
     vmm, path, _client, _server = served
-    answer = _raw_answer(path, b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
-                               b"\r\n" + chunk_size + b"\r\nabc\r\n0\r\n\r\n")
+    answer = _raw_answer(
+        path,
+        b"PUT /api/v1/vm.create HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n" + chunk_size + b"\r\nabc\r\n0\r\n\r\n",
+    )
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 \r\n"), answer
     assert json.loads(body)[0] == "Bad Request" and "chunk" in json.loads(body)[1]
@@ -398,12 +402,15 @@ def test_unknown_transfer_coding_is_501(served):
     assert vmm.names() == []
 
 
-@pytest.mark.parametrize("body, message", [
-    ("[" * 100000 + "]" * 100000, "request body nests deeper than 32 levels"),
-    ('{"a":' * 50000 + "1" + "}" * 50000, "request body nests deeper than 32 levels"),
-    ('{"memory": {"size": ' + "9" * 5000 + "}}", "request body is not valid JSON: Exceeds the limit"),
-    ('{"memory": {"size": NaN}}', "request body is not valid JSON: NaN is not JSON"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("[" * 100000 + "]" * 100000, "request body nests deeper than 32 levels"),
+        ('{"a":' * 50000 + "1" + "}" * 50000, "request body nests deeper than 32 levels"),
+        ('{"memory": {"size": ' + "9" * 5000 + "}}", "request body is not valid JSON: Exceeds the limit"),
+        ('{"memory": {"size": NaN}}', "request body is not valid JSON: NaN is not JSON"),
+    ],
+)
 def test_hostile_json_is_400(served, body, message):
     vmm, path, client, _server = served
     status, answer = client.create(body)
@@ -448,8 +455,9 @@ def test_connections_past_the_limit_get_503_and_the_server_keeps_answering(sockd
     from vmmpy.httpserver import Limits
 
     path = os.path.join(sockdir, "limits.sock")
-    server = ApiServer(RecordingVmm(), path, limits=Limits(max_connections=4, max_refusing=2, evict_idle_s=60,
-                                                           refuse_wait_s=30)).start()
+    server = ApiServer(
+        RecordingVmm(), path, limits=Limits(max_connections=4, max_refusing=2, evict_idle_s=60, refuse_wait_s=30)
+    ).start()
     held = []
     try:
         for _ in range(4):  # the served connections, each kept alive after one answer
@@ -460,8 +468,10 @@ def test_connections_past_the_limit_get_503_and_the_server_keeps_answering(sockd
             held.append(s)
         status, headers, body = raw_exchange(path, ch_remote_request("GET", "vmm.ping"))
         assert status == 503 and headers["Connection"] == "close"
-        assert json.loads(body) == ["Service Unavailable", "the API server is serving its limit of 4 connections; "
-                                                           "retry later"]
+        assert json.loads(body) == [
+            "Service Unavailable",
+            "the API server is serving its limit of 4 connections; retry later",
+        ]
         # A served connection ends: the next client is served again.
         held.pop().close()
         deadline = time.monotonic() + 10
@@ -590,8 +600,15 @@ def test_curl_like_libvirt(served, sockdir):
     # vm.create with a body, and a big one that makes curl ask for "100 Continue".
     config = {"cpus": {"boot_vcpus": 2, "max_vcpus": 2}, "payload": {"cmdline": "x" * 3000}}
     code, body = run(
-        "-X", "PUT", "-H", "Content-Type: application/json", "-H", "Expect: 100-continue",
-        "-d", json.dumps(config), "http://localhost/api/v1/vm.create",
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        "Expect: 100-continue",
+        "-d",
+        json.dumps(config),
+        "http://localhost/api/v1/vm.create",
     )
     assert (code, body) == (204, "")
     code, body = run("http://localhost/api/v1/vm.info")
@@ -828,7 +845,12 @@ def test_remote_no_server(sockdir, capsys):
 
 def test_remote_bad_usage(sockdir, capsys):
     path = os.path.join(sockdir, "x.sock")
-    for argv in (["ping"], ["--api-socket", path], ["--api-socket", path, "frobnicate"], ["--api-socket", path, "create"]):
+    for argv in (
+        ["ping"],
+        ["--api-socket", path],
+        ["--api-socket", path, "frobnicate"],
+        ["--api-socket", path, "create"],
+    ):
         with pytest.raises(SystemExit) as e:
             remote.main(argv)
         assert e.value.code == 2

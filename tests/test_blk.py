@@ -30,8 +30,17 @@ def disk_arg(path, readonly=False, disk_id="disk0") -> str:
 
 
 def _boot(vmm_process, image, *extra, name="src", vcpus=2, memory="384M", hooks="", readonly=False):
-    vmm = vmm_process("--cpus", f"boot={vcpus}", "--memory", f"size={memory}",
-                      "--disk", disk_arg(image, readonly), *extra, name=name, hooks=hooks)
+    vmm = vmm_process(
+        "--cpus",
+        f"boot={vcpus}",
+        "--memory",
+        f"size={memory}",
+        "--disk",
+        disk_arg(image, readonly),
+        *extra,
+        name=name,
+        hooks=hooks,
+    )
     boot_id, _ = vmm.serial.wait_ready()
     return vmm, boot_id
 
@@ -43,8 +52,13 @@ def _destination(vmm_process, image, name="dst"):
 
 def blk_status(serial) -> dict:
     m = serial.command("blk status", BLK_STATUS)
-    return {"on": m.group(1) == b"on", "reads": int(m.group(2)), "writes": int(m.group(3)),
-            "inflight": int(m.group(4)), "bad": m.group(6).decode() if m.group(5) == b"1" else None}
+    return {
+        "on": m.group(1) == b"on",
+        "reads": int(m.group(2)),
+        "writes": int(m.group(3)),
+        "inflight": int(m.group(4)),
+        "bad": m.group(6).decode() if m.group(5) == b"1" else None,
+    }
 
 
 def wait_load_progress(serial, reads=50, writes=50, timeout=120.0) -> dict:
@@ -73,8 +87,9 @@ def start_load(serial):
 def check_disk(serial, image, same_boot=True):
     """The guest reads the load area back (against its own table of what it wrote when it is the
     same boot) and the kept range; then the host checks every sector of both in the file."""
-    m = serial.command(f"blk verify 0 {LOAD_SECTORS}", rb"BLK VERIFY (OK (\d+) unknown=(\d+) empty=(\d+)|[^\r]*)\r\n",
-                       timeout=120)
+    m = serial.command(
+        f"blk verify 0 {LOAD_SECTORS}", rb"BLK VERIFY (OK (\d+) unknown=(\d+) empty=(\d+)|[^\r]*)\r\n", timeout=120
+    )
     assert m.group(2) is not None, m.group(0)
     if same_boot:
         assert int(m.group(2)) > 0  # sectors with a generation the guest knows it wrote
@@ -188,8 +203,11 @@ def test_device_writes_during_precopy_are_marked_dirty(tmp_path):
 
     image = make_image(tmp_path / "disk.raw", 32)
     src_sock, dst_sock = str(tmp_path / "src.sock"), str(tmp_path / "dst.sock")
-    src = Vmm(serial=SerialConfig(mode="Socket", socket=src_sock), no_shutdown=True,
-              test_hooks=TestHooks(keep_source=True, frame_delay_ms=100))
+    src = Vmm(
+        serial=SerialConfig(mode="Socket", socket=src_sock),
+        no_shutdown=True,
+        test_hooks=TestHooks(keep_source=True, frame_delay_ms=100),
+    )
     dst = Vmm(serial=SerialConfig(mode="Socket", socket=dst_sock), test_hooks=TestHooks(complete_paused=True))
     serial = SerialClient(src_sock)
     dserial = SerialClient(dst_sock)
@@ -207,7 +225,7 @@ def test_device_writes_during_precopy_are_marked_dirty(tmp_path):
         (a,), (b,) = src.memory_regions(), dst.memory_regions()
         va, vb = memoryview(a), memoryview(b)
         chunk = 1 << 20
-        bad = [i for i in range(0, len(va), chunk) if va[i:i + chunk] != vb[i:i + chunk]]
+        bad = [i for i in range(0, len(va), chunk) if va[i : i + chunk] != vb[i : i + chunk]]
         va.release()
         vb.release()
         assert not bad, f"{len(bad)} MiB differ, first at {bad[0]:#x}"

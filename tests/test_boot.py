@@ -1,6 +1,5 @@
 """Boot the embedded test guest on real KVM and talk to it over the serial console."""
 
-
 import struct
 
 import pytest
@@ -40,8 +39,17 @@ PVH_MAGIC = 0x336EC578
 
 def start_info_fields(view) -> dict:
     """hvm_start_info (version 1) as vmmpy wrote it at 0x6000."""
-    names = ("magic", "version", "flags", "nr_modules", "modlist_paddr", "cmdline_paddr", "rsdp_paddr",
-             "memmap_paddr", "memmap_entries")
+    names = (
+        "magic",
+        "version",
+        "flags",
+        "nr_modules",
+        "modlist_paddr",
+        "cmdline_paddr",
+        "rsdp_paddr",
+        "memmap_paddr",
+        "memmap_entries",
+    )
     return dict(zip(names, struct.unpack_from("<IIIIQQQQI", view, PVH_START_INFO)))
 
 
@@ -59,10 +67,11 @@ def test_guest_memory_is_readable_from_python(guest_vmm, boot_protocol):
     if boot_protocol is None:
         info = start_info_fields(view)
         assert (info["magic"], info["version"], info["nr_modules"]) == (PVH_MAGIC, 1, 0)
-        entries = [struct.unpack_from("<QQI", view, info["memmap_paddr"] + 24 * i)
-                   for i in range(info["memmap_entries"])]
+        entries = [
+            struct.unpack_from("<QQI", view, info["memmap_paddr"] + 24 * i) for i in range(info["memmap_entries"])
+        ]
         assert (0x100000, (128 << 20) - 0x100000, 1) in entries  # RAM from 1 MiB (ECAM is reserved too)
-        assert bytes(view[info["rsdp_paddr"]:info["rsdp_paddr"] + 8]) == b"RSD PTR "
+        assert bytes(view[info["rsdp_paddr"] : info["rsdp_paddr"] + 8]) == b"RSD PTR "
         cmd_ptr = info["cmdline_paddr"]
         assert bytes(view[0x7000:0x8000]) == bytes(4096)  # no zero page
     else:
@@ -70,7 +79,7 @@ def test_guest_memory_is_readable_from_python(guest_vmm, boot_protocol):
         assert bytes(zero_page[0x202:0x206]) == b"HdrS"
         cmd_ptr = int.from_bytes(zero_page[0x228:0x22C], "little")
         assert start_info_fields(view)["magic"] == 0
-    cmdline = bytes(view[cmd_ptr:cmd_ptr + 200]).split(b"\0")[0]
+    cmdline = bytes(view[cmd_ptr : cmd_ptr + 200]).split(b"\0")[0]
     assert cmdline.startswith(b"console=ttyS0") and b"vmmpy.cpus=1" in cmdline
     with pytest.raises(TypeError):
         view[0] = 1

@@ -193,7 +193,17 @@ def sockdir():
 def test_vm_from_flags_is_created_and_booted(fake_vmm, capsys):
     fake_vmm.on_wait = lambda vmm: 7
     rc, _out, err = run_main(
-        ["--cpus", "boot=2", "--memory", "size=256M,shared=on", "--serial", "tty", "--cmdline", "quiet", "--no-shutdown"],
+        [
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=256M,shared=on",
+            "--serial",
+            "tty",
+            "--cmdline",
+            "quiet",
+            "--no-shutdown",
+        ],
         capsys,
     )
     assert rc == 7, err
@@ -300,22 +310,28 @@ def test_disk_flags_become_the_vms_disks(fake_vmm, capsys, tmp_path):
     a, b = tmp_path / "a.raw", tmp_path / "b.raw"
     a.write_bytes(bytes(4096))
     b.write_bytes(bytes(4096))
-    rc, _out, err = run_main(["--memory", "size=128M", "--disk", f"path={a}",
-                              "--disk", f"path={b},readonly=on,id=data,direct=on"], capsys)
+    rc, _out, err = run_main(
+        ["--memory", "size=128M", "--disk", f"path={a}", "--disk", f"path={b},readonly=on,id=data,direct=on"], capsys
+    )
     assert rc == 0, err
     config = fake_vmm.instances[0].calls[0][1]
-    assert config.disks == [DiskConfig(path=str(a), id="disk0"),
-                            DiskConfig(path=str(b), readonly=True, id="data", direct=True)]
+    assert config.disks == [
+        DiskConfig(path=str(a), id="disk0"),
+        DiskConfig(path=str(b), readonly=True, id="data", direct=True),
+    ]
     assert "disk_backings" not in fake_vmm.instances[0].kwargs
 
 
-@pytest.mark.parametrize("disk, message", [
-    ("path=/nonexistent/x.raw", "disks[0].path='/nonexistent/x.raw': no such file"),
-    ("path=/dev/null", "not a regular file"),
-    ("readonly=on", "expected path=<file>"),
-    ("path=/x,cache=on", "unsupported option 'cache'"),
-    ("path=/x,readonly=maybe", "expected on or off"),
-])
+@pytest.mark.parametrize(
+    "disk, message",
+    [
+        ("path=/nonexistent/x.raw", "disks[0].path='/nonexistent/x.raw': no such file"),
+        ("path=/dev/null", "not a regular file"),
+        ("readonly=on", "expected path=<file>"),
+        ("path=/x,cache=on", "unsupported option 'cache'"),
+        ("path=/x,readonly=maybe", "expected on or off"),
+    ],
+)
 def test_bad_disk_is_a_usage_error_before_any_vmm(fake_vmm, capsys, disk, message):
     rc, _out, err = run_main(["--memory", "size=128M", "--disk", disk], capsys)
     assert rc == 2 and message in err, err
@@ -326,7 +342,16 @@ def test_disk_flags_without_a_vm_are_this_hosts_backings(fake_vmm, capsys, sockd
     image = tmp_path / "shared.raw"
     image.write_bytes(bytes(4096))
     fake_vmm.on_wait = lambda vmm: 0
-    rc, _out, err = run_main(["--api-socket", f"path={os.path.join(sockdir, 'api.sock')}",
-                              "--disk", f"path={image},id=root", "--disk", "path=/elsewhere.raw"], capsys)
+    rc, _out, err = run_main(
+        [
+            "--api-socket",
+            f"path={os.path.join(sockdir, 'api.sock')}",
+            "--disk",
+            f"path={image},id=root",
+            "--disk",
+            "path=/elsewhere.raw",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert fake_vmm.instances[0].kwargs["disk_backings"] == {"root": str(image), "disk1": "/elsewhere.raw"}

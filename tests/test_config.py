@@ -486,57 +486,109 @@ def test_host_memory_is_positive():
 # --------------------------------------------------------------------------------------------
 
 # As ch-remote 54 sends them (recorded), defaults spelled out.
-CH_SEND = {"destination_url": "tcp:127.0.0.1:6000", "local": False, "preserve_source": False, "downtime_ms": 300,
-           "timeout_s": 3600, "timeout_strategy": "Cancel", "connections": 1, "tls_dir": None,
-           "memory_mode": "Precopy"}
-CH_RECEIVE = {"receiver_url": "unix:/tmp/m.sock", "tls_dir": None, "memory_mode": "Precopy", "vfio_fds": None,
-              "iommufd_fd": None, "zone_updates": []}
-CH_RESTORE = {"source_url": "file:///tmp/snap", "prefault": False, "memory_restore_mode": "Copy", "net_fds": None,
-              "vfio_fds": None, "iommufd_fd": None, "resume": False, "zone_updates": []}
+CH_SEND = {
+    "destination_url": "tcp:127.0.0.1:6000",
+    "local": False,
+    "preserve_source": False,
+    "downtime_ms": 300,
+    "timeout_s": 3600,
+    "timeout_strategy": "Cancel",
+    "connections": 1,
+    "tls_dir": None,
+    "memory_mode": "Precopy",
+}
+CH_RECEIVE = {
+    "receiver_url": "unix:/tmp/m.sock",
+    "tls_dir": None,
+    "memory_mode": "Precopy",
+    "vfio_fds": None,
+    "iommufd_fd": None,
+    "zone_updates": [],
+}
+CH_RESTORE = {
+    "source_url": "file:///tmp/snap",
+    "prefault": False,
+    "memory_restore_mode": "Copy",
+    "net_fds": None,
+    "vfio_fds": None,
+    "iommufd_fd": None,
+    "resume": False,
+    "zone_updates": [],
+}
 
 
 def test_ch_request_bodies_at_their_defaults_are_read():
     from vmmpy.config import read_request_body
 
     assert read_request_body("SendMigrationData", CH_SEND) == {
-        "destination_url": "tcp:127.0.0.1:6000", "local": False, "downtime_ms": 300, "timeout_s": 3600,
-        "timeout_strategy": "cancel", "connections": 1}  # tls_dir null: not set
+        "destination_url": "tcp:127.0.0.1:6000",
+        "local": False,
+        "downtime_ms": 300,
+        "timeout_s": 3600,
+        "timeout_strategy": "cancel",
+        "connections": 1,
+    }  # tls_dir null: not set
     assert read_request_body("ReceiveMigrationData", CH_RECEIVE) == {"receiver_url": "unix:/tmp/m.sock"}
     assert read_request_body("RestoreConfig", CH_RESTORE) == {"source_url": "file:///tmp/snap", "resume": False}
     assert read_request_body("RestoreConfig", {**CH_RESTORE, "prefault": True})["source_url"]  # what vmmpy does
     assert read_request_body("VmSnapshotConfig", {"destination_url": "file:///x"}) == {"destination_url": "file:///x"}
 
 
-@pytest.mark.parametrize("spelling, value", [("Cancel", "cancel"), ("Ignore", "ignore"), ("cancel", "cancel"),
-                                             ("ignore", "ignore"), ("IGNORE", "ignore")])
+@pytest.mark.parametrize(
+    "spelling, value",
+    [("Cancel", "cancel"), ("Ignore", "ignore"), ("cancel", "cancel"), ("ignore", "ignore"), ("IGNORE", "ignore")],
+)
 def test_timeout_strategy_takes_chs_enum_and_lower_case(spelling, value):
     from vmmpy.config import read_request_body
 
-    assert read_request_body("SendMigrationData", {**CH_SEND, "timeout_strategy": spelling})["timeout_strategy"] == value
+    assert (
+        read_request_body("SendMigrationData", {**CH_SEND, "timeout_strategy": spelling})["timeout_strategy"] == value
+    )
 
 
-@pytest.mark.parametrize("name, body, message", [
-    ("SendMigrationData", {**CH_SEND, "preserve_source": True, "memory_mode": "Postcopy"},
-     "unsupported SendMigrationData fields: memory_mode, preserve_source (vmmpy accepts them only at Cloud "
-     "Hypervisor's default value)"),
-    ("SendMigrationData", {**CH_SEND, "connections": "4"}, 'connections="4": must be an integer'),
-    ("SendMigrationData", {**CH_SEND, "timeout_strategy": "Retry"}, 'timeout_strategy="Retry": expected one of '
-     "Cancel, Ignore"),
-    ("SendMigrationData", {**CH_SEND, "local": "on"}, 'local="on": must be a boolean'),
-    ("SendMigrationData", {**CH_SEND, "downtime_ms": True}, "downtime_ms=true: must be an integer"),
-    ("SendMigrationData", {"local": True}, "SendMigrationData needs destination_url"),
-    ("ReceiveMigrationData", {**CH_RECEIVE, "zone_updates": [{"id": "z", "host_numa_node": 1}]},
-     "unsupported ReceiveMigrationData fields: zone_updates"),
-    ("ReceiveMigrationData", {**CH_RECEIVE, "memory_mode": "Postcopy", "extra": 1},
-     "unsupported ReceiveMigrationData fields: extra, memory_mode"),
-    ("RestoreConfig", {**CH_RESTORE, "memory_restore_mode": "OnDemand"},
-     "unsupported RestoreConfig fields: memory_restore_mode"),
-    ("RestoreConfig", {**CH_RESTORE, "net_fds": [{"id": "net0", "fds": [3]}]}, "unsupported RestoreConfig fields: "
-     "net_fds"),
-    ("RestoreConfig", {**CH_RESTORE, "source_url": {"a": 1}}, 'source_url={"a": 1}: must be a string'),
-    ("VmSnapshotConfig", ["file:///x"], "VmSnapshotConfig must be a JSON object, not an array"),
-    ("VmSnapshotConfig", None, "VmSnapshotConfig must be a JSON object, not null"),
-])
+@pytest.mark.parametrize(
+    "name, body, message",
+    [
+        (
+            "SendMigrationData",
+            {**CH_SEND, "preserve_source": True, "memory_mode": "Postcopy"},
+            "unsupported SendMigrationData fields: memory_mode, preserve_source (vmmpy accepts them only at Cloud "
+            "Hypervisor's default value)",
+        ),
+        ("SendMigrationData", {**CH_SEND, "connections": "4"}, 'connections="4": must be an integer'),
+        (
+            "SendMigrationData",
+            {**CH_SEND, "timeout_strategy": "Retry"},
+            'timeout_strategy="Retry": expected one of Cancel, Ignore',
+        ),
+        ("SendMigrationData", {**CH_SEND, "local": "on"}, 'local="on": must be a boolean'),
+        ("SendMigrationData", {**CH_SEND, "downtime_ms": True}, "downtime_ms=true: must be an integer"),
+        ("SendMigrationData", {"local": True}, "SendMigrationData needs destination_url"),
+        (
+            "ReceiveMigrationData",
+            {**CH_RECEIVE, "zone_updates": [{"id": "z", "host_numa_node": 1}]},
+            "unsupported ReceiveMigrationData fields: zone_updates",
+        ),
+        (
+            "ReceiveMigrationData",
+            {**CH_RECEIVE, "memory_mode": "Postcopy", "extra": 1},
+            "unsupported ReceiveMigrationData fields: extra, memory_mode",
+        ),
+        (
+            "RestoreConfig",
+            {**CH_RESTORE, "memory_restore_mode": "OnDemand"},
+            "unsupported RestoreConfig fields: memory_restore_mode",
+        ),
+        (
+            "RestoreConfig",
+            {**CH_RESTORE, "net_fds": [{"id": "net0", "fds": [3]}]},
+            "unsupported RestoreConfig fields: net_fds",
+        ),
+        ("RestoreConfig", {**CH_RESTORE, "source_url": {"a": 1}}, 'source_url={"a": 1}: must be a string'),
+        ("VmSnapshotConfig", ["file:///x"], "VmSnapshotConfig must be a JSON object, not an array"),
+        ("VmSnapshotConfig", None, "VmSnapshotConfig must be a JSON object, not null"),
+    ],
+)
 def test_ch_request_bodies_asking_for_more_are_refused_by_name(name, body, message):
     from vmmpy.config import read_request_body
 
@@ -570,21 +622,35 @@ def test_disks_get_default_ids_in_order_and_round_trip_through_the_api(images):
 
 
 def test_api_disks_take_ch_defaults_only(images):
-    ch_defaults = {"iommu": False, "num_queues": 1, "queue_size": 128, "vhost_user": False, "pci_segment": 0,
-                   "backing_files": False, "sparse": True, "image_type": "Raw", "vhost_socket": None,
-                   "rate_limiter_config": None, "serial": None, "queue_affinity": None}
+    ch_defaults = {
+        "iommu": False,
+        "num_queues": 1,
+        "queue_size": 128,
+        "vhost_user": False,
+        "pci_segment": 0,
+        "backing_files": False,
+        "sparse": True,
+        "image_type": "Raw",
+        "vhost_socket": None,
+        "rate_limiter_config": None,
+        "serial": None,
+        "queue_affinity": None,
+    }
     cfg = VmConfig.from_api({"disks": [{"path": images[0], **ch_defaults}]})
     assert cfg.disks == [DiskConfig(path=images[0], id="disk0")]
     with pytest.raises(InvalidConfig, match=r"unsupported VmConfig fields: disks\[0\]\.num_queues, disks\[0\]\.sparse"):
         VmConfig.from_api({"disks": [{"path": images[0], "num_queues": 4, "sparse": False}]})
 
 
-@pytest.mark.parametrize("make, fragment", [
-    (lambda imgs: [DiskConfig(path="/nonexistent.raw")], "disks[0].path='/nonexistent.raw': no such file"),
-    (lambda imgs: [DiskConfig(path="/dev")], "not a regular file"),
-    (lambda imgs: [DiskConfig(path=imgs[0], id="x"), DiskConfig(path=imgs[1], id="x")], "disks[1].id='x': used by"),
-    (lambda imgs: [DiskConfig(path=imgs[0], readonly="yes")], "disks[0].readonly='yes': must be a boolean"),
-])
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (lambda imgs: [DiskConfig(path="/nonexistent.raw")], "disks[0].path='/nonexistent.raw': no such file"),
+        (lambda imgs: [DiskConfig(path="/dev")], "not a regular file"),
+        (lambda imgs: [DiskConfig(path=imgs[0], id="x"), DiskConfig(path=imgs[1], id="x")], "disks[1].id='x': used by"),
+        (lambda imgs: [DiskConfig(path=imgs[0], readonly="yes")], "disks[0].readonly='yes': must be a boolean"),
+    ],
+)
 def test_bad_disks_are_refused_at_create(images, make, fragment):
     with pytest.raises(InvalidConfig) as e:
         VmConfig(disks=make(images))
@@ -599,6 +665,7 @@ def test_disk_count_is_bounded(images):
 def test_native_disk_limit_matches():
     from vmmpy import _native
     from vmmpy.config import MAX_DISKS
+
     assert _native.MAX_DISKS == MAX_DISKS
 
 

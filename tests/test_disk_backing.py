@@ -79,8 +79,9 @@ def test_snapshot_carries_device_state_and_restore_takes_this_hosts_file(vmm_pro
     status, body = dst.api.request("PUT", "/api/v1/vm.restore", {"source_url": f"file://{snap}"})
     assert status == 400 and "disk 'disk0'" in json.dumps(body), (status, body)
     assert dst.api.request("GET", "/api/v1/vm.info")[0] == 404
-    status, body = dst.api.request("PUT", "/api/v1/vm.restore",
-                                   {"source_url": f"file://{snap}", "disks": {"disk0": disk}, "resume": True})
+    status, body = dst.api.request(
+        "PUT", "/api/v1/vm.restore", {"source_url": f"file://{snap}", "disks": {"disk0": disk}, "resume": True}
+    )
     assert status == 204, (status, body)
     dst.serial.command("status", rb"STATUS boot_id=" + boot_id.encode())
 
@@ -93,11 +94,24 @@ def test_native_vm_refuses_an_image_it_cannot_open(tmp_path):
     console = _native.Console()
     fds = [_eventfd() for _ in range(3)]
     try:
-        for path, text in [(str(tmp_path / "missing.raw"), "No such file"), (str(tmp_path), "Is a directory"), ("/dev/null", "not a regular file")]:
+        for path, text in [
+            (str(tmp_path / "missing.raw"), "No such file"),
+            (str(tmp_path), "Is a directory"),
+            ("/dev/null", "not a regular file"),
+        ]:
             with pytest.raises(InvalidConfig, match=text):
-                _native.Vm(memory_size=128 << 20, vcpus=1, kernel=None, initramfs=None, cmdline="", console=console,
-                           reset_fd=fds[0], guest_exit_fd=fds[1], error_fd=fds[2],
-                           disks=[("disk0", path, False, False)])
+                _native.Vm(
+                    memory_size=128 << 20,
+                    vcpus=1,
+                    kernel=None,
+                    initramfs=None,
+                    cmdline="",
+                    console=console,
+                    reset_fd=fds[0],
+                    guest_exit_fd=fds[1],
+                    error_fd=fds[2],
+                    disks=[("disk0", path, False, False)],
+                )
     finally:
         for fd in fds:
             os.close(fd)

@@ -175,9 +175,7 @@ def test_concurrent_emitters_and_file_order(tmp_path):
     assert len(lines) == 8 * per_thread == mon.seq
     # The file is in sequence order: it matches the history, event for event.
     history = mon.events()
-    assert [(e["event"], e["properties"]) for e in lines] == [
-        (e["event"], e["properties"]) for e in history
-    ]
+    assert [(e["event"], e["properties"]) for e in lines] == [(e["event"], e["properties"]) for e in history]
     for k in range(8):  # each thread's events in its own order
         assert [e["properties"]["i"] for e in lines if e["event"] == f"e{k}"] == list(range(per_thread))
 
@@ -282,8 +280,10 @@ def test_a_reader_that_never_reads_does_not_block_the_emitter(tmp_path):
         lines = 1000  # 4 KiB each: the queue alone (256 KiB) holds more than the pipe (64 KiB)
         done = threading.Event()
         pad = "x" * 4096
-        threading.Thread(target=lambda: ([mon.emit("vm", "tick", {"i": i, "pad": pad}) for i in range(lines)],
-                                         done.set()), daemon=True).start()
+        threading.Thread(
+            target=lambda: ([mon.emit("vm", "tick", {"i": i, "pad": pad}) for i in range(lines)], done.set()),
+            daemon=True,
+        ).start()
         assert done.wait(60), "emit blocked on a reader that does not read"
         assert mon.seq == lines  # the history has every event
         assert mon.dropped > 0

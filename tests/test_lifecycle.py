@@ -55,12 +55,22 @@ def _native_vm(tmp_path, vcpus=2, kernel=None):
     fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
     path = str(tmp_path / "native.sock")
     import socket
+
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(1)
     console = _native.Console(None)
-    vm = _native.Vm(memory_size=128 << 20, vcpus=vcpus, kernel=kernel, initramfs=None, cmdline="console=ttyS0",
-                    console=console, reset_fd=fds[0], guest_exit_fd=fds[1], error_fd=fds[2])
+    vm = _native.Vm(
+        memory_size=128 << 20,
+        vcpus=vcpus,
+        kernel=kernel,
+        initramfs=None,
+        cmdline="console=ttyS0",
+        console=console,
+        reset_fd=fds[0],
+        guest_exit_fd=fds[1],
+        error_fd=fds[2],
+    )
     client = SerialClient(path)
     conn, _ = listener.accept()
     console.add_client(conn.fileno())
@@ -147,9 +157,11 @@ def test_reset_requested_while_pausing_happens_on_resume(guest_vmm):
     assert len(vmm.events.events("vm.rebooted")) == 1
 
 
-@pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"),
-                    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0, see shared/KVM_HERE.md); "
-                           "hardware KVM delivers the exception instead")
+@pytest.mark.skipif(
+    not os.path.exists("/sys/module/kvm_pvm"),
+    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0, see shared/KVM_HERE.md); "
+    "hardware KVM delivers the exception instead",
+)
 def test_unhandled_exit_is_an_error_state_not_a_crash(tmp_path):
     from vmmpy import Vmm
     from vmmpy.config import VmConfig
@@ -196,8 +208,17 @@ def test_a_console_output_nobody_reads_does_not_stall_the_guest(tmp_path):
     r, w = os.pipe()
     fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
     console = _native.Console(w)
-    vm = _native.Vm(memory_size=64 << 20, vcpus=1, kernel=None, initramfs=None, cmdline="console=ttyS0",
-                    console=console, reset_fd=fds[0], guest_exit_fd=fds[1], error_fd=fds[2])
+    vm = _native.Vm(
+        memory_size=64 << 20,
+        vcpus=1,
+        kernel=None,
+        initramfs=None,
+        cmdline="console=ttyS0",
+        console=console,
+        reset_fd=fds[0],
+        guest_exit_fd=fds[1],
+        error_fd=fds[2],
+    )
     try:
         vm.boot()
         for _ in range(2000):  # far more echo output than a pipe holds

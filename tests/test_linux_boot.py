@@ -74,13 +74,27 @@ def debian_kernel(request) -> linux_kernel.DebianKernel:
 class LinuxVm:
     """An in-process Vmm booting `kernel`, its serial console on a socket, with timing marks."""
 
-    def __init__(self, tmp: Path, kernel: str, cmdline: str, memory_mib: int = 256, vcpus: int = 2,
-                 initramfs: str | None = None, boot_protocol: str | None = None):
+    def __init__(
+        self,
+        tmp: Path,
+        kernel: str,
+        cmdline: str,
+        memory_mib: int = 256,
+        vcpus: int = 2,
+        initramfs: str | None = None,
+        boot_protocol: str | None = None,
+    ):
         self.serial_path = str(tmp / f"linux-{time.monotonic_ns()}.serial")
         self.vmm = Vmm(serial=SerialConfig(mode="Socket", socket=self.serial_path))
         self.serial = SerialClient(self.serial_path)
-        self.config = VmConfig(memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, cmdline=cmdline,
-                               initramfs=initramfs, boot_protocol=boot_protocol)
+        self.config = VmConfig(
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            kernel=kernel,
+            cmdline=cmdline,
+            initramfs=initramfs,
+            boot_protocol=boot_protocol,
+        )
         self.vmm.create(self.config)
         self.t0 = time.monotonic()
         self.vmm.boot()
@@ -96,7 +110,7 @@ class LinuxVm:
         (low, *_) = self.vmm.memory_regions()
         view = memoryview(low)
         try:
-            return bytes(view[addr:addr + size])
+            return bytes(view[addr : addr + size])
         finally:
             view.release()
 
@@ -119,7 +133,8 @@ def start_info(vm: LinuxVm) -> tuple[list[tuple[int, int, int]], int, int]:
     """The memory map (hvm_memmap_table_entry: addr, size, type), RSDP and command line addresses
     in the hvm_start_info vmmpy wrote for a PVH entry."""
     magic, version, _, _, _, cmdline, rsdp, memmap, entries = struct.unpack(
-        "<IIIIQQQQI", vm.guest_bytes(PVH_START_INFO, 52))
+        "<IIIIQQQQI", vm.guest_bytes(PVH_START_INFO, 52)
+    )
     assert (magic, version) == (PVH_MAGIC, 1)
     table = vm.guest_bytes(memmap, 24 * entries)
     return [struct.unpack_from("<QQI", table, 24 * i) for i in range(entries)], rsdp, cmdline
@@ -173,20 +188,32 @@ def test_extract_vmlinux_from_debian_bzimage(request, flavour, compression):
     with pytest.raises(PayloadError, match="already an ELF"):
         vmmpy_kernel.extract_vmlinux(vmlinux)
     with pytest.raises(PayloadError, match="truncated"):
-        vmmpy_kernel.extract_vmlinux(data[:len(data) // 2])
+        vmmpy_kernel.extract_vmlinux(data[: len(data) // 2])
 
 
 def test_kernel_module_command_line(cloud_kernel, tmp_path):
     out = tmp_path / "vmlinux"
-    p = subprocess.run([sys.executable, "-m", "vmmpy.kernel", "extract", str(cloud_kernel.bzimage), str(out)],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "vmmpy.kernel", "extract", str(cloud_kernel.bzimage), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     assert "ELF vmlinux" in p.stdout and out.read_bytes() == cloud_kernel.vmlinux.read_bytes()
-    p = subprocess.run([sys.executable, "-m", "vmmpy.kernel", "info", str(cloud_kernel.bzimage)],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "vmmpy.kernel", "info", str(cloud_kernel.bzimage)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0 and "bzImage (boot protocol 2." in p.stdout and "lz4 payload" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "vmmpy.kernel", "extract", str(out), str(tmp_path / "x")],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "vmmpy.kernel", "extract", str(out), str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "already an ELF" in p.stderr
 
 
@@ -225,11 +252,11 @@ CLOUD_MIB = 256
 GENERIC_MIB = 4096  # above the MMIO hole: the e820 gets RAM from 4 GiB on
 
 
-def _early_boot(tmp: Path, kernel: linux_kernel.DebianKernel, memory_mib: int, vcpus: int,
-                boot_protocol: str = "linux64"):
+def _early_boot(
+    tmp: Path, kernel: linux_kernel.DebianKernel, memory_mib: int, vcpus: int, boot_protocol: str = "linux64"
+):
     cmdline = f"console=ttyS0 earlyprintk=serial nokaslr vmmpy.test=early-boot-{kernel.flavour}"
-    vm = LinuxVm(tmp, str(kernel.vmlinux), cmdline, memory_mib=memory_mib, vcpus=vcpus,
-                 boot_protocol=boot_protocol)
+    vm = LinuxVm(tmp, str(kernel.vmlinux), cmdline, memory_mib=memory_mib, vcpus=vcpus, boot_protocol=boot_protocol)
     vm.cmdline = cmdline
     vm.kernel = kernel
     return vm
@@ -279,7 +306,11 @@ def check_early_boot(vm: LinuxVm, memory_mib: int, vcpus: int, smp_line: bool = 
 
     seen = {}
     for sig in ACPI_TABLES:
-        m = vm.expect(f"ACPI {sig}", rb"ACPI: " + sig.encode() + rb" 0x([0-9A-F]{16}) ([0-9A-F]{6}) \(v(\d\d) ([^)]*)\)", EARLY_BOOT_S)
+        m = vm.expect(
+            f"ACPI {sig}",
+            rb"ACPI: " + sig.encode() + rb" 0x([0-9A-F]{16}) ([0-9A-F]{6}) \(v(\d\d) ([^)]*)\)",
+            EARLY_BOOT_S,
+        )
         seen[sig] = (int(m.group(1), 16), int(m.group(2), 16), int(m.group(3)), m.group(4).decode())
     assert seen["RSDP"][0] == rsdp
     assert seen["RSDP"][3].split() == ["VMMPY"]
@@ -328,11 +359,14 @@ def test_generic_vmlinux_early_boot_above_4g(generic_kernel, tmp_path):
         vm.close()
 
 
-@pytest.mark.parametrize("which,kind,args,protocol", [
-    ("bzimage", "bzimage", (), "linux64"),
-    ("vmlinux", "elf", (), "pvh"),
-    ("vmlinux", "elf", ("--boot-protocol", "linux64"), "linux64"),
-])
+@pytest.mark.parametrize(
+    "which,kind,args,protocol",
+    [
+        ("bzimage", "bzimage", (), "linux64"),
+        ("vmlinux", "elf", (), "pvh"),
+        ("vmlinux", "elf", ("--boot-protocol", "linux64"), "linux64"),
+    ],
+)
 def test_cli_says_which_kernel_it_found(cloud_kernel, vmm_process, which, kind, args, protocol):
     path = str(getattr(cloud_kernel, which))
     p = vmm_process("--kernel", path, "--memory", "size=256M", "--cmdline", "console=ttyS0", *args)
@@ -358,9 +392,9 @@ def _bad_cases(tmp: Path, cloud, generic) -> dict:
     empty = tmp / "empty"
     empty.write_bytes(b"")
     short_bz = tmp / "short-bzImage"
-    short_bz.write_bytes(cloud.bzimage.read_bytes()[:2 * MIB])
+    short_bz.write_bytes(cloud.bzimage.read_bytes()[: 2 * MIB])
     short_elf = tmp / "short-vmlinux"
-    short_elf.write_bytes(cloud.vmlinux.read_bytes()[:8 * MIB])
+    short_elf.write_bytes(cloud.vmlinux.read_bytes()[: 8 * MIB])
     big_initrd = tmp / "initrd-100M"
     with open(big_initrd, "wb") as f:
         f.truncate(100 * MIB)
@@ -372,14 +406,26 @@ def _bad_cases(tmp: Path, cloud, generic) -> dict:
         "bzImage too big for RAM": (dict(kernel=str(generic.bzimage), memory_mib=64), "too big for RAM"),
         "vmlinux too big for RAM": (dict(kernel=str(generic.vmlinux), memory_mib=64), "too big for RAM"),
         "initramfs overlapping the kernel": (
-            dict(kernel=str(cloud.vmlinux), memory_mib=128, initramfs=str(big_initrd)), "overlap the kernel"),
+            dict(kernel=str(cloud.vmlinux), memory_mib=128, initramfs=str(big_initrd)),
+            "overlap the kernel",
+        ),
         "command line too long": (
-            dict(kernel=str(cloud.bzimage), cmdline="console=ttyS0 " + "x" * 2100), "at most 2047"),
+            dict(kernel=str(cloud.bzimage), cmdline="console=ttyS0 " + "x" * 2100),
+            "at most 2047",
+        ),
     }
 
 
-BAD_CASES = ["not a kernel", "empty file", "truncated bzImage", "truncated vmlinux", "bzImage too big for RAM",
-             "vmlinux too big for RAM", "initramfs overlapping the kernel", "command line too long"]
+BAD_CASES = [
+    "not a kernel",
+    "empty file",
+    "truncated bzImage",
+    "truncated vmlinux",
+    "bzImage too big for RAM",
+    "vmlinux too big for RAM",
+    "initramfs overlapping the kernel",
+    "command line too long",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -406,8 +452,12 @@ def test_bad_kernel_over_the_api_is_400_and_on_the_cli_one_line(cloud_kernel, vm
     status, info = p.api.info()
     assert info["state"] == "Created"
     # Over the CLI: exit status 1 and one line on stderr.
-    cli = subprocess.run([sys.executable, "-m", "vmmpy.cli", "--kernel", str(cloud_kernel.bzimage),
-                          "--memory", "size=64M"], capture_output=True, text=True, timeout=60)
+    cli = subprocess.run(
+        [sys.executable, "-m", "vmmpy.cli", "--kernel", str(cloud_kernel.bzimage), "--memory", "size=64M"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 1
     assert cli.stderr.count("\n") == 1 and cli.stderr.startswith("vmmpy: error: kernel "), cli.stderr
     assert "too big for RAM" in cli.stderr
@@ -466,8 +516,10 @@ def hardware_kvm() -> str | None:
 def require_hardware_kvm() -> None:
     if hardware_kvm() is None:
         modules = " ".join(m for m in os.listdir("/sys/module") if m.startswith("kvm")) or "none"
-        reason = ("not applicable on this host: a full Linux boot needs hardware KVM "
-                  f"(/sys/module/kvm_intel or /sys/module/kvm_amd); this host's KVM modules: {modules}")
+        reason = (
+            "not applicable on this host: a full Linux boot needs hardware KVM "
+            f"(/sys/module/kvm_intel or /sys/module/kvm_amd); this host's KVM modules: {modules}"
+        )
         print(f"\n{__name__}: {reason}", file=sys.__stderr__, flush=True)
         pytest.skip(reason)
 
@@ -476,8 +528,18 @@ def test_full_boot_busybox_reboot_and_poweroff(cloud_kernel, vmm_process, tmp_pa
     require_hardware_kvm()
     busybox = linux_kernel.fetch_busybox()
     initramfs = build_busybox_initramfs(busybox, tmp_path / "initramfs.cpio")
-    p = vmm_process("--kernel", str(cloud_kernel.bzimage), "--initramfs", str(initramfs), "--memory", "size=512M",
-                    "--cpus", "boot=2", "--cmdline", "console=ttyS0 rdinit=/init panic=-1")
+    p = vmm_process(
+        "--kernel",
+        str(cloud_kernel.bzimage),
+        "--initramfs",
+        str(initramfs),
+        "--memory",
+        "size=512M",
+        "--cpus",
+        "boot=2",
+        "--cmdline",
+        "console=ttyS0 rdinit=/init panic=-1",
+    )
     m = p.serial.expect(rb"VMMPY-LINUX-UP cpus=(\d+)", 120)
     assert int(m.group(1)) == 2
     p.serial.command("hello", rb"VMMPY-ECHO hello")
@@ -500,8 +562,18 @@ def test_linux_takes_the_power_button_through_its_ged_driver(cloud_kernel, vmm_p
     require_hardware_kvm()
     busybox = linux_kernel.fetch_busybox()
     initramfs = build_busybox_initramfs(busybox, tmp_path / "initramfs.cpio")
-    p = vmm_process("--kernel", str(cloud_kernel.bzimage), "--initramfs", str(initramfs), "--memory", "size=512M",
-                    "--cpus", "boot=1", "--cmdline", "console=ttyS0 rdinit=/init panic=-1")
+    p = vmm_process(
+        "--kernel",
+        str(cloud_kernel.bzimage),
+        "--initramfs",
+        str(initramfs),
+        "--memory",
+        "size=512M",
+        "--cpus",
+        "boot=1",
+        "--cmdline",
+        "console=ttyS0 rdinit=/init panic=-1",
+    )
     p.serial.expect(rb"VMMPY-LINUX-UP cpus=1", 120)
     before = sum(map(int, p.serial.command("ged", GED_INTERRUPTS).group(1).split()))
     assert p.api.request("PUT", "/api/v1/vm.power-button")[0] == 204
@@ -518,8 +590,7 @@ def test_linux_takes_the_power_button_through_its_ged_driver(cloud_kernel, vmm_p
 # busybox initramfs; the first boot writes a file on the disk's ext4 and reboots, the second boot
 # reads it back and powers off; then the host reads the file out of the image itself.
 
-VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
-                  "virtio_blk")
+VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
 
 DISK_INIT_SCRIPT = """#!/bin/busybox sh
 bb=/bin/busybox
@@ -584,9 +655,20 @@ def test_full_boot_virtio_disk_write_sync_reboot_read(cloud_kernel, vmm_process,
     subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum", str(image)], check=True)
     modules = linux_kernel.fetch_kernel_modules("cloud")
     initramfs = build_disk_initramfs(linux_kernel.fetch_busybox(), modules, token, tmp_path / "initramfs.cpio")
-    p = vmm_process("--kernel", str(cloud_kernel.bzimage), "--initramfs", str(initramfs), "--memory", "size=512M",
-                    "--cpus", "boot=2", "--disk", f"path={image},id=root",
-                    "--cmdline", "console=ttyS0 rdinit=/init panic=-1")
+    p = vmm_process(
+        "--kernel",
+        str(cloud_kernel.bzimage),
+        "--initramfs",
+        str(initramfs),
+        "--memory",
+        "size=512M",
+        "--cpus",
+        "boot=2",
+        "--disk",
+        f"path={image},id=root",
+        "--cmdline",
+        "console=ttyS0 rdinit=/init panic=-1",
+    )
     p.serial.expect(rb"VMMPY-WRITTEN", 180)
     p.wait_event("vm.rebooted", timeout=60)
     m = p.serial.expect(rb"VMMPY-READBACK (\S+)", 180)

@@ -145,8 +145,7 @@ def test_destination_memory_equals_the_source(tmp_path):
     from vmmpy.testhooks import TestHooks
 
     sock = str(tmp_path / "src.sock")
-    src = Vmm(serial=SerialConfig(mode="Socket", socket=sock), no_shutdown=True,
-              test_hooks=TestHooks(keep_source=True))
+    src = Vmm(serial=SerialConfig(mode="Socket", socket=sock), no_shutdown=True, test_hooks=TestHooks(keep_source=True))
     dst = Vmm(serial=SerialConfig(mode="Null"), test_hooks=TestHooks(complete_paused=True))
     serial = SerialClient(sock)
     try:
@@ -164,7 +163,7 @@ def test_destination_memory_equals_the_source(tmp_path):
         va, vb = memoryview(a), memoryview(b)
         assert len(va) == len(vb) == 256 << 20
         chunk = 1 << 20
-        bad = [i for i in range(0, len(va), chunk) if va[i:i + chunk] != vb[i:i + chunk]]
+        bad = [i for i in range(0, len(va), chunk) if va[i : i + chunk] != vb[i : i + chunk]]
         assert not bad, f"{len(bad)} MiB differ, first at {bad[0]:#x}"
         va.release()
         vb.release()
@@ -188,7 +187,8 @@ def test_timeout_with_strategy_ignore_forces_the_final_phase(vmm_process, tmp_pa
 
 def test_unknown_migration_option_is_refused_by_name(vmm_process):
     src = vmm_process("--memory", "size=128M", name="src")
-    status, body = src.api.request("PUT", "/api/v1/vm.send-migration",
-                                   {"destination_url": "tcp:127.0.0.1:1", "warp_speed": 9})
+    status, body = src.api.request(
+        "PUT", "/api/v1/vm.send-migration", {"destination_url": "tcp:127.0.0.1:1", "warp_speed": 9}
+    )
     assert status == 400 and "warp_speed" in body[-1]
     assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"

@@ -64,8 +64,11 @@ class FaultyDestination:
                     else:
                         conn.sendall(HEADER.pack(7, 0, 0, 3) + b"???")
                     continue
-                body = json.dumps({"version": 1, "capabilities": ["zero-ranges", "lifecycle-event"]}).encode() \
-                    if name == "start" else b""
+                body = (
+                    json.dumps({"version": 1, "capabilities": ["zero-ranges", "lifecycle-event"]}).encode()
+                    if name == "start"
+                    else b""
+                )
                 conn.sendall(HEADER.pack(Status.OK, 0, 0, len(body)) + body)
         except (EOFError, OSError):
             pass

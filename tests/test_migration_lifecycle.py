@@ -17,8 +17,13 @@ from helpers import BANNER
 from migration_helpers import free_port, send, start_receive, wait_progress
 from proxy import CuttableProxy
 
-GUEST_EVENTS = {"acpi": "reboot acpi", "kbd": "reboot kbd", "cmos": "reboot cmos", "triple": "reboot triple",
-                "poweroff": "poweroff"}
+GUEST_EVENTS = {
+    "acpi": "reboot acpi",
+    "kbd": "reboot kbd",
+    "cmos": "reboot cmos",
+    "triple": "reboot triple",
+    "poweroff": "poweroff",
+}
 FAILURES = ("cut", "dest-killed", "cancel", "no-capability")
 
 
@@ -103,8 +108,11 @@ def test_lifecycle_during_migration(vmm_process, tmp_path, cell: Cell):
     local = cell.outcome == "local"
     src = vmm_process("--cpus", "boot=2", "--memory", "size=384M", name="src", hooks=_hooks(cell))
     dst_hooks = "no-lifecycle-capability=on" if cell.outcome == "no-capability" else ""
-    dst = vmm_process("--no-shutdown", name="dst", hooks=dst_hooks) if cell.event == "poweroff" and \
-        cell.timing == "after-complete" else vmm_process(name="dst", hooks=dst_hooks)
+    dst = (
+        vmm_process("--no-shutdown", name="dst", hooks=dst_hooks)
+        if cell.event == "poweroff" and cell.timing == "after-complete"
+        else vmm_process(name="dst", hooks=dst_hooks)
+    )
     boot_id = _boot_id(src.serial)
     src.serial.command("dirty 192", "DIRTY STARTED")
 
@@ -252,8 +260,9 @@ def _check_success(src, dst, receive, cell, boot_id, latched):
 
 
 def test_reboot_then_poweroff_in_one_migration_first_wins(vmm_process, tmp_path):
-    src = vmm_process("--cpus", "boot=2", "--memory", "size=384M", name="src",
-                      hooks="frame-delay-ms=150,request-at-pause=shutdown")
+    src = vmm_process(
+        "--cpus", "boot=2", "--memory", "size=384M", name="src", hooks="frame-delay-ms=150,request-at-pause=shutdown"
+    )
     dst = vmm_process(name="dst")
     boot_id = _boot_id(src.serial)
     src.serial.command("dirty 192", "DIRTY STARTED")
@@ -329,8 +338,7 @@ def _fds(vmm) -> list[str]:
 
 
 def test_ping_pong_20_migrations_reboot_every_third(vmm_process, tmp_path):
-    a = vmm_process("--cpus", "boot=2", "--memory", "size=256M", "--no-shutdown", name="a",
-                    hooks="frame-delay-ms=100")
+    a = vmm_process("--cpus", "boot=2", "--memory", "size=256M", "--no-shutdown", name="a", hooks="frame-delay-ms=100")
     b = vmm_process("--no-shutdown", name="b", hooks="frame-delay-ms=100")
     boot_id = _boot_id(a.serial)
     a.serial.command("dirty 64", "DIRTY STARTED")

@@ -81,15 +81,27 @@ CASES = {
     "bad protocol version": lambda s: (s.sendall(_req(Command.START, b'{"version": 7}')), "protocol"),
     "start not json": lambda s: (s.sendall(_req(Command.START, b"\xff{")), "malformed JSON"),
     "oversized config": lambda s: (_start(s), s.sendall(_req(Command.CONFIG, length=1 << 40)), "over the bound"),
-    "config with bad vm": lambda s: (_start(s), s.sendall(_req(Command.CONFIG, json.dumps(
-        {"config": {"cpus": {"boot_vcpus": 0}}}).encode())), "vcpus"),
-    "range outside RAM": lambda s: (_configure(s), s.sendall(
-        _req(Command.MEMORY, struct.pack("<QII", 1 << 40, 4096, 0)) + b"\0" * 4096), ""),
-    "unaligned range": lambda s: (_configure(s), s.sendall(
-        _req(Command.MEMORY, struct.pack("<QII", 0x1001, 4096, 0)) + b"\0" * 4096), ""),
+    "config with bad vm": lambda s: (
+        _start(s),
+        s.sendall(_req(Command.CONFIG, json.dumps({"config": {"cpus": {"boot_vcpus": 0}}}).encode())),
+        "vcpus",
+    ),
+    "range outside RAM": lambda s: (
+        _configure(s),
+        s.sendall(_req(Command.MEMORY, struct.pack("<QII", 1 << 40, 4096, 0)) + b"\0" * 4096),
+        "",
+    ),
+    "unaligned range": lambda s: (
+        _configure(s),
+        s.sendall(_req(Command.MEMORY, struct.pack("<QII", 0x1001, 4096, 0)) + b"\0" * 4096),
+        "",
+    ),
     "table not a multiple of 16": lambda s: (_configure(s), s.sendall(_req(Command.MEMORY, b"\0" * 15)), ""),
-    "bad state document": lambda s: (_configure(s), s.sendall(_req(Command.STATE, b'{"format_version": "9.0"}')),
-                                     "not supported"),
+    "bad state document": lambda s: (
+        _configure(s),
+        s.sendall(_req(Command.STATE, b'{"format_version": "9.0"}')),
+        "not supported",
+    ),
 }
 
 
@@ -130,9 +142,10 @@ def test_abandon_is_acknowledged(receiver):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2**32 - 1), st.binary(max_size=64)), min_size=1,
-                max_size=4),
-       st.booleans())
+@given(
+    st.lists(st.tuples(st.integers(0, 9), st.integers(0, 2**32 - 1), st.binary(max_size=64)), min_size=1, max_size=4),
+    st.booleans(),
+)
 def test_fuzzed_frames_never_crash_the_receiver(receiver, frames, configure_first):
     vmm, path = receiver
     s = _connect(path)

@@ -40,12 +40,17 @@ def hosts():
                 pytest.skip(f"ip netns is not permitted here: {r.stderr.strip()}")
             made.append(ns)
         va, vb = f"vms{tag}", f"vmd{tag}"
-        for args in (("link", "add", va, "type", "veth", "peer", "name", vb),
-                     ("link", "set", va, "netns", src), ("link", "set", vb, "netns", dst),
-                     ("-n", src, "addr", "add", f"{SRC_IP}/24", "dev", va),
-                     ("-n", dst, "addr", "add", f"{DST_IP}/24", "dev", vb),
-                     ("-n", src, "link", "set", va, "up"), ("-n", dst, "link", "set", vb, "up"),
-                     ("-n", src, "link", "set", "lo", "up"), ("-n", dst, "link", "set", "lo", "up")):
+        for args in (
+            ("link", "add", va, "type", "veth", "peer", "name", vb),
+            ("link", "set", va, "netns", src),
+            ("link", "set", vb, "netns", dst),
+            ("-n", src, "addr", "add", f"{SRC_IP}/24", "dev", va),
+            ("-n", dst, "addr", "add", f"{DST_IP}/24", "dev", vb),
+            ("-n", src, "link", "set", va, "up"),
+            ("-n", dst, "link", "set", vb, "up"),
+            ("-n", src, "link", "set", "lo", "up"),
+            ("-n", dst, "link", "set", "lo", "up"),
+        ):
             r = _ip(*args)
             assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
         yield {"src": src, "dst": dst}
@@ -173,8 +178,9 @@ def test_migration_options_are_checked(vmm_process, tmp_path, tls):
     assert "tcp" in refused(destination_url=unix, tls_dir=tls["src"])
     assert "client-cert.pem" in refused(destination_url="tcp:127.0.0.1:1", tls_dir=tls["dst"])
     assert "max_bandwidth" in refused(destination_url="tcp:127.0.0.1:1", max_bandwidth="fast")
-    status, answer = src.api.request("PUT", "/api/v1/vm.receive-migration",
-                                     {"receiver_url": "tcp:127.0.0.1:1", "tls_dir": str(tmp_path / "none")})
+    status, answer = src.api.request(
+        "PUT", "/api/v1/vm.receive-migration", {"receiver_url": "tcp:127.0.0.1:1", "tls_dir": str(tmp_path / "none")}
+    )
     assert status == 400, answer
     assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
 
@@ -200,8 +206,11 @@ def test_only_connections_with_the_token_join(tmp_path):
         assert status == Status.OK
         token = json.loads(body)["connection_token"]
         assert len(token) == 32
-        strangers = [({"token": "0" * 32, "index": 1}, Command.JOIN), ({"token": token, "index": 7}, Command.JOIN),
-                     ({"version": 1, "capabilities": []}, Command.START)]
+        strangers = [
+            ({"token": "0" * 32, "index": 1}, Command.JOIN),
+            ({"token": token, "index": 7}, Command.JOIN),
+            ({"version": 1, "capabilities": []}, Command.START),
+        ]
         for doc, command in strangers:
             with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
                 status, body = _request(s, command, doc)

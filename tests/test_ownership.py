@@ -26,8 +26,7 @@ from vmmpy.errors import InvalidState, MigrationError, VmMigrating
 from vmmpy.vmm import Ownership
 
 MUTATING = ["pause", "resume", "reboot", "shutdown", "delete", "boot", "power_button"]
-MUTATING_ENDPOINTS = ["vm.pause", "vm.resume", "vm.reboot", "vm.shutdown", "vm.delete", "vm.boot",
-                      "vm.power-button"]
+MUTATING_ENDPOINTS = ["vm.pause", "vm.resume", "vm.reboot", "vm.shutdown", "vm.delete", "vm.boot", "vm.power-button"]
 
 
 def set_ownership(vmm, ownership: Ownership) -> None:
@@ -43,7 +42,8 @@ def wait_owned(vmm, timeout: float = 30.0) -> None:
     while vmm.ownership is not Ownership.OWNED:
         assert time.monotonic() < deadline, (
             f"ownership is still {vmm.ownership} {timeout} s after the migration ended; "
-            f"last events: {[e['event'] for e in vmm.events.events()][-4:]}")
+            f"last events: {[e['event'] for e in vmm.events.events()][-4:]}"
+        )
         time.sleep(0.01)
 
 
@@ -162,8 +162,9 @@ def test_mutating_calls_refused_while_migrating(guest_vmm, api):
     answers(serial, "still running while migrating")
     assert vmm._vm.vcpu_states() == ["running", "running"]
     assert vmm.ownership is Ownership.MIGRATION
-    assert [e["event"] for e in vmm.events.events() if e["seq"] >= mark] == [], \
+    assert [e["event"] for e in vmm.events.events() if e["seq"] >= mark] == [], (
         "a refused call emitted lifecycle events"
+    )
 
     # Back to Owned: the same calls work again, in-process and through REST.
     set_ownership(vmm, Ownership.OWNED)
@@ -286,8 +287,10 @@ def test_reboot_latched_during_a_failed_migration_is_replayed(guest_vmm, stalled
         try:
             vmm.wait_for_event("vm.rebooted", 60, after=seq)
         except TimeoutError:
-            raise AssertionError(f"round {i}: the latched reboot was not replayed; ownership {vmm.ownership}, "
-                                 f"vCPUs {vmm._vm.vcpu_states()}") from None
+            raise AssertionError(
+                f"round {i}: the latched reboot was not replayed; ownership {vmm.ownership}, "
+                f"vCPUs {vmm._vm.vcpu_states()}"
+            ) from None
         new_id, _ = serial.wait_ready()
         assert new_id not in seen
         seen.add(new_id)

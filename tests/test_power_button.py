@@ -98,8 +98,17 @@ def test_the_press_raises_the_ged_interrupt_line(tmp_path):
     listener.bind(path)
     listener.listen(1)
     console = _native.Console(None)
-    vm = _native.Vm(memory_size=128 << 20, vcpus=1, kernel=None, initramfs=None, cmdline="console=ttyS0",
-                    console=console, reset_fd=fds[0], guest_exit_fd=fds[1], error_fd=fds[2])
+    vm = _native.Vm(
+        memory_size=128 << 20,
+        vcpus=1,
+        kernel=None,
+        initramfs=None,
+        cmdline="console=ttyS0",
+        console=console,
+        reset_fd=fds[0],
+        guest_exit_fd=fds[1],
+        error_fd=fds[2],
+    )
     client = SerialClient(path)
     conn, _ = listener.accept()
     try:

@@ -305,7 +305,9 @@ def test_fifty_sources_hear_busy_and_the_first_migration_completes(tmp_path):
         vmm.receive_migration(f"tcp:127.0.0.1:{port}")
         first = socket.create_connection(("127.0.0.1", port), timeout=30)
         _start(first)
-        _ok(first, Command.CONFIG, json.dumps({"config": _config(), "memory_size": MEMORY_64M, "local": False}).encode())
+        _ok(
+            first, Command.CONFIG, json.dumps({"config": _config(), "memory_size": MEMORY_64M, "local": False}).encode()
+        )
         answers: list = [None] * 50
 
         def other(i):
@@ -362,11 +364,13 @@ NOBODY = 65534
 
 def _connect_as_nobody(path):
     """connect() from another uid: '' on success, else the errno name."""
-    code = ("import os, socket, errno, sys\n"
-            f"os.setgid({NOBODY}); os.setgroups([]); os.setuid({NOBODY})\n"
-            "s = socket.socket(socket.AF_UNIX)\n"
-            f"try:\n s.connect({path!r}); print('')\n"
-            "except OSError as e:\n print(errno.errorcode[e.errno])\n")
+    code = (
+        "import os, socket, errno, sys\n"
+        f"os.setgid({NOBODY}); os.setgroups([]); os.setuid({NOBODY})\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"try:\n s.connect({path!r}); print('')\n"
+        "except OSError as e:\n print(errno.errorcode[e.errno])\n"
+    )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.strip()
 
 
@@ -410,8 +414,15 @@ def test_snapshot_does_not_follow_planted_symlinks(guest_vmm, tmp_path):
     snap = tmp_path / "snap"
     snap.mkdir()
     targets = {}
-    for name in ("memory-0.bin", "config.json", "state.json", "config.tmp", "state.tmp", "config.json.tmp",
-                 "state.json.tmp"):
+    for name in (
+        "memory-0.bin",
+        "config.json",
+        "state.json",
+        "config.tmp",
+        "state.tmp",
+        "config.json.tmp",
+        "state.json.tmp",
+    ):
         target = tmp_path / f"victim-{name}"
         target.write_text("victim")
         (snap / name).symlink_to(target)

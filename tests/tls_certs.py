@@ -20,8 +20,24 @@ def make_ca(directory: Path, name: str) -> Path:
         pytest.skip("the openssl CLI is not installed (Debian package openssl)")
     ca = directory / name
     ca.mkdir(parents=True)
-    _openssl(ca, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-             "-subj", f"/CN={name}", "-keyout", "ca-key.pem", "-out", "ca-cert.pem")
+    _openssl(
+        ca,
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+    )
     return ca
 
 
@@ -32,10 +48,38 @@ def make_tls_dir(ca: Path, directory: Path, side: str, ip: str) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copy(ca / "ca-cert.pem", directory / "ca-cert.pem")
     (directory / "ext.cnf").write_text(f"subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n")
-    _openssl(directory, "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={side}",
-             "-keyout", f"{side}-key.pem", "-out", f"{side}.csr")
-    _openssl(directory, "x509", "-req", "-in", f"{side}.csr", "-CA", str(ca / "ca-cert.pem"),
-             "-CAkey", str(ca / "ca-key.pem"), "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf",
-             "-out", f"{side}-cert.pem")
+    _openssl(
+        directory,
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        f"/CN={side}",
+        "-keyout",
+        f"{side}-key.pem",
+        "-out",
+        f"{side}.csr",
+    )
+    _openssl(
+        directory,
+        "x509",
+        "-req",
+        "-in",
+        f"{side}.csr",
+        "-CA",
+        str(ca / "ca-cert.pem"),
+        "-CAkey",
+        str(ca / "ca-key.pem"),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        f"{side}-cert.pem",
+    )
     (directory / f"{side}-key.pem").chmod(0o600)
     return directory

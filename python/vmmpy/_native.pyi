@@ -3,8 +3,20 @@
 
 from typing import final
 
-__all__ = ["Console", "GuestRegion", "MAX_DISKS", "MAX_VCPUS", "Pacer", "RangeTable", "TlsChannel", "TlsContext", "Vm",
-           "kvm_check", "test_guest_elf", "tune_socket"]
+__all__ = [
+    "Console",
+    "GuestRegion",
+    "MAX_DISKS",
+    "MAX_VCPUS",
+    "Pacer",
+    "RangeTable",
+    "TlsChannel",
+    "TlsContext",
+    "Vm",
+    "kvm_check",
+    "test_guest_elf",
+    "tune_socket",
+]
 
 MAX_VCPUS: int
 MAX_DISKS: int
@@ -30,6 +42,7 @@ class Console:
 @final
 class GuestRegion:
     """A read-only, zero-copy view of one guest RAM region (supports the buffer protocol)."""
+
     guest_address: int
     size: int
     def __len__(self) -> int: ...
@@ -37,10 +50,23 @@ class GuestRegion:
 @final
 class Vm:
     """A KVM VM with its payload loaded. No vCPU runs before boot()."""
-    def __new__(cls, *, memory_size: int, vcpus: int, kernel: bytes | None, initramfs: bytes | None,
-                cmdline: str, console: Console, reset_fd: int, guest_exit_fd: int, error_fd: int,
-                restore: bool = False, memory_fds: list[int] | None = None, boot_protocol: str | None = None,
-                disks: list[tuple[str, str, bool, bool]] = ...) -> Vm:
+    def __new__(
+        cls,
+        *,
+        memory_size: int,
+        vcpus: int,
+        kernel: bytes | None,
+        initramfs: bytes | None,
+        cmdline: str,
+        console: Console,
+        reset_fd: int,
+        guest_exit_fd: int,
+        error_fd: int,
+        restore: bool = False,
+        memory_fds: list[int] | None = None,
+        boot_protocol: str | None = None,
+        disks: list[tuple[str, str, bool, bool]] = ...,
+    ) -> Vm:
         """`restore`: built to take saved state (no payload loaded); `memory_fds`: map these
         sealed memfds as guest RAM (same-host migration) instead of new ones; `boot_protocol`
         'pvh' or 'linux64' (None: PVH for an ELF with the PVH note, else linux64); `disks`: (id,
@@ -84,7 +110,9 @@ class Vm:
     def load_memory(self, index: int, fd: int) -> None:
         """RAM region `index` from the open snapshot file `fd`, before the VM runs."""
     def memory_regions(self) -> list[GuestRegion]: ...
-    def send_memory(self, link: int | TlsChannel, table: RangeTable, pacer: Pacer | None = None) -> tuple[int, int, int]:
+    def send_memory(
+        self, link: int | TlsChannel, table: RangeTable, pacer: Pacer | None = None
+    ) -> tuple[int, int, int]:
         """One Memory frame for `table` to a socket fd or a TlsChannel, straight from guest memory
         (GIL released), at most at `pacer`'s rate: (page bytes, pages with bytes, zero pages)."""
     def receive_memory(self, link: int | TlsChannel, table_len: int) -> tuple[int, int, int]:

@@ -234,13 +234,14 @@ def handle(vmm: Any, request: Request) -> Reply:
 
 def _dispatch(vmm: Any, request: Request) -> Reply:
     path = urlsplit(request.target).path
-    name = path[len(API_ROOT):] if path.startswith(API_ROOT) else None
+    name = path[len(API_ROOT) :] if path.startswith(API_ROOT) else None
     endpoint = ENDPOINTS.get(name) if name else None
     if endpoint is None:
         raise _HttpError(404, "Not Found", f"no endpoint {path}")
     if request.method != endpoint.method:
-        raise _HttpError(405, "Method Not Allowed", f"{name} takes {endpoint.method}, not {request.method}",
-                         allow=endpoint.method)
+        raise _HttpError(
+            405, "Method Not Allowed", f"{name} takes {endpoint.method}, not {request.method}", allow=endpoint.method
+        )
     parsed: Any = None
     if endpoint.takes_body:
         if not request.body.strip():
@@ -285,8 +286,9 @@ class ApiServer:
     unlinked.
     """
 
-    def __init__(self, vmm: Any, socket_path: str | None = None, *, fd: int | None = None,
-                 limits: Limits | None = None):
+    def __init__(
+        self, vmm: Any, socket_path: str | None = None, *, fd: int | None = None, limits: Limits | None = None
+    ):
         if (socket_path is None) == (fd is None):
             raise InvalidConfig("API server: give exactly one of a socket path or an fd")
         self.vmm = vmm

@@ -106,12 +106,8 @@ def build_parser() -> OneLineParser:
         metavar="off|null|tty|file=PATH|socket=PATH",
         help="where COM1 goes (default null)",
     )
-    p.add_argument(
-        "--console", metavar="off|null", help="accepted for compatibility: vmmpy has no virtio console"
-    )
-    p.add_argument(
-        "--event-monitor", metavar="path=PATH|fd=N", help="write lifecycle events as JSON lines here"
-    )
+    p.add_argument("--console", metavar="off|null", help="accepted for compatibility: vmmpy has no virtio console")
+    p.add_argument("--event-monitor", metavar="path=PATH|fd=N", help="write lifecycle events as JSON lines here")
     p.add_argument(
         "--restore",
         metavar="source_url=file:///DIR[,resume=on]",
@@ -204,8 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--restore takes the VM from the snapshot: drop --kernel/--boot-protocol/--memory/--cpus")
         if not want_vm and restore is None and args.api_socket is None:
             parser.error(
-                "nothing to do: give --kernel, --memory or --cpus to boot a VM, "
-                "or --api-socket to serve the API"
+                "nothing to do: give --kernel, --memory or --cpus to boot a VM, or --api-socket to serve the API"
             )
         serial: SerialConfig | None = parse_serial(args.serial) if args.serial is not None else None
         if args.console is not None:
@@ -250,8 +245,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"cannot load the VMM core: {e}")
 
     try:
-        vmm = Vmm(serial=serial, event_monitor=monitor, no_shutdown=args.no_shutdown, test_hooks=test_hooks,
-                  disk_backings=disk_backings)
+        vmm = Vmm(
+            serial=serial,
+            event_monitor=monitor,
+            no_shutdown=args.no_shutdown,
+            test_hooks=test_hooks,
+            disk_backings=disk_backings,
+        )
     except VmmError as e:
         if monitor is not None:
             monitor.close()
@@ -306,8 +306,11 @@ def _say_kernel_kind(vmm: Any, path: str) -> None:
         kind, protocol = info.get("payload_kind", "unknown"), info.get("boot_protocol", "unknown")
     except Exception:  # noqa: BLE001 - an informative line must never fail the boot
         kind = protocol = "unknown"
-    print(f"{PROG}: kernel {path}: payload_kind={kind} boot_protocol={protocol}: {describe(path)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"{PROG}: kernel {path}: payload_kind={kind} boot_protocol={protocol}: {describe(path)}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _start_api(vmm: Any, path: str | None, fd: int | None) -> Any:

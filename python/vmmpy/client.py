@@ -41,9 +41,7 @@ class ApiClient:
         self.socket_path = socket_path
         self.timeout = timeout
 
-    def request(
-        self, method: str, path: str, body: dict | list | str | bytes | None = None
-    ) -> tuple[int, Any]:
+    def request(self, method: str, path: str, body: dict | list | str | bytes | None = None) -> tuple[int, Any]:
         """Send ``method`` to ``path`` (``"vm.info"`` or ``"/api/v1/vm.info"``).
 
         A dict or list body is sent as JSON; str/bytes are sent as they are.

@@ -101,8 +101,7 @@ class SerialConfig:
         out: list[str] = []
         if self.mode not in SERIAL_MODES:
             out.append(
-                f"{prefix}.mode={self.mode!r}: unsupported serial mode; "
-                f"expected one of {', '.join(SERIAL_MODES)}"
+                f"{prefix}.mode={self.mode!r}: unsupported serial mode; expected one of {', '.join(SERIAL_MODES)}"
             )
             return out
         for name in ("file", "socket"):
@@ -116,9 +115,7 @@ class SerialConfig:
         if self.mode != "File" and self.file is not None:
             out.append(f"{prefix}.file={self.file!r}: only valid with mode File (mode is {self.mode})")
         if self.mode != "Socket" and self.socket is not None:
-            out.append(
-                f"{prefix}.socket={self.socket!r}: only valid with mode Socket (mode is {self.mode})"
-            )
+            out.append(f"{prefix}.socket={self.socket!r}: only valid with mode Socket (mode is {self.mode})")
         return out
 
     def validate(self) -> None:
@@ -155,8 +152,9 @@ class DiskConfig:
         for name in ("readonly", "direct"):
             if not isinstance(getattr(self, name), bool):
                 out.append(f"{label}.{name}={getattr(self, name)!r}: must be a boolean")
-        if self.id is not None and (not isinstance(self.id, str) or not self.id or "\0" in self.id
-                                    or len(self.id.encode()) > 255):
+        if self.id is not None and (
+            not isinstance(self.id, str) or not self.id or "\0" in self.id or len(self.id.encode()) > 255
+        ):
             out.append(f"{label}.id={self.id!r}: must be a non-empty string")
         path = self.path
         if not isinstance(path, str) or not path or "\0" in path:
@@ -246,10 +244,7 @@ def _check_vm_fields(
     else:
         bound = host_memory_mib()
         if memory_mib > bound:
-            out.append(
-                f"{labels['memory_mib']}={shown_memory()}: more than this host's memory "
-                f"({_format_mib(bound)})"
-            )
+            out.append(f"{labels['memory_mib']}={shown_memory()}: more than this host's memory ({_format_mib(bound)})")
 
     if not isinstance(memory_shared, bool):
         out.append(f"{labels['memory_shared']}={memory_shared!r}: must be a boolean")
@@ -303,8 +298,10 @@ class VmConfig:
     def __post_init__(self) -> None:
         # Default ids follow the disks' order, as the guest sees them on the PCI bus.
         if isinstance(self.disks, list):
-            self.disks = [dataclasses.replace(d, id=f"disk{i}") if isinstance(d, DiskConfig) and d.id is None else d
-                          for i, d in enumerate(self.disks)]
+            self.disks = [
+                dataclasses.replace(d, id=f"disk{i}") if isinstance(d, DiskConfig) and d.id is None else d
+                for i, d in enumerate(self.disks)
+            ]
         self.validate()
 
     def validate(self) -> None:
@@ -503,8 +500,7 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
             problems.append(f"cpus.max_vcpus={max_vcpus!r}: must be an integer")
         elif _is_int(boot) and max_vcpus != boot:
             problems.append(
-                f"cpus.max_vcpus={max_vcpus!r}: vCPU hotplug is not supported, "
-                f"must equal cpus.boot_vcpus ({boot})"
+                f"cpus.max_vcpus={max_vcpus!r}: vCPU hotplug is not supported, must equal cpus.boot_vcpus ({boot})"
             )
     handled_cpus = {"boot_vcpus", "max_vcpus"}
     features = cpus.get("features")
@@ -541,14 +537,9 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         if mode is None:
             problems.append("serial.mode=None: required when serial is given")
         elif mode == "Pty":
-            problems.append(
-                f"serial.mode={mode!r}: not supported by vmmpy; "
-                f"expected one of {', '.join(SERIAL_MODES)}"
-            )
+            problems.append(f"serial.mode={mode!r}: not supported by vmmpy; expected one of {', '.join(SERIAL_MODES)}")
         elif mode not in SERIAL_MODES:
-            problems.append(
-                f"serial.mode={mode!r}: unknown mode; expected one of {', '.join(SERIAL_MODES)}"
-            )
+            problems.append(f"serial.mode={mode!r}: unknown mode; expected one of {', '.join(SERIAL_MODES)}")
         else:
             candidate = SerialConfig.__new__(SerialConfig)
             candidate.mode = mode
@@ -566,9 +557,7 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
     if console:
         mode = console.get("mode")
         if mode not in CONSOLE_MODES:
-            problems.append(
-                f"console.mode={mode!r}: vmmpy has no virtio console; only Off or Null"
-            )
+            problems.append(f"console.mode={mode!r}: vmmpy has no virtio console; only Off or Null")
         leftovers("console", console, {"mode"}, _PCI_COMMON_DEFAULTS)
 
     # debug_console -----------------------------------------------------------------------
@@ -582,11 +571,15 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
     # rng ---------------------------------------------------------------------------------
     rng = body.get("rng")
     if rng is not None:
-        ok = isinstance(rng, dict) and rng.get("src") == _RNG_DEFAULT_SRC and all(
-            key == "src"
-            or value is None
-            or (key in _PCI_COMMON_DEFAULTS and _same(value, _PCI_COMMON_DEFAULTS[key]))
-            for key, value in rng.items()
+        ok = (
+            isinstance(rng, dict)
+            and rng.get("src") == _RNG_DEFAULT_SRC
+            and all(
+                key == "src"
+                or value is None
+                or (key in _PCI_COMMON_DEFAULTS and _same(value, _PCI_COMMON_DEFAULTS[key]))
+                for key, value in rng.items()
+            )
         )
         if not ok:
             unsupported.append("rng")
@@ -632,8 +625,17 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
     message.extend(problems)
     disks = [dataclasses.replace(d, id=f"disk{i}") if d.id is None else d for i, d in enumerate(disks)]
-    fields = dict(memory_mib=memory_mib, vcpus=boot, kernel=kernel, initramfs=initramfs, cmdline=cmdline,
-                  memory_shared=shared, serial=serial, boot_protocol=boot_protocol, disks=disks)
+    fields = dict(
+        memory_mib=memory_mib,
+        vcpus=boot,
+        kernel=kernel,
+        initramfs=initramfs,
+        cmdline=cmdline,
+        memory_shared=shared,
+        serial=serial,
+        boot_protocol=boot_protocol,
+        disks=disks,
+    )
     if not message:
         message.extend(_check_vm_fields(**fields, api=True))
     if message:
@@ -665,9 +667,11 @@ def from_peer(body: Any, content: dict, disk_backings: dict[str, str] | None = N
                 raise InvalidConfig(f"disks[{i}]={d!r}: must be an object")
             disk_id = d.get("id") if d.get("id") is not None else f"disk{i}"
             if disk_id not in backings:
-                raise InvalidConfig(f"disk {disk_id!r}: this host names no backing file for it (give the "
-                                    f"destination's own path for each disk id); vmmpy never opens a path "
-                                    "the peer names")
+                raise InvalidConfig(
+                    f"disk {disk_id!r}: this host names no backing file for it (give the "
+                    f"destination's own path for each disk id); vmmpy never opens a path "
+                    "the peer names"
+                )
             own.append({**d, "id": disk_id, "path": backings[disk_id]})
         body["disks"] = own
     payload = body.get("payload")
@@ -675,8 +679,10 @@ def from_peer(body: Any, content: dict, disk_backings: dict[str, str] | None = N
         payload = dict(payload)
         for name in ("kernel", "initramfs"):
             if payload.pop(name, None) is not None and name not in content:
-                raise InvalidConfig(f"payload.{name}: a peer or snapshot must carry it as content (size and "
-                                    "sha256); vmmpy never opens a host path it names")
+                raise InvalidConfig(
+                    f"payload.{name}: a peer or snapshot must carry it as content (size and "
+                    "sha256); vmmpy never opens a host path it names"
+                )
         body["payload"] = payload
     return _parse_api_vm_config(body)
 
@@ -717,9 +723,17 @@ SIZE = "size"
 
 REQUEST_BODIES: dict[str, RequestBody] = {
     "SendMigrationData": RequestBody(
-        fields={"destination_url": str, "local": bool, "downtime_ms": int, "timeout_s": int,
-                "timeout_strategy": ("cancel", "ignore"), "auto_converge": bool, "tls_dir": str,
-                "connections": int, "max_bandwidth": SIZE},
+        fields={
+            "destination_url": str,
+            "local": bool,
+            "downtime_ms": int,
+            "timeout_s": int,
+            "timeout_strategy": ("cancel", "ignore"),
+            "auto_converge": bool,
+            "tls_dir": str,
+            "connections": int,
+            "max_bandwidth": SIZE,
+        },
         required=("destination_url",),
         ch_defaults={"preserve_source": False, "memory_mode": "Precopy"},
     ),
@@ -732,14 +746,24 @@ REQUEST_BODIES: dict[str, RequestBody] = {
     "RestoreConfig": RequestBody(
         fields={"source_url": str, "resume": bool, "disks": dict},
         required=("source_url",),
-        ch_defaults={"memory_restore_mode": "Copy", "net_fds": None, "vfio_fds": None, "iommufd_fd": None,
-                     "zone_updates": []},
+        ch_defaults={
+            "memory_restore_mode": "Copy",
+            "net_fds": None,
+            "vfio_fds": None,
+            "iommufd_fd": None,
+            "zone_updates": [],
+        },
         no_ops={"prefault": bool},
     ),
 }
 
-_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", SIZE: "an integer or a size string",
-                    dict: "an object"}
+_JSON_TYPE_NAMES = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    SIZE: "an integer or a size string",
+    dict: "an object",
+}
 
 
 def _json_type_ok(value: Any, kind: Any) -> bool:
@@ -784,8 +808,10 @@ def read_request_body(name: str, body: Any) -> dict[str, Any]:
     missing = [key for key in spec.required if key not in body]
     message: list[str] = []
     if unsupported:
-        message.append(f"unsupported {name} fields: {', '.join(sorted(unsupported))} "
-                       "(vmmpy accepts them only at Cloud Hypervisor's default value)")
+        message.append(
+            f"unsupported {name} fields: {', '.join(sorted(unsupported))} "
+            "(vmmpy accepts them only at Cloud Hypervisor's default value)"
+        )
     if missing:
         message.append(f"{name} needs {', '.join(missing)}")
     message.extend(problems)
@@ -797,8 +823,14 @@ def read_request_body(name: str, body: Any) -> dict[str, Any]:
 def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
 
 
 def _short(value: Any) -> str:
@@ -899,14 +931,10 @@ def parse_memory(text: str) -> dict:
             raise InvalidConfig(f"--memory size={opts['size']!r}: must be a multiple of 1 MiB")
         mib = size // MIB
         if mib < MIN_MEMORY_MIB:
-            raise InvalidConfig(
-                f"--memory size={opts['size']!r}: must be at least {MIN_MEMORY_MIB} MiB"
-            )
+            raise InvalidConfig(f"--memory size={opts['size']!r}: must be at least {MIN_MEMORY_MIB} MiB")
         bound = host_memory_mib()
         if mib > bound:
-            raise InvalidConfig(
-                f"--memory size={opts['size']!r}: more than this host's memory ({_format_mib(bound)})"
-            )
+            raise InvalidConfig(f"--memory size={opts['size']!r}: more than this host's memory ({_format_mib(bound)})")
         out["memory_mib"] = mib
     if "shared" in opts:
         out["memory_shared"] = parse_toggle(opts["shared"], "--memory shared")
@@ -921,9 +949,7 @@ def parse_cpus(text: str) -> dict:
     def number(key: str) -> int:
         raw = opts[key].strip()
         if not raw.isdigit() or not MIN_VCPUS <= int(raw) <= MAX_VCPUS:
-            raise InvalidConfig(
-                f"--cpus {key}={opts[key]!r}: must be an integer from {MIN_VCPUS} to {MAX_VCPUS}"
-            )
+            raise InvalidConfig(f"--cpus {key}={opts[key]!r}: must be an integer from {MIN_VCPUS} to {MAX_VCPUS}")
         return int(raw)
 
     out: dict[str, Any] = {}
@@ -932,9 +958,7 @@ def parse_cpus(text: str) -> dict:
     if boot is None:
         boot = max_vcpus if max_vcpus is not None else 1
     if max_vcpus is not None and max_vcpus != boot:
-        raise InvalidConfig(
-            f"--cpus max={opts['max']!r}: vCPU hotplug is not supported, must equal boot ({boot})"
-        )
+        raise InvalidConfig(f"--cpus max={opts['max']!r}: vCPU hotplug is not supported, must equal boot ({boot})")
     out["vcpus"] = boot
     return out
 

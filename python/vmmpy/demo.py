@@ -35,9 +35,21 @@ class Side:
         self.serial_path = str(tmp / f"{name}.console")
         self.events_path = tmp / f"{name}.events"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmmpy.cli", "--api-socket", self.api_path, "--serial",
-             f"socket={self.serial_path}", "--event-monitor", f"path={self.events_path}", *args],
-            stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb"))
+            [
+                sys.executable,
+                "-m",
+                "vmmpy.cli",
+                "--api-socket",
+                self.api_path,
+                "--serial",
+                f"socket={self.serial_path}",
+                "--event-monitor",
+                f"path={self.events_path}",
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"{name}.log", "wb"),
+        )
         self.api = ApiClient(self.api_path)
         self._wait_for(lambda: os.path.exists(self.api_path), "API socket")
         self.console = socket.socket(socket.AF_UNIX)
@@ -63,7 +75,7 @@ class Side:
         while True:
             m = re.search(pattern, self.out)
             if m:
-                self.out = self.out[m.end():]
+                self.out = self.out[m.end() :]
                 return m
             self.console.settimeout(max(0.01, deadline - time.monotonic()))
             try:
@@ -123,22 +135,29 @@ def main() -> int:
         say("source", "guest rewrites 256 MiB of its RAM over and over (dirty 256)", t0)
 
         url = f"unix:{tmp}/migration.sock"
-        receive = threading.Thread(target=lambda: dst.api.request(
-            "PUT", "vm.receive-migration", {"receiver_url": url}), daemon=True)
+        receive = threading.Thread(
+            target=lambda: dst.api.request("PUT", "vm.receive-migration", {"receiver_url": url}), daemon=True
+        )
         receive.start()
-        dst._wait_for(lambda: any(e["event"] == "migration-receive-ready" for e in dst.events()),
-                      "migration-receive-ready")
+        dst._wait_for(
+            lambda: any(e["event"] == "migration-receive-ready" for e in dst.events()), "migration-receive-ready"
+        )
         say("destination", f"listening on {url}", t0)
-        status, body = src.api.request("PUT", "vm.send-migration",
-                                       {"destination_url": url, "max_bandwidth": CAP, "downtime_ms": 1,
-                                        "auto_converge": False})
+        status, body = src.api.request(
+            "PUT",
+            "vm.send-migration",
+            {"destination_url": url, "max_bandwidth": CAP, "downtime_ms": 1, "auto_converge": False},
+        )
         if status != 204:
             raise SystemExit(f"send-migration failed: {status} {body}")
-        say("source", f"migration started: {CAP >> 20} MiB/s cap, 1 ms downtime target (pre-copy keeps "
-                      "iterating)", t0)
+        say("source", f"migration started: {CAP >> 20} MiB/s cap, 1 ms downtime target (pre-copy keeps iterating)", t0)
         p = _progress(src, lambda p: p["transferred"] > 0)
-        say("source", f"pre-copy iteration {p['iteration']}: {p['transferred'] / 2**20:.0f} MiB sent, "
-                      f"{p['mbps']:.0f} Mbit/s, dirty rate {p['dirty_pages_rate']:.0f} pages/s", t0)
+        say(
+            "source",
+            f"pre-copy iteration {p['iteration']}: {p['transferred'] / 2**20:.0f} MiB sent, "
+            f"{p['mbps']:.0f} Mbit/s, dirty rate {p['dirty_pages_rate']:.0f} pages/s",
+            t0,
+        )
         src.type("reboot acpi")
         src.expect(rb"REBOOTING acpi")
         say("source", "guest: `reboot acpi` (writes 1 to the ACPI reset register, port 0x600)", t0)

@@ -174,7 +174,7 @@ class EventMonitor:
         try:
             while view and self._fd is not None:
                 try:
-                    view = view[os.write(self._fd, view):]
+                    view = view[os.write(self._fd, view) :]
                 except BlockingIOError:
                     select.select([], [self._fd], [], 0.1)
                     with self._out:
@@ -247,11 +247,7 @@ class EventMonitor:
         """A copy of the history, oldest first, optionally only events called ``name``."""
         want = self._split_name(name) if name is not None else None
         with self._cond:
-            return [
-                dict(ev)
-                for ev in self._history
-                if want is None or (ev["source"], ev["event"]) == want
-            ]
+            return [dict(ev) for ev in self._history if want is None or (ev["source"], ev["event"]) == want]
 
     def wait_for_event(
         self,

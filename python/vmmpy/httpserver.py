@@ -103,8 +103,7 @@ class HttpServer:
     """Serves ``handler(Request) -> Reply`` on ``listener`` (bound and listening, taken over and
     closed by :meth:`close`) from its own thread. ``handler`` runs on a worker thread."""
 
-    def __init__(self, listener: socket.socket, handler: Callable[[Request], Reply],
-                 limits: Limits = Limits()):
+    def __init__(self, listener: socket.socket, handler: Callable[[Request], Reply], limits: Limits = Limits()):
         self.limits = limits
         self._handler = handler
         self._listener = listener
@@ -234,8 +233,16 @@ class HttpServer:
 
     def _evict_one(self, now: float) -> bool:
         """Closes the longest idle served connection quiet for evict_idle_s; True if there was one."""
-        idle = [c for c in self._conns if not c.refusing and not c.busy and not c.out and not c.closing
-                and c.h11.their_state is h11.IDLE and now - c.active >= self.limits.evict_idle_s]
+        idle = [
+            c
+            for c in self._conns
+            if not c.refusing
+            and not c.busy
+            and not c.out
+            and not c.closing
+            and c.h11.their_state is h11.IDLE
+            and now - c.active >= self.limits.evict_idle_s
+        ]
         if not idle:
             return False
         victim = min(idle, key=lambda c: c.active)
@@ -300,9 +307,12 @@ class HttpServer:
 
     def _dispatch(self, conn: _Conn) -> None:
         req = conn.request
-        request = Request(req.method.decode("ascii", "replace"), req.target.decode("ascii", "replace"),
-                          [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers],
-                          bytes(conn.body))
+        request = Request(
+            req.method.decode("ascii", "replace"),
+            req.target.decode("ascii", "replace"),
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in req.headers],
+            bytes(conn.body),
+        )
         conn.busy = True
         conn.body = bytearray()
         self._update(conn)
@@ -335,13 +345,19 @@ class HttpServer:
     # ---- answers -------------------------------------------------------------------------------
 
     def _refuse(self, conn: _Conn) -> None:
-        self._answer_and_close(conn, error_reply(
-            503, "Service Unavailable",
-            f"the API server is serving its limit of {self.limits.max_connections} connections; retry later"))
+        self._answer_and_close(
+            conn,
+            error_reply(
+                503,
+                "Service Unavailable",
+                f"the API server is serving its limit of {self.limits.max_connections} connections; retry later",
+            ),
+        )
 
     def _too_large(self, conn: _Conn) -> None:
-        self._answer_and_close(conn, error_reply(
-            413, "Payload Too Large", f"request body over {self.limits.max_body} bytes"))
+        self._answer_and_close(
+            conn, error_reply(413, "Payload Too Large", f"request body over {self.limits.max_body} bytes")
+        )
 
     def _answer_and_close(self, conn: _Conn, reply: Reply) -> None:
         reply.headers.append(("Connection", "close"))

@@ -114,7 +114,9 @@ def _payload(data: bytes, name: str) -> bytes:
     """The compressed kernel inside a bzImage, with the size the kernel build appended."""
     version = _u16(data, 0x206)
     if version < 0x0208 or len(data) < 0x250:
-        raise PayloadError(f"{name}: boot protocol {version >> 8}.{version & 0xff:02} has no payload fields (needs 2.08)")
+        raise PayloadError(
+            f"{name}: boot protocol {version >> 8}.{version & 0xFF:02} has no payload fields (needs 2.08)"
+        )
     pm = _setup_size(data)
     offset, length = _u32(data, 0x248), _u32(data, 0x24C)
     start, end = pm + offset, pm + offset + length
@@ -135,7 +137,7 @@ def _bz_version(data: bytes) -> str | None:
     if not ptr:
         return None
     at = ptr + 0x200
-    text = data[at:at + 256].split(b"\0")[0]
+    text = data[at : at + 256].split(b"\0")[0]
     return text.decode("ascii", "replace") or None
 
 
@@ -151,12 +153,17 @@ def _elf_info(data: bytes, name: str) -> KernelInfo:
         at = phoff + i * phentsize
         if at + 56 > len(data):
             raise PayloadError(f"{name}: truncated program header table")
-        ptype, off, paddr, filesz, memsz = (_u32(data, at), _u64(data, at + 8), _u64(data, at + 24),
-                                            _u64(data, at + 32), _u64(data, at + 40))
+        ptype, off, paddr, filesz, memsz = (
+            _u32(data, at),
+            _u64(data, at + 8),
+            _u64(data, at + 24),
+            _u64(data, at + 32),
+            _u64(data, at + 40),
+        )
         if ptype == PT_LOAD:
             info.load_end = max(info.load_end or 0, paddr + memsz)
         elif ptype == PT_NOTE and off + filesz <= len(data):
-            notes = data[off:off + filesz]
+            notes = data[off : off + filesz]
             pos = 0
             while pos + 12 <= len(notes):
                 namesz, descsz, ntype = struct.unpack_from("<III", notes, pos)
@@ -165,7 +172,7 @@ def _elf_info(data: bytes, name: str) -> KernelInfo:
                 nxt = dstart + (descsz + 3) // 4 * 4
                 if nxt > len(notes):
                     break
-                owner = notes[nstart:nstart + namesz].rstrip(b"\0").decode("ascii", "replace")
+                owner = notes[nstart : nstart + namesz].rstrip(b"\0").decode("ascii", "replace")
                 info.notes.append(f"{owner}/{ntype}")
                 if owner == "Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and descsz >= 4:
                     info.pvh_entry = _u32(notes, dstart)
@@ -173,7 +180,7 @@ def _elf_info(data: bytes, name: str) -> KernelInfo:
     # A Linux vmlinux keeps its banner in .rodata.
     at = data.find(b"Linux version ")
     if at >= 0:
-        info.version = data[at + 14:at + 200].split(b" ")[0].decode("ascii", "replace")
+        info.version = data[at + 14 : at + 200].split(b" ")[0].decode("ascii", "replace")
     return info
 
 
@@ -190,7 +197,7 @@ def _inspect(data: bytes, name: str) -> KernelInfo:
         return _elf_info(data, name)
     if _is_bzimage(data):
         version = _u16(data, 0x206)
-        info = KernelInfo(kind="bzimage", size=len(data), protocol=f"{version >> 8}.{version & 0xff:02}")
+        info = KernelInfo(kind="bzimage", size=len(data), protocol=f"{version >> 8}.{version & 0xFF:02}")
         info.version = _bz_version(data)
         if len(data) >= 0x268:
             info.entry64 = version >= 0x020C and bool(_u16(data, 0x236) & XLF_KERNEL_64)
@@ -232,7 +239,7 @@ def _unlz4_legacy(payload: bytes, name: str) -> bytes:
         if pos + 4 + size > len(payload):
             break  # what is left is the 4-byte uncompressed size the kernel build appends
         try:
-            out.append(lz4.block.decompress(payload[pos + 4:pos + 4 + size], uncompressed_size=LZ4_LEGACY_BLOCK))
+            out.append(lz4.block.decompress(payload[pos + 4 : pos + 4 + size], uncompressed_size=LZ4_LEGACY_BLOCK))
         except lz4.block.LZ4BlockError as e:
             raise PayloadError(f"{name}: corrupt LZ4 block at payload offset {pos}: {e}") from None
         pos += 4 + size

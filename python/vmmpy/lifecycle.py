@@ -47,8 +47,11 @@ class LifecycleLatch:
                 return True
             first = self._event
         if first is not event:
-            log.info("lifecycle event %s during migration: %s is latched already, this one is dropped",
-                     event.value, first.value)
+            log.info(
+                "lifecycle event %s during migration: %s is latched already, this one is dropped",
+                event.value,
+                first.value,
+            )
         return False
 
     @property

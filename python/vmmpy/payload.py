@@ -33,8 +33,9 @@ class BootPayload:
     def describe(self) -> dict:
         """{part: {"size", "sha256"}} of the parts present: what a migration's Config and a
         snapshot's state document carry."""
-        return {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                for name, data in self.parts().items()}
+        return {
+            name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in self.parts().items()
+        }
 
     @classmethod
     def read(cls, kernel: str | None, initramfs: str | None) -> "BootPayload":
@@ -50,8 +51,9 @@ class BootPayload:
                     if not stat.S_ISREG(st.st_mode):
                         raise PayloadError(f"{name} {path}: not a regular file")
                     if st.st_size > left:
-                        raise PayloadError(f"{name} {path}: kernel and initramfs together exceed "
-                                           f"{MAX_PAYLOAD_BYTES >> 20} MiB")
+                        raise PayloadError(
+                            f"{name} {path}: kernel and initramfs together exceed {MAX_PAYLOAD_BYTES >> 20} MiB"
+                        )
                     out[name] = f.read(left + 1)
             except OSError as e:
                 raise PayloadError(f"{name} {path}: {e.strerror}", e.errno) from None
@@ -70,9 +72,15 @@ def check_description(desc, ram_bytes: int) -> dict[str, dict]:
         raise InvalidConfig(f"payload description must map {' / '.join(PARTS)} to size and sha256, got {desc!r}")
     total = 0
     for name, part in desc.items():
-        if (not isinstance(part, dict) or set(part) != {"size", "sha256"} or type(part["size"]) is not int
-                or not isinstance(part["sha256"], str) or len(part["sha256"]) != 64
-                or part["size"] <= 0 or any(c not in "0123456789abcdef" for c in part["sha256"])):
+        if (
+            not isinstance(part, dict)
+            or set(part) != {"size", "sha256"}
+            or type(part["size"]) is not int
+            or not isinstance(part["sha256"], str)
+            or len(part["sha256"]) != 64
+            or part["size"] <= 0
+            or any(c not in "0123456789abcdef" for c in part["sha256"])
+        ):
             raise InvalidConfig(f"payload {name}: expected {{size: positive int, sha256: 64 hex digits}}")
         if part["size"] > ram_bytes:
             raise InvalidConfig(f"payload {name} of {part['size']} bytes is larger than guest RAM ({ram_bytes})")

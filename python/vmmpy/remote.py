@@ -29,12 +29,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "delete": ("PUT", "vm.delete", "delete the VM"),
     "power-button": ("PUT", "vm.power-button", "press the VM's ACPI power button"),
     "shutdown-vmm": ("PUT", "vmm.shutdown", "end the VMM process"),
-    "send-migration": ("PUT", "vm.send-migration",
-                       "migrate the VM: destination_url=tcp:H:P|unix:PATH[,local=on][,downtime_ms=N][,timeout_s=N]"
-                       "[,timeout_strategy=cancel|ignore][,auto_converge=on|off][,tls_dir=DIR][,connections=N]"
-                       "[,max_bandwidth=BYTES_PER_S|NK|NM|NG]"),
-    "receive-migration": ("PUT", "vm.receive-migration",
-                          "receive a migration: tcp:H:P or unix:PATH[,tls_dir=DIR] (blocks)"),
+    "send-migration": (
+        "PUT",
+        "vm.send-migration",
+        "migrate the VM: destination_url=tcp:H:P|unix:PATH[,local=on][,downtime_ms=N][,timeout_s=N]"
+        "[,timeout_strategy=cancel|ignore][,auto_converge=on|off][,tls_dir=DIR][,connections=N]"
+        "[,max_bandwidth=BYTES_PER_S|NK|NM|NG]",
+    ),
+    "receive-migration": (
+        "PUT",
+        "vm.receive-migration",
+        "receive a migration: tcp:H:P or unix:PATH[,tls_dir=DIR] (blocks)",
+    ),
     "migration-progress": ("GET", "vm.migration-progress", "show the running or last migration's progress"),
     "cancel-migration": ("PUT", "vm.cancel-migration", "cancel the running migration"),
     "snapshot": ("PUT", "vm.snapshot", "snapshot the paused VM into file:///DIR"),
@@ -83,8 +89,10 @@ def _show_progress(client: ApiClient) -> int:
         done = min(p.get("transferred", 0), total)
         width = 30
         bar = "#" * int(width * done / total)
-        sys.stderr.write(f"\r[{bar:<{width}}] {p['status']:<9} {p['phase']:<10} iter {p['iteration']:>3} "
-                         f"{done / 2**20:8.1f} MiB {p['mbps']:8.0f} Mbit/s throttle {p['cpu_throttle_percentage']}%")
+        sys.stderr.write(
+            f"\r[{bar:<{width}}] {p['status']:<9} {p['phase']:<10} iter {p['iteration']:>3} "
+            f"{done / 2**20:8.1f} MiB {p['mbps']:8.0f} Mbit/s throttle {p['cpu_throttle_percentage']}%"
+        )
         sys.stderr.flush()
         if p["status"] in ("completed", "failed", "cancelled"):
             sys.stderr.write("\n")
@@ -99,9 +107,7 @@ def _show_progress(client: ApiClient) -> int:
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Control a vmmpy VMM through its REST API socket.")
     p.add_argument("--api-socket", required=True, metavar="PATH", help="the VMM's API socket")
-    p.add_argument(
-        "--timeout", type=float, default=60.0, metavar="SECONDS", help="per-request timeout"
-    )
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per-request timeout")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (_method, _endpoint, text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=text, description=text)

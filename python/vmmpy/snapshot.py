@@ -97,8 +97,10 @@ def check_version(doc: dict) -> tuple[int, int]:
     if minor > FORMAT_MINOR:
         unknown = sorted(set(doc) - KNOWN_FIELDS)
         if unknown:
-            raise InvalidConfig(f"state format {version} carries fields this vmmpy (format {FORMAT_VERSION}) "
-                                f"cannot honour: {', '.join(unknown)}")
+            raise InvalidConfig(
+                f"state format {version} carries fields this vmmpy (format {FORMAT_VERSION}) "
+                f"cannot honour: {', '.join(unknown)}"
+            )
     return major, minor
 
 
@@ -117,8 +119,9 @@ def decode_state(doc: dict) -> DecodedState:
             "vcpus": vcpus,
             "machine": {k: _unb64(b) for k, b in doc["machine"].items()},
             "devices": {"serial": serial, "cmos": {"nvram": _unb64(cmos["nvram"]), "index": int(cmos["index"])}},
-            "virtio": [{k: _unb64(v) if k in _VIRTIO_BYTES else v for k, v in d.items()}
-                       for d in doc.get("virtio_devices", [])],
+            "virtio": [
+                {k: _unb64(v) if k in _VIRTIO_BYTES else v for k, v in d.items()} for d in doc.get("virtio_devices", [])
+            ],
         }
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise InvalidConfig(f"malformed state document: {type(e).__name__}: {e}") from None
@@ -142,7 +145,7 @@ def payload_file(part: str) -> str:
 
 
 def parse_file_url(url: str) -> Path:
-    path = url[len("file://"):] if url.startswith("file://") else url
+    path = url[len("file://") :] if url.startswith("file://") else url
     if "://" in path:
         raise InvalidConfig(f"snapshot URL {url!r}: only file:// URLs are supported")
     if not path:
@@ -157,8 +160,20 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 # A path that cannot be used as asked is the client's to fix (400); anything else (disk full, I/O
 # error, out of fds) is the host's failure (500). Both carry the errno and the path.
-_CLIENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EEXIST, errno.EACCES,
-                            errno.EPERM, errno.ENAMETOOLONG, errno.EROFS, errno.ENXIO})
+_CLIENT_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.ELOOP,
+        errno.EEXIST,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENAMETOOLONG,
+        errno.EROFS,
+        errno.ENXIO,
+    }
+)
 
 
 def io_error(what: str, e: OSError) -> VmmError:

@@ -54,8 +54,10 @@ class TestHooks:
         for key, value in split_options(spec, "--test-hooks"):
             name = key.replace("-", "_")
             if name not in types or value is None:
-                raise InvalidConfig(f"--test-hooks {spec!r}: unknown hook or missing value in {key!r}; "
-                                    f"hooks: {', '.join(n.replace('_', '-') for n in types)}")
+                raise InvalidConfig(
+                    f"--test-hooks {spec!r}: unknown hook or missing value in {key!r}; "
+                    f"hooks: {', '.join(n.replace('_', '-') for n in types)}"
+                )
             if types[name] == "bool":
                 values[name] = parse_toggle(value, f"--test-hooks {key}")
             elif types[name] == "int":

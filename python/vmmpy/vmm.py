@@ -25,8 +25,16 @@ from typing import Any, Callable
 from . import __version__, _native
 from .config import SerialConfig, VmConfig, from_peer
 from .console import ConsoleBackend
-from .errors import (InvalidConfig, InvalidState, MigrationCancelled, VmAlreadyCreated, VmMigrating,
-                     VmmError, VmmShutDown, VmNotCreated)
+from .errors import (
+    InvalidConfig,
+    InvalidState,
+    MigrationCancelled,
+    VmAlreadyCreated,
+    VmMigrating,
+    VmmError,
+    VmmShutDown,
+    VmNotCreated,
+)
 from .events import EventMonitor
 from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from .migration import transport
@@ -37,8 +45,17 @@ from .migration.handles import MigrationHandle, ReceiveHandle
 from .migration.source import PAUSE_TIMEOUT_S, MigrationOptions, SourceMigration
 from .payload import BootPayload, check_description
 from .testhooks import NO_HOOKS, TestHooks
-from .snapshot import (CONFIG_FILE, STATE_FILE, SnapshotDir, decode_state, encode_state, parse_file_url,
-                       read_memory, read_payload, write_snapshot)
+from .snapshot import (
+    CONFIG_FILE,
+    STATE_FILE,
+    SnapshotDir,
+    decode_state,
+    encode_state,
+    parse_file_url,
+    read_memory,
+    read_payload,
+    write_snapshot,
+)
 
 log = logging.getLogger("vmmpy.vmm")
 
@@ -85,9 +102,15 @@ class _ClassOrInstance:
 
 
 class Vmm(ReceiveHooks):
-    def __init__(self, *, serial: SerialConfig | None = None, event_monitor: EventMonitor | None = None,
-                 no_shutdown: bool = False, test_hooks: TestHooks = NO_HOOKS,
-                 disk_backings: dict[str, str] | None = None):
+    def __init__(
+        self,
+        *,
+        serial: SerialConfig | None = None,
+        event_monitor: EventMonitor | None = None,
+        no_shutdown: bool = False,
+        test_hooks: TestHooks = NO_HOOKS,
+        disk_backings: dict[str, str] | None = None,
+    ):
         """`disk_backings` (disk id -> path): this host's own files for the disks of a VM it
         receives or restores, unless the receive or restore call names its own."""
         self._disk_backings = dict(disk_backings or {})
@@ -133,9 +156,14 @@ class Vmm(ReceiveHooks):
         self.exit_code = 0
         self._running = True
         self._selector = selectors.DefaultSelector()
-        for fd, handler in [(self._reset_fd, self._on_lifecycle), (self._guest_exit_fd, self._on_lifecycle),
-                            (self._exit_fd, self._on_exit), (self._error_fd, self._on_error),
-                            (self._api_fd, self._on_api), (self._migration_fd, self._on_migration_done)]:
+        for fd, handler in [
+            (self._reset_fd, self._on_lifecycle),
+            (self._guest_exit_fd, self._on_lifecycle),
+            (self._exit_fd, self._on_exit),
+            (self._error_fd, self._on_error),
+            (self._api_fd, self._on_api),
+            (self._migration_fd, self._on_migration_done),
+        ]:
             self._selector.register(fd, selectors.EVENT_READ, handler)
         if serial is not None:
             self._open_console(serial)
@@ -173,8 +201,14 @@ class Vmm(ReceiveHooks):
             self._console = None
         self._selector.close()
         with self._fd_lock:
-            for fd in (self._reset_fd, self._guest_exit_fd, self._exit_fd, self._error_fd, self._api_fd,
-                       self._migration_fd):
+            for fd in (
+                self._reset_fd,
+                self._guest_exit_fd,
+                self._exit_fd,
+                self._error_fd,
+                self._api_fd,
+                self._migration_fd,
+            ):
                 os.close(fd)
             self._fds_closed = True
         self.events.emit("vmm", "shutdown")
@@ -266,16 +300,26 @@ class Vmm(ReceiveHooks):
         or none. A peer never chooses a host file or socket here."""
         return dataclasses.replace(cfg, serial=self._serial_override or SerialConfig())
 
-    def _new_native_vm(self, cfg: VmConfig, payload: BootPayload, restore: bool = False,
-                       memory_fds: list[int] | None = None):
+    def _new_native_vm(
+        self, cfg: VmConfig, payload: BootPayload, restore: bool = False, memory_fds: list[int] | None = None
+    ):
         """A native VM on the VMM's console (the command line's serial wins over the config's)."""
         self._open_console(self._serial_override or cfg.serial)
         return _native.Vm(
-            memory_size=cfg.memory_bytes, vcpus=cfg.vcpus, kernel=payload.kernel, initramfs=payload.initramfs,
+            memory_size=cfg.memory_bytes,
+            vcpus=cfg.vcpus,
+            kernel=payload.kernel,
+            initramfs=payload.initramfs,
             cmdline=cfg.effective_cmdline,
-            console=self._console.native, reset_fd=self._reset_fd, guest_exit_fd=self._guest_exit_fd,
-            error_fd=self._error_fd, restore=restore, memory_fds=memory_fds, boot_protocol=cfg.boot_protocol,
-            disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks])
+            console=self._console.native,
+            reset_fd=self._reset_fd,
+            guest_exit_fd=self._guest_exit_fd,
+            error_fd=self._error_fd,
+            restore=restore,
+            memory_fds=memory_fds,
+            boot_protocol=cfg.boot_protocol,
+            disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks],
+        )
 
     def _build_and_boot(self) -> None:
         cfg = self._config
@@ -328,8 +372,7 @@ class Vmm(ReceiveHooks):
             job.run()
         except BaseException as e:  # reported through the handle and events
             handle.error = e
-            job.progress.update(status="cancelled" if isinstance(e, MigrationCancelled) else "failed",
-                                error=str(e))
+            job.progress.update(status="cancelled" if isinstance(e, MigrationCancelled) else "failed", error=str(e))
         finally:
             with self._fd_lock:
                 if not self._fds_closed:
@@ -361,9 +404,15 @@ class Vmm(ReceiveHooks):
 
     def _migration_succeeded(self, job: SourceMigration) -> None:
         report = self._migration_report(job, "destination")
-        self.events.emit("vm", "migration-finished", {"downtime_ms": self._last_progress["downtime_ms"],
-                                                      "total_time_ms": self._last_progress["total_time_ms"],
-                                                      **report})
+        self.events.emit(
+            "vm",
+            "migration-finished",
+            {
+                "downtime_ms": self._last_progress["downtime_ms"],
+                "total_time_ms": self._last_progress["total_time_ms"],
+                **report,
+            },
+        )
         if self.test_hooks.keep_source:
             self._state = VmState.PAUSED  # for comparing memory with the destination's
             return
@@ -406,6 +455,7 @@ class Vmm(ReceiveHooks):
             own = self._own_serial(cfg)
             # No payload is loaded into a VM built to receive state; the content arrives later.
             return Incoming(self._new_native_vm(own, BootPayload(), restore=True, memory_fds=memory_fds), own)
+
         return self._call(do)
 
     def complete(self, incoming: Incoming, fields: dict) -> None:
@@ -431,6 +481,7 @@ class Vmm(ReceiveHooks):
             self.events.emit("vm", "migration-receive-finished", {"lifecycle_event": event.value})
             self._replay_pending = True
             vm.inject_request(event.request)
+
         self._call(do)
 
     def emit(self, event: str, properties: dict | None = None) -> None:
@@ -477,6 +528,7 @@ class Vmm(ReceiveHooks):
                 raise VmAlreadyCreated("a VM has already been created")
             self._config = config
             self._state = VmState.CREATED
+
         self._call(do)
 
     def boot(self) -> None:
@@ -487,6 +539,7 @@ class Vmm(ReceiveHooks):
             self.events.emit("vm", "booting")
             self._build_and_boot()
             self.events.emit("vm", "booted")
+
         self._call(do)
 
     def info(self) -> dict:
@@ -496,8 +549,12 @@ class Vmm(ReceiveHooks):
             self._require_vm()
             # `state` is always one of CH's VmState values; vmmpy's own detail (an unhandled vCPU
             # exit, a failed reboot) is in `error`, with `vmmpy_state` naming vmmpy's state.
-            info = {"config": self._config.to_api(), "state": self._state.api,
-                    "vmmpy_state": self._state.value, "memory_actual_size": self._config.memory_bytes}
+            info = {
+                "config": self._config.to_api(),
+                "state": self._state.api,
+                "vmmpy_state": self._state.value,
+                "memory_actual_size": self._config.memory_bytes,
+            }
             if self._failure is not None:
                 info["error"] = self._failure
             if self._vm is not None:
@@ -509,6 +566,7 @@ class Vmm(ReceiveHooks):
                     info["error"] = err
             info["boot_count"] = self.boot_count
             return info
+
         return self._call(do)
 
     def pause(self) -> None:
@@ -524,6 +582,7 @@ class Vmm(ReceiveHooks):
                 raise
             self._state = VmState.PAUSED
             self.events.emit("vm", "paused")
+
         self._call(do)
 
     def resume(self) -> None:
@@ -540,6 +599,7 @@ class Vmm(ReceiveHooks):
                 self._vm_reboot()
             elif pending == "shutdown":
                 self._guest_shutdown()
+
         self._call(do)
 
     def reboot(self) -> None:
@@ -548,11 +608,13 @@ class Vmm(ReceiveHooks):
             if self._state not in (VmState.RUNNING, VmState.PAUSED, VmState.ERROR):
                 raise InvalidState(f"cannot reboot a VM in state {self._state.value}")
             self._vm_reboot()
+
         self._call(do)
 
     def shutdown(self) -> None:
         """As Cloud Hypervisor: the VM instance goes, its config stays (state Created, boot starts
         it again). After a failed reboot (no instance) it acknowledges the failure."""
+
         def do():
             self._require_owned()
             if self._failure is not None and self._vm is None:
@@ -563,16 +625,19 @@ class Vmm(ReceiveHooks):
             self._destroy_vm()
             self._state = VmState.CREATED
             self.events.emit("vm", "shutdown")
+
         self._call(do)
 
     def counters(self) -> dict:
         """Per-device counters, as CH's vm.counters; vmmpy's devices keep none: ``{}``."""
+
         def do():
             if self.ownership is Ownership.MIGRATION:
                 raise VmMigrating("the VM is being migrated")
             if self._vm is None:
                 raise InvalidState("VM is not running")
             return {}
+
         return self._call(do)
 
     def delete(self) -> None:
@@ -589,16 +654,19 @@ class Vmm(ReceiveHooks):
             if had_vm:
                 self.events.emit("vm", "shutdown")
             self.events.emit("vm", "deleted")
+
         self._call(do)
 
     def power_button(self) -> None:
         """Presses the guest's ACPI power button; the guest decides what to do (an OS powers off).
         As in Cloud Hypervisor a paused VM takes the press too: the guest sees it on resume."""
+
         def do():
             self._require_owned()
             if self._state not in (VmState.RUNNING, VmState.PAUSED):
                 raise InvalidState(f"cannot press the power button of a VM in state {self._state.value}")
             self._vm.power_button()
+
         self._call(do)
 
     def send_migration(self, destination_url: str | None = None, **options) -> MigrationHandle:
@@ -613,19 +681,30 @@ class Vmm(ReceiveHooks):
                 raise InvalidState(f"only a running VM can be migrated (state {self._state.value})")
             self._info_cache = self.info()
             self._latch.clear()
-            progress = ProgressTracker(destination_url=opts.destination_url, local=opts.local,
-                                       downtime_configured_ms=opts.downtime_ms)
-            job = SourceMigration(self._vm, self._config.to_api(), self._config.memory_bytes, opts,
-                                  self.events, progress, self._latch, self.test_hooks, payload=self._payload)
-            thread = threading.Thread(target=lambda: self._migration_worker(handle), name="migration-worker",
-                                      daemon=True)
+            progress = ProgressTracker(
+                destination_url=opts.destination_url, local=opts.local, downtime_configured_ms=opts.downtime_ms
+            )
+            job = SourceMigration(
+                self._vm,
+                self._config.to_api(),
+                self._config.memory_bytes,
+                opts,
+                self.events,
+                progress,
+                self._latch,
+                self.test_hooks,
+                payload=self._payload,
+            )
+            thread = threading.Thread(
+                target=lambda: self._migration_worker(handle), name="migration-worker", daemon=True
+            )
             handle = MigrationHandle(job, thread, threading.Event())
             self.ownership = Ownership.MIGRATION
             self._migration = handle
-            self.events.emit("vm", "migration-started", {"destination_url": opts.destination_url,
-                                                         "local": opts.local})
+            self.events.emit("vm", "migration-started", {"destination_url": opts.destination_url, "local": opts.local})
             thread.start()
             return handle
+
         return self._call(do)
 
     def migration_progress(self) -> dict:
@@ -635,6 +714,7 @@ class Vmm(ReceiveHooks):
             if self._last_progress is not None:
                 return self._last_progress
             raise InvalidState("no migration has run on this VMM")
+
         return self._call(do)
 
     def cancel_migration(self) -> None:
@@ -642,10 +722,12 @@ class Vmm(ReceiveHooks):
             if self._migration is None:
                 raise InvalidState("no migration is running")
             self._migration.cancel()
+
         self._call(do)
 
-    def receive_migration(self, receiver_url: str, tls_dir: str | None = None,
-                          disks: dict[str, str] | None = None) -> ReceiveHandle:
+    def receive_migration(
+        self, receiver_url: str, tls_dir: str | None = None, disks: dict[str, str] | None = None
+    ) -> ReceiveHandle:
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
         With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
         each disk id to this host's file for it (default: the VMM's `disk_backings`)."""
@@ -662,13 +744,15 @@ class Vmm(ReceiveHooks):
             if self.test_hooks.no_lifecycle_capability:
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
             receiver = Receiver(transport.listen(url), self, caps, tls, disk_backings=backings)
-            thread = threading.Thread(target=lambda: self._receive_worker(handle), name="migration-receiver",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=lambda: self._receive_worker(handle), name="migration-receiver", daemon=True
+            )
             handle = ReceiveHandle(receiver, thread)
             self._receive = handle
             thread.start()
             self.events.emit("vm", "migration-receive-ready", {"receiver_url": receiver_url})
             return handle
+
         return self._call(do)
 
     def snapshot(self, destination_url: str) -> None:
@@ -686,6 +770,7 @@ class Vmm(ReceiveHooks):
             state = encode_state(self._vm.save_state(), payload=self._payload.describe() or None)
             write_snapshot(directory, self._config.to_api(), state, self._vm, self._payload)
             self.events.emit("vm", "snapshotted", {"path": str(directory)})
+
         self._call(do)
 
     def _checked_backings(self, disks: Any) -> dict[str, str]:
@@ -696,8 +781,7 @@ class Vmm(ReceiveHooks):
         return dict(disks)
 
     @_ClassOrInstance
-    def restore(self, cls, source_url: str, *, resume: bool = False, disks: dict[str, str] | None = None,
-                **vmm_kwargs):
+    def restore(self, cls, source_url: str, *, resume: bool = False, disks: dict[str, str] | None = None, **vmm_kwargs):
         """`vmm.restore(dir)` restores a snapshot into this empty VMM, paused unless `resume`;
         `Vmm.restore(dir, **kwargs)` does that in a new VMM and returns it."""
         if self is None:
@@ -741,6 +825,7 @@ class Vmm(ReceiveHooks):
             self.ownership = Ownership.OWNED
             self.boot_count += 1
             self.events.emit("vm", "restored", {"path": str(directory)})
+
         self._call(do)
 
     def shutdown_vmm(self) -> None:
@@ -766,10 +851,12 @@ class Vmm(ReceiveHooks):
 
     def memory_regions(self) -> list:
         """The current VM's RAM regions as read-only buffers (tests and tooling)."""
+
         def do():
             if self._vm is None:
                 raise InvalidState("the VM is not running")
             return self._vm.memory_regions()
+
         return self._call(do)
 
     def close(self) -> None:

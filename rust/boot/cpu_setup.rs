@@ -60,7 +60,11 @@ fn segment(desc: u64, selector: u16) -> kvm_segment {
         base: ((desc >> 16) & 0xff_ffff) | (((desc >> 56) & 0xff) << 24),
         // KVM takes the limit in bytes: with G set the descriptor counts 4 KiB pages. Long mode
         // ignores limits, 32-bit protected mode (PVH) does not.
-        limit: if granular { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if granular {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector,
         type_: ((desc >> 40) & 0xf) as u8,
         present: ((desc >> 47) & 1) as u8,
@@ -80,7 +84,9 @@ fn segment(desc: u64, selector: u16) -> kvm_segment {
 /// The vCPU's special registers with the boot GDT's flat segments (`code` for CS), its TSS, and
 /// an IDT of limit 7 (any exception is a triple fault); both entries start from these.
 fn boot_segments(vcpu: &VcpuFd, code: kvm_segment) -> Result<kvm_sregs> {
-    let mut sregs = vcpu.get_sregs().map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| Error::kvm("KVM_GET_SREGS", e))?;
     let data = segment(DATA, BOOT_DS);
     sregs.cs = code;
     sregs.ds = data;
@@ -100,9 +106,11 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<
     let mut sregs = boot_segments(vcpu, segment(CODE64, BOOT_CS))?;
     sregs.cr3 = layout::PML4;
     sregs.cr4 |= X86_CR4_PAE;
-    sregs.cr0 = X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_AM | X86_CR0_PG;
+    sregs.cr0 =
+        X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_AM | X86_CR0_PG;
     sregs.efer |= EFER_LME | EFER_LMA;
-    vcpu.set_sregs(&sregs).map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
 
     let regs = kvm_regs {
         rflags: 0x2,
@@ -113,9 +121,14 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<
         rdi,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+    vcpu.set_regs(&regs)
+        .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
 }
 
@@ -127,10 +140,21 @@ pub fn setup_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
     sregs.cr3 = 0;
     sregs.cr4 = 0;
     sregs.efer = 0;
-    vcpu.set_sregs(&sregs).map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
-    let regs = kvm_regs { rflags: 0x2, rip: entry, rbx: start_info, ..Default::default() };
-    vcpu.set_regs(&regs).map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| Error::kvm("KVM_SET_SREGS", e))?;
+    let regs = kvm_regs {
+        rflags: 0x2,
+        rip: entry,
+        rbx: start_info,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)
+        .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
 }
 
@@ -150,7 +174,9 @@ const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
 
 /// Boot MSRs, limited to those KVM lists as settable (this host rejects others outright).
 pub fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<()> {
-    let supported = kvm.get_msr_index_list().map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?;
+    let supported = kvm
+        .get_msr_index_list()
+        .map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?;
     let supported = supported.as_slice();
     let wanted = [
         (MSR_IA32_SYSENTER_CS, 0),
@@ -168,13 +194,26 @@ pub fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<()> {
     let entries: Vec<kvm_msr_entry> = wanted
         .iter()
         .filter(|(index, _)| supported.contains(index))
-        .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
         .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::new(Kind::Kvm, format!("MSR list: {e:?}")))?;
-    let set = vcpu.set_msrs(&msrs).map_err(|e| Error::kvm("KVM_SET_MSRS", e))?;
+    let msrs = Msrs::from_entries(&entries)
+        .map_err(|e| Error::new(Kind::Kvm, format!("MSR list: {e:?}")))?;
+    let set = vcpu
+        .set_msrs(&msrs)
+        .map_err(|e| Error::kvm("KVM_SET_MSRS", e))?;
     if set != entries.len() {
         let refused = entries[set].index;
-        return Err(Error::new(Kind::Kvm, format!("KVM_SET_MSRS accepted {set} of {} MSRs (refused {refused:#x})", entries.len())));
+        return Err(Error::new(
+            Kind::Kvm,
+            format!(
+                "KVM_SET_MSRS accepted {set} of {} MSRs (refused {refused:#x})",
+                entries.len()
+            ),
+        ));
     }
     Ok(())
 }
@@ -186,7 +225,9 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 
 /// LINT0 as ExtINT (the PIC) and LINT1 as NMI, as a PC's BIOS leaves them.
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<()> {
-    let mut lapic = vcpu.get_lapic().map_err(|e| Error::kvm("KVM_GET_LAPIC", e))?;
+    let mut lapic = vcpu
+        .get_lapic()
+        .map_err(|e| Error::kvm("KVM_GET_LAPIC", e))?;
     let mut set_mode = |reg: usize, mode: u32| {
         let bytes: &mut [u8] = unsafe_bytes(&mut lapic.regs[reg..reg + 4]);
         let val = u32::from_le_bytes(bytes.try_into().unwrap());
@@ -195,7 +236,8 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<()> {
     };
     set_mode(APIC_LVT0, APIC_MODE_EXTINT);
     set_mode(APIC_LVT1, APIC_MODE_NMI);
-    vcpu.set_lapic(&lapic).map_err(|e| Error::kvm("KVM_SET_LAPIC", e))
+    vcpu.set_lapic(&lapic)
+        .map_err(|e| Error::kvm("KVM_SET_LAPIC", e))
 }
 
 fn unsafe_bytes(regs: &mut [std::os::raw::c_char]) -> &mut [u8] {
@@ -210,7 +252,10 @@ mod tests {
     #[test]
     fn flat_segments_span_4_gib() {
         let code = segment(CODE32, BOOT_CS32);
-        assert_eq!((code.base, code.limit, code.db, code.l, code.g, code.type_), (0, 0xffff_ffff, 1, 0, 1, 0xb));
+        assert_eq!(
+            (code.base, code.limit, code.db, code.l, code.g, code.type_),
+            (0, 0xffff_ffff, 1, 0, 1, 0xb)
+        );
         assert_eq!(segment(DATA, BOOT_DS).limit, 0xffff_ffff);
         assert_eq!(segment(TSS, BOOT_TSS).limit, 0x0fff_ffff);
     }

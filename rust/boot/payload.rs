@@ -71,7 +71,10 @@ impl BootProtocol {
         match name {
             "pvh" => Ok(BootProtocol::Pvh),
             "linux64" => Ok(BootProtocol::Linux64),
-            other => Err(Error::new(Kind::InvalidConfig, format!("boot protocol {other:?}: must be \"pvh\" or \"linux64\""))),
+            other => Err(Error::new(
+                Kind::InvalidConfig,
+                format!("boot protocol {other:?}: must be \"pvh\" or \"linux64\""),
+            )),
         }
     }
 }
@@ -137,16 +140,30 @@ fn low_ram_end(mem: &GuestMem) -> u64 {
 /// comes as bytes the VMM holds (read from the host by the VMM itself, or received from a
 /// migration peer and checked), never as a path: a reboot loads the same content again.
 /// `protocol` None chooses PVH for an ELF with the PVH note and the 64-bit entry otherwise.
-pub fn load_kernel(mem: &GuestMem, kernel: Option<&[u8]>, protocol: Option<BootProtocol>) -> Result<Payload> {
+pub fn load_kernel(
+    mem: &GuestMem,
+    kernel: Option<&[u8]>,
+    protocol: Option<BootProtocol>,
+) -> Result<Payload> {
     let (image, name) = match kernel {
-        None => return load_elf(mem, &mut Cursor::new(TEST_GUEST), TEST_GUEST.len() as u64, "<embedded test guest>", protocol),
+        None => {
+            return load_elf(
+                mem,
+                &mut Cursor::new(TEST_GUEST),
+                TEST_GUEST.len() as u64,
+                "<embedded test guest>",
+                protocol,
+            )
+        }
         Some(image) => (image, "image"),
     };
     let size = image.len() as u64;
     let mut file = Cursor::new(image);
     if image.len() >= 4 && &image[..4] == ELF_MAGIC {
         load_elf(mem, &mut file, size, name, protocol)
-    } else if image.len() >= 0x206 && u32::from_le_bytes(image[0x202..0x206].try_into().unwrap()) == BZIMAGE_MAGIC {
+    } else if image.len() >= 0x206
+        && u32::from_le_bytes(image[0x202..0x206].try_into().unwrap()) == BZIMAGE_MAGIC
+    {
         if protocol == Some(BootProtocol::Pvh) {
             return Err(payload_err(name, "a bzImage has no PVH entry: boot it with the linux64 protocol, or boot its vmlinux"));
         }
@@ -154,7 +171,10 @@ pub fn load_kernel(mem: &GuestMem, kernel: Option<&[u8]>, protocol: Option<BootP
     } else if image.is_empty() {
         Err(payload_err(name, "the file is empty"))
     } else {
-        Err(payload_err(name, "not a kernel: neither an ELF vmlinux (\\x7fELF) nor a bzImage (\"HdrS\" at 0x202)"))
+        Err(payload_err(
+            name,
+            "not a kernel: neither an ELF vmlinux (\\x7fELF) nor a bzImage (\"HdrS\" at 0x202)",
+        ))
     }
 }
 
@@ -206,26 +226,40 @@ fn inspect_elf<F: Read + Seek>(
     }
     let (e_type, e_machine) = (u16_at(&ehdr, 16), u16_at(&ehdr, 18));
     if e_machine != EM_X86_64 {
-        return Err(format!("ELF machine {e_machine} is not x86-64 ({EM_X86_64})"));
+        return Err(format!(
+            "ELF machine {e_machine} is not x86-64 ({EM_X86_64})"
+        ));
     }
     if e_type != ET_EXEC {
-        return Err(format!("ELF type {e_type} is not an executable (ET_EXEC) linked at its load address"));
+        return Err(format!(
+            "ELF type {e_type} is not an executable (ET_EXEC) linked at its load address"
+        ));
     }
     let entry = u64_at(&ehdr, 24);
     let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
     if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
-        return Err(format!("bad program header table ({phnum} entries of {phentsize} bytes)"));
+        return Err(format!(
+            "bad program header table ({phnum} entries of {phentsize} bytes)"
+        ));
     }
-    let table_end = phoff.checked_add(56 * phnum as u64).ok_or("bad program header offset")?;
+    let table_end = phoff
+        .checked_add(56 * phnum as u64)
+        .ok_or("bad program header offset")?;
     if table_end > file_size {
-        return Err(format!("truncated: the program headers end at byte {table_end}, the file has {file_size}"));
+        return Err(format!(
+            "truncated: the program headers end at byte {table_end}, the file has {file_size}"
+        ));
     }
     let low_end = low_ram_end(mem);
     let mut phdrs = Vec::new();
-    image.seek(SeekFrom::Start(phoff)).map_err(|e| e.to_string())?;
+    image
+        .seek(SeekFrom::Start(phoff))
+        .map_err(|e| e.to_string())?;
     for _ in 0..phnum {
         let mut ph = [0u8; 56];
-        image.read_exact(&mut ph).map_err(|_| "truncated program header table".to_string())?;
+        image
+            .read_exact(&mut ph)
+            .map_err(|_| "truncated program header table".to_string())?;
         phdrs.push(ph);
     }
     let (mut start, mut end) = (u64::MAX, 0u64);
@@ -233,7 +267,13 @@ fn inspect_elf<F: Read + Seek>(
     let mut notes = Vec::new();
     let mut loaded = Vec::new();
     for (i, ph) in phdrs.iter().enumerate() {
-        let (p_type, off, paddr, filesz, memsz) = (u32_at(ph, 0), u64_at(ph, 8), u64_at(ph, 24), u64_at(ph, 32), u64_at(ph, 40));
+        let (p_type, off, paddr, filesz, memsz) = (
+            u32_at(ph, 0),
+            u64_at(ph, 8),
+            u64_at(ph, 24),
+            u64_at(ph, 32),
+            u64_at(ph, 40),
+        );
         if p_type == PT_NOTE {
             notes.push((off, filesz));
             continue;
@@ -241,14 +281,22 @@ fn inspect_elf<F: Read + Seek>(
         if p_type != PT_LOAD || memsz == 0 {
             continue;
         }
-        let file_end = off.checked_add(filesz).ok_or_else(|| format!("segment {i}: bad file range"))?;
+        let file_end = off
+            .checked_add(filesz)
+            .ok_or_else(|| format!("segment {i}: bad file range"))?;
         if file_end > file_size {
-            return Err(format!("truncated: segment {i} needs bytes up to {file_end}, the file has {file_size}"));
+            return Err(format!(
+                "truncated: segment {i} needs bytes up to {file_end}, the file has {file_size}"
+            ));
         }
         if filesz > memsz {
-            return Err(format!("segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"));
+            return Err(format!(
+                "segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"
+            ));
         }
-        let seg_end = paddr.checked_add(memsz).ok_or_else(|| format!("segment {i}: bad address range"))?;
+        let seg_end = paddr
+            .checked_add(memsz)
+            .ok_or_else(|| format!("segment {i}: bad address range"))?;
         if paddr < layout::HIMEM_START {
             return Err(format!(
                 "segment {i} loads at {paddr:#x}, below 1 MiB where vmmpy keeps the boot structures (zero page, page tables, ACPI tables)"
@@ -268,7 +316,9 @@ fn inspect_elf<F: Read + Seek>(
         return Err("no loadable (PT_LOAD) segment".into());
     }
     if !entry_loaded {
-        return Err(format!("the entry point {entry:#x} is not inside a loaded segment"));
+        return Err(format!(
+            "the entry point {entry:#x} is not inside a loaded segment"
+        ));
     }
     let mut ap_entry = None;
     let mut pvh_entry = None;
@@ -278,8 +328,12 @@ fn inspect_elf<F: Read + Seek>(
             continue; // not ours to judge: the kernel does not need its notes to boot
         }
         let mut buf = vec![0u8; size as usize];
-        image.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
-        image.read_exact(&mut buf).map_err(|_| "truncated note segment".to_string())?;
+        image
+            .seek(SeekFrom::Start(off))
+            .map_err(|e| e.to_string())?;
+        image
+            .read_exact(&mut buf)
+            .map_err(|_| "truncated note segment".to_string())?;
         for (name, ntype, desc) in notes_in(&buf) {
             if name == b"vmmpy\0" && ntype == VMMPY_NOTE_AP_ENTRY && desc.len() == 8 {
                 ap_entry = Some(u64_at(desc, 0));
@@ -292,10 +346,18 @@ fn inspect_elf<F: Read + Seek>(
     }
     if let Some(pvh) = pvh_entry {
         if !loaded.iter().any(|&(s, e)| s <= pvh && pvh < e) {
-            return Err(format!("the PVH entry point {pvh:#x} (Xen note type 18) is not inside a loaded segment"));
+            return Err(format!(
+                "the PVH entry point {pvh:#x} (Xen note type 18) is not inside a loaded segment"
+            ));
         }
     }
-    Ok(ElfInfo { entry, start, end, ap_entry, pvh_entry })
+    Ok(ElfInfo {
+        entry,
+        start,
+        end,
+        ap_entry,
+        pvh_entry,
+    })
 }
 
 /// The (name, type, descriptor) of each note in a PT_NOTE segment.
@@ -303,20 +365,34 @@ fn notes_in(notes: &[u8]) -> Vec<(&[u8], u32, &[u8])> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos + 12 <= notes.len() {
-        let (namesz, descsz, ntype) = (u32_at(notes, pos) as usize, u32_at(notes, pos + 4) as usize, u32_at(notes, pos + 8));
+        let (namesz, descsz, ntype) = (
+            u32_at(notes, pos) as usize,
+            u32_at(notes, pos + 4) as usize,
+            u32_at(notes, pos + 8),
+        );
         let name_start = pos + 12;
         let desc_start = name_start + namesz.div_ceil(4) * 4;
         let next = desc_start + descsz.div_ceil(4) * 4;
         if next > notes.len() || next <= pos {
             break;
         }
-        out.push((&notes[name_start..name_start + namesz], ntype, &notes[desc_start..desc_start + descsz]));
+        out.push((
+            &notes[name_start..name_start + namesz],
+            ntype,
+            &notes[desc_start..desc_start + descsz],
+        ));
         pos = next;
     }
     out
 }
 
-fn load_elf<F>(mem: &GuestMem, image: &mut F, file_size: u64, name: &str, protocol: Option<BootProtocol>) -> Result<Payload>
+fn load_elf<F>(
+    mem: &GuestMem,
+    image: &mut F,
+    file_size: u64,
+    name: &str,
+    protocol: Option<BootProtocol>,
+) -> Result<Payload>
 where
     F: Read + vm_memory::ReadVolatile + Seek,
 {
@@ -332,7 +408,11 @@ where
         .map_err(|e| payload_err(name, format!("ELF load failed: {e}")))?;
     debug_assert_eq!(res.kernel_load.0, info.entry);
     Ok(Payload {
-        kind: if info.ap_entry.is_some() { PayloadKind::TestGuest } else { PayloadKind::Elf },
+        kind: if info.ap_entry.is_some() {
+            PayloadKind::TestGuest
+        } else {
+            PayloadKind::Elf
+        },
         protocol,
         entry,
         ap_entry: info.ap_entry,
@@ -385,9 +465,17 @@ fn read_bz_header(image: &mut Cursor<&[u8]>) -> std::io::Result<(BzHeader, usize
     ))
 }
 
-fn check_bzimage(mem: &GuestMem, h: &BzHeader, header_len: usize, file_size: u64) -> std::result::Result<(u64, u64), String> {
+fn check_bzimage(
+    mem: &GuestMem,
+    h: &BzHeader,
+    header_len: usize,
+    file_size: u64,
+) -> std::result::Result<(u64, u64), String> {
     if h.boot_flag != BOOT_FLAG {
-        return Err(format!("bad boot flag {:#06x} at 0x1fe (expected 0xaa55)", h.boot_flag));
+        return Err(format!(
+            "bad boot flag {:#06x} at 0x1fe (expected 0xaa55)",
+            h.boot_flag
+        ));
     }
     if h.version < MIN_BOOT_PROTOCOL {
         return Err(format!(
@@ -397,10 +485,14 @@ fn check_bzimage(mem: &GuestMem, h: &BzHeader, header_len: usize, file_size: u64
         ));
     }
     if header_len < 0x268 {
-        return Err(format!("truncated: the setup header needs 0x268 bytes, the file has {header_len}"));
+        return Err(format!(
+            "truncated: the setup header needs 0x268 bytes, the file has {header_len}"
+        ));
     }
     if h.xloadflags & XLF_KERNEL_64 == 0 {
-        return Err("the bzImage has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)".into());
+        return Err(
+            "the bzImage has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)".into(),
+        );
     }
     if h.loadflags & LOADED_HIGH == 0 {
         return Err("a zImage (loads below 1 MiB): vmmpy boots bzImages only".into());
@@ -408,11 +500,17 @@ fn check_bzimage(mem: &GuestMem, h: &BzHeader, header_len: usize, file_size: u64
     if !h.kernel_alignment.is_power_of_two() {
         return Err(format!("bad kernel_alignment {:#x}", h.kernel_alignment));
     }
-    let setup_sects = if h.setup_sects == 0 { 4 } else { h.setup_sects as u64 };
+    let setup_sects = if h.setup_sects == 0 {
+        4
+    } else {
+        h.setup_sects as u64
+    };
     let setup_size = (setup_sects + 1) * 512;
     let pm_size = file_size.saturating_sub(setup_size);
     if pm_size == 0 {
-        return Err(format!("truncated: {file_size} bytes, not even the {setup_size}-byte setup code"));
+        return Err(format!(
+            "truncated: {file_size} bytes, not even the {setup_size}-byte setup code"
+        ));
     }
     let sys_size = h.syssize as u64 * 16;
     if sys_size > pm_size {
@@ -426,14 +524,22 @@ fn check_bzimage(mem: &GuestMem, h: &BzHeader, header_len: usize, file_size: u64
     let low_end = low_ram_end(mem);
     let image_end = load + pm_size;
     if image_end > low_end {
-        return Err(format!("too big for RAM: the {} protected-mode kernel does not fit below {low_end:#x}", mib(pm_size)));
+        return Err(format!(
+            "too big for RAM: the {} protected-mode kernel does not fit below {low_end:#x}",
+            mib(pm_size)
+        ));
     }
     // Where the decompressor runs and unpacks the kernel (arch/x86/boot/compressed/head_64.S): a
     // relocatable kernel takes its load address aligned up to kernel_alignment, but never less
     // than LOAD_PHYSICAL_ADDR, which the header states as pref_address; a fixed one runs at
     // pref_address.
     let align = h.kernel_alignment as u64;
-    let run_start = if h.relocatable { load.div_ceil(align) * align } else { 0 }.max(h.pref_address);
+    let run_start = if h.relocatable {
+        load.div_ceil(align) * align
+    } else {
+        0
+    }
+    .max(h.pref_address);
     let run_end = run_start + h.init_size as u64;
     if run_end > low_end || !mem.check_range(GuestAddress(run_start), h.init_size as usize) {
         return Err(format!(
@@ -444,12 +550,26 @@ fn check_bzimage(mem: &GuestMem, h: &BzHeader, header_len: usize, file_size: u64
     Ok((load, image_end.max(run_end)))
 }
 
-fn load_bzimage(mem: &GuestMem, image: &mut Cursor<&[u8]>, file_size: u64, name: &str) -> Result<Payload> {
-    let (hdr, header_len) = read_bz_header(image).map_err(|e| Error::io(Kind::Payload, &format!("kernel {name}"), e))?;
-    let (load, kernel_end) = check_bzimage(mem, &hdr, header_len, file_size).map_err(|e| payload_err(name, e))?;
-    let res = BzImage::load(mem, Some(GuestAddress(load)), image, Some(GuestAddress(layout::HIMEM_START)))
-        .map_err(|e| payload_err(name, format!("bzImage load failed: {e}")))?;
-    let setup = res.setup_header.ok_or_else(|| payload_err(name, "bzImage without a setup header"))?;
+fn load_bzimage(
+    mem: &GuestMem,
+    image: &mut Cursor<&[u8]>,
+    file_size: u64,
+    name: &str,
+) -> Result<Payload> {
+    let (hdr, header_len) = read_bz_header(image)
+        .map_err(|e| Error::io(Kind::Payload, &format!("kernel {name}"), e))?;
+    let (load, kernel_end) =
+        check_bzimage(mem, &hdr, header_len, file_size).map_err(|e| payload_err(name, e))?;
+    let res = BzImage::load(
+        mem,
+        Some(GuestAddress(load)),
+        image,
+        Some(GuestAddress(layout::HIMEM_START)),
+    )
+    .map_err(|e| payload_err(name, format!("bzImage load failed: {e}")))?;
+    let setup = res
+        .setup_header
+        .ok_or_else(|| payload_err(name, "bzImage without a setup header"))?;
     Ok(Payload {
         kind: PayloadKind::BzImage,
         protocol: BootProtocol::Linux64,
@@ -464,7 +584,12 @@ fn load_bzimage(mem: &GuestMem, image: &mut Cursor<&[u8]>, file_size: u64, name:
 
 /// Places the initramfs at the top of low RAM (below the hole and the kernel's limit), page aligned,
 /// above everything the kernel occupies. Returns (address, size).
-pub fn load_initramfs(mem: &GuestMem, image: &[u8], payload: &Payload, ram_size: u64) -> Result<(u64, u64)> {
+pub fn load_initramfs(
+    mem: &GuestMem,
+    image: &[u8],
+    payload: &Payload,
+    ram_size: u64,
+) -> Result<(u64, u64)> {
     let err = |what: String| Error::new(Kind::Payload, format!("initramfs: {what}"));
     let size = image.len() as u64;
     if size == 0 {
@@ -488,7 +613,8 @@ pub fn load_initramfs(mem: &GuestMem, image: &[u8], payload: &Payload, ram_size:
             )))
         }
     };
-    mem.write_slice(image, GuestAddress(start)).map_err(|e| err(format!("writing it into guest memory: {e}")))?;
+    mem.write_slice(image, GuestAddress(start))
+        .map_err(|e| err(format!("writing it into guest memory: {e}")))?;
     Ok((start, size))
 }
 
@@ -555,15 +681,26 @@ mod tests {
         assert_eq!((p.protocol, p.entry), (BootProtocol::Linux64, 0x20_0010));
         let plain = elf(0x20_0000, 0x1000, 0x3000, 0x20_0010);
         assert_eq!(load(&plain, 64).unwrap().protocol, BootProtocol::Linux64);
-        assert!(msg(load_kernel(&mem(64), Some(&plain), Some(BootProtocol::Pvh))).contains("no PVH entry"));
+        assert!(
+            msg(load_kernel(&mem(64), Some(&plain), Some(BootProtocol::Pvh)))
+                .contains("no PVH entry")
+        );
         assert!(msg(load(&elf_with_pvh(0x50_0000), 64)).contains("PVH entry point 0x500000"));
-        assert!(msg(load_kernel(&mem(64), Some(&bzimage(0x200_0000, 0x10000)), Some(BootProtocol::Pvh))).contains("no PVH entry"));
+        assert!(msg(load_kernel(
+            &mem(64),
+            Some(&bzimage(0x200_0000, 0x10000)),
+            Some(BootProtocol::Pvh)
+        ))
+        .contains("no PVH entry"));
     }
 
     #[test]
     fn test_guest_has_both_entries() {
         let p = load_kernel(&mem(64), None, None).unwrap();
-        assert_eq!((p.kind, p.protocol), (PayloadKind::TestGuest, BootProtocol::Pvh));
+        assert_eq!(
+            (p.kind, p.protocol),
+            (PayloadKind::TestGuest, BootProtocol::Pvh)
+        );
         assert!(p.ap_entry.is_some());
         let p = load_kernel(&mem(64), None, Some(BootProtocol::Linux64)).unwrap();
         assert_eq!(p.protocol, BootProtocol::Linux64);
@@ -583,7 +720,10 @@ mod tests {
     fn elf_ok() {
         let p = load(&elf(0x20_0000, 0x1000, 0x3000, 0x20_0010), 64).unwrap();
         assert_eq!(p.kind, PayloadKind::Elf);
-        assert_eq!((p.entry, p.kernel_start, p.kernel_end), (0x20_0010, 0x20_0000, 0x20_3000));
+        assert_eq!(
+            (p.entry, p.kernel_start, p.kernel_end),
+            (0x20_0010, 0x20_0000, 0x20_3000)
+        );
     }
 
     #[test]
@@ -591,7 +731,10 @@ mod tests {
         let good = elf(0x20_0000, 0x1000, 0x3000, 0x20_0010);
         assert!(msg(load(&good[..0x800], 64)).contains("truncated"));
         assert!(msg(load(&good[..40], 64)).contains("truncated ELF header"));
-        assert!(msg(load(&elf(0x20_0000, 0x1000, 0x1000_0000, 0x20_0010), 64)).contains("too big for RAM"));
+        assert!(
+            msg(load(&elf(0x20_0000, 0x1000, 0x1000_0000, 0x20_0010), 64))
+                .contains("too big for RAM")
+        );
         assert!(msg(load(&elf(0x8000, 0x1000, 0x1000, 0x8000), 64)).contains("below 1 MiB"));
         assert!(msg(load(&elf(0x20_0000, 0x1000, 0x1000, 0x10_0000), 64)).contains("entry point"));
         let mut b = good.clone();

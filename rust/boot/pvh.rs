@@ -4,17 +4,29 @@
 
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+};
 use vm_memory::GuestAddress;
 
 use crate::error::{Error, Kind, Result};
 use crate::layout;
 use crate::memory::GuestMem;
 
-pub fn write_start_info(mem: &GuestMem, ram_size: u64, initramfs: Option<(u64, u64)>, rsdp: u64) -> Result<()> {
+pub fn write_start_info(
+    mem: &GuestMem,
+    ram_size: u64,
+    initramfs: Option<(u64, u64)>,
+    rsdp: u64,
+) -> Result<()> {
     let memmap: Vec<hvm_memmap_table_entry> = layout::e820_map(ram_size)
         .into_iter()
-        .map(|(addr, size, kind)| hvm_memmap_table_entry { addr, size, type_: kind, reserved: 0 })
+        .map(|(addr, size, kind)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_: kind,
+            reserved: 0,
+        })
         .collect();
     let mut info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
@@ -25,7 +37,11 @@ pub fn write_start_info(mem: &GuestMem, ram_size: u64, initramfs: Option<(u64, u
         memmap_entries: memmap.len() as u32,
         ..Default::default()
     };
-    let module = initramfs.map(|(paddr, size)| hvm_modlist_entry { paddr, size, ..Default::default() });
+    let module = initramfs.map(|(paddr, size)| hvm_modlist_entry {
+        paddr,
+        size,
+        ..Default::default()
+    });
     if module.is_some() {
         info.nr_modules = 1;
         info.modlist_paddr = layout::PVH_MODLIST;
@@ -52,14 +68,24 @@ mod tests {
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         write_start_info(&mem, 64 << 20, Some((0x300_0000, 0x1234)), 0xe0000).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_START_INFO)).unwrap();
-        assert_eq!((info.magic, info.version, info.nr_modules), (0x336e_c578, 1, 1));
-        assert_eq!((info.cmdline_paddr, info.rsdp_paddr, info.modlist_paddr), (layout::CMDLINE, 0xe0000, layout::PVH_MODLIST));
+        assert_eq!(
+            (info.magic, info.version, info.nr_modules),
+            (0x336e_c578, 1, 1)
+        );
+        assert_eq!(
+            (info.cmdline_paddr, info.rsdp_paddr, info.modlist_paddr),
+            (layout::CMDLINE, 0xe0000, layout::PVH_MODLIST)
+        );
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(layout::PVH_MODLIST)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 0x1234));
         let map = layout::e820_map(64 << 20);
         assert_eq!(info.memmap_entries as usize, map.len());
         assert!(layout::e820_map(8 << 30).len() <= 6);
-        let last: hvm_memmap_table_entry = mem.read_obj(GuestAddress(layout::PVH_MEMMAP + 24 * (map.len() as u64 - 1))).unwrap();
+        let last: hvm_memmap_table_entry = mem
+            .read_obj(GuestAddress(
+                layout::PVH_MEMMAP + 24 * (map.len() as u64 - 1),
+            ))
+            .unwrap();
         assert_eq!((last.addr, last.size, last.type_), map[map.len() - 1]);
         // No initramfs: no module list.
         write_start_info(&mem, 64 << 20, None, 0xe0000).unwrap();

@@ -32,13 +32,21 @@ pub fn write_cmdline(mem: &GuestMem, inp: &BootInputs) -> Result<()> {
     if inp.cmdline.len() + 1 > limit {
         return Err(Error::new(
             Kind::Payload,
-            format!("command line is {} bytes; this kernel accepts at most {}", inp.cmdline.len(), limit - 1),
+            format!(
+                "command line is {} bytes; this kernel accepts at most {}",
+                inp.cmdline.len(),
+                limit - 1
+            ),
         ));
     }
-    let mut cmdline = Cmdline::new(limit).map_err(|e| Error::new(Kind::Payload, format!("command line: {e}")))?;
-    cmdline
-        .insert_str(inp.cmdline)
-        .map_err(|e| Error::new(Kind::Payload, format!("command line {:?}: {e}", inp.cmdline)))?;
+    let mut cmdline =
+        Cmdline::new(limit).map_err(|e| Error::new(Kind::Payload, format!("command line: {e}")))?;
+    cmdline.insert_str(inp.cmdline).map_err(|e| {
+        Error::new(
+            Kind::Payload,
+            format!("command line {:?}: {e}", inp.cmdline),
+        )
+    })?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(layout::CMDLINE), &cmdline)
         .map_err(|e| Error::new(Kind::Payload, format!("writing the command line: {e}")))
 }
@@ -62,7 +70,11 @@ pub fn write_zero_page(mem: &GuestMem, inp: &BootInputs) -> Result<()> {
     params.acpi_rsdp_addr = inp.rsdp;
     let map = layout::e820_map(inp.ram_size);
     for (i, (addr, size, kind)) in map.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr: *addr, size: *size, r#type: *kind };
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *kind,
+        };
     }
     params.e820_entries = map.len() as u8;
 

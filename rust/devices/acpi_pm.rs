@@ -19,7 +19,9 @@ impl BusDevice<u16> for AcpiPm {
     fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
         match (offset, data.first().copied()) {
             (0, Some(RESET_VALUE)) => DeviceAction::Reset,
-            (0, Some(v)) if v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & 0x7 == S5 => DeviceAction::Shutdown,
+            (0, Some(v)) if v & SLP_EN != 0 && (v >> SLP_TYP_SHIFT) & 0x7 == S5 => {
+                DeviceAction::Shutdown
+            }
             _ => DeviceAction::None,
         }
     }

@@ -33,7 +33,9 @@ impl<A: Address> Bus<A> {
         let end = start.checked_add(len).filter(|_| len > 0);
         let end = end.unwrap_or_else(|| panic!("bus range {base:#x}+{len} is empty or wraps"));
         assert!(
-            self.ranges.iter().all(|(b, l, _)| end <= *b || start >= b + l),
+            self.ranges
+                .iter()
+                .all(|(b, l, _)| end <= *b || start >= b + l),
             "bus range {base:#x}+{len} overlaps another device"
         );
         self.ranges.push((start, len, dev));
@@ -42,7 +44,10 @@ impl<A: Address> Bus<A> {
 
     fn find(&self, addr: A) -> Option<(A, &SharedDevice<A>)> {
         let addr: u64 = addr.into();
-        let (base, _, dev) = self.ranges.iter().find(|(base, len, _)| addr >= *base && addr - base < *len)?;
+        let (base, _, dev) = self
+            .ranges
+            .iter()
+            .find(|(base, len, _)| addr >= *base && addr - base < *len)?;
         // The offset is below the address it came from, so it fits the address type.
         Some((A::try_from(addr - base).ok()?, dev))
     }

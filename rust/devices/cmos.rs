@@ -191,12 +191,18 @@ impl Cmos {
 
     /// (NVRAM, selected register with bit 7 = NMI disabled) for snapshots and migration.
     pub fn state(&self) -> (Vec<u8>, u8) {
-        (self.nvram.to_vec(), self.index | if self.nmi_disabled { 0x80 } else { 0 })
+        (
+            self.nvram.to_vec(),
+            self.index | if self.nmi_disabled { 0x80 } else { 0 },
+        )
     }
 
     pub fn restore(&mut self, nvram: &[u8], index: u8) -> Result<(), String> {
         if nvram.len() != NVRAM_SIZE {
-            return Err(format!("CMOS state has {} bytes of NVRAM, expected {NVRAM_SIZE}", nvram.len()));
+            return Err(format!(
+                "CMOS state has {} bytes of NVRAM, expected {NVRAM_SIZE}",
+                nvram.len()
+            ));
         }
         self.nvram.copy_from_slice(nvram);
         self.index = index & 0x7f;

@@ -24,7 +24,9 @@ pub struct I8042 {
 
 impl Default for I8042 {
     fn default() -> Self {
-        I8042 { dev: I8042Device::new(ResetFlag::default()) }
+        I8042 {
+            dev: I8042Device::new(ResetFlag::default()),
+        }
     }
 }
 

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 
@@ -22,7 +22,11 @@ pub struct MsiRoutes {
 }
 
 fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
-    let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_IRQCHIP, ..Default::default() };
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
     e.u.irqchip.irqchip = chip;
     e.u.irqchip.pin = pin;
     e
@@ -30,7 +34,10 @@ fn irqchip(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
 
 impl MsiRoutes {
     pub fn new(vm: Arc<VmFd>) -> MsiRoutes {
-        MsiRoutes { vm, msi: Mutex::new(BTreeMap::new()) }
+        MsiRoutes {
+            vm,
+            msi: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Routes `gsi` to the MSI message (`address`, `data`); `None` removes its route.
@@ -46,20 +53,32 @@ impl MsiRoutes {
         let mut entries = Vec::new();
         for pin in 0..IOAPIC_PINS {
             if pin < 16 {
-                let (chip, pic_pin) = if pin < 8 { (KVM_IRQCHIP_PIC_MASTER, pin) } else { (KVM_IRQCHIP_PIC_SLAVE, pin - 8) };
+                let (chip, pic_pin) = if pin < 8 {
+                    (KVM_IRQCHIP_PIC_MASTER, pin)
+                } else {
+                    (KVM_IRQCHIP_PIC_SLAVE, pin - 8)
+                };
                 entries.push(irqchip(pin, chip, pic_pin));
             }
             entries.push(irqchip(pin, KVM_IRQCHIP_IOAPIC, pin));
         }
         for (&gsi, &(address, data)) in msi.iter() {
-            let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
             e.u.msi.address_lo = address as u32;
             e.u.msi.address_hi = (address >> 32) as u32;
             e.u.msi.data = data;
             entries.push(e);
         }
-        let table = KvmIrqRouting::from_entries(&entries).map_err(|e| Error::new(crate::error::Kind::Kvm, format!("GSI routing table: {e:?}")))?;
-        self.vm.set_gsi_routing(&table).map_err(|e| Error::kvm("KVM_SET_GSI_ROUTING", e))
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|e| {
+            Error::new(crate::error::Kind::Kvm, format!("GSI routing table: {e:?}"))
+        })?;
+        self.vm
+            .set_gsi_routing(&table)
+            .map_err(|e| Error::kvm("KVM_SET_GSI_ROUTING", e))
     }
 }
 
@@ -80,7 +99,16 @@ mod tests {
         routes.set(25, Some((0xfee0_1000, 0x42))).unwrap();
         routes.set(24, Some((0xfee0_0000, 0x41))).unwrap(); // unchanged: no ioctl
         routes.set(24, None).unwrap();
-        assert_eq!(routes.msi.lock().unwrap().keys().copied().collect::<Vec<_>>(), vec![25]);
+        assert_eq!(
+            routes
+                .msi
+                .lock()
+                .unwrap()
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![25]
+        );
         // An irqfd on a routed GSI is accepted and can be raised.
         let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
         vm.register_irqfd(&evt, 25).unwrap();
@@ -123,7 +151,10 @@ mod tests {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !irr_bit(&vcpu) {
-            assert!(Instant::now() < deadline, "vector 0x41 never reached the LAPIC's IRR");
+            assert!(
+                Instant::now() < deadline,
+                "vector 0x41 never reached the LAPIC's IRR"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }

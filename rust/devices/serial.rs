@@ -28,7 +28,10 @@ pub struct Serial {
 
 impl Serial {
     pub fn new(irq: EventFd, console: Console) -> Serial {
-        Serial { uart: vm_superio::Serial::new(IrqFd(irq), ConsoleWriter(console.clone())), console }
+        Serial {
+            uart: vm_superio::Serial::new(IrqFd(irq), ConsoleWriter(console.clone())),
+            console,
+        }
     }
 
     pub fn state(&self) -> vm_superio::serial::SerialState {
@@ -38,8 +41,13 @@ impl Serial {
     /// Rebuilds the UART from saved registers (same console, same IRQ line).
     pub fn restore(&mut self, state: &vm_superio::serial::SerialState) -> std::io::Result<()> {
         let irq = self.uart.interrupt_evt().0.try_clone()?;
-        self.uart = vm_superio::Serial::from_state(state, IrqFd(irq), NoEvents, ConsoleWriter(self.console.clone()))
-            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        self.uart = vm_superio::Serial::from_state(
+            state,
+            IrqFd(irq),
+            NoEvents,
+            ConsoleWriter(self.console.clone()),
+        )
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         Ok(())
     }
 

@@ -48,8 +48,13 @@ class ReceiveState(enum.Enum):
     ABORTED = "Aborted"
 
 
-CAPABILITIES = [Capability.LOCAL.value, Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value,
-                Capability.PAYLOAD.value, Capability.CONNECTIONS.value]
+CAPABILITIES = [
+    Capability.LOCAL.value,
+    Capability.ZERO_RANGES.value,
+    Capability.LIFECYCLE_EVENT.value,
+    Capability.PAYLOAD.value,
+    Capability.CONNECTIONS.value,
+]
 MAX_CONNECTIONS = 128
 JOIN_TIMEOUT_S = 10.0  # for all extra connections of a migration to arrive and present the token
 MAX_MEMORY_FDS = 2  # guest RAM has at most two regions: below the 4 GiB hole and above it
@@ -87,8 +92,14 @@ class ReceiveHooks:
 
 
 class Receiver:
-    def __init__(self, listener: socket.socket, hooks: ReceiveHooks, capabilities: list[str] | None = None,
-                 tls=None, disk_backings: dict[str, str] | None = None):
+    def __init__(
+        self,
+        listener: socket.socket,
+        hooks: ReceiveHooks,
+        capabilities: list[str] | None = None,
+        tls=None,
+        disk_backings: dict[str, str] | None = None,
+    ):
         self.listener = listener
         # This host's operator's file for each disk id; the peer's config names none that is used.
         self.disk_backings = dict(disk_backings or {})
@@ -181,8 +192,9 @@ class Receiver:
         if self._worker is None:
             self._active_sock = sock
             self._worker_done = threading.Event()
-            self._worker = threading.Thread(target=self._run, args=(sock, self._worker_done),
-                                            name="migration-receive-conn", daemon=True)
+            self._worker = threading.Thread(
+                target=self._run, args=(sock, self._worker_done), name="migration-receive-conn", daemon=True
+            )
             self._worker.start()
             return False
         with self._join_lock:
@@ -276,8 +288,9 @@ class Receiver:
                     raise MigrationError(f"source closed the connection in state {self.state.value}") from None
                 except PeerTimeout:
                     if self.state in (ReceiveState.ESTABLISHED, ReceiveState.STARTED):
-                        raise PeerTimeout(f"handshake timed out: no Start and Config within "
-                                          f"{transport.HANDSHAKE_TIMEOUT_S:g} s") from None
+                        raise PeerTimeout(
+                            f"handshake timed out: no Start and Config within {transport.HANDSHAKE_TIMEOUT_S:g} s"
+                        ) from None
                     raise
                 try:
                     if command == Command.MEMORY_FD and self.state is ReceiveState.STARTED:
@@ -330,8 +343,9 @@ class Receiver:
             connections = doc.get("connections", 1)
             if type(connections) is not int or not 1 <= connections <= MAX_CONNECTIONS:
                 raise MigrationError(f"connections={connections!r}: expected 1..{MAX_CONNECTIONS}")
-            if connections > 1 and (Capability.CONNECTIONS.value not in self.capabilities
-                                    or self.listener.family == socket.AF_UNIX):
+            if connections > 1 and (
+                Capability.CONNECTIONS.value not in self.capabilities or self.listener.family == socket.AF_UNIX
+            ):
                 raise MigrationError("this destination takes one connection (connections > 1 needs tcp)")
             answer = {"version": VERSION, "capabilities": self.capabilities}
             token = secrets.token_hex(16) if connections > 1 else None
@@ -342,8 +356,10 @@ class Receiver:
             self.state = ReceiveState.STARTED
             if token is not None:
                 self._accept_joins(connections - 1, token)
-            self.hooks.emit("migration-receive-started", {"capabilities": doc.get("capabilities", []),
-                                                          "connections": connections, "tls": self.tls is not None})
+            self.hooks.emit(
+                "migration-receive-started",
+                {"capabilities": doc.get("capabilities", []), "connections": connections, "tls": self.tls is not None},
+            )
             return incoming, False
         if command == Command.MEMORY_FD and st is ReceiveState.STARTED:
             conn.read_payload(length, 0)
@@ -356,14 +372,16 @@ class Receiver:
                 raise MigrationError(f"local migration needs memory fds for regions 0..n-1, got {sorted(fds)}")
             memory_fds = [fds[i] for i in range(len(fds))] if local else None
             described = doc.get("payload")
-            cfg = from_peer(doc.get("config") or {}, described if isinstance(described, dict) else {},
-                            self.disk_backings)
+            cfg = from_peer(
+                doc.get("config") or {}, described if isinstance(described, dict) else {}, self.disk_backings
+            )
             described = check_description(described, cfg.memory_bytes)
             incoming = self.hooks.build_vm(cfg, memory_fds)
             incoming.described = described
             for extra in self._joined:
-                t = threading.Thread(target=self._serve_joined, args=(extra, incoming.vm), daemon=True,
-                                     name="migration-receive-joined")
+                t = threading.Thread(
+                    target=self._serve_joined, args=(extra, incoming.vm), daemon=True, name="migration-receive-joined"
+                )
                 self._joined_threads.append(t)
                 t.start()
             transport.set_timeouts(conn.sock, transport.IO_TIMEOUT_S, transport.IO_TIMEOUT_S)  # handshake over
@@ -376,8 +394,9 @@ class Receiver:
             if expected is None or part in incoming.received:
                 raise MigrationError(f"Payload {part}: not described in Config, or sent twice")
             if length != expected["size"]:
-                raise MigrationError(f"payload {part}: a frame of {length} bytes; its described size is "
-                                     f"{expected['size']}")
+                raise MigrationError(
+                    f"payload {part}: a frame of {length} bytes; its described size is {expected['size']}"
+                )
             data = conn.read_payload(length, expected["size"])
             verify(part, data, expected)
             incoming.received[part] = data
@@ -447,8 +466,9 @@ class Receiver:
             try:
                 sock = window.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
-                raise MigrationError(f"{len(wanted)} of {count} extra connections did not join within "
-                                     f"{JOIN_TIMEOUT_S:g} s") from None
+                raise MigrationError(
+                    f"{len(wanted)} of {count} extra connections did not join within {JOIN_TIMEOUT_S:g} s"
+                ) from None
             try:
                 extra = transport.secure(sock, self.tls)
             except VmmError as e:
@@ -461,8 +481,11 @@ class Receiver:
                     _close(fd)
                 doc = self._json(extra, length, MESSAGE_MAX) if command == Command.JOIN else {}
                 index = doc.get("index")
-                if (not hmac.compare_digest(str(doc.get("token", "")).encode(), token.encode())
-                        or type(index) is not int or index not in wanted):
+                if (
+                    not hmac.compare_digest(str(doc.get("token", "")).encode(), token.encode())
+                    or type(index) is not int
+                    or index not in wanted
+                ):
                     raise MigrationError("not a connection of the migration being received")
                 extra.respond(Status.OK)
             except (VmmError, OSError, EOFError, ValueError) as e:

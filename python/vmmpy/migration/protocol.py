@@ -166,8 +166,9 @@ class Connection:
         fds = array.array("i")
         try:
             # Close-on-exec from the start; fds beyond the buffer's room are discarded by the kernel.
-            data, ancdata, flags, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_LEN(4 * fds.itemsize),
-                                                        socket.MSG_CMSG_CLOEXEC)
+            data, ancdata, flags, _ = self.sock.recvmsg(
+                HEADER.size, socket.CMSG_LEN(4 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+            )
         except (TimeoutError, BlockingIOError):
             raise PeerTimeout("migration peer timed out") from None
         except OSError as e:

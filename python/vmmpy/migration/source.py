@@ -156,9 +156,18 @@ class Throttle:
 class SourceMigration:
     """Runs one outgoing migration on the caller's thread (the VMM's migration worker)."""
 
-    def __init__(self, vm, config_api: dict, memory_size: int, options: MigrationOptions, events,
-                 progress: ProgressTracker, latch: LifecycleLatch, hooks: TestHooks = NO_HOOKS,
-                 payload: BootPayload | None = None):
+    def __init__(
+        self,
+        vm,
+        config_api: dict,
+        memory_size: int,
+        options: MigrationOptions,
+        events,
+        progress: ProgressTracker,
+        latch: LifecycleLatch,
+        hooks: TestHooks = NO_HOOKS,
+        payload: BootPayload | None = None,
+    ):
         self.vm = vm
         self.payload = payload or BootPayload()  # the content the destination reboots from
         self.latch = latch
@@ -221,8 +230,13 @@ class SourceMigration:
 
     def run(self) -> None:
         url = transport.parse_url(self.opts.destination_url)
-        self.progress.update(status="active", total=self.memory_size, connections=self.opts.connections,
-                             tls=self.opts.tls is not None, max_bandwidth=self.opts.max_bandwidth)
+        self.progress.update(
+            status="active",
+            total=self.memory_size,
+            connections=self.opts.connections,
+            tls=self.opts.tls is not None,
+            max_bandwidth=self.opts.max_bandwidth,
+        )
         conn = self._open(url)
         self._conn = conn
         try:
@@ -320,9 +334,11 @@ class SourceMigration:
             if sent:
                 bandwidth = sent / elapsed
             self.progress.update(iteration=iteration + 1, mbps=bandwidth * 8 / 1e6)
-            self.events.emit("vm", "migration-memory-iteration", {"iteration": iteration, "bytes": sent,
-                                                                   "ranges": len(table),
-                                                                   "duration_ms": elapsed * 1000})
+            self.events.emit(
+                "vm",
+                "migration-memory-iteration",
+                {"iteration": iteration, "bytes": sent, "ranges": len(table), "duration_ms": elapsed * 1000},
+            )
             iteration += 1
             table = self.vm.dirty_ranges()
             dirtied = table.total_bytes
@@ -370,8 +386,10 @@ class SourceMigration:
                 for extra in self._extra:  # the other senders stop at once, not after a timeout
                     extra.shutdown()
 
-        threads = [threading.Thread(target=sender, args=(c, False), name=f"migration-send-{i + 1}", daemon=True)
-                   for i, c in enumerate(self._extra)]
+        threads = [
+            threading.Thread(target=sender, args=(c, False), name=f"migration-send-{i + 1}", daemon=True)
+            for i, c in enumerate(self._extra)
+        ]
         for t in threads:
             t.start()
         sender(conn, True)
@@ -429,8 +447,10 @@ class SourceMigration:
             self.latch_event(PostMigrationLifecycleEvent.from_request(request))
         event = self.latch.event
         if event is not None and Capability.LIFECYCLE_EVENT.value not in self.peer_capabilities:
-            raise MigrationError(f"the destination cannot carry the guest's {event.value} (no "
-                                 f"'{Capability.LIFECYCLE_EVENT.value}' capability); it is replayed here")
+            raise MigrationError(
+                f"the destination cannot carry the guest's {event.value} (no "
+                f"'{Capability.LIFECYCLE_EVENT.value}' capability); it is replayed here"
+            )
         if self._dirty_logging and event is None:
             # With an event latched the destination rebuilds or stops the VM: its RAM is not needed.
             table = self.vm.dirty_ranges()
@@ -451,8 +471,12 @@ class SourceMigration:
             self.complete_sent = False  # a clear refusal: the destination does not run the guest
             raise
         now = time.monotonic()
-        self.progress.update(status="completed", phase="done", downtime_ms=(now - self.pause_time) * 1000,
-                             total_time_ms=(now - self._start) * 1000)
+        self.progress.update(
+            status="completed",
+            phase="done",
+            downtime_ms=(now - self.pause_time) * 1000,
+            total_time_ms=(now - self._start) * 1000,
+        )
 
     def _cleanup(self) -> None:
         if self._throttle is not None:

@@ -19,14 +19,21 @@ impl PciBarWindow {
 
 impl BusDevice<u64> for PciBarWindow {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let hit = self.root.access_bar(self.base + offset, &mut |f, bar, off| f.read_bar(bar, off, data));
+        let hit = self
+            .root
+            .access_bar(self.base + offset, &mut |f, bar, off| {
+                f.read_bar(bar, off, data)
+            });
         if !hit {
             data.fill(0xff);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> DeviceAction {
-        self.root.access_bar(self.base + offset, &mut |f, bar, off| f.write_bar(bar, off, data));
+        self.root
+            .access_bar(self.base + offset, &mut |f, bar, off| {
+                f.write_bar(bar, off, data)
+            });
         DeviceAction::None
     }
 }

@@ -24,7 +24,12 @@ impl PciConfigIo {
     /// (bus, device, function, register) the address register selects, when enabled.
     fn target(&self) -> Option<(u8, u8, u8, usize)> {
         let a = self.address;
-        (a & ENABLE != 0).then_some(((a >> 16) as u8, (a >> 11 & 0x1f) as u8, (a >> 8 & 7) as u8, (a >> 2 & 0x3f) as usize))
+        (a & ENABLE != 0).then_some((
+            (a >> 16) as u8,
+            (a >> 11 & 0x1f) as u8,
+            (a >> 8 & 7) as u8,
+            (a >> 2 & 0x3f) as usize,
+        ))
     }
 }
 
@@ -32,9 +37,13 @@ impl BusDevice<u16> for PciConfigIo {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         let offset = offset as usize;
         match offset {
-            0..=3 if data.len() == 4 && offset == 0 => data.copy_from_slice(&self.address.to_le_bytes()),
+            0..=3 if data.len() == 4 && offset == 0 => {
+                data.copy_from_slice(&self.address.to_le_bytes())
+            }
             4..=7 if offset - 4 + data.len() <= 4 => match self.target() {
-                Some((bus, dev, func, reg)) => read_bytes(self.root.read_config(bus, dev, func, reg), offset - 4, data),
+                Some((bus, dev, func, reg)) => {
+                    read_bytes(self.root.read_config(bus, dev, func, reg), offset - 4, data)
+                }
                 None => data.fill(0xff),
             },
             _ => data.fill(0xff),
@@ -44,10 +53,13 @@ impl BusDevice<u16> for PciConfigIo {
     fn write(&mut self, offset: u16, data: &[u8]) -> DeviceAction {
         let offset = offset as usize;
         match offset {
-            0 if data.len() == 4 => self.address = u32::from_le_bytes(data.try_into().unwrap()) & !0x7f00_0003,
+            0 if data.len() == 4 => {
+                self.address = u32::from_le_bytes(data.try_into().unwrap()) & !0x7f00_0003
+            }
             4..=7 if offset - 4 + data.len() <= 4 => {
                 if let Some((bus, dev, func, reg)) = self.target() {
-                    self.root.write_config(bus, dev, func, reg, offset - 4, data);
+                    self.root
+                        .write_config(bus, dev, func, reg, offset - 4, data);
                 }
             }
             _ => {}

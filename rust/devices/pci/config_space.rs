@@ -49,18 +49,32 @@ impl ConfigSpace {
         regs[0] = u32::from(id.vendor) | u32::from(id.device) << 16;
         writable[COMMAND_STATUS] = COMMAND_WRITABLE;
         let (base, sub, prog) = id.class;
-        regs[2] = u32::from(id.revision) | u32::from(prog) << 8 | u32::from(sub) << 16 | u32::from(base) << 24;
+        regs[2] = u32::from(id.revision)
+            | u32::from(prog) << 8
+            | u32::from(sub) << 16
+            | u32::from(base) << 24;
         // Cache line size and latency timer are plain storage; header type 0, single function.
         writable[3] = 0x0000_ffff;
         regs[11] = u32::from(id.subsystem_vendor) | u32::from(id.subsystem) << 16;
         // Interrupt line is storage for the OS; interrupt pin 0: no INTx, MSI-X only.
         writable[15] = 0xff;
-        ConfigSpace { regs, writable, bars: [None; 6], next_cap: CAP_START, last_cap: None }
+        ConfigSpace {
+            regs,
+            writable,
+            bars: [None; 6],
+            next_cap: CAP_START,
+            last_cap: None,
+        }
     }
 
     /// Declares BAR `index` as a 64-bit memory BAR (it takes `index + 1` too) at `addr`.
     pub fn add_bar64(&mut self, index: usize, bar: Bar, addr: u64) {
-        assert!(index < 5 && bar.size.is_power_of_two() && bar.size >= 16 && addr.is_multiple_of(bar.size));
+        assert!(
+            index < 5
+                && bar.size.is_power_of_two()
+                && bar.size >= 16
+                && addr.is_multiple_of(bar.size)
+        );
         self.bars[index] = Some(bar);
         let flags = BAR_MEM64 | if bar.prefetchable { BAR_PREFETCH } else { 0 };
         self.regs[BAR0 + index] = addr as u32 | flags;
@@ -85,7 +99,10 @@ impl ConfigSpace {
     pub fn add_capability(&mut self, id: u8, body: &[u8], writable: &[u32]) -> usize {
         let offset = self.next_cap;
         let len = (2 + body.len()).next_multiple_of(4);
-        assert!(offset + len <= NUM_REGS * 4, "capabilities overflow config space");
+        assert!(
+            offset + len <= NUM_REGS * 4,
+            "capabilities overflow config space"
+        );
         let mut bytes = vec![0u8; len];
         bytes[0] = id;
         bytes[2..2 + body.len()].copy_from_slice(body);
@@ -127,13 +144,20 @@ impl ConfigSpace {
     }
 
     fn write_bar(&mut self, index: usize, value: u32, touched: u32) {
-        let (bar, high) = match (self.bars[index], index.checked_sub(1).and_then(|i| self.bars[i])) {
+        let (bar, high) = match (
+            self.bars[index],
+            index.checked_sub(1).and_then(|i| self.bars[i]),
+        ) {
             (Some(bar), _) => (bar, false),
             (None, Some(bar)) => (bar, true),
             _ => return,
         };
         let size_mask = !(bar.size - 1);
-        let mask = if high { (size_mask >> 32) as u32 } else { size_mask as u32 & !0xf } & touched;
+        let mask = if high {
+            (size_mask >> 32) as u32
+        } else {
+            size_mask as u32 & !0xf
+        } & touched;
         let reg = BAR0 + index;
         self.regs[reg] = (self.regs[reg] & !mask) | (value & mask);
     }
@@ -147,7 +171,11 @@ impl ConfigSpace {
     /// written take the saved value, so a state document cannot change what the device is.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
         if bytes.len() != NUM_REGS * 4 {
-            return Err(format!("PCI config space state has {} bytes, not {}", bytes.len(), NUM_REGS * 4));
+            return Err(format!(
+                "PCI config space state has {} bytes, not {}",
+                bytes.len(),
+                NUM_REGS * 4
+            ));
         }
         for (reg, chunk) in bytes.chunks(4).enumerate() {
             let value = u32::from_le_bytes(chunk.try_into().unwrap());
@@ -162,9 +190,23 @@ mod tests {
     use super::*;
 
     fn space() -> ConfigSpace {
-        let id = Identity { vendor: 0x1af4, device: 0x1042, revision: 1, class: (1, 0x80, 0), subsystem_vendor: 0x1af4, subsystem: 2 };
+        let id = Identity {
+            vendor: 0x1af4,
+            device: 0x1042,
+            revision: 1,
+            class: (1, 0x80, 0),
+            subsystem_vendor: 0x1af4,
+            subsystem: 2,
+        };
         let mut c = ConfigSpace::new(&id);
-        c.add_bar64(0, Bar { size: 0x8000, prefetchable: false }, 0xc000_8000);
+        c.add_bar64(
+            0,
+            Bar {
+                size: 0x8000,
+                prefetchable: false,
+            },
+            0xc000_8000,
+        );
         c
     }
 
@@ -175,7 +217,11 @@ mod tests {
         assert_eq!(c.read(2), 0x0180_0001);
         assert_eq!(c.read(3) >> 16 & 0xff, 0, "header type 0");
         assert_eq!(c.read(11), 0x0002_1af4);
-        assert_eq!(c.read(4), 0xc000_8004, "64-bit memory BAR, not prefetchable");
+        assert_eq!(
+            c.read(4),
+            0xc000_8004,
+            "64-bit memory BAR, not prefetchable"
+        );
         assert_eq!(c.read(5), 0);
     }
 

@@ -18,7 +18,12 @@ impl PciEcam {
 }
 
 fn decode(offset: u64) -> (u8, u8, u8, usize) {
-    ((offset >> 20) as u8, (offset >> 15 & 0x1f) as u8, (offset >> 12 & 7) as u8, (offset & 0xfff) as usize)
+    (
+        (offset >> 20) as u8,
+        (offset >> 15 & 0x1f) as u8,
+        (offset >> 12 & 7) as u8,
+        (offset & 0xfff) as usize,
+    )
 }
 
 impl BusDevice<u64> for PciEcam {

@@ -10,8 +10,17 @@ pub struct HostBridge {
 
 impl HostBridge {
     pub fn new() -> HostBridge {
-        let id = Identity { vendor: 0x8086, device: 0x0d57, revision: 0, class: (0x06, 0x00, 0x00), subsystem_vendor: 0, subsystem: 0 };
-        HostBridge { config: ConfigSpace::new(&id) }
+        let id = Identity {
+            vendor: 0x8086,
+            device: 0x0d57,
+            revision: 0,
+            class: (0x06, 0x00, 0x00),
+            subsystem_vendor: 0,
+            subsystem: 0,
+        };
+        HostBridge {
+            config: ConfigSpace::new(&id),
+        }
     }
 }
 

@@ -37,7 +37,8 @@ impl PciRoot {
     /// A root bus with the host bridge at device 0 and `functions` from device 1 on.
     pub fn new(functions: Vec<SharedFunction>) -> PciRoot {
         assert!(functions.len() < MAX_DEVICES, "too many PCI devices");
-        let mut devices: Vec<Option<SharedFunction>> = vec![Some(Arc::new(Mutex::new(host_bridge::HostBridge::new())))];
+        let mut devices: Vec<Option<SharedFunction>> =
+            vec![Some(Arc::new(Mutex::new(host_bridge::HostBridge::new())))];
         devices.extend(functions.into_iter().map(Some));
         devices.resize_with(MAX_DEVICES, || None);
         PciRoot { devices }
@@ -58,7 +59,15 @@ impl PciRoot {
         }
     }
 
-    pub fn write_config(&self, bus: u8, device: u8, function: u8, reg: usize, offset: usize, data: &[u8]) {
+    pub fn write_config(
+        &self,
+        bus: u8,
+        device: u8,
+        function: u8,
+        reg: usize,
+        offset: usize,
+        data: &[u8],
+    ) {
         if let Some(f) = self.function(bus, device, function) {
             f.lock().unwrap().write_config(reg, offset, data);
         }
@@ -66,7 +75,11 @@ impl PciRoot {
 
     /// Routes a memory access at guest address `addr` to the BAR that decodes it, if any. Returns
     /// false when none does.
-    pub fn access_bar(&self, addr: u64, access: &mut dyn FnMut(&mut dyn PciFunction, usize, u64)) -> bool {
+    pub fn access_bar(
+        &self,
+        addr: u64,
+        access: &mut dyn FnMut(&mut dyn PciFunction, usize, u64),
+    ) -> bool {
         for f in self.devices.iter().flatten() {
             let mut f = f.lock().unwrap();
             if !f.config().memory_enabled() {

@@ -7,7 +7,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk_image::{DiskImage, SECTOR_SIZE};
-use super::{VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1};
+use super::{
+    VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+};
 use crate::memory::GuestMem;
 
 pub const DEVICE_TYPE: u16 = 2;
@@ -66,7 +68,10 @@ fn sub_segments(segs: &[Segment], mut skip: u64, mut take: u64) -> Vec<Segment> 
             continue;
         }
         let len = (s.len - skip).min(take);
-        out.push(Segment { addr: s.addr + skip, len });
+        out.push(Segment {
+            addr: s.addr + skip,
+            len,
+        });
         take -= len;
         skip = 0;
     }
@@ -90,17 +95,33 @@ impl Block {
         config[34..36].copy_from_slice(&1u16.to_le_bytes());
         // max_discard_sectors, max_discard_seg, discard_sector_alignment; max_write_zeroes_sectors,
         // max_write_zeroes_seg, write_zeroes_may_unmap.
-        for (at, value) in [(36, MAX_ZERO_SECTORS), (40, 1), (44, 1), (48, MAX_ZERO_SECTORS), (52, 1)] {
+        for (at, value) in [
+            (36, MAX_ZERO_SECTORS),
+            (40, 1),
+            (44, 1),
+            (48, MAX_ZERO_SECTORS),
+            (52, 1),
+        ] {
             config[at..at + 4].copy_from_slice(&value.to_le_bytes());
         }
         config[56] = 1;
-        Block { disk, id: id_bytes, config, queue_sizes: [QUEUE_SIZE], unsynced: false }
+        Block {
+            disk,
+            id: id_bytes,
+            config,
+            queue_sizes: [QUEUE_SIZE],
+            unsynced: false,
+        }
     }
 
     /// Serves one request; returns the bytes written into the chain's device-writable buffers
     /// (data and status), for the used ring.
     fn execute(&mut self, readable: &[Segment], writable: &[Segment], mem: &GuestMem) -> u32 {
-        let Some(status) = writable.last().filter(|s| s.len >= 1).map(|s| GuestAddress(s.addr + s.len - 1)) else {
+        let Some(status) = writable
+            .last()
+            .filter(|s| s.len >= 1)
+            .map(|s| GuestAddress(s.addr + s.len - 1))
+        else {
             // No room for a status byte: nothing can be said to the driver.
             return 0;
         };
@@ -108,7 +129,13 @@ impl Block {
         let head = sub_segments(readable, 0, HEADER_LEN);
         let mut written = 0usize;
         for s in &head {
-            if mem.read_slice(&mut header[written..written + s.len as usize], GuestAddress(s.addr)).is_err() {
+            if mem
+                .read_slice(
+                    &mut header[written..written + s.len as usize],
+                    GuestAddress(s.addr),
+                )
+                .is_err()
+            {
                 break;
             }
             written += s.len as usize;
@@ -119,7 +146,10 @@ impl Block {
         } else {
             let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
             let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
-            if matches!(kind, VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES) {
+            if matches!(
+                kind,
+                VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
+            ) {
                 self.unsynced = true;
             }
             let data_in = total(writable) - 1;
@@ -134,7 +164,11 @@ impl Block {
                 }
                 VIRTIO_BLK_T_OUT if self.disk.readonly => VIRTIO_BLK_S_IOERR,
                 VIRTIO_BLK_T_OUT => {
-                    let segs = sub_segments(readable, HEADER_LEN, total(readable).saturating_sub(HEADER_LEN));
+                    let segs = sub_segments(
+                        readable,
+                        HEADER_LEN,
+                        total(readable).saturating_sub(HEADER_LEN),
+                    );
                     self.transfer(sector, &segs, mem, true)
                 }
                 VIRTIO_BLK_T_FLUSH => match self.sync_backing() {
@@ -146,7 +180,9 @@ impl Block {
                     let mut off = 0usize;
                     let mut ok = true;
                     for s in &segs {
-                        ok &= mem.write_slice(&self.id[off..off + s.len as usize], GuestAddress(s.addr)).is_ok();
+                        ok &= mem
+                            .write_slice(&self.id[off..off + s.len as usize], GuestAddress(s.addr))
+                            .is_ok();
                         off += s.len as usize;
                     }
                     data_written = off as u64;
@@ -156,9 +192,15 @@ impl Block {
                         VIRTIO_BLK_S_IOERR
                     }
                 }
-                VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if self.disk.readonly => VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if self.disk.readonly => {
+                    VIRTIO_BLK_S_IOERR
+                }
                 VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-                    let segs = sub_segments(readable, HEADER_LEN, total(readable).saturating_sub(HEADER_LEN));
+                    let segs = sub_segments(
+                        readable,
+                        HEADER_LEN,
+                        total(readable).saturating_sub(HEADER_LEN),
+                    );
                     self.zero_range(kind, &segs, mem)
                 }
                 _ => VIRTIO_BLK_S_UNSUPP,
@@ -178,7 +220,10 @@ impl Block {
         let mut range = [0u8; RANGE_LEN as usize];
         let mut off = 0;
         for s in segs {
-            if mem.read_slice(&mut range[off..off + s.len as usize], GuestAddress(s.addr)).is_err() {
+            if mem
+                .read_slice(&mut range[off..off + s.len as usize], GuestAddress(s.addr))
+                .is_err()
+            {
                 return VIRTIO_BLK_S_IOERR;
             }
             off += s.len as usize;
@@ -186,11 +231,17 @@ impl Block {
         let sector = u64::from_le_bytes(range[0..8].try_into().unwrap());
         let count = u32::from_le_bytes(range[8..12].try_into().unwrap());
         let flags = u32::from_le_bytes(range[12..16].try_into().unwrap());
-        let allowed = if kind == VIRTIO_BLK_T_WRITE_ZEROES { RANGE_FLAG_UNMAP } else { 0 };
+        let allowed = if kind == VIRTIO_BLK_T_WRITE_ZEROES {
+            RANGE_FLAG_UNMAP
+        } else {
+            0
+        };
         if flags & !allowed != 0 {
             return VIRTIO_BLK_S_UNSUPP;
         }
-        let in_disk = sector.checked_add(u64::from(count)).is_some_and(|end| end <= self.disk.sectors());
+        let in_disk = sector
+            .checked_add(u64::from(count))
+            .is_some_and(|end| end <= self.disk.sectors());
         if count > MAX_ZERO_SECTORS || !in_disk {
             return VIRTIO_BLK_S_IOERR;
         }
@@ -203,7 +254,11 @@ impl Block {
         match r {
             Ok(()) => VIRTIO_BLK_S_OK,
             // A discard is a hint: a file system that cannot punch holes keeps the data.
-            Err(e) if kind == VIRTIO_BLK_T_DISCARD && e.raw_os_error() == Some(libc::EOPNOTSUPP) => VIRTIO_BLK_S_OK,
+            Err(e)
+                if kind == VIRTIO_BLK_T_DISCARD && e.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                VIRTIO_BLK_S_OK
+            }
             Err(_) => VIRTIO_BLK_S_IOERR,
         }
     }
@@ -211,14 +266,26 @@ impl Block {
     /// Reads (`write` false) or writes the disk from `sector` on, through `segs` of guest memory.
     fn transfer(&self, sector: u64, segs: &[Segment], mem: &GuestMem, write: bool) -> u8 {
         let len = total(segs);
-        let Some(start) = sector.checked_mul(SECTOR_SIZE) else { return VIRTIO_BLK_S_IOERR };
-        if !len.is_multiple_of(SECTOR_SIZE) || start.checked_add(len).is_none_or(|end| end > self.disk.sectors() * SECTOR_SIZE) {
+        let Some(start) = sector.checked_mul(SECTOR_SIZE) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        if !len.is_multiple_of(SECTOR_SIZE)
+            || start
+                .checked_add(len)
+                .is_none_or(|end| end > self.disk.sectors() * SECTOR_SIZE)
+        {
             return VIRTIO_BLK_S_IOERR;
         }
         let mut offset = start;
         for s in segs {
-            let Ok(slice) = mem.get_slice(GuestAddress(s.addr), s.len as usize) else { return VIRTIO_BLK_S_IOERR };
-            let r = if write { self.disk.write_from(offset, &slice) } else { self.disk.read_into(offset, &slice) };
+            let Ok(slice) = mem.get_slice(GuestAddress(s.addr), s.len as usize) else {
+                return VIRTIO_BLK_S_IOERR;
+            };
+            let r = if write {
+                self.disk.write_from(offset, &slice)
+            } else {
+                self.disk.read_into(offset, &slice)
+            };
             if r.is_err() {
                 return VIRTIO_BLK_S_IOERR;
             }
@@ -234,7 +301,11 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let writes = if self.disk.readonly { VIRTIO_BLK_F_RO } else { VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES };
+        let writes = if self.disk.readonly {
+            VIRTIO_BLK_F_RO
+        } else {
+            VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES
+        };
         VIRTIO_F_VERSION_1
             | VIRTIO_F_RING_EVENT_IDX
             | VIRTIO_F_RING_INDIRECT_DESC
@@ -275,7 +346,10 @@ impl VirtioDevice for Block {
                 let head = chain.head_index();
                 let (mut readable, mut writable) = (Vec::new(), Vec::new());
                 for d in chain {
-                    let seg = Segment { addr: d.addr().0, len: u64::from(d.len()) };
+                    let seg = Segment {
+                        addr: d.addr().0,
+                        len: u64::from(d.len()),
+                    };
                     if d.is_write_only() {
                         writable.push(seg);
                     } else {

@@ -33,21 +33,41 @@ impl DiskImage {
         if direct {
             opts.custom_flags(libc::O_DIRECT);
         }
-        let file = opts.open(path).map_err(|e| Error::io(Kind::InvalidConfig, &format!("opening disk image {path}"), e))?;
-        let meta = file.metadata().map_err(|e| Error::io(Kind::InvalidConfig, &format!("fstat disk image {path}"), e))?;
+        let file = opts.open(path).map_err(|e| {
+            Error::io(
+                Kind::InvalidConfig,
+                &format!("opening disk image {path}"),
+                e,
+            )
+        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(Kind::InvalidConfig, &format!("fstat disk image {path}"), e))?;
         let size = if meta.file_type().is_block_device() {
             // SAFETY: lseek on a file we own; it moves only this fd's offset, which we never use.
             let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
             if end < 0 {
-                return Err(Error::io(Kind::InvalidConfig, &format!("sizing disk {path}"), std::io::Error::last_os_error()));
+                return Err(Error::io(
+                    Kind::InvalidConfig,
+                    &format!("sizing disk {path}"),
+                    std::io::Error::last_os_error(),
+                ));
             }
             end as u64
         } else if meta.is_file() {
             meta.len()
         } else {
-            return Err(Error::new(Kind::InvalidConfig, format!("disk image {path} is not a regular file or block device")));
+            return Err(Error::new(
+                Kind::InvalidConfig,
+                format!("disk image {path} is not a regular file or block device"),
+            ));
         };
-        Ok(DiskImage { file, readonly, direct, size })
+        Ok(DiskImage {
+            file,
+            readonly,
+            direct,
+            size,
+        })
     }
 
     pub fn sectors(&self) -> u64 {
@@ -55,7 +75,11 @@ impl DiskImage {
     }
 
     /// Reads `buf.len()` bytes at `offset` into guest memory and marks them dirty.
-    pub fn read_into<B: BitmapSlice>(&self, offset: u64, buf: &VolatileSlice<B>) -> std::io::Result<()> {
+    pub fn read_into<B: BitmapSlice>(
+        &self,
+        offset: u64,
+        buf: &VolatileSlice<B>,
+    ) -> std::io::Result<()> {
         if self.direct {
             let mut bounce = AlignedBuf::new(buf.len());
             self.pread_all(bounce.as_mut_ptr(), buf.len(), offset)?;
@@ -71,7 +95,11 @@ impl DiskImage {
     }
 
     /// Writes `buf.len()` bytes of guest memory at `offset`.
-    pub fn write_from<B: BitmapSlice>(&self, offset: u64, buf: &VolatileSlice<B>) -> std::io::Result<()> {
+    pub fn write_from<B: BitmapSlice>(
+        &self,
+        offset: u64,
+        buf: &VolatileSlice<B>,
+    ) -> std::io::Result<()> {
         if self.direct {
             let mut bounce = AlignedBuf::new(buf.len());
             buf.copy_to(bounce.as_mut_slice(buf.len()));
@@ -83,13 +111,21 @@ impl DiskImage {
 
     /// Lets the host drop `len` bytes at `offset` (they read back as zeros afterwards).
     pub fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
     }
 
     /// Makes `len` bytes at `offset` read as zeros, keeping them allocated; with a filesystem that
     /// cannot, by writing zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 let zeros = AlignedBuf::new(ZERO_CHUNK);
                 let mut done = 0;
@@ -120,7 +156,14 @@ impl DiskImage {
         let mut done = 0;
         while done < len {
             // SAFETY: ptr..ptr+len is memory the caller holds a guard or buffer for, writable.
-            let n = unsafe { libc::pread(self.file.as_raw_fd(), ptr.add(done).cast(), len - done, (offset + done as u64) as i64) };
+            let n = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    ptr.add(done).cast(),
+                    len - done,
+                    (offset + done as u64) as i64,
+                )
+            };
             match n {
                 n if n < 0 => {
                     let e = std::io::Error::last_os_error();
@@ -139,7 +182,14 @@ impl DiskImage {
         let mut done = 0;
         while done < len {
             // SAFETY: ptr..ptr+len is readable memory the caller holds a guard or buffer for.
-            let n = unsafe { libc::pwrite(self.file.as_raw_fd(), ptr.add(done).cast(), len - done, (offset + done as u64) as i64) };
+            let n = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    ptr.add(done).cast(),
+                    len - done,
+                    (offset + done as u64) as i64,
+                )
+            };
             match n {
                 n if n < 0 => {
                     let e = std::io::Error::last_os_error();

@@ -35,7 +35,12 @@ pub struct Msix {
 impl Msix {
     pub fn new(irqfds: Vec<EventFd>, routes: Option<Arc<MsiRoutes>>, gsi_base: u32) -> Msix {
         let vectors = irqfds.len();
-        let mut m = Msix { state: MsixState::default(), irqfds, routes, gsi_base };
+        let mut m = Msix {
+            state: MsixState::default(),
+            irqfds,
+            routes,
+            gsi_base,
+        };
         m.state.table = vec![[0, 0, 0, VECTOR_MASKED]; vectors];
         m.state.pba = vec![0; vectors.div_ceil(64)];
         m
@@ -51,7 +56,11 @@ impl Msix {
 
     pub fn restore(&mut self, st: &MsixState) -> Result<(), String> {
         if st.table.len() != self.vectors() || st.pba.len() != self.state.pba.len() {
-            return Err(format!("MSI-X state has {} vectors, the device {}", st.table.len(), self.vectors()));
+            return Err(format!(
+                "MSI-X state has {} vectors, the device {}",
+                st.table.len(),
+                self.vectors()
+            ));
         }
         self.state = st.clone();
         for v in 0..self.vectors() {
@@ -71,7 +80,10 @@ impl Msix {
     }
 
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {
-        let (v, dw) = ((offset / ENTRY_SIZE) as usize, (offset % ENTRY_SIZE / 4) as usize);
+        let (v, dw) = (
+            (offset / ENTRY_SIZE) as usize,
+            (offset % ENTRY_SIZE / 4) as usize,
+        );
         match self.state.table.get(v) {
             Some(entry) if data.len() == 4 => data.copy_from_slice(&entry[dw].to_le_bytes()),
             Some(entry) if data.len() == 8 && dw % 2 == 0 => {
@@ -83,13 +95,19 @@ impl Msix {
     }
 
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
-        let (v, dw) = ((offset / ENTRY_SIZE) as usize, (offset % ENTRY_SIZE / 4) as usize);
+        let (v, dw) = (
+            (offset / ENTRY_SIZE) as usize,
+            (offset % ENTRY_SIZE / 4) as usize,
+        );
         if v >= self.vectors() {
             return;
         }
         let words: Vec<u32> = match data.len() {
             4 => vec![u32::from_le_bytes(data.try_into().unwrap())],
-            8 if dw % 2 == 0 => data.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect(),
+            8 if dw % 2 == 0 => data
+                .chunks(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
             _ => return,
         };
         let was_masked = self.vector_masked(v);
@@ -105,7 +123,12 @@ impl Msix {
     }
 
     pub fn read_pba(&self, offset: u64, data: &mut [u8]) {
-        let bytes: Vec<u8> = self.state.pba.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let bytes: Vec<u8> = self
+            .state
+            .pba
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
         let start = offset as usize;
         for (i, b) in data.iter_mut().enumerate() {
             *b = bytes.get(start + i).copied().unwrap_or(0);
@@ -125,7 +148,9 @@ impl Msix {
     }
 
     fn vector_masked(&self, v: usize) -> bool {
-        !self.state.enabled || self.state.function_masked || self.state.table[v][3] & VECTOR_MASKED != 0
+        !self.state.enabled
+            || self.state.function_masked
+            || self.state.table[v][3] & VECTOR_MASKED != 0
     }
 
     fn deliver_pending(&mut self, v: usize) {
@@ -158,7 +183,13 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn msix() -> Msix {
-        Msix::new((0..2).map(|_| EventFd::new(EFD_NONBLOCK).unwrap()).collect(), None, 24)
+        Msix::new(
+            (0..2)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect(),
+            None,
+            24,
+        )
     }
 
     #[test]
@@ -173,7 +204,11 @@ mod tests {
         m.read_pba(0, &mut pba);
         assert_eq!(pba[0], 1);
         m.write_table(12, &0u32.to_le_bytes());
-        assert_eq!(m.irqfds[0].read().unwrap(), 1, "unmasking delivers the pending message");
+        assert_eq!(
+            m.irqfds[0].read().unwrap(),
+            1,
+            "unmasking delivers the pending message"
+        );
         m.read_pba(0, &mut pba);
         assert_eq!(pba[0], 0);
         m.signal(0);

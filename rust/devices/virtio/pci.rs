@@ -8,7 +8,10 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::msix::{Msix, MsixState, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
-use super::{VirtioDevice, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1};
+use super::{
+    VirtioDevice, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
 use crate::devices::pci::config_space::{Bar, ConfigSpace, Identity};
 use crate::devices::pci::PciFunction;
 use crate::memory::GuestRam;
@@ -87,7 +90,14 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 impl VirtioPci {
     /// A device with BAR0 at `bar0` (allocated by the caller), MSI-X through `msix` (one vector per
     /// queue plus one for config changes), waking its worker with `kicks` and `wake`.
-    pub fn new(device: Box<dyn VirtioDevice>, bar0: u64, msix: Msix, kicks: Vec<EventFd>, wake: EventFd, ram: Arc<GuestRam>) -> VirtioPci {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        bar0: u64,
+        msix: Msix,
+        kicks: Vec<EventFd>,
+        wake: EventFd,
+        ram: Arc<GuestRam>,
+    ) -> VirtioPci {
         let kind = device.device_type();
         let id = Identity {
             vendor: VIRTIO_VENDOR,
@@ -98,24 +108,75 @@ impl VirtioPci {
             subsystem: kind,
         };
         let mut config = ConfigSpace::new(&id);
-        config.add_bar64(0, Bar { size: BAR0_SIZE, prefetchable: false }, bar0);
+        config.add_bar64(
+            0,
+            Bar {
+                size: BAR0_SIZE,
+                prefetchable: false,
+            },
+            bar0,
+        );
         let vectors = msix.vectors() as u16;
         let mut body = (vectors - 1).to_le_bytes().to_vec();
         body.extend((MSIX_TABLE_OFFSET as u32).to_le_bytes()); // BIR 0
         body.extend((MSIX_PBA_OFFSET as u32).to_le_bytes());
-        let msix_cap = config.add_capability(CAP_MSIX, &body, &[u32::from(CONTROL_ENABLE | CONTROL_FUNCTION_MASK) << 16]);
+        let msix_cap = config.add_capability(
+            CAP_MSIX,
+            &body,
+            &[u32::from(CONTROL_ENABLE | CONTROL_FUNCTION_MASK) << 16],
+        );
         let nq = device.queue_max_sizes().len() as u64;
-        config.add_capability(CAP_VENDOR, &virtio_cap(CFG_COMMON, COMMON_OFFSET, COMMON_LEN, &[]), &[]);
+        config.add_capability(
+            CAP_VENDOR,
+            &virtio_cap(CFG_COMMON, COMMON_OFFSET, COMMON_LEN, &[]),
+            &[],
+        );
         config.add_capability(CAP_VENDOR, &virtio_cap(CFG_ISR, ISR_OFFSET, 1, &[]), &[]);
-        config.add_capability(CAP_VENDOR, &virtio_cap(CFG_DEVICE, DEVICE_OFFSET, device.config_len() as u64, &[]), &[]);
+        config.add_capability(
+            CAP_VENDOR,
+            &virtio_cap(CFG_DEVICE, DEVICE_OFFSET, device.config_len() as u64, &[]),
+            &[],
+        );
         let notify_len = nq * u64::from(NOTIFY_MULTIPLIER);
-        config.add_capability(CAP_VENDOR, &virtio_cap(CFG_NOTIFY, NOTIFY_OFFSET, notify_len, &NOTIFY_MULTIPLIER.to_le_bytes()), &[]);
+        config.add_capability(
+            CAP_VENDOR,
+            &virtio_cap(
+                CFG_NOTIFY,
+                NOTIFY_OFFSET,
+                notify_len,
+                &NOTIFY_MULTIPLIER.to_le_bytes(),
+            ),
+            &[],
+        );
         // The access window: bar (byte 4), offset, length and data are the driver's to write.
-        let pci_cfg_cap = config.add_capability(CAP_VENDOR, &virtio_cap(CFG_PCI, 0, 0, &[0; 4]), &[0, 0xff, u32::MAX, u32::MAX, u32::MAX]);
-        let queues = device.queue_max_sizes().iter().map(|&max| Queue::new(max).expect("valid queue size")).collect();
+        let pci_cfg_cap = config.add_capability(
+            CAP_VENDOR,
+            &virtio_cap(CFG_PCI, 0, 0, &[0; 4]),
+            &[0, 0xff, u32::MAX, u32::MAX, u32::MAX],
+        );
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| Queue::new(max).expect("valid queue size"))
+            .collect();
         let queue_vectors = vec![NO_VECTOR; nq as usize];
-        let regs = TransportState { config_vector: NO_VECTOR, ..Default::default() };
-        VirtioPci { config, device, regs, queues, queue_vectors, msix, msix_cap, pci_cfg_cap, kicks, wake, ram }
+        let regs = TransportState {
+            config_vector: NO_VECTOR,
+            ..Default::default()
+        };
+        VirtioPci {
+            config,
+            device,
+            regs,
+            queues,
+            queue_vectors,
+            msix,
+            msix_cap,
+            pci_cfg_cap,
+            kicks,
+            wake,
+            ram,
+        }
     }
 
     /// Where queue `q`'s notify register is while BAR0 is at `bar0`.
@@ -125,7 +186,11 @@ impl VirtioPci {
 
     /// Device reset (status 0 written, or a fresh device): queues disabled, features cleared.
     fn reset(&mut self) {
-        self.regs = TransportState { config_vector: NO_VECTOR, config_generation: self.regs.config_generation, ..Default::default() };
+        self.regs = TransportState {
+            config_vector: NO_VECTOR,
+            config_generation: self.regs.config_generation,
+            ..Default::default()
+        };
         for q in &mut self.queues {
             q.reset();
         }
@@ -145,8 +210,14 @@ impl VirtioPci {
             if !self.queues[i].ready() {
                 continue;
             }
-            let added = self.device.process_queue(i, &mut self.queues[i], &self.ram.mem);
-            if added && self.queues[i].needs_notification(&self.ram.mem).unwrap_or(true) {
+            let added = self
+                .device
+                .process_queue(i, &mut self.queues[i], &self.ram.mem);
+            if added
+                && self.queues[i]
+                    .needs_notification(&self.ram.mem)
+                    .unwrap_or(true)
+            {
                 self.regs.isr |= 1;
                 self.msix.signal(self.queue_vectors[i]);
             }
@@ -182,11 +253,18 @@ impl VirtioPci {
             0x15 => u64::from(self.regs.config_generation),
             0x16 => u64::from(self.regs.queue_select),
             0x18 => self.queues.get(q).map_or(0, |q| u64::from(q.size())),
-            0x1a => self.queue_vectors.get(q).map_or(u64::from(NO_VECTOR), |&v| u64::from(v)),
+            0x1a => self
+                .queue_vectors
+                .get(q)
+                .map_or(u64::from(NO_VECTOR), |&v| u64::from(v)),
             0x1c => self.queues.get(q).map_or(0, |q| u64::from(q.ready())),
             0x1e => q as u64,
-            0x20 | 0x24 => self.queues.get(q).map_or(0, |q| q.desc_table()) >> (8 * (offset - 0x20)),
-            0x28 | 0x2c => self.queues.get(q).map_or(0, |q| q.avail_ring()) >> (8 * (offset - 0x28)),
+            0x20 | 0x24 => {
+                self.queues.get(q).map_or(0, |q| q.desc_table()) >> (8 * (offset - 0x20))
+            }
+            0x28 | 0x2c => {
+                self.queues.get(q).map_or(0, |q| q.avail_ring()) >> (8 * (offset - 0x28))
+            }
             0x30 | 0x34 => self.queues.get(q).map_or(0, |q| q.used_ring()) >> (8 * (offset - 0x30)),
             _ => 0,
         };
@@ -206,8 +284,14 @@ impl VirtioPci {
             0x0c if self.regs.status & (STATUS_DRIVER | STATUS_FEATURES_OK) == STATUS_DRIVER => {
                 let offered = self.device.features();
                 match self.regs.driver_feature_select {
-                    0 => self.regs.driver_features = (self.regs.driver_features & !0xffff_ffff) | (value & 0xffff_ffff & offered),
-                    1 => self.regs.driver_features = (self.regs.driver_features & 0xffff_ffff) | (value << 32 & offered),
+                    0 => {
+                        self.regs.driver_features = (self.regs.driver_features & !0xffff_ffff)
+                            | (value & 0xffff_ffff & offered)
+                    }
+                    1 => {
+                        self.regs.driver_features =
+                            (self.regs.driver_features & 0xffff_ffff) | (value << 32 & offered)
+                    }
                     _ => {}
                 }
             }
@@ -229,7 +313,14 @@ impl VirtioPci {
             0x1c if configurable && value == 1 => self.enable_selected(),
             0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 if configurable => {
                 let q = self.selected().expect("configurable means selected");
-                let (lo, hi) = if offset.is_multiple_of(8) { (Some(value as u32), (data.len() == 8).then_some((value >> 32) as u32)) } else { (None, Some(value as u32)) };
+                let (lo, hi) = if offset.is_multiple_of(8) {
+                    (
+                        Some(value as u32),
+                        (data.len() == 8).then_some((value >> 32) as u32),
+                    )
+                } else {
+                    (None, Some(value as u32))
+                };
                 match offset & !7 {
                     0x20 => q.set_desc_table_address(lo, hi),
                     0x28 => q.set_avail_ring_address(lo, hi),
@@ -251,7 +342,9 @@ impl VirtioPci {
     fn enable_selected(&mut self) {
         let event_idx = self.regs.driver_features & VIRTIO_F_RING_EVENT_IDX != 0;
         let mem = &self.ram.mem;
-        let Some(q) = self.queues.get_mut(self.regs.queue_select as usize) else { return };
+        let Some(q) = self.queues.get_mut(self.regs.queue_select as usize) else {
+            return;
+        };
         q.set_event_idx(event_idx);
         // A queue whose rings are not in guest RAM stays disabled (is_valid looks at ready too).
         q.set_ready(true);
@@ -294,8 +387,12 @@ impl VirtioPci {
                     data.fill(0);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + REGION).contains(&o) => self.msix.read_table(o - MSIX_TABLE_OFFSET, data),
-            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + REGION).contains(&o) => self.msix.read_pba(o - MSIX_PBA_OFFSET, data),
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + REGION).contains(&o) => {
+                self.msix.read_table(o - MSIX_TABLE_OFFSET, data)
+            }
+            o if (MSIX_PBA_OFFSET..MSIX_PBA_OFFSET + REGION).contains(&o) => {
+                self.msix.read_pba(o - MSIX_PBA_OFFSET, data)
+            }
             _ => data.fill(0),
         }
     }
@@ -309,7 +406,9 @@ impl VirtioPci {
                     let _ = kick.write(1);
                 }
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + REGION).contains(&o) => self.msix.write_table(o - MSIX_TABLE_OFFSET, data),
+            o if (MSIX_TABLE_OFFSET..MSIX_TABLE_OFFSET + REGION).contains(&o) => {
+                self.msix.write_table(o - MSIX_TABLE_OFFSET, data)
+            }
             _ => {}
         }
     }
@@ -319,7 +418,11 @@ impl VirtioPci {
     fn pci_cfg_window(&self) -> (u8, u64, usize) {
         let reg = self.pci_cfg_cap / 4;
         let bar = (self.config.read(reg + 1) & 0xff) as u8;
-        (bar, u64::from(self.config.read(reg + 2)), self.config.read(reg + 3) as usize)
+        (
+            bar,
+            u64::from(self.config.read(reg + 2)),
+            self.config.read(reg + 3) as usize,
+        )
     }
 
     pub fn save(&self) -> VirtioPciState {
@@ -334,13 +437,21 @@ impl VirtioPci {
 
     pub fn restore(&mut self, st: &VirtioPciState) -> Result<(), String> {
         if st.queues.len() != self.queues.len() || st.queue_vectors.len() != self.queues.len() {
-            return Err(format!("device state has {} queues, the device {}", st.queues.len(), self.queues.len()));
+            return Err(format!(
+                "device state has {} queues, the device {}",
+                st.queues.len(),
+                self.queues.len()
+            ));
         }
         self.config.restore(&st.config_space)?;
         let mut queues = Vec::new();
         for (saved, q) in st.queues.iter().zip(&self.queues) {
             if saved.max_size != q.max_size() {
-                return Err(format!("queue state has max size {}, the device {}", saved.max_size, q.max_size()));
+                return Err(format!(
+                    "queue state has max size {}, the device {}",
+                    saved.max_size,
+                    q.max_size()
+                ));
             }
             let restored = Queue::try_from(*saved).map_err(|e| format!("queue state: {e}"))?;
             if restored.ready() && !restored.is_valid(&self.ram.mem) {
@@ -350,10 +461,17 @@ impl VirtioPci {
         }
         self.msix.restore(&st.msix)?;
         if st.transport.driver_features & !self.device.features() != 0 {
-            return Err(format!("device state negotiated features {:#x} the device does not offer", st.transport.driver_features));
+            return Err(format!(
+                "device state negotiated features {:#x} the device does not offer",
+                st.transport.driver_features
+            ));
         }
         self.queues = queues;
-        self.queue_vectors = st.queue_vectors.iter().map(|&v| self.vector_or_none(v)).collect();
+        self.queue_vectors = st
+            .queue_vectors
+            .iter()
+            .map(|&v| self.vector_or_none(v))
+            .collect();
         self.regs = st.transport.clone();
         Ok(())
     }

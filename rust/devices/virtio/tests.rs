@@ -49,7 +49,9 @@ struct Harness {
 
 fn image(name: &str, sectors: u64) -> Image {
     let path = std::env::temp_dir().join(format!("vmmpy-blk-{}-{name}", std::process::id()));
-    let bytes: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8 ^ (i % 251) as u8).collect();
+    let bytes: Vec<u8> = (0..sectors * 512)
+        .map(|i| (i / 512) as u8 ^ (i % 251) as u8)
+        .collect();
     fs::write(&path, bytes).unwrap();
     Image(path)
 }
@@ -65,10 +67,28 @@ fn harness_with(name: &str, readonly: bool, direct: bool) -> Harness {
     let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
     let kicks = vec![evt()];
     let irqs = vec![evt(), evt()];
-    let msix = Msix::new(irqs.iter().map(|e| e.try_clone().unwrap()).collect(), None, 24);
+    let msix = Msix::new(
+        irqs.iter().map(|e| e.try_clone().unwrap()).collect(),
+        None,
+        24,
+    );
     let dev_kicks = kicks.iter().map(|e| e.try_clone().unwrap()).collect();
-    let dev = VirtioPci::new(Box::new(Block::new(disk, "disk-serial-0")), BAR0, msix, dev_kicks, evt(), ram.clone());
-    Harness { dev, ram, kicks, irqs, avail_idx: 0, _image: img }
+    let dev = VirtioPci::new(
+        Box::new(Block::new(disk, "disk-serial-0")),
+        BAR0,
+        msix,
+        dev_kicks,
+        evt(),
+        ram.clone(),
+    );
+    Harness {
+        dev,
+        ram,
+        kicks,
+        irqs,
+        avail_idx: 0,
+        _image: img,
+    }
 }
 
 impl Harness {
@@ -100,9 +120,16 @@ impl Harness {
     }
 
     fn setup(&mut self) {
-        assert_ne!(self.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH) & STATUS_FEATURES_OK, 0);
+        assert_ne!(
+            self.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH) & STATUS_FEATURES_OK,
+            0
+        );
         self.write(0x16, 2, 0);
-        assert_eq!(self.read(0x18, 2), 256, "queue size reads its maximum after reset");
+        assert_eq!(
+            self.read(0x18, 2),
+            256,
+            "queue size reads its maximum after reset"
+        );
         self.write(0x18, 2, u64::from(QSIZE));
         for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
             self.write(off, 4, addr & 0xffff_ffff);
@@ -111,7 +138,11 @@ impl Harness {
         self.write(0x1a, 2, 0);
         self.write(0x1c, 2, 1);
         assert_eq!(self.read(0x1c, 2), 1);
-        self.write(0x14, 1, u64::from(3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK));
+        self.write(
+            0x14,
+            1,
+            u64::from(3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+        );
     }
 
     /// Puts a chain of (address, length, device-writable) at descriptors 0.., makes it available,
@@ -131,7 +162,10 @@ impl Harness {
         let used_idx = self.used_idx();
         assert_eq!(used_idx, self.avail_idx, "the request was completed");
         let elem = USED + 4 + 8 * u64::from(used_idx.wrapping_sub(1) % QSIZE);
-        (mem.read_obj(GuestAddress(elem)).unwrap(), mem.read_obj(GuestAddress(elem + 4)).unwrap())
+        (
+            mem.read_obj(GuestAddress(elem)).unwrap(),
+            mem.read_obj(GuestAddress(elem + 4)).unwrap(),
+        )
     }
 
     /// Makes a chain available without telling the device.
@@ -147,9 +181,11 @@ impl Harness {
             mem.write_obj(i as u16 + 1, GuestAddress(d + 14)).unwrap();
         }
         let slot = self.avail_idx % QSIZE;
-        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(slot))).unwrap();
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
+            .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
     }
 
     /// A request without data, made available but not served.
@@ -197,7 +233,11 @@ fn config_space_identity_and_capabilities() {
     let c = |h: &mut Harness, reg: usize| h.dev.read_config(reg);
     assert_eq!(c(&mut h, 0), 0x1042_1af4);
     assert_eq!(c(&mut h, 2) & 0xff, 1, "revision 1: modern only");
-    assert_eq!(c(&mut h, 11), 0x0002_1af4, "subsystem: virtio vendor, type 2");
+    assert_eq!(
+        c(&mut h, 11),
+        0x0002_1af4,
+        "subsystem: virtio vendor, type 2"
+    );
     assert_eq!(c(&mut h, 4), BAR0 as u32 | 0b100);
     assert_ne!(c(&mut h, 1) & (1 << 20), 0, "capability list");
     // Walk the list: MSI-X, then common, ISR, device, notify, pci-cfg.
@@ -222,7 +262,16 @@ fn config_space_identity_and_capabilities() {
         }
         ptr = next;
     }
-    assert_eq!(found, vec![(1, 0, 0, 0x38), (3, 0, 0x1000, 1), (4, 0, 0x2000, 0x3c), (2, 0, 0x3000, 4), (5, 0, 0, 0)]);
+    assert_eq!(
+        found,
+        vec![
+            (1, 0, 0, 0x38),
+            (3, 0, 0x1000, 1),
+            (4, 0, 0x2000, 0x3c),
+            (2, 0, 0x3000, 4),
+            (5, 0, 0, 0)
+        ]
+    );
 }
 
 #[test]
@@ -234,7 +283,11 @@ fn features_ok_stays_clear_without_version_1() {
     let low = h.read(0x04, 4);
     assert_ne!(low & VIRTIO_BLK_F_FLUSH, 0);
     assert_eq!(low & VIRTIO_BLK_F_RO, 0);
-    assert_eq!(h.negotiate(VIRTIO_BLK_F_FLUSH) & STATUS_FEATURES_OK, 0, "refused without VERSION_1");
+    assert_eq!(
+        h.negotiate(VIRTIO_BLK_F_FLUSH) & STATUS_FEATURES_OK,
+        0,
+        "refused without VERSION_1"
+    );
     assert_ne!(h.negotiate(VIRTIO_F_VERSION_1) & STATUS_FEATURES_OK, 0);
     // Features the device does not offer are not taken.
     h.negotiate(VIRTIO_F_VERSION_1 | 1 << 40);
@@ -248,7 +301,11 @@ fn device_config_and_queue_setup() {
     assert_eq!(h.read(0x2000, 8), 64, "capacity in sectors");
     assert_eq!(h.read(0x2000 + 12, 4), u64::from(SEG_MAX));
     assert_eq!(h.read(0x2000 + 20, 4), 512);
-    assert_ne!(h.read(0x04, 4) & VIRTIO_BLK_F_RO, 0, "read-only disks offer RO");
+    assert_ne!(
+        h.read(0x04, 4) & VIRTIO_BLK_F_RO,
+        0,
+        "read-only disks offer RO"
+    );
     assert_eq!(h.read(0x12, 2), 1, "one queue");
     h.setup();
     assert_eq!(h.read(0x20, 4), DESC);
@@ -276,7 +333,10 @@ fn reads_writes_flush_and_get_id() {
 
     let pattern: Vec<u8> = (0..512).map(|i| (i * 7) as u8).collect();
     h.ram.mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
-    assert_eq!(h.request(VIRTIO_BLK_T_OUT, 10, Some((512, false))), (VIRTIO_BLK_S_OK, 1));
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_OUT, 10, Some((512, false))),
+        (VIRTIO_BLK_S_OK, 1)
+    );
     assert_eq!(h.file()[10 * 512..11 * 512], pattern[..]);
     assert_eq!(h.request(VIRTIO_BLK_T_FLUSH, 0, None), (VIRTIO_BLK_S_OK, 1));
 
@@ -288,8 +348,16 @@ fn reads_writes_flush_and_get_id() {
     assert_eq!(id[13..], [0; 7]);
 
     assert_eq!(h.request(99, 0, None).0, VIRTIO_BLK_S_UNSUPP);
-    assert_eq!(h.request(VIRTIO_BLK_T_IN, 63, Some((1024, true))).0, VIRTIO_BLK_S_IOERR, "past the end");
-    assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, Some((100, true))).0, VIRTIO_BLK_S_IOERR, "not whole sectors");
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 63, Some((1024, true))).0,
+        VIRTIO_BLK_S_IOERR,
+        "past the end"
+    );
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 0, Some((100, true))).0,
+        VIRTIO_BLK_S_IOERR,
+        "not whole sectors"
+    );
     // The driver asked for vector 0, which MSI-X (off) holds pending; nothing was sent.
     assert!(h.irqs[0].read().is_err());
     assert!(h.kicks[0].read().is_err(), "nothing kicked the queue");
@@ -300,11 +368,22 @@ fn header_split_across_descriptors() {
     let mut h = harness("split", false);
     h.setup();
     let mem = &h.ram.mem;
-    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER)).unwrap();
-    mem.write_obj(2u64, GuestAddress(HEADER + 0x100 + 4)).unwrap();
-    let (_, len) = h.submit(&[(HEADER, 4, false), (HEADER + 0x100, 12, false), (DATA, 512, true), (DATA + 512, 512, true), (STATUS, 1, true)]);
+    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER))
+        .unwrap();
+    mem.write_obj(2u64, GuestAddress(HEADER + 0x100 + 4))
+        .unwrap();
+    let (_, len) = h.submit(&[
+        (HEADER, 4, false),
+        (HEADER + 0x100, 12, false),
+        (DATA, 512, true),
+        (DATA + 512, 512, true),
+        (STATUS, 1, true),
+    ]);
     assert_eq!(len, 1025);
-    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
     let mut got = vec![0u8; 1024];
     h.ram.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert_eq!(got, h.file()[2 * 512..4 * 512]);
@@ -315,10 +394,19 @@ fn read_only_disk_refuses_writes_and_keeps_its_file() {
     let mut h = harness("ro", true);
     h.setup();
     let before = h.file();
-    h.ram.mem.write_slice(&[0xaa; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(h.request(VIRTIO_BLK_T_OUT, 0, Some((512, false))).0, VIRTIO_BLK_S_IOERR);
+    h.ram
+        .mem
+        .write_slice(&[0xaa; 512], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_OUT, 0, Some((512, false))).0,
+        VIRTIO_BLK_S_IOERR
+    );
     assert_eq!(h.file(), before);
-    assert_eq!(h.request(VIRTIO_BLK_T_IN, 0, Some((512, true))).0, VIRTIO_BLK_S_OK);
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 0, Some((512, true))).0,
+        VIRTIO_BLK_S_OK
+    );
 }
 
 #[test]
@@ -327,10 +415,16 @@ fn device_writes_are_marked_in_the_vmm_dirty_bitmap() {
     h.setup();
     h.clear_dirty();
     assert!(!h.vmm_dirty(DATA) && !h.vmm_dirty(USED) && !h.vmm_dirty(STATUS));
-    assert_eq!(h.request(VIRTIO_BLK_T_IN, 1, Some((8192, true))).0, VIRTIO_BLK_S_OK);
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 1, Some((8192, true))).0,
+        VIRTIO_BLK_S_OK
+    );
     // The data pages (written by pread behind vm-memory's back), the status byte and the used
     // ring each lie on their own pages.
-    assert!(h.vmm_dirty(DATA) && h.vmm_dirty(DATA + 4096), "read data is dirty");
+    assert!(
+        h.vmm_dirty(DATA) && h.vmm_dirty(DATA + 4096),
+        "read data is dirty"
+    );
     assert!(h.vmm_dirty(STATUS), "status byte is dirty");
     assert!(h.vmm_dirty(USED), "used ring is dirty");
     assert!(!h.vmm_dirty(DATA + 8192), "only what was written");
@@ -355,11 +449,19 @@ fn msix_vectors_fire_once_enabled_and_unmasked() {
 fn pci_cfg_access_window_reaches_bar0() {
     let mut h = harness("cfgwin", false);
     let cap = 0x90 / 4;
-    assert_eq!(h.dev.read_config(cap) >> 24, 5, "the pci-cfg capability is at 0x90");
+    assert_eq!(
+        h.dev.read_config(cap) >> 24,
+        5,
+        "the pci-cfg capability is at 0x90"
+    );
     h.dev.write_config(cap + 1, 0, &[0]);
     h.dev.write_config(cap + 2, 0, &0x2000u32.to_le_bytes());
     h.dev.write_config(cap + 3, 0, &4u32.to_le_bytes());
-    assert_eq!(h.dev.read_config(cap + 4), 64, "capacity's low dword through the window");
+    assert_eq!(
+        h.dev.read_config(cap + 4),
+        64,
+        "capacity's low dword through the window"
+    );
 }
 
 #[test]
@@ -370,12 +472,22 @@ fn state_round_trip_continues_from_saved_indices() {
     let st = h.dev.save();
     assert_eq!(st.queues[0].next_avail, 1);
     assert_eq!(st.queues[0].next_used, 1);
-    assert_eq!(st.transport.driver_features, VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH);
+    assert_eq!(
+        st.transport.driver_features,
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH
+    );
     // A fresh device on the same memory and image takes the state and serves the next request.
     let disk = DiskImage::open(h._image.0.to_str().unwrap(), false, false).unwrap();
     let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
     let msix = Msix::new(vec![evt(), evt()], None, 24);
-    let mut fresh = VirtioPci::new(Box::new(Block::new(disk, "x")), BAR0, msix, vec![evt()], evt(), h.ram.clone());
+    let mut fresh = VirtioPci::new(
+        Box::new(Block::new(disk, "x")),
+        BAR0,
+        msix,
+        vec![evt()],
+        evt(),
+        h.ram.clone(),
+    );
     fresh.restore(&st).unwrap();
     assert_eq!(fresh.save(), st);
     h.dev = fresh;
@@ -391,7 +503,10 @@ fn state_round_trip_continues_from_saved_indices() {
 fn wait_used(ram: &GuestRam, want: u16) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != want {
-        assert!(std::time::Instant::now() < deadline, "the device thread did not complete request {want}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device thread did not complete request {want}"
+        );
         std::thread::yield_now();
     }
 }
@@ -403,10 +518,13 @@ fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
     use std::time::{Duration, Instant};
 
     let mut h = harness("kick", false);
-    let Some((_kvm, vm, mut vcpu)) = crate::dirty::tests::tiny_vm(&h.ram, false) else { return };
+    let Some((_kvm, vm, mut vcpu)) = crate::dirty::tests::tiny_vm(&h.ram, false) else {
+        return;
+    };
     h.setup();
     let notify = VirtioPci::notify_address(BAR0, 0);
-    vm.register_ioevent(&h.kicks[0], &IoEventAddress::Mmio(notify), NoDatamatch).unwrap();
+    vm.register_ioevent(&h.kicks[0], &IoEventAddress::Mmio(notify), NoDatamatch)
+        .unwrap();
     // CPL3 at 0x2000: `L: mov edi, notify ; mov word [rdi], 0 (the queue index) ; out 0x3f8 ; jmp L`.
     let mut code: Vec<u8> = vec![0xbf];
     code.extend((notify as u32).to_le_bytes());
@@ -416,11 +534,26 @@ fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
     h.ram.mem.write_slice(&code, GuestAddress(0x2000)).unwrap();
 
     h.request_publish(VIRTIO_BLK_T_FLUSH);
-    let Harness { dev, ram, kicks, _image, .. } = h;
+    let Harness {
+        dev,
+        ram,
+        kicks,
+        _image,
+        ..
+    } = h;
     let dev_kicks = vec![kicks[0].try_clone().unwrap()];
     let dev = Arc::new(Mutex::new(dev));
-    let mut worker = Worker::spawn("virtio-test".into(), dev, dev_kicks, EventFd::new(EFD_NONBLOCK).unwrap(), true).unwrap();
-    worker.pause(Instant::now() + Duration::from_secs(30)).unwrap();
+    let mut worker = Worker::spawn(
+        "virtio-test".into(),
+        dev,
+        dev_kicks,
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        true,
+    )
+    .unwrap();
+    worker
+        .pause(Instant::now() + Duration::from_secs(30))
+        .unwrap();
 
     // The store to the notify register does not exit: the next exit is the `out`.
     match vcpu.run().unwrap() {
@@ -432,12 +565,19 @@ fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
         other => panic!("unexpected exit {other:?}"),
     };
     run_once(&mut vcpu); // one more kick
-    // A paused worker serves nothing, however often it is kicked.
+                         // A paused worker serves nothing, however often it is kicked.
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(), 0, "paused: nothing served");
+    assert_eq!(
+        ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(),
+        0,
+        "paused: nothing served"
+    );
     worker.resume();
     wait_used(&ram, 1);
-    assert_eq!(ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
     worker.stop();
 }
 
@@ -449,23 +589,45 @@ fn direct_io_through_unaligned_guest_buffers() {
     let before = h.file();
     // Data at DATA + 512: not aligned for O_DIRECT; the bounce buffer is.
     let mem = &h.ram.mem;
-    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER))
+        .unwrap();
     mem.write_obj(5u64, GuestAddress(HEADER + 8)).unwrap();
-    let (_, len) = h.submit(&[(HEADER, 16, false), (DATA + 512, 1024, true), (STATUS, 1, true)]);
+    let (_, len) = h.submit(&[
+        (HEADER, 16, false),
+        (DATA + 512, 1024, true),
+        (STATUS, 1, true),
+    ]);
     assert_eq!(len, 1025);
-    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
     let mut got = vec![0u8; 1024];
-    h.ram.mem.read_slice(&mut got, GuestAddress(DATA + 512)).unwrap();
+    h.ram
+        .mem
+        .read_slice(&mut got, GuestAddress(DATA + 512))
+        .unwrap();
     assert_eq!(got, before[5 * 512..7 * 512]);
     assert!(h.vmm_dirty(DATA), "bounced read data is dirty too");
 
     let pattern: Vec<u8> = (0..1024).map(|i| (i * 13 + 1) as u8).collect();
-    h.ram.mem.write_slice(&pattern, GuestAddress(DATA + 512)).unwrap();
+    h.ram
+        .mem
+        .write_slice(&pattern, GuestAddress(DATA + 512))
+        .unwrap();
     let mem = &h.ram.mem;
-    mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(VIRTIO_BLK_T_OUT, GuestAddress(HEADER))
+        .unwrap();
     mem.write_obj(8u64, GuestAddress(HEADER + 8)).unwrap();
-    h.submit(&[(HEADER, 16, false), (DATA + 512, 1024, false), (STATUS, 1, true)]);
-    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    h.submit(&[
+        (HEADER, 16, false),
+        (DATA + 512, 1024, false),
+        (STATUS, 1, true),
+    ]);
+    assert_eq!(
+        h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
     assert_eq!(h.file()[8 * 512..10 * 512], pattern[..]);
 }
 
@@ -483,34 +645,68 @@ fn zero_request(h: &mut Harness, kind: u32, sector: u64, count: u32, flags: u32)
 #[test]
 fn discard_and_write_zeroes() {
     let mut h = harness("zeroes", false);
-    assert_ne!(h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    assert_ne!(
+        h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES),
+        0
+    );
     assert_eq!(h.read(0x2000 + 36, 4), u64::from(MAX_ZERO_SECTORS));
     assert_eq!(h.read(0x2000 + 40, 4), 1, "one range per request");
     h.setup();
     let before = h.file();
-    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 2, 3, 0), VIRTIO_BLK_S_OK);
-    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 1), VIRTIO_BLK_S_OK, "with unmap");
-    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 24, 8, 0), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 2, 3, 0),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 8, 8, 1),
+        VIRTIO_BLK_S_OK,
+        "with unmap"
+    );
+    assert_eq!(
+        zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 24, 8, 0),
+        VIRTIO_BLK_S_OK
+    );
     let after = h.file();
     assert_eq!(after.len(), before.len(), "the image keeps its size");
     assert!(after[2 * 512..5 * 512].iter().all(|&b| b == 0));
     assert!(after[8 * 512..16 * 512].iter().all(|&b| b == 0));
-    assert_eq!(after[..2 * 512], before[..2 * 512], "sectors around the range are untouched");
+    assert_eq!(
+        after[..2 * 512],
+        before[..2 * 512],
+        "sectors around the range are untouched"
+    );
     assert_eq!(after[5 * 512..8 * 512], before[5 * 512..8 * 512]);
     assert_eq!(after[16 * 512..24 * 512], before[16 * 512..24 * 512]);
     assert_eq!(after[32 * 512..], before[32 * 512..]);
-    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 1, 1), VIRTIO_BLK_S_UNSUPP, "discard takes no flags");
-    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 60, 8, 0), VIRTIO_BLK_S_IOERR, "past the end");
+    assert_eq!(
+        zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 1, 1),
+        VIRTIO_BLK_S_UNSUPP,
+        "discard takes no flags"
+    );
+    assert_eq!(
+        zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 60, 8, 0),
+        VIRTIO_BLK_S_IOERR,
+        "past the end"
+    );
 }
 
 #[test]
 fn read_only_disks_offer_no_discard_and_refuse_it() {
     let mut h = harness("zeroes-ro", true);
-    assert_eq!(h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    assert_eq!(
+        h.read(0x04, 4) & (VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES),
+        0
+    );
     h.setup();
     let before = h.file();
-    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 0, 4, 0), VIRTIO_BLK_S_IOERR);
-    assert_eq!(zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 4, 0), VIRTIO_BLK_S_IOERR);
+    assert_eq!(
+        zero_request(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, 0, 4, 0),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        zero_request(&mut h, VIRTIO_BLK_T_DISCARD, 0, 4, 0),
+        VIRTIO_BLK_S_IOERR
+    );
     assert_eq!(h.file(), before);
 }
 
@@ -522,9 +718,17 @@ fn indirect_descriptor_tables() {
     assert_ne!(h.read(0x04, 4) & VIRTIO_F_RING_INDIRECT_DESC, 0);
     h.setup();
     let mem = &h.ram.mem;
-    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER)).unwrap();
+    mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HEADER))
+        .unwrap();
     mem.write_obj(4u64, GuestAddress(HEADER + 8)).unwrap();
-    for (i, (addr, len, flags)) in [(HEADER, 16u32, F_NEXT), (DATA, 512, F_WRITE | F_NEXT), (STATUS, 1, F_WRITE)].into_iter().enumerate() {
+    for (i, (addr, len, flags)) in [
+        (HEADER, 16u32, F_NEXT),
+        (DATA, 512, F_WRITE | F_NEXT),
+        (STATUS, 1, F_WRITE),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let d = TABLE + 16 * i as u64;
         mem.write_obj(addr, GuestAddress(d)).unwrap();
         mem.write_obj(len, GuestAddress(d + 8)).unwrap();
@@ -540,7 +744,10 @@ fn indirect_descriptor_tables() {
     h.avail_idx = 1;
     h.dev.process_queues();
     assert_eq!(h.last_used(), (0, 513));
-    assert_eq!(h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), VIRTIO_BLK_S_OK);
+    assert_eq!(
+        h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
     let mut got = vec![0u8; 512];
     h.ram.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
     assert_eq!(got, h.file()[4 * 512..5 * 512]);
@@ -549,7 +756,10 @@ fn indirect_descriptor_tables() {
 #[test]
 fn event_idx_suppresses_interrupts_until_used_event() {
     let mut h = harness("eventidx", false);
-    assert_ne!(h.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX) & STATUS_FEATURES_OK, 0);
+    assert_ne!(
+        h.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX) & STATUS_FEATURES_OK,
+        0
+    );
     h.write(0x16, 2, 0);
     h.write(0x18, 2, u64::from(QSIZE));
     for (off, addr) in [(0x20, DESC), (0x28, AVAIL), (0x30, USED)] {
@@ -558,7 +768,11 @@ fn event_idx_suppresses_interrupts_until_used_event() {
     }
     h.write(0x1a, 2, 0);
     h.write(0x1c, 2, 1);
-    h.write(0x14, 1, u64::from(3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK));
+    h.write(
+        0x14,
+        1,
+        u64::from(3 | STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+    );
     h.dev.write_config(0x40 / 4, 2, &0x8000u16.to_le_bytes());
     h.write(0x4000, 4, 0xfee0_0000);
     h.write(0x400c, 4, 0);
@@ -567,10 +781,21 @@ fn event_idx_suppresses_interrupts_until_used_event() {
     h.ram.mem.write_obj(2u16, used_event).unwrap();
     h.request(VIRTIO_BLK_T_FLUSH, 0, None);
     h.request(VIRTIO_BLK_T_FLUSH, 0, None);
-    assert!(h.irqs[0].read().is_err(), "no interrupt before used_event is passed");
+    assert!(
+        h.irqs[0].read().is_err(),
+        "no interrupt before used_event is passed"
+    );
     h.request(VIRTIO_BLK_T_FLUSH, 0, None);
-    assert_eq!(h.irqs[0].read().unwrap(), 1, "the third completion crosses used_event");
+    assert_eq!(
+        h.irqs[0].read().unwrap(),
+        1,
+        "the third completion crosses used_event"
+    );
     // The device publishes avail_event (the used ring's last field) for the driver's kicks.
-    let avail_event: u16 = h.ram.mem.read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE))).unwrap();
+    let avail_event: u16 = h
+        .ram
+        .mem
+        .read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE)))
+        .unwrap();
     assert_eq!(avail_event, 3);
 }

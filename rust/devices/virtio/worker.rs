@@ -34,16 +34,35 @@ pub struct Worker {
 
 impl Worker {
     /// Starts serving `dev`; with `paused`, the thread holds still until `resume`.
-    pub fn spawn(name: String, dev: Arc<Mutex<VirtioPci>>, kicks: Vec<EventFd>, wake: EventFd, paused: bool) -> Result<Worker> {
+    pub fn spawn(
+        name: String,
+        dev: Arc<Mutex<VirtioPci>>,
+        kicks: Vec<EventFd>,
+        wake: EventFd,
+        paused: bool,
+    ) -> Result<Worker> {
         let want = if paused { Want::Pause } else { Want::Run };
-        let ctl = Arc::new((Mutex::new(Ctl { want, parked: false }), Condvar::new()));
-        let thread_wake = wake.try_clone().map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e))?;
+        let ctl = Arc::new((
+            Mutex::new(Ctl {
+                want,
+                parked: false,
+            }),
+            Condvar::new(),
+        ));
+        let thread_wake = wake
+            .try_clone()
+            .map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e))?;
         let thread_ctl = ctl.clone();
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || run(&dev, &kicks, &thread_wake, &thread_ctl))
             .map_err(|e| Error::io(Kind::Kvm, "spawning a device thread", e))?;
-        Ok(Worker { ctl, wake, thread: Some(thread), name })
+        Ok(Worker {
+            ctl,
+            wake,
+            thread: Some(thread),
+            name,
+        })
     }
 
     fn set(&self, want: Want) {
@@ -65,7 +84,10 @@ impl Worker {
         while !c.parked && self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::new(Kind::PauseTimeout, format!("device thread {} did not finish its requests", self.name)));
+                return Err(Error::new(
+                    Kind::PauseTimeout,
+                    format!("device thread {} did not finish its requests", self.name),
+                ));
             }
             c = cv.wait_timeout(c, deadline - now).unwrap().0;
         }
@@ -114,8 +136,15 @@ fn wait_runnable(ctl: &(Mutex<Ctl>, Condvar)) -> bool {
 }
 
 fn run(dev: &Mutex<VirtioPci>, kicks: &[EventFd], wake: &EventFd, ctl: &(Mutex<Ctl>, Condvar)) {
-    let mut fds: Vec<libc::pollfd> =
-        kicks.iter().chain([wake]).map(|e| libc::pollfd { fd: e.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+    let mut fds: Vec<libc::pollfd> = kicks
+        .iter()
+        .chain([wake])
+        .map(|e| libc::pollfd {
+            fd: e.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     // Serving before the first wait picks up requests a restored queue already holds.
     while wait_runnable(ctl) {
         dev.lock().unwrap().process_queues();
