@@ -1,12 +1,20 @@
 //! virtio-blk (virtio 1.2 §5.2) over a raw image: one request queue; IN, OUT, FLUSH, GET_ID, and
 //! for writable disks DISCARD (a punched hole) and WRITE_ZEROES; anything else answered
 //! VIRTIO_BLK_S_UNSUPP; writes of any kind to a read-only disk VIRTIO_BLK_S_IOERR.
-//! Requests are served synchronously on the device's worker thread.
+//! Reads and writes go to the image through the device's io_uring (`IoRing`), as many in flight
+//! as the queue holds, and complete in whatever order storage finishes them; flushes are
+//! fdatasyncs on the same ring. Everything else is served at once on the worker thread, and so is
+//! all I/O where the host refuses io_uring, or a direct-I/O disk meets a misaligned guest buffer.
+
+use std::os::fd::AsRawFd;
 
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk_image::{DiskImage, SECTOR_SIZE};
+use super::io_ring::IoRing;
 use super::{
     VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
@@ -41,12 +49,51 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 const HEADER_LEN: u64 = 16;
 
 pub struct Block {
+    /// Declared first so that it is dropped (waiting for its operations) before the requests
+    /// whose iovecs it uses.
+    ring: Option<IoRing>,
+    /// Requests in flight on the ring, by slot (the ring's tag); at most the queue size.
+    in_flight: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Completions reaped and not yet answered (kept to reuse its allocation).
+    reaped: Vec<(u64, i32)>,
     disk: DiskImage,
     id: [u8; ID_BYTES],
     config: [u8; CONFIG_LEN],
     queue_sizes: [u16; 1],
-    /// The image was written since its last fdatasync.
+    /// A write completed since the last fdatasync began.
     unsynced: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Read,
+    Write,
+    Flush,
+}
+
+/// A request on the ring: what to answer once it completes, and where a short transfer resumes.
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    op: Op,
+    segs: Vec<Segment>,
+    /// What the ring transfers: `segs` from byte `done` on, as iovecs into guest memory.
+    iov: Vec<libc::iovec>,
+    offset: u64,
+    done: u64,
+}
+
+// SAFETY: the iovecs' pointers name guest memory, which stays mapped for the device's whole life
+// and is shared with the vCPU threads anyway; they are handed to the kernel, never dereferenced.
+unsafe impl Send for InFlight {}
+
+/// What `execute` did with a request.
+enum Outcome {
+    /// Answered: the bytes written into the chain's device-writable buffers, for the used ring.
+    Done(u32),
+    /// On the ring; `complete` answers it.
+    Started,
 }
 
 /// A run of guest memory a descriptor names.
@@ -82,6 +129,28 @@ fn total(segs: &[Segment]) -> u64 {
     segs.iter().map(|s| s.len).sum()
 }
 
+/// Iovecs for `segs`; None when one is not wholly in guest RAM.
+fn iovecs(segs: &[Segment], mem: &GuestMem) -> Option<Vec<libc::iovec>> {
+    segs.iter()
+        .map(|s| {
+            let slice = mem.get_slice(GuestAddress(s.addr), s.len as usize).ok()?;
+            Some(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            })
+        })
+        .collect()
+}
+
+/// Marks `segs` dirty in the VMM's bitmap: the kernel wrote them behind vm-memory's back.
+fn mark_dirty(segs: &[Segment], mem: &GuestMem) {
+    for s in segs {
+        if let Ok(slice) = mem.get_slice(GuestAddress(s.addr), s.len as usize) {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+}
+
 impl Block {
     pub fn new(disk: DiskImage, id: &str) -> Block {
         let mut id_bytes = [0u8; ID_BYTES];
@@ -105,7 +174,13 @@ impl Block {
             config[at..at + 4].copy_from_slice(&value.to_le_bytes());
         }
         config[56] = 1;
+        // Without io_uring (an old kernel, a seccomp filter) every request is served at once.
+        let ring = IoRing::new(u32::from(QUEUE_SIZE)).ok();
         Block {
+            ring,
+            in_flight: (0..QUEUE_SIZE).map(|_| None).collect(),
+            free: (0..QUEUE_SIZE as usize).rev().collect(),
+            reaped: Vec::new(),
             disk,
             id: id_bytes,
             config,
@@ -114,21 +189,26 @@ impl Block {
         }
     }
 
-    /// Serves one request; returns the bytes written into the chain's device-writable buffers
-    /// (data and status), for the used ring.
-    fn execute(&mut self, readable: &[Segment], writable: &[Segment], mem: &GuestMem) -> u32 {
+    /// Serves one request, or puts it on the ring.
+    fn execute(
+        &mut self,
+        head: u16,
+        readable: &[Segment],
+        writable: &[Segment],
+        mem: &GuestMem,
+    ) -> Outcome {
         let Some(status) = writable
             .last()
             .filter(|s| s.len >= 1)
             .map(|s| GuestAddress(s.addr + s.len - 1))
         else {
             // No room for a status byte: nothing can be said to the driver.
-            return 0;
+            return Outcome::Done(0);
         };
         let mut header = [0u8; HEADER_LEN as usize];
-        let head = sub_segments(readable, 0, HEADER_LEN);
+        let header_segs = sub_segments(readable, 0, HEADER_LEN);
         let mut written = 0usize;
-        for s in &head {
+        for s in &header_segs {
             if mem
                 .read_slice(
                     &mut header[written..written + s.len as usize],
@@ -146,34 +226,36 @@ impl Block {
         } else {
             let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
             let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
-            if matches!(
-                kind,
-                VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES
-            ) {
-                self.unsynced = true;
-            }
             let data_in = total(writable) - 1;
-            match kind {
+            let started = match kind {
                 VIRTIO_BLK_T_IN => {
                     let segs = sub_segments(writable, 0, data_in);
-                    let r = self.transfer(sector, &segs, mem, false);
-                    if r == VIRTIO_BLK_S_OK {
-                        data_written = data_in;
-                    }
-                    r
+                    self.transfer(head, status, sector, segs, mem, Op::Read)
                 }
-                VIRTIO_BLK_T_OUT if self.disk.readonly => VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_T_OUT if self.disk.readonly => Some(VIRTIO_BLK_S_IOERR),
                 VIRTIO_BLK_T_OUT => {
                     let segs = sub_segments(
                         readable,
                         HEADER_LEN,
                         total(readable).saturating_sub(HEADER_LEN),
                     );
-                    self.transfer(sector, &segs, mem, true)
+                    self.transfer(head, status, sector, segs, mem, Op::Write)
                 }
-                VIRTIO_BLK_T_FLUSH => match self.sync_backing() {
-                    Ok(()) => VIRTIO_BLK_S_OK,
-                    Err(_) => VIRTIO_BLK_S_IOERR,
+                VIRTIO_BLK_T_FLUSH => self.flush(head, status),
+                _ => None,
+            };
+            if matches!(kind, VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES) {
+                self.unsynced = true;
+            }
+            match kind {
+                VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT | VIRTIO_BLK_T_FLUSH => match started {
+                    None => return Outcome::Started,
+                    Some(code) => {
+                        if kind == VIRTIO_BLK_T_IN && code == VIRTIO_BLK_S_OK {
+                            data_written = data_in;
+                        }
+                        code
+                    }
                 },
                 VIRTIO_BLK_T_GET_ID => {
                     let segs = sub_segments(writable, 0, data_in.min(ID_BYTES as u64));
@@ -208,7 +290,111 @@ impl Block {
         };
         // write_obj goes through vm-memory, which marks the status byte's page dirty.
         let _ = mem.write_obj(code, status);
-        (data_written + 1) as u32
+        Outcome::Done((data_written + 1) as u32)
+    }
+
+    /// No slot left for another request on the ring.
+    fn full(&self) -> bool {
+        self.ring.is_some() && self.free.is_empty()
+    }
+
+    /// A FLUSH: it covers the writes completed before it (virtio 1.2 §5.2.6.2), which are in the
+    /// page cache by now, so one fdatasync on the ring does; None while that runs.
+    fn flush(&mut self, head: u16, status: GuestAddress) -> Option<u8> {
+        if !self.unsynced || self.ring.is_none() {
+            return Some(match self.sync_backing() {
+                Ok(()) => VIRTIO_BLK_S_OK,
+                Err(_) => VIRTIO_BLK_S_IOERR,
+            });
+        }
+        self.unsynced = false;
+        let slot = self
+            .free
+            .pop()
+            .expect("process_queue takes requests only with a free slot");
+        let fd = self.disk.as_raw_fd();
+        let ring = self.ring.as_mut().expect("checked above");
+        if ring.push_fdatasync(fd, slot as u64).is_err() {
+            self.free.push(slot);
+            self.unsynced = true;
+            return Some(VIRTIO_BLK_S_IOERR);
+        }
+        self.in_flight[slot] = Some(InFlight {
+            head,
+            status,
+            op: Op::Flush,
+            segs: Vec::new(),
+            iov: Vec::new(),
+            offset: 0,
+            done: 0,
+        });
+        None
+    }
+
+    /// Puts what is left of slot `slot`'s transfer on the ring.
+    fn push_transfer(&mut self, slot: usize, mem: &GuestMem) -> std::io::Result<()> {
+        let fd = self.disk.as_raw_fd();
+        let r = self.in_flight[slot]
+            .as_mut()
+            .expect("a request in the slot");
+        let rest = sub_segments(&r.segs, r.done, total(&r.segs) - r.done);
+        r.iov = iovecs(&rest, mem).ok_or(std::io::ErrorKind::InvalidInput)?;
+        let ring = self
+            .ring
+            .as_mut()
+            .expect("transfers go on the ring only with one");
+        // SAFETY: the iovecs name guest memory, mapped while the device lives (the ring is dropped,
+        // waiting for its operations, before the memory); the iovec array stays in the slot until
+        // this slot's completion is reaped.
+        unsafe {
+            ring.push_rw(
+                fd,
+                &r.iov,
+                r.offset + r.done,
+                r.op == Op::Write,
+                slot as u64,
+            )
+        }
+    }
+
+    /// Settles a completion of slot `slot`: the (head, used length) to answer, or None when the
+    /// rest of a short transfer went back on the ring.
+    fn settle(&mut self, slot: usize, res: i32, mem: &GuestMem) -> Option<(u16, u32)> {
+        let r = self.in_flight.get_mut(slot)?.as_mut()?;
+        let len = total(&r.segs);
+        let retry = res == -libc::EINTR || res == -libc::EAGAIN;
+        let code = match r.op {
+            Op::Flush if res < 0 => {
+                self.unsynced = true;
+                VIRTIO_BLK_S_IOERR
+            }
+            Op::Flush => VIRTIO_BLK_S_OK,
+            _ if retry || (res > 0 && r.done + (res as u64) < len) => {
+                r.done += res.max(0) as u64;
+                if self.push_transfer(slot, mem).is_ok() {
+                    return None;
+                }
+                VIRTIO_BLK_S_IOERR
+            }
+            _ if res >= 0 && r.done + res as u64 == len => VIRTIO_BLK_S_OK,
+            _ => VIRTIO_BLK_S_IOERR,
+        };
+        let r = self.in_flight[slot].take().expect("checked above");
+        self.free.push(slot);
+        match r.op {
+            // Marked once the kernel has written them (a failed read may have written some):
+            // marked any earlier, a pre-copy pass could send the page before the data landed.
+            Op::Read => mark_dirty(&r.segs, mem),
+            Op::Write => self.unsynced = true,
+            Op::Flush => {}
+        }
+        let _ = mem.write_obj(code, r.status);
+        let data = if r.op == Op::Read && code == VIRTIO_BLK_S_OK {
+            len
+        } else {
+            0
+        };
+        Some((r.head, (data + 1) as u32))
     }
 
     /// A DISCARD or WRITE_ZEROES request: exactly one range {sector, num_sectors, flags} (16
@@ -263,23 +449,57 @@ impl Block {
         }
     }
 
-    /// Reads (`write` false) or writes the disk from `sector` on, through `segs` of guest memory.
-    fn transfer(&self, sector: u64, segs: &[Segment], mem: &GuestMem, write: bool) -> u8 {
-        let len = total(segs);
+    /// Reads or writes the disk from `sector` on, through `segs` of guest memory: on the ring
+    /// (None: `complete` answers it) or at once (the status).
+    fn transfer(
+        &mut self,
+        head: u16,
+        status: GuestAddress,
+        sector: u64,
+        segs: Vec<Segment>,
+        mem: &GuestMem,
+        op: Op,
+    ) -> Option<u8> {
+        let len = total(&segs);
         let Some(start) = sector.checked_mul(SECTOR_SIZE) else {
-            return VIRTIO_BLK_S_IOERR;
+            return Some(VIRTIO_BLK_S_IOERR);
         };
         if !len.is_multiple_of(SECTOR_SIZE)
             || start
                 .checked_add(len)
                 .is_none_or(|end| end > self.disk.sectors() * SECTOR_SIZE)
         {
-            return VIRTIO_BLK_S_IOERR;
+            return Some(VIRTIO_BLK_S_IOERR);
+        }
+        let write = op == Op::Write;
+        if self.ring.is_some() && segs.iter().all(|s| self.disk.takes_in_place(s.addr, s.len)) {
+            let slot = self
+                .free
+                .pop()
+                .expect("process_queue takes requests only with a free slot");
+            self.in_flight[slot] = Some(InFlight {
+                head,
+                status,
+                op,
+                segs,
+                iov: Vec::new(),
+                offset: start,
+                done: 0,
+            });
+            if self.push_transfer(slot, mem).is_ok() {
+                return None;
+            }
+            self.in_flight[slot] = None;
+            self.free.push(slot);
+            return Some(VIRTIO_BLK_S_IOERR);
+        }
+        if write {
+            self.unsynced = true;
         }
         let mut offset = start;
-        for s in segs {
+        for s in &segs {
             let Ok(slice) = mem.get_slice(GuestAddress(s.addr), s.len as usize) else {
-                return VIRTIO_BLK_S_IOERR;
+                return Some(VIRTIO_BLK_S_IOERR);
             };
             let r = if write {
                 self.disk.write_from(offset, &slice)
@@ -287,11 +507,11 @@ impl Block {
                 self.disk.read_into(offset, &slice)
             };
             if r.is_err() {
-                return VIRTIO_BLK_S_IOERR;
+                return Some(VIRTIO_BLK_S_IOERR);
             }
             offset += s.len;
         }
-        VIRTIO_BLK_S_OK
+        Some(VIRTIO_BLK_S_OK)
     }
 }
 
@@ -342,7 +562,10 @@ impl VirtioDevice for Block {
         loop {
             // Errors here mean the rings left guest RAM; the queue then just stops serving.
             let _ = queue.disable_notification(mem);
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while !self.full() {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let (mut readable, mut writable) = (Vec::new(), Vec::new());
                 for d in chain {
@@ -356,15 +579,80 @@ impl VirtioDevice for Block {
                         readable.push(seg);
                     }
                 }
-                let len = self.execute(&readable, &writable, mem);
+                let Outcome::Done(len) = self.execute(head, &readable, &writable, mem) else {
+                    continue;
+                };
                 if queue.add_used(mem, head, len).is_err() {
                     return added;
                 }
                 added = true;
             }
-            if !queue.enable_notification(mem).unwrap_or(false) {
+            if let Some(ring) = &mut self.ring {
+                // A refused submit leaves the entries queued; the next batch retries it.
+                let _ = ring.submit();
+            }
+            // With every slot taken, notifications stay off: completions bring the worker back.
+            if self.full() || !queue.enable_notification(mem).unwrap_or(false) {
                 return added;
             }
+        }
+    }
+
+    fn complete(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMem) -> bool {
+        let Some(ring) = &mut self.ring else {
+            return false;
+        };
+        let mut reaped = std::mem::take(&mut self.reaped);
+        ring.reap(&mut reaped);
+        let mut added = false;
+        for (tag, res) in reaped.drain(..) {
+            if let Some((head, len)) = self.settle(tag as usize, res, mem) {
+                added |= queue.add_used(mem, head, len).is_ok();
+            }
+        }
+        self.reaped = reaped;
+        if let Some(ring) = &mut self.ring {
+            let _ = ring.submit(); // the rests of short transfers
+        }
+        added
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.len() - self.free.len()
+    }
+
+    fn completion_event(&self) -> Option<&EventFd> {
+        self.ring.as_ref().map(IoRing::event)
+    }
+
+    fn reset(&mut self, mem: &GuestMem) {
+        // Nothing is answered any more, but reads still land in guest RAM and count as dirty.
+        while self.in_flight() > 0 {
+            let Some(ring) = &mut self.ring else {
+                break;
+            };
+            let mut reaped = std::mem::take(&mut self.reaped);
+            if ring.submit().and_then(|()| ring.wait()).is_err() {
+                // The ring is unusable: dropping it waits as well as it can; serve at once now.
+                self.ring = None;
+            } else {
+                ring.reap(&mut reaped);
+            }
+            for (tag, _) in reaped.drain(..) {
+                if let Some(r) = self.in_flight.get_mut(tag as usize).and_then(Option::take) {
+                    self.free.push(tag as usize);
+                    match r.op {
+                        Op::Read => mark_dirty(&r.segs, mem),
+                        Op::Write => self.unsynced = true,
+                        Op::Flush => {}
+                    }
+                }
+            }
+            self.reaped = reaped;
+        }
+        if self.ring.is_none() {
+            self.in_flight.fill_with(|| None);
+            self.free = (0..self.in_flight.len()).rev().collect();
         }
     }
 }

@@ -1,9 +1,10 @@
-//! A raw disk image file: positional reads and writes straight between the file and guest memory
-//! (`pread`/`pwrite` on the device worker's thread), or, with `direct`, through an aligned bounce
-//! buffer, since O_DIRECT needs aligned memory and guest buffers are anywhere.
+//! A raw disk image file: the fd the device's io_uring reads and writes guest memory through, and
+//! positional reads and writes for what is served at once (`pread`/`pwrite` on the device
+//! worker's thread; with `direct`, through an aligned bounce buffer, since O_DIRECT needs aligned
+//! memory and guest buffers are anywhere).
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
 use vm_memory::bitmap::BitmapSlice;
@@ -72,6 +73,13 @@ impl DiskImage {
 
     pub fn sectors(&self) -> u64 {
         self.size / SECTOR_SIZE
+    }
+
+    /// Whether guest memory at `addr..addr + len` can be the buffer of I/O on this file itself
+    /// (O_DIRECT needs it aligned), rather than go through a bounce buffer.
+    pub fn takes_in_place(&self, addr: u64, len: u64) -> bool {
+        !self.direct
+            || (addr.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(SECTOR_SIZE))
     }
 
     /// Reads `buf.len()` bytes at `offset` into guest memory and marks them dirty.
@@ -242,5 +250,11 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: ptr came from alloc with this layout and is freed once.
         unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+impl AsRawFd for DiskImage {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }

@@ -3,11 +3,13 @@
 
 pub mod block;
 pub mod disk_image;
+pub mod io_ring;
 pub mod msix;
 pub mod pci;
 pub mod worker;
 
 use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMem;
 
@@ -30,8 +32,24 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
     fn config_len(&self) -> usize;
     fn read_config(&self, offset: usize, data: &mut [u8]);
-    /// Serves the available requests on queue `index`; true when it added used entries.
+    /// Serves the available requests on queue `index`, or starts them; true when it added used
+    /// entries.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool;
+    /// Answers the started requests of queue `index` that finished; true when it added used
+    /// entries. Never blocks.
+    fn complete(&mut self, _index: usize, _queue: &mut Queue, _mem: &GuestMem) -> bool {
+        false
+    }
+    /// Requests started and not yet answered.
+    fn in_flight(&self) -> usize {
+        0
+    }
+    /// Readable when started requests finished: the worker polls it beside the kicks.
+    fn completion_event(&self) -> Option<&EventFd> {
+        None
+    }
+    /// The driver reset the device: waits for the requests in flight and answers none of them.
+    fn reset(&mut self, _mem: &GuestMem) {}
     /// Makes what the device wrote durable on its backing (called once it is quiesced, so that
     /// another host on the same shared storage sees it).
     fn sync_backing(&mut self) -> std::io::Result<()> {

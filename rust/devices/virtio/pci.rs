@@ -186,6 +186,7 @@ impl VirtioPci {
 
     /// Device reset (status 0 written, or a fresh device): queues disabled, features cleared.
     fn reset(&mut self) {
+        self.device.reset(&self.ram.mem);
         self.regs = TransportState {
             config_vector: NO_VECTOR,
             config_generation: self.regs.config_generation,
@@ -201,18 +202,38 @@ impl VirtioPci {
         self.regs.status & STATUS_DRIVER_OK != 0 && self.regs.status & STATUS_FAILED == 0
     }
 
-    /// Serves every ready queue and signals the ones that got used entries. The worker calls it.
+    /// Answers the requests that finished, serves or starts the available ones, and signals the
+    /// queues that got used entries. The worker calls it.
     pub fn process_queues(&mut self) {
-        if !self.driver_ok() {
-            return;
-        }
+        self.serve(true);
+    }
+
+    /// Answers the requests that finished, taking no new ones (quiesce); returns how many are
+    /// still in flight.
+    pub fn complete_queues(&mut self) -> usize {
+        self.serve(false);
+        self.device.in_flight()
+    }
+
+    /// Readable when requests in flight finished (a dup, for the worker's poll).
+    pub fn completion_event(&self) -> std::io::Result<Option<EventFd>> {
+        self.device
+            .completion_event()
+            .map(EventFd::try_clone)
+            .transpose()
+    }
+
+    fn serve(&mut self, take_new: bool) {
+        let take_new = take_new && self.driver_ok();
         for i in 0..self.queues.len() {
             if !self.queues[i].ready() {
                 continue;
             }
-            let added = self
-                .device
-                .process_queue(i, &mut self.queues[i], &self.ram.mem);
+            let mem = &self.ram.mem;
+            let mut added = self.device.complete(i, &mut self.queues[i], mem);
+            if take_new {
+                added |= self.device.process_queue(i, &mut self.queues[i], mem);
+            }
             if added
                 && self.queues[i]
                     .needs_notification(&self.ram.mem)

@@ -4,7 +4,8 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, MmapRegion};
@@ -149,8 +150,18 @@ impl Harness {
     /// lets the device serve the queue; returns the used element (id, len).
     fn submit(&mut self, chain: &[(u64, u32, bool)]) -> (u32, u32) {
         self.publish(chain);
-        self.dev.process_queues();
+        self.serve();
         self.last_used()
+    }
+
+    /// Lets the device take what is available, then waits (generously) until it answered all.
+    fn serve(&mut self) {
+        self.dev.process_queues();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.dev.complete_queues() > 0 {
+            assert!(Instant::now() < deadline, "requests still in flight");
+            std::thread::yield_now();
+        }
     }
 
     fn used_idx(&self) -> u16 {
@@ -170,18 +181,24 @@ impl Harness {
 
     /// Makes a chain available without telling the device.
     fn publish(&mut self, chain: &[(u64, u32, bool)]) {
+        self.publish_at(0, chain);
+    }
+
+    /// Makes a chain at descriptors `first..` available without telling the device.
+    fn publish_at(&mut self, first: u16, chain: &[(u64, u32, bool)]) {
         let mem = &self.ram.mem;
         for (i, &(addr, len, write)) in chain.iter().enumerate() {
             let last = i + 1 == chain.len();
             let flags = if write { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
-            let d = DESC + 16 * i as u64;
+            let index = first + i as u16;
+            let d = DESC + 16 * u64::from(index);
             mem.write_obj(addr, GuestAddress(d)).unwrap();
             mem.write_obj(len, GuestAddress(d + 8)).unwrap();
             mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
-            mem.write_obj(i as u16 + 1, GuestAddress(d + 14)).unwrap();
+            mem.write_obj(index + 1, GuestAddress(d + 14)).unwrap();
         }
         let slot = self.avail_idx % QSIZE;
-        mem.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
+        mem.write_obj(first, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
             .unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
         mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
@@ -211,6 +228,39 @@ impl Harness {
         (self.ram.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
     }
 
+    /// Read `r` of several in flight at once: 4 KiB of sector 8 * r + 1 into its own buffer,
+    /// descriptors 3r.. (head 3r), header and status of its own.
+    fn publish_read(&mut self, r: u16) {
+        let (header, status) = (HEADER + 16 * u64::from(r), STATUS + u64::from(r));
+        let mem = &self.ram.mem;
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(header))
+            .unwrap();
+        mem.write_obj(8 * u64::from(r) + 1, GuestAddress(header + 8))
+            .unwrap();
+        mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        self.publish_at(
+            3 * r,
+            &[
+                (header, 16, false),
+                (read_buffer(r), 4096, true),
+                (status, 1, true),
+            ],
+        );
+    }
+
+    /// Read `r`'s buffer holds what the file has at its sectors, and its status says OK.
+    fn check_read(&self, r: u16, file: &[u8]) {
+        let mem = &self.ram.mem;
+        let mut got = vec![0u8; 4096];
+        mem.read_slice(&mut got, GuestAddress(read_buffer(r)))
+            .unwrap();
+        let at = (8 * usize::from(r) + 1) * 512;
+        assert_eq!(got, file[at..at + 4096], "read {r}'s data");
+        let status: u8 = mem.read_obj(GuestAddress(STATUS + u64::from(r))).unwrap();
+        assert_eq!(status, VIRTIO_BLK_S_OK, "read {r}'s status");
+        assert!(self.vmm_dirty(read_buffer(r)), "read {r}'s buffer is dirty");
+    }
+
     fn file(&self) -> Vec<u8> {
         fs::read(&self._image.0).unwrap()
     }
@@ -225,6 +275,11 @@ impl Harness {
             MmapRegion::bitmap(region).reset();
         }
     }
+}
+
+/// Where read `r` of `publish_read` lands (page-aligned, as O_DIRECT wants).
+fn read_buffer(r: u16) -> u64 {
+    DATA + 0x10000 + 4096 * u64::from(r)
 }
 
 #[test]
@@ -499,12 +554,12 @@ fn state_round_trip_continues_from_saved_indices() {
     assert!(h.dev.restore(&bad).is_err());
 }
 
-/// Waits (generously: the machine may be busy) until the device completed `want` requests.
+/// Waits (generously: the machine may be busy) until the device completed `want` requests or more.
 fn wait_used(ram: &GuestRam, want: u16) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != want {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ram.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() < want {
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "the device thread did not complete request {want}"
         );
         std::thread::yield_now();
@@ -514,8 +569,6 @@ fn wait_used(ram: &GuestRam, want: u16) {
 #[test]
 fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
     use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuExit};
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
 
     let mut h = harness("kick", false);
     let Some((_kvm, vm, mut vcpu)) = crate::dirty::tests::tiny_vm(&h.ram, false) else {
@@ -742,7 +795,7 @@ fn indirect_descriptor_tables() {
     mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
     mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
     h.avail_idx = 1;
-    h.dev.process_queues();
+    h.serve();
     assert_eq!(h.last_used(), (0, 513));
     assert_eq!(
         h.ram.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
@@ -798,4 +851,115 @@ fn event_idx_suppresses_interrupts_until_used_event() {
         .read_obj(GuestAddress(USED + 4 + 8 * u64::from(QSIZE)))
         .unwrap();
     assert_eq!(avail_event, 3);
+}
+
+#[test]
+fn reads_go_to_storage_together_and_each_is_answered() {
+    for direct in [false, true] {
+        let mut h = harness_with("together", false, direct);
+        h.setup();
+        h.clear_dirty();
+        let file = h.file();
+        for r in 0..4 {
+            h.publish_read(r);
+        }
+        h.dev.process_queues();
+        let st = h.dev.save();
+        assert_eq!(st.queues[0].next_avail, 4, "all four taken at once");
+        assert_eq!(
+            h.used_idx(),
+            0,
+            "none answered before its completion is reaped"
+        );
+        h.serve();
+        assert_eq!(h.used_idx(), 4);
+        let mut heads = Vec::new();
+        for i in 0..4u64 {
+            let elem = USED + 4 + 8 * i;
+            let id: u32 = h.ram.mem.read_obj(GuestAddress(elem)).unwrap();
+            let len: u32 = h.ram.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+            assert_eq!(len, 4097, "data and status written");
+            heads.push(id);
+        }
+        heads.sort();
+        assert_eq!(heads, vec![0, 3, 6, 9], "each request answered once");
+        for r in 0..4 {
+            h.check_read(r, &file);
+        }
+        assert!(h.vmm_dirty(USED), "used ring is dirty");
+    }
+}
+
+#[test]
+fn a_reset_waits_for_the_requests_in_flight_and_answers_none() {
+    let mut h = harness("reset-inflight", false);
+    h.setup();
+    h.clear_dirty();
+    let file = h.file();
+    for r in 0..4 {
+        h.publish_read(r);
+    }
+    h.dev.process_queues();
+    h.write(0x14, 1, 0);
+    assert_eq!(h.dev.complete_queues(), 0, "nothing left in flight");
+    assert_eq!(h.used_idx(), 0, "a reset device writes no used entries");
+    for r in 0..4 {
+        let mut got = vec![0u8; 4096];
+        h.ram
+            .mem
+            .read_slice(&mut got, GuestAddress(read_buffer(r)))
+            .unwrap();
+        let at = (8 * usize::from(r) + 1) * 512;
+        assert_eq!(got, file[at..at + 4096], "read {r} landed");
+        assert!(h.vmm_dirty(read_buffer(r)), "and is marked dirty");
+    }
+}
+
+#[test]
+fn a_pause_answers_every_request_in_flight_first() {
+    let mut h = harness("pause-inflight", false);
+    h.setup();
+    h.clear_dirty();
+    let file = h.file();
+    for r in 0..4 {
+        h.publish_read(r);
+    }
+    let dev_kicks = vec![h.kicks[0].try_clone().unwrap()];
+    let Harness {
+        dev,
+        ram,
+        kicks,
+        irqs,
+        avail_idx,
+        _image,
+    } = h;
+    let dev = Arc::new(Mutex::new(dev));
+    let mut worker = Worker::spawn(
+        "virtio-test".into(),
+        dev.clone(),
+        dev_kicks,
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+        false,
+    )
+    .unwrap();
+    kicks[0].write(1).unwrap();
+    // Once one is answered, the worker took all four (it takes what is available at once).
+    wait_used(&ram, 1);
+    worker
+        .pause(Instant::now() + Duration::from_secs(30))
+        .unwrap();
+    let used: u16 = ram.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 4, "paused with every request answered");
+    worker.stop();
+    let h = Harness {
+        dev: Arc::into_inner(dev).unwrap().into_inner().unwrap(),
+        ram,
+        kicks,
+        irqs,
+        avail_idx,
+        _image,
+    };
+    for r in 0..4 {
+        h.check_read(r, &file);
+    }
 }

@@ -1,7 +1,8 @@
 //! One thread per virtio device: it sleeps in poll(2) on the device's kick eventfds (written by
-//! KVM on a notify-register write, never through userspace) and its wake eventfd, and serves the
-//! queues under the device lock. Pause is a handshake: the thread finishes the batch it is in,
-//! then acknowledges and holds still, so nothing is in flight while device state is captured.
+//! KVM on a notify-register write, never through userspace), its wake eventfd and the eventfd its
+//! I/O engine signals completions on, and serves the queues under the device lock. Pause is a
+//! handshake: the thread stops taking requests, answers every one in flight (quiesce), then
+//! acknowledges and holds still, so nothing is in flight while device state is captured.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -52,10 +53,15 @@ impl Worker {
         let thread_wake = wake
             .try_clone()
             .map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e))?;
+        let done = dev
+            .lock()
+            .unwrap()
+            .completion_event()
+            .map_err(|e| Error::io(Kind::Kvm, "dup of a completion eventfd", e))?;
         let thread_ctl = ctl.clone();
         let thread = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || run(&dev, &kicks, &thread_wake, &thread_ctl))
+            .spawn(move || run(&dev, &kicks, &thread_wake, done.as_ref(), &thread_ctl))
             .map_err(|e| Error::io(Kind::Kvm, "spawning a device thread", e))?;
         Ok(Worker {
             ctl,
@@ -76,7 +82,7 @@ impl Worker {
         let _ = self.wake.write(1);
     }
 
-    /// Asks the thread to hold still and waits until it does (its batch done).
+    /// Asks the thread to hold still and waits until it does (every request answered).
     pub fn pause(&self, deadline: Instant) -> Result<()> {
         self.set(Want::Pause);
         let (lock, cv) = &*self.ctl;
@@ -113,8 +119,8 @@ impl Drop for Worker {
     }
 }
 
-/// Blocks while paused; false when the thread must end.
-fn wait_runnable(ctl: &(Mutex<Ctl>, Condvar)) -> bool {
+/// Blocks while paused, after `quiesce` on the way in; false when the thread must end.
+fn wait_runnable(ctl: &(Mutex<Ctl>, Condvar), mut quiesce: impl FnMut()) -> bool {
     let (lock, cv) = ctl;
     let mut c = lock.lock().unwrap();
     loop {
@@ -124,21 +130,49 @@ fn wait_runnable(ctl: &(Mutex<Ctl>, Condvar)) -> bool {
                 c.parked = false;
                 return true;
             }
-            Want::Pause => {
-                if !c.parked {
-                    c.parked = true;
-                    cv.notify_all();
+            Want::Pause if !c.parked => {
+                drop(c);
+                quiesce();
+                c = lock.lock().unwrap();
+                if c.want != Want::Pause {
+                    continue;
                 }
+                c.parked = true;
+                cv.notify_all();
             }
+            Want::Pause => {}
         }
         c = cv.wait(c).unwrap();
     }
 }
 
-fn run(dev: &Mutex<VirtioPci>, kicks: &[EventFd], wake: &EventFd, ctl: &(Mutex<Ctl>, Condvar)) {
-    let mut fds: Vec<libc::pollfd> = kicks
+/// Answers every request in flight, taking no new ones.
+fn quiesce(dev: &Mutex<VirtioPci>, done: Option<&EventFd>) {
+    while dev.lock().unwrap().complete_queues() > 0 {
+        let Some(done) = done else {
+            return;
+        };
+        let mut p = libc::pollfd {
+            fd: done.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: p is one valid pollfd for an eventfd this thread owns. The timeout only bounds
+        // a wait the completion itself ends; the engine clears the eventfd when it reaps.
+        unsafe { libc::poll(&mut p, 1, 100) };
+    }
+}
+
+fn run(
+    dev: &Mutex<VirtioPci>,
+    kicks: &[EventFd],
+    wake: &EventFd,
+    done: Option<&EventFd>,
+    ctl: &(Mutex<Ctl>, Condvar),
+) {
+    let events: Vec<&EventFd> = kicks.iter().chain([wake]).chain(done).collect();
+    let mut fds: Vec<libc::pollfd> = events
         .iter()
-        .chain([wake])
         .map(|e| libc::pollfd {
             fd: e.as_raw_fd(),
             events: libc::POLLIN,
@@ -146,16 +180,15 @@ fn run(dev: &Mutex<VirtioPci>, kicks: &[EventFd], wake: &EventFd, ctl: &(Mutex<C
         })
         .collect();
     // Serving before the first wait picks up requests a restored queue already holds.
-    while wait_runnable(ctl) {
+    while wait_runnable(ctl, || quiesce(dev, done)) {
         dev.lock().unwrap().process_queues();
         // SAFETY: fds is a valid array of pollfd for the eventfds this thread's caller keeps open.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             continue; // EINTR
         }
-        for (i, p) in fds.iter_mut().enumerate() {
+        for (p, evt) in fds.iter_mut().zip(&events) {
             if p.revents & libc::POLLIN != 0 {
-                let evt = kicks.get(i).unwrap_or(wake);
                 let _ = evt.read();
             }
             p.revents = 0;
