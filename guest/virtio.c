@@ -207,11 +207,18 @@ void virtq_add(struct virtq *q, uint16_t head)
 
 void virtq_kick(struct virtq *q)
 {
-    mfence(); /* avail->idx visible before the device looks (spec 2.7.13.4) */
+    mfence(); /* avail->idx visible before the device looks, and before its flags are read (2.7.13.4) */
+    if (LOAD_ACQ(&q->used[0]) & VRING_USED_F_NO_NOTIFY)
+        return;
     uint64_t t0 = rdtsc();
     mmio_write16(q->notify, 0);
     q->kick_cycles += rdtsc() - t0;
     q->kicks++;
+}
+
+void virtq_interrupts(struct virtq *q, int on)
+{
+    STORE_REL(&q->avail[0], on ? 0 : VRING_AVAIL_F_NO_INTERRUPT);
 }
 
 int virtq_poll(struct virtq *q, uint32_t *id)

@@ -9,6 +9,8 @@
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+#define VRING_USED_F_NO_NOTIFY 1
 
 struct vring_desc {
     uint64_t addr;
@@ -52,7 +54,10 @@ uint64_t virtio_cfg64(struct virtio_dev *d, uint32_t off);
 
 /* Publishes the chain starting at descriptor `head` (no kick). */
 void virtq_add(struct virtq *q, uint16_t head);
+/* Tells the device about new chains, unless it said it is looking anyway (VRING_USED_F_NO_NOTIFY). */
 void virtq_kick(struct virtq *q);
+/* Asks the device for interrupts on completions, or (off) not to bother: a driver that polls. */
+void virtq_interrupts(struct virtq *q, int on);
 /* The next completion: returns 1 and its head descriptor in *id, or 0 when none is there. */
 int virtq_poll(struct virtq *q, uint32_t *id);
 

@@ -557,7 +557,13 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMem) -> bool {
+    fn process_queue(
+        &mut self,
+        _index: usize,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        rearm: bool,
+    ) -> bool {
         let mut added = false;
         loop {
             // Errors here mean the rings left guest RAM; the queue then just stops serving.
@@ -592,7 +598,7 @@ impl VirtioDevice for Block {
                 let _ = ring.submit();
             }
             // With every slot taken, notifications stay off: completions bring the worker back.
-            if self.full() || !queue.enable_notification(mem).unwrap_or(false) {
+            if !rearm || self.full() || !queue.enable_notification(mem).unwrap_or(false) {
                 return added;
             }
         }

@@ -33,8 +33,15 @@ pub trait VirtioDevice: Send {
     fn config_len(&self) -> usize;
     fn read_config(&self, offset: usize, data: &mut [u8]);
     /// Serves the available requests on queue `index`, or starts them; true when it added used
-    /// entries.
-    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool;
+    /// entries. Driver notifications are off meanwhile; with `rearm` they are back on at the end
+    /// (and the queue looked at once more), without it the caller keeps looking.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        rearm: bool,
+    ) -> bool;
     /// Answers the started requests of queue `index` that finished; true when it added used
     /// entries. Never blocks.
     fn complete(&mut self, _index: usize, _queue: &mut Queue, _mem: &GuestMem) -> bool {

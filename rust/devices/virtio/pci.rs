@@ -205,13 +205,23 @@ impl VirtioPci {
     /// Answers the requests that finished, serves or starts the available ones, and signals the
     /// queues that got used entries. The worker calls it.
     pub fn process_queues(&mut self) {
-        self.serve(true);
+        let _ = self.serve(true, true);
+    }
+
+    /// As `process_queues`, but leaves driver notifications off (the worker keeps looking);
+    /// true when it answered or took a request.
+    pub fn poll_queues(&mut self) -> bool {
+        self.serve(true, false)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.device.in_flight()
     }
 
     /// Answers the requests that finished, taking no new ones (quiesce); returns how many are
     /// still in flight.
     pub fn complete_queues(&mut self) -> usize {
-        self.serve(false);
+        let _ = self.serve(false, true);
         self.device.in_flight()
     }
 
@@ -223,17 +233,28 @@ impl VirtioPci {
             .transpose()
     }
 
-    fn serve(&mut self, take_new: bool) {
+    /// True when a request was answered or taken.
+    fn serve(&mut self, take_new: bool, rearm: bool) -> bool {
         let take_new = take_new && self.driver_ok();
+        let before = self.device.in_flight();
+        let mut progress = false;
         for i in 0..self.queues.len() {
             if !self.queues[i].ready() {
                 continue;
             }
             let mem = &self.ram.mem;
+            if take_new {
+                // Off before the answers: a driver that sends its next request the moment it sees
+                // one would otherwise still find notifications on, and kick.
+                let _ = self.queues[i].disable_notification(mem);
+            }
             let mut added = self.device.complete(i, &mut self.queues[i], mem);
             if take_new {
-                added |= self.device.process_queue(i, &mut self.queues[i], mem);
+                added |= self
+                    .device
+                    .process_queue(i, &mut self.queues[i], mem, rearm);
             }
+            progress |= added;
             if added
                 && self.queues[i]
                     .needs_notification(&self.ram.mem)
@@ -243,6 +264,7 @@ impl VirtioPci {
                 self.msix.signal(self.queue_vectors[i]);
             }
         }
+        progress || self.device.in_flight() != before
     }
 
     pub fn sync_backing(&mut self) -> std::io::Result<()> {

@@ -963,3 +963,22 @@ fn a_pause_answers_every_request_in_flight_first() {
         h.check_read(r, &file);
     }
 }
+
+#[test]
+fn notifications_stay_off_while_the_worker_polls_and_come_back_before_it_sleeps() {
+    let mut h = harness("poll", false);
+    h.setup();
+    let flags = |h: &Harness| h.ram.mem.read_obj::<u16>(GuestAddress(USED)).unwrap();
+    h.publish_read(0);
+    assert!(h.dev.poll_queues(), "the read was taken");
+    assert_eq!(flags(&h) & 1, 1, "VRING_USED_F_NO_NOTIFY while polling");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while h.used_idx() == 0 {
+        assert!(Instant::now() < deadline, "the read was not answered");
+        h.dev.poll_queues();
+        assert_eq!(flags(&h) & 1, 1, "still off when the answer is written");
+    }
+    assert!(!h.dev.poll_queues(), "nothing more to do");
+    h.dev.process_queues();
+    assert_eq!(flags(&h) & 1, 0, "on again before the worker sleeps");
+}
