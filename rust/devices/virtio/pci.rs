@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::msix::{Msix, MsixState, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
@@ -28,6 +29,7 @@ pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
 pub const MSIX_PBA_OFFSET: u64 = 0x5000;
 const REGION: u64 = 0x1000;
 pub const NO_VECTOR: u16 = 0xffff;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 const CAP_VENDOR: u8 = 0x09;
 const CAP_MSIX: u8 = 0x11;
@@ -255,11 +257,7 @@ impl VirtioPci {
                     .process_queue(i, &mut self.queues[i], mem, rearm);
             }
             progress |= added;
-            if added
-                && self.queues[i]
-                    .needs_notification(&self.ram.mem)
-                    .unwrap_or(true)
-            {
+            if added && self.wants_interrupt(i) {
                 self.regs.isr |= 1;
                 self.msix.signal(self.queue_vectors[i]);
             }
@@ -269,6 +267,20 @@ impl VirtioPci {
 
     pub fn sync_backing(&mut self) -> std::io::Result<()> {
         self.device.sync_backing()
+    }
+
+    /// Whether the driver wants an interrupt for queue `i`'s new used entries: with EVENT_IDX as
+    /// `used_event` says; without, unless it set VRING_AVAIL_F_NO_INTERRUPT (virtio-queue does not
+    /// look at that flag).
+    fn wants_interrupt(&mut self, i: usize) -> bool {
+        let mem = &self.ram.mem;
+        let q = &mut self.queues[i];
+        let wanted = q.needs_notification(mem).unwrap_or(true);
+        if q.event_idx_enabled() {
+            return wanted;
+        }
+        let flags: u16 = mem.read_obj(GuestAddress(q.avail_ring())).unwrap_or(0);
+        flags & VRING_AVAIL_F_NO_INTERRUPT == 0
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {

@@ -498,6 +498,13 @@ fn msix_vectors_fire_once_enabled_and_unmasked() {
     assert_eq!(h.irqs[0].read().unwrap(), 1, "queue 0's vector fired");
     assert_eq!(h.read(0x1000, 1), 1, "ISR bit 0, cleared by the read");
     assert_eq!(h.read(0x1000, 1), 0);
+    // A polling driver asks for no interrupts (VRING_AVAIL_F_NO_INTERRUPT, without EVENT_IDX).
+    h.ram.mem.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+    h.request(VIRTIO_BLK_T_FLUSH, 0, None);
+    assert!(h.irqs[0].read().is_err(), "no interrupt asked for");
+    h.ram.mem.write_obj(0u16, GuestAddress(AVAIL)).unwrap();
+    h.request(VIRTIO_BLK_T_FLUSH, 0, None);
+    assert_eq!(h.irqs[0].read().unwrap(), 1, "and one again once it asks");
 }
 
 #[test]
