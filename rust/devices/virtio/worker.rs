@@ -172,9 +172,13 @@ fn poll_while_idle(dev: &Mutex<VirtioPci>) {
     }
 }
 
-/// Answers every request in flight, taking no new ones.
-fn quiesce(dev: &Mutex<VirtioPci>, done: Option<&EventFd>) {
+/// Answers every request in flight, taking no new ones; gives up when the thread must end (the
+/// ring, dropped with the device, still waits for what storage has not finished).
+fn quiesce(dev: &Mutex<VirtioPci>, done: Option<&EventFd>, ctl: &(Mutex<Ctl>, Condvar)) {
     while dev.lock().unwrap().complete_queues() > 0 {
+        if ctl.0.lock().unwrap().want == Want::Stop {
+            return;
+        }
         let Some(done) = done else {
             return;
         };
@@ -206,7 +210,7 @@ fn run(
         })
         .collect();
     // Serving before the first wait picks up requests a restored queue already holds.
-    while wait_runnable(ctl, || quiesce(dev, done)) {
+    while wait_runnable(ctl, || quiesce(dev, done, ctl)) {
         poll_while_idle(dev);
         dev.lock().unwrap().process_queues();
         // SAFETY: fds is a valid array of pollfd for the eventfds this thread's caller keeps open.
