@@ -189,7 +189,7 @@ def test_dirty_sync_vs_c_floor(benchmark, guest_vmm, c_tools, case):
     mib, rounds = DIRTY_CASES[case], DIRTY_ROUNDS[case]
     vmm, serial = guest_vmm(vcpus=DIRTY_VCPUS, memory_mib=1024)
     serial.wait_ready()
-    vm = vmm._vm  # the native Vm the in-process Vmm owns
+    vm = vmm._machine.vm  # the native Vm the in-process Vmm owns
     samples, pages, ranges, empty = [], [], [], []
     paused = [False]
 
@@ -275,7 +275,7 @@ def transfer_guest(tmp_path_factory):
         vmm.boot()
         serial.wait_ready()
         dirty_one_pass(serial, 1024, timeout=120)
-        yield vmm, vmm._vm.all_ram_ranges().split(CHUNK)
+        yield vmm, vmm._machine.vm.all_ram_ranges().split(CHUNK)
     finally:
         serial.close()
         vmm.close()
@@ -286,7 +286,7 @@ def test_send_memory_vs_raw_socket(benchmark, transfer_guest, drains, c_tools, l
     from vmmpy import _native
 
     vmm, chunks = transfer_guest
-    vm = vmm._vm
+    vm = vmm._machine.vm
     drain = drains[link]
     ours, floor = [], []
     wire = {}
