@@ -1,27 +1,36 @@
 //! vmmpy's native core. Python orchestrates (vmmpy/vmm.py); this crate owns the hot paths: the
 //! vCPU run loop and the devices on its exit path, and guest memory.
 
+//!
+//! Python's API is the `_native` module below. The modules marked public are the migration hot
+//! path's pieces, public only for benches/migration.rs (a cargo bench: a separate crate linking
+//! this one's rlib); they are not an API.
+
 mod acpi;
 mod boot;
 mod console;
 mod cpuid;
 mod devices;
-mod dirty;
+#[doc(hidden)]
+pub mod dirty;
 mod error;
 mod fd;
+#[doc(hidden)]
+pub mod fixtures;
 mod idle;
 mod layout;
-mod memory;
+#[doc(hidden)]
+pub mod memory;
 mod memory_file;
-#[cfg(test)]
-#[path = "../benches/migration.rs"]
-mod migration_bench;
 mod pacer;
 mod python;
-mod ranges;
+#[doc(hidden)]
+pub mod ranges;
 mod state;
-mod tls;
-mod transfer;
+#[doc(hidden)]
+pub mod tls;
+#[doc(hidden)]
+pub mod transfer;
 mod vcpu;
 mod vm;
 

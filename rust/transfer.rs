@@ -820,7 +820,8 @@ mod tests {
 
     #[test]
     fn roundtrip_over_tls_with_a_pacer() {
-        use crate::tls::{tests::make_tls_dir, Role, TlsContext};
+        use crate::fixtures::make_tls_dir;
+        use crate::tls::{Role, TlsContext};
         let dir = make_tls_dir("transfer", "127.0.0.1");
         let src = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();
         let dst = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();
