@@ -25,6 +25,7 @@ use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 use crate::error::{Error, Kind, Result};
 use crate::memory::{GuestRam, VmmBitmap, PAGE_SIZE};
 use crate::ranges::RangeTable;
+use crate::sparse::data_extents;
 
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -228,47 +229,17 @@ pub fn all_ram(ram: &GuestRam) -> RangeTable {
         let gpa = region.start_addr().0;
         let len = region.len();
         match region.file_offset() {
-            Some(fo) => data_extents(fo.file().as_raw_fd(), fo.start(), len, |off, n| {
-                table.push(gpa + off, n)
-            }),
+            Some(fo) => {
+                // What the file cannot tell about counts as data: it is sent.
+                for extent in data_extents(fo.file().as_raw_fd(), fo.start(), len) {
+                    let (off, n) = extent.unwrap_or_else(|unknown| unknown.as_data());
+                    table.push(gpa + off, n);
+                }
+            }
             None => table.push(gpa, len),
         }
     }
     table
-}
-
-/// Calls `f(offset, len)` (relative to `start`, page aligned) for each data extent of the file in
-/// `start..start + len`. Anything it cannot tell counts as data.
-fn data_extents(fd: i32, start: u64, len: u64, mut f: impl FnMut(u64, u64)) {
-    let end = start + len;
-    let mut off = start;
-    while off < end {
-        // SAFETY: lseek on a descriptor we own only moves its file offset (no one reads through it).
-        let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                f(off - start, end - off);
-            }
-            return; // ENXIO: no data after `off`
-        }
-        let data = (data as u64) & !(PAGE_SIZE - 1);
-        if data >= end {
-            return;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            end
-        } else {
-            (hole as u64).next_multiple_of(PAGE_SIZE).min(end)
-        };
-        if hole <= data {
-            f(data - start, end - data);
-            return;
-        }
-        f(data - start, hole - data);
-        off = hole;
-    }
 }
 
 #[cfg(test)]

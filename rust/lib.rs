@@ -26,6 +26,7 @@ mod pacer;
 mod python;
 #[doc(hidden)]
 pub mod ranges;
+mod sparse;
 mod state;
 #[doc(hidden)]
 pub mod tls;
