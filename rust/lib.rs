@@ -69,5 +69,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(python::test_guest_elf, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
     m.add("MAX_DISKS", vm::MAX_DISKS)?;
+    // The Memory frame's command number and the most RAM one frame carries: send_memory writes
+    // the frame, so the Python side of the protocol takes both from here.
+    m.add("CMD_MEMORY", transfer::CMD_MEMORY)?;
+    m.add("CHUNK_MAX", transfer::CHUNK_MAX)?;
     Ok(())
 }

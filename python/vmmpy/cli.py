@@ -20,6 +20,7 @@ import threading
 from typing import Any, NoReturn, Sequence
 
 from vmmpy.config import (
+    DEFAULT_CMDLINE,
     SerialConfig,
     VmConfig,
     parse_console,
@@ -94,7 +95,7 @@ def build_parser() -> OneLineParser:
         help="enter an ELF kernel through its PVH note (pvh, the default when it has one) "
         "or Linux's 64-bit entry (linux64)",
     )
-    p.add_argument("--cmdline", metavar="STRING", help='kernel command line (default "console=ttyS0")')
+    p.add_argument("--cmdline", metavar="STRING", help=f'kernel command line (default "{DEFAULT_CMDLINE}")')
     p.add_argument("--memory", metavar="size=SIZE[,shared=on|off]", help="guest RAM, e.g. size=512M")
     p.add_argument("--cpus", metavar="boot=N", help="vCPU count, e.g. boot=2 (1 to 8)")
     p.add_argument(

@@ -31,7 +31,7 @@ from . import transport
 from .progress import ProgressTracker
 from .protocol import VERSION, Capability, Command, Connection, PeerError
 
-CHUNK_BYTES = 64 << 20  # one Memory frame; cancel and timeouts are checked between frames
+CHUNK_BYTES = _native.CHUNK_MAX  # one Memory frame; cancel and timeouts are checked between frames
 CHUNK_MIN = 256 << 10
 CHUNK_TIME_S = 2.0  # under a max_bandwidth, a frame takes about this long on its connection
 MAX_CONNECTIONS = 128  # Cloud Hypervisor's bound
