@@ -35,11 +35,13 @@ import pytest
 from helpers import BANNER, SerialClient
 from migration_helpers import free_port, progress, send, start_receive, wait_progress
 
+from vmmpy.migration.source import CHUNK_BYTES
+
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 GIB = 1 << 30
 PAGE = 4096
-CHUNK = 64 * MIB  # the migration's Memory frame size (migration/source.py CHUNK_BYTES)
+CHUNK = CHUNK_BYTES  # the migration's Memory frame size
 WRITE = 4 * MIB  # bytes per write call: what send_memory does (rust/transfer.rs WRITE_MAX)
 FLOOR_BUF = 64 * MIB  # the C sender's buffer: bigger than the 32 MiB L3, so it streams from memory
 HOST = "nested PVM host (kvm_pvm)"

@@ -21,8 +21,6 @@ from vmmpy.config import (
     parse_cpus,
     parse_memory,
     parse_serial,
-    parse_size,
-    split_options,
     from_peer,
 )
 from vmmpy.errors import InvalidConfig, VmmError
@@ -374,21 +372,6 @@ def test_to_api_shape_and_round_trip(kernel_file):
 # ------------------------------------------------------------------------------ CLI flags
 
 
-@pytest.mark.parametrize(
-    "text, value",
-    [("512M", 512 * MIB), ("1G", 1 << 30), ("4096K", 4 * MIB), ("1048576", MIB), ("2g", 2 << 30), (" 64M ", 64 * MIB)],
-)
-def test_parse_size(text, value):
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["12X", "", "M", "-1M", "1.5G", "0x10", "1 G"])
-def test_parse_size_bad(text):
-    with pytest.raises(InvalidConfig) as e:
-        parse_size(text)
-    assert repr(text) in str(e.value)
-
-
 def test_parse_memory():
     assert parse_memory("size=512M") == {"memory_mib": 512}
     assert parse_memory("size=1G,shared=on") == {"memory_mib": 1024, "memory_shared": True}
@@ -468,12 +451,6 @@ def test_parse_console():
     for bad in ("tty", "pty", "file=/x", ""):
         with pytest.raises(InvalidConfig, match="no virtio console"):
             parse_console(bad)
-
-
-def test_split_options_quotes():
-    assert split_options('a=1,b="x,y",c', "--x") == [("a", "1"), ("b", "x,y"), ("c", None)]
-    with pytest.raises(InvalidConfig, match="unbalanced"):
-        split_options('a="x', "--x")
 
 
 def test_host_memory_is_positive():

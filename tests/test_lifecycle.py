@@ -159,7 +159,7 @@ def test_reset_requested_while_pausing_happens_on_resume(guest_vmm):
 
 @pytest.mark.skipif(
     not os.path.exists("/sys/module/kvm_pvm"),
-    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0, see shared/KVM_HERE.md); "
+    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0, see docs/host.md); "
     "hardware KVM delivers the exception instead",
 )
 def test_unhandled_exit_is_an_error_state_not_a_crash(tmp_path):

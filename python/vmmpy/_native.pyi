@@ -4,6 +4,8 @@
 from typing import final
 
 __all__ = [
+    "CHUNK_MAX",
+    "CMD_MEMORY",
     "Console",
     "GuestRegion",
     "MAX_DISKS",
@@ -20,6 +22,8 @@ __all__ = [
 
 MAX_VCPUS: int
 MAX_DISKS: int
+CMD_MEMORY: int  # the Memory frame's command number (rust/transfer.rs)
+CHUNK_MAX: int  # the most RAM one Memory frame carries, in bytes
 
 def kvm_check() -> str:
     """Opens /dev/kvm and checks the API version; raises KvmError when KVM is unusable."""

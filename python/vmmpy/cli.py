@@ -20,6 +20,7 @@ import threading
 from typing import Any, NoReturn, Sequence
 
 from vmmpy.config import (
+    DEFAULT_CMDLINE,
     SerialConfig,
     VmConfig,
     parse_console,
@@ -27,9 +28,12 @@ from vmmpy.config import (
     parse_disk,
     parse_memory,
     parse_serial,
+    read_request_body,
+    request_body_from_options,
 )
 from vmmpy.errors import InvalidConfig, VmmError
 from vmmpy.events import EventMonitor, parse_event_monitor
+from vmmpy.options import parse_path_or_fd
 from vmmpy.testhooks import NO_HOOKS, TestHooks
 
 PROG = "vmmpy"
@@ -91,7 +95,7 @@ def build_parser() -> OneLineParser:
         help="enter an ELF kernel through its PVH note (pvh, the default when it has one) "
         "or Linux's 64-bit entry (linux64)",
     )
-    p.add_argument("--cmdline", metavar="STRING", help='kernel command line (default "console=ttyS0")')
+    p.add_argument("--cmdline", metavar="STRING", help=f'kernel command line (default "{DEFAULT_CMDLINE}")')
     p.add_argument("--memory", metavar="size=SIZE[,shared=on|off]", help="guest RAM, e.g. size=512M")
     p.add_argument("--cpus", metavar="boot=N", help="vCPU count, e.g. boot=2 (1 to 8)")
     p.add_argument(
@@ -130,39 +134,17 @@ def build_parser() -> OneLineParser:
 
 def parse_api_socket(text: str) -> tuple[str | None, int | None]:
     """``--api-socket path=PATH | fd=N | PATH`` → ``(path, fd)``."""
-    value = text.strip() if isinstance(text, str) else ""
-    if value.startswith("fd="):
-        number = value[3:]
-        if number.isdigit():
-            return None, int(number)
-        raise InvalidConfig(f"--api-socket fd={number!r}: not a file descriptor number")
-    if value.startswith("path="):
-        value = value[5:]
-    if not value or "\0" in value:
-        raise InvalidConfig(f"--api-socket {text!r}: expected path=PATH or fd=N")
-    if "," in value and "=" in value:
-        raise InvalidConfig(f"--api-socket {text!r}: expected path=PATH or fd=N")
-    return value, None
+    return parse_path_or_fd(text, "--api-socket")
 
 
-def parse_restore(text: str) -> dict:
-    """``source_url=file:///DIR[,resume=on]`` (or a bare URL or path)."""
-    out: dict[str, Any] = {"resume": False}
-    for i, part in enumerate(p for p in text.split(",") if p):
-        key, sep, value = part.partition("=")
-        if not sep and i == 0:
-            out["source_url"] = part
-        elif key == "source_url":
-            out["source_url"] = value
-        elif key == "resume" and value in ("on", "off", "true", "false"):
-            out["resume"] = value in ("on", "true")
-        elif key == "prefault":
-            continue  # accepted for Cloud Hypervisor compatibility: vmmpy always copies memory in
-        else:
-            raise InvalidConfig(f"--restore {part!r}: expected source_url=file:///DIR[,resume=on]")
-    if "source_url" not in out:
-        raise InvalidConfig(f"--restore {text!r}: source_url is missing")
-    return out
+def parse_restore(text: str) -> dict[str, Any]:
+    """``--restore source_url=file:///DIR[,resume=on]`` (or a bare URL) → keyword arguments of
+    ``Vmm.restore``: Cloud Hypervisor's RestoreConfig, read as the API reads it."""
+    body = request_body_from_options("RestoreConfig", text, "--restore", "source_url")
+    try:
+        return read_request_body("RestoreConfig", body)
+    except InvalidConfig as e:
+        raise InvalidConfig(f"--restore {text!r}: {e}") from None
 
 
 def _setup_logging(verbosity: int) -> None:
@@ -282,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.kernel is not None:
                     _say_kernel_kind(vmm, args.kernel)
             if restore is not None:
-                vmm.restore(restore["source_url"], resume=restore["resume"])
+                vmm.restore(**restore)
         except VmmError as e:
             rc = _fail(e)
             _stop(vmm)

@@ -5,7 +5,8 @@ Three ways in, one representation out:
 * the dataclasses :class:`VmConfig` and :class:`SerialConfig` (what :class:`vmmpy.vmm.Vmm` consumes);
 * :meth:`VmConfig.from_api`, which reads the ``VmConfig`` JSON body of Cloud Hypervisor's
   ``PUT /api/v1/vm.create`` and refuses, by name, every field vmmpy cannot honour;
-* ``parse_*`` helpers for the command-line flags, in Cloud Hypervisor's ``key=value,...`` syntax.
+* ``parse_*`` helpers for the command-line flags, in Cloud Hypervisor's ``key=value,...`` syntax
+  (split and typed by :mod:`vmmpy.options`).
 
 Every problem is reported as :class:`vmmpy.errors.InvalidConfig` whose message names the field (or
 flag) and the offending value.
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmmpy.errors import InvalidConfig
+from vmmpy.options import parse_bool, parse_int, parse_options, parse_size, split_options
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -839,91 +841,51 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def request_body_from_options(name: str, text: str, flag: str, bare: str) -> dict[str, Any]:
+    """CH request body `name` (a key of :data:`REQUEST_BODIES`) from a command-line option string
+    (``vmmpy --restore``, ``vmmpy-remote send-migration ...``), as ch-remote builds it: each field
+    becomes the JSON type the body takes (booleans by :func:`vmmpy.options.parse_bool`). A key the
+    body does not name stays a string, for :func:`read_request_body` to refuse by name."""
+    spec = REQUEST_BODIES[name]
+    kinds: dict[str, Any] = {**spec.fields, **spec.no_ops}
+    kinds.update({k: type(v) for k, v in spec.ch_defaults.items() if isinstance(v, bool)})
+    body: dict[str, Any] = {}
+    for key, value in parse_options(text, flag, None, f"{bare}=...[,key=value...]", bare=bare).items():
+        kind = kinds.get(key)
+        if kind is bool:
+            body[key] = parse_bool(value, f"{flag} {key}")
+        elif kind is int:
+            body[key] = parse_int(value, f"{flag} {key}")
+        elif kind is SIZE and value.isascii() and value.strip().isdigit():
+            body[key] = int(value)
+        else:
+            body[key] = value
+    return body
+
+
 # --------------------------------------------------------------------------------------------
 # Command-line flags (Cloud Hypervisor syntax)
 # --------------------------------------------------------------------------------------------
 
 
-def split_options(text: str, flag: str) -> list[tuple[str, str | None]]:
-    """Split ``a=1,b="x,y",c`` into ``[("a", "1"), ("b", "x,y"), ("c", None)]``.
-
-    Double quotes protect commas inside a value, as in Cloud Hypervisor's option parser.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidConfig(f"{flag} {text!r}: empty value")
-    items: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if quoted:
-        raise InvalidConfig(f"{flag} {text!r}: unbalanced double quote")
-    items.append("".join(current))
-    out: list[tuple[str, str | None]] = []
-    for item in items:
-        if not item:
-            raise InvalidConfig(f"{flag} {text!r}: empty option")
-        key, sep, value = item.partition("=")
-        out.append((key.strip(), value if sep else None))
-    return out
-
-
-def _options_dict(text: str, flag: str, allowed: tuple[str, ...], usage: str) -> dict[str, str]:
-    seen: dict[str, str] = {}
-    for key, value in split_options(text, flag):
-        if value is None:
-            raise InvalidConfig(f"{flag} {text!r}: expected {usage}")
-        if key not in allowed:
-            raise InvalidConfig(f"{flag} {text!r}: unsupported option {key!r}; expected {usage}")
-        if key in seen:
-            raise InvalidConfig(f"{flag} {text!r}: option {key!r} given twice")
-        seen[key] = value
-    return seen
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``"512M"`` → bytes. Suffixes K, M, G (any case) are powers of 1024; no suffix = bytes."""
-    s = text.strip() if isinstance(text, str) else ""
-    shift = {"k": 10, "m": 20, "g": 30}.get(s[-1:].lower(), 0)
-    digits = s[:-1] if shift else s
-    if not digits.isdigit():
-        raise InvalidConfig(f"{what}={text!r}: not a size (expected <number>[K|M|G])")
-    return int(digits) << shift
-
-
-def parse_toggle(text: str, what: str) -> bool:
-    value = text.strip().lower()
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise InvalidConfig(f"{what}={text!r}: expected on or off")
-
-
 def parse_disk(text: str) -> DiskConfig:
     """``--disk path=FILE[,readonly=on][,id=NAME][,direct=on]`` → a DiskConfig (not yet checked)."""
     usage = "path=<file>[,readonly=on|off][,id=<name>][,direct=on|off]"
-    opts = _options_dict(text, "--disk", ("path", "readonly", "id", "direct"), usage)
+    opts = parse_options(text, "--disk", ("path", "readonly", "id", "direct"), usage)
     if "path" not in opts:
         raise InvalidConfig(f"--disk {text!r}: expected {usage}")
     return DiskConfig(
         path=opts["path"],
-        readonly=parse_toggle(opts["readonly"], "--disk readonly") if "readonly" in opts else False,
+        readonly=parse_bool(opts["readonly"], "--disk readonly") if "readonly" in opts else False,
         id=opts.get("id"),
-        direct=parse_toggle(opts["direct"], "--disk direct") if "direct" in opts else False,
+        direct=parse_bool(opts["direct"], "--disk direct") if "direct" in opts else False,
     )
 
 
 def parse_memory(text: str) -> dict:
     """``--memory size=512M,shared=on`` → ``{"memory_mib": 512, "memory_shared": True}``."""
     usage = "size=<bytes>[K|M|G][,shared=on|off]"
-    opts = _options_dict(text, "--memory", ("size", "shared"), usage)
+    opts = parse_options(text, "--memory", ("size", "shared"), usage)
     out: dict[str, Any] = {}
     if "size" in opts:
         size = parse_size(opts["size"], "--memory size")
@@ -937,14 +899,14 @@ def parse_memory(text: str) -> dict:
             raise InvalidConfig(f"--memory size={opts['size']!r}: more than this host's memory ({_format_mib(bound)})")
         out["memory_mib"] = mib
     if "shared" in opts:
-        out["memory_shared"] = parse_toggle(opts["shared"], "--memory shared")
+        out["memory_shared"] = parse_bool(opts["shared"], "--memory shared")
     return out
 
 
 def parse_cpus(text: str) -> dict:
     """``--cpus boot=2[,max=2]`` → ``{"vcpus": 2}`` (``max`` must equal ``boot``)."""
     usage = f"boot=<1..{MAX_VCPUS}>[,max=<same>]"
-    opts = _options_dict(text, "--cpus", ("boot", "max"), usage)
+    opts = parse_options(text, "--cpus", ("boot", "max"), usage)
 
     def number(key: str) -> int:
         raw = opts[key].strip()

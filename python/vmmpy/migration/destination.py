@@ -367,7 +367,9 @@ class Receiver:
             return incoming, False
         if command == Command.CONFIG and st is ReceiveState.STARTED:
             doc = self._json(conn, length)
-            local = bool(doc.get("local"))
+            local = doc.get("local", False)
+            if not isinstance(local, bool):
+                raise MigrationError(f"Config local={local!r}: must be a JSON boolean")
             if local and (not fds or sorted(fds) != list(range(len(fds)))):
                 raise MigrationError(f"local migration needs memory fds for regions 0..n-1, got {sorted(fds)}")
             memory_fds = [fds[i] for i in range(len(fds))] if local else None
