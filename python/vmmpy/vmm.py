@@ -20,7 +20,6 @@ import os
 import queue
 import selectors
 import threading
-from typing import Any, Callable
 
 from . import __version__, _native
 from .config import SerialConfig, VmConfig, from_peer
@@ -37,25 +36,20 @@ from .errors import (
 )
 from .events import EventMonitor
 from .lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
-from .migration import transport
-from .migration.destination import CAPABILITIES, Incoming, ReceiveHooks, Receiver
-from .migration.protocol import Capability
-from .migration.progress import ProgressTracker
-from .migration.handles import MigrationHandle, ReceiveHandle
-from .migration.source import PAUSE_TIMEOUT_S, MigrationOptions, SourceMigration
+from .migration.receive_hooks import ReceiveHooks
 from .payload import BootPayload, check_description
 from .testhooks import NO_HOOKS, TestHooks
-from .snapshot import (
-    CONFIG_FILE,
-    STATE_FILE,
-    SnapshotDir,
-    decode_state,
-    encode_state,
-    parse_file_url,
-    read_memory,
-    read_payload,
-    write_snapshot,
-)
+
+# Migration and snapshot modules are imported by the calls that use them, so that a VMM that only
+# boots does not load them (~10 ms of the `vmmpy` command's start-up); annotations only here.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any, Callable
+
+    from .migration.destination import Incoming
+    from .migration.handles import MigrationHandle, ReceiveHandle
+    from .migration.source import SourceMigration
+    from .snapshot import SnapshotDir
 
 log = logging.getLogger("vmmpy.vmm")
 
@@ -449,6 +443,8 @@ class Vmm(ReceiveHooks):
 
     # ReceiveHooks: called by the receiver thread; the work runs on the control loop.
     def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
+        from .migration.destination import Incoming
+
         def do():
             if self._config is not None:
                 raise VmAlreadyCreated("a VM exists on this VMM")
@@ -575,6 +571,8 @@ class Vmm(ReceiveHooks):
             if self._state is not VmState.RUNNING:
                 raise InvalidState(f"cannot pause a VM in state {self._state.value}")
             self.events.emit("vm", "pausing")
+            from .migration.source import PAUSE_TIMEOUT_S
+
             try:
                 self._vm.pause(PAUSE_TIMEOUT_S)
             except VmmError:
@@ -673,6 +671,10 @@ class Vmm(ReceiveHooks):
         """Starts migrating the running VM; returns at once with a handle."""
         if destination_url is not None:
             options["destination_url"] = destination_url
+        from .migration.handles import MigrationHandle
+        from .migration.progress import ProgressTracker
+        from .migration.source import MigrationOptions, SourceMigration
+
         opts = MigrationOptions.from_dict(options)
 
         def do():
@@ -731,6 +733,11 @@ class Vmm(ReceiveHooks):
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
         With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
         each disk id to this host's file for it (default: the VMM's `disk_backings`)."""
+        from .migration import transport
+        from .migration.destination import CAPABILITIES, Receiver
+        from .migration.handles import ReceiveHandle
+        from .migration.protocol import Capability
+
         url = transport.parse_url(receiver_url)
         backings = self._checked_backings(disks)
         tls = transport.tls_context(tls_dir, url, "server")
@@ -757,6 +764,8 @@ class Vmm(ReceiveHooks):
 
     def snapshot(self, destination_url: str) -> None:
         """Writes the paused VM's config, state and memory into a directory (file:// URL or path)."""
+        from .snapshot import encode_state, parse_file_url, write_snapshot
+
         directory = parse_file_url(destination_url)
 
         def do():
@@ -792,6 +801,8 @@ class Vmm(ReceiveHooks):
                 vmm.close()
                 raise
             return vmm
+        from .snapshot import SnapshotDir, parse_file_url
+
         directory = parse_file_url(source_url)
         backings = self._checked_backings(disks)
         with SnapshotDir(directory) as snap:
@@ -802,6 +813,9 @@ class Vmm(ReceiveHooks):
     def _restore_from(self, snap: SnapshotDir, directory, disk_backings: dict[str, str]) -> None:
         """Everything is read and checked (version, config, payload digests) before a VM is built;
         the snapshot's config chooses no host path here (its serial is this VMM's own)."""
+        from .migration.source import PAUSE_TIMEOUT_S
+        from .snapshot import CONFIG_FILE, STATE_FILE, decode_state, read_memory, read_payload
+
         config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
         described = decoded.fields["payload"] or {}
         cfg = from_peer(config_api, described, disk_backings)
