@@ -112,13 +112,16 @@ class QemuGuest:
                 "-machine",
                 "memory-backend=ram",
             ]
-        if incoming:
-            cmd += ["-incoming", "defer"]
+        # A booting guest starts stopped (-S) until its console has a client: QEMU drops serial
+        # output nobody is connected to.
+        cmd += ["-incoming", "defer"] if incoming else ["-S"]
         self.log_path = tmp / f"{name}.qemu.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.qmp = Qmp(self.qmp_path)
         self.serial = SerialClient(self.serial_path)
+        if not incoming:
+            self.qmp.command("cont")
 
     def set_capabilities(self, capabilities: dict[str, bool]) -> None:
         caps = [{"capability": k, "state": v} for k, v in capabilities.items()]
