@@ -118,10 +118,16 @@ class QemuGuest:
         self.log_path = tmp / f"{name}.qemu.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        self.qmp = Qmp(self.qmp_path)
-        self.serial = SerialClient(self.serial_path)
-        if not incoming:
-            self.qmp.command("cont")
+        try:
+            self.qmp = Qmp(self.qmp_path)
+            self.serial = SerialClient(self.serial_path)
+            if not incoming:
+                self.qmp.command("cont")
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            self.log.close()
+            raise
 
     def set_capabilities(self, capabilities: dict[str, bool]) -> None:
         caps = [{"capability": k, "state": v} for k, v in capabilities.items()]

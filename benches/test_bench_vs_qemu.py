@@ -299,15 +299,23 @@ class QemuSide:
         self.caps = {"x-ignore-shared": True} if local else {}
         self.n = 0
         self.src = QemuGuest(tmp, "qa0", guest, mib, mem_path=self.mem_path)
-        self.boot_id, _ = self.src.serial.wait_ready()
-        guest_workload(self.src.serial, what)
+        try:
+            self.boot_id, _ = self.src.serial.wait_ready()
+            guest_workload(self.src.serial, what)
+        except BaseException:
+            self.close()
+            raise
 
     def migrate(self) -> dict:
         self.n += 1
         dst = QemuGuest(self.tmp, f"qa{self.n}", self.guest, self.mib, incoming=True, mem_path=self.mem_path)
         uri = f"unix:{self.tmp}/qmig{self.n}.sock" if self.local else f"tcp:127.0.0.1:{free_port()}"
-        dst.listen(uri, self.caps)
-        info = self.src.migrate(uri, self.caps, **QEMU_PARAMETERS)
+        try:
+            dst.listen(uri, self.caps)
+            info = self.src.migrate(uri, self.caps, **QEMU_PARAMETERS)
+        except BaseException:
+            dst.close()
+            raise
         self.src.close()
         self.src = dst
         return {
