@@ -53,7 +53,8 @@ def widen_handback_window(vmm, seconds: float = 0.2) -> None:
     A thread can always be preempted for that long between its last statement and its exit; this
     makes that happen every time instead of now and then, so a hand-back that depends on the
     worker thread being gone already is caught deterministically rather than by luck."""
-    run = vmm._handover._worker
+    handover = vmm._loop.call(vmm._outgoing)  # built on the loop, as the first migration would
+    run = handover._worker
 
     def worker(handle):
         try:
@@ -61,7 +62,7 @@ def widen_handback_window(vmm, seconds: float = 0.2) -> None:
         finally:
             time.sleep(seconds)
 
-    vmm._handover._worker = worker
+    handover._worker = worker
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, NoReturn, Sequence
+
 
 from vmmpy.config import (
     DEFAULT_CMDLINE,
@@ -35,6 +35,10 @@ from vmmpy.errors import InvalidConfig, VmmError
 from vmmpy.events import EventMonitor, parse_event_monitor
 from vmmpy.options import parse_path_or_fd
 from vmmpy.testhooks import NO_HOOKS, TestHooks
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms of start-up): annotations only
+if TYPE_CHECKING:
+    from typing import Any, NoReturn, Sequence
 
 PROG = "vmmpy"
 log = logging.getLogger("vmmpy.cli")

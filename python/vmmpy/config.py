@@ -19,10 +19,14 @@ import json
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+
 
 from vmmpy.errors import InvalidConfig
 from vmmpy.options import parse_bool, parse_int, parse_options, parse_size, split_options
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms of start-up): annotations only
+if TYPE_CHECKING:
+    from typing import Any
 
 KIB = 1 << 10
 MIB = 1 << 20

@@ -13,9 +13,12 @@ import os
 import queue
 import selectors
 import threading
-from typing import Any, Callable
 
 from .errors import VmmShutDown
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
+if TYPE_CHECKING:
+    from typing import Any, Callable
 
 log = logging.getLogger("vmmpy.control_loop")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Callable
 
 from . import _native
 from .config import SerialConfig, VmConfig
@@ -20,8 +19,14 @@ from .console import ConsoleBackend
 from .control_loop import ControlLoop, drain
 from .errors import InvalidState, VmAlreadyCreated, VmmError, VmMigrating, VmNotCreated
 from .events import EventMonitor
-from .migration.source import PAUSE_TIMEOUT_S
 from .payload import BootPayload
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
+if TYPE_CHECKING:
+    from typing import Callable
+
+
+PAUSE_TIMEOUT_S = 5.0  # for every vCPU to stop and park (pause, migration, snapshot restore)
 
 
 class Ownership(enum.Enum):

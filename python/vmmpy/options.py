@@ -16,9 +16,11 @@ option. A boolean in a JSON body (the REST API, a migration peer, a snapshot) is
 
 from __future__ import annotations
 
-from typing import Iterable
-
 from vmmpy.errors import InvalidConfig
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
+if TYPE_CHECKING:
+    from typing import Iterable
 
 TRUE_WORDS = ("on", "true")
 FALSE_WORDS = ("off", "false")

@@ -9,8 +9,7 @@ from .config import from_peer
 from .control_loop import ControlLoop
 from .errors import InvalidState
 from .events import EventMonitor
-from .machine import Machine, VmState
-from .migration.source import PAUSE_TIMEOUT_S
+from .machine import PAUSE_TIMEOUT_S, Machine, VmState
 from .payload import check_description
 from .snapshot import (
     CONFIG_FILE,

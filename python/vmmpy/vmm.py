@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 from . import __version__
 from .config import SerialConfig, VmConfig
@@ -19,14 +18,17 @@ from .control_loop import ControlLoop, drain
 from .errors import InvalidConfig
 from .events import EventMonitor
 from .machine import Machine, Ownership, VmState
-from .migration import transport
-from .migration.handles import MigrationHandle, ReceiveHandle
-from .migration.handover import Handover
-from .migration.reception import Reception
-from .migration.source import MigrationOptions
-from .snapshot import SnapshotDir, parse_file_url
-from .snapshotting import restore_snapshot, take_snapshot
 from .testhooks import NO_HOOKS, TestHooks
+
+# Migration and snapshot modules are imported by the calls that use them, so that a VMM that only
+# boots does not load them (~10 ms of the `vmmpy` command's start-up); annotations only here.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .migration.handles import MigrationHandle, ReceiveHandle
+    from .migration.handover import Handover
+    from .migration.reception import Reception
 
 __all__ = ["Ownership", "VmState", "Vmm"]
 
@@ -62,8 +64,8 @@ class Vmm:
         self._loop = ControlLoop()
         self._exit_fd = self._loop.eventfd(self._on_exit)
         self._machine = Machine(self._loop, self.events, serial, no_shutdown)
-        self._handover = Handover(self._loop, self._machine, self.events, test_hooks)
-        self._reception = Reception(self._loop, self._machine, self.events, test_hooks)
+        self._handover: Handover | None = None  # built by the first migration call
+        self._reception: Reception | None = None  # built by the first receive
         self.events.emit("vmm", "starting")
         self._loop.start(on_teardown=self._teardown, on_closed=lambda: self.events.emit("vmm", "shutdown"))
 
@@ -75,9 +77,25 @@ class Vmm:
     def boot_count(self) -> int:
         return self._machine.boot_count
 
+    def _outgoing(self) -> Handover:
+        """The outgoing side (loop thread: it registers an eventfd with the loop)."""
+        if self._handover is None:
+            from .migration.handover import Handover
+
+            self._handover = Handover(self._loop, self._machine, self.events, self.test_hooks)
+        return self._handover
+
+    def _incoming(self) -> Reception:
+        if self._reception is None:
+            from .migration.reception import Reception
+
+            self._reception = Reception(self._loop, self._machine, self.events, self.test_hooks)
+        return self._reception
+
     def _on_exit(self) -> None:
         drain(self._exit_fd)
-        self._handover.abort()
+        if self._handover is not None:
+            self._handover.abort()
         if self._machine.vm is not None:
             self._machine.destroy_vm()
             self.events.emit("vm", "shutdown")
@@ -86,7 +104,8 @@ class Vmm:
     def _teardown(self) -> None:
         # Queued calls have failed by now: a receiver thread waiting on the loop is not left
         # waiting while it is joined here.
-        self._reception.close()
+        if self._reception is not None:
+            self._reception.close()
         self._machine.close()
 
     # ---- the VM's state machine -------------------------------------------------------------
@@ -102,8 +121,9 @@ class Vmm:
 
     def info(self) -> dict:
         def do():
-            if self._machine.ownership is Ownership.MIGRATION and self._handover.info_at_start is not None:
-                return self._handover.info_at_start  # the worker owns the VM: what it was when handed over
+            at_start = self._handover.info_at_start if self._handover is not None else None
+            if self._machine.ownership is Ownership.MIGRATION and at_start is not None:
+                return at_start  # the worker owns the VM: what it was when handed over
             return self._machine.info()
 
         return self._loop.call(do)
@@ -141,14 +161,16 @@ class Vmm:
         """Starts migrating the running VM; returns at once with a handle."""
         if destination_url is not None:
             options["destination_url"] = destination_url
+        from .migration.source import MigrationOptions
+
         opts = MigrationOptions.from_dict(options)
-        return self._loop.call(lambda: self._handover.start(opts))
+        return self._loop.call(lambda: self._outgoing().start(opts))
 
     def migration_progress(self) -> dict:
-        return self._loop.call(self._handover.progress)
+        return self._loop.call(lambda: self._outgoing().progress())
 
     def cancel_migration(self) -> None:
-        self._loop.call(self._handover.cancel)
+        self._loop.call(lambda: self._outgoing().cancel())
 
     def receive_migration(
         self, receiver_url: str, tls_dir: str | None = None, disks: dict[str, str] | None = None
@@ -156,15 +178,20 @@ class Vmm:
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
         With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
         each disk id to this host's file for it (default: the VMM's `disk_backings`)."""
+        from .migration import transport
+
         url = transport.parse_url(receiver_url)
         backings = self._checked_backings(disks)
         tls = transport.tls_context(tls_dir, url, "server")
-        return self._loop.call(lambda: self._reception.listen(url, receiver_url, tls, backings))
+        return self._loop.call(lambda: self._incoming().listen(url, receiver_url, tls, backings))
 
     # ---- snapshots ----------------------------------------------------------------------------
 
     def snapshot(self, destination_url: str) -> None:
         """Writes the paused VM's config, state and memory into a directory (file:// URL or path)."""
+        from .snapshot import parse_file_url
+        from .snapshotting import take_snapshot
+
         directory = parse_file_url(destination_url)
         self._loop.call(lambda: take_snapshot(self._machine, self.events, directory))
 
@@ -187,6 +214,9 @@ class Vmm:
                 vmm.close()
                 raise
             return vmm
+        from .snapshot import SnapshotDir, parse_file_url
+        from .snapshotting import restore_snapshot
+
         directory = parse_file_url(source_url)
         backings = self._checked_backings(disks)
         with SnapshotDir(directory) as snap:

@@ -17,23 +17,22 @@ loaded.
 from __future__ import annotations
 
 import enum
-import hmac
 import json
 import logging
 import os
 import queue
-import secrets
 import selectors
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
-from ..config import VmConfig, from_peer
+from ..config import from_peer
 from ..errors import MigrationError, VmmError
 from ..payload import PARTS, BootPayload, check_description, verify
 from ..snapshot import decode_state
 from . import transport
+from .receive_hooks import ReceiveHooks
 from .protocol import JSON_MAX, MESSAGE_MAX, VERSION, Capability, Command, Connection, PeerTimeout, Status
 
 log = logging.getLogger("vmmpy.migration")
@@ -76,19 +75,6 @@ class Incoming:
     described: dict = field(default_factory=dict)
     received: dict = field(default_factory=dict)
     payload: BootPayload = field(default_factory=BootPayload)
-
-
-class ReceiveHooks:
-    """What the receiver needs from its VMM (implemented by Vmm; runs on the VMM's control loop)."""
-
-    def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
-        raise NotImplementedError
-
-    def complete(self, incoming: Incoming, fields: dict) -> None:
-        raise NotImplementedError
-
-    def emit(self, event: str, properties: dict | None = None) -> None:
-        raise NotImplementedError
 
 
 class Receiver:
@@ -348,7 +334,11 @@ class Receiver:
             ):
                 raise MigrationError("this destination takes one connection (connections > 1 needs tcp)")
             answer = {"version": VERSION, "capabilities": self.capabilities}
-            token = secrets.token_hex(16) if connections > 1 else None
+            token = None
+            if connections > 1:
+                import secrets  # here, not at the top: a VMM that only boots never loads it
+
+                token = secrets.token_hex(16)
             if token is not None:
                 answer["connection_token"] = token
                 self._open_join_window()  # before the answer: the joins follow it at once
@@ -483,6 +473,8 @@ class Receiver:
                     _close(fd)
                 doc = self._json(extra, length, MESSAGE_MAX) if command == Command.JOIN else {}
                 index = doc.get("index")
+                import hmac  # here, not at the top: a VMM that only boots never loads it
+
                 if (
                     not hmac.compare_digest(str(doc.get("token", "")).encode(), token.encode())
                     or type(index) is not int

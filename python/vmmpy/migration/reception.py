@@ -14,9 +14,10 @@ from ..machine import Machine, VmState
 from ..payload import BootPayload
 from ..testhooks import TestHooks
 from . import transport
-from .destination import CAPABILITIES, Incoming, ReceiveHooks, Receiver
+from .destination import CAPABILITIES, Incoming, Receiver
 from .handles import ReceiveHandle
 from .protocol import Capability
+from .receive_hooks import ReceiveHooks
 
 
 class Reception(ReceiveHooks):

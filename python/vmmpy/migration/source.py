@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from .. import _native
 from ..errors import InvalidConfig, MigrationCancelled, MigrationError
 from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
+from ..machine import PAUSE_TIMEOUT_S
 from ..options import parse_size
 from ..payload import PARTS, BootPayload
 from ..snapshot import encode_state
@@ -38,7 +39,6 @@ MAX_CONNECTIONS = 128  # Cloud Hypervisor's bound
 THROTTLE_STEP = 10
 THROTTLE_MAX = 99
 THROTTLE_SLICE_S = 0.1
-PAUSE_TIMEOUT_S = 5.0
 
 
 @dataclass
