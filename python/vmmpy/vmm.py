@@ -110,10 +110,13 @@ class Vmm(ReceiveHooks):
         no_shutdown: bool = False,
         test_hooks: TestHooks = NO_HOOKS,
         disk_backings: dict[str, str] | None = None,
+        net_backings: dict[str, str] | None = None,
     ):
-        """`disk_backings` (disk id -> path): this host's own files for the disks of a VM it
-        receives or restores, unless the receive or restore call names its own."""
+        """`disk_backings` (disk id -> path) and `net_backings` (net id -> tap name): this host's
+        own files and taps for the devices of a VM it receives or restores, unless the receive or
+        restore call names its own."""
         self._disk_backings = dict(disk_backings or {})
+        self._net_backings = dict(net_backings or {})
         self.events = event_monitor or EventMonitor()
         self.test_hooks = test_hooks
         test_hooks.announce()
@@ -319,6 +322,7 @@ class Vmm(ReceiveHooks):
             memory_fds=memory_fds,
             boot_protocol=cfg.boot_protocol,
             disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks],
+            nets=[n.native() for n in cfg.net],
         )
 
     def _build_and_boot(self) -> None:
@@ -629,14 +633,14 @@ class Vmm(ReceiveHooks):
         self._call(do)
 
     def counters(self) -> dict:
-        """Per-device counters, as CH's vm.counters; vmmpy's devices keep none: ``{}``."""
+        """Per-device counters, as CH's vm.counters: each NIC's rx/tx frames, bytes and drops."""
 
         def do():
             if self.ownership is Ownership.MIGRATION:
                 raise VmMigrating("the VM is being migrated")
             if self._vm is None:
                 raise InvalidState("VM is not running")
-            return {}
+            return self._vm.counters()
 
         return self._call(do)
 
@@ -726,13 +730,19 @@ class Vmm(ReceiveHooks):
         self._call(do)
 
     def receive_migration(
-        self, receiver_url: str, tls_dir: str | None = None, disks: dict[str, str] | None = None
+        self,
+        receiver_url: str,
+        tls_dir: str | None = None,
+        disks: dict[str, str] | None = None,
+        net: dict[str, str] | None = None,
     ) -> ReceiveHandle:
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
         With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
-        each disk id to this host's file for it (default: the VMM's `disk_backings`)."""
+        each disk id to this host's file for it (default: the VMM's `disk_backings`), `net` each net
+        id to this host's tap (default: `net_backings`)."""
         url = transport.parse_url(receiver_url)
         backings = self._checked_backings(disks)
+        taps = self._checked_backings(net, self._net_backings, "net", "net ids to tap names")
         tls = transport.tls_context(tls_dir, url, "server")
 
         def do():
@@ -743,7 +753,7 @@ class Vmm(ReceiveHooks):
             caps = None
             if self.test_hooks.no_lifecycle_capability:
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
-            receiver = Receiver(transport.listen(url), self, caps, tls, disk_backings=backings)
+            receiver = Receiver(transport.listen(url), self, caps, tls, disk_backings=backings, net_backings=taps)
             thread = threading.Thread(
                 target=lambda: self._receive_worker(handle), name="migration-receiver", daemon=True
             )
@@ -773,38 +783,52 @@ class Vmm(ReceiveHooks):
 
         self._call(do)
 
-    def _checked_backings(self, disks: Any) -> dict[str, str]:
-        if disks is None:
-            return dict(self._disk_backings)
-        if not isinstance(disks, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in disks.items()):
-            raise InvalidConfig(f"disks={disks!r}: must map disk ids to paths (strings)")
-        return dict(disks)
+    def _checked_backings(
+        self, given: Any, own: dict[str, str] | None = None, name: str = "disks", what: str = "disk ids to paths"
+    ) -> dict[str, str]:
+        if given is None:
+            return dict(self._disk_backings if own is None else own)
+        if not isinstance(given, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in given.items()):
+            raise InvalidConfig(f"{name}={given!r}: must map {what} (strings)")
+        return dict(given)
 
     @_ClassOrInstance
-    def restore(self, cls, source_url: str, *, resume: bool = False, disks: dict[str, str] | None = None, **vmm_kwargs):
+    def restore(
+        self,
+        cls,
+        source_url: str,
+        *,
+        resume: bool = False,
+        disks: dict[str, str] | None = None,
+        net: dict[str, str] | None = None,
+        **vmm_kwargs,
+    ):
         """`vmm.restore(dir)` restores a snapshot into this empty VMM, paused unless `resume`;
         `Vmm.restore(dir, **kwargs)` does that in a new VMM and returns it."""
         if self is None:
             vmm = cls(**vmm_kwargs)
             try:
-                vmm.restore(source_url, resume=resume, disks=disks)
+                vmm.restore(source_url, resume=resume, disks=disks, net=net)
             except BaseException:
                 vmm.close()
                 raise
             return vmm
         directory = parse_file_url(source_url)
         backings = self._checked_backings(disks)
+        taps = self._checked_backings(net, self._net_backings, "net", "net ids to tap names")
         with SnapshotDir(directory) as snap:
-            self._restore_from(snap, directory, backings)
+            self._restore_from(snap, directory, backings, taps)
         if resume:
             self.resume()
 
-    def _restore_from(self, snap: SnapshotDir, directory, disk_backings: dict[str, str]) -> None:
+    def _restore_from(
+        self, snap: SnapshotDir, directory, disk_backings: dict[str, str], net_backings: dict[str, str]
+    ) -> None:
         """Everything is read and checked (version, config, payload digests) before a VM is built;
         the snapshot's config chooses no host path here (its serial is this VMM's own)."""
         config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
         described = decoded.fields["payload"] or {}
-        cfg = from_peer(config_api, described, disk_backings)
+        cfg = from_peer(config_api, described, disk_backings, net_backings)
         payload = read_payload(snap, check_description(described, cfg.memory_bytes))
         cfg = self._own_serial(cfg)
 
