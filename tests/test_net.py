@@ -206,3 +206,93 @@ def test_destination_without_a_tap_for_a_net_id_is_refused_at_config(vmm_process
     m = src.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
     assert m.group(1).decode() == boot_id
     assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+
+
+# ---- configuration (no KVM, no taps needed) ------------------------------------------------
+
+
+def test_parse_net_reads_ch_syntax():
+    from vmmpy.config import parse_net
+
+    n = parse_net("tap=tap7,mac=52:54:00:00:00:07,ip=192.168.7.1,mask=255.255.255.0,id=eth0")
+    assert (n.tap, n.mac, n.ip, n.mask, n.id, n.fd) == (
+        "tap7",
+        "52:54:00:00:00:07",
+        "192.168.7.1",
+        "255.255.255.0",
+        "eth0",
+        None,
+    )
+    assert parse_net("fd=[3]").fd == 3 and parse_net("fd=4").fd == 4
+    for bad in ("tap=a,vhost_user=on", "fd=[3,4]", "tap"):
+        with pytest.raises(Exception, match="--net"):
+            parse_net(bad)
+
+
+def test_net_config_checks_name_mac_addresses_and_ids():
+    from vmmpy.config import InvalidConfig, NetConfig, VmConfig
+
+    with pytest.raises(InvalidConfig) as e:
+        VmConfig(
+            net=[
+                NetConfig(tap="lo", mac="01:00:00:00:00:01"),
+                NetConfig(tap="x" * 16, ip="1.2.3", mask="255.0.255.0"),
+                NetConfig(),
+                NetConfig(tap="t1", id="net0"),
+            ]
+        )
+    msg = str(e.value)
+    for part in (
+        "net[0].tap='lo': an interface that is not a tap",
+        "net[0].mac='01:00:00:00:00:01': must be a unicast MAC",
+        "net[1].tap='xxxxxxxxxxxxxxxx': must be an interface name of 1 to 15 bytes",
+        "net[1].ip='1.2.3': must be an IPv4 address",
+        "net[2]: needs exactly one of tap (a name) and fd",
+        "net[3].id='net0': used by another device",
+    ):
+        assert part in msg, msg
+    # A NIC without a MAC gets a random, locally administered unicast one, and keeps it.
+    cfg = VmConfig(net=[NetConfig(fd=0)])
+    mac = bytes.fromhex(cfg.net[0].mac.replace(":", ""))
+    assert mac[0] & 3 == 2 and cfg.net[0].id == "net0"
+    assert VmConfig(net=[NetConfig(fd=0, mac=cfg.net[0].mac)]).to_api()["net"][0]["mac"] == cfg.net[0].mac
+
+
+def test_from_api_reads_ch_net_config_and_round_trips():
+    from vmmpy.config import InvalidConfig, VmConfig
+
+    body = {
+        "net": [
+            {
+                "tap": "tapx",
+                "mac": "52:54:00:aa:bb:cc",
+                "ip": "192.168.249.1",
+                "mask": "255.255.255.0",
+                "num_queues": 2,
+                "queue_size": 256,
+                "offload_tso": True,
+                "offload_ufo": True,
+                "offload_csum": True,
+                "iommu": False,
+            }
+        ]
+    }
+    cfg = VmConfig.from_api(body)
+    (n,) = cfg.net
+    assert (n.tap, n.mac, n.ip, n.id) == ("tapx", "52:54:00:aa:bb:cc", "192.168.249.1", "net0")
+    assert VmConfig.from_api(cfg.to_api()).net == cfg.net
+    with pytest.raises(InvalidConfig, match=r"net\[0\]\.num_queues, net\[0\]\.vhost_user"):
+        VmConfig.from_api({"net": [{"tap": "t", "num_queues": 4, "vhost_user": True}]})
+    with pytest.raises(InvalidConfig, match=r"net\[0\]\.tap: required"):
+        VmConfig.from_api({"net": [{"mac": "52:54:00:aa:bb:cc"}]})
+
+
+def test_from_peer_takes_this_hosts_tap_and_keeps_the_mac():
+    from vmmpy.config import InvalidConfig, from_peer
+
+    peer = {"net": [{"tap": "peer-tap", "mac": "52:54:00:aa:bb:cc", "ip": "10.9.9.9", "id": "net0"}]}
+    cfg = from_peer(peer, {}, {}, {"net0": "own-tap"})
+    (n,) = cfg.net
+    assert (n.tap, n.mac, n.ip) == ("own-tap", "52:54:00:aa:bb:cc", None)
+    with pytest.raises(InvalidConfig, match="net 'net0': this host names no tap for it"):
+        from_peer(peer, {}, {}, {"other": "own-tap"})
