@@ -475,7 +475,7 @@ mod tests {
         }
 
         /// The next frame of ours the interface saw (what the device sent), within 5 s.
-        fn from_guest(&self) -> Vec<u8> {
+        fn sent_by_device(&self) -> Vec<u8> {
             let deadline = Instant::now() + Duration::from_secs(5);
             let mut buf = [0u8; 2048];
             loop {
@@ -523,7 +523,7 @@ mod tests {
         r.post(0, chain.len() as u32, false, &chain);
         assert!(r.net.transmit(&mut r.queue, &r.ram.mem));
         assert_eq!(r.used(), vec![(0, 0)]);
-        assert_eq!(r.from_guest(), Rig::frame(b"to the host"));
+        assert_eq!(r.sent_by_device(), Rig::frame(b"to the host"));
         assert_eq!(r.net.counters.tx_frames, 1);
     }
 
