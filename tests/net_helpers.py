@@ -5,6 +5,7 @@ socket on a tap to see what the guest sent."""
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import re
 import shutil
@@ -15,6 +16,11 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+
+import pytest
+
+from helpers import BANNER
+from migration_helpers import free_port, send, start_receive, url_for
 
 HOST_IP = "10.77.0.1"
 GUEST_IP = "10.77.0.2"
@@ -212,3 +218,109 @@ class Pinger:
         if end is not None:
             times = [t for t in times if t < end] + [end]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+NET_UP = rb"NET UP mac=([0-9a-f:]{17}) ip=([\d.]+)\r?\n"
+STATS = (
+    rb"NET STATS rx=(\d+) tx=(\d+) arp_in=(\d+) arp_out=(\d+) echo=(\d+) garp=(\d+) acks=(\d+) "
+    rb"ignored=(\d+) tx_full=(\d+)\r?\n"
+)
+STAT_NAMES = ("rx", "tx", "arp_in", "arp_out", "echo", "garp", "acks", "ignored", "tx_full")
+# A ping every 2 ms: fine-grained enough to see the migration's pause, light enough for a busy
+# 2-core host.
+INTERVAL = 0.002
+_tags = itertools.count()
+
+
+@pytest.fixture
+def network():
+    """A fresh namespace with its bridge for one test, deleted after it (taps and all)."""
+    why = missing_capability()
+    if why:
+        pytest.skip(f"virtio-net tests need a tap network: {why}")
+    try:
+        net = make_network(f"{os.getpid() % 100000}-{next(_tags)}")
+    except PermissionError as e:
+        pytest.skip(f"cannot make a network namespace here: {e}")
+    try:
+        yield net
+    finally:
+        delete_network(net)
+
+
+def net_stats(serial) -> dict:
+    m = serial.command("net stats", STATS)
+    return dict(zip(STAT_NAMES, (int(g) for g in m.groups())))
+
+
+def boot_guest(vmm_process, net, tap: str, name="src", hooks="", extra=()):
+    vmm = vmm_process(
+        "--cpus",
+        "boot=1",
+        "--memory",
+        "size=128M",
+        "--cmdline",
+        f"console=ttyS0 ip={GUEST_IP}",
+        "--net",
+        f"tap={tap},mac={GUEST_MAC},id=net0",
+        *extra,
+        name=name,
+        hooks=hooks,
+        netns=net.ns,
+    )
+    m = vmm.serial.expect(BANNER, 90)
+    up = vmm.serial.expect(NET_UP, 60)
+    assert up.groups() == (GUEST_MAC.encode(), GUEST_IP.encode())
+    vmm.serial.expect(rb"READY\r?\n", 60)
+    return vmm, m.group(1).decode()
+
+
+def counters(vmm) -> dict:
+    status, body = vmm.api.request("GET", "/api/v1/vm.counters")
+    assert status == 200, (status, body)
+    return body["net0"]
+
+
+def migrate_under_ping(vmm_process, network, tmp_path, transport: str, interval: float = INTERVAL) -> dict:
+    """A guest migrated (tcp, or local=on) while the host pings it every `interval` seconds: the
+    replies resume through the destination, which announced the guest with a gratuitous ARP;
+    returns the longest gap in the replies and the migration's reported downtime."""
+    src_tap, dst_tap = network.add_tap("tapsrc"), network.add_tap("tapdst")
+    src, boot_id = boot_guest(vmm_process, network, src_tap)
+    # The destination's own operator names its tap for net0.
+    dst = vmm_process("--net", f"tap={dst_tap},id=net0", name="dst", netns=network.ns)
+    capture = network.arp_capture(dst_tap)
+    pinger = Pinger(network, GUEST_IP, interval)
+    try:
+        pinger.wait_replies(50)
+        url = url_for("unix" if transport == "local" else transport, tmp_path, free_port())
+        receiver = start_receive(dst, url)
+        started = time.time()
+        send(src, url, local=(transport == "local"))
+        assert src.wait_exit(180) == 0
+        receiver.join(60)
+        assert receiver.result["answer"][0] == 204, receiver.result
+        moved = time.time()
+        # The guest announced itself from its new port, and replies come through it.
+        garp = garp_seen(capture, GUEST_IP, GUEST_MAC, 30)
+        assert garp is not None, f"no gratuitous ARP on the destination's tap; guest: {net_stats(dst.serial)}"
+        pinger.wait_replies(100, after=moved)
+    finally:
+        sent, received = pinger.stop()
+        capture.close()
+    fin = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
+    gap = pinger.longest_gap(start=started, end=moved)
+    report = {
+        "transport": transport,
+        "longest_gap_ms": round(gap * 1000, 1),
+        "downtime_ms": round(fin["downtime_ms"], 1),
+        "sent": sent,
+        "received": received,
+    }
+    print(f"ping through a {transport} migration: {report}")
+    m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
+    assert m.group(1).decode() == boot_id, "the guest rebooted: it should have moved"
+    stats = net_stats(dst.serial)
+    assert stats["garp"] >= 1 and stats["acks"] == stats["garp"], stats
+    assert counters(dst)["tx_frames"] >= 1
+    return report

@@ -5,82 +5,21 @@ what went out."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import time
+import sys
 
 import pytest
 
 from helpers import BANNER
-from migration_helpers import free_port, send, start_receive, url_for, wait_progress
+from migration_helpers import free_port, send, start_receive, wait_progress
 from net_helpers import (
     GUEST_IP,
-    GUEST_MAC,
+    NET_UP,
     Pinger,
-    delete_network,
-    garp_seen,
-    make_network,
-    missing_capability,
+    boot_guest,
+    counters,
+    migrate_under_ping,
+    net_stats,
 )
-
-NET_UP = rb"NET UP mac=([0-9a-f:]{17}) ip=([\d.]+)\r?\n"
-STATS = (
-    rb"NET STATS rx=(\d+) tx=(\d+) arp_in=(\d+) arp_out=(\d+) echo=(\d+) garp=(\d+) acks=(\d+) "
-    rb"ignored=(\d+) tx_full=(\d+)\r?\n"
-)
-STAT_NAMES = ("rx", "tx", "arp_in", "arp_out", "echo", "garp", "acks", "ignored", "tx_full")
-# A ping every 2 ms: fine-grained enough to see the migration's pause, light enough for a busy
-# 2-core host.
-INTERVAL = 0.002
-_tags = itertools.count()
-
-
-@pytest.fixture
-def network():
-    why = missing_capability()
-    if why:
-        pytest.skip(f"virtio-net tests need a tap network: {why}")
-    try:
-        net = make_network(f"{os.getpid() % 100000}-{next(_tags)}")
-    except PermissionError as e:
-        pytest.skip(f"cannot make a network namespace here: {e}")
-    try:
-        yield net
-    finally:
-        delete_network(net)
-
-
-def net_stats(serial) -> dict:
-    m = serial.command("net stats", STATS)
-    return dict(zip(STAT_NAMES, (int(g) for g in m.groups())))
-
-
-def boot_guest(vmm_process, net, tap: str, name="src", hooks="", extra=()):
-    vmm = vmm_process(
-        "--cpus",
-        "boot=1",
-        "--memory",
-        "size=128M",
-        "--cmdline",
-        f"console=ttyS0 ip={GUEST_IP}",
-        "--net",
-        f"tap={tap},mac={GUEST_MAC},id=net0",
-        *extra,
-        name=name,
-        hooks=hooks,
-        netns=net.ns,
-    )
-    m = vmm.serial.expect(BANNER, 90)
-    up = vmm.serial.expect(NET_UP, 60)
-    assert up.groups() == (GUEST_MAC.encode(), GUEST_IP.encode())
-    vmm.serial.expect(rb"READY\r?\n", 60)
-    return vmm, m.group(1).decode()
-
-
-def counters(vmm) -> dict:
-    status, body = vmm.api.request("GET", "/api/v1/vm.counters")
-    assert status == 200, (status, body)
-    return body["net0"]
 
 
 def test_host_ping_reaches_the_guest_and_counts_match(vmm_process, network):
@@ -110,59 +49,28 @@ def test_a_tap_that_cannot_be_opened_is_an_error_at_create(vmm_process, network,
     # A tap another VMM holds: the command line's create-and-boot fails before any vCPU runs.
     tap = network.add_tap("tapbusy")
     holder, _ = boot_guest(vmm_process, network, tap, name="holder")
-    second = vmm_process("--memory", "size=128M", "--net", f"tap={tap}", name="second", netns=network.ns)
-    assert second.wait_exit(60) != 0
-    log = second.log_path.read_text()
-    assert f"tap {tap}: in use by another process" in log, log
-    assert "vm.booted" not in second.event_names(), second.event_names()
+    events = tmp_path / "second.events"
+    second = network.run(
+        sys.executable,
+        "-m",
+        "vmmpy.cli",
+        "--memory",
+        "size=128M",
+        "--net",
+        f"tap={tap}",
+        "--event-monitor",
+        f"path={events}",
+        timeout=90,
+    )
+    assert second.returncode != 0, second
+    assert f"tap {tap}: in use by another process" in second.stderr, second.stderr
+    assert '"booted"' not in events.read_text(), events.read_text()
     holder.serial.command("net info", rb"NET INFO mac=\S+ ip=10\.77\.0\.2 link=up")
-
-
-def _migrate_under_ping(vmm_process, network, tmp_path, transport: str) -> dict:
-    src_tap, dst_tap = network.add_tap("tapsrc"), network.add_tap("tapdst")
-    src, boot_id = boot_guest(vmm_process, network, src_tap)
-    # The destination's own operator names its tap for net0.
-    dst = vmm_process("--net", f"tap={dst_tap},id=net0", name="dst", netns=network.ns)
-    capture = network.arp_capture(dst_tap)
-    pinger = Pinger(network, GUEST_IP, INTERVAL)
-    try:
-        pinger.wait_replies(50)
-        url = url_for("unix" if transport == "local" else transport, tmp_path, free_port())
-        receiver = start_receive(dst, url)
-        started = time.time()
-        send(src, url, local=(transport == "local"))
-        assert src.wait_exit(180) == 0
-        receiver.join(60)
-        assert receiver.result["answer"][0] == 204, receiver.result
-        moved = time.time()
-        # The guest announced itself from its new port, and replies come through it.
-        garp = garp_seen(capture, GUEST_IP, GUEST_MAC, 30)
-        assert garp is not None, f"no gratuitous ARP on the destination's tap; guest: {net_stats(dst.serial)}"
-        pinger.wait_replies(100, after=moved)
-    finally:
-        sent, received = pinger.stop()
-        capture.close()
-    fin = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
-    gap = pinger.longest_gap(start=started, end=moved)
-    report = {
-        "transport": transport,
-        "longest_gap_ms": round(gap * 1000, 1),
-        "downtime_ms": round(fin["downtime_ms"], 1),
-        "sent": sent,
-        "received": received,
-    }
-    print(f"ping through a {transport} migration: {report}")
-    m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
-    assert m.group(1).decode() == boot_id, "the guest rebooted: it should have moved"
-    stats = net_stats(dst.serial)
-    assert stats["garp"] >= 1 and stats["acks"] == stats["garp"], stats
-    assert counters(dst)["tx_frames"] >= 1
-    return report
 
 
 @pytest.mark.parametrize("transport", ["tcp", "local"])
 def test_ping_through_a_live_migration(vmm_process, network, tmp_path, transport, record_property):
-    report = _migrate_under_ping(vmm_process, network, tmp_path, transport)
+    report = migrate_under_ping(vmm_process, network, tmp_path, transport)
     record_property("ping_gap", report)
 
 
