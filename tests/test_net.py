@@ -13,10 +13,12 @@ from helpers import BANNER
 from migration_helpers import free_port, send, start_receive, wait_progress
 from net_helpers import (
     GUEST_IP,
+    GUEST_MAC,
     NET_UP,
     Pinger,
     boot_guest,
     counters,
+    garp_seen,
     migrate_under_ping,
     net_stats,
 )
@@ -204,3 +206,31 @@ def test_from_peer_takes_this_hosts_tap_and_keeps_the_mac():
     assert (n.tap, n.mac, n.ip) == ("own-tap", "52:54:00:aa:bb:cc", None)
     with pytest.raises(InvalidConfig, match="net 'net0': this host names no tap for it"):
         from_peer(peer, {}, {}, {"other": "own-tap"})
+
+
+def test_snapshot_restored_on_another_tap_announces_and_answers(vmm_process, network, tmp_path):
+    src, boot_id = boot_guest(vmm_process, network, network.add_tap("tapsrc"))
+    assert src.api.request("PUT", "/api/v1/vm.pause")[0] == 204
+    snap = tmp_path / "snap"
+    status, body = src.api.request("PUT", "/api/v1/vm.snapshot", {"destination_url": f"file://{snap}"})
+    assert status == 204, body
+    src.api.request("PUT", "/api/v1/vmm.shutdown")
+    assert src.wait_exit() == 0
+    dst_tap = network.add_tap("tapdst")
+    capture = network.arp_capture(dst_tap)
+    try:
+        dst = vmm_process(
+            "--restore",
+            f"source_url=file://{snap},resume=on",
+            "--net",
+            f"tap={dst_tap},id=net0",
+            name="dst",
+            netns=network.ns,
+        )
+        dst.wait_event("vm.restored")
+        assert garp_seen(capture, GUEST_IP, GUEST_MAC, 30) is not None, "no gratuitous ARP after the restore"
+    finally:
+        capture.close()
+    m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
+    assert m.group(1).decode() == boot_id
+    assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
