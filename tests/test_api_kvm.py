@@ -294,12 +294,12 @@ def test_error_statuses_from_a_real_vmm(vmm_process):
         {
             "memory": {"size": MIB128, "hugepages": True},
             "vsock": {"cid": 3, "socket": "/v"},
-            "net": [{"tap": "tap0"}],
+            "fs": [{"tag": "t0", "socket": "/s"}],
             "cpus": {"boot_vcpus": 1, "topology": {"threads_per_core": 1}},
         },
     )
     assert status == 400 and body[0] == "vm.create failed"
-    for field in ("vsock", "net", "memory.hugepages", "cpus.topology"):
+    for field in ("vsock", "fs", "memory.hugepages", "cpus.topology"):
         assert field in body[1], (field, body)
     # A bad value → 400 naming field and value.
     status, body = p.api.request("PUT", "vm.create", {"cpus": {"boot_vcpus": 99}})

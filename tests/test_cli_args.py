@@ -137,10 +137,21 @@ class FakeVmm:
     on_wait = None  # callable(fake) -> exit code, run inside wait()
     fail: dict = {}
 
-    def __init__(self, *, serial=None, event_monitor=None, no_shutdown=False, test_hooks=None, disk_backings=None):
+    def __init__(
+        self,
+        *,
+        serial=None,
+        event_monitor=None,
+        no_shutdown=False,
+        test_hooks=None,
+        disk_backings=None,
+        net_backings=None,
+    ):
         self.kwargs = {"serial": serial, "event_monitor": event_monitor, "no_shutdown": no_shutdown}
         if disk_backings:
             self.kwargs["disk_backings"] = disk_backings
+        if net_backings:
+            self.kwargs["net_backings"] = net_backings
         self.calls: list[tuple] = []
         self.events = event_monitor
         FakeVmm.instances.append(self)

@@ -196,7 +196,7 @@ def test_from_api_names_every_unsupported_field():
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": {"packages": 1}, "kvm_hyperv": True},
         "memory": {"size": 512 * MIB, "hugepages": True, "zones": [{"id": "z", "size": 1}]},
         "disks": [{"path": "/img", "vhost_user": True}],
-        "net": [{"tap": "tap0"}],
+        "net": [{"tap": "tap0", "vhost_user": True}],
         "vsock": {"cid": 3, "socket": "/v"},
         "landlock_enable": True,
         "frobnicate": 1,
@@ -205,13 +205,13 @@ def test_from_api_names_every_unsupported_field():
         VmConfig.from_api(body)
     assert str(e.value) == (
         "unsupported VmConfig fields: cpus.kvm_hyperv, cpus.topology, disks[0].vhost_user, frobnicate, "
-        "landlock_enable, memory.hugepages, memory.zones, net, payload.firmware, vsock"
+        "landlock_enable, memory.hugepages, memory.zones, net[0].vhost_user, payload.firmware, vsock"
     )
 
 
 def test_from_api_unsupported_example_from_brief():
-    with pytest.raises(InvalidConfig, match=r"^unsupported VmConfig fields: memory\.hugepages, net$"):
-        VmConfig.from_api({"net": [{"tap": "tap0"}], "memory": {"size": 512 * MIB, "hugepages": True}})
+    with pytest.raises(InvalidConfig, match=r"^unsupported VmConfig fields: fs, memory\.hugepages$"):
+        VmConfig.from_api({"fs": [{"tag": "t0", "socket": "/s"}], "memory": {"size": 512 * MIB, "hugepages": True}})
 
 
 def test_from_api_accepts_ch_defaults_nulls_and_empty_lists():
@@ -322,9 +322,9 @@ def test_from_api_bad_values_named(body, fragment):
 
 def test_from_api_reports_unsupported_and_bad_values_together():
     with pytest.raises(InvalidConfig) as e:
-        VmConfig.from_api({"net": [{}], "cpus": {"boot_vcpus": 2, "max_vcpus": 3}})
+        VmConfig.from_api({"fs": [{}], "cpus": {"boot_vcpus": 2, "max_vcpus": 3}})
     msg = str(e.value)
-    assert msg.startswith("unsupported VmConfig fields: net; ")
+    assert msg.startswith("unsupported VmConfig fields: fs; ")
     assert "cpus.max_vcpus=3" in msg
 
 

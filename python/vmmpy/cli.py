@@ -26,6 +26,7 @@ from vmmpy.config import (
     parse_console,
     parse_cpus,
     parse_disk,
+    parse_net,
     parse_memory,
     parse_serial,
     read_request_body,
@@ -108,6 +109,13 @@ def build_parser() -> OneLineParser:
         metavar="path=FILE[,readonly=on][,id=NAME][,direct=on]",
         help="a virtio-blk disk on a raw image (repeatable); without a VM to boot, this host's file "
         "for that disk id when a VM is restored or received",
+    )
+    p.add_argument(
+        "--net",
+        action="append",
+        metavar="tap=NAME|fd=N[,mac=MAC][,ip=IPV4,mask=IPV4][,id=NAME]",
+        help="a virtio-net NIC on a host tap (repeatable; created, with ip/mask, when absent); "
+        "without a VM to boot, this host's tap for that net id when a VM is restored or received",
     )
     p.add_argument(
         "--serial",
@@ -197,8 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cpus is not None:
             vm_args.update(parse_cpus(args.cpus))
         disks = [parse_disk(text) for text in args.disk or []]
+        nets = [parse_net(text) for text in args.net or []]
         config = None
         disk_backings: dict[str, str] = {}
+        net_backings: dict[str, str] = {}
         if want_vm:
             config = VmConfig(
                 kernel=args.kernel,
@@ -207,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 boot_protocol=args.boot_protocol,
                 serial=serial if serial is not None else SerialConfig(),
                 disks=disks,
+                net=nets,
                 **vm_args,
             )
         else:
@@ -216,6 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if disk_id in disk_backings:
                     raise InvalidConfig(f"--disk id={disk_id}: given twice")
                 disk_backings[disk_id] = d.path
+            for i, n in enumerate(nets):
+                net_id = n.id if n.id is not None else f"net{i}"
+                if n.tap is None:
+                    raise InvalidConfig(f"--net id={net_id}: a destination's tap is named (tap=NAME)")
+                if net_id in net_backings:
+                    raise InvalidConfig(f"--net id={net_id}: given twice")
+                net_backings[net_id] = n.tap
         test_hooks = TestHooks.parse(args.test_hooks) if args.test_hooks else NO_HOOKS
         monitor_args = parse_event_monitor(args.event_monitor) if args.event_monitor else None
         # Opened here, so a bad path is a usage error (a FIFO blocks until its reader opens).
@@ -237,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             no_shutdown=args.no_shutdown,
             test_hooks=test_hooks,
             disk_backings=disk_backings,
+            net_backings=net_backings,
         )
     except VmmError as e:
         if monitor is not None:

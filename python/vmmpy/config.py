@@ -15,8 +15,10 @@ flag) and the offending value.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
 
@@ -192,6 +194,168 @@ def _check_disks(disks: Any, label: str) -> list[str]:
     return out
 
 
+#: NICs per VM (the native core's limit too).
+MAX_NETS = 8
+#: Linux's IFNAMSIZ less its NUL.
+MAX_TAP_NAME = 15
+_IFF_TAP = 0x0002
+_IFF_MULTI_QUEUE = 0x0100
+_CAP_NET_ADMIN = 12
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC, as Cloud Hypervisor gives a NIC without one."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def parse_mac(text: Any) -> bytes | None:
+    """``"52:54:00:12:34:56"`` -> its 6 bytes; None when it is not a unicast MAC."""
+    if not isinstance(text, str):
+        return None
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        return None
+    octets = bytes(int(p, 16) for p in parts)
+    return None if octets[0] & 1 else octets
+
+
+def _may_create_taps() -> bool:
+    """CAP_NET_ADMIN in this process's effective set (what creating a tap needs)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def tap_problem(name: str) -> str | None:
+    """Why this host cannot give vmmpy the tap `name` (None: it can, as far as can be told before
+    opening it): an interface of that name that is not a single-queue tap, or none and no right to
+    create it. The open at boot catches the rest (a tap another process holds)."""
+    sys_dir = os.path.join("/sys/class/net", name)
+    if os.path.exists(sys_dir):
+        try:
+            with open(os.path.join(sys_dir, "tun_flags"), encoding="ascii") as f:
+                flags = int(f.read().strip(), 16)
+        except (OSError, ValueError):
+            return "an interface that is not a tap"
+        if not flags & _IFF_TAP:
+            return "a tun device, not a tap"
+        if flags & _IFF_MULTI_QUEUE:
+            return "a multi-queue tap (vmmpy uses one queue pair)"
+        return None
+    if not os.path.exists("/dev/net/tun"):
+        return "no such tap, and this host has no /dev/net/tun to create one"
+    if not _may_create_taps():
+        return "no such tap, and this process may not create one (needs CAP_NET_ADMIN)"
+    return None
+
+
+@dataclass
+class NetConfig:
+    """A virtio-net NIC on a host tap (Cloud Hypervisor's ``NetConfig``): ``tap`` by name (created
+    when it does not exist, with ``ip``/``mask`` as its host address), or ``fd``, an open tap
+    descriptor the caller keeps (in-process and command line only: an HTTP body cannot carry
+    one). ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
+    ``id=None`` gets ``net<i>`` from its place in :attr:`VmConfig.net`."""
+
+    tap: str | None = None
+    mac: str | None = None
+    ip: str | None = None
+    mask: str | None = None
+    id: str | None = None
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mac is None:
+            self.mac = random_mac()
+
+    def problems(self, label: str) -> list[str]:
+        out = []
+        if (self.tap is None) == (self.fd is None):
+            out.append(f"{label}: needs exactly one of tap (a name) and fd")
+        if self.tap is not None:
+            tap = self.tap
+            if (
+                not isinstance(tap, str)
+                or not tap
+                or len(tap.encode()) > MAX_TAP_NAME
+                or any(c in tap for c in "/\0 \t\n")
+            ):
+                out.append(f"{label}.tap={tap!r}: must be an interface name of 1 to {MAX_TAP_NAME} bytes")
+            else:
+                why = tap_problem(tap)
+                if why:
+                    out.append(f"{label}.tap={tap!r}: {why}")
+        if self.fd is not None:
+            if not _is_int(self.fd) or self.fd < 0:
+                out.append(f"{label}.fd={self.fd!r}: must be an open file descriptor")
+            else:
+                try:
+                    os.fstat(self.fd)
+                except OSError:
+                    out.append(f"{label}.fd={self.fd}: not an open file descriptor")
+        if parse_mac(self.mac) is None:
+            out.append(f"{label}.mac={self.mac!r}: must be a unicast MAC address (xx:xx:xx:xx:xx:xx)")
+        for name in ("ip", "mask"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                ipaddress.IPv4Address(value)
+            except (ValueError, TypeError):
+                out.append(f"{label}.{name}={value!r}: must be an IPv4 address")
+        if self.mask is not None and not out:
+            try:
+                ipaddress.IPv4Network(f"0.0.0.0/{self.mask}")
+            except ValueError:
+                out.append(f"{label}.mask={self.mask!r}: not a netmask")
+        if self.id is not None and (
+            not isinstance(self.id, str) or not self.id or "\0" in self.id or len(self.id.encode()) > 255
+        ):
+            out.append(f"{label}.id={self.id!r}: must be a non-empty string")
+        return out
+
+    def to_api(self) -> dict:
+        out: dict[str, Any] = {"mac": self.mac, "id": self.id}
+        if self.tap is not None:
+            out["tap"] = self.tap
+        if self.ip is not None:
+            out["ip"] = self.ip
+        if self.mask is not None:
+            out["mask"] = self.mask
+        return out
+
+    def native(self) -> tuple:
+        """What the native VM takes: (id, tap, fd, mac bytes, ip, mask)."""
+        return (self.id, self.tap, self.fd, parse_mac(self.mac), self.ip, self.mask)
+
+
+def _check_nets(nets: Any, label: str, disks: Any) -> list[str]:
+    if not isinstance(nets, list) or not all(isinstance(n, NetConfig) for n in nets):
+        return [f"{label}={nets!r}: must be a list of NetConfig"]
+    out: list[str] = []
+    if len(nets) > MAX_NETS:
+        out.append(f"{label}: {len(nets)} NICs, at most {MAX_NETS}")
+    # Device ids name device state in a migration: unique across disks and NICs.
+    seen = {d.id for d in disks if isinstance(d, DiskConfig)}
+    taps: set[str] = set()
+    for i, n in enumerate(nets):
+        out.extend(n.problems(f"{label}[{i}]"))
+        if n.id in seen:
+            out.append(f"{label}[{i}].id={n.id!r}: used by another device")
+        seen.add(n.id)
+        if n.tap is not None and n.tap in taps:
+            out.append(f"{label}[{i}].tap={n.tap!r}: used by another NIC")
+        taps.add(n.tap)
+    return out
+
+
 # Field labels used in error messages: the dataclass names, or Cloud Hypervisor's JSON paths.
 _FIELD_LABELS = {
     "memory_mib": "memory_mib",
@@ -203,6 +367,7 @@ _FIELD_LABELS = {
     "memory_shared": "memory_shared",
     "serial": "serial",
     "disks": "disks",
+    "net": "net",
 }
 _API_LABELS = {
     "memory_mib": "memory.size",
@@ -214,6 +379,7 @@ _API_LABELS = {
     "memory_shared": "memory.shared",
     "serial": "serial",
     "disks": "disks",
+    "net": "net",
 }
 
 
@@ -229,6 +395,7 @@ def _check_vm_fields(
     api: bool,
     boot_protocol: Any = None,
     disks: Any = (),
+    net: Any = (),
 ) -> list[str]:
     """Every problem with these VmConfig field values, as messages naming field and value."""
     labels = _API_LABELS if api else _FIELD_LABELS
@@ -278,6 +445,7 @@ def _check_vm_fields(
     else:
         out.extend(serial.problems())
     out.extend(_check_disks(list(disks), labels["disks"]))
+    out.extend(_check_nets(list(net), labels["net"], list(disks)))
     return out
 
 
@@ -300,13 +468,19 @@ class VmConfig:
     serial: SerialConfig = field(default_factory=SerialConfig)
     boot_protocol: str | None = None
     disks: list[DiskConfig] = field(default_factory=list)
+    net: list[NetConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # Default ids follow the disks' order, as the guest sees them on the PCI bus.
+        # Default ids follow the devices' order, as the guest sees them on the PCI bus.
         if isinstance(self.disks, list):
             self.disks = [
                 dataclasses.replace(d, id=f"disk{i}") if isinstance(d, DiskConfig) and d.id is None else d
                 for i, d in enumerate(self.disks)
+            ]
+        if isinstance(self.net, list):
+            self.net = [
+                dataclasses.replace(n, id=f"net{i}") if isinstance(n, NetConfig) and n.id is None else n
+                for i, n in enumerate(self.net)
             ]
         self.validate()
 
@@ -323,6 +497,7 @@ class VmConfig:
             api=False,
             boot_protocol=self.boot_protocol,
             disks=self.disks,
+            net=self.net,
         )
         if problems:
             raise InvalidConfig("; ".join(problems))
@@ -370,6 +545,8 @@ class VmConfig:
         }
         if self.disks:
             out["disks"] = [d.to_api() for d in self.disks]
+        if self.net:
+            out["net"] = [n.to_api() for n in self.net]
         return out
 
 
@@ -437,6 +614,19 @@ _DISK_DEFAULTS: dict[str, Any] = {
     "sparse": True,
     "image_type": "Raw",
 }
+#   net[i]    : iommu=false, num_queues=2, queue_size=256, vhost_user=false, vhost_mode="Client",
+#               pci_segment=0 (one rx/tx pair, 256 entries at most, the driver picks the size);
+#               offload_tso/offload_ufo/offload_csum=true or false: vmmpy offers no offloads
+#               (docs/devices.md), which changes how fast, never what, the guest sends
+_NET_DEFAULTS: dict[str, Any] = {
+    "iommu": False,
+    "num_queues": 2,
+    "queue_size": 256,
+    "vhost_user": False,
+    "vhost_mode": "Client",
+    "pci_segment": 0,
+}
+_NET_OFFLOADS = ("offload_tso", "offload_ufo", "offload_csum")
 _RNG_DEFAULT_SRC = "/dev/urandom"
 
 
@@ -617,8 +807,34 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         disks.append(DiskConfig(path=path, readonly=flags["readonly"], direct=flags["direct"], id=disk_id))
         leftovers(label, d, {"path", "readonly", "direct", "id"}, _DISK_DEFAULTS)
 
+    # net ---------------------------------------------------------------------------------
+    nets: list[NetConfig] = []
+    net_body = body.get("net")
+    if net_body is not None and not isinstance(net_body, list):
+        problems.append(f"net={net_body!r}: must be a list")
+    for i, n in enumerate(net_body if isinstance(net_body, list) else []):
+        label = f"net[{i}]"
+        if not isinstance(n, dict):
+            problems.append(f"{label}={n!r}: must be an object")
+            continue
+        strings = {}
+        for name in ("tap", "mac", "ip", "mask", "id"):
+            value = n.get(name)
+            if value is not None and not isinstance(value, str):
+                problems.append(f"{label}.{name}={value!r}: must be a string")
+                value = None
+            strings[name] = value
+        if strings["tap"] is None:
+            problems.append(f"{label}.tap: required (a tap descriptor cannot travel in an HTTP body)")
+            continue
+        for name in _NET_OFFLOADS:
+            if n.get(name) is not None and not isinstance(n.get(name), bool):
+                problems.append(f"{label}.{name}={n.get(name)!r}: must be a boolean")
+        nets.append(NetConfig(**strings))
+        leftovers(label, n, {"tap", "mac", "ip", "mask", "id", *_NET_OFFLOADS}, _NET_DEFAULTS)
+
     # everything else ---------------------------------------------------------------------
-    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng", "disks"}
+    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng", "disks", "net"}
     for key, value in body.items():
         if key in known or _unset(value):
             continue
@@ -631,6 +847,7 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
     message.extend(problems)
     disks = [dataclasses.replace(d, id=f"disk{i}") if d.id is None else d for i, d in enumerate(disks)]
+    nets = [dataclasses.replace(n, id=f"net{i}") if n.id is None else n for i, n in enumerate(nets)]
     fields = dict(
         memory_mib=memory_mib,
         vcpus=boot,
@@ -641,6 +858,7 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         serial=serial,
         boot_protocol=boot_protocol,
         disks=disks,
+        net=nets,
     )
     if not message:
         message.extend(_check_vm_fields(**fields, api=True))
@@ -656,11 +874,15 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
 PEER_IGNORED = ("serial",)
 
 
-def from_peer(body: Any, content: dict, disk_backings: dict[str, str] | None = None) -> VmConfig:
+def from_peer(
+    body: Any, content: dict, disk_backings: dict[str, str] | None = None, net_backings: dict[str, str] | None = None
+) -> VmConfig:
     """A VmConfig from a migration peer or a snapshot, host paths taken out. `content` names the
     payload parts that travel as content; a part named only by a path is refused, with a message
     that does not depend on the path (nor on whether it exists here). Each disk's path is the one
-    this host's operator gave for its id in `disk_backings`; a disk id without one is refused."""
+    this host's operator gave for its id in `disk_backings`; a disk id without one is refused. So
+    is each NIC's tap, from `net_backings` (net id -> tap name); the peer's tap, address and
+    netmask are dropped, its MAC kept (the guest's identity on the network)."""
     if not isinstance(body, dict):
         raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
     body = {k: v for k, v in body.items() if k not in PEER_IGNORED}
@@ -680,6 +902,22 @@ def from_peer(body: Any, content: dict, disk_backings: dict[str, str] | None = N
                 )
             own.append({**d, "id": disk_id, "path": backings[disk_id]})
         body["disks"] = own
+    nets = body.get("net")
+    if isinstance(nets, list):
+        backings = net_backings or {}
+        own = []
+        for i, n in enumerate(nets):
+            if not isinstance(n, dict):
+                raise InvalidConfig(f"net[{i}]={n!r}: must be an object")
+            net_id = n.get("id") if n.get("id") is not None else f"net{i}"
+            if net_id not in backings:
+                raise InvalidConfig(
+                    f"net {net_id!r}: this host names no tap for it (give the destination's own "
+                    "tap for each net id); vmmpy never opens a tap the peer names"
+                )
+            peer_only = ("tap", "ip", "mask")
+            own.append({**{k: v for k, v in n.items() if k not in peer_only}, "id": net_id, "tap": backings[net_id]})
+        body["net"] = own
     payload = body.get("payload")
     if isinstance(payload, dict):
         payload = dict(payload)
@@ -744,13 +982,13 @@ REQUEST_BODIES: dict[str, RequestBody] = {
         ch_defaults={"preserve_source": False, "memory_mode": "Precopy"},
     ),
     "ReceiveMigrationData": RequestBody(
-        fields={"receiver_url": str, "tls_dir": str, "disks": dict},
+        fields={"receiver_url": str, "tls_dir": str, "disks": dict, "net": dict},
         required=("receiver_url",),
         ch_defaults={"memory_mode": "Precopy", "vfio_fds": None, "iommufd_fd": None, "zone_updates": []},
     ),
     "VmSnapshotConfig": RequestBody(fields={"destination_url": str}, required=("destination_url",)),
     "RestoreConfig": RequestBody(
-        fields={"source_url": str, "resume": bool, "disks": dict},
+        fields={"source_url": str, "resume": bool, "disks": dict, "net": dict},
         required=("source_url",),
         ch_defaults={
             "memory_restore_mode": "Copy",
@@ -883,6 +1121,22 @@ def parse_disk(text: str) -> DiskConfig:
         readonly=parse_bool(opts["readonly"], "--disk readonly") if "readonly" in opts else False,
         id=opts.get("id"),
         direct=parse_bool(opts["direct"], "--disk direct") if "direct" in opts else False,
+    )
+
+
+def parse_net(text: str) -> NetConfig:
+    """``--net tap=NAME[,mac=..][,ip=..,mask=..][,id=..]`` or ``fd=N`` (an inherited tap
+    descriptor) -> a NetConfig (not yet checked)."""
+    usage = "tap=<name>|fd=<n>[,mac=<xx:xx:xx:xx:xx:xx>][,ip=<ipv4>,mask=<ipv4>][,id=<name>]"
+    opts = parse_options(text, "--net", ("tap", "fd", "mac", "ip", "mask", "id"), usage)
+    fd = None
+    if "fd" in opts:
+        raw = opts["fd"].strip().removeprefix("[").removesuffix("]")
+        if not raw.isdigit():
+            raise InvalidConfig(f"--net fd={opts['fd']!r}: one descriptor number (vmmpy uses one queue pair)")
+        fd = int(raw)
+    return NetConfig(
+        tap=opts.get("tap"), fd=fd, mac=opts.get("mac"), ip=opts.get("ip"), mask=opts.get("mask"), id=opts.get("id")
     )
 
 

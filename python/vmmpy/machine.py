@@ -140,6 +140,7 @@ class Machine:
             memory_fds=memory_fds,
             boot_protocol=cfg.boot_protocol,
             disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks],
+            nets=[n.native() for n in cfg.net],
         )
 
     def adopt(self, cfg: VmConfig, vm: _native.Vm, payload: BootPayload, state: VmState) -> None:
@@ -337,12 +338,12 @@ class Machine:
         self._events.emit("vm", "shutdown")
 
     def counters(self) -> dict:
-        """Per-device counters, as CH's vm.counters; vmmpy's devices keep none: ``{}``."""
+        """Per-device counters, as CH's vm.counters: each NIC's rx/tx frames, bytes and drops."""
         if self.ownership is Ownership.MIGRATION:
             raise VmMigrating("the VM is being migrated")
         if self.vm is None:
             raise InvalidState("VM is not running")
-        return {}
+        return self.vm.counters()
 
     def delete(self) -> None:
         if self.config is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .backings import HostBackings
 from .config import from_peer
 from .control_loop import ControlLoop
 from .errors import InvalidState
@@ -43,14 +44,14 @@ def restore_snapshot(
     events: EventMonitor,
     snap: SnapshotDir,
     directory: Path,
-    disk_backings: dict[str, str],
+    backings: HostBackings,
 ) -> None:
     """Restores `snap` into the empty VMM, paused. Everything is read and checked (version,
     config, payload digests) on the caller's thread before a VM is built on the loop; the
     snapshot's config chooses no host path here (its serial is this VMM's own)."""
     config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
     described = decoded.fields["payload"] or {}
-    cfg = from_peer(config_api, described, disk_backings)
+    cfg = from_peer(config_api, described, backings.disks, backings.net)
     payload = read_payload(snap, check_description(described, cfg.memory_bytes))
     cfg = machine.own_serial(cfg)
 

@@ -13,9 +13,9 @@ import functools
 import os
 
 from . import __version__
+from .backings import HostBackings
 from .config import SerialConfig, VmConfig
 from .control_loop import ControlLoop, drain
-from .errors import InvalidConfig
 from .events import EventMonitor
 from .machine import Machine, Ownership, VmState
 from .testhooks import NO_HOOKS, TestHooks
@@ -24,8 +24,6 @@ from .testhooks import NO_HOOKS, TestHooks
 # boots does not load them (~10 ms of the `vmmpy` command's start-up); annotations only here.
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
-    from typing import Any
-
     from .migration.handles import MigrationHandle, ReceiveHandle
     from .migration.handover import Handover
     from .migration.reception import Reception
@@ -53,10 +51,12 @@ class Vmm:
         no_shutdown: bool = False,
         test_hooks: TestHooks = NO_HOOKS,
         disk_backings: dict[str, str] | None = None,
+        net_backings: dict[str, str] | None = None,
     ):
-        """`disk_backings` (disk id -> path): this host's own files for the disks of a VM it
-        receives or restores, unless the receive or restore call names its own."""
-        self._disk_backings = dict(disk_backings or {})
+        """`disk_backings` (disk id -> path) and `net_backings` (net id -> tap name): this host's
+        own files and taps for the devices of a VM it receives or restores, unless the receive or
+        restore call names its own."""
+        self._backings = HostBackings().overridden(disks=disk_backings or {}, net=net_backings or {})
         self.events = event_monitor or EventMonitor()
         self.test_hooks = test_hooks
         test_hooks.announce()
@@ -173,15 +173,20 @@ class Vmm:
         self._loop.call(lambda: self._outgoing().cancel())
 
     def receive_migration(
-        self, receiver_url: str, tls_dir: str | None = None, disks: dict[str, str] | None = None
+        self,
+        receiver_url: str,
+        tls_dir: str | None = None,
+        disks: dict[str, str] | None = None,
+        net: dict[str, str] | None = None,
     ) -> ReceiveHandle:
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
         With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
-        each disk id to this host's file for it (default: the VMM's `disk_backings`)."""
+        each disk id to this host's file for it (default: the VMM's `disk_backings`), `net` each net
+        id to this host's tap (default: `net_backings`)."""
         from .migration import transport
 
         url = transport.parse_url(receiver_url)
-        backings = self._checked_backings(disks)
+        backings = self._backings.overridden(disks, net)
         tls = transport.tls_context(tls_dir, url, "server")
         return self._loop.call(lambda: self._incoming().listen(url, receiver_url, tls, backings))
 
@@ -195,21 +200,23 @@ class Vmm:
         directory = parse_file_url(destination_url)
         self._loop.call(lambda: take_snapshot(self._machine, self.events, directory))
 
-    def _checked_backings(self, disks: Any) -> dict[str, str]:
-        if disks is None:
-            return dict(self._disk_backings)
-        if not isinstance(disks, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in disks.items()):
-            raise InvalidConfig(f"disks={disks!r}: must map disk ids to paths (strings)")
-        return dict(disks)
-
     @_ClassOrInstance
-    def restore(self, cls, source_url: str, *, resume: bool = False, disks: dict[str, str] | None = None, **vmm_kwargs):
+    def restore(
+        self,
+        cls,
+        source_url: str,
+        *,
+        resume: bool = False,
+        disks: dict[str, str] | None = None,
+        net: dict[str, str] | None = None,
+        **vmm_kwargs,
+    ):
         """`vmm.restore(dir)` restores a snapshot into this empty VMM, paused unless `resume`;
         `Vmm.restore(dir, **kwargs)` does that in a new VMM and returns it."""
         if self is None:
             vmm = cls(**vmm_kwargs)
             try:
-                vmm.restore(source_url, resume=resume, disks=disks)
+                vmm.restore(source_url, resume=resume, disks=disks, net=net)
             except BaseException:
                 vmm.close()
                 raise
@@ -218,7 +225,7 @@ class Vmm:
         from .snapshotting import restore_snapshot
 
         directory = parse_file_url(source_url)
-        backings = self._checked_backings(disks)
+        backings = self._backings.overridden(disks, net)
         with SnapshotDir(directory) as snap:
             restore_snapshot(self._loop, self._machine, self.events, snap, directory, backings)
         if resume:

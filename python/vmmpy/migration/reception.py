@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from ..backings import HostBackings
 from ..config import VmConfig
 from ..control_loop import ControlLoop
 from ..errors import InvalidState
@@ -28,7 +29,7 @@ class Reception(ReceiveHooks):
         self._test_hooks = test_hooks
         self._current: ReceiveHandle | None = None
 
-    def listen(self, url, receiver_url: str, tls, disk_backings: dict[str, str]) -> ReceiveHandle:
+    def listen(self, url, receiver_url: str, tls, backings: HostBackings) -> ReceiveHandle:
         """Listens on `url` (parsed) and serves it on a receiver thread (loop thread)."""
         self._machine.require_empty("this VMM already has a VM; a receiving VMM must be empty")
         if self._current is not None:
@@ -36,7 +37,9 @@ class Reception(ReceiveHooks):
         caps = None
         if self._test_hooks.no_lifecycle_capability:
             caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
-        receiver = Receiver(transport.listen(url), self, caps, tls, disk_backings=disk_backings)
+        receiver = Receiver(
+            transport.listen(url), self, caps, tls, disk_backings=backings.disks, net_backings=backings.net
+        )
         thread = threading.Thread(target=lambda: self._worker(handle), name="migration-receiver", daemon=True)
         handle = ReceiveHandle(receiver, thread)
         self._current = handle

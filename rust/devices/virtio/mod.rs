@@ -4,8 +4,12 @@
 pub mod block;
 pub mod disk_image;
 pub mod msix;
+pub mod net;
 pub mod pci;
+pub mod tap;
 pub mod worker;
+
+use std::os::fd::RawFd;
 
 use virtio_queue::Queue;
 
@@ -36,6 +40,22 @@ pub trait VirtioDevice: Send {
     /// another host on the same shared storage sees it).
     fn sync_backing(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+    /// A host fd the worker polls for input besides the kicks (a tap with frames for the guest),
+    /// while the device can take what it brings; None when there is nothing to wait for.
+    fn backend_fd(&self, _queues: &[Queue]) -> Option<RawFd> {
+        None
+    }
+    /// Device reset (status 0): device-specific state back to a fresh device's.
+    fn reset(&mut self) {}
+    /// After a migration or restore: tells the driver through its config that the device moved
+    /// (virtio-net's announce bit); true when the config changed.
+    fn announce(&mut self, _driver_features: u64) -> bool {
+        false
+    }
+    /// Named counters, as Cloud Hypervisor's `vm.counters` reports them per device.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
     }
 }
 #[cfg(test)]

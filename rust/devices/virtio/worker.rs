@@ -1,6 +1,6 @@
 //! One thread per virtio device: it sleeps in poll(2) on the device's kick eventfds (written by
-//! KVM on a notify-register write, never through userspace) and its wake eventfd, and serves the
-//! queues under the device lock. Pause is a handshake: the thread finishes the batch it is in,
+//! KVM on a notify-register write, never through userspace), its wake eventfd and its backend's
+//! fd when it has one (a tap), and serves the queues under the device lock. Pause is a handshake: the thread finishes the batch it is in,
 //! then acknowledges and holds still, so nothing is in flight while device state is captured.
 
 use std::os::fd::AsRawFd;
@@ -136,24 +136,35 @@ fn wait_runnable(ctl: &(Mutex<Ctl>, Condvar)) -> bool {
 }
 
 fn run(dev: &Mutex<VirtioPci>, kicks: &[EventFd], wake: &EventFd, ctl: &(Mutex<Ctl>, Condvar)) {
+    let pollin = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let mut fds: Vec<libc::pollfd> = kicks
         .iter()
         .chain([wake])
-        .map(|e| libc::pollfd {
-            fd: e.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|e| pollin(e.as_raw_fd()))
         .collect();
+    let eventfds = fds.len();
     // Serving before the first wait picks up requests a restored queue already holds.
     while wait_runnable(ctl) {
-        dev.lock().unwrap().process_queues();
-        // SAFETY: fds is a valid array of pollfd for the eventfds this thread's caller keeps open.
+        let backend = {
+            let mut d = dev.lock().unwrap();
+            d.process_queues();
+            d.backend_fd()
+        };
+        // The backend (a tap) is polled only while the device can take its input; the device
+        // reads it itself in process_queues.
+        fds.truncate(eventfds);
+        fds.extend(backend.map(pollin));
+        // SAFETY: fds is a valid array of pollfd for fds this thread's caller keeps open (the
+        // backend's belongs to the device, which the Arc keeps alive).
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             continue; // EINTR
         }
-        for (i, p) in fds.iter_mut().enumerate() {
+        for (i, p) in fds[..eventfds].iter_mut().enumerate() {
             if p.revents & libc::POLLIN != 0 {
                 let evt = kicks.get(i).unwrap_or(wake);
                 let _ = evt.read();
