@@ -129,4 +129,9 @@ void blk_command(char *args);
 int blk_running(void);
 void blk_step(void); /* reap completions, submit more (the BSP calls it while `blk load` runs) */
 
+/* vsock.c: the virtio-vsock commands (echo service, one-line client) */
+void vsock_command(char *args);
+int vsock_up(void);
+void vsock_step(void); /* serve the queues (the BSP calls it from its main loop once set up) */
+
 #endif

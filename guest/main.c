@@ -466,6 +466,8 @@ static void handle(char *s)
         cmd_pio(rest);
     } else if (streq(cmd, "blk")) {
         blk_command(rest);
+    } else if (streq(cmd, "vsock")) {
+        vsock_command(rest);
     } else {
         say("ERR unknown command");
     }
@@ -538,6 +540,13 @@ void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
             } while (rdtsc() - t0 < tsc_khz);
             if (rdtsc() - button_polled_at > tsc_khz * 100)
                 poll_power_button();
+            if (vsock_up())
+                vsock_step();
+        } else if (vsock_up()) {
+            vsock_step(); /* no interrupts: the vsock queues are looked at every millisecond */
+            if (rdtsc() - button_polled_at > tsc_khz * 100)
+                poll_power_button();
+            idle_ms(1);
         } else {
             poll_power_button(); /* the VMM wakes us from the idle port when the button is pressed */
             idle_ms(100);

@@ -119,7 +119,45 @@ static const char *fail(struct virtio_dev *d, const char *why)
     return why;
 }
 
+/* Queue `index` on the three pages at `rings` (at most 256 entries); MSI-X table entry 0 for queue 0. */
+static const char *setup_queue(struct virtio_dev *d, uint16_t index, struct virtq *q, uint64_t rings)
+{
+    mmio_write16(d->common + CC_Q_SELECT, index);
+    uint16_t size = mmio_read16(d->common + CC_Q_SIZE);
+    if (size == 0)
+        return "queue not available";
+    if (size > 256)
+        size = 256; /* what one 4 KiB page of descriptors holds */
+    if (size & (size - 1)) /* split rings need a power of two */
+        return "queue size not a power of two";
+    q->size = size;
+    q->avail_idx = q->used_seen = 0;
+    q->desc = (volatile struct vring_desc *)rings;
+    q->avail = (volatile uint16_t *)(rings + 0x1000);
+    q->used = (volatile uint16_t *)(rings + 0x2000);
+    memset((void *)rings, 0, 0x3000);
+    mmio_write16(d->common + CC_Q_SIZE, size);
+    common_w64(d, CC_Q_DESC, rings);
+    common_w64(d, CC_Q_AVAIL, rings + 0x1000);
+    common_w64(d, CC_Q_USED, rings + 0x2000);
+    if (index == 0 && d->msix_vector) {
+        mmio_write16(d->common + CC_Q_MSIX, 0);
+        if (mmio_read16(d->common + CC_Q_MSIX) != 0)
+            d->msix_vector = 0; /* the device could not map it: poll only, as always */
+    }
+    q->notify = d->notify_base + (uint64_t)mmio_read16(d->common + CC_Q_NOFF) * d->notify_mult;
+    mmio_write16(d->common + CC_Q_ENABLE, 1);
+    return 0;
+}
+
 const char *virtio_init(struct virtio_dev *d, uint32_t pci, uint64_t wanted, uint64_t rings, uint8_t vector)
+{
+    struct virtq *q = &d->q;
+    return virtio_init_queues(d, pci, wanted, &q, 1, rings, vector);
+}
+
+const char *virtio_init_queues(struct virtio_dev *d, uint32_t pci, uint64_t wanted, struct virtq **qs, uint16_t n,
+                               uint64_t rings, uint8_t vector)
 {
     uint8_t msix_cap;
     memset(d, 0, sizeof(*d));
@@ -155,33 +193,13 @@ const char *virtio_init(struct virtio_dev *d, uint32_t pci, uint64_t wanted, uin
     if (vector && msix_cap)
         setup_msix(d, msix_cap, vector);
     mmio_write16(d->common + CC_MSIX_CONFIG, NO_VECTOR);
-    if (mmio_read16(d->common + CC_NUM_QUEUES) < 1)
-        return fail(d, "no queues");
-    mmio_write16(d->common + CC_Q_SELECT, 0);
-    uint16_t size = mmio_read16(d->common + CC_Q_SIZE);
-    if (size == 0)
-        return fail(d, "queue 0 not available");
-    if (size > 256)
-        size = 256; /* what one 4 KiB page of descriptors holds */
-    if (size & (size - 1)) /* split rings need a power of two */
-        return fail(d, "queue size not a power of two");
-    struct virtq *q = &d->q;
-    q->size = size;
-    q->desc = (volatile struct vring_desc *)rings;
-    q->avail = (volatile uint16_t *)(rings + 0x1000);
-    q->used = (volatile uint16_t *)(rings + 0x2000);
-    memset((void *)rings, 0, 0x3000);
-    mmio_write16(d->common + CC_Q_SIZE, size);
-    common_w64(d, CC_Q_DESC, rings);
-    common_w64(d, CC_Q_AVAIL, rings + 0x1000);
-    common_w64(d, CC_Q_USED, rings + 0x2000);
-    if (d->msix_vector) {
-        mmio_write16(d->common + CC_Q_MSIX, 0);
-        if (mmio_read16(d->common + CC_Q_MSIX) != 0)
-            d->msix_vector = 0; /* the device could not map it: poll only, as always */
+    if (mmio_read16(d->common + CC_NUM_QUEUES) < n)
+        return fail(d, "too few queues");
+    for (uint16_t i = 0; i < n; i++) {
+        const char *why = setup_queue(d, i, qs[i], rings + i * 0x3000ul);
+        if (why)
+            return fail(d, why);
     }
-    q->notify = d->notify_base + (uint64_t)mmio_read16(d->common + CC_Q_NOFF) * d->notify_mult;
-    mmio_write16(d->common + CC_Q_ENABLE, 1);
     mmio_write8(d->common + CC_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     return 0;
 }

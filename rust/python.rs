@@ -23,7 +23,7 @@ use crate::ranges::RangeTable;
 use crate::state::{Blobs, VcpuState};
 use crate::tls::{Role, TlsContext, TlsStream};
 use crate::transfer::Link;
-use crate::vm::{DiskSpec, LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
+use crate::vm::{DiskSpec, LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig, VsockSpec};
 use crate::{dirty, transfer};
 
 #[pyclass(name = "Console", module = "vmmpy._native")]
@@ -325,7 +325,7 @@ impl PyVm {
     /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
     /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new()))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new(), vsock=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -342,6 +342,7 @@ impl PyVm {
         memory_fds: Option<Vec<i32>>,
         boot_protocol: Option<&str>,
         disks: Vec<(String, String, bool, bool)>,
+        vsock: Option<(String, u64, i32, String)>,
     ) -> PyResult<Self> {
         let boot_protocol = boot_protocol
             .map(crate::boot::payload::BootProtocol::from_name)
@@ -356,6 +357,14 @@ impl PyVm {
                 direct,
             })
             .collect();
+        // The vsock device as (id, cid, listening socket fd, its path): the VM takes a copy of
+        // the fd, the caller closes its own.
+        let vsock = vsock.map(|(id, cid, listener_fd, path)| VsockSpec {
+            id,
+            cid,
+            listener_fd,
+            path,
+        });
         let cfg = VmConfig {
             memory_size,
             vcpus,
@@ -364,6 +373,7 @@ impl PyVm {
             cmdline,
             boot_protocol,
             disks,
+            vsock,
         };
         let console = console.0.clone();
         let fds = LifecycleFds {

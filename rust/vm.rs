@@ -26,7 +26,9 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::disk_image::DiskImage;
 use crate::devices::virtio::msix::Msix;
 use crate::devices::virtio::pci::{VirtioPci, VirtioPciState, BAR0_SIZE};
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::worker::Worker;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::dirty::{self, DirtyLog};
 use crate::error::{Error, Kind, Result};
@@ -69,6 +71,17 @@ pub struct VmConfig<'a> {
     /// None: PVH for an ELF with the PVH note, else the 64-bit entry.
     pub boot_protocol: Option<payload::BootProtocol>,
     pub disks: Vec<DiskSpec>,
+    pub vsock: Option<VsockSpec>,
+}
+
+/// The virtio-vsock device: the guest's CID and the unix socket the VMM listens on for it
+/// (bound by the caller, who keeps its descriptor open during the build; the VM takes a copy).
+#[derive(Clone, Debug)]
+pub struct VsockSpec {
+    pub id: String,
+    pub cid: u64,
+    pub listener_fd: RawFd,
+    pub path: String,
 }
 
 /// A virtio-blk disk: the image the operator named for it and how to open it.
@@ -84,6 +97,8 @@ pub struct DiskSpec {
 /// eventfds and, once booted, the worker.
 struct DeviceSlot {
     id: String,
+    /// The worker thread's name: the device kind and its slot.
+    thread_name: String,
     dev: Arc<Mutex<VirtioPci>>,
     kicks: Vec<EventFd>,
     wake: EventFd,
@@ -380,7 +395,7 @@ impl Vm {
         let mut mmio = MmioBus::default();
         mmio.insert(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE, ged.clone());
         let fd = Arc::new(fd);
-        let devices = build_disks(&fd, &ram, cfg, images)?;
+        let devices = build_devices(&fd, &ram, cfg, images)?;
         let functions: Vec<SharedFunction> = devices
             .iter()
             .map(|d| d.dev.clone() as SharedFunction)
@@ -470,7 +485,7 @@ impl Vm {
                 self.shared.clone(),
             )?);
         }
-        for (i, d) in self.devices.iter_mut().enumerate() {
+        for d in &mut self.devices {
             let kicks = d
                 .kicks
                 .iter()
@@ -482,7 +497,7 @@ impl Vm {
                 .try_clone()
                 .map_err(|e| Error::io(Kind::Kvm, "dup of a wake eventfd", e))?;
             d.worker = Some(Worker::spawn(
-                format!("virtio-blk{i}"),
+                d.thread_name.clone(),
                 d.dev.clone(),
                 kicks,
                 wake,
@@ -697,34 +712,67 @@ impl Vm {
     }
 }
 
-/// The virtio-blk devices, in `cfg.disks` order (00:01.0 on): BAR0 from the 32-bit window, a
-/// kick eventfd per queue registered as an ioeventfd on its notify register, and an irqfd per
-/// MSI-X vector on its own GSI.
-fn build_disks(
+/// The virtio devices: the disks in `cfg.disks` order (00:01.0 on), then the vsock device. Each
+/// gets BAR0 from the 32-bit window, a kick eventfd per queue registered as an ioeventfd on its
+/// notify register, and an irqfd per MSI-X vector on its own GSI.
+fn build_devices(
     fd: &Arc<VmFd>,
     ram: &Arc<GuestRam>,
     cfg: &VmConfig,
     images: Vec<DiskImage>,
 ) -> Result<Vec<DeviceSlot>> {
-    use vm_allocator::{AddressAllocator, AllocPolicy};
-    let mut bars = AddressAllocator::new(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE)
-        .map_err(|e| Error::new(Kind::Kvm, format!("PCI window: {e}")))?;
-    let routes = Arc::new(MsiRoutes::new(fd.clone()));
-    let mut next_gsi = layout::MSI_GSI_BASE;
+    let mut slots = SlotBuilder {
+        bars: vm_allocator::AddressAllocator::new(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE)
+            .map_err(|e| Error::new(Kind::Kvm, format!("PCI window: {e}")))?,
+        routes: Arc::new(MsiRoutes::new(fd.clone())),
+        next_gsi: layout::MSI_GSI_BASE,
+        fd,
+        ram,
+    };
     let mut out = Vec::new();
-    for (spec, image) in cfg.disks.iter().zip(images) {
-        let bar0 = bars
+    for (i, (spec, image)) in cfg.disks.iter().zip(images).enumerate() {
+        let device = Box::new(Block::new(image, &spec.id));
+        out.push(slots.build(&spec.id, format!("virtio-blk{i}"), device)?);
+    }
+    if let Some(v) = &cfg.vsock {
+        let listener = dup_owned(v.listener_fd, "vsock listening socket")?;
+        let device = Vsock::new(v.cid, v.path.clone(), listener)
+            .map_err(|e| Error::io(Kind::HostIo, "vsock device", e))?;
+        out.push(slots.build(&v.id, "virtio-vsock0".into(), Box::new(device))?);
+    }
+    Ok(out)
+}
+
+/// What the virtio devices of one VM are placed with: BAR space, MSI routes, GSIs.
+struct SlotBuilder<'a> {
+    bars: vm_allocator::AddressAllocator,
+    routes: Arc<MsiRoutes>,
+    next_gsi: u32,
+    fd: &'a Arc<VmFd>,
+    ram: &'a Arc<GuestRam>,
+}
+
+impl SlotBuilder<'_> {
+    fn build(
+        &mut self,
+        id: &str,
+        thread_name: String,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<DeviceSlot> {
+        use vm_allocator::AllocPolicy;
+        let fd = self.fd;
+        let bar0 = self
+            .bars
             .allocate(BAR0_SIZE, BAR0_SIZE, AllocPolicy::FirstMatch)
             .map_err(|e| {
                 Error::new(
                     Kind::InvalidConfig,
-                    format!("no room for disk {}'s BAR: {e}", spec.id),
+                    format!("no room for device {id}'s BAR: {e}"),
                 )
             })?
             .start();
-        let device = Block::new(image, &spec.id);
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e));
-        let queues = crate::devices::virtio::VirtioDevice::queue_max_sizes(&device).len();
+        let queues = device.queue_max_sizes().len();
         let mut kicks = Vec::new();
         for q in 0..queues {
             let kick = eventfd()?;
@@ -734,38 +782,31 @@ fn build_disks(
             kicks.push(kick);
         }
         let mut irqfds = Vec::new();
-        let gsi_base = next_gsi;
+        let gsi_base = self.next_gsi;
         for _ in 0..queues + 1 {
             let irq = eventfd()?;
-            fd.register_irqfd(&irq, next_gsi)
+            fd.register_irqfd(&irq, self.next_gsi)
                 .map_err(|e| Error::kvm("KVM_IRQFD", e))?;
             irqfds.push(irq);
-            next_gsi += 1;
+            self.next_gsi += 1;
         }
-        let msix = Msix::new(irqfds, Some(routes.clone()), gsi_base);
+        let msix = Msix::new(irqfds, Some(self.routes.clone()), gsi_base);
         let wake = eventfd()?;
         let own = |e: &EventFd| {
             e.try_clone()
                 .map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e))
         };
         let dev_kicks = kicks.iter().map(own).collect::<Result<Vec<_>>>()?;
-        let dev = VirtioPci::new(
-            Box::new(device),
-            bar0,
-            msix,
-            dev_kicks,
-            own(&wake)?,
-            ram.clone(),
-        );
-        out.push(DeviceSlot {
-            id: spec.id.clone(),
+        let dev = VirtioPci::new(device, bar0, msix, dev_kicks, own(&wake)?, self.ram.clone());
+        Ok(DeviceSlot {
+            id: id.to_string(),
+            thread_name,
             dev: Arc::new(Mutex::new(dev)),
             kicks,
             wake,
             worker: None,
-        });
+        })
     }
-    Ok(out)
 }
 
 /// Loads kernel, initramfs, command line, ACPI tables, zero page and boot page tables.

@@ -27,6 +27,8 @@ from vmmpy.config import (
     parse_disk,
     parse_memory,
     parse_serial,
+    parse_vsock,
+    parse_vsock_socket,
 )
 from vmmpy.errors import InvalidConfig, VmmError
 from vmmpy.events import EventMonitor, parse_event_monitor
@@ -100,6 +102,13 @@ def build_parser() -> OneLineParser:
         metavar="path=FILE[,readonly=on][,id=NAME][,direct=on]",
         help="a virtio-blk disk on a raw image (repeatable); without a VM to boot, this host's file "
         "for that disk id when a VM is restored or received",
+    )
+    p.add_argument(
+        "--vsock",
+        metavar="cid=N,socket=PATH[,id=NAME]",
+        help="a virtio-vsock device: host processes reach guest port P by writing 'CONNECT P' on "
+        "PATH, guest connections to host port P go to PATH_P; without a VM to boot, socket=PATH "
+        "alone names this host's socket for a restored or received VM's vsock",
     )
     p.add_argument(
         "--serial",
@@ -213,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         disks = [parse_disk(text) for text in args.disk or []]
         config = None
         disk_backings: dict[str, str] = {}
+        vsock_socket = None
         if want_vm:
             config = VmConfig(
                 kernel=args.kernel,
@@ -221,9 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 boot_protocol=args.boot_protocol,
                 serial=serial if serial is not None else SerialConfig(),
                 disks=disks,
+                vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
                 **vm_args,
             )
         else:
+            if args.vsock is not None:
+                vsock_socket = parse_vsock_socket(args.vsock)
             # The operator's own files for the disks of a VM this VMM restores or receives.
             for i, d in enumerate(disks):
                 disk_id = d.id if d.id is not None else f"disk{i}"
@@ -251,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             no_shutdown=args.no_shutdown,
             test_hooks=test_hooks,
             disk_backings=disk_backings,
+            vsock_socket=vsock_socket,
         )
     except VmmError as e:
         if monitor is not None:

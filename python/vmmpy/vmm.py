@@ -45,6 +45,7 @@ from .migration.handles import MigrationHandle, ReceiveHandle
 from .migration.source import PAUSE_TIMEOUT_S, MigrationOptions, SourceMigration
 from .payload import BootPayload, check_description
 from .testhooks import NO_HOOKS, TestHooks
+from .vsock import native_vsock
 from .snapshot import (
     CONFIG_FILE,
     STATE_FILE,
@@ -110,10 +111,12 @@ class Vmm(ReceiveHooks):
         no_shutdown: bool = False,
         test_hooks: TestHooks = NO_HOOKS,
         disk_backings: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
     ):
-        """`disk_backings` (disk id -> path): this host's own files for the disks of a VM it
-        receives or restores, unless the receive or restore call names its own."""
+        """`disk_backings` (disk id -> path), `vsock_socket`: this host's own files for the disks
+        and the vsock device of a VM it receives or restores, unless the call names its own."""
         self._disk_backings = dict(disk_backings or {})
+        self._vsock_socket = vsock_socket
         self.events = event_monitor or EventMonitor()
         self.test_hooks = test_hooks
         test_hooks.announce()
@@ -305,21 +308,23 @@ class Vmm(ReceiveHooks):
     ):
         """A native VM on the VMM's console (the command line's serial wins over the config's)."""
         self._open_console(self._serial_override or cfg.serial)
-        return _native.Vm(
-            memory_size=cfg.memory_bytes,
-            vcpus=cfg.vcpus,
-            kernel=payload.kernel,
-            initramfs=payload.initramfs,
-            cmdline=cfg.effective_cmdline,
-            console=self._console.native,
-            reset_fd=self._reset_fd,
-            guest_exit_fd=self._guest_exit_fd,
-            error_fd=self._error_fd,
-            restore=restore,
-            memory_fds=memory_fds,
-            boot_protocol=cfg.boot_protocol,
-            disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks],
-        )
+        with native_vsock(cfg.vsock) as vsock:
+            return _native.Vm(
+                memory_size=cfg.memory_bytes,
+                vcpus=cfg.vcpus,
+                kernel=payload.kernel,
+                initramfs=payload.initramfs,
+                cmdline=cfg.effective_cmdline,
+                console=self._console.native,
+                reset_fd=self._reset_fd,
+                guest_exit_fd=self._guest_exit_fd,
+                error_fd=self._error_fd,
+                restore=restore,
+                memory_fds=memory_fds,
+                boot_protocol=cfg.boot_protocol,
+                disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks],
+                vsock=vsock,
+            )
 
     def _build_and_boot(self) -> None:
         cfg = self._config
@@ -726,13 +731,18 @@ class Vmm(ReceiveHooks):
         self._call(do)
 
     def receive_migration(
-        self, receiver_url: str, tls_dir: str | None = None, disks: dict[str, str] | None = None
+        self,
+        receiver_url: str,
+        tls_dir: str | None = None,
+        disks: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
     ) -> ReceiveHandle:
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
         With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
         each disk id to this host's file for it (default: the VMM's `disk_backings`)."""
         url = transport.parse_url(receiver_url)
         backings = self._checked_backings(disks)
+        vsock_socket = vsock_socket or self._vsock_socket
         tls = transport.tls_context(tls_dir, url, "server")
 
         def do():
@@ -743,7 +753,9 @@ class Vmm(ReceiveHooks):
             caps = None
             if self.test_hooks.no_lifecycle_capability:
                 caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
-            receiver = Receiver(transport.listen(url), self, caps, tls, disk_backings=backings)
+            receiver = Receiver(
+                transport.listen(url), self, caps, tls, disk_backings=backings, vsock_socket=vsock_socket
+            )
             thread = threading.Thread(
                 target=lambda: self._receive_worker(handle), name="migration-receiver", daemon=True
             )
@@ -781,13 +793,22 @@ class Vmm(ReceiveHooks):
         return dict(disks)
 
     @_ClassOrInstance
-    def restore(self, cls, source_url: str, *, resume: bool = False, disks: dict[str, str] | None = None, **vmm_kwargs):
+    def restore(
+        self,
+        cls,
+        source_url: str,
+        *,
+        resume: bool = False,
+        disks: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
+        **vmm_kwargs,
+    ):
         """`vmm.restore(dir)` restores a snapshot into this empty VMM, paused unless `resume`;
         `Vmm.restore(dir, **kwargs)` does that in a new VMM and returns it."""
         if self is None:
             vmm = cls(**vmm_kwargs)
             try:
-                vmm.restore(source_url, resume=resume, disks=disks)
+                vmm.restore(source_url, resume=resume, disks=disks, vsock_socket=vsock_socket)
             except BaseException:
                 vmm.close()
                 raise
@@ -795,16 +816,16 @@ class Vmm(ReceiveHooks):
         directory = parse_file_url(source_url)
         backings = self._checked_backings(disks)
         with SnapshotDir(directory) as snap:
-            self._restore_from(snap, directory, backings)
+            self._restore_from(snap, directory, backings, vsock_socket or self._vsock_socket)
         if resume:
             self.resume()
 
-    def _restore_from(self, snap: SnapshotDir, directory, disk_backings: dict[str, str]) -> None:
+    def _restore_from(self, snap: SnapshotDir, directory, disk_backings: dict[str, str], vsock_socket=None) -> None:
         """Everything is read and checked (version, config, payload digests) before a VM is built;
         the snapshot's config chooses no host path here (its serial is this VMM's own)."""
         config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
         described = decoded.fields["payload"] or {}
-        cfg = from_peer(config_api, described, disk_backings)
+        cfg = from_peer(config_api, described, disk_backings, vsock_socket)
         payload = read_payload(snap, check_description(described, cfg.memory_bytes))
         cfg = self._own_serial(cfg)
 

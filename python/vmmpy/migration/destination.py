@@ -99,10 +99,12 @@ class Receiver:
         capabilities: list[str] | None = None,
         tls=None,
         disk_backings: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
     ):
         self.listener = listener
         # This host's operator's file for each disk id; the peer's config names none that is used.
         self.disk_backings = dict(disk_backings or {})
+        self.vsock_socket = vsock_socket
         self.tls = tls  # _native.TlsContext ("server"), or None for plaintext
         self.hooks = hooks
         self.capabilities = CAPABILITIES if capabilities is None else capabilities
@@ -373,7 +375,10 @@ class Receiver:
             memory_fds = [fds[i] for i in range(len(fds))] if local else None
             described = doc.get("payload")
             cfg = from_peer(
-                doc.get("config") or {}, described if isinstance(described, dict) else {}, self.disk_backings
+                doc.get("config") or {},
+                described if isinstance(described, dict) else {},
+                self.disk_backings,
+                self.vsock_socket,
             )
             described = check_description(described, cfg.memory_bytes)
             incoming = self.hooks.build_vm(cfg, memory_fds)

@@ -195,6 +195,7 @@ impl VirtioPci {
             q.reset();
         }
         self.queue_vectors.fill(NO_VECTOR);
+        self.device.reset();
     }
 
     fn driver_ok(&self) -> bool {
@@ -206,22 +207,21 @@ impl VirtioPci {
         if !self.driver_ok() {
             return;
         }
-        for i in 0..self.queues.len() {
-            if !self.queues[i].ready() {
-                continue;
-            }
-            let added = self
-                .device
-                .process_queue(i, &mut self.queues[i], &self.ram.mem);
-            if added
-                && self.queues[i]
-                    .needs_notification(&self.ram.mem)
-                    .unwrap_or(true)
+        let used = self.device.process_all(&mut self.queues, &self.ram.mem);
+        for i in (0..self.queues.len()).filter(|i| used & (1 << i) != 0) {
+            if self.queues[i]
+                .needs_notification(&self.ram.mem)
+                .unwrap_or(true)
             {
                 self.regs.isr |= 1;
                 self.msix.signal(self.queue_vectors[i]);
             }
         }
+    }
+
+    /// What the worker waits on besides the kicks, while the driver has the device running.
+    pub fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.driver_ok().then(|| self.device.host_fd()).flatten()
     }
 
     pub fn sync_backing(&mut self) -> std::io::Result<()> {
@@ -473,13 +473,15 @@ impl VirtioPci {
             .map(|&v| self.vector_or_none(v))
             .collect();
         self.regs = st.transport.clone();
+        self.device.restored();
         Ok(())
     }
 }
 
 fn class_of(kind: u16) -> (u8, u8, u8) {
     match kind {
-        2 => (0x01, 0x80, 0x00), // mass storage, other
+        2 => (0x01, 0x80, 0x00),  // mass storage, other
+        19 => (0x07, 0x80, 0x00), // communication, other
         _ => (0xff, 0x00, 0x00),
     }
 }

@@ -1,7 +1,8 @@
 //! One thread per virtio device: it sleeps in poll(2) on the device's kick eventfds (written by
 //! KVM on a notify-register write, never through userspace) and its wake eventfd, and serves the
-//! queues under the device lock. Pause is a handshake: the thread finishes the batch it is in,
-//! then acknowledges and holds still, so nothing is in flight while device state is captured.
+//! queues under the device lock (a device with host sockets, vsock, adds their epoll fd). Pause
+//! is a handshake: the thread finishes the batch it is in, then acknowledges and holds still, so
+//! nothing is in flight while device state is captured.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -145,15 +146,28 @@ fn run(dev: &Mutex<VirtioPci>, kicks: &[EventFd], wake: &EventFd, ctl: &(Mutex<C
             revents: 0,
         })
         .collect();
+    let evts = fds.len();
     // Serving before the first wait picks up requests a restored queue already holds.
     while wait_runnable(ctl) {
-        dev.lock().unwrap().process_queues();
-        // SAFETY: fds is a valid array of pollfd for the eventfds this thread's caller keeps open.
+        let host = {
+            let mut d = dev.lock().unwrap();
+            d.process_queues();
+            d.host_fd()
+        };
+        // The device's host fd (it owns it, and the device outlives this thread) is drained by
+        // the device's own processing, not here.
+        fds.truncate(evts);
+        fds.extend(host.map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        // SAFETY: fds is a valid array of pollfd for descriptors kept open while this runs.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             continue; // EINTR
         }
-        for (i, p) in fds.iter_mut().enumerate() {
+        for (i, p) in fds.iter_mut().enumerate().take(evts) {
             if p.revents & libc::POLLIN != 0 {
                 let evt = kicks.get(i).unwrap_or(wake);
                 let _ = evt.read();

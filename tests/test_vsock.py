@@ -1,0 +1,201 @@
+"""virtio-vsock end to end: the test guest's polling driver (guest/vsock.c: an echo service and a
+one-line client) against vmmpy's device and its host side, on real KVM with real Unix sockets.
+Host to guest: a client connects to the VM's socket and writes ``CONNECT <port>``; guest to host:
+the guest connects to host port P, which is the Unix socket ``<socket>_P`` a test listens on."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+
+ECHO_PORT = 5000
+CID = 7
+TIMEOUT = 60.0
+
+
+def vsock_arg(path, cid=CID) -> str:
+    return f"cid={cid},socket={path}"
+
+
+def _boot(vmm_process, sock_path, name="src", hooks=""):
+    vmm = vmm_process(
+        "--cpus", "boot=1", "--memory", "size=128M", "--vsock", vsock_arg(sock_path), name=name, hooks=hooks
+    )
+    boot_id, _ = vmm.serial.wait_ready()
+    listen(vmm.serial)
+    return vmm, boot_id
+
+
+def listen(serial):
+    serial.command(f"vsock listen {ECHO_PORT}", rf"VSOCK LISTENING port={ECHO_PORT} cid={CID}\r\n")
+
+
+def read_line(s: socket.socket, timeout: float = TIMEOUT) -> bytes:
+    """Bytes up to and including the first newline (or what came before EOF)."""
+    s.settimeout(timeout)
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def host_connect(path: str, port: int = ECHO_PORT) -> tuple[socket.socket, int]:
+    """Firecracker's handshake: ``CONNECT <port>\\n`` answered ``OK <host port>\\n``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT)
+    s.connect(path)
+    s.sendall(f"CONNECT {port}\n".encode())
+    answer = read_line(s)
+    assert answer.startswith(b"OK ") and answer.endswith(b"\n"), answer
+    return s, int(answer[3:])
+
+
+def echo(s: socket.socket, text: bytes) -> None:
+    s.sendall(text + b"\n")
+    assert read_line(s) == text + b"\n"
+
+
+def wait_closed(s: socket.socket, timeout: float = TIMEOUT) -> None:
+    """The peer closed (EOF) or reset the connection; no data comes first."""
+    s.settimeout(timeout)
+    try:
+        data = s.recv(4096)
+    except ConnectionResetError:
+        return
+    assert data == b"", f"expected the connection closed, got {data!r}"
+
+
+class HostListener:
+    """A host service on vsock port P: the Unix socket `<vm socket>_P`; answers each line it gets
+    with `prefix + line` and records what it saw."""
+
+    def __init__(self, vm_socket: str, port: int, prefix: bytes = b"host got: "):
+        self.path = f"{vm_socket}_{port}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        self.sock.listen(4)
+        self.sock.settimeout(TIMEOUT)
+        self.prefix = prefix
+        self.lines: list[bytes] = []
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                self.conns.append(conn)
+                line = read_line(conn)
+                self.lines.append(line)
+                conn.sendall(self.prefix + line)
+        except OSError:
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+        os.unlink(self.path)
+
+
+@pytest.fixture
+def sock_dir(tmp_path):
+    # Unix socket paths are short (108 bytes); pytest's tmp_path can be long.
+    d = f"/tmp/vmmpy-vsock-{os.getpid()}-{time.monotonic_ns()}"
+    os.mkdir(d)
+    yield d
+    for name in os.listdir(d):
+        os.unlink(os.path.join(d, name))
+    os.rmdir(d)
+
+
+# ---------------------------------------------------------------- one VM
+
+
+def test_host_to_guest_echo(vmm_process, sock_dir):
+    path = f"{sock_dir}/vm.sock"
+    vmm, _ = _boot(vmm_process, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    a, port_a = host_connect(path)
+    b, port_b = host_connect(path)
+    assert port_a != port_b
+    echo(a, b"first line")
+    echo(b, b"second connection")
+    big = bytes(range(33, 127)) * 700  # more than one 4 KiB rx buffer and one tx slot
+    a.sendall(big + b"\n")
+    got = b""
+    a.settimeout(TIMEOUT)
+    while not got.endswith(b"\n"):
+        chunk = a.recv(65536)
+        assert chunk, "the echo connection closed early"
+        got += chunk
+    assert got == big + b"\n"
+    m = vmm.serial.command("vsock status", rb"VSOCK STATUS cid=7 listen=5000 conns=(\d+) resets=0 echoed=(\d+)\r\n")
+    assert int(m.group(1)) == 2 and int(m.group(2)) == len(big) + 1 + len(b"first line\n") + len(b"second connection\n")
+    a.close()  # the guest gets SHUTDOWN, answers RST
+    b.close()
+    deadline = time.monotonic() + TIMEOUT
+    while vmm.serial.command("vsock status", rb"VSOCK STATUS [^\r]* conns=(\d+)").group(1) != b"0":
+        assert time.monotonic() < deadline, "the guest kept the closed connections"
+        time.sleep(0.05)
+
+
+def test_connect_to_a_port_nobody_listens_on_is_closed(vmm_process, sock_dir):
+    path = f"{sock_dir}/vm.sock"
+    _boot(vmm_process, path)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(b"CONNECT 4242\n")  # the guest answers RST
+    wait_closed(s)
+    bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad.connect(path)
+    bad.sendall(b"HELLO 5000\n")
+    wait_closed(bad)
+    echo(host_connect(path)[0], b"still serving")
+
+
+def test_guest_to_host_connection(vmm_process, sock_dir):
+    path = f"{sock_dir}/vm.sock"
+    vmm, _ = _boot(vmm_process, path)
+    svc = HostListener(path, 7000)
+    try:
+        vmm.serial.command("vsock connect 7000 ping from the guest", rb"VSOCK REPLY host got: ping from the guest\r\n")
+        assert svc.lines == [b"ping from the guest\n"]
+        # Nobody listens on host port 7001: the guest's REQUEST is answered RST.
+        vmm.serial.command("vsock connect 7001", rb"VSOCK CONNECT RESET\r\n")
+    finally:
+        svc.close()
+
+
+def test_bad_socket_path_is_a_clear_error_at_create(tmp_path):
+    from vmmpy.config import VmConfig, VsockConfig
+    from vmmpy.errors import InvalidConfig
+
+    with pytest.raises(InvalidConfig, match="vsock.socket=.*no such directory"):
+        VmConfig(vsock=VsockConfig(cid=3, socket=str(tmp_path / "missing" / "v.sock")))
+    regular = tmp_path / "file"
+    regular.write_text("x")
+    with pytest.raises(InvalidConfig, match="exists and is not a socket"):
+        VmConfig(vsock=VsockConfig(cid=3, socket=str(regular)))
+    with pytest.raises(InvalidConfig, match="vsock.cid=2"):
+        VmConfig(vsock=VsockConfig(cid=2, socket=str(tmp_path / "v.sock")))
+    # The command line says so before any VM exists: one line, exit status 2.
+    r = subprocess.run(
+        [sys.executable, "-m", "vmmpy.cli", "--memory", "size=128M", "--vsock", f"cid=3,socket={tmp_path}/no/v.sock"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert r.returncode == 2 and "no such directory" in r.stderr, r.stderr
