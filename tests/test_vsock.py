@@ -5,6 +5,7 @@ the guest connects to host port P, which is the Unix socket ``<socket>_P`` a tes
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
@@ -14,6 +15,8 @@ import threading
 import time
 
 import pytest
+
+from migration_helpers import free_port, send, start_receive, url_for, wait_progress
 
 
 ECHO_PORT = 5000
@@ -199,3 +202,75 @@ def test_bad_socket_path_is_a_clear_error_at_create(tmp_path):
         timeout=TIMEOUT,
     )
     assert r.returncode == 2 and "no such directory" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- migration and reboot
+
+
+def _migrate(vmm_process, tmp_path, src, transport, dst_args):
+    dst = vmm_process(*dst_args, name="dst")
+    url = url_for("unix" if transport == "local" else transport, tmp_path, free_port())
+    receiver = start_receive(dst, url)
+    send(src, url, local=(transport == "local"))
+    return dst, receiver
+
+
+@pytest.mark.parametrize("transport", ["tcp", "local"])
+def test_connections_are_reset_across_a_migration_and_new_ones_work(vmm_process, tmp_path, sock_dir, transport):
+    src_path, dst_path = f"{sock_dir}/src.sock", f"{sock_dir}/dst.sock"
+    src, boot_id = _boot(vmm_process, src_path)
+    a, _ = host_connect(src_path)
+    echo(a, b"before the migration")
+    src_svc, dst_svc = HostListener(src_path, 7000, b"source: "), HostListener(dst_path, 7000, b"destination: ")
+    try:
+        src.serial.command("vsock connect 7000 one", rb"VSOCK REPLY source: one\r\n")
+        # The destination's own operator names its socket; the CID is the guest's.
+        dst, receiver = _migrate(vmm_process, tmp_path, src, transport, ["--vsock", f"socket={dst_path}"])
+        assert src.wait_exit(180) == 0
+        receiver.join(60)
+        assert receiver.result["answer"][0] == 204
+        wait_closed(a)  # the source went, and its host sockets with it
+        assert not os.path.exists(src_path), "the source left its socket behind"
+        dst.serial.expect(rb"VSOCK TRANSPORT_RESET resets=1 dropped=1\r\n")
+        m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
+        assert m.group(1).decode() == boot_id, "the guest rebooted: it should have moved"
+        dst.serial.command("vsock status", rb"VSOCK STATUS cid=7 listen=5000 conns=0 resets=1 ")
+        assert stat.S_IMODE(os.stat(dst_path).st_mode) == 0o600
+        b, _ = host_connect(dst_path)
+        echo(b, b"after the migration")
+        dst.serial.command("vsock connect 7000 two", rb"VSOCK REPLY destination: two\r\n")
+        assert src_svc.lines == [b"one\n"] and dst_svc.lines == [b"two\n"]
+    finally:
+        src_svc.close()
+        dst_svc.close()
+
+
+def test_destination_without_a_vsock_socket_is_refused_at_config(vmm_process, tmp_path, sock_dir):
+    path = f"{sock_dir}/src.sock"
+    src, _ = _boot(vmm_process, path)
+    a, _ = host_connect(path)
+    dst, receiver = _migrate(vmm_process, tmp_path, src, "tcp", [])
+    p = wait_progress(src, lambda p: p["status"] != "active")
+    assert p["status"] == "failed", p
+    assert "vsock" in json.dumps(p) and "names no socket" in json.dumps(p), p
+    dst.wait_event("vm.migration-receive-failed")
+    assert dst.api.request("GET", "/api/v1/vm.info")[0] == 404, "the destination built no VM"
+    assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
+    echo(a, b"the source keeps running, connection and all")
+    src.serial.command("vsock status", rb"VSOCK STATUS cid=7 listen=5000 conns=1 resets=0 ")
+
+
+def test_connections_are_closed_across_a_guest_reboot(vmm_process, sock_dir):
+    path = f"{sock_dir}/vm.sock"
+    vmm, boot_id = _boot(vmm_process, path)
+    a, _ = host_connect(path)
+    echo(a, b"before the reboot")
+    vmm.serial.send("reboot kbd")
+    new_id, _ = vmm.serial.wait_ready()
+    assert new_id != boot_id
+    wait_closed(a)  # the old VM's device went with its connections
+    # The new boot's driver starts with no connection on either side: there is nothing to reset.
+    listen(vmm.serial)
+    vmm.serial.command("vsock status", rb"VSOCK STATUS cid=7 listen=5000 conns=0 resets=0 ")
+    b, _ = host_connect(path)
+    echo(b, b"after the reboot")
