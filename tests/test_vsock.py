@@ -274,3 +274,64 @@ def test_connections_are_closed_across_a_guest_reboot(vmm_process, sock_dir):
     vmm.serial.command("vsock status", rb"VSOCK STATUS cid=7 listen=5000 conns=0 resets=0 ")
     b, _ = host_connect(path)
     echo(b, b"after the reboot")
+
+
+def test_snapshot_restore_resets_connections_and_serves_on_the_restoring_hosts_socket(vmm_process, tmp_path, sock_dir):
+    src_path, dst_path = f"{sock_dir}/src.sock", f"{sock_dir}/dst.sock"
+    src, boot_id = _boot(vmm_process, src_path)
+    a, _ = host_connect(src_path)
+    echo(a, b"before the snapshot")
+    snap = tmp_path / "snap"
+    assert src.api.request("PUT", "/api/v1/vm.pause")[0] == 204
+    assert src.api.request("PUT", "/api/v1/vm.snapshot", {"destination_url": f"file://{snap}"})[0] == 204
+    dst = vmm_process(name="dst")
+    status, body = dst.api.request("PUT", "/api/v1/vm.restore", {"source_url": f"file://{snap}", "resume": True})
+    assert status == 400 and "names no socket" in json.dumps(body), (status, body)
+    status, body = dst.api.request(
+        "PUT", "/api/v1/vm.restore", {"source_url": f"file://{snap}", "vsock_socket": dst_path, "resume": True}
+    )
+    assert status == 204, (status, body)
+    dst.serial.expect(rb"VSOCK TRANSPORT_RESET resets=1 dropped=1\r\n")
+    dst.serial.command("status", rb"STATUS boot_id=" + boot_id.encode())
+    info = dst.api.request("GET", "/api/v1/vm.info")[1]
+    assert info["config"]["vsock"] == {"cid": CID, "socket": dst_path, "id": "_vsock0"}
+    echo(host_connect(dst_path)[0], b"after the restore")
+    # The source, resumed, still has its connection: a snapshot moves nothing away from it.
+    assert src.api.request("PUT", "/api/v1/vm.resume")[0] == 204
+    echo(a, b"the source resumed")
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_vsock_config_through_the_api_and_the_command_line(tmp_path):
+    from vmmpy.config import REQUEST_BODIES, VmConfig, from_peer, parse_vsock, parse_vsock_socket, read_request_body
+    from vmmpy.errors import InvalidConfig
+
+    path = str(tmp_path / "v.sock")
+    cfg = VmConfig.from_api({"vsock": {"cid": 9, "socket": path, "iommu": False, "pci_segment": 0}})
+    assert (cfg.vsock.cid, cfg.vsock.socket, cfg.vsock.id) == (9, path, "_vsock0")
+    assert VmConfig.from_api(cfg.to_api()).vsock == cfg.vsock
+    with pytest.raises(InvalidConfig, match=r"unsupported VmConfig fields: vsock\.iommu"):
+        VmConfig.from_api({"vsock": {"cid": 9, "socket": path, "iommu": True}})
+    with pytest.raises(InvalidConfig, match="vsock: needs cid and socket"):
+        VmConfig.from_api({"vsock": {"cid": 9}})
+    with pytest.raises(InvalidConfig, match="vsock.id='disk0': used by a disk"):
+        img = tmp_path / "d.raw"
+        img.write_bytes(bytes(512))
+        VmConfig.from_api({"disks": [{"path": str(img)}], "vsock": {"cid": 9, "socket": path, "id": "disk0"}})
+    assert parse_vsock(f"cid=3,socket={path},id=v0") == type(cfg.vsock)(cid=3, socket=path, id="v0")
+    for bad in (f"socket={path}", "cid=3", f"cid=x,socket={path}", f"cid=3,socket={path},iommu=on"):
+        with pytest.raises(InvalidConfig, match="--vsock"):
+            parse_vsock(bad)
+    assert parse_vsock_socket(f"socket={path}") == path
+    with pytest.raises(InvalidConfig, match="keeps its own CID"):
+        parse_vsock_socket(f"cid=3,socket={path}")
+    # A peer's socket path is never used: the destination's own replaces it, or none is refused.
+    peer = {**cfg.to_api(), "vsock": {"cid": 9, "socket": "/peer/path.sock", "id": "_vsock0"}}
+    assert from_peer(peer, {}, vsock_socket=path).vsock.socket == path
+    with pytest.raises(InvalidConfig, match="names no socket"):
+        from_peer(peer, {})
+    for name in ("ReceiveMigrationData", "RestoreConfig"):
+        assert "vsock_socket" in REQUEST_BODIES[name].fields
+    assert read_request_body("RestoreConfig", {"source_url": "file:///x", "vsock_socket": path})["vsock_socket"] == path
