@@ -68,7 +68,7 @@ pub struct Connection {
 }
 
 /// send(2) with MSG_NOSIGNAL: a host peer that went away gives EPIPE, never SIGPIPE.
-fn send(fd: RawFd, ptr: *const u8, len: usize) -> io::Result<usize> {
+pub fn send(fd: RawFd, ptr: *const u8, len: usize) -> io::Result<usize> {
     // SAFETY: the callers pass a pointer valid for reads of `len` bytes (a slice or a
     // VolatileSlice's guard, held across the call); send only reads it.
     let n = unsafe { libc::send(fd, ptr.cast(), len, libc::MSG_NOSIGNAL) };

@@ -20,7 +20,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::ReadVolatile;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::vsock_connection::{Connection, State, SHUTDOWN_RCV, SHUTDOWN_SEND};
+use super::vsock_connection::{send, Connection, State, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
 pub const HOST_CID: u64 = 2;
 pub const MAX_CONNECTIONS: usize = 64;
@@ -617,23 +617,11 @@ impl Muxer {
 fn send_all(stream: &UnixStream, data: &[u8]) -> io::Result<bool> {
     let mut off = 0;
     while off < data.len() {
-        // SAFETY: `data[off..]` is a live slice for the duration of the call.
-        let n = unsafe {
-            libc::send(
-                stream.as_raw_fd(),
-                data[off..].as_ptr().cast(),
-                data.len() - off,
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(false);
-            }
-            return Err(e);
+        match send(stream.as_raw_fd(), data[off..].as_ptr(), data.len() - off) {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
         }
-        off += n as usize;
     }
     Ok(true)
 }
