@@ -129,6 +129,12 @@ void blk_command(char *args);
 int blk_running(void);
 void blk_step(void); /* reap completions, submit more (the BSP calls it while `blk load` runs) */
 
+/* net.c: the virtio-net commands; answers ARP and ICMP echo for its address */
+void net_init(const char *cmdline_ip); /* at boot: `ip=` from the command line (or NULL) */
+int net_up(void);
+void net_poll(int check_status); /* frames in and out; with check_status, the announce bit too */
+void net_command(char *args);
+
 /* vsock.c: the virtio-vsock commands (echo service, one-line client) */
 void vsock_command(char *args);
 int vsock_up(void);

@@ -1,7 +1,8 @@
 /*
  * vsock.c - the vsock commands of the test guest: a polling virtio-vsock driver at CPL3 (no
  * interrupts), set up by the first `vsock` command of a boot, with an echo service on one port and
- * a one-line client. The BSP's main loop calls vsock_step() between looks at the UART.
+ * a one-line client. The BSP's main loop calls vsock_step() on every pass, as it calls net_poll():
+ * vmmpy wakes the idle vCPU when the device adds used buffers, as an interrupt would end HLT.
  *
  * Fixed RAM (below blk.c's generation table at 16 MiB):
  *
@@ -87,8 +88,9 @@ static void probe(void)
         error = "no virtio-vsock device";
         return;
     }
-    struct virtq *qs[3] = {&rxq, &txq, &evq};
-    error = virtio_init_queues(&dev, (uint32_t)pci, 0, qs, 3, VSOCK_BASE, 0);
+    struct virtq *const qs[3] = {&rxq, &txq, &evq};
+    const uint64_t rings[3] = {VSOCK_BASE, VSOCK_BASE + 0x3000, VSOCK_BASE + 0x6000};
+    error = virtio_init_queues(&dev, (uint32_t)pci, 0, qs, rings, 3, 0);
     if (error)
         return;
     if (rxq.size < NBUF || txq.size < NBUF || evq.size < NEV) {

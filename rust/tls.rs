@@ -878,88 +878,9 @@ impl TlsStream {
 }
 
 #[cfg(test)]
-pub mod tests {
+mod tests {
     use super::*;
-    use std::path::PathBuf;
-    use std::process::Command;
-
-    /// A CA and, signed by it, client and server certificates for `ip` in a fresh directory, made
-    /// with the openssl CLI as docs/tls.md tells users to.
-    pub fn make_tls_dir(name: &str, ip: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vmmpy-tls-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("the openssl CLI");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=vmmpy test CA",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-        ]);
-        let ext = format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n");
-        std::fs::write(dir.join("ext.cnf"), ext).unwrap();
-        for side in ["client", "server"] {
-            let (key, csr, cert) = (
-                format!("{side}-key.pem"),
-                format!("{side}.csr"),
-                format!("{side}-cert.pem"),
-            );
-            run(&[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                &format!("/CN={side}"),
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-            ]);
-            run(&[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca-cert.pem",
-                "-CAkey",
-                "ca-key.pem",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-                "-out",
-                &cert,
-            ]);
-        }
-        dir
-    }
+    use crate::fixtures::make_tls_dir;
 
     fn tcp_pair() -> (OwnedFd, OwnedFd) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

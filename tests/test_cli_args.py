@@ -145,11 +145,14 @@ class FakeVmm:
         no_shutdown=False,
         test_hooks=None,
         disk_backings=None,
+        net_backings=None,
         vsock_socket=None,
     ):
         self.kwargs = {"serial": serial, "event_monitor": event_monitor, "no_shutdown": no_shutdown}
         if disk_backings:
             self.kwargs["disk_backings"] = disk_backings
+        if net_backings:
+            self.kwargs["net_backings"] = net_backings
         if vsock_socket:
             self.kwargs["vsock_socket"] = vsock_socket
         self.calls: list[tuple] = []

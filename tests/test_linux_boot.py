@@ -2,7 +2,7 @@
 ELF vmlinux that vmmpy.kernel extracts from it.
 
 On the PVM hosts vmmpy is developed on, guest supervisor code is instruction-emulated
-(shared/KVM_HERE.md), so Linux gets through early boot only. What is checked here:
+(docs/host.md), so Linux gets through early boot only. What is checked here:
 
 * bzImage: vmmpy's 64-bit entry reaches the kernel's decompressor, which prints its first line on
   the serial console and writes the very vmlinux that vmmpy.kernel extracts to 0x1000000. (Debian

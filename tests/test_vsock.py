@@ -305,6 +305,7 @@ def test_snapshot_restore_resets_connections_and_serves_on_the_restoring_hosts_s
 
 
 def test_vsock_config_through_the_api_and_the_command_line(tmp_path):
+    from vmmpy.backings import HostBackings
     from vmmpy.config import REQUEST_BODIES, VmConfig, from_peer, parse_vsock, parse_vsock_socket, read_request_body
     from vmmpy.errors import InvalidConfig
 
@@ -316,7 +317,7 @@ def test_vsock_config_through_the_api_and_the_command_line(tmp_path):
         VmConfig.from_api({"vsock": {"cid": 9, "socket": path, "iommu": True}})
     with pytest.raises(InvalidConfig, match="vsock: needs cid and socket"):
         VmConfig.from_api({"vsock": {"cid": 9}})
-    with pytest.raises(InvalidConfig, match="vsock.id='disk0': used by a disk"):
+    with pytest.raises(InvalidConfig, match="vsock.id=.disk0.: used by another device"):
         img = tmp_path / "d.raw"
         img.write_bytes(bytes(512))
         VmConfig.from_api({"disks": [{"path": str(img)}], "vsock": {"cid": 9, "socket": path, "id": "disk0"}})
@@ -332,6 +333,12 @@ def test_vsock_config_through_the_api_and_the_command_line(tmp_path):
     assert from_peer(peer, {}, vsock_socket=path).vsock.socket == path
     with pytest.raises(InvalidConfig, match="names no socket"):
         from_peer(peer, {})
+    # The VMM's own socket (its command line) holds unless the receive or restore call names one.
+    base = HostBackings(vsock_socket=path)
+    assert base.overridden(disks={}, net={}).vsock_socket == path
+    assert base.overridden(vsock_socket="/other.sock").vsock_socket == "/other.sock"
+    with pytest.raises(InvalidConfig, match="vsock_socket=5"):
+        base.overridden(vsock_socket=5)
     for name in ("ReceiveMigrationData", "RestoreConfig"):
         assert "vsock_socket" in REQUEST_BODIES[name].fields
     assert read_request_body("RestoreConfig", {"source_url": "file:///x", "vsock_socket": path})["vsock_socket"] == path

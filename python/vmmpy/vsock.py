@@ -17,13 +17,10 @@ BACKLOG = 64
 
 
 @contextlib.contextmanager
-def native_vsock(vsock: VsockConfig | None) -> Iterator[tuple[str, int, int, str] | None]:
+def native_vsock(vsock: VsockConfig) -> Iterator[tuple[str, int, int, str]]:
     """The ``vsock`` argument of the native VM, ``(id, cid, listening fd, path)``, for the duration
     of the block that builds the VM. The VM keeps a copy of the fd; if the block fails, the socket
     and its path are removed."""
-    if vsock is None:
-        yield None
-        return
     sock = unix_socket.listen(vsock.socket, BACKLOG, "vsock socket")
     try:
         yield (vsock.id, vsock.cid, sock.fileno(), vsock.socket)

@@ -4,7 +4,9 @@
 pub mod block;
 pub mod disk_image;
 pub mod msix;
+pub mod net;
 pub mod pci;
+pub mod tap;
 pub mod vsock;
 pub mod vsock_connection;
 pub mod vsock_muxer;
@@ -48,19 +50,28 @@ pub trait VirtioDevice: Send {
         }
         used
     }
-    /// A descriptor the worker waits on beside the kicks (host sockets); readable means
-    /// `process_all` has work.
-    fn host_fd(&self) -> Option<RawFd> {
-        None
-    }
-    /// The driver reset the device: host-side state goes too.
-    fn reset(&mut self) {}
-    /// Transport state was loaded from a snapshot or migration; host-side state did not come.
-    fn restored(&mut self) {}
     /// Makes what the device wrote durable on its backing (called once it is quiesced, so that
     /// another host on the same shared storage sees it).
     fn sync_backing(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+    /// A host fd the worker polls besides the kicks while the device can take what it brings
+    /// (a tap with frames for the guest, vsock's epoll over its host sockets); readable means
+    /// `process_all` has work. None when there is nothing to wait for.
+    fn backend_fd(&self, _queues: &[Queue]) -> Option<RawFd> {
+        None
+    }
+    /// Device reset (status 0): device-specific and host-side state back to a fresh device's.
+    fn reset(&mut self) {}
+    /// After a migration or restore, once the transport state is loaded: the device runs in a
+    /// new VMM, whose host side did not come along (virtio-net raises its announce bit, vsock
+    /// owes the guest a transport reset); true when the config changed.
+    fn moved(&mut self, _driver_features: u64) -> bool {
+        false
+    }
+    /// Named counters, as Cloud Hypervisor's `vm.counters` reports them per device.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
     }
 }
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! revision 1, with the common, notify, ISR, device and PCI-config-access capabilities and MSI-X,
 //! all in one 64-bit memory BAR0. BAR0's layout is in docs/devices.md.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -28,6 +29,12 @@ pub const MSIX_TABLE_OFFSET: u64 = 0x4000;
 pub const MSIX_PBA_OFFSET: u64 = 0x5000;
 const REGION: u64 = 0x1000;
 pub const NO_VECTOR: u16 = 0xffff;
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Called whenever the device interrupts the guest: a vCPU sleeping in the idle port wakes, as an
+/// interrupt ends HLT.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 const CAP_VENDOR: u8 = 0x09;
 const CAP_MSIX: u8 = 0x11;
@@ -76,6 +83,7 @@ pub struct VirtioPci {
     /// Written when the driver finishes set-up, so that the worker looks at the queues.
     wake: EventFd,
     ram: Arc<GuestRam>,
+    waker: Option<Waker>,
 }
 
 /// A virtio capability's body after its id and next bytes.
@@ -176,6 +184,20 @@ impl VirtioPci {
             kicks,
             wake,
             ram,
+            waker: None,
+        }
+    }
+
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.waker = Some(waker);
+    }
+
+    /// Raises `vector` with `isr` latched in the ISR register.
+    fn interrupt(&mut self, vector: u16, isr: u8) {
+        self.regs.isr |= isr;
+        self.msix.signal(vector);
+        if let Some(w) = &self.waker {
+            w();
         }
     }
 
@@ -213,15 +235,30 @@ impl VirtioPci {
                 .needs_notification(&self.ram.mem)
                 .unwrap_or(true)
             {
-                self.regs.isr |= 1;
-                self.msix.signal(self.queue_vectors[i]);
+                self.interrupt(self.queue_vectors[i], ISR_QUEUE);
             }
         }
     }
 
-    /// What the worker waits on besides the kicks, while the driver has the device running.
-    pub fn host_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.driver_ok().then(|| self.device.host_fd()).flatten()
+    /// The host fd the worker also waits on, while the driver runs the device.
+    pub fn backend_fd(&self) -> Option<RawFd> {
+        if !self.driver_ok() {
+            return None;
+        }
+        self.device.backend_fd(&self.queues)
+    }
+
+    /// The device runs in a new VMM (after a migration or restore); a config it changed for
+    /// that is signalled to the driver: new generation, ISR bit 1, the config vector.
+    pub fn moved(&mut self) {
+        if self.driver_ok() && self.device.moved(self.regs.driver_features) {
+            self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
+            self.interrupt(self.regs.config_vector, ISR_CONFIG);
+        }
+    }
+
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.device.counters()
     }
 
     pub fn sync_backing(&mut self) -> std::io::Result<()> {
@@ -473,13 +510,13 @@ impl VirtioPci {
             .map(|&v| self.vector_or_none(v))
             .collect();
         self.regs = st.transport.clone();
-        self.device.restored();
         Ok(())
     }
 }
 
 fn class_of(kind: u16) -> (u8, u8, u8) {
     match kind {
+        1 => (0x02, 0x00, 0x00),  // network, Ethernet
         2 => (0x01, 0x80, 0x00),  // mass storage, other
         19 => (0x07, 0x80, 0x00), // communication, other
         _ => (0xff, 0x00, 0x00),

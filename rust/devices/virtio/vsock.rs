@@ -161,7 +161,7 @@ impl VirtioDevice for Vsock {
         used
     }
 
-    fn host_fd(&self) -> Option<RawFd> {
+    fn backend_fd(&self, _queues: &[Queue]) -> Option<RawFd> {
         Some(self.muxer.epoll_fd())
     }
 
@@ -170,8 +170,9 @@ impl VirtioDevice for Vsock {
         self.reset_owed = false;
     }
 
-    fn restored(&mut self) {
+    fn moved(&mut self, _driver_features: u64) -> bool {
         self.muxer.reset();
         self.reset_owed = true;
+        false
     }
 }

@@ -1,8 +1,8 @@
 //! One thread per virtio device: it sleeps in poll(2) on the device's kick eventfds (written by
-//! KVM on a notify-register write, never through userspace) and its wake eventfd, and serves the
-//! queues under the device lock (a device with host sockets, vsock, adds their epoll fd). Pause
-//! is a handshake: the thread finishes the batch it is in, then acknowledges and holds still, so
-//! nothing is in flight while device state is captured.
+//! KVM on a notify-register write, never through userspace), its wake eventfd and its backend's
+//! fd when it has one (a tap, vsock's epoll over its host sockets), and serves the queues under
+//! the device lock. Pause is a handshake: the thread finishes the batch it is in, then
+//! acknowledges and holds still, so nothing is in flight while device state is captured.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -137,37 +137,35 @@ fn wait_runnable(ctl: &(Mutex<Ctl>, Condvar)) -> bool {
 }
 
 fn run(dev: &Mutex<VirtioPci>, kicks: &[EventFd], wake: &EventFd, ctl: &(Mutex<Ctl>, Condvar)) {
+    let pollin = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let mut fds: Vec<libc::pollfd> = kicks
         .iter()
         .chain([wake])
-        .map(|e| libc::pollfd {
-            fd: e.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|e| pollin(e.as_raw_fd()))
         .collect();
-    let evts = fds.len();
+    let eventfds = fds.len();
     // Serving before the first wait picks up requests a restored queue already holds.
     while wait_runnable(ctl) {
-        let host = {
+        let backend = {
             let mut d = dev.lock().unwrap();
             d.process_queues();
-            d.host_fd()
+            d.backend_fd()
         };
-        // The device's host fd (it owns it, and the device outlives this thread) is drained by
-        // the device's own processing, not here.
-        fds.truncate(evts);
-        fds.extend(host.map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }));
-        // SAFETY: fds is a valid array of pollfd for descriptors kept open while this runs.
+        // The backend is polled only while the device can take its input; the device drains it
+        // itself in process_queues.
+        fds.truncate(eventfds);
+        fds.extend(backend.map(pollin));
+        // SAFETY: fds is a valid array of pollfd for fds this thread's caller keeps open (the
+        // backend's belongs to the device, which the Arc keeps alive).
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             continue; // EINTR
         }
-        for (i, p) in fds.iter_mut().enumerate().take(evts) {
+        for (i, p) in fds[..eventfds].iter_mut().enumerate() {
             if p.revents & libc::POLLIN != 0 {
                 let evt = kicks.get(i).unwrap_or(wake);
                 let _ = evt.read();
