@@ -135,4 +135,9 @@ int net_up(void);
 void net_poll(int check_status); /* frames in and out; with check_status, the announce bit too */
 void net_command(char *args);
 
+/* vsock.c: the virtio-vsock commands (echo service, one-line client) */
+void vsock_command(char *args);
+int vsock_up(void);
+void vsock_step(void); /* serve the queues (the BSP calls it from its main loop once set up) */
+
 #endif

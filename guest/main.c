@@ -471,6 +471,8 @@ static void handle(char *s)
         blk_command(rest);
     } else if (streq(cmd, "net")) {
         net_command(rest);
+    } else if (streq(cmd, "vsock")) {
+        vsock_command(rest);
     } else {
         say("ERR unknown command");
     }
@@ -538,6 +540,8 @@ void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
             uint64_t t0 = rdtsc();
             do {
                 net_poll(0);
+                if (vsock_up())
+                    vsock_step();
                 if (blk_running())
                     blk_step();
                 if (dirty_running() && dirty_bsp_step())
@@ -548,6 +552,8 @@ void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
         } else {
             poll_power_button(); /* the VMM wakes us from the idle port when the button is pressed */
             net_poll(1);         /* ... and when a device adds used buffers or changes its config */
+            if (vsock_up())
+                vsock_step();
             idle_ms(100);
         }
     }

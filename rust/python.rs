@@ -25,6 +25,7 @@ use crate::tls::{Role, TlsContext, TlsStream};
 use crate::transfer::Link;
 use crate::vm::{
     DiskSpec, LifecycleFds, LifecycleRequest, NetBacking, NetSpec, SavedState, Vm, VmConfig,
+    VsockSpec,
 };
 use crate::{dirty, transfer};
 
@@ -327,7 +328,7 @@ impl PyVm {
     /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
     /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new(), nets=Vec::new()))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new(), nets=Vec::new(), vsock=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -345,6 +346,7 @@ impl PyVm {
         boot_protocol: Option<&str>,
         disks: Vec<(String, String, bool, bool)>,
         nets: Vec<NetArg>,
+        vsock: Option<(String, u64, i32, String)>,
     ) -> PyResult<Self> {
         let boot_protocol = boot_protocol
             .map(crate::boot::payload::BootProtocol::from_name)
@@ -363,6 +365,14 @@ impl PyVm {
             .into_iter()
             .map(net_spec)
             .collect::<error::Result<Vec<_>>>()?;
+        // The vsock device as (id, cid, listening socket fd, its path): the VM takes a copy of
+        // the fd, the caller closes its own.
+        let vsock = vsock.map(|(id, cid, listener_fd, path)| VsockSpec {
+            id,
+            cid,
+            listener_fd,
+            path,
+        });
         let cfg = VmConfig {
             memory_size,
             vcpus,
@@ -372,6 +382,7 @@ impl PyVm {
             boot_protocol,
             disks,
             nets,
+            vsock,
         };
         let console = console.0.clone();
         let fds = LifecycleFds {

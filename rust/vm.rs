@@ -28,6 +28,7 @@ use crate::devices::virtio::msix::Msix;
 use crate::devices::virtio::net::Net;
 use crate::devices::virtio::pci::{VirtioPci, VirtioPciState, BAR0_SIZE};
 use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::worker::Worker;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
@@ -75,6 +76,7 @@ pub struct VmConfig<'a> {
     pub boot_protocol: Option<payload::BootProtocol>,
     pub disks: Vec<DiskSpec>,
     pub nets: Vec<NetSpec>,
+    pub vsock: Option<VsockSpec>,
 }
 
 /// A virtio-blk disk: the image the operator named for it and how to open it.
@@ -103,6 +105,16 @@ pub enum NetBacking {
     },
     /// An open tap descriptor (the caller keeps it; the VM takes a duplicate).
     Fd(RawFd),
+}
+
+/// The virtio-vsock device: the guest's CID and the unix socket the VMM listens on for it
+/// (bound by the caller, who keeps its descriptor open during the build; the VM takes a copy).
+#[derive(Clone, Debug)]
+pub struct VsockSpec {
+    pub id: String,
+    pub cid: u64,
+    pub listener_fd: RawFd,
+    pub path: String,
 }
 
 /// A virtio device of the VM: its transport (shared with the PCI bus and its worker thread), its
@@ -435,6 +447,12 @@ impl Vm {
                 Box::new(Net::new(tap, spec.mac)),
             ));
         }
+        if let Some(v) = &cfg.vsock {
+            let listener = dup_owned(v.listener_fd, "vsock listening socket")?;
+            let vsock = Vsock::new(v.cid, v.path.clone(), listener)
+                .map_err(|e| Error::io(Kind::HostIo, "vsock device", e))?;
+            virtio.push((v.id.clone(), "virtio-vsock", Box::new(vsock)));
+        }
         let devices = build_virtio(&fd, &ram, virtio, &gate)?;
         let functions: Vec<SharedFunction> = devices
             .iter()
@@ -730,10 +748,11 @@ impl Vm {
                 .restore(st)
                 .map_err(|e| Error::new(Kind::InvalidConfig, format!("device {}: {e}", d.id)))?;
         }
-        // The VM now runs somewhere new: NICs announce it (the guest sends gratuitous ARPs).
-        // After the vCPUs' LAPIC state, so the config interrupt lands in the restored LAPIC.
+        // The VM now runs in this VMM: NICs announce it (the guest sends gratuitous ARPs), vsock
+        // resets the guest's connections (their host side stayed behind). After the vCPUs' LAPIC
+        // state, so the config interrupt lands in the restored LAPIC.
         for d in &self.devices {
-            d.dev.lock().unwrap().announce();
+            d.dev.lock().unwrap().moved();
         }
         Ok(())
     }

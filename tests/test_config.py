@@ -197,7 +197,7 @@ def test_from_api_names_every_unsupported_field():
         "memory": {"size": 512 * MIB, "hugepages": True, "zones": [{"id": "z", "size": 1}]},
         "disks": [{"path": "/img", "vhost_user": True}],
         "net": [{"tap": "tap0", "vhost_user": True}],
-        "vsock": {"cid": 3, "socket": "/v"},
+        "vsock": {"cid": 3, "socket": "/v", "iommu": True},
         "landlock_enable": True,
         "frobnicate": 1,
     }
@@ -205,7 +205,7 @@ def test_from_api_names_every_unsupported_field():
         VmConfig.from_api(body)
     assert str(e.value) == (
         "unsupported VmConfig fields: cpus.kvm_hyperv, cpus.topology, disks[0].vhost_user, frobnicate, "
-        "landlock_enable, memory.hugepages, memory.zones, net[0].vhost_user, payload.firmware, vsock"
+        "landlock_enable, memory.hugepages, memory.zones, net[0].vhost_user, payload.firmware, vsock.iommu"
     )
 
 

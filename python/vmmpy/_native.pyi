@@ -71,13 +71,16 @@ class Vm:
         boot_protocol: str | None = None,
         disks: list[tuple[str, str, bool, bool]] = ...,
         nets: list[tuple[str, str | None, int | None, bytes, str | None, str | None]] = ...,
+        vsock: tuple[str, int, int, str] | None = None,
     ) -> Vm:
         """`restore`: built to take saved state (no payload loaded); `memory_fds`: map these
         sealed memfds as guest RAM (same-host migration) instead of new ones; `boot_protocol`
         'pvh' or 'linux64' (None: PVH for an ELF with the PVH note, else linux64); `disks`: (id,
         path, readonly, direct) per virtio-blk disk, opened before anything runs; `nets`: (id, tap
         name, tap fd, 6-byte MAC, ip, netmask) per virtio-net NIC (name or fd), its tap opened (or
-        created, with ip/netmask) before anything runs."""
+        created, with ip/netmask) before anything runs; `vsock`: (id, cid, listening socket fd,
+        its path) of the virtio-vsock device (the VM keeps a copy of the fd and removes the path
+        when it goes)."""
     def boot(self, paused: bool = False) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""

@@ -29,6 +29,8 @@ from vmmpy.config import (
     parse_net,
     parse_memory,
     parse_serial,
+    parse_vsock,
+    parse_vsock_socket,
     read_request_body,
     request_body_from_options,
 )
@@ -116,6 +118,13 @@ def build_parser() -> OneLineParser:
         metavar="tap=NAME|fd=N[,mac=MAC][,ip=IPV4,mask=IPV4][,id=NAME]",
         help="a virtio-net NIC on a host tap (repeatable; created, with ip/mask, when absent); "
         "without a VM to boot, this host's tap for that net id when a VM is restored or received",
+    )
+    p.add_argument(
+        "--vsock",
+        metavar="cid=N,socket=PATH[,id=NAME]",
+        help="a virtio-vsock device: host processes reach guest port P by writing 'CONNECT P' on "
+        "PATH, guest connections to host port P go to PATH_P; without a VM to boot, socket=PATH "
+        "alone names this host's socket for a restored or received VM's vsock",
     )
     p.add_argument(
         "--serial",
@@ -209,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = None
         disk_backings: dict[str, str] = {}
         net_backings: dict[str, str] = {}
+        vsock_socket = None
         if want_vm:
             config = VmConfig(
                 kernel=args.kernel,
@@ -218,9 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 serial=serial if serial is not None else SerialConfig(),
                 disks=disks,
                 net=nets,
+                vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
                 **vm_args,
             )
         else:
+            if args.vsock is not None:
+                vsock_socket = parse_vsock_socket(args.vsock)
             # The operator's own files for the disks of a VM this VMM restores or receives.
             for i, d in enumerate(disks):
                 disk_id = d.id if d.id is not None else f"disk{i}"
@@ -256,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             test_hooks=test_hooks,
             disk_backings=disk_backings,
             net_backings=net_backings,
+            vsock_socket=vsock_socket,
         )
     except VmmError as e:
         if monitor is not None:

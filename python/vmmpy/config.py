@@ -356,6 +356,55 @@ def _check_nets(nets: Any, label: str, disks: Any) -> list[str]:
     return out
 
 
+#: Cloud Hypervisor's id for the (only) vsock device when its config names none.
+VSOCK_DEFAULT_ID = "_vsock0"
+#: Guest CIDs: 0-2 are the hypervisor's, the local and the host's; 2^32-1 is VMADDR_CID_ANY.
+VSOCK_MIN_CID = 3
+VSOCK_MAX_CID = (1 << 32) - 2
+#: sun_path, NUL included.
+_UNIX_PATH_MAX = 108
+
+
+@dataclass
+class VsockConfig:
+    """The virtio-vsock device (Cloud Hypervisor's ``VsockConfig``): the guest's CID and the Unix
+    socket vmmpy listens on for host connections (``CONNECT <port>``); a guest connection to host
+    port P goes to ``<socket>_P``. ``id=None`` gets :data:`VSOCK_DEFAULT_ID`."""
+
+    cid: int
+    socket: str
+    id: str | None = None
+
+    def problems(self, label: str) -> list[str]:
+        out = []
+        if not _is_int(self.cid) or not VSOCK_MIN_CID <= self.cid <= VSOCK_MAX_CID:
+            out.append(f"{label}.cid={self.cid!r}: must be an integer from {VSOCK_MIN_CID} to {VSOCK_MAX_CID}")
+        if self.id is not None and (
+            not isinstance(self.id, str) or not self.id or "\0" in self.id or len(self.id.encode()) > 255
+        ):
+            out.append(f"{label}.id={self.id!r}: must be a non-empty string")
+        out.extend(vsock_socket_problems(self.socket, f"{label}.socket"))
+        return out
+
+    def to_api(self) -> dict:
+        return {"cid": self.cid, "socket": self.socket, "id": self.id}
+
+
+def vsock_socket_problems(path: Any, label: str) -> list[str]:
+    """What is wrong with `path` as the vsock device's listening socket (checked again when it is
+    bound: a live socket there is refused, a stale one replaced)."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        return [f"{label}={path!r}: must be a non-empty path"]
+    if len(os.fsencode(path)) >= _UNIX_PATH_MAX:
+        return [f"{label}={path!r}: longer than a Unix socket path can be ({_UNIX_PATH_MAX - 1} bytes)"]
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return [f"{label}={path!r}: no such directory {parent!r}"]
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return [f"{label}={path!r}: exists and is not a socket"]
+    return []
+
+
 # Field labels used in error messages: the dataclass names, or Cloud Hypervisor's JSON paths.
 _FIELD_LABELS = {
     "memory_mib": "memory_mib",
@@ -368,6 +417,7 @@ _FIELD_LABELS = {
     "serial": "serial",
     "disks": "disks",
     "net": "net",
+    "vsock": "vsock",
 }
 _API_LABELS = {
     "memory_mib": "memory.size",
@@ -380,6 +430,7 @@ _API_LABELS = {
     "serial": "serial",
     "disks": "disks",
     "net": "net",
+    "vsock": "vsock",
 }
 
 
@@ -396,6 +447,7 @@ def _check_vm_fields(
     boot_protocol: Any = None,
     disks: Any = (),
     net: Any = (),
+    vsock: Any = None,
 ) -> list[str]:
     """Every problem with these VmConfig field values, as messages naming field and value."""
     labels = _API_LABELS if api else _FIELD_LABELS
@@ -446,6 +498,16 @@ def _check_vm_fields(
         out.extend(serial.problems())
     out.extend(_check_disks(list(disks), labels["disks"]))
     out.extend(_check_nets(list(net), labels["net"], list(disks)))
+    if vsock is not None:
+        if not isinstance(vsock, VsockConfig):
+            out.append(f"{labels['vsock']}={vsock!r}: must be a VsockConfig")
+        else:
+            out.extend(vsock.problems(labels["vsock"]))
+            others = [d.id for d in disks if isinstance(d, DiskConfig)] + [
+                n.id for n in net if isinstance(n, NetConfig)
+            ]
+            if vsock.id in others:
+                out.append(f"{labels['vsock']}.id={vsock.id!r}: used by another device")
     return out
 
 
@@ -469,6 +531,7 @@ class VmConfig:
     boot_protocol: str | None = None
     disks: list[DiskConfig] = field(default_factory=list)
     net: list[NetConfig] = field(default_factory=list)
+    vsock: VsockConfig | None = None
 
     def __post_init__(self) -> None:
         # Default ids follow the devices' order, as the guest sees them on the PCI bus.
@@ -482,6 +545,8 @@ class VmConfig:
                 dataclasses.replace(n, id=f"net{i}") if isinstance(n, NetConfig) and n.id is None else n
                 for i, n in enumerate(self.net)
             ]
+        if isinstance(self.vsock, VsockConfig) and self.vsock.id is None:
+            self.vsock = dataclasses.replace(self.vsock, id=VSOCK_DEFAULT_ID)
         self.validate()
 
     def validate(self) -> None:
@@ -498,6 +563,7 @@ class VmConfig:
             boot_protocol=self.boot_protocol,
             disks=self.disks,
             net=self.net,
+            vsock=self.vsock,
         )
         if problems:
             raise InvalidConfig("; ".join(problems))
@@ -547,6 +613,8 @@ class VmConfig:
             out["disks"] = [d.to_api() for d in self.disks]
         if self.net:
             out["net"] = [n.to_api() for n in self.net]
+        if self.vsock is not None:
+            out["vsock"] = self.vsock.to_api()
         return out
 
 
@@ -833,8 +901,22 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         nets.append(NetConfig(**strings))
         leftovers(label, n, {"tap", "mac", "ip", "mask", "id", *_NET_OFFLOADS}, _NET_DEFAULTS)
 
+    # vsock -------------------------------------------------------------------------------
+    vsock = None
+    vsock_body = section("vsock")
+    if vsock_body:
+        cid, vsock_id = vsock_body.get("cid"), vsock_body.get("id")
+        socket_path = path_value("vsock.socket", vsock_body.get("socket"))
+        if cid is None or socket_path is None:
+            problems.append("vsock: needs cid and socket")
+        elif vsock_id is not None and not isinstance(vsock_id, str):
+            problems.append(f"vsock.id={vsock_id!r}: must be a string")
+        else:
+            vsock = VsockConfig(cid=cid, socket=socket_path, id=vsock_id or VSOCK_DEFAULT_ID)
+        leftovers("vsock", vsock_body, {"cid", "socket", "id"}, _PCI_COMMON_DEFAULTS)
+
     # everything else ---------------------------------------------------------------------
-    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng", "disks", "net"}
+    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng", "disks", "net", "vsock"}
     for key, value in body.items():
         if key in known or _unset(value):
             continue
@@ -859,6 +941,7 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         boot_protocol=boot_protocol,
         disks=disks,
         net=nets,
+        vsock=vsock,
     )
     if not message:
         message.extend(_check_vm_fields(**fields, api=True))
@@ -875,14 +958,20 @@ PEER_IGNORED = ("serial",)
 
 
 def from_peer(
-    body: Any, content: dict, disk_backings: dict[str, str] | None = None, net_backings: dict[str, str] | None = None
+    body: Any,
+    content: dict,
+    disk_backings: dict[str, str] | None = None,
+    net_backings: dict[str, str] | None = None,
+    vsock_socket: str | None = None,
 ) -> VmConfig:
     """A VmConfig from a migration peer or a snapshot, host paths taken out. `content` names the
     payload parts that travel as content; a part named only by a path is refused, with a message
     that does not depend on the path (nor on whether it exists here). Each disk's path is the one
     this host's operator gave for its id in `disk_backings`; a disk id without one is refused. So
     is each NIC's tap, from `net_backings` (net id -> tap name); the peer's tap, address and
-    netmask are dropped, its MAC kept (the guest's identity on the network)."""
+    netmask are dropped, its MAC kept (the guest's identity on the network). The vsock device
+    listens on `vsock_socket`, this host's own (its CID is the guest's); without one it is
+    refused."""
     if not isinstance(body, dict):
         raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
     body = {k: v for k, v in body.items() if k not in PEER_IGNORED}
@@ -918,6 +1007,14 @@ def from_peer(
             peer_only = ("tap", "ip", "mask")
             own.append({**{k: v for k, v in n.items() if k not in peer_only}, "id": net_id, "tap": backings[net_id]})
         body["net"] = own
+    vsock = body.get("vsock")
+    if isinstance(vsock, dict):
+        if vsock_socket is None:
+            raise InvalidConfig(
+                "vsock: this host names no socket for it (give the destination's own vsock socket "
+                "path); vmmpy never opens a path the peer names"
+            )
+        body["vsock"] = {**vsock, "socket": vsock_socket}
     payload = body.get("payload")
     if isinstance(payload, dict):
         payload = dict(payload)
@@ -982,13 +1079,13 @@ REQUEST_BODIES: dict[str, RequestBody] = {
         ch_defaults={"preserve_source": False, "memory_mode": "Precopy"},
     ),
     "ReceiveMigrationData": RequestBody(
-        fields={"receiver_url": str, "tls_dir": str, "disks": dict, "net": dict},
+        fields={"receiver_url": str, "tls_dir": str, "disks": dict, "net": dict, "vsock_socket": str},
         required=("receiver_url",),
         ch_defaults={"memory_mode": "Precopy", "vfio_fds": None, "iommufd_fd": None, "zone_updates": []},
     ),
     "VmSnapshotConfig": RequestBody(fields={"destination_url": str}, required=("destination_url",)),
     "RestoreConfig": RequestBody(
-        fields={"source_url": str, "resume": bool, "disks": dict, "net": dict},
+        fields={"source_url": str, "resume": bool, "disks": dict, "net": dict, "vsock_socket": str},
         required=("source_url",),
         ch_defaults={
             "memory_restore_mode": "Copy",
@@ -1138,6 +1235,25 @@ def parse_net(text: str) -> NetConfig:
     return NetConfig(
         tap=opts.get("tap"), fd=fd, mac=opts.get("mac"), ip=opts.get("ip"), mask=opts.get("mask"), id=opts.get("id")
     )
+
+
+def parse_vsock(text: str) -> VsockConfig:
+    """``--vsock cid=N,socket=PATH[,id=NAME]`` → a VsockConfig (not yet checked)."""
+    usage = "cid=<3..>,socket=<path>[,id=<name>]"
+    opts = parse_options(text, "--vsock", ("cid", "socket", "id"), usage)
+    if "cid" not in opts or "socket" not in opts:
+        raise InvalidConfig(f"--vsock {text!r}: expected {usage}")
+    return VsockConfig(cid=parse_int(opts["cid"], "--vsock cid"), socket=opts["socket"], id=opts.get("id"))
+
+
+def parse_vsock_socket(text: str) -> str:
+    """``--vsock socket=PATH`` on a VMM that restores or receives its VM: this host's socket for
+    the VM's vsock device (whose CID is the VM's own)."""
+    usage = "socket=<path> (a restored or received VM keeps its own CID)"
+    opts = parse_options(text, "--vsock", ("socket",), usage)
+    if "socket" not in opts:
+        raise InvalidConfig(f"--vsock {text!r}: expected {usage}")
+    return opts["socket"]
 
 
 def parse_memory(text: str) -> dict:

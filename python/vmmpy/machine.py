@@ -126,6 +126,21 @@ class Machine:
     ) -> _native.Vm:
         """A native VM on the VMM's console (the command line's serial wins over the config's)."""
         self._open_console(self._serial_override or cfg.serial)
+        if cfg.vsock is None:
+            return self._native_vm(cfg, payload, restore, memory_fds, None)
+        from .vsock import native_vsock  # loaded only for a VM with a vsock device
+
+        with native_vsock(cfg.vsock) as vsock:
+            return self._native_vm(cfg, payload, restore, memory_fds, vsock)
+
+    def _native_vm(
+        self,
+        cfg: VmConfig,
+        payload: BootPayload,
+        restore: bool,
+        memory_fds: list[int] | None,
+        vsock: tuple[str, int, int, str] | None,
+    ) -> _native.Vm:
         return _native.Vm(
             memory_size=cfg.memory_bytes,
             vcpus=cfg.vcpus,
@@ -141,6 +156,7 @@ class Machine:
             boot_protocol=cfg.boot_protocol,
             disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks],
             nets=[n.native() for n in cfg.net],
+            vsock=vsock,
         )
 
     def adopt(self, cfg: VmConfig, vm: _native.Vm, payload: BootPayload, state: VmState) -> None:

@@ -1,8 +1,8 @@
 """Command-line option strings in Cloud Hypervisor's syntax, and vmmpy's one boolean rule for them.
 
 Every ``key=value,...`` string vmmpy reads goes through here: ``vmmpy``'s flags (``--memory``,
-``--disk``, ``--cpus``, ``--serial``, ``--restore``, ``--api-socket``, ``--event-monitor``,
-``--test-hooks``) and ``vmmpy-remote``'s request options.
+``--disk``, ``--net``, ``--vsock``, ``--cpus``, ``--serial``, ``--restore``, ``--api-socket``,
+``--event-monitor``, ``--test-hooks``) and ``vmmpy-remote``'s request options.
 
 Syntax, as Cloud Hypervisor's option parser reads it: items are separated by commas; double quotes
 protect commas inside a value and are removed (``file="/tmp/a,b.log"``); an item is ``key=value``

@@ -52,11 +52,14 @@ class Vmm:
         test_hooks: TestHooks = NO_HOOKS,
         disk_backings: dict[str, str] | None = None,
         net_backings: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
     ):
-        """`disk_backings` (disk id -> path) and `net_backings` (net id -> tap name): this host's
-        own files and taps for the devices of a VM it receives or restores, unless the receive or
-        restore call names its own."""
-        self._backings = HostBackings().overridden(disks=disk_backings or {}, net=net_backings or {})
+        """`disk_backings` (disk id -> path), `net_backings` (net id -> tap name) and
+        `vsock_socket`: this host's own files, taps and vsock socket for the devices of a VM it
+        receives or restores, unless the receive or restore call names its own."""
+        self._backings = HostBackings(vsock_socket=vsock_socket).overridden(
+            disks=disk_backings or {}, net=net_backings or {}
+        )
         self.events = event_monitor or EventMonitor()
         self.test_hooks = test_hooks
         test_hooks.announce()
@@ -178,15 +181,17 @@ class Vmm:
         tls_dir: str | None = None,
         disks: dict[str, str] | None = None,
         net: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
     ) -> ReceiveHandle:
         """Listens for an incoming migration; returns once listening, with a handle to wait on.
         With `tls_dir` (tcp only, docs/tls.md) every connection must pass mutual TLS. `disks` maps
         each disk id to this host's file for it (default: the VMM's `disk_backings`), `net` each net
-        id to this host's tap (default: `net_backings`)."""
+        id to this host's tap (default: `net_backings`), `vsock_socket` names this host's socket
+        for the VM's vsock device (default: the VMM's `vsock_socket`)."""
         from .migration import transport
 
         url = transport.parse_url(receiver_url)
-        backings = self._backings.overridden(disks, net)
+        backings = self._backings.overridden(disks, net, vsock_socket)
         tls = transport.tls_context(tls_dir, url, "server")
         return self._loop.call(lambda: self._incoming().listen(url, receiver_url, tls, backings))
 
@@ -209,6 +214,7 @@ class Vmm:
         resume: bool = False,
         disks: dict[str, str] | None = None,
         net: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
         **vmm_kwargs,
     ):
         """`vmm.restore(dir)` restores a snapshot into this empty VMM, paused unless `resume`;
@@ -216,7 +222,7 @@ class Vmm:
         if self is None:
             vmm = cls(**vmm_kwargs)
             try:
-                vmm.restore(source_url, resume=resume, disks=disks, net=net)
+                vmm.restore(source_url, resume=resume, disks=disks, net=net, vsock_socket=vsock_socket)
             except BaseException:
                 vmm.close()
                 raise
@@ -225,7 +231,7 @@ class Vmm:
         from .snapshotting import restore_snapshot
 
         directory = parse_file_url(source_url)
-        backings = self._backings.overridden(disks, net)
+        backings = self._backings.overridden(disks, net, vsock_socket)
         with SnapshotDir(directory) as snap:
             restore_snapshot(self._loop, self._machine, self.events, snap, directory, backings)
         if resume:

@@ -86,12 +86,15 @@ class Receiver:
         tls=None,
         disk_backings: dict[str, str] | None = None,
         net_backings: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
     ):
         self.listener = listener
         # This host's operator's file for each disk id; the peer's config names none that is used.
         self.disk_backings = dict(disk_backings or {})
         # And its tap for each net id.
         self.net_backings = dict(net_backings or {})
+        # And its own socket for the vsock device.
+        self.vsock_socket = vsock_socket
         self.tls = tls  # _native.TlsContext ("server"), or None for plaintext
         self.hooks = hooks
         self.capabilities = CAPABILITIES if capabilities is None else capabilities
@@ -372,6 +375,7 @@ class Receiver:
                 described if isinstance(described, dict) else {},
                 self.disk_backings,
                 self.net_backings,
+                self.vsock_socket,
             )
             described = check_description(described, cfg.memory_bytes)
             incoming = self.hooks.build_vm(cfg, memory_fds)

@@ -38,7 +38,13 @@ class Reception(ReceiveHooks):
         if self._test_hooks.no_lifecycle_capability:
             caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
         receiver = Receiver(
-            transport.listen(url), self, caps, tls, disk_backings=backings.disks, net_backings=backings.net
+            transport.listen(url),
+            self,
+            caps,
+            tls,
+            disk_backings=backings.disks,
+            net_backings=backings.net,
+            vsock_socket=backings.vsock_socket,
         )
         thread = threading.Thread(target=lambda: self._worker(handle), name="migration-receiver", daemon=True)
         handle = ReceiveHandle(receiver, thread)

@@ -7,11 +7,14 @@ pub mod msix;
 pub mod net;
 pub mod pci;
 pub mod tap;
+pub mod vsock;
+pub mod vsock_connection;
+pub mod vsock_muxer;
 pub mod worker;
 
 use std::os::fd::RawFd;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 
 use crate::memory::GuestMem;
 
@@ -36,21 +39,34 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: usize, data: &mut [u8]);
     /// Serves the available requests on queue `index`; true when it added used entries.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMem) -> bool;
+    /// Serves every ready queue; a bit per queue that got used entries. Devices whose queues
+    /// depend on each other (vsock: a packet on tx makes an answer on rx) choose the order.
+    fn process_all(&mut self, queues: &mut [Queue], mem: &GuestMem) -> u64 {
+        let mut used = 0;
+        for (i, q) in queues.iter_mut().enumerate() {
+            if q.ready() && self.process_queue(i, q, mem) {
+                used |= 1 << i;
+            }
+        }
+        used
+    }
     /// Makes what the device wrote durable on its backing (called once it is quiesced, so that
     /// another host on the same shared storage sees it).
     fn sync_backing(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-    /// A host fd the worker polls for input besides the kicks (a tap with frames for the guest),
-    /// while the device can take what it brings; None when there is nothing to wait for.
+    /// A host fd the worker polls besides the kicks while the device can take what it brings
+    /// (a tap with frames for the guest, vsock's epoll over its host sockets); readable means
+    /// `process_all` has work. None when there is nothing to wait for.
     fn backend_fd(&self, _queues: &[Queue]) -> Option<RawFd> {
         None
     }
-    /// Device reset (status 0): device-specific state back to a fresh device's.
+    /// Device reset (status 0): device-specific and host-side state back to a fresh device's.
     fn reset(&mut self) {}
-    /// After a migration or restore: tells the driver through its config that the device moved
-    /// (virtio-net's announce bit); true when the config changed.
-    fn announce(&mut self, _driver_features: u64) -> bool {
+    /// After a migration or restore, once the transport state is loaded: the device runs in a
+    /// new VMM, whose host side did not come along (virtio-net raises its announce bit, vsock
+    /// owes the guest a transport reset); true when the config changed.
+    fn moved(&mut self, _driver_features: u64) -> bool {
         false
     }
     /// Named counters, as Cloud Hypervisor's `vm.counters` reports them per device.

@@ -318,7 +318,7 @@ impl VirtioDevice for Net {
         self.pending = None;
     }
 
-    fn announce(&mut self, driver_features: u64) -> bool {
+    fn moved(&mut self, driver_features: u64) -> bool {
         if driver_features & VIRTIO_NET_F_GUEST_ANNOUNCE == 0 {
             return false;
         }
@@ -584,10 +584,10 @@ mod tests {
         };
         assert_eq!(status(&r.net), VIRTIO_NET_S_LINK_UP);
         assert!(
-            !r.net.announce(VIRTIO_F_VERSION_1),
+            !r.net.moved(VIRTIO_F_VERSION_1),
             "not negotiated: nothing to announce"
         );
-        assert!(r.net.announce(VIRTIO_NET_F_GUEST_ANNOUNCE));
+        assert!(r.net.moved(VIRTIO_NET_F_GUEST_ANNOUNCE));
         assert_eq!(status(&r.net), VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE);
         let mut mac = [0u8; 6];
         r.net.read_config(0, &mut mac);
@@ -617,7 +617,7 @@ mod tests {
             assert_eq!(mem.read_obj::<u8>(GuestAddress(ack)).unwrap(), want);
         }
         assert_eq!(status(&r.net), VIRTIO_NET_S_LINK_UP);
-        r.net.announce(VIRTIO_NET_F_GUEST_ANNOUNCE);
+        r.net.moved(VIRTIO_NET_F_GUEST_ANNOUNCE);
         r.net.reset();
         assert_eq!(
             status(&r.net),

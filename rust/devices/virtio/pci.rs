@@ -229,17 +229,11 @@ impl VirtioPci {
         if !self.driver_ok() {
             return;
         }
-        for i in 0..self.queues.len() {
-            if !self.queues[i].ready() {
-                continue;
-            }
-            let added = self
-                .device
-                .process_queue(i, &mut self.queues[i], &self.ram.mem);
-            if added
-                && self.queues[i]
-                    .needs_notification(&self.ram.mem)
-                    .unwrap_or(true)
+        let used = self.device.process_all(&mut self.queues, &self.ram.mem);
+        for i in (0..self.queues.len()).filter(|i| used & (1 << i) != 0) {
+            if self.queues[i]
+                .needs_notification(&self.ram.mem)
+                .unwrap_or(true)
             {
                 self.interrupt(self.queue_vectors[i], ISR_QUEUE);
             }
@@ -254,10 +248,10 @@ impl VirtioPci {
         self.device.backend_fd(&self.queues)
     }
 
-    /// The device tells the driver it moved (after a migration or restore), through a config
-    /// change: new generation, ISR bit 1, the config vector.
-    pub fn announce(&mut self) {
-        if self.driver_ok() && self.device.announce(self.regs.driver_features) {
+    /// The device runs in a new VMM (after a migration or restore); a config it changed for
+    /// that is signalled to the driver: new generation, ISR bit 1, the config vector.
+    pub fn moved(&mut self) {
+        if self.driver_ok() && self.device.moved(self.regs.driver_features) {
             self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
             self.interrupt(self.regs.config_vector, ISR_CONFIG);
         }
@@ -522,8 +516,9 @@ impl VirtioPci {
 
 fn class_of(kind: u16) -> (u8, u8, u8) {
     match kind {
-        1 => (0x02, 0x00, 0x00), // network, Ethernet
-        2 => (0x01, 0x80, 0x00), // mass storage, other
+        1 => (0x02, 0x00, 0x00),  // network, Ethernet
+        2 => (0x01, 0x80, 0x00),  // mass storage, other
+        19 => (0x07, 0x80, 0x00), // communication, other
         _ => (0xff, 0x00, 0x00),
     }
 }

@@ -1,7 +1,8 @@
 //! One thread per virtio device: it sleeps in poll(2) on the device's kick eventfds (written by
 //! KVM on a notify-register write, never through userspace), its wake eventfd and its backend's
-//! fd when it has one (a tap), and serves the queues under the device lock. Pause is a handshake: the thread finishes the batch it is in,
-//! then acknowledges and holds still, so nothing is in flight while device state is captured.
+//! fd when it has one (a tap, vsock's epoll over its host sockets), and serves the queues under
+//! the device lock. Pause is a handshake: the thread finishes the batch it is in, then
+//! acknowledges and holds still, so nothing is in flight while device state is captured.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -154,8 +155,8 @@ fn run(dev: &Mutex<VirtioPci>, kicks: &[EventFd], wake: &EventFd, ctl: &(Mutex<C
             d.process_queues();
             d.backend_fd()
         };
-        // The backend (a tap) is polled only while the device can take its input; the device
-        // reads it itself in process_queues.
+        // The backend is polled only while the device can take its input; the device drains it
+        // itself in process_queues.
         fds.truncate(eventfds);
         fds.extend(backend.map(pollin));
         // SAFETY: fds is a valid array of pollfd for fds this thread's caller keeps open (the
