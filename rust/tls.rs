@@ -39,7 +39,9 @@ pub const SERVER_CERT: &str = "server-cert.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 
 /// Ciphertext buffer of a connection: records are built in it and sent in one call when it is full.
-const SEND_BUFFER: usize = 128 << 10;
+/// 2 MiB (measured against 128 KiB, 1 and 4 MiB): fewer, larger sends cut the TCP stack's work per
+/// byte, and the records are still in the core's cache when the kernel copies them.
+const SEND_BUFFER: usize = 2 << 20;
 /// Read buffer: handshake bytes, then records that are not read straight into the caller's
 /// buffer (small reads, the incomplete end of a batch); decrypted in place here.
 const READ_BUFFER: usize = 128 << 10;
