@@ -515,9 +515,9 @@ impl Keys {
 
 /// A migration connection after its mutual TLS handshake. rustls ran the handshake (and checked
 /// the peer); the TLS 1.3 record layer is done here, so records are built straight from the
-/// caller's buffers (guest memory) into one send buffer and decrypted in place in the read
-/// buffer: one copy each way instead of rustls's three on the receiving side. KeyUpdates go both
-/// ways with rustls computing the secrets; a rustls peer reads what this writes and vice versa.
+/// caller's buffers (guest memory) into one send buffer (one copy), and received and decrypted
+/// in the caller's buffer (no copy; `read_records_into`) instead of rustls's three copies on the
+/// receiving side. KeyUpdates go both ways with rustls computing the secrets; a rustls peer reads what this writes and vice versa.
 pub struct TlsStream {
     sock: OwnedFd,
     kernel: Kernel,
