@@ -572,8 +572,8 @@ def test_tls_vs_plaintext(benchmark, vmm_process, tmp_path, connections):
     """The first pass of a migration (768 MiB of non-zero pages, nothing dirtied meanwhile) over
     tcp loopback, plaintext and mutual TLS alternating between the same two VMMs. Throughput =
     page bytes / duration of the pass, 5 runs per mode, medians. Target: TLS >= 0.7 x plaintext.
-    Measured on the loaded 2-core development host (docs/tls.md "Throughput"): 0.64-0.82 with 1
-    connection, 0.58-0.74 with 4. Run: python -m pytest benches -p no:cacheprovider -s -k tls"""
+    Measured on the loaded 2-core development host (docs/tls.md "Throughput"): medians 0.72 with 1
+    connection (runs 0.49-0.80), 0.69 with 4 (0.48-0.98). Run: python -m pytest benches -p no:cacheprovider -s -k tls"""
     from tls_certs import make_ca, make_tls_dir
 
     ca = make_ca(tmp_path, "ca")
