@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers import SerialClient, guest_vmm, vmm_process  # noqa: E402,F401  (fixtures)
+from net_helpers import network  # noqa: E402,F401  (fixture)
 
 
 def pytest_report_header(config):

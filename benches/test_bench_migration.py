@@ -35,11 +35,13 @@ import pytest
 from helpers import BANNER, SerialClient
 from migration_helpers import free_port, progress, send, start_receive, wait_progress
 
+from vmmpy.migration.source import CHUNK_BYTES
+
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 GIB = 1 << 30
 PAGE = 4096
-CHUNK = 64 * MIB  # the migration's Memory frame size (migration/source.py CHUNK_BYTES)
+CHUNK = CHUNK_BYTES  # the migration's Memory frame size
 WRITE = 4 * MIB  # bytes per write call: what send_memory does (rust/transfer.rs WRITE_MAX)
 FLOOR_BUF = 64 * MIB  # the C sender's buffer: bigger than the 32 MiB L3, so it streams from memory
 HOST = "nested PVM host (kvm_pvm)"
@@ -189,7 +191,7 @@ def test_dirty_sync_vs_c_floor(benchmark, guest_vmm, c_tools, case):
     mib, rounds = DIRTY_CASES[case], DIRTY_ROUNDS[case]
     vmm, serial = guest_vmm(vcpus=DIRTY_VCPUS, memory_mib=1024)
     serial.wait_ready()
-    vm = vmm._vm  # the native Vm the in-process Vmm owns
+    vm = vmm._machine.vm  # the native Vm the in-process Vmm owns
     samples, pages, ranges, empty = [], [], [], []
     paused = [False]
 
@@ -275,7 +277,7 @@ def transfer_guest(tmp_path_factory):
         vmm.boot()
         serial.wait_ready()
         dirty_one_pass(serial, 1024, timeout=120)
-        yield vmm, vmm._vm.all_ram_ranges().split(CHUNK)
+        yield vmm, vmm._machine.vm.all_ram_ranges().split(CHUNK)
     finally:
         serial.close()
         vmm.close()
@@ -286,7 +288,7 @@ def test_send_memory_vs_raw_socket(benchmark, transfer_guest, drains, c_tools, l
     from vmmpy import _native
 
     vmm, chunks = transfer_guest
-    vm = vmm._vm
+    vm = vmm._machine.vm
     drain = drains[link]
     ours, floor = [], []
     wire = {}
@@ -570,8 +572,8 @@ def test_tls_vs_plaintext(benchmark, vmm_process, tmp_path, connections):
     """The first pass of a migration (768 MiB of non-zero pages, nothing dirtied meanwhile) over
     tcp loopback, plaintext and mutual TLS alternating between the same two VMMs. Throughput =
     page bytes / duration of the pass, 5 runs per mode, medians. Target: TLS >= 0.7 x plaintext.
-    Measured on the loaded 2-core development host (docs/tls.md "Throughput"): 0.64-0.82 with 1
-    connection, 0.58-0.74 with 4. Run: python -m pytest benches -p no:cacheprovider -s -k tls"""
+    Measured on the loaded 2-core development host (docs/tls.md "Throughput"): medians 0.72 with 1
+    connection (runs 0.49-0.80), 0.69 with 4 (0.48-0.98). Run: python -m pytest benches -p no:cacheprovider -s -k tls"""
     from tls_certs import make_ca, make_tls_dir
 
     ca = make_ca(tmp_path, "ca")

@@ -17,9 +17,11 @@
  * bsp_main(zero_page, start_info) gets exactly one of the two non-zero.
  *
  * The idle fallback for VMMs without vmmpy's idle port (idle.c; under vmmpy it is never used):
- * `int $0x80` from CPL3 enters idle_gate, which halts until the next interrupt and returns. (Not
- * SYSCALL: PVM hosts jump to LSTAR without leaving CPL3.) The IDT has only that gate and the LAPIC
- * timer and spurious vectors, so every exception still ends in a triple fault.
+ * `int3` from CPL3 enters idle_gate (vector 3, DPL 3), which halts until the next interrupt and
+ * returns. Not `int $n`: PVM hosts deliver no software interrupt from CPL3 into a non-PVM guest's
+ * IDT (the guest triple-faults), while the #BP that int3 raises is reflected into it like any
+ * exception. Not SYSCALL: PVM hosts jump to LSTAR without leaving CPL3. The IDT has only that gate
+ * and the LAPIC timer and spurious vectors, so every other exception still ends in a triple fault.
  *
  * The BSP loads a TSS: RSP0 for the gate, and an I/O bitmap that allows every port, because PVM
  * hosts do not honour IOPL=3 at CPL3 and check the bitmap instead, and the TR a VMM leaves points
@@ -77,7 +79,7 @@ ap_entry:                               /* APs: RDI = index, RSI = zero page */
 /* RAX = user stack top, RBX = C function to call at CPL3 (RDI/RSI already hold its arguments) */
 enter_user:
     lgdt    gdt_desc(%rip)              /* again on the BSP: one path for all vCPUs */
-    lidt    idt_desc(%rip)              /* three gates: any exception escalates to a triple fault */
+    lidt    idt_desc(%rip)              /* three gates: any other exception triple-faults */
     mov     %cr4, %rcx
     test    $CR4_SMEP_SMAP, %ecx        /* CPL0 runs on from user pages until iretq */
     jz      1f
@@ -197,14 +199,14 @@ tss_end:
  * DPL 0, 0xee for DPL 3). */
     .balign 16
 idt:
-    .fill   0x20 * 2, 8, 0              /* exceptions: not present */
+    .fill   3 * 2, 8, 0                 /* exceptions 0-2: not present */
+    .word   idle_gate_0_15, KERNEL_CS, 0xee00, idle_gate_16_31
+    .long   0, 0                        /* 3 (#BP): the idle gate, int3 from CPL3 */
+    .fill   (0x20 - 4) * 2, 8, 0        /* exceptions 4-31: not present */
     .word   timer_isr_0_15, KERNEL_CS, 0x8e00, timer_isr_16_31
     .long   0, 0                        /* 0x20: LAPIC timer */
     .word   spurious_isr_0_15, KERNEL_CS, 0x8e00, spurious_isr_16_31
     .long   0, 0                        /* 0x21: LAPIC spurious */
-    .fill   (0x80 - 0x22) * 2, 8, 0
-    .word   idle_gate_0_15, KERNEL_CS, 0xee00, idle_gate_16_31
-    .long   0, 0                        /* 0x80: the idle gate, callable from CPL3 */
 idt_end:
 
     .balign 8

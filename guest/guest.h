@@ -129,4 +129,15 @@ void blk_command(char *args);
 int blk_running(void);
 void blk_step(void); /* reap completions, submit more (the BSP calls it while `blk load` runs) */
 
+/* net.c: the virtio-net commands; answers ARP and ICMP echo for its address */
+void net_init(const char *cmdline_ip); /* at boot: `ip=` from the command line (or NULL) */
+int net_up(void);
+void net_poll(int check_status); /* frames in and out; with check_status, the announce bit too */
+void net_command(char *args);
+
+/* vsock.c: the virtio-vsock commands (echo service, one-line client) */
+void vsock_command(char *args);
+int vsock_up(void);
+void vsock_step(void); /* serve the queues (the BSP calls it from its main loop once set up) */
+
 #endif

@@ -4,7 +4,7 @@
  *
  * vmmpy answers a 32-bit read of the idle port with "VMPY"; elsewhere an unclaimed port reads as
  * all ones. The fallback never burns a core: the BSP arms the LAPIC timer (one-shot, at most
- * FALLBACK_MAX_MS so serial input, which raises no interrupt, is seen that soon), then `int $0x80`
+ * FALLBACK_MAX_MS so serial input, which raises no interrupt, is seen that soon), then `int3`
  * enters entry.S's idle gate, which halts with interrupts on. It assumes KVM's LAPIC timer rate
  * (1 GHz bus clock, divide by 1); a slower clock only makes the sleeps longer. Only the BSP has a
  * TSS (the gate's stack), which is enough: without vmmpy the guest starts no APs.
@@ -50,5 +50,5 @@ void idle_ms(uint32_t ms)
     if (ms == 0)
         return;
     mmio_write32(LAPIC_TIMER_INIT, (ms < FALLBACK_MAX_MS ? ms : FALLBACK_MAX_MS) * TIMER_TICKS_PER_MS);
-    __asm__ volatile("int $0x80" ::: "memory");
+    __asm__ volatile("int3" ::: "memory"); /* entry.S: why not int $n */
 }

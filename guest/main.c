@@ -17,6 +17,7 @@ uint64_t tsc_khz;
 
 static uint32_t ap_checkin;
 static uint32_t cpus_asked;
+static const char *cmdline_ip; /* `ip=` on the command line, for net.c */
 static uint64_t boot_id;
 static uint64_t ram_bytes;
 static struct { uint64_t start, end; } ram[128];
@@ -200,6 +201,8 @@ static void parse_cmdline(uint64_t ptr)
             cpus_asked = v > 0xffffffffu ? 0xffffffffu : (uint32_t)v;
         else if (starts(s + i, "vmmpy.tsc_khz=") && parse_u64(s + i + 14, &v))
             tsc_khz = v;
+        else if (starts(s + i, "ip="))
+            cmdline_ip = s + i + 3;
     }
     ncpus = cpus_asked == 0 ? 1 : cpus_asked > MAX_CPUS ? MAX_CPUS : cpus_asked;
 }
@@ -466,6 +469,10 @@ static void handle(char *s)
         cmd_pio(rest);
     } else if (streq(cmd, "blk")) {
         blk_command(rest);
+    } else if (streq(cmd, "net")) {
+        net_command(rest);
+    } else if (streq(cmd, "vsock")) {
+        vsock_command(rest);
     } else {
         say("ERR unknown command");
     }
@@ -520,6 +527,7 @@ void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
             warned = 1;
         }
     }
+    net_init(cmdline_ip);
     say("READY");
 
     for (;;) {
@@ -531,6 +539,9 @@ void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
              * rate-limited `dirty` sleeps in between, and `blk load` waits for that sleep */
             uint64_t t0 = rdtsc();
             do {
+                net_poll(0);
+                if (vsock_up())
+                    vsock_step();
                 if (blk_running())
                     blk_step();
                 if (dirty_running() && dirty_bsp_step())
@@ -540,6 +551,9 @@ void bsp_main(const uint8_t *zero_page, const uint8_t *start_info)
                 poll_power_button();
         } else {
             poll_power_button(); /* the VMM wakes us from the idle port when the button is pressed */
+            net_poll(1);         /* ... and when a device adds used buffers or changes its config */
+            if (vsock_up())
+                vsock_step();
             idle_ms(100);
         }
     }

@@ -121,6 +121,13 @@ static const char *fail(struct virtio_dev *d, const char *why)
 
 const char *virtio_init(struct virtio_dev *d, uint32_t pci, uint64_t wanted, uint64_t rings, uint8_t vector)
 {
+    struct virtq *q = &d->q;
+    return virtio_init_queues(d, pci, wanted, &q, &rings, 1, vector);
+}
+
+const char *virtio_init_queues(struct virtio_dev *d, uint32_t pci, uint64_t wanted, struct virtq *const *qs,
+                               const uint64_t *rings, uint32_t nq, uint8_t vector)
+{
     uint8_t msix_cap;
     memset(d, 0, sizeof(*d));
     d->pci = pci;
@@ -155,33 +162,38 @@ const char *virtio_init(struct virtio_dev *d, uint32_t pci, uint64_t wanted, uin
     if (vector && msix_cap)
         setup_msix(d, msix_cap, vector);
     mmio_write16(d->common + CC_MSIX_CONFIG, NO_VECTOR);
-    if (mmio_read16(d->common + CC_NUM_QUEUES) < 1)
-        return fail(d, "no queues");
-    mmio_write16(d->common + CC_Q_SELECT, 0);
-    uint16_t size = mmio_read16(d->common + CC_Q_SIZE);
-    if (size == 0)
-        return fail(d, "queue 0 not available");
-    if (size > 256)
-        size = 256; /* what one 4 KiB page of descriptors holds */
-    if (size & (size - 1)) /* split rings need a power of two */
-        return fail(d, "queue size not a power of two");
-    struct virtq *q = &d->q;
-    q->size = size;
-    q->desc = (volatile struct vring_desc *)rings;
-    q->avail = (volatile uint16_t *)(rings + 0x1000);
-    q->used = (volatile uint16_t *)(rings + 0x2000);
-    memset((void *)rings, 0, 0x3000);
-    mmio_write16(d->common + CC_Q_SIZE, size);
-    common_w64(d, CC_Q_DESC, rings);
-    common_w64(d, CC_Q_AVAIL, rings + 0x1000);
-    common_w64(d, CC_Q_USED, rings + 0x2000);
-    if (d->msix_vector) {
-        mmio_write16(d->common + CC_Q_MSIX, 0);
-        if (mmio_read16(d->common + CC_Q_MSIX) != 0)
-            d->msix_vector = 0; /* the device could not map it: poll only, as always */
+    if (mmio_read16(d->common + CC_NUM_QUEUES) < nq)
+        return fail(d, "too few queues");
+    for (uint32_t i = 0; i < nq; i++) {
+        mmio_write16(d->common + CC_Q_SELECT, (uint16_t)i);
+        uint16_t size = mmio_read16(d->common + CC_Q_SIZE);
+        if (size == 0)
+            return fail(d, "queue not available");
+        uint16_t cap = qs[i]->size && qs[i]->size < 256 ? qs[i]->size : 256; /* 256: one page of descriptors */
+        if (size > cap)
+            size = cap;
+        if (size & (size - 1)) /* split rings need a power of two */
+            return fail(d, "queue size not a power of two");
+        struct virtq *q = qs[i];
+        uint64_t r = rings[i];
+        memset(q, 0, sizeof(*q));
+        q->size = size;
+        q->desc = (volatile struct vring_desc *)r;
+        q->avail = (volatile uint16_t *)(r + 0x1000);
+        q->used = (volatile uint16_t *)(r + 0x2000);
+        memset((void *)r, 0, 0x3000);
+        mmio_write16(d->common + CC_Q_SIZE, size);
+        common_w64(d, CC_Q_DESC, r);
+        common_w64(d, CC_Q_AVAIL, r + 0x1000);
+        common_w64(d, CC_Q_USED, r + 0x2000);
+        if (i == 0 && d->msix_vector) {
+            mmio_write16(d->common + CC_Q_MSIX, 0);
+            if (mmio_read16(d->common + CC_Q_MSIX) != 0)
+                d->msix_vector = 0; /* the device could not map it: poll only, as always */
+        }
+        q->notify = d->notify_base + (uint64_t)mmio_read16(d->common + CC_Q_NOFF) * d->notify_mult;
+        mmio_write16(d->common + CC_Q_ENABLE, 1);
     }
-    q->notify = d->notify_base + (uint64_t)mmio_read16(d->common + CC_Q_NOFF) * d->notify_mult;
-    mmio_write16(d->common + CC_Q_ENABLE, 1);
     mmio_write8(d->common + CC_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
     return 0;
 }

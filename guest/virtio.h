@@ -48,6 +48,10 @@ struct virtio_dev {
  * three pages at `rings` (at most 256 entries) with MSI-X `vector` (0: none) and sets DRIVER_OK.
  * Returns 0 or a static message. */
 const char *virtio_init(struct virtio_dev *d, uint32_t pci, uint64_t wanted, uint64_t rings, uint8_t vector);
+/* The same for `nq` queues: queue i on the three pages at rings[i], its size at most qs[i]->size
+ * as the caller preset it (0: 256); MSI-X `vector` on queue 0 only. */
+const char *virtio_init_queues(struct virtio_dev *d, uint32_t pci, uint64_t wanted, struct virtq *const *qs,
+                               const uint64_t *rings, uint32_t nq, uint8_t vector);
 /* Device config space: one access of the field's width (the caller checks config_generation). */
 uint32_t virtio_cfg32(struct virtio_dev *d, uint32_t off);
 uint64_t virtio_cfg64(struct virtio_dev *d, uint32_t off);

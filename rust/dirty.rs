@@ -25,6 +25,7 @@ use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 use crate::error::{Error, Kind, Result};
 use crate::memory::{GuestRam, VmmBitmap, PAGE_SIZE};
 use crate::ranges::RangeTable;
+use crate::sparse::data_extents;
 
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -228,60 +229,29 @@ pub fn all_ram(ram: &GuestRam) -> RangeTable {
         let gpa = region.start_addr().0;
         let len = region.len();
         match region.file_offset() {
-            Some(fo) => data_extents(fo.file().as_raw_fd(), fo.start(), len, |off, n| {
-                table.push(gpa + off, n)
-            }),
+            Some(fo) => {
+                // What the file cannot tell about counts as data: it is sent.
+                for extent in data_extents(fo.file().as_raw_fd(), fo.start(), len) {
+                    let (off, n) = extent.unwrap_or_else(|unknown| unknown.as_data());
+                    table.push(gpa + off, n);
+                }
+            }
             None => table.push(gpa, len),
         }
     }
     table
 }
 
-/// Calls `f(offset, len)` (relative to `start`, page aligned) for each data extent of the file in
-/// `start..start + len`. Anything it cannot tell counts as data.
-fn data_extents(fd: i32, start: u64, len: u64, mut f: impl FnMut(u64, u64)) {
-    let end = start + len;
-    let mut off = start;
-    while off < end {
-        // SAFETY: lseek on a descriptor we own only moves its file offset (no one reads through it).
-        let data = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
-        if data < 0 {
-            if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                f(off - start, end - off);
-            }
-            return; // ENXIO: no data after `off`
-        }
-        let data = (data as u64) & !(PAGE_SIZE - 1);
-        if data >= end {
-            return;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 {
-            end
-        } else {
-            (hole as u64).next_multiple_of(PAGE_SIZE).min(end)
-        };
-        if hole <= data {
-            f(data - start, end - data);
-            return;
-        }
-        f(data - start, hole - data);
-        off = hole;
-    }
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::sync::Arc;
 
-    use kvm_bindings::{kvm_regs, kvm_segment, kvm_userspace_memory_region};
-    use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::fixtures::{run_to_out, tiny_vm};
 
-    pub const MIB: u64 = 1 << 20;
+    const MIB: u64 = 1 << 20;
 
     /// Page numbers (gpa / 4096) in a table.
     fn pages_of(t: &RangeTable) -> Vec<u64> {
@@ -302,105 +272,6 @@ pub(crate) mod tests {
         assert_eq!(pages_of(&t), vec![3, 4, 5, 2047, 4096]);
     }
 
-    /// A VM with `ram`'s regions as slots 0.., registered like vm.rs does, identity page tables
-    /// (2 MiB pages with Accessed/Dirty preset, so the CPU's page walks write nothing), a flat GDT
-    /// with ring-0 and ring-3 segments, and one vCPU at 0x1000 in CPL0 that drops to CPL3 at 0x2000.
-    pub fn tiny_vm(ram: &GuestRam, manual: bool) -> Option<(Kvm, VmFd, VcpuFd)> {
-        let kvm = match Kvm::new() {
-            Ok(k) => k,
-            Err(e) => {
-                eprintln!("no /dev/kvm ({e}): skipping");
-                return None;
-            }
-        };
-        let vm = kvm.create_vm().unwrap();
-        if manual {
-            assert!(
-                enable_manual_protect(&vm),
-                "this host offers MANUAL_DIRTY_LOG_PROTECT2"
-            );
-        }
-        vm.set_tss_address(0xfffb_d000).unwrap();
-        for (slot, (gpa, host, size)) in ram.regions().into_iter().enumerate() {
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: gpa,
-                memory_size: size,
-                userspace_addr: host,
-            };
-            // SAFETY: `ram` outlives the VM in every test.
-            unsafe { vm.set_user_memory_region(r) }.unwrap();
-        }
-        let m = &ram.mem;
-        m.write_obj(0xa000u64 | 0x27, GuestAddress(0x9000)).unwrap();
-        for i in 0..4u64 {
-            m.write_obj((0xb000 + i * 0x1000) | 0x27, GuestAddress(0xa000 + 8 * i))
-                .unwrap();
-        }
-        for i in 0..4 * 512u64 {
-            m.write_obj((i << 21) | 0xe7, GuestAddress(0xb000 + 8 * i))
-                .unwrap();
-        }
-        for (i, d) in [
-            0u64,
-            0x00af_9b00_0000_ffff,
-            0x00cf_9300_0000_ffff,
-            0x00af_fb00_0000_ffff,
-            0x00cf_f300_0000_ffff,
-        ]
-        .iter()
-        .enumerate()
-        {
-            m.write_obj(*d, GuestAddress(0x500 + 8 * i as u64)).unwrap();
-        }
-        // CPL0 at 0x1000: push ss, rsp, rflags (IOPL=3), cs, rip; iretq to CPL3 at 0x2000.
-        let mut c: Vec<u8> = vec![0x6a, 0x23, 0x68];
-        c.extend(0x80000u32.to_le_bytes());
-        c.push(0x68);
-        c.extend(0x3002u32.to_le_bytes());
-        c.extend([0x6a, 0x1b, 0x68]);
-        c.extend(0x2000u32.to_le_bytes());
-        c.extend([0x48, 0xcf]);
-        m.write_slice(&c, GuestAddress(0x1000)).unwrap();
-        let vcpu = vm.create_vcpu(0).unwrap();
-        let mut s = vcpu.get_sregs().unwrap();
-        let cs = kvm_segment {
-            limit: 0xffff_ffff,
-            selector: 8,
-            type_: 11,
-            present: 1,
-            s: 1,
-            l: 1,
-            g: 1,
-            ..Default::default()
-        };
-        let ds = kvm_segment {
-            limit: 0xffff_ffff,
-            selector: 16,
-            type_: 3,
-            present: 1,
-            s: 1,
-            db: 1,
-            g: 1,
-            ..Default::default()
-        };
-        s.cs = cs;
-        (s.ds, s.es, s.fs, s.gs, s.ss) = (ds, ds, ds, ds, ds);
-        s.gdt.base = 0x500;
-        s.gdt.limit = 5 * 8 - 1;
-        (s.cr3, s.cr4, s.cr0, s.efer) = (0x9000, 0x20, 0x8005_0033, 0x500);
-        vcpu.set_sregs(&s).unwrap();
-        vcpu.set_regs(&kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            rsp: 0x8000,
-            ..Default::default()
-        })
-        .unwrap();
-        Some((kvm, vm, vcpu))
-    }
-
     /// CPL3 code at 0x2000: `L: out 0x3f8 ; store eax to each of `targets` ; jmp L`.
     pub fn store_loop(ram: &GuestRam, targets: &[u32]) {
         let mut c: Vec<u8> = vec![0x66, 0xba, 0xf8, 0x03, 0xee];
@@ -412,13 +283,6 @@ pub(crate) mod tests {
         let back = -(c.len() as i64 - 4 + 2) as i8; // to the `out`
         c.extend([0xeb, back as u8]);
         ram.mem.write_slice(&c, GuestAddress(0x2000)).unwrap();
-    }
-
-    pub fn run_to_out(vcpu: &mut VcpuFd) {
-        match vcpu.run().unwrap() {
-            VcpuExit::IoOut(0x3f8, _) => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
     }
 
     fn dirty_log_reports_exact_pages(manual: bool) {

@@ -1,27 +1,37 @@
 //! vmmpy's native core. Python orchestrates (vmmpy/vmm.py); this crate owns the hot paths: the
 //! vCPU run loop and the devices on its exit path, and guest memory.
 
+//!
+//! Python's API is the `_native` module below. The modules marked public are the migration hot
+//! path's pieces, public only for benches/migration.rs (a cargo bench: a separate crate linking
+//! this one's rlib); they are not an API.
+
 mod acpi;
 mod boot;
 mod console;
 mod cpuid;
 mod devices;
-mod dirty;
+#[doc(hidden)]
+pub mod dirty;
 mod error;
 mod fd;
+#[doc(hidden)]
+pub mod fixtures;
 mod idle;
 mod layout;
-mod memory;
+#[doc(hidden)]
+pub mod memory;
 mod memory_file;
-#[cfg(test)]
-#[path = "../benches/migration.rs"]
-mod migration_bench;
 mod pacer;
 mod python;
-mod ranges;
+#[doc(hidden)]
+pub mod ranges;
+mod sparse;
 mod state;
-mod tls;
-mod transfer;
+#[doc(hidden)]
+pub mod tls;
+#[doc(hidden)]
+pub mod transfer;
 mod vcpu;
 mod vm;
 
@@ -59,5 +69,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(python::test_guest_elf, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
     m.add("MAX_DISKS", vm::MAX_DISKS)?;
+    // The Memory frame's command number and the most RAM one frame carries: send_memory writes
+    // the frame, so the Python side of the protocol takes both from here.
+    m.add("CMD_MEMORY", transfer::CMD_MEMORY)?;
+    m.add("CHUNK_MAX", transfer::CHUNK_MAX)?;
     Ok(())
 }

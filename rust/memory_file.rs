@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use crate::error::{Error, Kind, Result};
+use crate::sparse::data_extents;
 
 const PAGE: usize = 4096;
 
@@ -67,27 +68,12 @@ pub fn load(mem: &mut [u8], file: &File) -> Result<()> {
             ),
         ));
     }
-    let fd = file.as_raw_fd();
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        // SAFETY: lseek on a descriptor we own; negative results are checked.
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                break; // no data after pos: the rest is a hole
-            }
-            return Err(io_err("seeking in", e)); // RAM left partly unread must fail the restore
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io_err("seeking in", std::io::Error::last_os_error()));
-        }
-        let end = hole.min(len as i64);
-        file.read_exact_at(&mut mem[data as usize..end as usize], data as u64)
+    for extent in data_extents(file.as_raw_fd(), 0, len) {
+        // RAM left partly unread must fail the restore.
+        let (off, n) = extent.map_err(|unknown| io_err("seeking in", unknown.error))?;
+        let (off, n) = (off as usize, n as usize);
+        file.read_exact_at(&mut mem[off..off + n], off as u64)
             .map_err(|e| io_err("reading", e))?;
-        pos = end;
     }
     Ok(())
 }

@@ -23,7 +23,10 @@ use crate::ranges::RangeTable;
 use crate::state::{Blobs, VcpuState};
 use crate::tls::{Role, TlsContext, TlsStream};
 use crate::transfer::Link;
-use crate::vm::{DiskSpec, LifecycleFds, LifecycleRequest, SavedState, Vm, VmConfig};
+use crate::vm::{
+    DiskSpec, LifecycleFds, LifecycleRequest, NetBacking, NetSpec, SavedState, Vm, VmConfig,
+    VsockSpec,
+};
 use crate::{dirty, transfer};
 
 #[pyclass(name = "Console", module = "vmmpy._native")]
@@ -325,7 +328,7 @@ impl PyVm {
     /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
     /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new()))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new(), nets=Vec::new(), vsock=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -342,6 +345,8 @@ impl PyVm {
         memory_fds: Option<Vec<i32>>,
         boot_protocol: Option<&str>,
         disks: Vec<(String, String, bool, bool)>,
+        nets: Vec<NetArg>,
+        vsock: Option<(String, u64, i32, String)>,
     ) -> PyResult<Self> {
         let boot_protocol = boot_protocol
             .map(crate::boot::payload::BootProtocol::from_name)
@@ -356,6 +361,18 @@ impl PyVm {
                 direct,
             })
             .collect();
+        let nets = nets
+            .into_iter()
+            .map(net_spec)
+            .collect::<error::Result<Vec<_>>>()?;
+        // The vsock device as (id, cid, listening socket fd, its path): the VM takes a copy of
+        // the fd, the caller closes its own.
+        let vsock = vsock.map(|(id, cid, listener_fd, path)| VsockSpec {
+            id,
+            cid,
+            listener_fd,
+            path,
+        });
         let cfg = VmConfig {
             memory_size,
             vcpus,
@@ -364,6 +381,8 @@ impl PyVm {
             cmdline,
             boot_protocol,
             disks,
+            nets,
+            vsock,
         };
         let console = console.0.clone();
         let fds = LifecycleFds {
@@ -466,6 +485,20 @@ impl PyVm {
     /// Presses the ACPI power button (GED event + interrupt); works while the VM runs or is paused.
     fn power_button(&self) -> error::Result<()> {
         self.with(|vm| vm.power_button())
+    }
+
+    /// {device id: {counter: value}} for the devices that count (virtio-net).
+    fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let all = self.with(|vm| Ok(vm.counters()))?;
+        let out = PyDict::new(py);
+        for (id, counters) in all.into_iter().filter(|(_, c)| !c.is_empty()) {
+            let d = PyDict::new(py);
+            for (name, value) in counters {
+                d.set_item(name, value)?;
+            }
+            out.set_item(id, d)?;
+        }
+        Ok(out)
     }
 
     /// The paused VM's state (all but memory) as a dict of raw KVM structures and device registers.
@@ -600,6 +633,42 @@ impl PyVm {
                 .collect())
         })
     }
+}
+
+/// A NIC as Python passes it: (id, tap name, tap fd, MAC, ip, netmask); exactly one of name and fd.
+type NetArg = (
+    String,
+    Option<String>,
+    Option<i32>,
+    [u8; 6],
+    Option<String>,
+    Option<String>,
+);
+
+fn net_spec((id, tap, fd, mac, ip, mask): NetArg) -> error::Result<NetSpec> {
+    let bad = |what: String| Error::new(Kind::InvalidConfig, format!("net {id}: {what}"));
+    let addr = |v: Option<String>, what: &str| {
+        v.map(|text| {
+            text.parse::<std::net::Ipv4Addr>()
+                .map_err(|_| bad(format!("{what} {text:?} is not an IPv4 address")))
+        })
+        .transpose()
+    };
+    let (ip, mask) = (addr(ip, "ip")?, addr(mask, "mask")?);
+    let backing = match (tap, fd) {
+        (Some(name), None) => NetBacking::Tap {
+            name,
+            ip: ip.map(|ip| {
+                (
+                    ip,
+                    mask.unwrap_or(std::net::Ipv4Addr::new(255, 255, 255, 0)),
+                )
+            }),
+        },
+        (None, Some(fd)) => NetBacking::Fd(fd),
+        _ => return Err(bad("needs a tap name or a tap fd, not both".into())),
+    };
+    Ok(NetSpec { id, backing, mac })
 }
 
 fn blobs_to_dict<'py>(py: Python<'py>, blobs: &Blobs) -> PyResult<Bound<'py, PyDict>> {

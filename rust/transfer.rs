@@ -24,6 +24,7 @@ use crate::error::{Error, Kind, Result};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::pacer::Pacer;
 use crate::ranges::RangeTable;
+use crate::sparse::data_extents;
 use crate::tls::TlsStream;
 
 /// Where a Memory frame's bytes go or come from.
@@ -581,31 +582,10 @@ fn zero_range(reg: &Region, offset: u64, len: u64) {
         memset(offset, offset + len);
         return;
     };
-    let end = offset + len;
-    let mut cur = offset;
-    while cur < end {
-        // SAFETY: lseek only moves the file offset of a descriptor the GuestRam owns.
-        let d = unsafe { libc::lseek(fd, (fstart + cur) as libc::off_t, libc::SEEK_DATA) };
-        if d < 0 {
-            if last_errno() != libc::ENXIO {
-                memset(cur, end); // cannot tell: write the zeros
-            }
-            return;
-        }
-        let d = ((d as u64 - fstart) & !(PAGE_SIZE - 1)).max(cur);
-        if d >= end {
-            return;
-        }
-        // SAFETY: as above.
-        let h = unsafe { libc::lseek(fd, (fstart + d) as libc::off_t, libc::SEEK_HOLE) };
-        let h = if h < 0 {
-            end
-        } else {
-            (h as u64 - fstart).next_multiple_of(PAGE_SIZE).min(end)
-        };
-        let h = if h <= d { end } else { h };
-        memset(d, h);
-        cur = h;
+    // What the file cannot tell about is written with zeros.
+    for extent in data_extents(fd, fstart + offset, len) {
+        let (off, n) = extent.unwrap_or_else(|unknown| unknown.as_data());
+        memset(offset + off, offset + off + n);
     }
 }
 
@@ -820,7 +800,8 @@ mod tests {
 
     #[test]
     fn roundtrip_over_tls_with_a_pacer() {
-        use crate::tls::{tests::make_tls_dir, Role, TlsContext};
+        use crate::fixtures::make_tls_dir;
+        use crate::tls::{Role, TlsContext};
         let dir = make_tls_dir("transfer", "127.0.0.1");
         let src = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();
         let dst = GuestRam::with_ranges(&[(0, 16 * MIB)]).unwrap();

@@ -25,8 +25,12 @@ use crate::devices::pci::{
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::disk_image::DiskImage;
 use crate::devices::virtio::msix::Msix;
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::pci::{VirtioPci, VirtioPciState, BAR0_SIZE};
+use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::worker::Worker;
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::{acpi_pm::AcpiPm, cmos::Cmos, i8042::I8042, serial::Serial};
 use crate::dirty::{self, DirtyLog};
 use crate::error::{Error, Kind, Result};
@@ -42,6 +46,8 @@ pub const MAX_VCPUS: u8 = 8;
 /// Disks per VM: each takes a PCI slot (31 after the host bridge), 32 KiB of the BAR window and
 /// two GSIs; 16 keeps all of them far from their limits.
 pub const MAX_DISKS: usize = 16;
+/// NICs per VM, on the same budget.
+pub const MAX_NETS: usize = 8;
 const SERIAL_GSI: u32 = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +75,8 @@ pub struct VmConfig<'a> {
     /// None: PVH for an ELF with the PVH note, else the 64-bit entry.
     pub boot_protocol: Option<payload::BootProtocol>,
     pub disks: Vec<DiskSpec>,
+    pub nets: Vec<NetSpec>,
+    pub vsock: Option<VsockSpec>,
 }
 
 /// A virtio-blk disk: the image the operator named for it and how to open it.
@@ -80,10 +88,41 @@ pub struct DiskSpec {
     pub direct: bool,
 }
 
+/// A virtio-net NIC: the tap the operator named for it (or handed over) and its MAC.
+#[derive(Clone, Debug)]
+pub struct NetSpec {
+    pub id: String,
+    pub backing: NetBacking,
+    pub mac: [u8; 6],
+}
+
+#[derive(Clone, Debug)]
+pub enum NetBacking {
+    /// A tap by name; the address and netmask it gets if vmmpy creates it.
+    Tap {
+        name: String,
+        ip: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    },
+    /// An open tap descriptor (the caller keeps it; the VM takes a duplicate).
+    Fd(RawFd),
+}
+
+/// The virtio-vsock device: the guest's CID and the unix socket the VMM listens on for it
+/// (bound by the caller, who keeps its descriptor open during the build; the VM takes a copy).
+#[derive(Clone, Debug)]
+pub struct VsockSpec {
+    pub id: String,
+    pub cid: u64,
+    pub listener_fd: RawFd,
+    pub path: String,
+}
+
 /// A virtio device of the VM: its transport (shared with the PCI bus and its worker thread), its
 /// eventfds and, once booted, the worker.
 struct DeviceSlot {
     id: String,
+    /// Its thread's name, without the slot number ("virtio-blk").
+    kind: &'static str,
     dev: Arc<Mutex<VirtioPci>>,
     kicks: Vec<EventFd>,
     wake: EventFd,
@@ -111,7 +150,7 @@ pub struct VmErrorInfo {
 pub struct VmShared {
     pub pio: PioBus,
     pub mmio: MmioBus,
-    pub gate: IdleGate,
+    pub gate: Arc<IdleGate>,
     reset_evt: EventFd,
     guest_exit_evt: EventFd,
     error_evt: EventFd,
@@ -280,6 +319,21 @@ impl Vm {
             .iter()
             .map(|d| DiskImage::open(&d.path, d.readonly, d.direct))
             .collect::<Result<Vec<_>>>()?;
+        if cfg.nets.len() > MAX_NETS {
+            return Err(Error::new(
+                Kind::InvalidConfig,
+                format!("{} NICs: at most {MAX_NETS}", cfg.nets.len()),
+            ));
+        }
+        // So do the taps: one that cannot be opened fails here, by name.
+        let taps = cfg
+            .nets
+            .iter()
+            .map(|n| match &n.backing {
+                NetBacking::Tap { name, ip } => Tap::open(name, *ip),
+                NetBacking::Fd(fd) => Tap::from_fd(*fd),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let kvm = Kvm::new().map_err(|e| Error::kvm("opening /dev/kvm", e))?;
         let fd = kvm
             .create_vm()
@@ -380,7 +434,26 @@ impl Vm {
         let mut mmio = MmioBus::default();
         mmio.insert(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE, ged.clone());
         let fd = Arc::new(fd);
-        let devices = build_disks(&fd, &ram, cfg, images)?;
+        let gate = Arc::new(IdleGate::default());
+        let mut virtio: Vec<(String, &'static str, Box<dyn VirtioDevice>)> = Vec::new();
+        for (spec, image) in cfg.disks.iter().zip(images) {
+            let block = Block::new(image, &spec.id);
+            virtio.push((spec.id.clone(), "virtio-blk", Box::new(block)));
+        }
+        for (spec, tap) in cfg.nets.iter().zip(taps) {
+            virtio.push((
+                spec.id.clone(),
+                "virtio-net",
+                Box::new(Net::new(tap, spec.mac)),
+            ));
+        }
+        if let Some(v) = &cfg.vsock {
+            let listener = dup_owned(v.listener_fd, "vsock listening socket")?;
+            let vsock = Vsock::new(v.cid, v.path.clone(), listener)
+                .map_err(|e| Error::io(Kind::HostIo, "vsock device", e))?;
+            virtio.push((v.id.clone(), "virtio-vsock", Box::new(vsock)));
+        }
+        let devices = build_virtio(&fd, &ram, virtio, &gate)?;
         let functions: Vec<SharedFunction> = devices
             .iter()
             .map(|d| d.dev.clone() as SharedFunction)
@@ -414,7 +487,7 @@ impl Vm {
         let shared = Arc::new(VmShared {
             pio,
             mmio,
-            gate: IdleGate::default(),
+            gate,
             reset_evt: dup_eventfd(fds.reset)?,
             guest_exit_evt: dup_eventfd(fds.guest_exit)?,
             error_evt: dup_eventfd(fds.error)?,
@@ -482,7 +555,7 @@ impl Vm {
                 .try_clone()
                 .map_err(|e| Error::io(Kind::Kvm, "dup of a wake eventfd", e))?;
             d.worker = Some(Worker::spawn(
-                format!("virtio-blk{i}"),
+                format!("{}{i}", d.kind),
                 d.dev.clone(),
                 kicks,
                 wake,
@@ -675,7 +748,21 @@ impl Vm {
                 .restore(st)
                 .map_err(|e| Error::new(Kind::InvalidConfig, format!("device {}: {e}", d.id)))?;
         }
+        // The VM now runs in this VMM: NICs announce it (the guest sends gratuitous ARPs), vsock
+        // resets the guest's connections (their host side stayed behind). After the vCPUs' LAPIC
+        // state, so the config interrupt lands in the restored LAPIC.
+        for d in &self.devices {
+            d.dev.lock().unwrap().moved();
+        }
         Ok(())
+    }
+
+    /// Named counters by device id (virtio-net's frames and bytes), as CH's `vm.counters`.
+    pub fn counters(&self) -> Vec<(String, Vec<(&'static str, u64)>)> {
+        self.devices
+            .iter()
+            .map(|d| (d.id.clone(), d.dev.lock().unwrap().counters()))
+            .collect()
     }
 
     /// Presses the ACPI power button: latches the GED's event bit and raises its interrupt (a
@@ -697,14 +784,14 @@ impl Vm {
     }
 }
 
-/// The virtio-blk devices, in `cfg.disks` order (00:01.0 on): BAR0 from the 32-bit window, a
-/// kick eventfd per queue registered as an ioeventfd on its notify register, and an irqfd per
-/// MSI-X vector on its own GSI.
-fn build_disks(
+/// The virtio devices (id, kind, device), in PCI slot order (00:01.0 on): BAR0 from the 32-bit
+/// window, a kick eventfd per queue registered as an ioeventfd on its notify register, an irqfd
+/// per MSI-X vector on its own GSI, and the idle gate woken by each interrupt.
+fn build_virtio(
     fd: &Arc<VmFd>,
     ram: &Arc<GuestRam>,
-    cfg: &VmConfig,
-    images: Vec<DiskImage>,
+    virtio: Vec<(String, &'static str, Box<dyn VirtioDevice>)>,
+    gate: &Arc<IdleGate>,
 ) -> Result<Vec<DeviceSlot>> {
     use vm_allocator::{AddressAllocator, AllocPolicy};
     let mut bars = AddressAllocator::new(layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE)
@@ -712,19 +799,18 @@ fn build_disks(
     let routes = Arc::new(MsiRoutes::new(fd.clone()));
     let mut next_gsi = layout::MSI_GSI_BASE;
     let mut out = Vec::new();
-    for (spec, image) in cfg.disks.iter().zip(images) {
+    for (id, kind, device) in virtio {
         let bar0 = bars
             .allocate(BAR0_SIZE, BAR0_SIZE, AllocPolicy::FirstMatch)
             .map_err(|e| {
                 Error::new(
                     Kind::InvalidConfig,
-                    format!("no room for disk {}'s BAR: {e}", spec.id),
+                    format!("no room for device {id}'s BAR: {e}"),
                 )
             })?
             .start();
-        let device = Block::new(image, &spec.id);
         let eventfd = || EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e));
-        let queues = crate::devices::virtio::VirtioDevice::queue_max_sizes(&device).len();
+        let queues = device.queue_max_sizes().len();
         let mut kicks = Vec::new();
         for q in 0..queues {
             let kick = eventfd()?;
@@ -749,16 +835,12 @@ fn build_disks(
                 .map_err(|e| Error::io(Kind::Kvm, "dup of a device eventfd", e))
         };
         let dev_kicks = kicks.iter().map(own).collect::<Result<Vec<_>>>()?;
-        let dev = VirtioPci::new(
-            Box::new(device),
-            bar0,
-            msix,
-            dev_kicks,
-            own(&wake)?,
-            ram.clone(),
-        );
+        let mut dev = VirtioPci::new(device, bar0, msix, dev_kicks, own(&wake)?, ram.clone());
+        let gate = gate.clone();
+        dev.set_waker(Arc::new(move || gate.wake_all()));
         out.push(DeviceSlot {
-            id: spec.id.clone(),
+            id,
+            kind,
             dev: Arc::new(Mutex::new(dev)),
             kicks,
             wake,

@@ -12,6 +12,7 @@ import pytest
 from vmmpy import _native
 
 from helpers import SerialClient, VmmProcess, guest_vmm, vmm_process  # noqa: F401 (fixtures)
+from net_helpers import network  # noqa: F401 (fixture)
 
 
 def pytest_sessionstart(session):

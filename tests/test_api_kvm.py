@@ -293,13 +293,13 @@ def test_error_statuses_from_a_real_vmm(vmm_process):
         "vm.create",
         {
             "memory": {"size": MIB128, "hugepages": True},
-            "vsock": {"cid": 3, "socket": "/v"},
-            "net": [{"tap": "tap0"}],
+            "pmem": [{"file": "/p"}],
+            "fs": [{"tag": "t0", "socket": "/s"}],
             "cpus": {"boot_vcpus": 1, "topology": {"threads_per_core": 1}},
         },
     )
     assert status == 400 and body[0] == "vm.create failed"
-    for field in ("vsock", "net", "memory.hugepages", "cpus.topology"):
+    for field in ("pmem", "fs", "memory.hugepages", "cpus.topology"):
         assert field in body[1], (field, body)
     # A bad value → 400 naming field and value.
     status, body = p.api.request("PUT", "vm.create", {"cpus": {"boot_vcpus": 99}})
@@ -363,12 +363,12 @@ def test_remote_error_answers_are_one_line(vmm_process, tmp_path):
 
     unknown = tmp_path / "unknown.json"
     unknown.write_text(
-        json.dumps({"memory": {"size": MIB128}, "vsock": {"cid": 3, "socket": "/v"}, "rng": {"src": "/x"}})
+        json.dumps({"memory": {"size": MIB128}, "fs": [{"tag": "t0", "socket": "/s"}], "rng": {"src": "/x"}})
     )
     r = cli.run("create", str(unknown))
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
     assert r.stderr.startswith("error: 400 vm.create failed: unsupported VmConfig fields:")
-    assert r.stderr.rstrip().endswith("fields: rng, vsock")
+    assert r.stderr.rstrip().endswith("fields: fs, rng")
 
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"cpus": {"boot_vcpus": 1}, "memory": {"size": 64 << 20}}))

@@ -266,9 +266,11 @@ def test_create_errors(served):
 
 def test_create_unsupported_fields_400(served):
     vmm, _path, client, _server = served
-    status, body = client.create({"net": [{"tap": "tap0"}], "memory": {"size": 512 * MIB, "hugepages": True}})
+    status, body = client.create(
+        {"fs": [{"tag": "t0", "socket": "/s"}], "memory": {"size": 512 * MIB, "hugepages": True}}
+    )
     assert status == 400
-    assert body == ["vm.create failed", "unsupported VmConfig fields: memory.hugepages, net"]
+    assert body == ["vm.create failed", "unsupported VmConfig fields: fs, memory.hugepages"]
     assert vmm.calls == []  # never reached the VMM
 
 
@@ -831,9 +833,9 @@ def test_remote_create_from_file_and_stdin(served, capsys, sockdir, monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps({"memory": {"size": 128 * MIB}})))
     assert remote.main(["--api-socket", path, "create", "-"]) == 0
     assert vmm.config.memory_mib == 128
-    Path(cfg).write_text(json.dumps({"net": [{"tap": "t0"}]}))
+    Path(cfg).write_text(json.dumps({"fs": [{"tag": "t0", "socket": "/s"}]}))
     assert remote.main(["--api-socket", path, "create", cfg]) == 1
-    assert capsys.readouterr().err == "error: 400 vm.create failed: unsupported VmConfig fields: net\n"
+    assert capsys.readouterr().err == "error: 400 vm.create failed: unsupported VmConfig fields: fs\n"
 
 
 def test_remote_no_server(sockdir, capsys):

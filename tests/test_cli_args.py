@@ -137,10 +137,24 @@ class FakeVmm:
     on_wait = None  # callable(fake) -> exit code, run inside wait()
     fail: dict = {}
 
-    def __init__(self, *, serial=None, event_monitor=None, no_shutdown=False, test_hooks=None, disk_backings=None):
+    def __init__(
+        self,
+        *,
+        serial=None,
+        event_monitor=None,
+        no_shutdown=False,
+        test_hooks=None,
+        disk_backings=None,
+        net_backings=None,
+        vsock_socket=None,
+    ):
         self.kwargs = {"serial": serial, "event_monitor": event_monitor, "no_shutdown": no_shutdown}
         if disk_backings:
             self.kwargs["disk_backings"] = disk_backings
+        if net_backings:
+            self.kwargs["net_backings"] = net_backings
+        if vsock_socket:
+            self.kwargs["vsock_socket"] = vsock_socket
         self.calls: list[tuple] = []
         self.events = event_monitor
         FakeVmm.instances.append(self)
@@ -355,3 +369,19 @@ def test_disk_flags_without_a_vm_are_this_hosts_backings(fake_vmm, capsys, sockd
     )
     assert rc == 0, err
     assert fake_vmm.instances[0].kwargs["disk_backings"] == {"root": str(image), "disk1": "/elsewhere.raw"}
+
+
+def test_vsock_flag_becomes_the_vms_vsock_or_without_a_vm_this_hosts_socket(fake_vmm, capsys, sockdir):
+    from vmmpy.config import VsockConfig
+
+    path = os.path.join(sockdir, "v.sock")
+    rc, _out, err = run_main(["--memory", "size=128M", "--vsock", f"cid=5,socket={path}"], capsys)
+    assert rc == 0, err
+    assert fake_vmm.instances[0].calls[0][1].vsock == VsockConfig(cid=5, socket=path, id="_vsock0")
+    fake_vmm.on_wait = lambda vmm: 0
+    api = f"path={os.path.join(sockdir, 'api.sock')}"
+    rc, _out, err = run_main(["--api-socket", api, "--vsock", f"socket={path}"], capsys)
+    assert rc == 0, err
+    assert fake_vmm.instances[1].kwargs["vsock_socket"] == path
+    rc, _out, err = run_main(["--api-socket", api, "--vsock", f"cid=5,socket={path}"], capsys)
+    assert rc == 2 and "keeps its own CID" in err, err

@@ -21,8 +21,6 @@ from vmmpy.config import (
     parse_cpus,
     parse_memory,
     parse_serial,
-    parse_size,
-    split_options,
     from_peer,
 )
 from vmmpy.errors import InvalidConfig, VmmError
@@ -198,8 +196,8 @@ def test_from_api_names_every_unsupported_field():
         "cpus": {"boot_vcpus": 1, "max_vcpus": 1, "topology": {"packages": 1}, "kvm_hyperv": True},
         "memory": {"size": 512 * MIB, "hugepages": True, "zones": [{"id": "z", "size": 1}]},
         "disks": [{"path": "/img", "vhost_user": True}],
-        "net": [{"tap": "tap0"}],
-        "vsock": {"cid": 3, "socket": "/v"},
+        "net": [{"tap": "tap0", "vhost_user": True}],
+        "vsock": {"cid": 3, "socket": "/v", "iommu": True},
         "landlock_enable": True,
         "frobnicate": 1,
     }
@@ -207,13 +205,13 @@ def test_from_api_names_every_unsupported_field():
         VmConfig.from_api(body)
     assert str(e.value) == (
         "unsupported VmConfig fields: cpus.kvm_hyperv, cpus.topology, disks[0].vhost_user, frobnicate, "
-        "landlock_enable, memory.hugepages, memory.zones, net, payload.firmware, vsock"
+        "landlock_enable, memory.hugepages, memory.zones, net[0].vhost_user, payload.firmware, vsock.iommu"
     )
 
 
 def test_from_api_unsupported_example_from_brief():
-    with pytest.raises(InvalidConfig, match=r"^unsupported VmConfig fields: memory\.hugepages, net$"):
-        VmConfig.from_api({"net": [{"tap": "tap0"}], "memory": {"size": 512 * MIB, "hugepages": True}})
+    with pytest.raises(InvalidConfig, match=r"^unsupported VmConfig fields: fs, memory\.hugepages$"):
+        VmConfig.from_api({"fs": [{"tag": "t0", "socket": "/s"}], "memory": {"size": 512 * MIB, "hugepages": True}})
 
 
 def test_from_api_accepts_ch_defaults_nulls_and_empty_lists():
@@ -324,9 +322,9 @@ def test_from_api_bad_values_named(body, fragment):
 
 def test_from_api_reports_unsupported_and_bad_values_together():
     with pytest.raises(InvalidConfig) as e:
-        VmConfig.from_api({"net": [{}], "cpus": {"boot_vcpus": 2, "max_vcpus": 3}})
+        VmConfig.from_api({"fs": [{}], "cpus": {"boot_vcpus": 2, "max_vcpus": 3}})
     msg = str(e.value)
-    assert msg.startswith("unsupported VmConfig fields: net; ")
+    assert msg.startswith("unsupported VmConfig fields: fs; ")
     assert "cpus.max_vcpus=3" in msg
 
 
@@ -372,21 +370,6 @@ def test_to_api_shape_and_round_trip(kernel_file):
 
 
 # ------------------------------------------------------------------------------ CLI flags
-
-
-@pytest.mark.parametrize(
-    "text, value",
-    [("512M", 512 * MIB), ("1G", 1 << 30), ("4096K", 4 * MIB), ("1048576", MIB), ("2g", 2 << 30), (" 64M ", 64 * MIB)],
-)
-def test_parse_size(text, value):
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["12X", "", "M", "-1M", "1.5G", "0x10", "1 G"])
-def test_parse_size_bad(text):
-    with pytest.raises(InvalidConfig) as e:
-        parse_size(text)
-    assert repr(text) in str(e.value)
 
 
 def test_parse_memory():
@@ -468,12 +451,6 @@ def test_parse_console():
     for bad in ("tty", "pty", "file=/x", ""):
         with pytest.raises(InvalidConfig, match="no virtio console"):
             parse_console(bad)
-
-
-def test_split_options_quotes():
-    assert split_options('a=1,b="x,y",c', "--x") == [("a", "1"), ("b", "x,y"), ("c", None)]
-    with pytest.raises(InvalidConfig, match="unbalanced"):
-        split_options('a="x', "--x")
 
 
 def test_host_memory_is_positive():

@@ -89,10 +89,10 @@ def test_snapshot_carries_device_state_and_restore_takes_this_hosts_file(vmm_pro
 def test_native_vm_refuses_an_image_it_cannot_open(tmp_path):
     from vmmpy import _native
     from vmmpy.errors import InvalidConfig
-    from vmmpy.vmm import _eventfd
+    from vmmpy.control_loop import new_eventfd
 
     console = _native.Console()
-    fds = [_eventfd() for _ in range(3)]
+    fds = [new_eventfd() for _ in range(3)]
     try:
         for path, text in [
             (str(tmp_path / "missing.raw"), "No such file"),

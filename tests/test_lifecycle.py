@@ -138,14 +138,14 @@ def test_reset_requested_while_pausing_happens_on_resume(guest_vmm):
 
     def park_then_pause():
         # Runs on the control loop thread, so the reset eventfd waits until this returns.
-        vmm._console.native.push_input(b"reboot kbd\n")
+        vmm._machine.console.native.push_input(b"reboot kbd\n")
         deadline = time.monotonic() + 20
-        while vmm._vm.vcpu_states()[0] != "parked":
-            assert time.monotonic() < deadline, vmm._vm.vcpu_states()
+        while vmm._machine.vm.vcpu_states()[0] != "parked":
+            assert time.monotonic() < deadline, vmm._machine.vm.vcpu_states()
             time.sleep(0.005)
         vmm.pause()
 
-    vmm._call(park_then_pause)
+    vmm._loop.call(park_then_pause)
     serial.expect("REBOOTING kbd")
     vmm.info()  # two control-loop round trips: the reset eventfd has been handled
     assert vmm.info()["state"] == "Paused"
@@ -159,7 +159,7 @@ def test_reset_requested_while_pausing_happens_on_resume(guest_vmm):
 
 @pytest.mark.skipif(
     not os.path.exists("/sys/module/kvm_pvm"),
-    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0, see shared/KVM_HERE.md); "
+    reason="needs the kvm_pvm host (its emulator refuses int3 in CPL0, see docs/host.md); "
     "hardware KVM delivers the exception instead",
 )
 def test_unhandled_exit_is_an_error_state_not_a_crash(tmp_path):
@@ -189,10 +189,10 @@ def test_a_second_reset_arriving_with_the_first_is_drained(guest_vmm):
 
     def two_resets():
         # On the control thread: both land before it can look at the eventfd.
-        vmm._vm.inject_request("reset")
-        vmm._vm.inject_request("reset")
+        vmm._machine.vm.inject_request("reset")
+        vmm._machine.vm.inject_request("reset")
 
-    vmm._call(two_resets)
+    vmm._loop.call(two_resets)
     vmm.wait_for_event("vm.rebooted", 30, after=seq)
     second_id, _ = serial.wait_ready()
     assert second_id != first_id

@@ -2,7 +2,7 @@
 ELF vmlinux that vmmpy.kernel extracts from it.
 
 On the PVM hosts vmmpy is developed on, guest supervisor code is instruction-emulated
-(shared/KVM_HERE.md), so Linux gets through early boot only. What is checked here:
+(docs/host.md), so Linux gets through early boot only. What is checked here:
 
 * bzImage: vmmpy's 64-bit entry reaches the kernel's decompressor, which prints its first line on
   the serial console and writes the very vmlinux that vmmpy.kernel extracts to 0x1000000. (Debian
@@ -15,7 +15,9 @@ On the PVM hosts vmmpy is developed on, guest supervisor code is instruction-emu
 * the emulation failure that eventually ends the kernel here is a VM error (event ``vm.error``,
   state ``Error``), and the VMM survives it.
 * bad kernels, initramfs and command lines: PayloadError before any vCPU runs (API 400, CLI exit 1).
-* on hardware KVM only: a full boot into a busybox initramfs, ``reboot -f`` and ``poweroff -f``.
+* on hardware KVM only: a full boot into a busybox initramfs, ``reboot -f`` and ``poweroff -f``;
+  the ACPI power button; a virtio disk written, synced and read back across a reboot; a virtio NIC
+  that answers the host's ping.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import pytest
 
 import linux_kernel
 from conftest import SerialClient
+from net_helpers import GUEST_IP, GUEST_MAC
 from vmmpy import Vmm
 from vmmpy import kernel as vmmpy_kernel
 from vmmpy.client import error_message
@@ -590,7 +593,7 @@ def test_linux_takes_the_power_button_through_its_ged_driver(cloud_kernel, vmm_p
 # busybox initramfs; the first boot writes a file on the disk's ext4 and reboots, the second boot
 # reads it back and powers off; then the host reads the file out of the image itself.
 
-VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk")
+VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci")
 
 DISK_INIT_SCRIPT = """#!/bin/busybox sh
 bb=/bin/busybox
@@ -616,14 +619,16 @@ $bb reboot -f
 """
 
 
-def build_disk_initramfs(busybox: Path, modules: Path, token: str, dest: Path) -> Path:
+def build_module_initramfs(busybox: Path, modules: Path, wanted: tuple[str, ...], init: str, dest: Path) -> Path:
+    """A busybox initramfs with those of the kernel's `wanted` modules it builds as modules (in
+    dependency order; the last one must be there) and `init` as /init."""
     import lzma
 
     found = {p.name.split(".ko")[0].replace("-", "_"): p for p in modules.rglob("*.ko*")}
     d = stat.S_IFDIR | 0o755
     entries = [(n, d, b"", 0, 0) for n in ("bin", "dev", "proc", "sys", "mnt", "modules")]
     order = []
-    for name in VIRTIO_MODULES:  # the ones this kernel builds as modules, in dependency order
+    for name in wanted:
         path = found.get(name)
         if path is None:
             continue
@@ -633,13 +638,13 @@ def build_disk_initramfs(busybox: Path, modules: Path, token: str, dest: Path) -
         assert path.name.endswith((".ko", ".ko.xz")), f"busybox insmod cannot load {path.name}"
         entries.append((f"modules/{name}.ko", stat.S_IFREG | 0o644, data, 0, 0))
         order.append(name)
-    assert "virtio_blk" in order, f"no virtio_blk module under {modules}"
+    assert wanted[-1] in order, f"no {wanted[-1]} module under {modules}"
     entries += [
         ("modules/order", stat.S_IFREG | 0o644, " ".join(order).encode(), 0, 0),
         ("dev/console", stat.S_IFCHR | 0o600, b"", 5, 1),
         ("bin/busybox", stat.S_IFREG | 0o755, busybox.read_bytes(), 0, 0),
         ("bin/sh", stat.S_IFLNK | 0o777, b"busybox", 0, 0),
-        ("init", stat.S_IFREG | 0o755, DISK_INIT_SCRIPT.replace("@TOKEN@", token).encode(), 0, 0),
+        ("init", stat.S_IFREG | 0o755, init.encode(), 0, 0),
     ]
     dest.write_bytes(_cpio_newc(entries))
     return dest
@@ -654,7 +659,10 @@ def test_full_boot_virtio_disk_write_sync_reboot_read(cloud_kernel, vmm_process,
     # no metadata_csum: that would need the crc32c module in the initramfs too
     subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum", str(image)], check=True)
     modules = linux_kernel.fetch_kernel_modules("cloud")
-    initramfs = build_disk_initramfs(linux_kernel.fetch_busybox(), modules, token, tmp_path / "initramfs.cpio")
+    init = DISK_INIT_SCRIPT.replace("@TOKEN@", token)
+    initramfs = build_module_initramfs(
+        linux_kernel.fetch_busybox(), modules, VIRTIO_MODULES + ("virtio_blk",), init, tmp_path / "initramfs.cpio"
+    )
     p = vmm_process(
         "--kernel",
         str(cloud_kernel.bzimage),
@@ -679,3 +687,51 @@ def test_full_boot_virtio_disk_write_sync_reboot_read(cloud_kernel, vmm_process,
     # the host's own reading of the image: the file is in the filesystem, synced
     out = subprocess.run(["debugfs", "-R", "cat /hello.txt", str(image)], check=True, capture_output=True, text=True)
     assert out.stdout.strip() == token
+
+
+# ------------------------------------------------------------------------------------------------
+# Full boot with a NIC (hardware KVM only): Debian's virtio_net in a busybox initramfs takes the
+# address and answers the host's real ping across the test network's bridge.
+
+NET_MODULES = VIRTIO_MODULES + ("failover", "net_failover", "virtio_net")
+
+NET_INIT_SCRIPT = """#!/bin/busybox sh
+bb=/bin/busybox
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sysfs /sys
+for m in $($bb cat /modules/order); do $bb insmod /modules/$m.ko || echo "VMMPY-INSMOD-FAILED $m"; done
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 300 ]; do $bb sleep 0.1; i=$((i+1)); done
+[ -e /sys/class/net/eth0 ] || { echo VMMPY-NO-NIC; $bb poweroff -f; }
+$bb ip link set lo up
+$bb ip addr add @IP@/24 dev eth0
+$bb ip link set eth0 up
+echo "VMMPY-NET-UP $($bb cat /sys/class/net/eth0/address)"
+while true; do $bb sleep 3600; done
+"""
+
+
+def test_full_boot_virtio_net_answers_the_hosts_ping(cloud_kernel, vmm_process, network, tmp_path):
+    require_hardware_kvm()
+    tap = network.add_tap("taplinux")
+    modules = linux_kernel.fetch_kernel_modules("cloud")
+    init = NET_INIT_SCRIPT.replace("@IP@", GUEST_IP)
+    initramfs = build_module_initramfs(linux_kernel.fetch_busybox(), modules, NET_MODULES, init, tmp_path / "i.cpio")
+    p = vmm_process(
+        "--kernel",
+        str(cloud_kernel.bzimage),
+        "--initramfs",
+        str(initramfs),
+        "--memory",
+        "size=512M",
+        "--net",
+        f"tap={tap},mac={GUEST_MAC},id=net0",
+        "--cmdline",
+        "console=ttyS0 rdinit=/init panic=-1",
+        netns=network.ns,
+    )
+    m = p.serial.expect(rb"VMMPY-NET-UP (\S+)", 180)
+    assert m.group(1).decode() == GUEST_MAC
+    assert b"VMMPY-INSMOD-FAILED" not in p.serial.buf
+    out = network.run("ping", "-c", "5", "-W", "5", GUEST_IP)
+    assert out.returncode == 0 and " 0% packet loss" in out.stdout, out.stdout + out.stderr

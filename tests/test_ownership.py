@@ -4,7 +4,7 @@ running; once ownership is back to ``Owned`` everything works again.
 
 Two ways into the Migration state:
 
-* by hand, on the control thread (``vmm._call(...)``), exactly as ``send_migration`` flips it: a
+* by hand, on the control thread (``vmm._loop.call(...)``), exactly as ``send_migration`` flips it: a
   deterministic check of the refusal table and of the way back;
 * through the real migration worker, ``send_migration`` to a *stalled destination*: a Unix socket
   that accepts the connection and reads the Start request but never answers, so the worker holds
@@ -30,7 +30,7 @@ MUTATING_ENDPOINTS = ["vm.pause", "vm.resume", "vm.reboot", "vm.shutdown", "vm.d
 
 
 def set_ownership(vmm, ownership: Ownership) -> None:
-    vmm._call(lambda: setattr(vmm, "ownership", ownership))
+    vmm._loop.call(lambda: setattr(vmm._machine, "ownership", ownership))
 
 
 def answers(serial, text: str) -> None:
@@ -53,7 +53,8 @@ def widen_handback_window(vmm, seconds: float = 0.2) -> None:
     A thread can always be preempted for that long between its last statement and its exit; this
     makes that happen every time instead of now and then, so a hand-back that depends on the
     worker thread being gone already is caught deterministically rather than by luck."""
-    run = vmm._migration_worker
+    handover = vmm._loop.call(vmm._outgoing)  # built on the loop, as the first migration would
+    run = handover._worker
 
     def worker(handle):
         try:
@@ -61,7 +62,7 @@ def widen_handback_window(vmm, seconds: float = 0.2) -> None:
         finally:
             time.sleep(seconds)
 
-    vmm._migration_worker = worker
+    handover._worker = worker
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ def test_mutating_calls_refused_while_migrating(guest_vmm, api):
     status, body = client.request("GET", "vmm.ping")
     assert status == 200 and body["pid"] == os.getpid()
     answers(serial, "still running while migrating")
-    assert vmm._vm.vcpu_states() == ["running", "running"]
+    assert vmm._machine.vm.vcpu_states() == ["running", "running"]
     assert vmm.ownership is Ownership.MIGRATION
     assert [e["event"] for e in vmm.events.events() if e["seq"] >= mark] == [], (
         "a refused call emitted lifecycle events"
@@ -209,7 +210,7 @@ def test_migrating_refuses_calls_on_a_paused_vm_too(guest_vmm, api):
             getattr(vmm, name)()
     assert client.request("PUT", "vm.resume")[0] == 409
     assert vmm.info()["state"] == "Paused"
-    assert vmm._vm.vcpu_states() == ["paused"]
+    assert vmm._machine.vm.vcpu_states() == ["paused"]
     set_ownership(vmm, Ownership.OWNED)
     vmm.resume()
     answers(serial, "resumed after migration gave the VM back")
@@ -289,7 +290,7 @@ def test_reboot_latched_during_a_failed_migration_is_replayed(guest_vmm, stalled
         except TimeoutError:
             raise AssertionError(
                 f"round {i}: the latched reboot was not replayed; ownership {vmm.ownership}, "
-                f"vCPUs {vmm._vm.vcpu_states()}"
+                f"vCPUs {vmm._machine.vm.vcpu_states()}"
             ) from None
         new_id, _ = serial.wait_ready()
         assert new_id not in seen

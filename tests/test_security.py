@@ -237,7 +237,7 @@ def test_vmms_own_memfds_are_sealed(guest_vmm):
 
     vmm, serial = guest_vmm(memory_mib=64)
     serial.wait_ready()
-    for _, fd, size in vmm._vm.memory_fds():
+    for _, fd, size in vmm._machine.vm.memory_fds():
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
         assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW, seals
         assert os.fstat(fd).st_size == size

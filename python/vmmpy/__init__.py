@@ -20,6 +20,7 @@ __all__ = [
     "VmConfig",
     "SerialConfig",
     "DiskConfig",
+    "NetConfig",
     "EventMonitor",
     "VmmError",
     "InvalidConfig",
@@ -40,7 +41,7 @@ def __getattr__(name):
         from .vmm import Vmm
 
         return Vmm
-    if name in ("VmConfig", "SerialConfig", "DiskConfig"):
+    if name in ("VmConfig", "SerialConfig", "DiskConfig", "NetConfig"):
         from . import config
 
         return getattr(config, name)

@@ -4,6 +4,8 @@
 from typing import final
 
 __all__ = [
+    "CHUNK_MAX",
+    "CMD_MEMORY",
     "Console",
     "GuestRegion",
     "MAX_DISKS",
@@ -20,6 +22,8 @@ __all__ = [
 
 MAX_VCPUS: int
 MAX_DISKS: int
+CMD_MEMORY: int  # the Memory frame's command number (rust/transfer.rs)
+CHUNK_MAX: int  # the most RAM one Memory frame carries, in bytes
 
 def kvm_check() -> str:
     """Opens /dev/kvm and checks the API version; raises KvmError when KVM is unusable."""
@@ -66,11 +70,17 @@ class Vm:
         memory_fds: list[int] | None = None,
         boot_protocol: str | None = None,
         disks: list[tuple[str, str, bool, bool]] = ...,
+        nets: list[tuple[str, str | None, int | None, bytes, str | None, str | None]] = ...,
+        vsock: tuple[str, int, int, str] | None = None,
     ) -> Vm:
         """`restore`: built to take saved state (no payload loaded); `memory_fds`: map these
         sealed memfds as guest RAM (same-host migration) instead of new ones; `boot_protocol`
         'pvh' or 'linux64' (None: PVH for an ELF with the PVH note, else linux64); `disks`: (id,
-        path, readonly, direct) per virtio-blk disk, opened before anything runs."""
+        path, readonly, direct) per virtio-blk disk, opened before anything runs; `nets`: (id, tap
+        name, tap fd, 6-byte MAC, ip, netmask) per virtio-net NIC (name or fd), its tap opened (or
+        created, with ip/netmask) before anything runs; `vsock`: (id, cid, listening socket fd,
+        its path) of the virtio-vsock device (the VM keeps a copy of the fd and removes the path
+        when it goes)."""
     def boot(self, paused: bool = False) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""
@@ -95,6 +105,8 @@ class Vm:
     def cmdline(self) -> str: ...
     def inject_request(self, kind: str) -> None:
         """Records 'reset' or 'shutdown' as if a vCPU had asked, and writes its eventfd."""
+    def counters(self) -> dict[str, dict[str, int]]:
+        """{device id: {counter: value}}: virtio-net's rx/tx frames, bytes and drops."""
     def save_state(self) -> dict:
         """The paused VM's state (all but memory): raw KVM structures and device registers."""
     def restore_state(self, state: dict) -> None: ...

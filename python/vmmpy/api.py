@@ -66,7 +66,7 @@ from vmmpy import unix_socket
 
 log = logging.getLogger("vmmpy.api")
 
-API_ROOT = "/api/v1/"
+API_ROOT = "/api/v1/"  # Cloud Hypervisor's; the client (vmmpy.client) takes it from here
 MAX_BODY = 1 << 20
 #: Deepest JSON nesting a request body may have (CH's bodies need 4); deeper is refused before
 #: parsing, so no parser or later walk over the value can recurse without bound.

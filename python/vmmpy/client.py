@@ -12,7 +12,7 @@ import json
 import socket
 from typing import Any
 
-API_ROOT = "/api/v1/"
+from vmmpy.api import API_ROOT
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -5,7 +5,8 @@ Three ways in, one representation out:
 * the dataclasses :class:`VmConfig` and :class:`SerialConfig` (what :class:`vmmpy.vmm.Vmm` consumes);
 * :meth:`VmConfig.from_api`, which reads the ``VmConfig`` JSON body of Cloud Hypervisor's
   ``PUT /api/v1/vm.create`` and refuses, by name, every field vmmpy cannot honour;
-* ``parse_*`` helpers for the command-line flags, in Cloud Hypervisor's ``key=value,...`` syntax.
+* ``parse_*`` helpers for the command-line flags, in Cloud Hypervisor's ``key=value,...`` syntax
+  (split and typed by :mod:`vmmpy.options`).
 
 Every problem is reported as :class:`vmmpy.errors.InvalidConfig` whose message names the field (or
 flag) and the offending value.
@@ -14,13 +15,20 @@ flag) and the offending value.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import secrets
 import stat
 from dataclasses import dataclass, field
-from typing import Any
+
 
 from vmmpy.errors import InvalidConfig
+from vmmpy.options import parse_bool, parse_int, parse_options, parse_size, split_options
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms of start-up): annotations only
+if TYPE_CHECKING:
+    from typing import Any
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -186,6 +194,217 @@ def _check_disks(disks: Any, label: str) -> list[str]:
     return out
 
 
+#: NICs per VM (the native core's limit too).
+MAX_NETS = 8
+#: Linux's IFNAMSIZ less its NUL.
+MAX_TAP_NAME = 15
+_IFF_TAP = 0x0002
+_IFF_MULTI_QUEUE = 0x0100
+_CAP_NET_ADMIN = 12
+
+
+def random_mac() -> str:
+    """A locally administered unicast MAC, as Cloud Hypervisor gives a NIC without one."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def parse_mac(text: Any) -> bytes | None:
+    """``"52:54:00:12:34:56"`` -> its 6 bytes; None when it is not a unicast MAC."""
+    if not isinstance(text, str):
+        return None
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        return None
+    octets = bytes(int(p, 16) for p in parts)
+    return None if octets[0] & 1 else octets
+
+
+def _may_create_taps() -> bool:
+    """CAP_NET_ADMIN in this process's effective set (what creating a tap needs)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def tap_problem(name: str) -> str | None:
+    """Why this host cannot give vmmpy the tap `name` (None: it can, as far as can be told before
+    opening it): an interface of that name that is not a single-queue tap, or none and no right to
+    create it. The open at boot catches the rest (a tap another process holds)."""
+    sys_dir = os.path.join("/sys/class/net", name)
+    if os.path.exists(sys_dir):
+        try:
+            with open(os.path.join(sys_dir, "tun_flags"), encoding="ascii") as f:
+                flags = int(f.read().strip(), 16)
+        except (OSError, ValueError):
+            return "an interface that is not a tap"
+        if not flags & _IFF_TAP:
+            return "a tun device, not a tap"
+        if flags & _IFF_MULTI_QUEUE:
+            return "a multi-queue tap (vmmpy uses one queue pair)"
+        return None
+    if not os.path.exists("/dev/net/tun"):
+        return "no such tap, and this host has no /dev/net/tun to create one"
+    if not _may_create_taps():
+        return "no such tap, and this process may not create one (needs CAP_NET_ADMIN)"
+    return None
+
+
+@dataclass
+class NetConfig:
+    """A virtio-net NIC on a host tap (Cloud Hypervisor's ``NetConfig``): ``tap`` by name (created
+    when it does not exist, with ``ip``/``mask`` as its host address), or ``fd``, an open tap
+    descriptor the caller keeps (in-process and command line only: an HTTP body cannot carry
+    one). ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
+    ``id=None`` gets ``net<i>`` from its place in :attr:`VmConfig.net`."""
+
+    tap: str | None = None
+    mac: str | None = None
+    ip: str | None = None
+    mask: str | None = None
+    id: str | None = None
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mac is None:
+            self.mac = random_mac()
+
+    def problems(self, label: str) -> list[str]:
+        out = []
+        if (self.tap is None) == (self.fd is None):
+            out.append(f"{label}: needs exactly one of tap (a name) and fd")
+        if self.tap is not None:
+            tap = self.tap
+            if (
+                not isinstance(tap, str)
+                or not tap
+                or len(tap.encode()) > MAX_TAP_NAME
+                or any(c in tap for c in "/\0 \t\n")
+            ):
+                out.append(f"{label}.tap={tap!r}: must be an interface name of 1 to {MAX_TAP_NAME} bytes")
+            else:
+                why = tap_problem(tap)
+                if why:
+                    out.append(f"{label}.tap={tap!r}: {why}")
+        if self.fd is not None:
+            if not _is_int(self.fd) or self.fd < 0:
+                out.append(f"{label}.fd={self.fd!r}: must be an open file descriptor")
+            else:
+                try:
+                    os.fstat(self.fd)
+                except OSError:
+                    out.append(f"{label}.fd={self.fd}: not an open file descriptor")
+        if parse_mac(self.mac) is None:
+            out.append(f"{label}.mac={self.mac!r}: must be a unicast MAC address (xx:xx:xx:xx:xx:xx)")
+        for name in ("ip", "mask"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                ipaddress.IPv4Address(value)
+            except (ValueError, TypeError):
+                out.append(f"{label}.{name}={value!r}: must be an IPv4 address")
+        if self.mask is not None and not out:
+            try:
+                ipaddress.IPv4Network(f"0.0.0.0/{self.mask}")
+            except ValueError:
+                out.append(f"{label}.mask={self.mask!r}: not a netmask")
+        if self.id is not None and (
+            not isinstance(self.id, str) or not self.id or "\0" in self.id or len(self.id.encode()) > 255
+        ):
+            out.append(f"{label}.id={self.id!r}: must be a non-empty string")
+        return out
+
+    def to_api(self) -> dict:
+        out: dict[str, Any] = {"mac": self.mac, "id": self.id}
+        if self.tap is not None:
+            out["tap"] = self.tap
+        if self.ip is not None:
+            out["ip"] = self.ip
+        if self.mask is not None:
+            out["mask"] = self.mask
+        return out
+
+    def native(self) -> tuple:
+        """What the native VM takes: (id, tap, fd, mac bytes, ip, mask)."""
+        return (self.id, self.tap, self.fd, parse_mac(self.mac), self.ip, self.mask)
+
+
+def _check_nets(nets: Any, label: str, disks: Any) -> list[str]:
+    if not isinstance(nets, list) or not all(isinstance(n, NetConfig) for n in nets):
+        return [f"{label}={nets!r}: must be a list of NetConfig"]
+    out: list[str] = []
+    if len(nets) > MAX_NETS:
+        out.append(f"{label}: {len(nets)} NICs, at most {MAX_NETS}")
+    # Device ids name device state in a migration: unique across disks and NICs.
+    seen = {d.id for d in disks if isinstance(d, DiskConfig)}
+    taps: set[str] = set()
+    for i, n in enumerate(nets):
+        out.extend(n.problems(f"{label}[{i}]"))
+        if n.id in seen:
+            out.append(f"{label}[{i}].id={n.id!r}: used by another device")
+        seen.add(n.id)
+        if n.tap is not None and n.tap in taps:
+            out.append(f"{label}[{i}].tap={n.tap!r}: used by another NIC")
+        taps.add(n.tap)
+    return out
+
+
+#: Cloud Hypervisor's id for the (only) vsock device when its config names none.
+VSOCK_DEFAULT_ID = "_vsock0"
+#: Guest CIDs: 0-2 are the hypervisor's, the local and the host's; 2^32-1 is VMADDR_CID_ANY.
+VSOCK_MIN_CID = 3
+VSOCK_MAX_CID = (1 << 32) - 2
+#: sun_path, NUL included.
+_UNIX_PATH_MAX = 108
+
+
+@dataclass
+class VsockConfig:
+    """The virtio-vsock device (Cloud Hypervisor's ``VsockConfig``): the guest's CID and the Unix
+    socket vmmpy listens on for host connections (``CONNECT <port>``); a guest connection to host
+    port P goes to ``<socket>_P``. ``id=None`` gets :data:`VSOCK_DEFAULT_ID`."""
+
+    cid: int
+    socket: str
+    id: str | None = None
+
+    def problems(self, label: str) -> list[str]:
+        out = []
+        if not _is_int(self.cid) or not VSOCK_MIN_CID <= self.cid <= VSOCK_MAX_CID:
+            out.append(f"{label}.cid={self.cid!r}: must be an integer from {VSOCK_MIN_CID} to {VSOCK_MAX_CID}")
+        if self.id is not None and (
+            not isinstance(self.id, str) or not self.id or "\0" in self.id or len(self.id.encode()) > 255
+        ):
+            out.append(f"{label}.id={self.id!r}: must be a non-empty string")
+        out.extend(vsock_socket_problems(self.socket, f"{label}.socket"))
+        return out
+
+    def to_api(self) -> dict:
+        return {"cid": self.cid, "socket": self.socket, "id": self.id}
+
+
+def vsock_socket_problems(path: Any, label: str) -> list[str]:
+    """What is wrong with `path` as the vsock device's listening socket (checked again when it is
+    bound: a live socket there is refused, a stale one replaced)."""
+    if not isinstance(path, str) or not path or "\0" in path:
+        return [f"{label}={path!r}: must be a non-empty path"]
+    if len(os.fsencode(path)) >= _UNIX_PATH_MAX:
+        return [f"{label}={path!r}: longer than a Unix socket path can be ({_UNIX_PATH_MAX - 1} bytes)"]
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        return [f"{label}={path!r}: no such directory {parent!r}"]
+    if os.path.lexists(path) and not stat.S_ISSOCK(os.lstat(path).st_mode):
+        return [f"{label}={path!r}: exists and is not a socket"]
+    return []
+
+
 # Field labels used in error messages: the dataclass names, or Cloud Hypervisor's JSON paths.
 _FIELD_LABELS = {
     "memory_mib": "memory_mib",
@@ -197,6 +416,8 @@ _FIELD_LABELS = {
     "memory_shared": "memory_shared",
     "serial": "serial",
     "disks": "disks",
+    "net": "net",
+    "vsock": "vsock",
 }
 _API_LABELS = {
     "memory_mib": "memory.size",
@@ -208,6 +429,8 @@ _API_LABELS = {
     "memory_shared": "memory.shared",
     "serial": "serial",
     "disks": "disks",
+    "net": "net",
+    "vsock": "vsock",
 }
 
 
@@ -223,6 +446,8 @@ def _check_vm_fields(
     api: bool,
     boot_protocol: Any = None,
     disks: Any = (),
+    net: Any = (),
+    vsock: Any = None,
 ) -> list[str]:
     """Every problem with these VmConfig field values, as messages naming field and value."""
     labels = _API_LABELS if api else _FIELD_LABELS
@@ -272,6 +497,17 @@ def _check_vm_fields(
     else:
         out.extend(serial.problems())
     out.extend(_check_disks(list(disks), labels["disks"]))
+    out.extend(_check_nets(list(net), labels["net"], list(disks)))
+    if vsock is not None:
+        if not isinstance(vsock, VsockConfig):
+            out.append(f"{labels['vsock']}={vsock!r}: must be a VsockConfig")
+        else:
+            out.extend(vsock.problems(labels["vsock"]))
+            others = [d.id for d in disks if isinstance(d, DiskConfig)] + [
+                n.id for n in net if isinstance(n, NetConfig)
+            ]
+            if vsock.id in others:
+                out.append(f"{labels['vsock']}.id={vsock.id!r}: used by another device")
     return out
 
 
@@ -294,14 +530,23 @@ class VmConfig:
     serial: SerialConfig = field(default_factory=SerialConfig)
     boot_protocol: str | None = None
     disks: list[DiskConfig] = field(default_factory=list)
+    net: list[NetConfig] = field(default_factory=list)
+    vsock: VsockConfig | None = None
 
     def __post_init__(self) -> None:
-        # Default ids follow the disks' order, as the guest sees them on the PCI bus.
+        # Default ids follow the devices' order, as the guest sees them on the PCI bus.
         if isinstance(self.disks, list):
             self.disks = [
                 dataclasses.replace(d, id=f"disk{i}") if isinstance(d, DiskConfig) and d.id is None else d
                 for i, d in enumerate(self.disks)
             ]
+        if isinstance(self.net, list):
+            self.net = [
+                dataclasses.replace(n, id=f"net{i}") if isinstance(n, NetConfig) and n.id is None else n
+                for i, n in enumerate(self.net)
+            ]
+        if isinstance(self.vsock, VsockConfig) and self.vsock.id is None:
+            self.vsock = dataclasses.replace(self.vsock, id=VSOCK_DEFAULT_ID)
         self.validate()
 
     def validate(self) -> None:
@@ -317,6 +562,8 @@ class VmConfig:
             api=False,
             boot_protocol=self.boot_protocol,
             disks=self.disks,
+            net=self.net,
+            vsock=self.vsock,
         )
         if problems:
             raise InvalidConfig("; ".join(problems))
@@ -364,6 +611,10 @@ class VmConfig:
         }
         if self.disks:
             out["disks"] = [d.to_api() for d in self.disks]
+        if self.net:
+            out["net"] = [n.to_api() for n in self.net]
+        if self.vsock is not None:
+            out["vsock"] = self.vsock.to_api()
         return out
 
 
@@ -431,6 +682,19 @@ _DISK_DEFAULTS: dict[str, Any] = {
     "sparse": True,
     "image_type": "Raw",
 }
+#   net[i]    : iommu=false, num_queues=2, queue_size=256, vhost_user=false, vhost_mode="Client",
+#               pci_segment=0 (one rx/tx pair, 256 entries at most, the driver picks the size);
+#               offload_tso/offload_ufo/offload_csum=true or false: vmmpy offers no offloads
+#               (docs/devices.md), which changes how fast, never what, the guest sends
+_NET_DEFAULTS: dict[str, Any] = {
+    "iommu": False,
+    "num_queues": 2,
+    "queue_size": 256,
+    "vhost_user": False,
+    "vhost_mode": "Client",
+    "pci_segment": 0,
+}
+_NET_OFFLOADS = ("offload_tso", "offload_ufo", "offload_csum")
 _RNG_DEFAULT_SRC = "/dev/urandom"
 
 
@@ -611,8 +875,48 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         disks.append(DiskConfig(path=path, readonly=flags["readonly"], direct=flags["direct"], id=disk_id))
         leftovers(label, d, {"path", "readonly", "direct", "id"}, _DISK_DEFAULTS)
 
+    # net ---------------------------------------------------------------------------------
+    nets: list[NetConfig] = []
+    net_body = body.get("net")
+    if net_body is not None and not isinstance(net_body, list):
+        problems.append(f"net={net_body!r}: must be a list")
+    for i, n in enumerate(net_body if isinstance(net_body, list) else []):
+        label = f"net[{i}]"
+        if not isinstance(n, dict):
+            problems.append(f"{label}={n!r}: must be an object")
+            continue
+        strings = {}
+        for name in ("tap", "mac", "ip", "mask", "id"):
+            value = n.get(name)
+            if value is not None and not isinstance(value, str):
+                problems.append(f"{label}.{name}={value!r}: must be a string")
+                value = None
+            strings[name] = value
+        if strings["tap"] is None:
+            problems.append(f"{label}.tap: required (a tap descriptor cannot travel in an HTTP body)")
+            continue
+        for name in _NET_OFFLOADS:
+            if n.get(name) is not None and not isinstance(n.get(name), bool):
+                problems.append(f"{label}.{name}={n.get(name)!r}: must be a boolean")
+        nets.append(NetConfig(**strings))
+        leftovers(label, n, {"tap", "mac", "ip", "mask", "id", *_NET_OFFLOADS}, _NET_DEFAULTS)
+
+    # vsock -------------------------------------------------------------------------------
+    vsock = None
+    vsock_body = section("vsock")
+    if vsock_body:
+        cid, vsock_id = vsock_body.get("cid"), vsock_body.get("id")
+        socket_path = path_value("vsock.socket", vsock_body.get("socket"))
+        if cid is None or socket_path is None:
+            problems.append("vsock: needs cid and socket")
+        elif vsock_id is not None and not isinstance(vsock_id, str):
+            problems.append(f"vsock.id={vsock_id!r}: must be a string")
+        else:
+            vsock = VsockConfig(cid=cid, socket=socket_path, id=vsock_id or VSOCK_DEFAULT_ID)
+        leftovers("vsock", vsock_body, {"cid", "socket", "id"}, _PCI_COMMON_DEFAULTS)
+
     # everything else ---------------------------------------------------------------------
-    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng", "disks"}
+    known = {"payload", "cpus", "memory", "serial", "console", "debug_console", "rng", "disks", "net", "vsock"}
     for key, value in body.items():
         if key in known or _unset(value):
             continue
@@ -625,6 +929,7 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
     message.extend(problems)
     disks = [dataclasses.replace(d, id=f"disk{i}") if d.id is None else d for i, d in enumerate(disks)]
+    nets = [dataclasses.replace(n, id=f"net{i}") if n.id is None else n for i, n in enumerate(nets)]
     fields = dict(
         memory_mib=memory_mib,
         vcpus=boot,
@@ -635,6 +940,8 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
         serial=serial,
         boot_protocol=boot_protocol,
         disks=disks,
+        net=nets,
+        vsock=vsock,
     )
     if not message:
         message.extend(_check_vm_fields(**fields, api=True))
@@ -650,11 +957,21 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
 PEER_IGNORED = ("serial",)
 
 
-def from_peer(body: Any, content: dict, disk_backings: dict[str, str] | None = None) -> VmConfig:
+def from_peer(
+    body: Any,
+    content: dict,
+    disk_backings: dict[str, str] | None = None,
+    net_backings: dict[str, str] | None = None,
+    vsock_socket: str | None = None,
+) -> VmConfig:
     """A VmConfig from a migration peer or a snapshot, host paths taken out. `content` names the
     payload parts that travel as content; a part named only by a path is refused, with a message
     that does not depend on the path (nor on whether it exists here). Each disk's path is the one
-    this host's operator gave for its id in `disk_backings`; a disk id without one is refused."""
+    this host's operator gave for its id in `disk_backings`; a disk id without one is refused. So
+    is each NIC's tap, from `net_backings` (net id -> tap name); the peer's tap, address and
+    netmask are dropped, its MAC kept (the guest's identity on the network). The vsock device
+    listens on `vsock_socket`, this host's own (its CID is the guest's); without one it is
+    refused."""
     if not isinstance(body, dict):
         raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
     body = {k: v for k, v in body.items() if k not in PEER_IGNORED}
@@ -674,6 +991,30 @@ def from_peer(body: Any, content: dict, disk_backings: dict[str, str] | None = N
                 )
             own.append({**d, "id": disk_id, "path": backings[disk_id]})
         body["disks"] = own
+    nets = body.get("net")
+    if isinstance(nets, list):
+        backings = net_backings or {}
+        own = []
+        for i, n in enumerate(nets):
+            if not isinstance(n, dict):
+                raise InvalidConfig(f"net[{i}]={n!r}: must be an object")
+            net_id = n.get("id") if n.get("id") is not None else f"net{i}"
+            if net_id not in backings:
+                raise InvalidConfig(
+                    f"net {net_id!r}: this host names no tap for it (give the destination's own "
+                    "tap for each net id); vmmpy never opens a tap the peer names"
+                )
+            peer_only = ("tap", "ip", "mask")
+            own.append({**{k: v for k, v in n.items() if k not in peer_only}, "id": net_id, "tap": backings[net_id]})
+        body["net"] = own
+    vsock = body.get("vsock")
+    if isinstance(vsock, dict):
+        if vsock_socket is None:
+            raise InvalidConfig(
+                "vsock: this host names no socket for it (give the destination's own vsock socket "
+                "path); vmmpy never opens a path the peer names"
+            )
+        body["vsock"] = {**vsock, "socket": vsock_socket}
     payload = body.get("payload")
     if isinstance(payload, dict):
         payload = dict(payload)
@@ -738,13 +1079,13 @@ REQUEST_BODIES: dict[str, RequestBody] = {
         ch_defaults={"preserve_source": False, "memory_mode": "Precopy"},
     ),
     "ReceiveMigrationData": RequestBody(
-        fields={"receiver_url": str, "tls_dir": str, "disks": dict},
+        fields={"receiver_url": str, "tls_dir": str, "disks": dict, "net": dict, "vsock_socket": str},
         required=("receiver_url",),
         ch_defaults={"memory_mode": "Precopy", "vfio_fds": None, "iommufd_fd": None, "zone_updates": []},
     ),
     "VmSnapshotConfig": RequestBody(fields={"destination_url": str}, required=("destination_url",)),
     "RestoreConfig": RequestBody(
-        fields={"source_url": str, "resume": bool, "disks": dict},
+        fields={"source_url": str, "resume": bool, "disks": dict, "net": dict, "vsock_socket": str},
         required=("source_url",),
         ch_defaults={
             "memory_restore_mode": "Copy",
@@ -839,91 +1180,86 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def request_body_from_options(name: str, text: str, flag: str, bare: str) -> dict[str, Any]:
+    """CH request body `name` (a key of :data:`REQUEST_BODIES`) from a command-line option string
+    (``vmmpy --restore``, ``vmmpy-remote send-migration ...``), as ch-remote builds it: each field
+    becomes the JSON type the body takes (booleans by :func:`vmmpy.options.parse_bool`). A key the
+    body does not name stays a string, for :func:`read_request_body` to refuse by name."""
+    spec = REQUEST_BODIES[name]
+    kinds: dict[str, Any] = {**spec.fields, **spec.no_ops}
+    kinds.update({k: type(v) for k, v in spec.ch_defaults.items() if isinstance(v, bool)})
+    body: dict[str, Any] = {}
+    for key, value in parse_options(text, flag, None, f"{bare}=...[,key=value...]", bare=bare).items():
+        kind = kinds.get(key)
+        if kind is bool:
+            body[key] = parse_bool(value, f"{flag} {key}")
+        elif kind is int:
+            body[key] = parse_int(value, f"{flag} {key}")
+        elif kind is SIZE and value.isascii() and value.strip().isdigit():
+            body[key] = int(value)
+        else:
+            body[key] = value
+    return body
+
+
 # --------------------------------------------------------------------------------------------
 # Command-line flags (Cloud Hypervisor syntax)
 # --------------------------------------------------------------------------------------------
 
 
-def split_options(text: str, flag: str) -> list[tuple[str, str | None]]:
-    """Split ``a=1,b="x,y",c`` into ``[("a", "1"), ("b", "x,y"), ("c", None)]``.
-
-    Double quotes protect commas inside a value, as in Cloud Hypervisor's option parser.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidConfig(f"{flag} {text!r}: empty value")
-    items: list[str] = []
-    current: list[str] = []
-    quoted = False
-    for ch in text:
-        if ch == '"':
-            quoted = not quoted
-        elif ch == "," and not quoted:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if quoted:
-        raise InvalidConfig(f"{flag} {text!r}: unbalanced double quote")
-    items.append("".join(current))
-    out: list[tuple[str, str | None]] = []
-    for item in items:
-        if not item:
-            raise InvalidConfig(f"{flag} {text!r}: empty option")
-        key, sep, value = item.partition("=")
-        out.append((key.strip(), value if sep else None))
-    return out
-
-
-def _options_dict(text: str, flag: str, allowed: tuple[str, ...], usage: str) -> dict[str, str]:
-    seen: dict[str, str] = {}
-    for key, value in split_options(text, flag):
-        if value is None:
-            raise InvalidConfig(f"{flag} {text!r}: expected {usage}")
-        if key not in allowed:
-            raise InvalidConfig(f"{flag} {text!r}: unsupported option {key!r}; expected {usage}")
-        if key in seen:
-            raise InvalidConfig(f"{flag} {text!r}: option {key!r} given twice")
-        seen[key] = value
-    return seen
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``"512M"`` → bytes. Suffixes K, M, G (any case) are powers of 1024; no suffix = bytes."""
-    s = text.strip() if isinstance(text, str) else ""
-    shift = {"k": 10, "m": 20, "g": 30}.get(s[-1:].lower(), 0)
-    digits = s[:-1] if shift else s
-    if not digits.isdigit():
-        raise InvalidConfig(f"{what}={text!r}: not a size (expected <number>[K|M|G])")
-    return int(digits) << shift
-
-
-def parse_toggle(text: str, what: str) -> bool:
-    value = text.strip().lower()
-    if value in ("on", "true", "yes"):
-        return True
-    if value in ("off", "false", "no"):
-        return False
-    raise InvalidConfig(f"{what}={text!r}: expected on or off")
-
-
 def parse_disk(text: str) -> DiskConfig:
     """``--disk path=FILE[,readonly=on][,id=NAME][,direct=on]`` → a DiskConfig (not yet checked)."""
     usage = "path=<file>[,readonly=on|off][,id=<name>][,direct=on|off]"
-    opts = _options_dict(text, "--disk", ("path", "readonly", "id", "direct"), usage)
+    opts = parse_options(text, "--disk", ("path", "readonly", "id", "direct"), usage)
     if "path" not in opts:
         raise InvalidConfig(f"--disk {text!r}: expected {usage}")
     return DiskConfig(
         path=opts["path"],
-        readonly=parse_toggle(opts["readonly"], "--disk readonly") if "readonly" in opts else False,
+        readonly=parse_bool(opts["readonly"], "--disk readonly") if "readonly" in opts else False,
         id=opts.get("id"),
-        direct=parse_toggle(opts["direct"], "--disk direct") if "direct" in opts else False,
+        direct=parse_bool(opts["direct"], "--disk direct") if "direct" in opts else False,
     )
+
+
+def parse_net(text: str) -> NetConfig:
+    """``--net tap=NAME[,mac=..][,ip=..,mask=..][,id=..]`` or ``fd=N`` (an inherited tap
+    descriptor) -> a NetConfig (not yet checked)."""
+    usage = "tap=<name>|fd=<n>[,mac=<xx:xx:xx:xx:xx:xx>][,ip=<ipv4>,mask=<ipv4>][,id=<name>]"
+    opts = parse_options(text, "--net", ("tap", "fd", "mac", "ip", "mask", "id"), usage)
+    fd = None
+    if "fd" in opts:
+        raw = opts["fd"].strip().removeprefix("[").removesuffix("]")
+        if not raw.isdigit():
+            raise InvalidConfig(f"--net fd={opts['fd']!r}: one descriptor number (vmmpy uses one queue pair)")
+        fd = int(raw)
+    return NetConfig(
+        tap=opts.get("tap"), fd=fd, mac=opts.get("mac"), ip=opts.get("ip"), mask=opts.get("mask"), id=opts.get("id")
+    )
+
+
+def parse_vsock(text: str) -> VsockConfig:
+    """``--vsock cid=N,socket=PATH[,id=NAME]`` → a VsockConfig (not yet checked)."""
+    usage = "cid=<3..>,socket=<path>[,id=<name>]"
+    opts = parse_options(text, "--vsock", ("cid", "socket", "id"), usage)
+    if "cid" not in opts or "socket" not in opts:
+        raise InvalidConfig(f"--vsock {text!r}: expected {usage}")
+    return VsockConfig(cid=parse_int(opts["cid"], "--vsock cid"), socket=opts["socket"], id=opts.get("id"))
+
+
+def parse_vsock_socket(text: str) -> str:
+    """``--vsock socket=PATH`` on a VMM that restores or receives its VM: this host's socket for
+    the VM's vsock device (whose CID is the VM's own)."""
+    usage = "socket=<path> (a restored or received VM keeps its own CID)"
+    opts = parse_options(text, "--vsock", ("socket",), usage)
+    if "socket" not in opts:
+        raise InvalidConfig(f"--vsock {text!r}: expected {usage}")
+    return opts["socket"]
 
 
 def parse_memory(text: str) -> dict:
     """``--memory size=512M,shared=on`` → ``{"memory_mib": 512, "memory_shared": True}``."""
     usage = "size=<bytes>[K|M|G][,shared=on|off]"
-    opts = _options_dict(text, "--memory", ("size", "shared"), usage)
+    opts = parse_options(text, "--memory", ("size", "shared"), usage)
     out: dict[str, Any] = {}
     if "size" in opts:
         size = parse_size(opts["size"], "--memory size")
@@ -937,14 +1273,14 @@ def parse_memory(text: str) -> dict:
             raise InvalidConfig(f"--memory size={opts['size']!r}: more than this host's memory ({_format_mib(bound)})")
         out["memory_mib"] = mib
     if "shared" in opts:
-        out["memory_shared"] = parse_toggle(opts["shared"], "--memory shared")
+        out["memory_shared"] = parse_bool(opts["shared"], "--memory shared")
     return out
 
 
 def parse_cpus(text: str) -> dict:
     """``--cpus boot=2[,max=2]`` → ``{"vcpus": 2}`` (``max`` must equal ``boot``)."""
     usage = f"boot=<1..{MAX_VCPUS}>[,max=<same>]"
-    opts = _options_dict(text, "--cpus", ("boot", "max"), usage)
+    opts = parse_options(text, "--cpus", ("boot", "max"), usage)
 
     def number(key: str) -> int:
         raw = opts[key].strip()

@@ -12,6 +12,9 @@ from typing import Any, Sequence
 
 from vmmpy.cli import OneLineParser
 from vmmpy.client import ApiClient, error_message
+from vmmpy.config import request_body_from_options
+from vmmpy.errors import InvalidConfig
+from vmmpy.options import parse_path_or_fd
 
 PROG = "vmmpy-remote"
 
@@ -47,33 +50,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "restore": ("PUT", "vm.restore", "restore a snapshot: source_url=file:///DIR[,resume=on]"),
 }
 
-# Subcommands taking one option string, and how it becomes the request body.
+# Subcommands taking one option string → (the Cloud Hypervisor request body it becomes, the key a
+# bare first item sets).
 OPTION_COMMANDS = {
-    "send-migration": lambda text: _options(text, "destination_url"),
-    "receive-migration": lambda text: _options(text, "receiver_url"),
-    "snapshot": lambda text: _options(text, "destination_url"),
-    "restore": lambda text: _options(text, "source_url"),
+    "send-migration": ("SendMigrationData", "destination_url"),
+    "receive-migration": ("ReceiveMigrationData", "receiver_url"),
+    "snapshot": ("VmSnapshotConfig", "destination_url"),
+    "restore": ("RestoreConfig", "source_url"),
 }
-
-
-def _options(text: str, bare_key: str) -> dict:
-    """ch-remote's `key=value,key=value` syntax; a first part without `=` is `bare_key`'s value.
-    on/off become booleans and digits integers; the VMM checks names and values."""
-    body: dict[str, Any] = {}
-    for i, part in enumerate(p for p in text.split(",") if p):
-        key, sep, value = part.partition("=")
-        if not sep or (i == 0 and key in ("tcp", "unix", "file")):
-            body[bare_key] = part
-            continue
-        if value in ("on", "true"):
-            body[key] = True
-        elif value in ("off", "false"):
-            body[key] = False
-        elif value.isdigit():
-            body[key] = int(value)
-        else:
-            body[key] = value
-    return body
 
 
 def _show_progress(client: ApiClient) -> int:
@@ -121,12 +105,18 @@ def build_parser() -> OneLineParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    socket_path = args.api_socket[5:] if args.api_socket.startswith("path=") else args.api_socket
-    if not socket_path:
-        parser.error(f"--api-socket {args.api_socket!r}: empty path")
     method, endpoint, _ = COMMANDS[args.command]
-
     body: Any = None
+    try:
+        socket_path, fd = parse_path_or_fd(args.api_socket, "--api-socket")
+        if socket_path is None:
+            raise InvalidConfig(f"--api-socket fd={fd}: {PROG} connects to a path")
+        if args.command in OPTION_COMMANDS:
+            name, bare = OPTION_COMMANDS[args.command]
+            body = json.dumps(request_body_from_options(name, args.options, args.command, bare))
+    except InvalidConfig as e:
+        parser.error(str(e))
+
     if args.command == "create":
         try:
             if args.config == "-":
@@ -138,8 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             reason = getattr(e, "strerror", None) or str(e)
             parser.error(f"cannot read VmConfig file {args.config!r}: {reason}")
 
-    if args.command in OPTION_COMMANDS:
-        body = json.dumps(OPTION_COMMANDS[args.command](args.options))
     # receive-migration answers only when a migration has arrived.
     timeout = None if args.command == "receive-migration" else args.timeout
     client = ApiClient(socket_path, timeout=timeout)

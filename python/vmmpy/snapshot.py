@@ -18,10 +18,13 @@ import json
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import InvalidConfig, VmmError
 from .payload import PARTS, BootPayload, verify
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
+if TYPE_CHECKING:
+    from pathlib import Path
 
 FORMAT_MAJOR = 1
 FORMAT_MINOR = 3
@@ -150,6 +153,8 @@ def parse_file_url(url: str) -> Path:
         raise InvalidConfig(f"snapshot URL {url!r}: only file:// URLs are supported")
     if not path:
         raise InvalidConfig(f"snapshot URL {url!r}: the directory path is empty")
+    from pathlib import Path  # here, not at the top: a VMM that only boots never loads it
+
     return Path(path)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, fields
 
-from .config import parse_toggle, split_options
+from .options import parse_bool, parse_int, split_options
 from .errors import InvalidConfig
 
 log = logging.getLogger("vmmpy.testhooks")
@@ -59,11 +59,9 @@ class TestHooks:
                     f"hooks: {', '.join(n.replace('_', '-') for n in types)}"
                 )
             if types[name] == "bool":
-                values[name] = parse_toggle(value, f"--test-hooks {key}")
+                values[name] = parse_bool(value, f"--test-hooks {key}")
             elif types[name] == "int":
-                if not value.isdigit():
-                    raise InvalidConfig(f"--test-hooks {key}={value!r}: expected a number")
-                values[name] = int(value)
+                values[name] = parse_int(value, f"--test-hooks {key}")
             else:
                 values[name] = value
         return cls(**values)

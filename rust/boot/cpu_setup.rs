@@ -123,13 +123,7 @@ pub fn setup_long_mode(vcpu: &VcpuFd, entry: u64, rsi: u64, rdi: u64) -> Result<
     };
     vcpu.set_regs(&regs)
         .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
-
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(|e| Error::kvm("KVM_SET_FPU", e))
+    reset_fpu(vcpu)
 }
 
 /// Puts a vCPU at `entry` as the PVH ABI wants it: 32-bit protected mode with flat 4 GiB code and
@@ -150,6 +144,11 @@ pub fn setup_pvh(vcpu: &VcpuFd, entry: u64, start_info: u64) -> Result<()> {
     };
     vcpu.set_regs(&regs)
         .map_err(|e| Error::kvm("KVM_SET_REGS", e))?;
+    reset_fpu(vcpu)
+}
+
+/// The x87/SSE state at reset: all exceptions masked (FCW 0x37f, MXCSR 0x1f80).
+fn reset_fpu(vcpu: &VcpuFd) -> Result<()> {
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,

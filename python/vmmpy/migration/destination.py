@@ -17,23 +17,22 @@ loaded.
 from __future__ import annotations
 
 import enum
-import hmac
 import json
 import logging
 import os
 import queue
-import secrets
 import selectors
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
-from ..config import VmConfig, from_peer
+from ..config import from_peer
 from ..errors import MigrationError, VmmError
 from ..payload import PARTS, BootPayload, check_description, verify
 from ..snapshot import decode_state
 from . import transport
+from .receive_hooks import ReceiveHooks
 from .protocol import JSON_MAX, MESSAGE_MAX, VERSION, Capability, Command, Connection, PeerTimeout, Status
 
 log = logging.getLogger("vmmpy.migration")
@@ -78,19 +77,6 @@ class Incoming:
     payload: BootPayload = field(default_factory=BootPayload)
 
 
-class ReceiveHooks:
-    """What the receiver needs from its VMM (implemented by Vmm; runs on the VMM's control loop)."""
-
-    def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
-        raise NotImplementedError
-
-    def complete(self, incoming: Incoming, fields: dict) -> None:
-        raise NotImplementedError
-
-    def emit(self, event: str, properties: dict | None = None) -> None:
-        raise NotImplementedError
-
-
 class Receiver:
     def __init__(
         self,
@@ -99,10 +85,16 @@ class Receiver:
         capabilities: list[str] | None = None,
         tls=None,
         disk_backings: dict[str, str] | None = None,
+        net_backings: dict[str, str] | None = None,
+        vsock_socket: str | None = None,
     ):
         self.listener = listener
         # This host's operator's file for each disk id; the peer's config names none that is used.
         self.disk_backings = dict(disk_backings or {})
+        # And its tap for each net id.
+        self.net_backings = dict(net_backings or {})
+        # And its own socket for the vsock device.
+        self.vsock_socket = vsock_socket
         self.tls = tls  # _native.TlsContext ("server"), or None for plaintext
         self.hooks = hooks
         self.capabilities = CAPABILITIES if capabilities is None else capabilities
@@ -348,7 +340,11 @@ class Receiver:
             ):
                 raise MigrationError("this destination takes one connection (connections > 1 needs tcp)")
             answer = {"version": VERSION, "capabilities": self.capabilities}
-            token = secrets.token_hex(16) if connections > 1 else None
+            token = None
+            if connections > 1:
+                import secrets  # here, not at the top: a VMM that only boots never loads it
+
+                token = secrets.token_hex(16)
             if token is not None:
                 answer["connection_token"] = token
                 self._open_join_window()  # before the answer: the joins follow it at once
@@ -367,13 +363,19 @@ class Receiver:
             return incoming, False
         if command == Command.CONFIG and st is ReceiveState.STARTED:
             doc = self._json(conn, length)
-            local = bool(doc.get("local"))
+            local = doc.get("local", False)
+            if not isinstance(local, bool):
+                raise MigrationError(f"Config local={local!r}: must be a JSON boolean")
             if local and (not fds or sorted(fds) != list(range(len(fds)))):
                 raise MigrationError(f"local migration needs memory fds for regions 0..n-1, got {sorted(fds)}")
             memory_fds = [fds[i] for i in range(len(fds))] if local else None
             described = doc.get("payload")
             cfg = from_peer(
-                doc.get("config") or {}, described if isinstance(described, dict) else {}, self.disk_backings
+                doc.get("config") or {},
+                described if isinstance(described, dict) else {},
+                self.disk_backings,
+                self.net_backings,
+                self.vsock_socket,
             )
             described = check_description(described, cfg.memory_bytes)
             incoming = self.hooks.build_vm(cfg, memory_fds)
@@ -481,6 +483,8 @@ class Receiver:
                     _close(fd)
                 doc = self._json(extra, length, MESSAGE_MAX) if command == Command.JOIN else {}
                 index = doc.get("index")
+                import hmac  # here, not at the top: a VMM that only boots never loads it
+
                 if (
                     not hmac.compare_digest(str(doc.get("token", "")).encode(), token.encode())
                     or type(index) is not int

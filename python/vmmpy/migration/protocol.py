@@ -13,6 +13,7 @@ import json
 import socket
 import struct
 
+from .. import _native
 from ..errors import MigrationError
 
 VERSION = 1
@@ -25,7 +26,7 @@ class Command(enum.IntEnum):
     START = 1
     CONFIG = 2
     STATE = 3
-    MEMORY = 4
+    MEMORY = _native.CMD_MEMORY  # the native core writes and reads Memory frames
     COMPLETE = 5
     ABANDON = 6
     MEMORY_FD = 7

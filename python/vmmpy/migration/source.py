@@ -15,7 +15,6 @@ while State and Complete stay on the first. `max_bandwidth` caps the sum of all 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import threading
 import time
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field, fields
 from .. import _native
 from ..errors import InvalidConfig, MigrationCancelled, MigrationError
 from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
+from ..machine import PAUSE_TIMEOUT_S
+from ..options import parse_size
 from ..payload import PARTS, BootPayload
 from ..snapshot import encode_state
 from ..testhooks import NO_HOOKS, TestHooks
@@ -31,14 +32,13 @@ from . import transport
 from .progress import ProgressTracker
 from .protocol import VERSION, Capability, Command, Connection, PeerError
 
-CHUNK_BYTES = 64 << 20  # one Memory frame; cancel and timeouts are checked between frames
+CHUNK_BYTES = _native.CHUNK_MAX  # one Memory frame; cancel and timeouts are checked between frames
 CHUNK_MIN = 256 << 10
 CHUNK_TIME_S = 2.0  # under a max_bandwidth, a frame takes about this long on its connection
 MAX_CONNECTIONS = 128  # Cloud Hypervisor's bound
 THROTTLE_STEP = 10
 THROTTLE_MAX = 99
 THROTTLE_SLICE_S = 0.1
-PAUSE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -89,30 +89,25 @@ class MigrationOptions:
         return max(CHUNK_MIN, min(CHUNK_BYTES, per_connection)) & ~4095
 
 
-_SIZE = re.compile(r"(\d+)([KMG]?)", re.IGNORECASE)
-
-
 def _coerce(key: str, value):
+    """A Python caller's option value, checked as the API checks it (a boolean is a bool, never a
+    string); `max_bandwidth` also takes a size string (K, M, G: powers of 1024, as QEMU's
+    max-bandwidth=32M)."""
     if key in ("local", "auto_converge"):
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("on", "true", "1", "yes"):
-            return True
-        if str(value).lower() in ("off", "false", "0", "no"):
-            return False
-        raise InvalidConfig(f"{key}={value!r}: expected on or off")
-    if key in ("downtime_ms", "timeout_s", "connections"):
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise InvalidConfig(f"{key}={value!r}: expected an integer") from None
-    if key == "max_bandwidth":
-        # Bytes/s; K, M and G are powers of 1024, as QEMU reads max-bandwidth=32M.
-        m = _SIZE.fullmatch(str(value).strip()) if not isinstance(value, bool) else None
-        if m is None:
-            raise InvalidConfig(f"max_bandwidth={value!r}: expected bytes/s, e.g. 33554432 or 32M")
-        return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
-    return str(value)
+        if not isinstance(value, bool):
+            raise InvalidConfig(f"{key}={value!r}: must be a boolean")
+        return value
+    if key == "max_bandwidth" and isinstance(value, str):
+        return parse_size(value, key)
+    if key in ("downtime_ms", "timeout_s", "connections", "max_bandwidth"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidConfig(f"{key}={value!r}: must be an integer")
+        return value
+    if key == "tls_dir" and value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidConfig(f"{key}={value!r}: must be a string")
+    return value
 
 
 class Throttle:

@@ -161,56 +161,49 @@ impl DiskImage {
     }
 
     fn pread_all(&self, ptr: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < len {
-            // SAFETY: ptr..ptr+len is memory the caller holds a guard or buffer for, writable.
-            let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    ptr.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as i64,
-                )
-            };
-            match n {
-                n if n < 0 => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => done += n as usize,
-            }
-        }
-        Ok(())
+        let fd = self.file.as_raw_fd();
+        all_at(
+            len,
+            offset,
+            std::io::ErrorKind::UnexpectedEof,
+            |done, at| {
+                // SAFETY: ptr..ptr+len is memory the caller holds a guard or buffer for, writable.
+                unsafe { libc::pread(fd, ptr.add(done).cast(), len - done, at) }
+            },
+        )
     }
 
     fn pwrite_all(&self, ptr: *mut u8, len: usize, offset: u64) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < len {
+        let fd = self.file.as_raw_fd();
+        all_at(len, offset, std::io::ErrorKind::WriteZero, |done, at| {
             // SAFETY: ptr..ptr+len is readable memory the caller holds a guard or buffer for.
-            let n = unsafe {
-                libc::pwrite(
-                    self.file.as_raw_fd(),
-                    ptr.add(done).cast(),
-                    len - done,
-                    (offset + done as u64) as i64,
-                )
-            };
-            match n {
-                n if n < 0 => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-                0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                n => done += n as usize,
-            }
-        }
-        Ok(())
+            unsafe { libc::pwrite(fd, ptr.add(done).cast(), len - done, at) }
+        })
     }
+}
+
+/// Calls `op(done, offset + done)` (a pread or pwrite of the bytes from `done` on) until `len`
+/// bytes are done, retrying EINTR; a call that moves nothing fails with `none_moved`.
+fn all_at(
+    len: usize,
+    offset: u64,
+    none_moved: std::io::ErrorKind,
+    mut op: impl FnMut(usize, i64) -> isize,
+) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match op(done, (offset + done as u64) as i64) {
+            n if n < 0 => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(none_moved.into()),
+            n => done += n as usize,
+        }
+    }
+    Ok(())
 }
 
 /// A heap buffer aligned for O_DIRECT, its length rounded up to the alignment.

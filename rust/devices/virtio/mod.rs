@@ -5,10 +5,18 @@ pub mod block;
 pub mod disk_image;
 pub mod io_ring;
 pub mod msix;
+pub mod net;
 pub mod pci;
+pub mod tap;
+pub mod vsock;
+pub mod vsock_connection;
+pub mod vsock_muxer;
 pub mod worker;
 
-use virtio_queue::Queue;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMem;
@@ -33,8 +41,11 @@ pub trait VirtioDevice: Send {
     fn config_len(&self) -> usize;
     fn read_config(&self, offset: usize, data: &mut [u8]);
     /// Serves the available requests on queue `index`, or starts them; true when it added used
-    /// entries. Driver notifications are off meanwhile; with `rearm` they are back on at the end
-    /// (and the queue looked at once more), without it the caller keeps looking.
+    /// entries. With `rearm` the device leaves the queue's driver notifications as it needs them
+    /// (re-enabled, and the queue looked at once more, when it wants a kick); without (only for a
+    /// device with an `idle_poll` window) the caller keeps looking and calls again with `rearm`
+    /// before it sleeps. With EVENT_IDX only `enable_notification` moves avail_event, so a queue
+    /// left without it gets no kick until the driver's index wraps.
     fn process_queue(
         &mut self,
         index: usize,
@@ -42,12 +53,23 @@ pub trait VirtioDevice: Send {
         mem: &GuestMem,
         rearm: bool,
     ) -> bool;
+    /// Serves every ready queue; a bit per queue that got used entries. Devices whose queues
+    /// depend on each other (vsock: a packet on tx makes an answer on rx) choose the order.
+    fn process_all(&mut self, queues: &mut [Queue], mem: &GuestMem, rearm: bool) -> u64 {
+        let mut used = 0;
+        for (i, q) in queues.iter_mut().enumerate() {
+            if q.ready() && self.process_queue(i, q, mem, rearm) {
+                used |= 1 << i;
+            }
+        }
+        used
+    }
     /// Answers the started requests of queue `index` that finished; true when it added used
     /// entries. Never blocks.
     fn complete(&mut self, _index: usize, _queue: &mut Queue, _mem: &GuestMem) -> bool {
         false
     }
-    /// Requests started and not yet answered.
+    /// Requests started and not yet answered (a device that answers each at once has none).
     fn in_flight(&self) -> usize {
         0
     }
@@ -55,12 +77,35 @@ pub trait VirtioDevice: Send {
     fn completion_event(&self) -> Option<&EventFd> {
         None
     }
-    /// The driver reset the device: waits for the requests in flight and answers none of them.
-    fn reset(&mut self, _mem: &GuestMem) {}
+    /// How long the worker keeps looking at the queues after the last request while nothing is
+    /// in flight, for a driver that sends its next request right after an answer. Zero (the
+    /// default): it sleeps at once, as for devices whose work mostly comes from the host side.
+    fn idle_poll(&self) -> Duration {
+        Duration::ZERO
+    }
     /// Makes what the device wrote durable on its backing (called once it is quiesced, so that
     /// another host on the same shared storage sees it).
     fn sync_backing(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+    /// A host fd the worker polls besides the kicks while the device can take what it brings
+    /// (a tap with frames for the guest, vsock's epoll over its host sockets); readable means
+    /// `process_all` has work. None when there is nothing to wait for.
+    fn backend_fd(&self, _queues: &[Queue]) -> Option<RawFd> {
+        None
+    }
+    /// Device reset (status 0): device-specific and host-side state back to a fresh device's;
+    /// requests in flight are waited for and answered none.
+    fn reset(&mut self, _mem: &GuestMem) {}
+    /// After a migration or restore, once the transport state is loaded: the device runs in a
+    /// new VMM, whose host side did not come along (virtio-net raises its announce bit, vsock
+    /// owes the guest a transport reset); true when the config changed.
+    fn moved(&mut self, _driver_features: u64) -> bool {
+        false
+    }
+    /// Named counters, as Cloud Hypervisor's `vm.counters` reports them per device.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
     }
 }
 #[cfg(test)]

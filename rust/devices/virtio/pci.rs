@@ -2,7 +2,9 @@
 //! revision 1, with the common, notify, ISR, device and PCI-config-access capabilities and MSI-X,
 //! all in one 64-bit memory BAR0. BAR0's layout is in docs/devices.md.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -30,6 +32,12 @@ pub const MSIX_PBA_OFFSET: u64 = 0x5000;
 const REGION: u64 = 0x1000;
 pub const NO_VECTOR: u16 = 0xffff;
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+const ISR_QUEUE: u8 = 1;
+const ISR_CONFIG: u8 = 2;
+
+/// Called whenever the device interrupts the guest: a vCPU sleeping in the idle port wakes, as an
+/// interrupt ends HLT.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
 const CAP_VENDOR: u8 = 0x09;
 const CAP_MSIX: u8 = 0x11;
@@ -78,6 +86,7 @@ pub struct VirtioPci {
     /// Written when the driver finishes set-up, so that the worker looks at the queues.
     wake: EventFd,
     ram: Arc<GuestRam>,
+    waker: Option<Waker>,
 }
 
 /// A virtio capability's body after its id and next bytes.
@@ -178,6 +187,20 @@ impl VirtioPci {
             kicks,
             wake,
             ram,
+            waker: None,
+        }
+    }
+
+    pub fn set_waker(&mut self, waker: Waker) {
+        self.waker = Some(waker);
+    }
+
+    /// Raises `vector` with `isr` latched in the ISR register.
+    fn interrupt(&mut self, vector: u16, isr: u8) {
+        self.regs.isr |= isr;
+        self.msix.signal(vector);
+        if let Some(w) = &self.waker {
+            w();
         }
     }
 
@@ -220,6 +243,10 @@ impl VirtioPci {
         self.device.in_flight()
     }
 
+    pub fn idle_poll(&self) -> Duration {
+        self.device.idle_poll()
+    }
+
     /// Answers the requests that finished, taking no new ones (quiesce); returns how many are
     /// still in flight.
     pub fn complete_queues(&mut self) -> usize {
@@ -235,34 +262,49 @@ impl VirtioPci {
             .transpose()
     }
 
-    /// True when a request was answered or taken.
+    /// Answers what finished, then (with `take_new`, while the driver runs the device) serves or
+    /// starts what is available; interrupts the queues that got used entries. True when a
+    /// request was answered or taken.
     fn serve(&mut self, take_new: bool, rearm: bool) -> bool {
         let take_new = take_new && self.driver_ok();
         let before = self.device.in_flight();
-        let mut progress = false;
-        for i in 0..self.queues.len() {
-            if !self.queues[i].ready() {
-                continue;
-            }
-            let mem = &self.ram.mem;
-            if take_new {
-                // Off before the answers: a driver that sends its next request the moment it sees
-                // one would otherwise still find notifications on, and kick.
-                let _ = self.queues[i].disable_notification(mem);
-            }
-            let mut added = self.device.complete(i, &mut self.queues[i], mem);
-            if take_new {
-                added |= self
-                    .device
-                    .process_queue(i, &mut self.queues[i], mem, rearm);
-            }
-            progress |= added;
-            if added && self.wants_interrupt(i) {
-                self.regs.isr |= 1;
-                self.msix.signal(self.queue_vectors[i]);
+        let mem = &self.ram.mem;
+        let mut used = 0u64;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            if q.ready() && self.device.complete(i, q, mem) {
+                used |= 1 << i;
             }
         }
-        progress || self.device.in_flight() != before
+        if take_new {
+            used |= self.device.process_all(&mut self.queues, mem, rearm);
+        }
+        for i in (0..self.queues.len()).filter(|i| used & (1 << i) != 0) {
+            if self.wants_interrupt(i) {
+                self.interrupt(self.queue_vectors[i], ISR_QUEUE);
+            }
+        }
+        used != 0 || self.device.in_flight() != before
+    }
+
+    /// The host fd the worker also waits on, while the driver runs the device.
+    pub fn backend_fd(&self) -> Option<RawFd> {
+        if !self.driver_ok() {
+            return None;
+        }
+        self.device.backend_fd(&self.queues)
+    }
+
+    /// The device runs in a new VMM (after a migration or restore); a config it changed for
+    /// that is signalled to the driver: new generation, ISR bit 1, the config vector.
+    pub fn moved(&mut self) {
+        if self.driver_ok() && self.device.moved(self.regs.driver_features) {
+            self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
+            self.interrupt(self.regs.config_vector, ISR_CONFIG);
+        }
+    }
+
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.device.counters()
     }
 
     pub fn sync_backing(&mut self) -> std::io::Result<()> {
@@ -534,7 +576,9 @@ impl VirtioPci {
 
 fn class_of(kind: u16) -> (u8, u8, u8) {
     match kind {
-        2 => (0x01, 0x80, 0x00), // mass storage, other
+        1 => (0x02, 0x00, 0x00),  // network, Ethernet
+        2 => (0x01, 0x80, 0x00),  // mass storage, other
+        19 => (0x07, 0x80, 0x00), // communication, other
         _ => (0xff, 0x00, 0x00),
     }
 }

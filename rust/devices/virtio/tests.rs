@@ -578,7 +578,7 @@ fn a_guest_kick_reaches_the_worker_through_kvm_without_an_exit() {
     use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuExit};
 
     let mut h = harness("kick", false);
-    let Some((_kvm, vm, mut vcpu)) = crate::dirty::tests::tiny_vm(&h.ram, false) else {
+    let Some((_kvm, vm, mut vcpu)) = crate::fixtures::tiny_vm(&h.ram, false) else {
         return;
     };
     h.setup();

@@ -1,7 +1,8 @@
 //! One thread per virtio device: it sleeps in poll(2) on the device's kick eventfds (written by
-//! KVM on a notify-register write, never through userspace), its wake eventfd and the eventfd its
-//! I/O engine signals completions on, and serves the queues under the device lock. Pause is a
-//! handshake: the thread stops taking requests, answers every one in flight (quiesce), then
+//! KVM on a notify-register write, never through userspace), its wake eventfd, the eventfd its
+//! I/O engine signals completions on and its backend's fd (a tap, vsock's epoll over its host
+//! sockets) when it has them, and serves the queues under the device lock. Pause is a handshake:
+//! the thread stops taking requests, answers every one in flight (quiesce), then
 //! acknowledges and holds still, so nothing is in flight while device state is captured.
 
 use std::os::fd::AsRawFd;
@@ -146,15 +147,12 @@ fn wait_runnable(ctl: &(Mutex<Ctl>, Condvar), mut quiesce: impl FnMut()) -> bool
     }
 }
 
-/// How long the thread keeps looking at an idle queue after its last request (a polling
-/// window, as QEMU's iothreads have).
-const IDLE_POLL: Duration = Duration::from_micros(50);
-
 /// A driver with one request in flight sends the next within microseconds of the answer. While
-/// nothing is in flight, the thread looks for it for IDLE_POLL with notifications off, so it costs
-/// the vCPU no exit (the kick) and this thread no wake-up; with requests in flight their
-/// completions bring the thread back anyway, and it does not spin.
-fn poll_while_idle(dev: &Mutex<VirtioPci>) {
+/// nothing is in flight, the thread looks for it for the device's `window` after its last
+/// request with notifications off, so it costs the vCPU no exit (the kick) and this thread no
+/// wake-up; with requests in flight their completions bring the thread back anyway, and it does
+/// not spin.
+fn poll_while_idle(dev: &Mutex<VirtioPci>, window: Duration) {
     let mut until = None;
     loop {
         let mut d = dev.lock().unwrap();
@@ -163,7 +161,7 @@ fn poll_while_idle(dev: &Mutex<VirtioPci>) {
         drop(d);
         let now = Instant::now();
         if progress {
-            until = Some(now + IDLE_POLL);
+            until = Some(now + window);
         }
         match until {
             Some(t) if idle && now < t => std::hint::spin_loop(),
@@ -200,20 +198,30 @@ fn run(
     done: Option<&EventFd>,
     ctl: &(Mutex<Ctl>, Condvar),
 ) {
+    let pollin = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let events: Vec<&EventFd> = kicks.iter().chain([wake]).chain(done).collect();
-    let mut fds: Vec<libc::pollfd> = events
-        .iter()
-        .map(|e| libc::pollfd {
-            fd: e.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut fds: Vec<libc::pollfd> = events.iter().map(|e| pollin(e.as_raw_fd())).collect();
+    let window = dev.lock().unwrap().idle_poll();
     // Serving before the first wait picks up requests a restored queue already holds.
     while wait_runnable(ctl, || quiesce(dev, done, ctl)) {
-        poll_while_idle(dev);
-        dev.lock().unwrap().process_queues();
-        // SAFETY: fds is a valid array of pollfd for the eventfds this thread's caller keeps open.
+        if !window.is_zero() {
+            poll_while_idle(dev, window);
+        }
+        let backend = {
+            let mut d = dev.lock().unwrap();
+            d.process_queues();
+            d.backend_fd()
+        };
+        // The backend is polled only while the device can take its input; the device drains it
+        // itself in process_queues.
+        fds.truncate(events.len());
+        fds.extend(backend.map(pollin));
+        // SAFETY: fds is a valid array of pollfd for fds this thread's caller keeps open (the
+        // backend's belongs to the device, which the Arc keeps alive).
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
             continue; // EINTR

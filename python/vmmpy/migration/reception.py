@@ -1,0 +1,103 @@
+"""The VMM's side of receiving a migration: a listening receiver on its own thread, and the two
+steps it asks the control loop for (build an empty VM at Config, adopt and start it at Complete)."""
+
+from __future__ import annotations
+
+import threading
+
+from ..backings import HostBackings
+from ..config import VmConfig
+from ..control_loop import ControlLoop
+from ..errors import InvalidState
+from ..events import EventMonitor
+from ..lifecycle import PostMigrationLifecycleEvent
+from ..machine import Machine, VmState
+from ..payload import BootPayload
+from ..testhooks import TestHooks
+from . import transport
+from .destination import CAPABILITIES, Incoming, Receiver
+from .handles import ReceiveHandle
+from .protocol import Capability
+from .receive_hooks import ReceiveHooks
+
+
+class Reception(ReceiveHooks):
+    def __init__(self, loop: ControlLoop, machine: Machine, events: EventMonitor, test_hooks: TestHooks):
+        self._loop = loop
+        self._machine = machine
+        self._events = events
+        self._test_hooks = test_hooks
+        self._current: ReceiveHandle | None = None
+
+    def listen(self, url, receiver_url: str, tls, backings: HostBackings) -> ReceiveHandle:
+        """Listens on `url` (parsed) and serves it on a receiver thread (loop thread)."""
+        self._machine.require_empty("this VMM already has a VM; a receiving VMM must be empty")
+        if self._current is not None:
+            raise InvalidState("already receiving a migration")
+        caps = None
+        if self._test_hooks.no_lifecycle_capability:
+            caps = [c for c in CAPABILITIES if c != Capability.LIFECYCLE_EVENT.value]
+        receiver = Receiver(
+            transport.listen(url),
+            self,
+            caps,
+            tls,
+            disk_backings=backings.disks,
+            net_backings=backings.net,
+            vsock_socket=backings.vsock_socket,
+        )
+        thread = threading.Thread(target=lambda: self._worker(handle), name="migration-receiver", daemon=True)
+        handle = ReceiveHandle(receiver, thread)
+        self._current = handle
+        thread.start()
+        self._events.emit("vm", "migration-receive-ready", {"receiver_url": receiver_url})
+        return handle
+
+    def close(self) -> None:
+        """At the VMM's end: stops listening and joins the receiver thread."""
+        if self._current is not None:
+            self._current.close()
+
+    def _worker(self, handle: ReceiveHandle) -> None:
+        try:
+            handle.completed = handle.receiver.serve()
+        finally:
+            handle.receiver.close()
+            if self._current is handle:
+                self._current = None
+
+    # ReceiveHooks: called by the receiver thread; the work runs on the control loop.
+    def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
+        def do():
+            m = self._machine
+            m.require_empty("a VM exists on this VMM")
+            own = m.own_serial(cfg)
+            # No payload is loaded into a VM built to receive state; the content arrives later.
+            return Incoming(m.new_native_vm(own, BootPayload(), restore=True, memory_fds=memory_fds), own)
+
+        return self._loop.call(do)
+
+    def complete(self, incoming: Incoming, fields: dict) -> None:
+        vm = incoming.vm
+        event = fields.get("post_migration_lifecycle_event")
+        event = PostMigrationLifecycleEvent(event) if event is not None else None
+
+        def do():
+            m = self._machine
+            m.require_empty("a VM exists on this VMM")
+            # An event came along: the guest asked for reboot/power-off on the source, so it is
+            # not resumed here; its request is replayed through the eventfd the device would have
+            # written. (The complete-paused test hook also takes the VM over without running it.)
+            paused = event is not None or self._test_hooks.complete_paused
+            vm.boot(paused=paused)
+            m.adopt(incoming.config, vm, incoming.payload, VmState.PAUSED if paused else VmState.RUNNING)
+            if event is None:
+                self._events.emit("vm", "migration-receive-finished")
+                return
+            self._events.emit("vm", "migration-receive-finished", {"lifecycle_event": event.value})
+            m.replay(event.request)
+
+        self._loop.call(do)
+
+    def emit(self, event: str, properties: dict | None = None) -> None:
+        self._events.emit("vm", event, properties)

@@ -1,0 +1,326 @@
+"""A network for virtio-net tests: a namespace with a bridge (the "switch", 10.77.0.1/24) that
+joins persistent taps the VMMs open, the host's real `ping` run inside it, and a raw AF_PACKET
+socket on a tap to see what the guest sent."""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from helpers import BANNER
+from migration_helpers import free_port, send, start_receive, url_for
+
+HOST_IP = "10.77.0.1"
+GUEST_IP = "10.77.0.2"
+GUEST_MAC = "52:54:00:4e:45:54"
+ETH_P_ARP = 0x0806
+ETH_P_ALL = 0x0003
+SO_ATTACH_FILTER = 26
+CLONE_NEWNET = 0x40000000
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+def missing_capability() -> str | None:
+    """Why this host cannot run the network tests (None: it can)."""
+    if shutil.which("ip") is None:
+        return "iproute2's ip command is not installed"
+    if shutil.which("ping") is None:
+        return "iputils' ping is not installed"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun (tun driver)"
+    return None
+
+
+@dataclass
+class Network:
+    ns: str
+    taps: list[str] = field(default_factory=list)
+
+    def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], capture_output=True, text=True, **kw)
+
+    def add_tap(self, name: str) -> str:
+        """A persistent tap on the bridge, up (it has carrier once a VMM opens it)."""
+        for args in (
+            ("tuntap", "add", "dev", name, "mode", "tap"),
+            ("link", "set", name, "master", "br0"),
+            ("link", "set", name, "up"),
+        ):
+            r = _ip("-n", self.ns, *args)
+            assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
+        self.taps.append(name)
+        return name
+
+    def in_ns(self, fn):
+        """fn() run on a thread that entered the namespace (sockets it makes stay there)."""
+        out: dict = {}
+
+        def body():
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{self.ns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    out["error"] = OSError(ctypes.get_errno(), "setns")
+                    return
+            finally:
+                os.close(fd)
+            try:
+                out["value"] = fn()
+            except BaseException as e:
+                out["error"] = e
+
+        t = threading.Thread(target=body)
+        t.start()
+        t.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
+    def arp_capture(self, tap: str) -> socket.socket:
+        """A raw socket that receives every ARP frame through `tap`. It listens to all protocols
+        (a socket bound to one protocol sees nothing a bridge port hands to its bridge), with a
+        kernel filter that keeps only ARP, so the ping flood cannot fill its buffer."""
+
+        def make():
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # Classic BPF: ldh [12]; jeq #ETH_P_ARP, keep, drop.
+            prog = struct.pack(
+                "HBBIHBBIHBBIHBBI", 0x28, 0, 0, 12, 0x15, 0, 1, ETH_P_ARP, 0x06, 0, 0, 0xFFFF, 0x06, 0, 0, 0
+            )
+            buf = ctypes.create_string_buffer(prog)
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", 4, ctypes.addressof(buf)))
+            s.bind((tap, ETH_P_ALL))
+            return s
+
+        return self.in_ns(make)
+
+
+def make_network(tag: str) -> Network:
+    ns = f"vmmpy-net{tag}"
+    r = _ip("netns", "add", ns)
+    if r.returncode != 0:
+        raise PermissionError(f"ip netns add: {r.stderr.strip()}")
+    net = Network(ns)
+    for args in (
+        ("link", "set", "lo", "up"),
+        ("link", "add", "br0", "type", "bridge"),
+        ("link", "set", "br0", "up"),
+        ("addr", "add", f"{HOST_IP}/24", "dev", "br0"),
+    ):
+        r = _ip("-n", ns, *args)
+        assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
+    # No IPv6 chatter (router solicitations, MLD) in the guest's counters.
+    net.run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+    net.run("sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+    return net
+
+
+def delete_network(net: Network) -> None:
+    _ip("netns", "del", net.ns)  # takes the bridge and the taps with it
+
+
+def garp_seen(sock: socket.socket, ip: str, mac: str, timeout: float) -> bytes | None:
+    """A gratuitous ARP (sender = target = `ip`, from `mac`) read from `sock` within `timeout`."""
+    want_ip = socket.inet_aton(ip)
+    want_mac = bytes.fromhex(mac.replace(":", ""))
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sock.settimeout(left)
+        try:
+            frame = sock.recv(2048)
+        except socket.timeout:
+            return None
+        arp = frame[14:42]
+        if len(arp) == 28 and arp[8:14] == want_mac and arp[14:18] == want_ip and arp[24:28] == want_ip:
+            return frame
+
+
+REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [\d.]+: icmp_seq=(\d+)")
+SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+class Pinger:
+    """The host's `ping` at a fixed interval from the namespace; replies with their wall-clock
+    times (ping -D), kept as they arrive."""
+
+    def __init__(self, net: Network, ip: str, interval: float, count: int | None = None):
+        cmd = ["ip", "netns", "exec", net.ns, "ping", "-n", "-D", "-i", str(interval), "-W", "1"]
+        if count is not None:
+            cmd += ["-c", str(count)]
+        self.interval = interval
+        self.started = time.time()
+        self.proc = subprocess.Popen([*cmd, ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.replies: list[tuple[float, int]] = []
+        self.lines: list[str] = []
+        self._cv = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            m = REPLY.match(line)
+            with self._cv:
+                self.lines.append(line)
+                if m:
+                    self.replies.append((float(m.group(1)), int(m.group(2))))
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_replies(self, n: int, after: float = 0.0, timeout: float = 60.0) -> None:
+        """Until `n` replies arrived later than wall-clock time `after`."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while sum(1 for t, _ in self.replies if t > after) < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._reader.is_alive():
+                    raise AssertionError(f"{n} ping replies after {after} not seen; last output: {self.lines[-5:]}")
+                self._cv.wait(min(left, 1.0))
+
+    def stop(self) -> tuple[int, int]:
+        """Ends ping (as Ctrl-C does); (transmitted, received) from its summary."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        self._reader.join(30)
+        m = SUMMARY.search("".join(self.lines))
+        assert m, f"no ping summary: {self.lines[-5:]}"
+        return int(m.group(1)), int(m.group(2))
+
+    def stop_when_done(self, timeout: float = 120.0) -> tuple[int, int]:
+        """Waits for a ping with a count to end by itself; (transmitted, received)."""
+        self.proc.wait(timeout)
+        return self.stop()
+
+    def longest_gap(self, start: float | None = None, end: float | None = None) -> float:
+        """The longest time without a reply, in seconds, between `start` and `end` (wall clock)."""
+        times = [t for t, _ in self.replies]
+        if start is not None:
+            times = [start] + [t for t in times if t > start]
+        if end is not None:
+            times = [t for t in times if t < end] + [end]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+NET_UP = rb"NET UP mac=([0-9a-f:]{17}) ip=([\d.]+)\r?\n"
+STATS = (
+    rb"NET STATS rx=(\d+) tx=(\d+) arp_in=(\d+) arp_out=(\d+) echo=(\d+) garp=(\d+) acks=(\d+) "
+    rb"ignored=(\d+) tx_full=(\d+)\r?\n"
+)
+STAT_NAMES = ("rx", "tx", "arp_in", "arp_out", "echo", "garp", "acks", "ignored", "tx_full")
+# A ping every 2 ms: fine-grained enough to see the migration's pause, light enough for a busy
+# 2-core host.
+INTERVAL = 0.002
+_tags = itertools.count()
+
+
+@pytest.fixture
+def network():
+    """A fresh namespace with its bridge for one test, deleted after it (taps and all)."""
+    why = missing_capability()
+    if why:
+        pytest.skip(f"virtio-net tests need a tap network: {why}")
+    try:
+        net = make_network(f"{os.getpid() % 100000}-{next(_tags)}")
+    except PermissionError as e:
+        pytest.skip(f"cannot make a network namespace here: {e}")
+    try:
+        yield net
+    finally:
+        delete_network(net)
+
+
+def net_stats(serial) -> dict:
+    m = serial.command("net stats", STATS)
+    return dict(zip(STAT_NAMES, (int(g) for g in m.groups())))
+
+
+def boot_guest(vmm_process, net, tap: str, name="src", hooks="", extra=()):
+    vmm = vmm_process(
+        "--cpus",
+        "boot=1",
+        "--memory",
+        "size=128M",
+        "--cmdline",
+        f"console=ttyS0 ip={GUEST_IP}",
+        "--net",
+        f"tap={tap},mac={GUEST_MAC},id=net0",
+        *extra,
+        name=name,
+        hooks=hooks,
+        netns=net.ns,
+    )
+    m = vmm.serial.expect(BANNER, 90)
+    up = vmm.serial.expect(NET_UP, 60)
+    assert up.groups() == (GUEST_MAC.encode(), GUEST_IP.encode())
+    vmm.serial.expect(rb"READY\r?\n", 60)
+    return vmm, m.group(1).decode()
+
+
+def counters(vmm) -> dict:
+    status, body = vmm.api.request("GET", "/api/v1/vm.counters")
+    assert status == 200, (status, body)
+    return body["net0"]
+
+
+def migrate_under_ping(vmm_process, network, tmp_path, transport: str, interval: float = INTERVAL) -> dict:
+    """A guest migrated (tcp, or local=on) while the host pings it every `interval` seconds: the
+    replies resume through the destination, which announced the guest with a gratuitous ARP;
+    returns the longest gap in the replies and the migration's reported downtime."""
+    src_tap, dst_tap = network.add_tap("tapsrc"), network.add_tap("tapdst")
+    src, boot_id = boot_guest(vmm_process, network, src_tap)
+    # The destination's own operator names its tap for net0.
+    dst = vmm_process("--net", f"tap={dst_tap},id=net0", name="dst", netns=network.ns)
+    capture = network.arp_capture(dst_tap)
+    pinger = Pinger(network, GUEST_IP, interval)
+    try:
+        pinger.wait_replies(50)
+        url = url_for("unix" if transport == "local" else transport, tmp_path, free_port())
+        receiver = start_receive(dst, url)
+        started = time.time()
+        send(src, url, local=(transport == "local"))
+        assert src.wait_exit(180) == 0
+        receiver.join(60)
+        assert receiver.result["answer"][0] == 204, receiver.result
+        moved = time.time()
+        # The guest announced itself from its new port, and replies come through it.
+        garp = garp_seen(capture, GUEST_IP, GUEST_MAC, 30)
+        assert garp is not None, f"no gratuitous ARP on the destination's tap; guest: {net_stats(dst.serial)}"
+        pinger.wait_replies(100, after=moved)
+    finally:
+        sent, received = pinger.stop()
+        capture.close()
+    fin = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
+    gap = pinger.longest_gap(start=started, end=moved)
+    report = {
+        "transport": transport,
+        "longest_gap_ms": round(gap * 1000, 1),
+        "downtime_ms": round(fin["downtime_ms"], 1),
+        "sent": sent,
+        "received": received,
+    }
+    print(f"ping through a {transport} migration: {report}")
+    m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
+    assert m.group(1).decode() == boot_id, "the guest rebooted: it should have moved"
+    stats = net_stats(dst.serial)
+    assert stats["garp"] >= 1 and stats["acks"] == stats["garp"], stats
+    assert counters(dst)["tx_frames"] >= 1
+    return report
