@@ -219,7 +219,7 @@ def _check_replayed_on_source(src, dst, cell, boot_id):
 def _check_success(src, dst, receive, cell, boot_id, latched):
     assert src.wait_exit(60) == 0
     receive.join(30)
-    assert receive.result["answer"][0] == 204
+    assert receive.result["answer"][0] == 204, f"destination's vm.receive-migration answered {receive.result}"
     fin = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
     names = dst.event_names()
     assert "vm.migration-receive-finished" in names
