@@ -23,7 +23,14 @@ def start_receive(dst: VmmProcess, url: str, **options) -> threading.Thread:
     t = threading.Thread(target=call, daemon=True)
     t.result = result
     t.start()
-    dst.wait_event("vm.migration-receive-ready", count=seen + 1)
+    deadline = time.monotonic() + 90
+    while True:
+        answered = not t.is_alive()  # before the look at the events: an answer follows its ready event
+        if dst.event_names().count("vm.migration-receive-ready") > seen:
+            break
+        assert not answered, f"vm.receive-migration answered before it listened: {result['answer']}"
+        assert time.monotonic() < deadline, f"not listening within 90 s; events: {dst.event_names()}"
+        time.sleep(0.02)
     return t
 
 
