@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -59,7 +60,10 @@ def url_for(kind: str, tmp, port: int) -> str:
     return f"tcp:127.0.0.1:{port}" if kind == "tcp" else f"unix:{tmp}/mig.sock"
 
 
-_next_port = [46000]
+# Below the kernel's ephemeral range (32768-60999), where no outgoing connection takes a port, and
+# a block of 100 per test process: test runs side by side (several worktrees) rarely pick the same
+# port between the check here and the destination's listen.
+_next_port = [10000 + os.getpid() % 200 * 100]
 
 
 def free_port() -> int:
