@@ -9,9 +9,16 @@
  * queue. No offloads and no mergeable buffers are negotiated, so every receive buffer holds a
  * whole frame after the 12-byte virtio-net header: RX_BUF bytes each (>= 1526, spec 5.1.6.3.1).
  *
- * The main loop calls net_poll() on every pass: used receive buffers are handled and posted again
- * (one kick per pass), answers go out with one kick per pass. vmmpy wakes the idle vCPU when the
- * device adds used buffers, as an interrupt would end HLT, so a ping is answered at once.
+ * The main loop calls net_poll() on every pass: used receive buffers are handled and posted again,
+ * answers go out, each queue kicked at most once per pass and only when the device asks for it
+ * (it sets VRING_USED_F_NO_NOTIFY while it is busy with the queue anyway; a kick is a VM exit).
+ * vmmpy wakes the idle vCPU when the device adds used buffers, as an interrupt would end HLT, so a
+ * ping is answered at once.
+ *
+ * For throughput benchmarks: `net blast N PORT` sends N UDP datagrams of the largest size a
+ * 1500-byte MTU takes to PORT of the last host that sent us an ARP request or a ping, from the
+ * same port; `net sink PORT` counts the UDP datagrams to PORT from then on, and `net sink`
+ * reports them (frames, payload bytes, microseconds from the first to the last).
  */
 #include "virtio.h"
 
@@ -32,6 +39,9 @@
 #define TX_BUF 2048
 #define ETH_ARP 0x0806
 #define ETH_IP 0x0800
+#define IP_ICMP 1
+#define IP_UDP 17
+#define UDP_MAX 1472 /* payload of a datagram in one 1500-byte-MTU frame: 1500 - 20 - 8 */
 #define ACK_MS 5000
 
 /* Rings (three pages per queue), then buffers: RAM of the guest image, cleared at set-up. */
@@ -49,11 +59,17 @@ static const char *error;
 static uint8_t mac[6];
 static uint8_t ip[4];
 static int have_ip;
+static uint8_t peer_mac[6], peer_ip[4];
+static int have_peer;
 static uint32_t tx_next, tx_inflight;
 static int rx_posted, tx_posted; /* chains added since the last kick */
 static struct {
     uint64_t rx, tx, arp_in, arp_out, echo, garp, ignored, tx_full, acks;
 } st;
+static struct {
+    uint16_t port; /* 0: not counting */
+    uint64_t frames, bytes, first, last, kicks, kick_cycles;
+} sink;
 
 static uint16_t be16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
 static void put_be16(uint8_t *p, uint16_t v)
@@ -137,6 +153,14 @@ static void reclaim_tx(void)
         tx_inflight--;
 }
 
+/* The next transmit buffer's frame area (the caller checked that one is free). */
+static uint8_t *tx_slot(void)
+{
+    uint8_t *b = TX_AT + (uint64_t)(tx_next % txq.size) * TX_BUF;
+    memset(b, 0, HDR); /* no offloads: flags 0, GSO none */
+    return b + HDR;
+}
+
 /* A transmit buffer for a frame of up to TX_BUF - HDR bytes, or 0 when all are in flight. */
 static uint8_t *tx_frame(void)
 {
@@ -145,9 +169,7 @@ static uint8_t *tx_frame(void)
         st.tx_full++;
         return 0;
     }
-    uint8_t *b = TX_AT + (uint64_t)(tx_next % txq.size) * TX_BUF;
-    memset(b, 0, HDR); /* no offloads: flags 0, GSO none */
-    return b + HDR;
+    return tx_slot();
 }
 
 static void tx_send(uint32_t len)
@@ -189,6 +211,13 @@ static int send_arp(const uint8_t *dst, uint16_t op, const uint8_t *tha, const u
     return 1;
 }
 
+static void set_peer(const uint8_t *m, const uint8_t *a)
+{
+    memcpy(peer_mac, m, 6);
+    memcpy(peer_ip, a, 4);
+    have_peer = 1;
+}
+
 static void on_arp(const uint8_t *f, uint32_t len)
 {
     const uint8_t *a = f + 14;
@@ -198,8 +227,24 @@ static void on_arp(const uint8_t *f, uint32_t len)
         return;
     }
     st.arp_in++;
+    set_peer(a + 8, a + 14);
     if (send_arp(a + 8, 2, a + 8, a + 14))
         st.arp_out++;
+}
+
+/* A UDP datagram to us (h: its IP header): counted when it is for the sink's port. */
+static void on_udp(const uint8_t *h, uint32_t ihl, uint32_t total)
+{
+    if (!sink.port || be16(h + ihl + 2) != sink.port) {
+        st.ignored++;
+        return;
+    }
+    uint64_t now = rdtsc();
+    if (!sink.frames)
+        sink.first = now;
+    sink.last = now;
+    sink.frames++;
+    sink.bytes += total - ihl - 8;
 }
 
 static void on_ip(const uint8_t *f, uint32_t len)
@@ -207,11 +252,19 @@ static void on_ip(const uint8_t *f, uint32_t len)
     const uint8_t *h = f + 14;
     uint32_t ihl = (uint32_t)(h[0] & 15) * 4;
     uint32_t total = len >= 34 ? be16(h + 2) : 0;
-    if (len < 34 || (h[0] >> 4) != 4 || ihl < 20 || total < ihl + 8 || 14 + total > len || h[9] != 1 ||
-        !same(h + 16, ip, 4) || h[ihl] != 8 || total > TX_BUF - HDR - 14) {
+    if (len < 34 || (h[0] >> 4) != 4 || ihl < 20 || total < ihl + 8 || 14 + total > len || !same(h + 16, ip, 4)) {
         st.ignored++;
         return;
     }
+    if (h[9] == IP_UDP) {
+        on_udp(h, ihl, total);
+        return;
+    }
+    if (h[9] != IP_ICMP || h[ihl] != 8 || total > TX_BUF - HDR - 14) {
+        st.ignored++;
+        return;
+    }
+    set_peer(f + 6, h + 12);
     uint8_t *r = tx_frame();
     if (!r)
         return;
@@ -399,6 +452,96 @@ static void cmd_stats(void)
     put_line();
 }
 
+static uint64_t us_of(uint64_t cycles) { return cycles * 1000 / tsc_khz; }
+
+/* `n` UDP datagrams of UDP_MAX bytes to the peer's `port`, as fast as the ring takes them; the
+ * device is kicked only when it asks (it drains the ring without one while it is busy). */
+static void cmd_blast(uint64_t n, uint16_t port)
+{
+    uint64_t t0 = rdtsc(), kicks0 = txq.kicks, kick_cycles0 = txq.kick_cycles, sent = 0;
+    while (sent < n) {
+        reclaim_tx();
+        if (tx_inflight == txq.size) {
+            if (tx_posted) {
+                virtq_kick(&txq);
+                tx_posted = 0;
+            }
+            cpu_relax();
+            continue;
+        }
+        uint8_t *f = tx_slot();
+        memcpy(f, peer_mac, 6);
+        memcpy(f + 6, mac, 6);
+        put_be16(f + 12, ETH_IP);
+        uint8_t *h = f + 14, *u = h + 20;
+        h[0] = 0x45;
+        h[1] = 0;
+        put_be16(h + 2, 20 + 8 + UDP_MAX);
+        put_be16(h + 4, (uint16_t)sent);
+        put_be16(h + 6, 0x4000); /* don't fragment */
+        h[8] = 64;
+        h[9] = IP_UDP;
+        put_be16(h + 10, 0);
+        memcpy(h + 12, ip, 4);
+        memcpy(h + 16, peer_ip, 4);
+        put_be16(h + 10, csum(h, 20));
+        put_be16(u, port);
+        put_be16(u + 2, port);
+        put_be16(u + 4, 8 + UDP_MAX);
+        put_be16(u + 6, 0); /* no UDP checksum (allowed over IPv4) */
+        memset(u + 8, (int)(sent & 0xff), UDP_MAX);
+        tx_send(14 + 20 + 8 + UDP_MAX);
+        sent++;
+        if (tx_posted) {
+            virtq_kick(&txq);
+            tx_posted = 0;
+        }
+    }
+    uint64_t t1 = rdtsc();
+    while (tx_inflight && rdtsc() - t1 < tsc_khz * ACK_MS)
+        reclaim_tx();
+    uint64_t t = rdtsc() - t0;
+    put_s("NET BLAST sent=");
+    put_u(sent);
+    put_s(" us=");
+    put_u(us_of(t));
+    put_s(" kicks=");
+    put_u(txq.kicks - kicks0);
+    put_s(" kick_us=");
+    put_u(us_of(txq.kick_cycles - kick_cycles0));
+    put_s(" inflight=");
+    put_u(tx_inflight);
+    put_line();
+}
+
+static void cmd_sink(char *port)
+{
+    uint64_t p;
+    if (*port) {
+        if (!parse_u64(port, &p) || !p || p > 0xffff) {
+            say("ERR net: usage: net sink [PORT]");
+            return;
+        }
+        sink.frames = sink.bytes = sink.first = sink.last = 0;
+        sink.kicks = rxq.kicks;
+        sink.kick_cycles = rxq.kick_cycles;
+        sink.port = (uint16_t)p;
+    }
+    put_s("NET SINK port=");
+    put_u(sink.port);
+    put_s(" frames=");
+    put_u(sink.frames);
+    put_s(" bytes=");
+    put_u(sink.bytes);
+    put_s(" us=");
+    put_u(us_of(sink.last - sink.first));
+    put_s(" kicks=");
+    put_u(rxq.kicks - sink.kicks);
+    put_s(" kick_us=");
+    put_u(us_of(rxq.kick_cycles - sink.kick_cycles));
+    put_line();
+}
+
 void net_command(char *args)
 {
     char *sub = next_word(&args);
@@ -409,8 +552,8 @@ void net_command(char *args)
             return;
         }
         have_ip = 1;
-    } else if (!streq(sub, "info") && !streq(sub, "stats")) {
-        say("ERR net: usage: net info|stats|ip A.B.C.D");
+    } else if (!streq(sub, "info") && !streq(sub, "stats") && !streq(sub, "blast") && !streq(sub, "sink")) {
+        say("ERR net: usage: net info|stats|ip A.B.C.D|blast N PORT|sink [PORT]");
         return;
     }
     if (!probed)
@@ -423,6 +566,23 @@ void net_command(char *args)
     }
     if (streq(sub, "stats")) {
         cmd_stats();
+        return;
+    }
+    if (streq(sub, "sink")) {
+        cmd_sink(next_word(&args));
+        return;
+    }
+    if (streq(sub, "blast")) {
+        uint64_t n, port;
+        if (!parse_u64(next_word(&args), &n) || !parse_u64(next_word(&args), &port) || !port || port > 0xffff) {
+            say("ERR net: usage: net blast N PORT");
+            return;
+        }
+        if (!have_peer) {
+            say("ERR net: blast: no peer yet (ARP or ping the guest first)");
+            return;
+        }
+        cmd_blast(n, (uint16_t)port);
         return;
     }
     uint16_t s = link_status();

@@ -31,6 +31,8 @@ struct Ctl {
     paused: bool,
     parked: bool,
     exited: bool,
+    /// The thread has been let into KVM_RUN since it started (it runs guest code).
+    entered: bool,
     thread: Option<libc::pthread_t>,
 }
 
@@ -70,6 +72,7 @@ impl VcpuControl {
                 paused: false,
                 parked: false,
                 exited: false,
+                entered: false,
                 thread: None,
             }),
             cv: Condvar::new(),
@@ -130,6 +133,21 @@ impl VcpuControl {
         Ok(())
     }
 
+    /// Waits until this vCPU's thread runs guest code (or ended, or was told to hold still);
+    /// false if it was not scheduled by `deadline`. A VM "runs" only from then on: a thread that
+    /// exists but has not been scheduled yet runs nothing.
+    pub fn wait_entered(&self, deadline: Instant) -> bool {
+        let mut c = self.ctl.lock().unwrap();
+        while !(c.entered || c.exited || c.want != Want::Run) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            c = self.cv.wait_timeout(c, deadline - now).unwrap().0;
+        }
+        true
+    }
+
     fn interrupted(&self) -> bool {
         self.ctl.lock().unwrap().want != Want::Run
     }
@@ -172,6 +190,10 @@ impl VcpuControl {
                     c.paused = false;
                     if !c.parked {
                         self.set_immediate_exit(0);
+                        if !c.entered {
+                            c.entered = true;
+                            self.cv.notify_all();
+                        }
                         return true;
                     }
                 }
@@ -345,5 +367,32 @@ fn handle_exit(exit: VcpuExit, vm: &VmShared) -> Outcome {
         )),
         VcpuExit::Unknown => Outcome::Error("unknown exit".into()),
         other => Outcome::Error(format!("unhandled exit {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::tiny_vm;
+    use crate::memory::GuestRam;
+
+    #[test]
+    fn wait_entered_returns_once_the_thread_is_let_into_kvm_run() {
+        let ram = GuestRam::with_ranges(&[(0, 1 << 20)]).unwrap();
+        let Some((_kvm, _vm, mut fd)) = tiny_vm(&ram, false) else {
+            return;
+        };
+        let ctl = VcpuControl::new(0, &mut fd);
+        let fd = Mutex::new(fd);
+        // Not scheduled yet: the wait ends at its deadline, saying so.
+        assert!(!ctl.wait_entered(Instant::now() + Duration::from_millis(20)));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                assert!(ctl.wait_runnable(&fd));
+            });
+            assert!(ctl.wait_entered(Instant::now() + Duration::from_secs(30)));
+        });
+        assert_eq!(ctl.state(), "running");
     }
 }

@@ -49,6 +49,8 @@ pub const MAX_DISKS: usize = 16;
 /// NICs per VM, on the same budget.
 pub const MAX_NETS: usize = 8;
 const SERIAL_GSI: u32 = 4;
+/// How long `boot` waits for the vCPU threads to be scheduled into the guest.
+const VCPU_START_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LifecycleRequest {
@@ -564,6 +566,15 @@ impl Vm {
         }
         // Input typed before boot is waiting in the console.
         self.shared.input_ready();
+        // Back only once the vCPUs run guest code, so that a migration's downtime (which ends when
+        // the destination answers Complete after this) counts their threads' start.
+        // (Bounded: a host too busy to schedule them in time gets a VM that starts a bit later.)
+        if !paused {
+            let deadline = Instant::now() + VCPU_START_WAIT;
+            for slot in &self.vcpus {
+                slot.ctl.wait_entered(deadline);
+            }
+        }
         Ok(())
     }
 

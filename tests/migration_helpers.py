@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -23,7 +24,14 @@ def start_receive(dst: VmmProcess, url: str, **options) -> threading.Thread:
     t = threading.Thread(target=call, daemon=True)
     t.result = result
     t.start()
-    dst.wait_event("vm.migration-receive-ready", count=seen + 1)
+    deadline = time.monotonic() + 90
+    while True:
+        answered = not t.is_alive()  # before the look at the events: an answer follows its ready event
+        if dst.event_names().count("vm.migration-receive-ready") > seen:
+            break
+        assert not answered, f"vm.receive-migration answered before it listened: {result['answer']}"
+        assert time.monotonic() < deadline, f"not listening within 90 s; events: {dst.event_names()}"
+        time.sleep(0.02)
     return t
 
 
@@ -52,7 +60,10 @@ def url_for(kind: str, tmp, port: int) -> str:
     return f"tcp:127.0.0.1:{port}" if kind == "tcp" else f"unix:{tmp}/mig.sock"
 
 
-_next_port = [46000]
+# Below the kernel's ephemeral range (32768-60999), where no outgoing connection takes a port, and
+# a block of 100 per test process: test runs side by side (several worktrees) rarely pick the same
+# port between the check here and the destination's listen.
+_next_port = [10000 + os.getpid() % 200 * 100]
 
 
 def free_port() -> int:

@@ -1,9 +1,11 @@
 """A network for virtio-net tests: a namespace with a bridge (the "switch", 10.77.0.1/24) that
-joins persistent taps the VMMs open, the host's real `ping` run inside it, and a raw AF_PACKET
-socket on a tap to see what the guest sent."""
+joins persistent taps the VMMs open, the host's real `ping` run inside it, and raw AF_PACKET
+sockets to see what the guest sent (ARP on a tap) and when each echo request left the host and
+its reply came back (kernel timestamps on the bridge)."""
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import itertools
 import os
@@ -28,6 +30,9 @@ GUEST_MAC = "52:54:00:4e:45:54"
 ETH_P_ARP = 0x0806
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
+SO_TIMESTAMPNS = 35
+PACKET_OUTGOING = 4
+ICMP_ECHO_REPLY, ICMP_ECHO = 0, 8
 CLONE_NEWNET = 0x40000000
 
 
@@ -91,23 +96,25 @@ class Network:
             raise out["error"]
         return out["value"]
 
-    def arp_capture(self, tap: str) -> socket.socket:
-        """A raw socket that receives every ARP frame through `tap`. It listens to all protocols
-        (a socket bound to one protocol sees nothing a bridge port hands to its bridge), with a
-        kernel filter that keeps only ARP, so the ping flood cannot fill its buffer."""
+    def capture(self, dev: str, prog: list[tuple[int, int, int, int]]) -> socket.socket:
+        """A raw socket that receives the frames through `dev` that the classic BPF `prog` keeps.
+        It listens to all protocols (a socket bound to one protocol sees nothing a bridge port
+        hands to its bridge); the kernel filter keeps a ping flood from filling its buffer."""
 
         def make():
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-            # Classic BPF: ldh [12]; jeq #ETH_P_ARP, keep, drop.
-            prog = struct.pack(
-                "HBBIHBBIHBBIHBBI", 0x28, 0, 0, 12, 0x15, 0, 1, ETH_P_ARP, 0x06, 0, 0, 0xFFFF, 0x06, 0, 0, 0
-            )
-            buf = ctypes.create_string_buffer(prog)
-            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", 4, ctypes.addressof(buf)))
-            s.bind((tap, ETH_P_ALL))
+            code = b"".join(struct.pack("HBBI", *insn) for insn in prog)
+            buf = ctypes.create_string_buffer(code)
+            s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", len(prog), ctypes.addressof(buf)))
+            s.bind((dev, ETH_P_ALL))
             return s
 
         return self.in_ns(make)
+
+    def arp_capture(self, tap: str) -> socket.socket:
+        """Every ARP frame through `tap`."""
+        # ldh [12]; jeq #ETH_P_ARP, keep, drop.
+        return self.capture(tap, [(0x28, 0, 0, 12), (0x15, 0, 1, ETH_P_ARP), (0x06, 0, 0, 0xFFFF), (0x06, 0, 0, 0)])
 
 
 def make_network(tag: str) -> Network:
@@ -151,6 +158,130 @@ def garp_seen(sock: socket.socket, ip: str, mac: str, timeout: float) -> bytes |
         arp = frame[14:42]
         if len(arp) == 28 and arp[8:14] == want_mac and arp[14:18] == want_ip and arp[24:28] == want_ip:
             return frame
+
+
+class EchoProbe:
+    """Echo requests of its own to `ip` every `interval` seconds, whether or not the last ones were
+    answered, and when each left the host and its reply came back, and when the guest's
+    gratuitous ARPs came (kernel timestamps on the bridge): the time the guest could not be
+    reached, to about one interval. `ping` cannot give that: while a request is unanswered it
+    waits up to 10 ms (its MININTERVAL) before the next, and on a busy host it may not run at all
+    for a while."""
+
+    ID = 0x7E57
+
+    def __init__(self, net: Network, ip: str, interval: float, dev: str = "br0"):
+        # ldh [12]; jeq #ARP -> keep; jeq #IPv4 else drop; ldb [23]; jeq #ICMP -> keep; drop.
+        prog = [
+            (0x28, 0, 0, 12),
+            (0x15, 3, 0, ETH_P_ARP),
+            (0x15, 0, 3, 0x0800),
+            (0x30, 0, 0, 23),
+            (0x15, 0, 1, 1),
+            (0x06, 0, 0, 0xFFFF),
+            (0x06, 0, 0, 0),
+        ]
+        self.sock = net.capture(dev, prog)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.sock.settimeout(0.2)
+        self.out = net.in_ns(lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+        self.ip, self.interval = ip, interval
+        self.sent: list[tuple[float, int]] = []  # (time, seq) of requests, in order
+        self.answered: dict[int, float] = {}  # seq -> when its reply came
+        self.garps: list[float] = []  # when the guest announced itself
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._read, self._send)]
+        for t in self._threads:
+            t.start()
+
+    def _send(self) -> None:
+        try:  # this thread at SCHED_FIFO, so that it sends on time on a busy host (if it may)
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        except OSError:
+            pass
+        next_at = time.monotonic()
+        for seq in itertools.count():
+            if self._stop.is_set():
+                return
+            head = struct.pack("!BBHHH", ICMP_ECHO, 0, 0, self.ID, seq & 0xFFFF)
+            body = b"vmmpy-probe-pad!" * 2
+            check = _inet_checksum(head + body)
+            try:
+                self.out.sendto(head[:2] + struct.pack("!H", check) + head[4:] + body, (self.ip, 0))
+            except OSError:
+                pass  # no route or neighbour yet: the request counts as lost
+            next_at += self.interval
+            self._stop.wait(max(next_at - time.monotonic(), 0))
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame, anc, _, addr = self.sock.recvmsg(64, 64)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            stamp = next((struct.unpack("qq", d[:16]) for _, t, d in anc if t == SO_TIMESTAMPNS), None)
+            if stamp is not None and frame[12:14] == struct.pack("!H", ETH_P_ARP):
+                guest = socket.inet_aton(self.ip)
+                if frame[20:22] == b"\x00\x01" and frame[28:32] == guest and frame[38:42] == guest:
+                    self.garps.append(stamp[0] + stamp[1] / 1e9)
+                continue
+            ihl = (frame[14] & 15) * 4
+            icmp = frame[14 + ihl : 14 + ihl + 8]
+            if stamp is None or len(icmp) < 8 or struct.unpack("!H", icmp[4:6])[0] != self.ID:
+                continue
+            when, seq = stamp[0] + stamp[1] / 1e9, struct.unpack("!H", icmp[6:8])[0]
+            if icmp[0] == ICMP_ECHO and addr[2] == PACKET_OUTGOING:
+                self.sent.append((when, seq))
+            elif icmp[0] == ICMP_ECHO_REPLY and addr[2] != PACKET_OUTGOING:
+                self.answered.setdefault(seq, when)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(10)
+        self.sock.close()
+        self.out.close()
+
+    def waits(self, start: float, end: float) -> list[tuple[float, float]]:
+        """(sent, answered) of the requests sent between `start` and `end` (wall clock), where
+        answered is when it or a later request got its reply: a lost request is answered, in
+        effect, by the next one that gets through."""
+        later = float("inf")  # the earliest reply to this request or any later one
+        out = []
+        for when, seq in reversed(self.sent):
+            later = min(later, self.answered.get(seq, float("inf")))
+            if start <= when <= end and later != float("inf"):
+                out.append((when, later))
+        return out[::-1]
+
+    def outage(self, start: float, end: float) -> float:
+        """The migration's outage, in seconds: the longest wait of a request sent before the
+        guest's first gratuitous ARP after `start` (its destination announcing it) and answered
+        after it."""
+        garp = next((t for t in self.garps if t >= start), None)
+        assert garp is not None, "the bridge saw no gratuitous ARP from the guest"
+        return max((b - a for a, b in self.waits(start, end) if a <= garp <= b), default=0.0)
+
+    def worst_wait(self, start: float, end: float) -> float:
+        """The longest any request sent between `start` and `end` waited, in seconds (on a busy
+        host also a guest slow to answer while both VMMs work)."""
+        return max((b - a for a, b in self.waits(start, end)), default=0.0)
+
+    def send_hole(self, start: float, end: float) -> float:
+        """The longest time between two requests leaving, in seconds (the prober's own lateness)."""
+        times = [t for t, _ in self.sent]
+        times = times[max(bisect.bisect_left(times, start) - 1, 0) : bisect.bisect_right(times, end) + 1]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+def _inet_checksum(data: bytes) -> int:
+    """RFC 1071, of an even number of bytes."""
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
 REPLY = re.compile(r"^\[(\d+\.\d+)\] \d+ bytes from [\d.]+: icmp_seq=(\d+)")
@@ -281,15 +412,20 @@ def counters(vmm) -> dict:
     return body["net0"]
 
 
-def migrate_under_ping(vmm_process, network, tmp_path, transport: str, interval: float = INTERVAL) -> dict:
+def migrate_under_ping(
+    vmm_process, network, tmp_path, transport: str, interval: float = INTERVAL, probe: bool = False, tag: str = ""
+) -> dict:
     """A guest migrated (tcp, or local=on) while the host pings it every `interval` seconds: the
-    replies resume through the destination, which announced the guest with a gratuitous ARP;
-    returns the longest gap in the replies and the migration's reported downtime."""
+    replies resume through the destination, which announced the guest with a gratuitous ARP.
+    Returns the migration's reported downtime and the longest gap in the replies; with `probe`,
+    also the outage an EchoProbe at the same interval saw. `tag` tells this run's VMMs' files
+    from another run's in the same test."""
     src_tap, dst_tap = network.add_tap("tapsrc"), network.add_tap("tapdst")
-    src, boot_id = boot_guest(vmm_process, network, src_tap)
+    src, boot_id = boot_guest(vmm_process, network, src_tap, name=f"src{tag}")
     # The destination's own operator names its tap for net0.
-    dst = vmm_process("--net", f"tap={dst_tap},id=net0", name="dst", netns=network.ns)
+    dst = vmm_process("--net", f"tap={dst_tap},id=net0", name=f"dst{tag}", netns=network.ns)
     capture = network.arp_capture(dst_tap)
+    watch = EchoProbe(network, GUEST_IP, interval) if probe else None
     pinger = Pinger(network, GUEST_IP, interval)
     try:
         pinger.wait_replies(50)
@@ -308,15 +444,22 @@ def migrate_under_ping(vmm_process, network, tmp_path, transport: str, interval:
     finally:
         sent, received = pinger.stop()
         capture.close()
+        if watch is not None:
+            watch.stop()
     fin = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
     gap = pinger.longest_gap(start=started, end=moved)
     report = {
         "transport": transport,
-        "longest_gap_ms": round(gap * 1000, 1),
         "downtime_ms": round(fin["downtime_ms"], 1),
+        "longest_gap_ms": round(gap * 1000, 1),
         "sent": sent,
         "received": received,
     }
+    if watch is not None:
+        assert watch.sent and watch.answered, "the bridge saw none of the probe's requests or replies"
+        report["outage_ms"] = round(watch.outage(started, moved) * 1000, 1)
+        report["worst_wait_ms"] = round(watch.worst_wait(started, moved) * 1000, 1)
+        report["probe_send_hole_ms"] = round(watch.send_hole(started, moved) * 1000, 1)
     print(f"ping through a {transport} migration: {report}")
     m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
     assert m.group(1).decode() == boot_id, "the guest rebooted: it should have moved"

@@ -527,22 +527,27 @@ def require_hardware_kvm() -> None:
         pytest.skip(reason)
 
 
-def test_full_boot_busybox_reboot_and_poweroff(cloud_kernel, vmm_process, tmp_path):
-    require_hardware_kvm()
-    busybox = linux_kernel.fetch_busybox()
-    initramfs = build_busybox_initramfs(busybox, tmp_path / "initramfs.cpio")
-    p = vmm_process(
+def boot_full_linux(vmm_process, kernel, initramfs: Path, *args: str, netns: str | None = None):
+    """A `vmmpy` process booting Debian's kernel into `initramfs`, 512 MiB, serial console."""
+    return vmm_process(
         "--kernel",
-        str(cloud_kernel.bzimage),
+        str(kernel.bzimage),
         "--initramfs",
         str(initramfs),
         "--memory",
         "size=512M",
-        "--cpus",
-        "boot=2",
         "--cmdline",
         "console=ttyS0 rdinit=/init panic=-1",
+        *args,
+        netns=netns,
     )
+
+
+def test_full_boot_busybox_reboot_and_poweroff(cloud_kernel, vmm_process, tmp_path):
+    require_hardware_kvm()
+    busybox = linux_kernel.fetch_busybox()
+    initramfs = build_busybox_initramfs(busybox, tmp_path / "initramfs.cpio")
+    p = boot_full_linux(vmm_process, cloud_kernel, initramfs, "--cpus", "boot=2")
     m = p.serial.expect(rb"VMMPY-LINUX-UP cpus=(\d+)", 120)
     assert int(m.group(1)) == 2
     p.serial.command("hello", rb"VMMPY-ECHO hello")
@@ -565,18 +570,7 @@ def test_linux_takes_the_power_button_through_its_ged_driver(cloud_kernel, vmm_p
     require_hardware_kvm()
     busybox = linux_kernel.fetch_busybox()
     initramfs = build_busybox_initramfs(busybox, tmp_path / "initramfs.cpio")
-    p = vmm_process(
-        "--kernel",
-        str(cloud_kernel.bzimage),
-        "--initramfs",
-        str(initramfs),
-        "--memory",
-        "size=512M",
-        "--cpus",
-        "boot=1",
-        "--cmdline",
-        "console=ttyS0 rdinit=/init panic=-1",
-    )
+    p = boot_full_linux(vmm_process, cloud_kernel, initramfs, "--cpus", "boot=1")
     p.serial.expect(rb"VMMPY-LINUX-UP cpus=1", 120)
     before = sum(map(int, p.serial.command("ged", GED_INTERRUPTS).group(1).split()))
     assert p.api.request("PUT", "/api/v1/vm.power-button")[0] == 204
@@ -663,20 +657,7 @@ def test_full_boot_virtio_disk_write_sync_reboot_read(cloud_kernel, vmm_process,
     initramfs = build_module_initramfs(
         linux_kernel.fetch_busybox(), modules, VIRTIO_MODULES + ("virtio_blk",), init, tmp_path / "initramfs.cpio"
     )
-    p = vmm_process(
-        "--kernel",
-        str(cloud_kernel.bzimage),
-        "--initramfs",
-        str(initramfs),
-        "--memory",
-        "size=512M",
-        "--cpus",
-        "boot=2",
-        "--disk",
-        f"path={image},id=root",
-        "--cmdline",
-        "console=ttyS0 rdinit=/init panic=-1",
-    )
+    p = boot_full_linux(vmm_process, cloud_kernel, initramfs, "--cpus", "boot=2", "--disk", f"path={image},id=root")
     p.serial.expect(rb"VMMPY-WRITTEN", 180)
     p.wait_event("vm.rebooted", timeout=60)
     m = p.serial.expect(rb"VMMPY-READBACK (\S+)", 180)
@@ -717,18 +698,8 @@ def test_full_boot_virtio_net_answers_the_hosts_ping(cloud_kernel, vmm_process, 
     modules = linux_kernel.fetch_kernel_modules("cloud")
     init = NET_INIT_SCRIPT.replace("@IP@", GUEST_IP)
     initramfs = build_module_initramfs(linux_kernel.fetch_busybox(), modules, NET_MODULES, init, tmp_path / "i.cpio")
-    p = vmm_process(
-        "--kernel",
-        str(cloud_kernel.bzimage),
-        "--initramfs",
-        str(initramfs),
-        "--memory",
-        "size=512M",
-        "--net",
-        f"tap={tap},mac={GUEST_MAC},id=net0",
-        "--cmdline",
-        "console=ttyS0 rdinit=/init panic=-1",
-        netns=network.ns,
+    p = boot_full_linux(
+        vmm_process, cloud_kernel, initramfs, "--net", f"tap={tap},mac={GUEST_MAC},id=net0", netns=network.ns
     )
     m = p.serial.expect(rb"VMMPY-NET-UP (\S+)", 180)
     assert m.group(1).decode() == GUEST_MAC

@@ -219,7 +219,7 @@ def _check_replayed_on_source(src, dst, cell, boot_id):
 def _check_success(src, dst, receive, cell, boot_id, latched):
     assert src.wait_exit(60) == 0
     receive.join(30)
-    assert receive.result["answer"][0] == 204
+    assert receive.result["answer"][0] == 204, f"destination's vm.receive-migration answered {receive.result}"
     fin = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
     names = dst.event_names()
     assert "vm.migration-receive-finished" in names
@@ -375,3 +375,21 @@ def test_ping_pong_20_migrations_reboot_every_third(vmm_process, tmp_path):
     after = (_fds(a), _fds(b))
     assert after == fds_before, f"fds before {fds_before}\nafter {after}"
     sides[0].serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)
+
+
+def test_poweroff_replayed_on_destination_ends_it_before_complete_is_answered(vmm_process):
+    """The destination replays a latched power-off right after taking the VM over, so its VMM
+    ends (and closes the receiver) while Complete is being answered; the hook holds the answer
+    until then. The source must still hear Ok, and the receive call must still answer 204."""
+    cell = Cell("poweroff", "iter0", "tcp")
+    src = vmm_process("--cpus", "boot=2", "--memory", "size=384M", name="src", hooks=_hooks(cell))
+    dst = vmm_process(name="dst", hooks="answer-complete-after-close=on")
+    boot_id = _boot_id(src.serial)
+    src.serial.command("dirty 192", "DIRTY STARTED")
+    url = f"tcp:127.0.0.1:{free_port()}"
+    receive = start_receive(dst, url)
+    send(src, url, downtime_ms=1, auto_converge=False)
+    wait_progress(src, lambda p: p["phase"] == "precopy")
+    src.serial.send(GUEST_EVENTS[cell.event])
+    src.wait_event("vm.migration-lifecycle-latched")
+    _check_success(src, dst, receive, cell, boot_id, latched=True)

@@ -27,7 +27,8 @@ class TestHooks:
     ``reset`` or ``shutdown`` request lands right as the final pause completes), ``keep_source``
     (after success the source keeps its VM, paused). Destination side: ``complete_paused`` (take
     over without resuming), ``no_lifecycle_capability`` (behave like a destination that cannot
-    carry lifecycle events)."""
+    carry lifecycle events), ``answer_complete_after_close`` (Complete is answered only once the
+    receiver was closed, as when the VMM ends right after taking the VM over: a replayed power-off)."""
 
     __test__ = False  # not a pytest test class, despite its name
 
@@ -38,6 +39,7 @@ class TestHooks:
     keep_source: bool = False
     complete_paused: bool = False
     no_lifecycle_capability: bool = False
+    answer_complete_after_close: bool = False
 
     def __post_init__(self) -> None:
         if self.request_at_pause not in (None, *REQUESTS_AT_PAUSE):

@@ -114,6 +114,11 @@ class Receiver:
         self._worker: threading.Thread | None = None  # serves the active source
         self._worker_done = threading.Event()
         self._completed = False
+        # Set on the control loop as the VM is taken over at Complete: from then on the attempt
+        # cannot fail by being cut off, so close() leaves its last answer alone (and the receiver
+        # reports it completed). The lock orders that against close().
+        self._commit_lock = threading.Lock()
+        self._committed = False
         # Written by close() and by the worker as its last act; serve() owns and closes it.
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_lock = threading.Lock()
@@ -121,43 +126,47 @@ class Receiver:
 
     def serve(self) -> bool:
         """Accepts sources until one migration completes (True) or the receiver is closed (False).
-        One source is served at a time (on a worker thread); others are answered busy."""
+        One source is served at a time (on a worker thread); others are answered busy. What it
+        returns is the outcome of the last attempt, once its worker has ended: a close() that
+        comes while a completed attempt is still answering Complete does not turn it into False."""
         sel = selectors.DefaultSelector()
         busy: dict[socket.socket, float] = {}  # answered busy: open until they hang up or expire
         try:
-            self.listener.setblocking(False)
-            sel.register(self.listener, selectors.EVENT_READ, "accept")
-            sel.register(self._wake, selectors.EVENT_READ, "wake")
-            while not self.closed.is_set():
-                timeout = max(0.0, min(busy.values()) - time.monotonic()) if busy else None
-                for key, _ in sel.select(timeout):
-                    if key.data == "accept":
-                        if self._accept(sel, busy):
-                            return True
-                    elif key.data == "wake":
-                        _drain(self._wake)
-                        if self._reap():
-                            return True
-                    else:
-                        self._drain_busy(sel, busy, key.fileobj)
-                now = time.monotonic()
-                for conn in [c for c, deadline in busy.items() if deadline <= now]:
-                    _drop(sel, busy, conn)
-            return False
+            self._select(sel, busy)
         finally:
             for conn in list(busy):
                 _drop(sel, busy, conn)
             sel.close()
             if self._worker is not None:
-                active = self._active
-                if active is not None:
-                    active.shutdown()
+                self._cut_off()
                 self._worker.join()
                 self._worker = None
             self.listener.close()
             with self._wake_lock:
                 self._wake_closed = True
                 os.close(self._wake)
+        return self._completed
+
+    def _select(self, sel: selectors.BaseSelector, busy: dict) -> None:
+        """Runs until an attempt completed the migration or the receiver is closed."""
+        self.listener.setblocking(False)
+        sel.register(self.listener, selectors.EVENT_READ, "accept")
+        sel.register(self._wake, selectors.EVENT_READ, "wake")
+        while not self.closed.is_set():
+            timeout = max(0.0, min(busy.values()) - time.monotonic()) if busy else None
+            for key, _ in sel.select(timeout):
+                if key.data == "accept":
+                    if self._accept(sel, busy):
+                        return
+                elif key.data == "wake":
+                    _drain(self._wake)
+                    if self._reap():
+                        return
+                else:
+                    self._drain_busy(sel, busy, key.fileobj)
+            now = time.monotonic()
+            for conn in [c for c, deadline in busy.items() if deadline <= now]:
+                _drop(sel, busy, conn)
 
     def _reap(self) -> bool:
         """Joins a worker whose attempt is over (it may still be sending its last answer); True
@@ -248,24 +257,42 @@ class Receiver:
                 os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
-        """Stops listening and cuts off a source being served (its attempt fails)."""
+        """Stops listening and cuts off a source being served (its attempt fails), unless its VM
+        is already being taken over: then that attempt still completes and answers its source."""
         self.closed.set()
         self._wake_up()
-        active, sock = self._active, self._active_sock
-        if active is not None:
-            active.shutdown()
-        elif sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._cut_off()
         for extra in list(self._joined):
             extra.shutdown()
+
+    def _cut_off(self) -> None:
+        """Shuts the connection being served, unless its attempt has committed."""
+        with self._commit_lock:
+            if self._committed:
+                return
+            active, sock = self._active, self._active_sock
+            if active is not None:
+                active.shutdown()
+            elif sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _commit(self) -> None:
+        """Called by the VMM on its control loop right before it takes the received VM over: the
+        attempt can no longer be cut off. Refused once the receiver is closed."""
+        with self._commit_lock:
+            if self.closed.is_set():
+                raise MigrationError("the receiver was closed before the migration completed")
+            self._committed = True
 
     def _serve_connection(self, conn: Connection, done: threading.Event) -> bool:
         """Serves one source. `done` is set once the attempt has released what it held (before
         its last answer goes out), so a source that heard the answer and reconnects is served."""
         self.state = ReceiveState.ESTABLISHED
+        with self._commit_lock:  # an earlier attempt may have committed and then failed to boot
+            self._committed = False
         self._joined_errors = []
         self._joined_done.clear()
         incoming: Incoming | None = None
@@ -425,7 +452,7 @@ class Receiver:
             return incoming, False
         if command == Command.COMPLETE and st is ReceiveState.STATE_RECEIVED:
             conn.read_payload(length, 0)
-            self.hooks.complete(incoming, fields)
+            self.hooks.complete(incoming, fields, self._commit)
             # From here the VMM owns the VM and runs it: whatever happens to this reply.
             self.state = ReceiveState.COMPLETED
             try:

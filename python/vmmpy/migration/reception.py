@@ -20,6 +20,12 @@ from .handles import ReceiveHandle
 from .protocol import Capability
 from .receive_hooks import ReceiveHooks
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
+if TYPE_CHECKING:
+    from typing import Callable
+
+HOOK_WAIT_S = 60.0  # answer-complete-after-close: how long the answer waits for the VMM to end
+
 
 class Reception(ReceiveHooks):
     def __init__(self, loop: ControlLoop, machine: Machine, events: EventMonitor, test_hooks: TestHooks):
@@ -28,6 +34,7 @@ class Reception(ReceiveHooks):
         self._events = events
         self._test_hooks = test_hooks
         self._current: ReceiveHandle | None = None
+        self._receiver_closed = threading.Event()  # close() has cut what it cuts (answer-complete-after-close)
 
     def listen(self, url, receiver_url: str, tls, backings: HostBackings) -> ReceiveHandle:
         """Listens on `url` (parsed) and serves it on a receiver thread (loop thread)."""
@@ -55,8 +62,11 @@ class Reception(ReceiveHooks):
 
     def close(self) -> None:
         """At the VMM's end: stops listening and joins the receiver thread."""
-        if self._current is not None:
-            self._current.close()
+        handle = self._current
+        if handle is not None:
+            handle.receiver.close()
+            self._receiver_closed.set()
+            handle.close()
 
     def _worker(self, handle: ReceiveHandle) -> None:
         try:
@@ -77,7 +87,7 @@ class Reception(ReceiveHooks):
 
         return self._loop.call(do)
 
-    def complete(self, incoming: Incoming, fields: dict) -> None:
+    def complete(self, incoming: Incoming, fields: dict, commit: Callable[[], None]) -> None:
         vm = incoming.vm
         event = fields.get("post_migration_lifecycle_event")
         event = PostMigrationLifecycleEvent(event) if event is not None else None
@@ -85,6 +95,7 @@ class Reception(ReceiveHooks):
         def do():
             m = self._machine
             m.require_empty("a VM exists on this VMM")
+            commit()  # the VMM may end right after (a replayed power-off): the source is told Ok first
             # An event came along: the guest asked for reboot/power-off on the source, so it is
             # not resumed here; its request is replayed through the eventfd the device would have
             # written. (The complete-paused test hook also takes the VM over without running it.)
@@ -98,6 +109,8 @@ class Reception(ReceiveHooks):
             m.replay(event.request)
 
         self._loop.call(do)
+        if self._test_hooks.answer_complete_after_close:
+            self._receiver_closed.wait(HOOK_WAIT_S)
 
     def emit(self, event: str, properties: dict | None = None) -> None:
         self._events.emit("vm", event, properties)

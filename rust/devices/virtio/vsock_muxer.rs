@@ -6,7 +6,10 @@
 //!
 //! Bounded: at most MAX_CONNECTIONS connections and handshakes together (the listener is not
 //! watched while they are all taken), BUF_ALLOC held bytes per connection, MAX_ORPHAN_RSTS
-//! answers to packets for unknown connections, CONNECT_LINE_MAX bytes of handshake.
+//! answers to packets for unknown connections, CONNECT_LINE_MAX bytes of handshake; and in time:
+//! a host client that has not finished its CONNECT line, or a guest that has not answered a
+//! connection request, within CONNECT_TIMEOUT is dropped (a timerfd in the same epoll set), so
+//! idle clients cannot hold every slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::CString;
@@ -14,11 +17,13 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
 
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::ReadVolatile;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::vsock_connection::{send, Connection, State, SHUTDOWN_RCV, SHUTDOWN_SEND};
 
@@ -29,6 +34,11 @@ const CONNECT_LINE_MAX: usize = 32;
 /// Host-side ports of host-initiated connections (what `OK <port>` names), as Firecracker.
 const FIRST_HOST_PORT: u32 = 1 << 30;
 const LISTENER: u64 = 0;
+/// The epoll token of the timer (connection tokens count up from LISTENER + 1).
+const TIMER: u64 = u64::MAX;
+/// For a host client's CONNECT line, and for the guest's answer to a connection request (as
+/// Firecracker's connection-request timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const EVENTS_PER_WAIT: usize = 64;
 
 pub const TYPE_STREAM: u16 = 1;
@@ -51,6 +61,7 @@ struct Key {
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
+    deadline: Instant,
 }
 
 pub struct Muxer {
@@ -68,6 +79,11 @@ pub struct Muxer {
     orphan_rsts: VecDeque<Key>,
     next_token: u64,
     next_host_port: u32,
+    /// Host-initiated connections the guest has not answered yet, with their deadlines.
+    connecting: HashMap<Key, Instant>,
+    timer: TimerFd,
+    timer_armed: bool,
+    connect_timeout: Duration,
 }
 
 /// A non-blocking connect to the unix socket at `path`: refused at once when its backlog is
@@ -143,7 +159,16 @@ impl Muxer {
             orphan_rsts: VecDeque::new(),
             next_token: LISTENER + 1,
             next_host_port: FIRST_HOST_PORT,
+            connecting: HashMap::new(),
+            timer: TimerFd::new()?,
+            timer_armed: false,
+            connect_timeout: CONNECT_TIMEOUT,
         };
+        m.epoll.ctl(
+            ControlOperation::Add,
+            m.timer.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TIMER),
+        )?;
         m.refresh_listener();
         Ok(m)
     }
@@ -171,6 +196,57 @@ impl Muxer {
         self.by_token.clear();
         self.rx_queue.clear();
         self.orphan_rsts.clear();
+        self.connecting.clear();
+        self.refresh_timer();
+        self.refresh_listener();
+    }
+
+    /// The timer runs (ticking at a fraction of the timeout) while anything waits on a deadline.
+    fn refresh_timer(&mut self) {
+        let want = !self.handshakes.is_empty() || !self.connecting.is_empty();
+        if want == self.timer_armed {
+            return;
+        }
+        let tick = self.connect_timeout / 4;
+        let armed = if want {
+            self.timer.reset(tick, Some(tick))
+        } else {
+            self.timer.clear()
+        };
+        if armed.is_ok() {
+            self.timer_armed = want;
+        }
+    }
+
+    /// Drops the handshakes and guest answers whose time is up.
+    fn expire(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .handshakes
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(&t, _)| t)
+            .collect();
+        for token in late {
+            let h = self.handshakes.remove(&token).expect("a handshake token");
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                h.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            let _ = h.stream.shutdown(Shutdown::Both);
+        }
+        let late: Vec<Key> = self
+            .connecting
+            .iter()
+            .filter(|(_, &d)| d <= now)
+            .map(|(&k, _)| k)
+            .collect();
+        for key in late {
+            self.connecting.remove(&key);
+            self.kill(key); // the client sees EOF, the guest a RST should it answer later
+        }
+        self.refresh_timer();
         self.refresh_listener();
     }
 
@@ -248,6 +324,9 @@ impl Muxer {
             }
             self.by_token.remove(&c.token);
         }
+        if self.connecting.remove(&key).is_some() {
+            self.refresh_timer();
+        }
         self.refresh_listener();
     }
 
@@ -296,6 +375,7 @@ impl Muxer {
             }
             (OP_RESPONSE, State::Connecting) => {
                 c.state = State::Established;
+                self.connecting.remove(&key);
                 let ok = format!("OK {}\n", key.host_port);
                 // A fresh socket's send buffer holds a short line.
                 if !matches!(send_all(&c.stream, ok.as_bytes()), Ok(true)) {
@@ -372,7 +452,10 @@ impl Muxer {
         for ev in &events[..n] {
             let token = ev.data();
             let set = ev.event_set();
-            if token == LISTENER {
+            if token == TIMER {
+                let _ = self.timer.wait(); // it has expired: the read does not block
+                self.expire();
+            } else if token == LISTENER {
                 self.accept();
             } else if self.handshakes.contains_key(&token) {
                 self.handshake(token);
@@ -406,9 +489,11 @@ impl Muxer {
                 Handshake {
                     stream,
                     line: Vec::new(),
+                    deadline: Instant::now() + self.connect_timeout,
                 },
             );
         }
+        self.refresh_timer();
         self.refresh_listener();
     }
 
@@ -433,6 +518,7 @@ impl Muxer {
             EpollEvent::default(),
         );
         let Some(guest_port) = port else {
+            self.refresh_timer();
             self.refresh_listener();
             return; // dropped: the client sees its socket closed
         };
@@ -445,7 +531,10 @@ impl Muxer {
         c.owed.request = true;
         self.conns.insert(key, c);
         self.by_token.insert(token, key);
+        self.connecting
+            .insert(key, Instant::now() + self.connect_timeout);
         self.refresh(key);
+        self.refresh_timer();
         self.refresh_listener();
     }
 
@@ -652,6 +741,74 @@ mod tests {
         ] {
             assert_eq!(parse_connect(bad), None, "{bad:?}");
         }
+    }
+
+    /// Runs the muxer's host side until `done` holds (a 10 s bound, as a busy host may need).
+    fn serve_until(m: &mut Muxer, mut done: impl FnMut(&Muxer) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(m) {
+            assert!(
+                Instant::now() < deadline,
+                "the muxer did not get there in 10 s"
+            );
+            let mut p = libc::pollfd {
+                fd: m.epoll_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the muxer's epoll fd, which outlives the call.
+            unsafe { libc::poll(&mut p, 1, 100) };
+            m.host_events();
+        }
+    }
+
+    #[test]
+    fn a_client_that_never_finishes_its_connect_line_is_dropped_in_time() {
+        let dir = std::env::temp_dir().join(format!("vmmpy-vsock-{}-idle", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let listener = UnixListener::bind(&dir).unwrap();
+        let mut m = Muxer::new(3, dir.to_str().unwrap().into(), listener.into()).unwrap();
+        m.connect_timeout = Duration::from_millis(40);
+        let mut idle = UnixStream::connect(&dir).unwrap();
+        io::Write::write_all(&mut idle, b"CONNE").unwrap(); // and nothing more
+        serve_until(&mut m, |m| m.handshakes.len() == 1);
+        assert!(m.timer_armed);
+        serve_until(&mut m, |m| m.handshakes.is_empty());
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            io::Read::read(&mut idle, &mut buf).unwrap(),
+            0,
+            "the client sees EOF"
+        );
+        assert!(!m.timer_armed, "nothing waits on a deadline any more");
+        assert!(m.listening);
+        std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_connection_the_guest_never_answers_is_reset_in_time() {
+        let dir =
+            std::env::temp_dir().join(format!("vmmpy-vsock-{}-unanswered", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let listener = UnixListener::bind(&dir).unwrap();
+        let mut m = Muxer::new(3, dir.to_str().unwrap().into(), listener.into()).unwrap();
+        m.connect_timeout = Duration::from_millis(40);
+        let mut client = UnixStream::connect(&dir).unwrap();
+        io::Write::write_all(&mut client, b"CONNECT 5000\n").unwrap();
+        serve_until(&mut m, |m| m.connecting.len() == 1);
+        serve_until(&mut m, |m| m.connecting.is_empty());
+        let mut buf = [0u8; 8];
+        assert_eq!(
+            io::Read::read(&mut client, &mut buf).unwrap(),
+            0,
+            "the client sees EOF, no OK"
+        );
+        assert!(
+            m.conns.values().all(|c| c.owed.rst),
+            "the guest is owed a RST"
+        );
+        assert!(!m.timer_armed);
+        std::fs::remove_file(&dir).unwrap();
     }
 
     #[test]
