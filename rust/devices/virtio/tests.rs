@@ -64,6 +64,10 @@ fn harness(name: &str, readonly: bool) -> Harness {
 fn harness_with(name: &str, readonly: bool, direct: bool) -> Harness {
     let img = image(name, 64);
     let disk = DiskImage::open(img.0.to_str().unwrap(), readonly, direct).unwrap();
+    harness_of(Box::new(Block::new(disk, "disk-serial-0")), img)
+}
+
+fn harness_of(device: Box<dyn VirtioDevice>, img: Image) -> Harness {
     let ram = GuestRam::with_ranges(&[(0, 4 << 20)]).unwrap();
     let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
     let kicks = vec![evt()];
@@ -74,14 +78,7 @@ fn harness_with(name: &str, readonly: bool, direct: bool) -> Harness {
         24,
     );
     let dev_kicks = kicks.iter().map(|e| e.try_clone().unwrap()).collect();
-    let dev = VirtioPci::new(
-        Box::new(Block::new(disk, "disk-serial-0")),
-        BAR0,
-        msix,
-        dev_kicks,
-        evt(),
-        ram.clone(),
-    );
+    let dev = VirtioPci::new(device, BAR0, msix, dev_kicks, evt(), ram.clone());
     Harness {
         dev,
         ram,
@@ -988,4 +985,38 @@ fn notifications_stay_off_while_the_worker_polls_and_come_back_before_it_sleeps(
     assert!(!h.dev.poll_queues(), "nothing more to do");
     h.dev.process_queues();
     assert_eq!(flags(&h) & 1, 0, "on again before the worker sleeps");
+}
+
+/// A device that takes nothing and leaves its queue's notifications to the driver's defaults, as
+/// vsock's rx and event queues do (they wait for the driver's kick when it adds buffers).
+struct Untouched;
+
+impl VirtioDevice for Untouched {
+    fn device_type(&self) -> u16 {
+        19
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[256]
+    }
+    fn config_len(&self) -> usize {
+        0
+    }
+    fn read_config(&self, _offset: usize, _data: &mut [u8]) {}
+    fn process_queue(&mut self, _: usize, _: &mut Queue, _: &GuestMem, _: bool) -> bool {
+        false
+    }
+}
+
+#[test]
+fn the_transport_leaves_notifications_to_a_device_without_requests_in_flight() {
+    let mut h = harness_of(Box::new(Untouched), image("untouched", 1));
+    h.setup();
+    h.publish_read(0);
+    h.dev.process_queues();
+    assert!(!h.dev.poll_queues(), "nothing was taken");
+    let flags: u16 = h.ram.mem.read_obj(GuestAddress(USED)).unwrap();
+    assert_eq!(flags & 1, 0, "the driver is still asked to kick");
 }
