@@ -14,7 +14,7 @@ pub mod worker;
 
 use std::os::fd::RawFd;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 
 use crate::memory::GuestMem;
 
@@ -74,5 +74,33 @@ pub trait VirtioDevice: Send {
         Vec::new()
     }
 }
+/// Serves every chain the driver made available on `queue` with `serve` (which returns the bytes
+/// it wrote, for the used ring); true when it added used entries. Kicks are off while it works and
+/// re-armed before it returns, with a last look at the ring for chains made available meanwhile:
+/// under VIRTIO_RING_F_EVENT_IDX only `enable_notification` writes avail_event, so a queue that
+/// skipped it would never be kicked again once the driver passed the stale value.
+pub fn serve_available(
+    queue: &mut Queue,
+    mem: &GuestMem,
+    mut serve: impl FnMut(DescriptorChain<&GuestMem>) -> u32,
+) -> bool {
+    let mut added = false;
+    loop {
+        // Errors here mean the rings left guest RAM; the queue then just stops serving.
+        let _ = queue.disable_notification(mem);
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                return added;
+            }
+            added = true;
+        }
+        if !queue.enable_notification(mem).unwrap_or(false) {
+            return added;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

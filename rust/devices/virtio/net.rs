@@ -19,7 +19,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::Tap;
 use super::{
-    VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    serve_available, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMem;
 
@@ -181,58 +182,45 @@ impl Net {
 
     /// Every frame the driver posted goes to the tap (header replaced: no offloads).
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
-        let mut added = false;
-        loop {
-            let _ = queue.disable_notification(mem);
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                self.tx_buf.clear();
-                let mut ok = true;
-                for d in chain.filter(|d| !d.is_write_only()) {
-                    let len = d.len() as usize;
-                    let at = self.tx_buf.len();
-                    if at + len > BOUNCE_LEN {
-                        ok = false;
-                        break;
-                    }
-                    self.tx_buf.resize(at + len, 0);
-                    if mem
-                        .read_slice(&mut self.tx_buf[at..], GuestAddress(d.addr().0))
-                        .is_err()
-                    {
-                        ok = false;
-                        break;
-                    }
+        serve_available(queue, mem, |chain| {
+            self.tx_buf.clear();
+            let mut ok = true;
+            for d in chain.filter(|d| !d.is_write_only()) {
+                let len = d.len() as usize;
+                let at = self.tx_buf.len();
+                if at + len > BOUNCE_LEN {
+                    ok = false;
+                    break;
                 }
-                ok &= self.tx_buf.len() > HDR_LEN && !self.broken;
-                if ok {
-                    self.tx_buf[..HDR_LEN].fill(0);
-                    let skip = HDR_LEN - self.tap.hdr_len();
-                    ok = self.tap.write(&self.tx_buf[skip..]).is_ok();
+                self.tx_buf.resize(at + len, 0);
+                if mem
+                    .read_slice(&mut self.tx_buf[at..], GuestAddress(d.addr().0))
+                    .is_err()
+                {
+                    ok = false;
+                    break;
                 }
-                if ok {
-                    self.counters.tx_frames += 1;
-                    self.counters.tx_bytes += (self.tx_buf.len() - HDR_LEN) as u64;
-                } else {
-                    self.counters.tx_dropped += 1;
-                }
-                if queue.add_used(mem, head, 0).is_err() {
-                    return added;
-                }
-                added = true;
             }
-            if !queue.enable_notification(mem).unwrap_or(false) {
-                return added;
+            ok &= self.tx_buf.len() > HDR_LEN && !self.broken;
+            if ok {
+                self.tx_buf[..HDR_LEN].fill(0);
+                let skip = HDR_LEN - self.tap.hdr_len();
+                ok = self.tap.write(&self.tx_buf[skip..]).is_ok();
             }
-        }
+            if ok {
+                self.counters.tx_frames += 1;
+                self.counters.tx_bytes += (self.tx_buf.len() - HDR_LEN) as u64;
+            } else {
+                self.counters.tx_dropped += 1;
+            }
+            0
+        })
     }
 
     /// Control commands: {class, command, data...} then an ack byte the device writes. Only
     /// VIRTIO_NET_CTRL_ANNOUNCE_ACK is known (no other control feature is offered).
     fn control(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
-        let mut added = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
+        serve_available(queue, mem, |chain| {
             let (mut command, mut ack) = (Vec::new(), None);
             for d in chain {
                 if d.is_write_only() {
@@ -254,16 +242,11 @@ impl Net {
             } else {
                 VIRTIO_NET_ERR
             };
-            let used = match ack {
+            match ack {
                 Some(at) => u32::from(mem.write_obj(code, at).is_ok()),
                 None => 0,
-            };
-            if queue.add_used(mem, head, used).is_err() {
-                return added;
             }
-            added = true;
-        }
-        added
+        })
     }
 }
 
@@ -444,6 +427,30 @@ mod tests {
             mem.write_obj(self.avail, GuestAddress(AVAIL + 2)).unwrap();
         }
 
+        /// Publishes a control command at slots `i` (the command, readable) and `i + 1` (its ack
+        /// byte, writable, preset to 0xff); the ack byte's address.
+        fn post_command(&mut self, i: u16, cmd: [u8; 2]) -> GuestAddress {
+            self.post(i, 2, false, &cmd);
+            let mem = &self.ram.mem;
+            let d = DESC + u64::from(i) * 16;
+            mem.write_obj(1u16, GuestAddress(d + 12)).unwrap(); // NEXT
+            mem.write_obj(i + 1, GuestAddress(d + 14)).unwrap();
+            let ack = BUFS + u64::from(i + 1) * 4096;
+            mem.write_obj(0xffu8, GuestAddress(ack)).unwrap();
+            let d1 = DESC + u64::from(i + 1) * 16;
+            mem.write_obj(ack, GuestAddress(d1)).unwrap();
+            mem.write_obj(1u32, GuestAddress(d1 + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(d1 + 12)).unwrap();
+            GuestAddress(ack)
+        }
+
+        /// The used ring's avail_event (VIRTIO_RING_F_EVENT_IDX): the driver kicks when its
+        /// avail index passes it.
+        fn avail_event(&self) -> u16 {
+            let at = USED + 4 + 8 * u64::from(QSIZE);
+            self.ram.mem.read_obj(GuestAddress(at)).unwrap()
+        }
+
         fn used(&self) -> Vec<(u32, u32)> {
             let mem = &self.ram.mem;
             let n: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
@@ -601,20 +608,9 @@ mod tests {
                 VIRTIO_NET_OK,
             ),
         ] {
-            r.post(i, 2, false, &cmd);
-            let ram = r.ram.clone();
-            let mem = &ram.mem;
-            let d = DESC + u64::from(i) * 16;
-            mem.write_obj(1u16, GuestAddress(d + 12)).unwrap(); // NEXT
-            mem.write_obj(i + 1, GuestAddress(d + 14)).unwrap();
-            let ack = BUFS + u64::from(i + 1) * 4096;
-            mem.write_obj(0xffu8, GuestAddress(ack)).unwrap();
-            let d1 = DESC + u64::from(i + 1) * 16;
-            mem.write_obj(ack, GuestAddress(d1)).unwrap();
-            mem.write_obj(1u32, GuestAddress(d1 + 8)).unwrap();
-            mem.write_obj(2u16, GuestAddress(d1 + 12)).unwrap();
-            assert!(r.net.control(&mut r.queue, mem));
-            assert_eq!(mem.read_obj::<u8>(GuestAddress(ack)).unwrap(), want);
+            let ack = r.post_command(i, cmd);
+            assert!(r.net.control(&mut r.queue, &r.ram.mem));
+            assert_eq!(r.ram.mem.read_obj::<u8>(ack).unwrap(), want);
         }
         assert_eq!(status(&r.net), VIRTIO_NET_S_LINK_UP);
         r.net.moved(VIRTIO_NET_F_GUEST_ANNOUNCE);
@@ -624,5 +620,25 @@ mod tests {
             VIRTIO_NET_S_LINK_UP,
             "a reset clears it too"
         );
+    }
+
+    #[test]
+    fn the_control_queue_rearms_kicks_under_event_idx() {
+        let Some(mut r) = rig("c") else { return };
+        r.queue.set_event_idx(true);
+        // Two moves, two acks (Linux's second one comes after a second migration): the driver
+        // kicks for a command only when its avail index passes avail_event (vring_need_event),
+        // so the device must have moved avail_event past each command it served.
+        for round in 0..2u16 {
+            r.net.moved(VIRTIO_NET_F_GUEST_ANNOUNCE);
+            let ack = r.post_command(2 * round, [VIRTIO_NET_CTRL_ANNOUNCE, 0]);
+            assert!(r.net.control(&mut r.queue, &r.ram.mem));
+            assert_eq!(r.ram.mem.read_obj::<u8>(ack).unwrap(), VIRTIO_NET_OK);
+            assert_eq!(
+                r.avail_event(),
+                round + 1,
+                "round {round}: kicks not re-armed"
+            );
+        }
     }
 }

@@ -14,7 +14,7 @@ use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::vsock_muxer::Muxer;
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{serve_available, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMem;
 
 pub const DEVICE_TYPE: u16 = 19;
@@ -49,24 +49,13 @@ impl Vsock {
 
     /// Every packet the guest queued on tx.
     fn drain_tx(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
-        let mut added = false;
-        loop {
-            let _ = queue.disable_notification(mem);
-            while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                // A malformed packet is consumed unanswered (no header to answer from).
-                if let Ok(pkt) = VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                    self.muxer.guest_packet(&pkt);
-                }
-                if queue.add_used(mem, head, 0).is_err() {
-                    return added;
-                }
-                added = true;
+        serve_available(queue, mem, |mut chain| {
+            // A malformed packet is consumed unanswered (no header to answer from).
+            if let Ok(pkt) = VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                self.muxer.guest_packet(&pkt);
             }
-            if !queue.enable_notification(mem).unwrap_or(false) {
-                return added;
-            }
-        }
+            0
+        })
     }
 
     /// Packets owed to the guest, as far as it has given rx buffers.
