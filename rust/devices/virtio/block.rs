@@ -48,6 +48,8 @@ pub struct Block {
     queue_sizes: [u16; 1],
     /// The image was written since its last fdatasync.
     unsynced: bool,
+    /// The last batch stopped at its cap.
+    more: bool,
 }
 
 /// A run of guest memory a descriptor names.
@@ -112,6 +114,7 @@ impl Block {
             config,
             queue_sizes: [QUEUE_SIZE],
             unsynced: false,
+            more: false,
         }
     }
 
@@ -339,7 +342,7 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMem) -> bool {
-        serve_available(queue, mem, |chain| {
+        let served = serve_available(queue, mem, |chain| {
             let (mut readable, mut writable) = (Vec::new(), Vec::new());
             for d in chain {
                 let seg = Segment {
@@ -353,6 +356,12 @@ impl VirtioDevice for Block {
                 }
             }
             self.execute(&readable, &writable, mem)
-        })
+        });
+        self.more = served.more;
+        served.added
+    }
+
+    fn has_more(&self) -> bool {
+        self.more
     }
 }

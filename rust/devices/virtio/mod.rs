@@ -69,22 +69,40 @@ pub trait VirtioDevice: Send {
     fn moved(&mut self, _driver_features: u64) -> bool {
         false
     }
+    /// A queue's last batch stopped at its cap (`serve_available`'s `more`): the worker serves the
+    /// device again before it waits for an event.
+    fn has_more(&self) -> bool {
+        false
+    }
     /// Named counters, as Cloud Hypervisor's `vm.counters` reports them per device.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
 }
-/// Serves every chain the driver made available on `queue` with `serve` (which returns the bytes
-/// it wrote, for the used ring); true when it added used entries. Kicks are off while it works and
-/// re-armed before it returns, with a last look at the ring for chains made available meanwhile:
-/// under VIRTIO_RING_F_EVENT_IDX only `enable_notification` writes avail_event, so a queue that
-/// skipped it would never be kicked again once the driver passed the stale value.
+/// What one call of `serve_available` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Used entries were added.
+    pub added: bool,
+    /// It stopped at its cap with chains perhaps still available: the queue must be served again
+    /// without waiting for a kick (which the driver need not send, kicks being off).
+    pub more: bool,
+}
+
+/// Serves the chains the driver made available on `queue` with `serve` (which returns the bytes
+/// it wrote, for the used ring), at most the queue's size in one call: a driver that keeps the
+/// ring full must not keep the device (and its lock, which vCPUs' register accesses and a pause
+/// wait for) on one queue. Kicks are off while it works and re-armed before it returns, with a
+/// last look at the ring for chains made available meanwhile: under VIRTIO_RING_F_EVENT_IDX only
+/// `enable_notification` writes avail_event, so a queue that skipped it would never be kicked
+/// again once the driver passed the stale value.
 pub fn serve_available(
     queue: &mut Queue,
     mem: &GuestMem,
     mut serve: impl FnMut(DescriptorChain<&GuestMem>) -> u32,
-) -> bool {
-    let mut added = false;
+) -> Served {
+    let mut done = Served::default();
+    let mut budget = queue.size();
     loop {
         // Errors here mean the rings left guest RAM; the queue then just stops serving.
         let _ = queue.disable_notification(mem);
@@ -92,12 +110,17 @@ pub fn serve_available(
             let head = chain.head_index();
             let len = serve(chain);
             if queue.add_used(mem, head, len).is_err() {
-                return added;
+                return done;
             }
-            added = true;
+            done.added = true;
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                done.more = true;
+                return done;
+            }
         }
         if !queue.enable_notification(mem).unwrap_or(false) {
-            return added;
+            return done;
         }
     }
 }

@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::Tap;
 use super::{
-    serve_available, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    serve_available, Served, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMem;
@@ -70,6 +70,8 @@ pub struct Net {
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
     queue_sizes: [u16; 3],
+    /// By queue: its last batch stopped at its cap.
+    more: [bool; 3],
     pub counters: NetCounters,
 }
 
@@ -84,6 +86,7 @@ impl Net {
             rx_buf: vec![0; BOUNCE_LEN],
             tx_buf: Vec::with_capacity(BOUNCE_LEN),
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
+            more: [false; 3],
             counters: NetCounters::default(),
         }
     }
@@ -120,12 +123,15 @@ impl Net {
         }
     }
 
-    /// Frames from the tap into the receive queue while both have some.
+    /// Frames from the tap into the receive queue while both have some, at most the queue's size
+    /// in one call (as `serve_available` caps the others: a flood from the host must not keep the
+    /// device on this queue).
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
         let mut added = false;
+        self.more[RX] = false;
         // The driver need not kick while we have buffers: the tap's readiness drives this queue.
         let _ = queue.disable_notification(mem);
-        loop {
+        for _ in 0..queue.size() {
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.read_frame() {
@@ -178,11 +184,19 @@ impl Net {
             }
             added = true;
         }
+        self.more[RX] = true;
+        added
+    }
+
+    /// A queue served through `serve_available`: its `more` kept, whether it added used entries.
+    fn served(&mut self, index: usize, served: Served) -> bool {
+        self.more[index] = served.more;
+        served.added
     }
 
     /// Every frame the driver posted goes to the tap (header replaced: no offloads).
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
-        serve_available(queue, mem, |chain| {
+        let served = serve_available(queue, mem, |chain| {
             self.tx_buf.clear();
             let mut ok = true;
             for d in chain.filter(|d| !d.is_write_only()) {
@@ -214,13 +228,14 @@ impl Net {
                 self.counters.tx_dropped += 1;
             }
             0
-        })
+        });
+        self.served(TX, served)
     }
 
     /// Control commands: {class, command, data...} then an ack byte the device writes. Only
     /// VIRTIO_NET_CTRL_ANNOUNCE_ACK is known (no other control feature is offered).
     fn control(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
-        serve_available(queue, mem, |chain| {
+        let served = serve_available(queue, mem, |chain| {
             let (mut command, mut ack) = (Vec::new(), None);
             for d in chain {
                 if d.is_write_only() {
@@ -246,7 +261,8 @@ impl Net {
                 Some(at) => u32::from(mem.write_obj(code, at).is_ok()),
                 None => 0,
             }
-        })
+        });
+        self.served(CTRL, served)
     }
 }
 
@@ -296,9 +312,14 @@ impl VirtioDevice for Net {
         can_take.then(|| self.tap.as_raw_fd())
     }
 
+    fn has_more(&self) -> bool {
+        self.more.contains(&true)
+    }
+
     fn reset(&mut self) {
         self.announce = false;
         self.pending = None;
+        self.more = [false; 3];
     }
 
     fn moved(&mut self, driver_features: u64) -> bool {
@@ -329,6 +350,7 @@ mod tests {
     //! out in the guest's buffers.
 
     use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
@@ -640,5 +662,45 @@ mod tests {
                 "round {round}: kicks not re-armed"
             );
         }
+    }
+
+    #[test]
+    fn a_transmit_batch_stops_at_the_queue_size_while_the_driver_refills_the_ring() {
+        let Some(mut r) = rig("f") else { return };
+        let mut chain = vec![0u8; HDR_LEN];
+        chain.extend(Rig::frame(b"flood"));
+        for i in 0..QSIZE {
+            r.post(i, chain.len() as u32, false, &chain);
+        }
+        // A driver on another thread puts every chain the device returns straight back, so the
+        // ring is never empty while the device works (up to a bound, for the test's sake).
+        let stop = Arc::new(AtomicBool::new(false));
+        let driver = std::thread::spawn({
+            let (stop, ram, mut avail) = (stop.clone(), r.ram.clone(), r.avail);
+            move || {
+                let mem = &ram.mem;
+                let (mut seen, mut reposted) = (0u16, 0u32);
+                while !stop.load(Ordering::Relaxed) && reposted < 100_000 {
+                    let used: u16 = mem.load(GuestAddress(USED + 2), Ordering::Acquire).unwrap();
+                    while seen != used {
+                        let at = USED + 4 + u64::from(seen % QSIZE) * 8;
+                        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+                        let slot = AVAIL + 4 + u64::from(avail % QSIZE) * 2;
+                        mem.write_obj(id as u16, GuestAddress(slot)).unwrap();
+                        avail = avail.wrapping_add(1);
+                        mem.store(avail, GuestAddress(AVAIL + 2), Ordering::Release)
+                            .unwrap();
+                        seen = seen.wrapping_add(1);
+                        reposted += 1;
+                    }
+                }
+            }
+        });
+        assert!(r.net.transmit(&mut r.queue, &r.ram.mem));
+        stop.store(true, Ordering::Relaxed);
+        driver.join().unwrap();
+        let c = r.net.counters;
+        assert_eq!(c.tx_frames + c.tx_dropped, u64::from(QSIZE), "{c:?}");
+        assert!(r.net.has_more(), "the worker must come back for the rest");
     }
 }

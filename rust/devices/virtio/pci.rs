@@ -224,10 +224,11 @@ impl VirtioPci {
         self.regs.status & STATUS_DRIVER_OK != 0 && self.regs.status & STATUS_FAILED == 0
     }
 
-    /// Serves every ready queue and signals the ones that got used entries. The worker calls it.
-    pub fn process_queues(&mut self) {
+    /// Serves every ready queue and signals the ones that got used entries. The worker calls it;
+    /// true when a queue stopped at its batch cap, so the worker serves again before it waits.
+    pub fn process_queues(&mut self) -> bool {
         if !self.driver_ok() {
-            return;
+            return false;
         }
         let used = self.device.process_all(&mut self.queues, &self.ram.mem);
         for i in (0..self.queues.len()).filter(|i| used & (1 << i) != 0) {
@@ -238,6 +239,7 @@ impl VirtioPci {
                 self.interrupt(self.queue_vectors[i], ISR_QUEUE);
             }
         }
+        self.device.has_more()
     }
 
     /// The host fd the worker also waits on, while the driver runs the device.
