@@ -6,7 +6,7 @@
 //! offloads (the tap hands over whole, checksummed frames) and mergeable receive buffers: without
 //! guest offloads a frame is at most the tap's MTU plus 14, so each receive chain takes one frame
 //! and the driver posts chains of at least 1526 bytes (§5.1.6.3.1). A frame larger than its chain
-//! is dropped (and counted).
+//! (or than the bounce buffer) is dropped (and counted).
 //!
 //! Frames go through a bounce buffer on the device's worker thread: the copy into the guest goes
 //! through vm-memory, which marks the pages dirty for migration, and a frame read from the tap
@@ -45,8 +45,13 @@ pub const VIRTIO_NET_ERR: u8 = 1;
 pub const HDR_LEN: usize = 12;
 /// mac, status, max_virtqueue_pairs.
 const CONFIG_LEN: usize = 10;
-/// The largest frame a tap hands over (64 KiB with a header), so a read never truncates one.
-const BOUNCE_LEN: usize = HDR_LEN + 65536;
+/// The largest frame a tap hands over: its largest MTU (64 KiB less its 14-byte header) with the
+/// Ethernet header, and a VLAN tag a packet socket may add.
+const MAX_FRAME: usize = 65535 + 4;
+/// A byte more than a header and the largest frame: read(2) on a tap cuts a frame longer than
+/// the buffer short without a word (only recvmsg would say MSG_TRUNC), so a read that fills the
+/// buffer is one cut short.
+const BOUNCE_LEN: usize = HDR_LEN + MAX_FRAME + 1;
 
 /// Frames and bytes through the device (CH's counter names, for `vm.counters`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,6 +62,16 @@ pub struct NetCounters {
     pub tx_bytes: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+}
+
+/// What one read from the tap gave.
+enum TapRead {
+    /// A frame, in rx_buf: its length with the virtio header.
+    Frame(usize),
+    /// A frame that is not the guest's to have (cut short by the buffer, or empty).
+    Dropped,
+    /// Nothing waiting (or the tap failed).
+    Empty,
 }
 
 pub struct Net {
@@ -102,24 +117,27 @@ impl Net {
     }
 
     /// The next frame from the tap into rx_buf with a virtio header of our own in front (no
-    /// offloads: all zero, one buffer); its length with the header, None when none is waiting.
-    fn read_frame(&mut self) -> Option<usize> {
+    /// offloads: all zero, one buffer).
+    fn read_frame(&mut self) -> TapRead {
         let skip = HDR_LEN - self.tap.hdr_len();
+        let room = self.rx_buf.len() - skip;
         loop {
-            match self.tap.read(&mut self.rx_buf[skip..]) {
+            return match self.tap.read(&mut self.rx_buf[skip..]) {
+                // Cut short (see BOUNCE_LEN); more than the buffer would be a kernel bug: dropped too.
+                Ok(n) if n >= room => TapRead::Dropped,
                 Ok(n) if n > self.tap.hdr_len() => {
                     self.rx_buf[..HDR_LEN].fill(0);
                     self.rx_buf[10..12].copy_from_slice(&1u16.to_le_bytes());
-                    return Some(skip + n);
+                    TapRead::Frame(skip + n)
                 }
-                Ok(_) => continue, // a frame without a body: nothing for the guest
+                Ok(_) => TapRead::Dropped, // a frame without a body: nothing for the guest
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => TapRead::Empty,
                 Err(_) => {
                     self.broken = true;
-                    return None;
+                    TapRead::Empty
                 }
-            }
+            };
         }
     }
 
@@ -135,8 +153,12 @@ impl Net {
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.read_frame() {
-                    Some(len) => len,
-                    None => return added,
+                    TapRead::Frame(len) => len,
+                    TapRead::Dropped => {
+                        self.counters.rx_dropped += 1;
+                        continue;
+                    }
+                    TapRead::Empty => return added,
                 },
             };
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -520,6 +542,25 @@ mod tests {
             }
         }
 
+        /// Reads frames from the tap, without a receive buffer posted, until the one held for a
+        /// buffer carries `payload` (a frame of someone else's is let through to a buffer).
+        fn hold_frame(&mut self, payload: &[u8]) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                self.net.receive(&mut self.queue, &self.ram.mem);
+                if let Some(len) = self.net.pending {
+                    let body = &self.net.rx_buf[HDR_LEN + 14..len];
+                    if body.starts_with(payload) {
+                        return;
+                    }
+                    self.post(self.avail % QSIZE, 4096, true, &[0; 1]);
+                    continue;
+                }
+                assert!(Instant::now() < deadline, "the frame never came");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
         /// Serves the queue until a used entry whose buffer holds `payload` shows, within 5 s.
         fn receive_until(&mut self, payload: &[u8]) -> (u32, u32) {
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -589,18 +630,82 @@ mod tests {
     #[test]
     fn a_frame_larger_than_its_buffer_is_dropped_and_counted() {
         let Some(mut r) = rig("d") else { return };
-        for i in 0..4 {
-            r.post(i, 64, true, &[0; 1]);
-        }
-        r.send_to_guest(&[7u8; 200]);
+        let ours = [7u8; 200];
+        r.send_to_guest(&ours);
+        r.hold_frame(&ours);
+        r.post(r.avail % QSIZE, 64, true, &[0; 1]);
+        let dropped = r.net.counters.rx_dropped;
+        assert!(r.net.receive(&mut r.queue, &r.ram.mem));
+        // Our frame, and only it, was dropped; its buffer goes back to the driver empty.
+        assert_eq!(r.net.counters.rx_dropped, dropped + 1);
+        assert_eq!(
+            r.used().last(),
+            Some(&(u32::from((r.avail - 1) % QSIZE), 0))
+        );
+        assert!(r.net.pending.is_none());
+    }
+
+    #[test]
+    fn a_frame_that_fills_the_bounce_buffer_is_dropped_as_cut_short() {
+        let Some(mut r) = rig("b") else { return };
+        // read(2) on a tap gives a frame longer than the buffer cut short to the buffer's
+        // length, and says nothing else about it.
+        let mut small = [0u8; 64];
+        r.send_to_guest(&[1u8; 200]);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while r.net.counters.rx_dropped == 0 {
-            r.net.receive(&mut r.queue, &r.ram.mem);
+        loop {
+            match r.net.tap.read(&mut small) {
+                Ok(n) if small[12..14] == PROTO.to_be_bytes() => {
+                    assert_eq!(n, small.len());
+                    assert!(small[14..].iter().all(|&b| b == 1));
+                    break;
+                }
+                Ok(_) => {} // someone else's frame
+                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+            }
             assert!(Instant::now() < deadline, "the frame never came");
             std::thread::sleep(Duration::from_millis(1));
         }
-        // The buffer goes back to the driver empty.
-        assert!(r.used().iter().any(|&(_, len)| len == 0), "{:?}", r.used());
+        // So with a bounce buffer shorter than a frame, the frame is dropped and counted (not
+        // handed to the guest cut short), and the next one that fits comes through.
+        r.net.rx_buf.truncate(HDR_LEN + 100);
+        for i in 0..4 {
+            r.post(i, 2048, true, &[0; 1]);
+        }
+        r.send_to_guest(&[2u8; 200]);
+        r.send_to_guest(b"fits");
+        let (id, len) = r.receive_until(b"fits");
+        assert_eq!(len as usize, HDR_LEN + 60);
+        assert!(r.net.counters.rx_dropped >= 1);
+        assert_eq!(r.used(), vec![(id, len)], "nothing but the frame that fits");
+    }
+
+    #[test]
+    fn a_receive_batch_stops_at_the_queue_size() {
+        let Some(mut r) = rig("q") else { return };
+        r.net.rx_buf.truncate(HDR_LEN + 100);
+        let flood = 2 * usize::from(QSIZE);
+        for _ in 0..flood {
+            r.send_to_guest(&[3u8; 200]);
+        }
+        for i in 0..QSIZE {
+            r.post(i, 2048, true, &[0; 1]);
+        }
+        // Frames dropped take no buffer, so only the cap ends a call while the tap has frames.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut capped = false;
+        while r.net.counters.rx_dropped < flood as u64 {
+            let before = r.net.counters.rx_dropped;
+            r.net.receive(&mut r.queue, &r.ram.mem);
+            let took = r.net.counters.rx_dropped - before;
+            assert!(took <= u64::from(QSIZE), "one call took {took} frames");
+            if took == u64::from(QSIZE) {
+                assert!(r.net.has_more(), "the worker must come back for the rest");
+                capped = true;
+            }
+            assert!(Instant::now() < deadline, "the frames never came");
+        }
+        assert!(capped, "no call had a full batch");
     }
 
     #[test]
