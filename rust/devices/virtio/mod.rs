@@ -28,6 +28,19 @@ pub const STATUS_DRIVER_OK: u8 = 4;
 pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_FAILED: u8 = 0x80;
 
+/// A change of a device's config space (virtio 1.2 §4.1.4.3.1: the device presents a new
+/// config_generation after each one, so that a driver reading several fields sees them whole).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConfigChange {
+    #[default]
+    None,
+    /// The driver asked for it (virtio-net's ANNOUNCE_ACK): a new generation, no interrupt.
+    Requested,
+    /// The device's own (a link going down): a new generation and a configuration change
+    /// notification (ISR bit 1, the config vector).
+    Notify,
+}
+
 /// What a device type adds to the transport: its features, queues and config space, and the
 /// processing of its queues.
 pub trait VirtioDevice: Send {
@@ -73,6 +86,10 @@ pub trait VirtioDevice: Send {
     /// device again before it waits for an event.
     fn has_more(&self) -> bool {
         false
+    }
+    /// How the config changed since the last call (the transport calls it after each batch).
+    fn take_config_change(&mut self) -> ConfigChange {
+        ConfigChange::None
     }
     /// Named counters, as Cloud Hypervisor's `vm.counters` reports them per device.
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -19,8 +19,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::tap::Tap;
 use super::{
-    serve_available, Served, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
+    serve_available, ConfigChange, Served, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMem;
 
@@ -87,6 +87,8 @@ pub struct Net {
     queue_sizes: [u16; 3],
     /// By queue: its last batch stopped at its cap.
     more: [bool; 3],
+    /// The status changed since the transport last asked.
+    config_change: ConfigChange,
     pub counters: NetCounters,
 }
 
@@ -102,6 +104,7 @@ impl Net {
             tx_buf: Vec::with_capacity(BOUNCE_LEN),
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE],
             more: [false; 3],
+            config_change: ConfigChange::None,
             counters: NetCounters::default(),
         }
     }
@@ -134,7 +137,11 @@ impl Net {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => TapRead::Empty,
                 Err(_) => {
-                    self.broken = true;
+                    // Link down: the driver is told (a config change of the device's own).
+                    if !self.broken {
+                        self.broken = true;
+                        self.config_change = ConfigChange::Notify;
+                    }
                     TapRead::Empty
                 }
             };
@@ -274,7 +281,9 @@ impl Net {
                 }
             }
             let code = if command == [VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK] {
-                self.announce = false;
+                if std::mem::take(&mut self.announce) {
+                    self.config_change = self.config_change.max(ConfigChange::Requested);
+                }
                 VIRTIO_NET_OK
             } else {
                 VIRTIO_NET_ERR
@@ -338,10 +347,15 @@ impl VirtioDevice for Net {
         self.more.contains(&true)
     }
 
+    fn take_config_change(&mut self) -> ConfigChange {
+        std::mem::take(&mut self.config_change)
+    }
+
     fn reset(&mut self) {
         self.announce = false;
         self.pending = None;
         self.more = [false; 3];
+        self.config_change = ConfigChange::None;
     }
 
     fn moved(&mut self, driver_features: u64) -> bool {
@@ -380,7 +394,12 @@ mod tests {
     use vm_memory::{GuestMemoryBackend, MmapRegion};
 
     use super::*;
+    use crate::devices::pci::PciFunction;
+    use crate::devices::virtio::msix::Msix;
+    use crate::devices::virtio::pci::{VirtioPci, DEVICE_OFFSET, ISR_OFFSET};
+    use crate::devices::virtio::{STATUS_DRIVER_OK, STATUS_FEATURES_OK};
     use crate::memory::GuestRam;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const DESC: u64 = 0x10000;
     const AVAIL: u64 = 0x11000;
@@ -391,6 +410,7 @@ mod tests {
     const PROTO: u16 = 0x88b5;
 
     struct Rig {
+        name: String,
         net: Net,
         ram: Arc<GuestRam>,
         queue: Queue,
@@ -408,7 +428,7 @@ mod tests {
         let tap = Tap::open(&name, None).unwrap();
         // No IPv6 chatter from the host on the new interface (best effort).
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-        let cname = std::ffi::CString::new(name).unwrap();
+        let cname = std::ffi::CString::new(name.clone()).unwrap();
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
         assert_ne!(ifindex, 0);
@@ -446,6 +466,7 @@ mod tests {
         assert!(queue.is_valid(&ram.mem));
         let net = Net::new(tap, [0x52, 0x54, 0, 1, 2, 3]);
         Some(Rig {
+            name,
             net,
             ram,
             queue,
@@ -807,5 +828,93 @@ mod tests {
         let c = r.net.counters;
         assert_eq!(c.tx_frames + c.tx_dropped, u64::from(QSIZE), "{c:?}");
         assert!(r.net.has_more(), "the worker must come back for the rest");
+    }
+
+    #[test]
+    fn link_down_and_the_announce_ack_give_new_config_generations() {
+        let Some(mut r) = rig("l") else { return };
+        let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let net = Net::new(
+            Tap::from_fd(r.net.tap.as_raw_fd()).unwrap(),
+            [2, 0, 0, 0, 0, 1],
+        );
+        let msix = Msix::new((0..4).map(|_| evt()).collect(), None, 24);
+        let kicks = (0..3).map(|_| evt()).collect();
+        let mut dev = VirtioPci::new(
+            Box::new(net),
+            0xc000_0000,
+            msix,
+            kicks,
+            evt(),
+            r.ram.clone(),
+        );
+        let write = |dev: &mut VirtioPci, off: u64, len: usize, value: u64| {
+            dev.write_bar(0, off, &value.to_le_bytes()[..len])
+        };
+        let read = |dev: &mut VirtioPci, off: u64, len: usize| {
+            let mut b = [0u8; 8];
+            dev.read_bar(0, off, &mut b[..len]);
+            u64::from_le_bytes(b)
+        };
+        // A driver's set-up (§3.1.1): features, the receive queue (rings past the rig's) and the
+        // control queue (the rig's rings, which post_command fills), a config vector, DRIVER_OK.
+        let features = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_STATUS | VIRTIO_NET_F_CTRL_VQ;
+        let features = features | VIRTIO_NET_F_GUEST_ANNOUNCE;
+        write(&mut dev, 0x14, 1, 1);
+        write(&mut dev, 0x14, 1, 3);
+        for (select, half) in [(0, features & 0xffff_ffff), (1, features >> 32)] {
+            write(&mut dev, 0x08, 4, select);
+            write(&mut dev, 0x0c, 4, half);
+        }
+        write(&mut dev, 0x14, 1, 3 | u64::from(STATUS_FEATURES_OK));
+        for (queue, rings) in [(RX, 0x13000u64), (CTRL, DESC)] {
+            write(&mut dev, 0x16, 2, queue as u64);
+            write(&mut dev, 0x18, 2, u64::from(QSIZE));
+            for (i, off) in [0x20, 0x28, 0x30].into_iter().enumerate() {
+                write(&mut dev, off, 4, rings + 0x1000 * i as u64);
+                write(&mut dev, off + 4, 4, 0);
+            }
+            write(&mut dev, 0x1c, 2, 1);
+        }
+        write(&mut dev, 0x10, 2, 3);
+        write(
+            &mut dev,
+            0x14,
+            1,
+            3 | u64::from(STATUS_FEATURES_OK | STATUS_DRIVER_OK),
+        );
+        let status = |dev: &mut VirtioPci| read(dev, DEVICE_OFFSET + 6, 2) as u16;
+        let generation = |dev: &mut VirtioPci| read(dev, 0x15, 1);
+        dev.process_queues();
+        assert_eq!(generation(&mut dev), 0);
+        // A move: the announce bit, a new generation, a config interrupt.
+        dev.moved();
+        assert_eq!(
+            status(&mut dev),
+            VIRTIO_NET_S_LINK_UP | VIRTIO_NET_S_ANNOUNCE
+        );
+        assert_eq!(generation(&mut dev), 1);
+        assert_eq!(read(&mut dev, ISR_OFFSET, 1) & 2, 2);
+        // The driver's ack clears it: a new generation (a driver reading the config across it
+        // must see it change), no config interrupt.
+        r.post_command(0, [VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK]);
+        dev.process_queues();
+        assert_eq!(status(&mut dev), VIRTIO_NET_S_LINK_UP);
+        assert_eq!(generation(&mut dev), 2);
+        assert_eq!(read(&mut dev, ISR_OFFSET, 1) & 2, 0);
+        // The tap's interface goes away: link down, a new generation and a config interrupt.
+        let del = std::process::Command::new("ip")
+            .args(["link", "del", &r.name])
+            .status();
+        if !del.is_ok_and(|s| s.success()) {
+            eprintln!("skipped the link-down half: needs iproute2's ip to delete the tap");
+            return;
+        }
+        dev.process_queues();
+        assert_eq!(status(&mut dev), 0);
+        assert_eq!(generation(&mut dev), 3);
+        assert_eq!(read(&mut dev, ISR_OFFSET, 1) & 2, 2);
+        dev.process_queues();
+        assert_eq!(generation(&mut dev), 3, "one change, one generation");
     }
 }
