@@ -489,7 +489,8 @@ impl PyVm {
 
     /// {device id: {counter: value}} for the devices that count (virtio-net).
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let all = self.with(|vm| Ok(vm.counters()))?;
+        // The device locks wait for a worker's batch: not with the GIL held.
+        let all = py.detach(|| self.with(|vm| Ok(vm.counters())))?;
         let out = PyDict::new(py);
         for (id, counters) in all.into_iter().filter(|(_, c)| !c.is_empty()) {
             let d = PyDict::new(py);
