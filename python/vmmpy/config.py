@@ -957,6 +957,17 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
 PEER_IGNORED = ("serial",)
 
 
+def _peer_device_id(device: dict, label: str, default: str) -> str:
+    """A peer device's id, looked up in this host's backings: a string (anything else, such as an
+    unhashable list, is refused by name before any lookup), or `default` when absent."""
+    device_id = device.get("id")
+    if device_id is None:
+        return default
+    if not isinstance(device_id, str):
+        raise InvalidConfig(f"{label}.id={_short(device_id)}: must be a string")
+    return device_id
+
+
 def from_peer(
     body: Any,
     content: dict,
@@ -982,7 +993,7 @@ def from_peer(
         for i, d in enumerate(disks):
             if not isinstance(d, dict):
                 raise InvalidConfig(f"disks[{i}]={d!r}: must be an object")
-            disk_id = d.get("id") if d.get("id") is not None else f"disk{i}"
+            disk_id = _peer_device_id(d, f"disks[{i}]", f"disk{i}")
             if disk_id not in backings:
                 raise InvalidConfig(
                     f"disk {disk_id!r}: this host names no backing file for it (give the "
@@ -998,7 +1009,7 @@ def from_peer(
         for i, n in enumerate(nets):
             if not isinstance(n, dict):
                 raise InvalidConfig(f"net[{i}]={n!r}: must be an object")
-            net_id = n.get("id") if n.get("id") is not None else f"net{i}"
+            net_id = _peer_device_id(n, f"net[{i}]", f"net{i}")
             if net_id not in backings:
                 raise InvalidConfig(
                     f"net {net_id!r}: this host names no tap for it (give the destination's own "
