@@ -259,7 +259,8 @@ def tap_problem(name: str) -> str | None:
 @dataclass
 class NetConfig:
     """A virtio-net NIC on a host tap (Cloud Hypervisor's ``NetConfig``): ``tap`` by name (created
-    when it does not exist, with ``ip``/``mask`` as its host address), or ``fd``, an open tap
+    when it does not exist, with ``ip``/``mask`` as its host address; ``mask`` defaults to
+    255.255.255.0, as in Cloud Hypervisor), or ``fd``, an open tap
     descriptor the caller keeps (in-process and command line only: an HTTP body cannot carry
     one). ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
     ``id=None`` gets ``net<i>`` from its place in :attr:`VmConfig.net`."""
@@ -1246,6 +1247,32 @@ def parse_net(text: str) -> NetConfig:
     return NetConfig(
         tap=opts.get("tap"), fd=fd, mac=opts.get("mac"), ip=opts.get("ip"), mask=opts.get("mask"), id=opts.get("id")
     )
+
+
+# What a destination's --net cannot take, and why: the rest of a NIC comes with the VM.
+_NET_BACKING_REFUSED = {
+    "mac": "the MAC comes with the VM (the guest's identity on the network)",
+    "ip": "a destination does not set its tap's address (give the tap its address beforehand)",
+    "mask": "a destination does not set its tap's address (give the tap its address beforehand)",
+    "fd": "a destination's tap is named (tap=NAME)",
+}
+
+
+def parse_net_backing(text: str) -> tuple[str | None, str]:
+    """``--net tap=NAME[,id=ID]`` on a VMM that restores or receives its VM: (net id or None,
+    this host's tap for it). Any other option is refused by name, not ignored."""
+    usage = "tap=<name>[,id=<name>] (a restored or received VM keeps its own MAC)"
+    opts = parse_options(text, "--net", None, usage)
+    for key in opts:
+        if key in _NET_BACKING_REFUSED:
+            raise InvalidConfig(
+                f"--net {key}={opts[key]}: not for a VM this VMM restores or receives: {_NET_BACKING_REFUSED[key]}"
+            )
+        if key not in ("tap", "id"):
+            raise InvalidConfig(f"--net {text!r}: unsupported option {key!r}; expected {usage}")
+    if "tap" not in opts:
+        raise InvalidConfig(f"--net {text!r}: a destination's tap is named; expected {usage}")
+    return opts.get("id"), opts["tap"]
 
 
 def parse_vsock(text: str) -> VsockConfig:
