@@ -5,6 +5,7 @@ socket on a tap to see what the guest sent."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import itertools
 import os
 import re
@@ -29,6 +30,9 @@ ETH_P_ARP = 0x0806
 ETH_P_ALL = 0x0003
 SO_ATTACH_FILTER = 26
 CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -65,6 +69,21 @@ class Network:
             assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
         self.taps.append(name)
         return name
+
+    def open_tap(self, name: str) -> int:
+        """A descriptor attached to this namespace's tap `name` (IFF_TAP | IFF_NO_PI), as an
+        orchestrator opens one to pass to a VMM."""
+
+        def attach() -> int:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        return self.in_ns(attach)
 
     def in_ns(self, fn):
         """fn() run on a thread that entered the namespace (sockets it makes stay there)."""

@@ -5,11 +5,12 @@ what went out."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from helpers import BANNER
+from helpers import BANNER, SerialClient
 from migration_helpers import free_port, send, start_receive, wait_progress
 from net_helpers import (
     GUEST_IP,
@@ -68,6 +69,51 @@ def test_a_tap_that_cannot_be_opened_is_an_error_at_create(vmm_process, network,
     assert f"tap {tap}: in use by another process" in second.stderr, second.stderr
     assert '"booted"' not in events.read_text(), events.read_text()
     holder.serial.command("net info", rb"NET INFO mac=\S+ ip=10\.77\.0\.2 link=up")
+
+
+def _tun_fds() -> set[int]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/net/tun":
+                out.add(int(name))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_a_tap_fd_stays_the_callers_and_each_build_of_the_vm_takes_its_own_copy(network, tmp_path):
+    from vmmpy import Vmm
+    from vmmpy.config import NetConfig, SerialConfig, VmConfig
+
+    fd = network.open_tap(network.add_tap("tapfd"))
+    os.set_blocking(fd, True)
+    path = str(tmp_path / "serial.sock")
+    vmm = Vmm(serial=SerialConfig(mode="Socket", socket=path))
+    serial = SerialClient(path)
+    try:
+        cfg = VmConfig(memory_mib=128, cmdline=f"console=ttyS0 ip={GUEST_IP}", net=[NetConfig(fd=fd, mac=GUEST_MAC)])
+        vmm.create(cfg)
+        vmm.boot()
+        serial.expect(NET_UP, 60)
+        serial.expect(rb"READY\r?\n", 60)
+        assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+        assert len(_tun_fds() - {fd}) == 1, "the VM holds a duplicate of its own"
+        # The settings are on the shared open file description: the caller's fd has them too.
+        assert not os.get_blocking(fd)
+        vmm.reboot()
+        serial.expect(BANNER, 90)
+        serial.expect(NET_UP, 60)
+        serial.expect(rb"READY\r?\n", 60)
+        assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+        assert len(_tun_fds() - {fd}) == 1, "the old instance's copy went with it"
+        vmm.delete()
+        assert _tun_fds() == {fd}, "vmmpy closes its copies, never the caller's fd"
+        os.fstat(fd)
+    finally:
+        serial.close()
+        vmm.close()
+        os.close(fd)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "local"])

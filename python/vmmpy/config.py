@@ -261,8 +261,11 @@ class NetConfig:
     """A virtio-net NIC on a host tap (Cloud Hypervisor's ``NetConfig``): ``tap`` by name (created
     when it does not exist, with ``ip``/``mask`` as its host address; ``mask`` defaults to
     255.255.255.0, as in Cloud Hypervisor), or ``fd``, an open tap
-    descriptor the caller keeps (in-process and command line only: an HTTP body cannot carry
-    one). ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
+    descriptor (in-process and command line only: an HTTP body cannot carry one) that stays the
+    caller's: vmmpy never closes it, and takes a duplicate of its own each time it builds the VM
+    (create, every reboot), closed with that VM instance; so it must stay open while the VM may
+    reboot. The duplicate shares its open file description: vmmpy makes it non-blocking, sets
+    its vnet header size and turns its offloads off, for the caller's descriptor too. ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
     ``id=None`` gets ``net<i>`` from its place in :attr:`VmConfig.net`."""
 
     tap: str | None = None

@@ -213,7 +213,10 @@ impl Tap {
     }
 
     /// Takes a duplicate of `fd`, which must be a tap (as an orchestrator opens it, with or
-    /// without IFF_VNET_HDR).
+    /// without IFF_VNET_HDR); `fd` stays the caller's, open. The duplicate shares `fd`'s open
+    /// file description, so what is set here is set for every holder of it (the caller, the
+    /// orchestrator that passed it): O_NONBLOCK, the vnet header size (12, when the tap has
+    /// IFF_VNET_HDR) and offloads off (TUNSETOFFLOAD 0).
     pub fn from_fd(fd: RawFd) -> Result<Tap> {
         let owned = dup_owned(fd, &format!("tap fd {fd}"))?;
         let mut req = IfReq::named("");
