@@ -381,9 +381,9 @@ impl VirtioDevice for Net {
 
 #[cfg(test)]
 mod tests {
-    //! The device against a real tap in this process's network namespace: frames the device sends
-    //! are read off the tap's interface with a packet socket, frames sent into the interface come
-    //! out in the guest's buffers.
+    //! The device against a real tap in the test thread's own network namespace: frames the
+    //! device sends are read off the tap's interface with a packet socket, frames sent into the
+    //! interface come out in the guest's buffers.
 
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -397,6 +397,7 @@ mod tests {
     use crate::devices::pci::PciFunction;
     use crate::devices::virtio::msix::Msix;
     use crate::devices::virtio::pci::{VirtioPci, DEVICE_OFFSET, ISR_OFFSET};
+    use crate::devices::virtio::tap::private_netns_for_taps;
     use crate::devices::virtio::{STATUS_DRIVER_OK, STATUS_FEATURES_OK};
     use crate::memory::GuestRam;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -419,9 +420,7 @@ mod tests {
     }
 
     fn rig(tag: &str) -> Option<Rig> {
-        // SAFETY: geteuid has no preconditions.
-        if !std::path::Path::new("/dev/net/tun").exists() || unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: a tap needs /dev/net/tun and root");
+        if !private_netns_for_taps() {
             return None;
         }
         let name = format!("vn{}{tag}", std::process::id() % 100_000);
