@@ -180,10 +180,16 @@ class Pinger:
     """The host's `ping` at a fixed interval from the namespace; replies with their wall-clock
     times (ping -D), kept as they arrive."""
 
+    DEADLINE_S = 90  # for a ping with a count to get its replies
+
     def __init__(self, net: Network, ip: str, interval: float, count: int | None = None):
-        cmd = ["ip", "netns", "exec", net.ns, "ping", "-n", "-D", "-i", str(interval), "-W", "1"]
+        cmd = ["ip", "netns", "exec", net.ns, "ping", "-n", "-D", "-i", str(interval)]
         if count is not None:
-            cmd += ["-c", str(count)]
+            # Until `count` replies came, or the deadline: with -W instead, iputils waits only about
+            # 2 RTT after its last probe, so one late reply on a busy host would count as lost.
+            cmd += ["-c", str(count), "-w", str(self.DEADLINE_S)]
+        else:
+            cmd += ["-W", "1"]
         self.interval = interval
         self.started = time.time()
         self.proc = subprocess.Popen([*cmd, ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -224,7 +230,7 @@ class Pinger:
         assert m, f"no ping summary: {self.lines[-5:]}"
         return int(m.group(1)), int(m.group(2))
 
-    def stop_when_done(self, timeout: float = 120.0) -> tuple[int, int]:
+    def stop_when_done(self, timeout: float = DEADLINE_S + 30.0) -> tuple[int, int]:
         """Waits for a ping with a count to end by itself; (transmitted, received)."""
         self.proc.wait(timeout)
         return self.stop()
@@ -237,6 +243,14 @@ class Pinger:
         if end is not None:
             times = [t for t in times if t < end] + [end]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+def ping_answered(net: Network, ip: str, count: int, interval: float = 0.05) -> int:
+    """Pings `ip` until `count` replies came (a late one counts); how many requests went out
+    (more than `count` when a reply was later than the next probe)."""
+    sent, received = Pinger(net, ip, interval, count=count).stop_when_done()
+    assert received == count, f"{received} of {count} ping replies ({sent} sent) within {Pinger.DEADLINE_S} s"
+    return sent
 
 
 NET_UP = rb"NET UP mac=([0-9a-f:]{17}) ip=([\d.]+)\r?\n"

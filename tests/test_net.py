@@ -16,12 +16,12 @@ from net_helpers import (
     GUEST_IP,
     GUEST_MAC,
     NET_UP,
-    Pinger,
     boot_guest,
     counters,
     garp_seen,
     migrate_under_ping,
     net_stats,
+    ping_answered,
 )
 
 
@@ -29,11 +29,10 @@ def test_host_ping_reaches_the_guest_and_counts_match(vmm_process, network):
     tap = network.add_tap("tap0")
     vmm, _ = boot_guest(vmm_process, network, tap)
     before = net_stats(vmm.serial)
-    sent, received = Pinger(network, GUEST_IP, 0.01, count=50).stop_when_done()
-    assert (sent, received) == (50, 50), "every echo request is answered"
+    sent = ping_answered(network, GUEST_IP, 50, 0.01)
     after = net_stats(vmm.serial)
     # Exactly the host's requests were answered, and every frame the guest sent is an answer.
-    assert after["echo"] - before["echo"] == 50, (before, after)
+    assert after["echo"] - before["echo"] == sent, (sent, before, after)
     assert after["tx"] == after["arp_out"] + after["echo"] + after["garp"], after
     assert after["tx_full"] == 0 and after["garp"] == 0, after
     # The device saw what the guest saw: every frame it delivered, every frame the guest sent.
@@ -97,7 +96,7 @@ def test_a_tap_fd_stays_the_callers_and_each_build_of_the_vm_takes_its_own_copy(
         vmm.boot()
         serial.expect(NET_UP, 60)
         serial.expect(rb"READY\r?\n", 60)
-        assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+        ping_answered(network, GUEST_IP, 5)
         assert len(_tun_fds() - {fd}) == 1, "the VM holds a duplicate of its own"
         # The settings are on the shared open file description: the caller's fd has them too.
         assert not os.get_blocking(fd)
@@ -105,7 +104,7 @@ def test_a_tap_fd_stays_the_callers_and_each_build_of_the_vm_takes_its_own_copy(
         serial.expect(BANNER, 90)
         serial.expect(NET_UP, 60)
         serial.expect(rb"READY\r?\n", 60)
-        assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+        ping_answered(network, GUEST_IP, 5)
         assert len(_tun_fds() - {fd}) == 1, "the old instance's copy went with it"
         vmm.delete()
         assert _tun_fds() == {fd}, "vmmpy closes its copies, never the caller's fd"
@@ -141,9 +140,9 @@ def test_ping_answered_after_a_reboot_in_the_middle_of_a_migration(vmm_process, 
     assert m.group(1).decode() != boot_id
     dst.serial.expect(NET_UP, 60)  # the reset device took a new driver
     dst.serial.expect(rb"READY\r?\n", 60)
-    assert Pinger(network, GUEST_IP, 0.05, count=10).stop_when_done() == (10, 10)
+    sent = ping_answered(network, GUEST_IP, 10)
     stats = net_stats(dst.serial)
-    assert stats["echo"] == 10 and stats["garp"] == 0, stats  # a fresh boot: nothing to announce
+    assert stats["echo"] == sent and stats["garp"] == 0, stats  # a fresh boot: nothing to announce
 
 
 def test_destination_without_a_tap_for_a_net_id_is_refused_at_config(vmm_process, network, tmp_path):
@@ -161,7 +160,7 @@ def test_destination_without_a_tap_for_a_net_id_is_refused_at_config(vmm_process
     assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
     m = src.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
     assert m.group(1).decode() == boot_id
-    assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+    ping_answered(network, GUEST_IP, 5)
 
 
 # ---- configuration (no KVM, no taps needed) ------------------------------------------------
@@ -279,4 +278,4 @@ def test_snapshot_restored_on_another_tap_announces_and_answers(vmm_process, net
         capture.close()
     m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
     assert m.group(1).decode() == boot_id
-    assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+    ping_answered(network, GUEST_IP, 5)
