@@ -3,12 +3,13 @@
 //! VIRTIO_BLK_S_UNSUPP; writes of any kind to a read-only disk VIRTIO_BLK_S_IOERR.
 //! Requests are served synchronously on the device's worker thread.
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk_image::{DiskImage, SECTOR_SIZE};
 use super::{
-    VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    serve_available, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
 };
 use crate::memory::GuestMem;
 
@@ -47,6 +48,8 @@ pub struct Block {
     queue_sizes: [u16; 1],
     /// The image was written since its last fdatasync.
     unsynced: bool,
+    /// The last batch stopped at its cap.
+    more: bool,
 }
 
 /// A run of guest memory a descriptor names.
@@ -111,6 +114,7 @@ impl Block {
             config,
             queue_sizes: [QUEUE_SIZE],
             unsynced: false,
+            more: false,
         }
     }
 
@@ -338,33 +342,26 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMem) -> bool {
-        let mut added = false;
-        loop {
-            // Errors here mean the rings left guest RAM; the queue then just stops serving.
-            let _ = queue.disable_notification(mem);
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                let (mut readable, mut writable) = (Vec::new(), Vec::new());
-                for d in chain {
-                    let seg = Segment {
-                        addr: d.addr().0,
-                        len: u64::from(d.len()),
-                    };
-                    if d.is_write_only() {
-                        writable.push(seg);
-                    } else {
-                        readable.push(seg);
-                    }
+        let served = serve_available(queue, mem, |chain| {
+            let (mut readable, mut writable) = (Vec::new(), Vec::new());
+            for d in chain {
+                let seg = Segment {
+                    addr: d.addr().0,
+                    len: u64::from(d.len()),
+                };
+                if d.is_write_only() {
+                    writable.push(seg);
+                } else {
+                    readable.push(seg);
                 }
-                let len = self.execute(&readable, &writable, mem);
-                if queue.add_used(mem, head, len).is_err() {
-                    return added;
-                }
-                added = true;
             }
-            if !queue.enable_notification(mem).unwrap_or(false) {
-                return added;
-            }
-        }
+            self.execute(&readable, &writable, mem)
+        });
+        self.more = served.more;
+        served.added
+    }
+
+    fn has_more(&self) -> bool {
+        self.more
     }
 }

@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::msix::{Msix, MsixState, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use super::{
-    VirtioDevice, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    ConfigChange, VirtioDevice, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::pci::config_space::{Bar, ConfigSpace, Identity};
@@ -224,10 +224,11 @@ impl VirtioPci {
         self.regs.status & STATUS_DRIVER_OK != 0 && self.regs.status & STATUS_FAILED == 0
     }
 
-    /// Serves every ready queue and signals the ones that got used entries. The worker calls it.
-    pub fn process_queues(&mut self) {
+    /// Serves every ready queue and signals the ones that got used entries. The worker calls it;
+    /// true when a queue stopped at its batch cap, so the worker serves again before it waits.
+    pub fn process_queues(&mut self) -> bool {
         if !self.driver_ok() {
-            return;
+            return false;
         }
         let used = self.device.process_all(&mut self.queues, &self.ram.mem);
         for i in (0..self.queues.len()).filter(|i| used & (1 << i) != 0) {
@@ -237,6 +238,21 @@ impl VirtioPci {
             {
                 self.interrupt(self.queue_vectors[i], ISR_QUEUE);
             }
+        }
+        let change = self.device.take_config_change();
+        self.config_changed(change);
+        self.device.has_more()
+    }
+
+    /// A new config generation for a change; for the device's own, ISR bit 1 and the config
+    /// vector too.
+    fn config_changed(&mut self, change: ConfigChange) {
+        if change == ConfigChange::None {
+            return;
+        }
+        self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
+        if change == ConfigChange::Notify {
+            self.interrupt(self.regs.config_vector, ISR_CONFIG);
         }
     }
 
@@ -252,8 +268,7 @@ impl VirtioPci {
     /// that is signalled to the driver: new generation, ISR bit 1, the config vector.
     pub fn moved(&mut self) {
         if self.driver_ok() && self.device.moved(self.regs.driver_features) {
-            self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
-            self.interrupt(self.regs.config_vector, ISR_CONFIG);
+            self.config_changed(ConfigChange::Notify);
         }
     }
 
