@@ -489,7 +489,8 @@ impl PyVm {
 
     /// {device id: {counter: value}} for the devices that count (virtio-net).
     fn counters<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let all = self.with(|vm| Ok(vm.counters()))?;
+        // The device locks wait for a worker's batch: not with the GIL held.
+        let all = py.detach(|| self.with(|vm| Ok(vm.counters())))?;
         let out = PyDict::new(py);
         for (id, counters) in all.into_iter().filter(|(_, c)| !c.is_empty()) {
             let d = PyDict::new(py);
@@ -655,6 +656,7 @@ fn net_spec((id, tap, fd, mac, ip, mask): NetArg) -> error::Result<NetSpec> {
         .transpose()
     };
     let (ip, mask) = (addr(ip, "ip")?, addr(mask, "mask")?);
+    // Without a mask, Cloud Hypervisor's default netmask.
     let backing = match (tap, fd) {
         (Some(name), None) => NetBacking::Tap {
             name,
@@ -666,7 +668,8 @@ fn net_spec((id, tap, fd, mac, ip, mask): NetArg) -> error::Result<NetSpec> {
             }),
         },
         (None, Some(fd)) => NetBacking::Fd(fd),
-        _ => return Err(bad("needs a tap name or a tap fd, not both".into())),
+        (Some(_), Some(_)) => return Err(bad("needs a tap name or a tap fd, not both".into())),
+        (None, None) => return Err(bad("needs a tap name or a tap fd".into())),
     };
     Ok(NetSpec { id, backing, mac })
 }
@@ -889,4 +892,30 @@ fn saved_state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<SavedState> {
         cmos,
         devices: virtio,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nic_needs_exactly_one_of_a_tap_name_and_a_tap_fd() {
+        let spec = |tap: Option<&str>, fd: Option<i32>| {
+            net_spec((
+                "net0".into(),
+                tap.map(String::from),
+                fd,
+                [2, 0, 0, 0, 0, 1],
+                None,
+                None,
+            ))
+        };
+        let message = |r: error::Result<NetSpec>| r.err().map(|e| e.message).unwrap_or_default();
+        assert_eq!(
+            message(spec(None, None)),
+            "net net0: needs a tap name or a tap fd"
+        );
+        assert!(message(spec(Some("t"), Some(3))).ends_with("not both"));
+        assert!(spec(Some("t"), None).is_ok() && spec(None, Some(3)).is_ok());
+    }
 }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import itertools
 import os
 import re
@@ -34,6 +35,9 @@ SO_TIMESTAMPNS = 35
 PACKET_OUTGOING = 4
 ICMP_ECHO_REPLY, ICMP_ECHO = 0, 8
 CLONE_NEWNET = 0x40000000
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
 
 
 def _ip(*args: str) -> subprocess.CompletedProcess:
@@ -70,6 +74,21 @@ class Network:
             assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
         self.taps.append(name)
         return name
+
+    def open_tap(self, name: str) -> int:
+        """A descriptor attached to this namespace's tap `name` (IFF_TAP | IFF_NO_PI), as an
+        orchestrator opens one to pass to a VMM."""
+
+        def attach() -> int:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+
+        return self.in_ns(attach)
 
     def in_ns(self, fn):
         """fn() run on a thread that entered the namespace (sockets it makes stay there)."""
@@ -292,10 +311,16 @@ class Pinger:
     """The host's `ping` at a fixed interval from the namespace; replies with their wall-clock
     times (ping -D), kept as they arrive."""
 
+    DEADLINE_S = 90  # for a ping with a count to get its replies
+
     def __init__(self, net: Network, ip: str, interval: float, count: int | None = None):
-        cmd = ["ip", "netns", "exec", net.ns, "ping", "-n", "-D", "-i", str(interval), "-W", "1"]
+        cmd = ["ip", "netns", "exec", net.ns, "ping", "-n", "-D", "-i", str(interval)]
         if count is not None:
-            cmd += ["-c", str(count)]
+            # Until `count` replies came, or the deadline: with -W instead, iputils waits only about
+            # 2 RTT after its last probe, so one late reply on a busy host would count as lost.
+            cmd += ["-c", str(count), "-w", str(self.DEADLINE_S)]
+        else:
+            cmd += ["-W", "1"]
         self.interval = interval
         self.started = time.time()
         self.proc = subprocess.Popen([*cmd, ip], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -336,7 +361,7 @@ class Pinger:
         assert m, f"no ping summary: {self.lines[-5:]}"
         return int(m.group(1)), int(m.group(2))
 
-    def stop_when_done(self, timeout: float = 120.0) -> tuple[int, int]:
+    def stop_when_done(self, timeout: float = DEADLINE_S + 30.0) -> tuple[int, int]:
         """Waits for a ping with a count to end by itself; (transmitted, received)."""
         self.proc.wait(timeout)
         return self.stop()
@@ -349,6 +374,14 @@ class Pinger:
         if end is not None:
             times = [t for t in times if t < end] + [end]
         return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+def ping_answered(net: Network, ip: str, count: int, interval: float = 0.05) -> int:
+    """Pings `ip` until `count` replies came (a late one counts); how many requests went out
+    (more than `count` when a reply was later than the next probe)."""
+    sent, received = Pinger(net, ip, interval, count=count).stop_when_done()
+    assert received == count, f"{received} of {count} ping replies ({sent} sent) within {Pinger.DEADLINE_S} s"
+    return sent
 
 
 NET_UP = rb"NET UP mac=([0-9a-f:]{17}) ip=([\d.]+)\r?\n"

@@ -371,6 +371,26 @@ def test_disk_flags_without_a_vm_are_this_hosts_backings(fake_vmm, capsys, sockd
     assert fake_vmm.instances[0].kwargs["disk_backings"] == {"root": str(image), "disk1": "/elsewhere.raw"}
 
 
+def test_net_flags_without_a_vm_are_this_hosts_taps_and_take_nothing_else(fake_vmm, capsys, sockdir):
+    fake_vmm.on_wait = lambda vmm: 0
+    api = f"path={os.path.join(sockdir, 'api.sock')}"
+    rc, _out, err = run_main(["--api-socket", api, "--net", "tap=tap7,id=eth0", "--net", "tap=tap8"], capsys)
+    assert rc == 0, err
+    assert fake_vmm.instances[0].kwargs["net_backings"] == {"eth0": "tap7", "net1": "tap8"}
+    # What a destination cannot use is refused by name, not ignored: the MAC comes with the VM.
+    for net, message in (
+        ("tap=t,mac=52:54:00:00:00:07", "--net mac=52:54:00:00:00:07: not for a VM this VMM restores or receives"),
+        ("tap=t,ip=10.0.0.1", "--net ip=10.0.0.1: not for a VM"),
+        ("tap=t,mask=255.0.0.0", "--net mask=255.0.0.0: not for a VM"),
+        ("fd=3", "a destination's tap is named"),
+        ("id=eth0", "a destination's tap is named"),
+        ("tap=t,queue_size=64", "unsupported option 'queue_size'"),
+    ):
+        rc, _out, err = run_main(["--api-socket", api, "--net", net], capsys)
+        assert rc == 2 and message in err, (net, err)
+    assert len(fake_vmm.instances) == 1
+
+
 def test_vsock_flag_becomes_the_vms_vsock_or_without_a_vm_this_hosts_socket(fake_vmm, capsys, sockdir):
     from vmmpy.config import VsockConfig
 

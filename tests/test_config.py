@@ -654,6 +654,17 @@ def test_unreadable_disk_is_refused(images):
         VmConfig(disks=[DiskConfig(path=images[0], readonly=True)])
 
 
+def test_peer_device_ids_must_be_strings():
+    # An unhashable id could not even be looked up in this host's backings: refused by name.
+    for body, field in (
+        ({"disks": [{"path": "/peer.raw", "id": ["root"]}]}, r"disks\[0\]\.id=\[\"root\"\]"),
+        ({"net": [{"tap": "peer-tap", "id": {"a": 1}}]}, r"net\[0\]\.id=\{\"a\": 1\}"),
+        ({"net": [{"tap": "peer-tap", "id": 7}]}, r"net\[0\]\.id=7"),
+    ):
+        with pytest.raises(InvalidConfig, match=field + ": must be a string"):
+            from_peer(body, {}, {"root": "/own.raw"}, {"net0": "own-tap"})
+
+
 def test_peer_disk_paths_are_replaced_by_this_hosts_backings(images):
     peer = VmConfig(disks=[DiskConfig(path=images[0], id="root", readonly=True)]).to_api()
     peer["disks"][0]["path"] = "/peer/chose/this.raw"

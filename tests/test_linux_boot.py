@@ -35,7 +35,7 @@ import pytest
 
 import linux_kernel
 from conftest import SerialClient
-from net_helpers import GUEST_IP, GUEST_MAC
+from net_helpers import GUEST_IP, GUEST_MAC, ping_answered
 from vmmpy import Vmm
 from vmmpy import kernel as vmmpy_kernel
 from vmmpy.client import error_message
@@ -704,5 +704,4 @@ def test_full_boot_virtio_net_answers_the_hosts_ping(cloud_kernel, vmm_process, 
     m = p.serial.expect(rb"VMMPY-NET-UP (\S+)", 180)
     assert m.group(1).decode() == GUEST_MAC
     assert b"VMMPY-INSMOD-FAILED" not in p.serial.buf
-    out = network.run("ping", "-c", "5", "-W", "5", GUEST_IP)
-    assert out.returncode == 0 and " 0% packet loss" in out.stdout, out.stdout + out.stderr
+    ping_answered(network, GUEST_IP, 5)

@@ -5,22 +5,23 @@ what went out."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from helpers import BANNER
+from helpers import BANNER, SerialClient
 from migration_helpers import free_port, send, start_receive, wait_progress
 from net_helpers import (
     GUEST_IP,
     GUEST_MAC,
     NET_UP,
-    Pinger,
     boot_guest,
     counters,
     garp_seen,
     migrate_under_ping,
     net_stats,
+    ping_answered,
 )
 
 
@@ -28,11 +29,10 @@ def test_host_ping_reaches_the_guest_and_counts_match(vmm_process, network):
     tap = network.add_tap("tap0")
     vmm, _ = boot_guest(vmm_process, network, tap)
     before = net_stats(vmm.serial)
-    sent, received = Pinger(network, GUEST_IP, 0.01, count=50).stop_when_done()
-    assert (sent, received) == (50, 50), "every echo request is answered"
+    sent = ping_answered(network, GUEST_IP, 50, 0.01)
     after = net_stats(vmm.serial)
     # Exactly the host's requests were answered, and every frame the guest sent is an answer.
-    assert after["echo"] - before["echo"] == 50, (before, after)
+    assert after["echo"] - before["echo"] == sent, (sent, before, after)
     assert after["tx"] == after["arp_out"] + after["echo"] + after["garp"], after
     assert after["tx_full"] == 0 and after["garp"] == 0, after
     # The device saw what the guest saw: every frame it delivered, every frame the guest sent.
@@ -70,6 +70,51 @@ def test_a_tap_that_cannot_be_opened_is_an_error_at_create(vmm_process, network,
     holder.serial.command("net info", rb"NET INFO mac=\S+ ip=10\.77\.0\.2 link=up")
 
 
+def _tun_fds() -> set[int]:
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/net/tun":
+                out.add(int(name))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_a_tap_fd_stays_the_callers_and_each_build_of_the_vm_takes_its_own_copy(network, tmp_path):
+    from vmmpy import Vmm
+    from vmmpy.config import NetConfig, SerialConfig, VmConfig
+
+    fd = network.open_tap(network.add_tap("tapfd"))
+    os.set_blocking(fd, True)
+    path = str(tmp_path / "serial.sock")
+    vmm = Vmm(serial=SerialConfig(mode="Socket", socket=path))
+    serial = SerialClient(path)
+    try:
+        cfg = VmConfig(memory_mib=128, cmdline=f"console=ttyS0 ip={GUEST_IP}", net=[NetConfig(fd=fd, mac=GUEST_MAC)])
+        vmm.create(cfg)
+        vmm.boot()
+        serial.expect(NET_UP, 60)
+        serial.expect(rb"READY\r?\n", 60)
+        ping_answered(network, GUEST_IP, 5)
+        assert len(_tun_fds() - {fd}) == 1, "the VM holds a duplicate of its own"
+        # The settings are on the shared open file description: the caller's fd has them too.
+        assert not os.get_blocking(fd)
+        vmm.reboot()
+        serial.expect(BANNER, 90)
+        serial.expect(NET_UP, 60)
+        serial.expect(rb"READY\r?\n", 60)
+        ping_answered(network, GUEST_IP, 5)
+        assert len(_tun_fds() - {fd}) == 1, "the old instance's copy went with it"
+        vmm.delete()
+        assert _tun_fds() == {fd}, "vmmpy closes its copies, never the caller's fd"
+        os.fstat(fd)
+    finally:
+        serial.close()
+        vmm.close()
+        os.close(fd)
+
+
 @pytest.mark.parametrize("transport", ["tcp", "local"])
 def test_ping_through_a_live_migration(vmm_process, network, tmp_path, transport, record_property):
     report = migrate_under_ping(vmm_process, network, tmp_path, transport)
@@ -95,9 +140,9 @@ def test_ping_answered_after_a_reboot_in_the_middle_of_a_migration(vmm_process, 
     assert m.group(1).decode() != boot_id
     dst.serial.expect(NET_UP, 60)  # the reset device took a new driver
     dst.serial.expect(rb"READY\r?\n", 60)
-    assert Pinger(network, GUEST_IP, 0.05, count=10).stop_when_done() == (10, 10)
+    sent = ping_answered(network, GUEST_IP, 10)
     stats = net_stats(dst.serial)
-    assert stats["echo"] == 10 and stats["garp"] == 0, stats  # a fresh boot: nothing to announce
+    assert stats["echo"] == sent and stats["garp"] == 0, stats  # a fresh boot: nothing to announce
 
 
 def test_destination_without_a_tap_for_a_net_id_is_refused_at_config(vmm_process, network, tmp_path):
@@ -115,7 +160,7 @@ def test_destination_without_a_tap_for_a_net_id_is_refused_at_config(vmm_process
     assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
     m = src.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
     assert m.group(1).decode() == boot_id
-    assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+    ping_answered(network, GUEST_IP, 5)
 
 
 # ---- configuration (no KVM, no taps needed) ------------------------------------------------
@@ -233,4 +278,4 @@ def test_snapshot_restored_on_another_tap_announces_and_answers(vmm_process, net
         capture.close()
     m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16})")
     assert m.group(1).decode() == boot_id
-    assert Pinger(network, GUEST_IP, 0.05, count=5).stop_when_done() == (5, 5)
+    ping_answered(network, GUEST_IP, 5)

@@ -127,6 +127,18 @@ def test_peer_serial_config_touches_no_host_file(receiver, tmp_path):
     assert not appended.exists()
 
 
+def test_peer_device_ids_that_are_not_strings_get_a_clean_error(receiver):
+    vmm, path = receiver
+    for key, device in (("disks", {"path": "/peer.raw", "id": ["root"]}), ("net", {"tap": "t", "id": {"a": 1}})):
+        s = _connect(path)
+        _start(s)
+        cfg = _config()
+        cfg[key] = [device]
+        body = json.dumps({"config": cfg, "memory_size": MEMORY_64M, "local": False}).encode()
+        assert f"{key}[0].id=" in _error(s, Command.CONFIG, body)
+        s.close()
+
+
 def test_snapshot_config_serial_touches_no_host_file(guest_vmm, tmp_path):
     vmm, serial = guest_vmm(memory_mib=64)
     serial.wait_ready()

@@ -27,6 +27,7 @@ from vmmpy.config import (
     parse_cpus,
     parse_disk,
     parse_net,
+    parse_net_backing,
     parse_memory,
     parse_serial,
     parse_vsock,
@@ -116,8 +117,9 @@ def build_parser() -> OneLineParser:
         "--net",
         action="append",
         metavar="tap=NAME|fd=N[,mac=MAC][,ip=IPV4,mask=IPV4][,id=NAME]",
-        help="a virtio-net NIC on a host tap (repeatable; created, with ip/mask, when absent); "
-        "without a VM to boot, this host's tap for that net id when a VM is restored or received",
+        help="a virtio-net NIC on a host tap (repeatable; created, with ip/mask (default "
+        "255.255.255.0), when absent); without a VM to boot, tap=NAME[,id=NAME] alone names this "
+        "host's tap for that net id when a VM is restored or received (its MAC comes with it)",
     )
     p.add_argument(
         "--vsock",
@@ -214,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cpus is not None:
             vm_args.update(parse_cpus(args.cpus))
         disks = [parse_disk(text) for text in args.disk or []]
-        nets = [parse_net(text) for text in args.net or []]
+        nets = [parse_net(text) for text in args.net or []] if want_vm else []
         config = None
         disk_backings: dict[str, str] = {}
         net_backings: dict[str, str] = {}
@@ -240,13 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if disk_id in disk_backings:
                     raise InvalidConfig(f"--disk id={disk_id}: given twice")
                 disk_backings[disk_id] = d.path
-            for i, n in enumerate(nets):
-                net_id = n.id if n.id is not None else f"net{i}"
-                if n.tap is None:
-                    raise InvalidConfig(f"--net id={net_id}: a destination's tap is named (tap=NAME)")
+            for i, text in enumerate(args.net or []):
+                net_id, tap = parse_net_backing(text)
+                net_id = net_id if net_id is not None else f"net{i}"
                 if net_id in net_backings:
                     raise InvalidConfig(f"--net id={net_id}: given twice")
-                net_backings[net_id] = n.tap
+                net_backings[net_id] = tap
         test_hooks = TestHooks.parse(args.test_hooks) if args.test_hooks else NO_HOOKS
         monitor_args = parse_event_monitor(args.event_monitor) if args.event_monitor else None
         # Opened here, so a bad path is a usage error (a FIFO blocks until its reader opens).

@@ -259,9 +259,13 @@ def tap_problem(name: str) -> str | None:
 @dataclass
 class NetConfig:
     """A virtio-net NIC on a host tap (Cloud Hypervisor's ``NetConfig``): ``tap`` by name (created
-    when it does not exist, with ``ip``/``mask`` as its host address), or ``fd``, an open tap
-    descriptor the caller keeps (in-process and command line only: an HTTP body cannot carry
-    one). ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
+    when it does not exist, with ``ip``/``mask`` as its host address; ``mask`` defaults to
+    255.255.255.0, as in Cloud Hypervisor), or ``fd``, an open tap
+    descriptor (in-process and command line only: an HTTP body cannot carry one) that stays the
+    caller's: vmmpy never closes it, and takes a duplicate of its own each time it builds the VM
+    (create, every reboot), closed with that VM instance; so it must stay open while the VM may
+    reboot. The duplicate shares its open file description: vmmpy makes it non-blocking, sets
+    its vnet header size and turns its offloads off, for the caller's descriptor too. ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
     ``id=None`` gets ``net<i>`` from its place in :attr:`VmConfig.net`."""
 
     tap: str | None = None
@@ -957,6 +961,17 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
 PEER_IGNORED = ("serial",)
 
 
+def _peer_device_id(device: dict, label: str, default: str) -> str:
+    """A peer device's id, looked up in this host's backings: a string (anything else, such as an
+    unhashable list, is refused by name before any lookup), or `default` when absent."""
+    device_id = device.get("id")
+    if device_id is None:
+        return default
+    if not isinstance(device_id, str):
+        raise InvalidConfig(f"{label}.id={_short(device_id)}: must be a string")
+    return device_id
+
+
 def from_peer(
     body: Any,
     content: dict,
@@ -982,7 +997,7 @@ def from_peer(
         for i, d in enumerate(disks):
             if not isinstance(d, dict):
                 raise InvalidConfig(f"disks[{i}]={d!r}: must be an object")
-            disk_id = d.get("id") if d.get("id") is not None else f"disk{i}"
+            disk_id = _peer_device_id(d, f"disks[{i}]", f"disk{i}")
             if disk_id not in backings:
                 raise InvalidConfig(
                     f"disk {disk_id!r}: this host names no backing file for it (give the "
@@ -998,7 +1013,7 @@ def from_peer(
         for i, n in enumerate(nets):
             if not isinstance(n, dict):
                 raise InvalidConfig(f"net[{i}]={n!r}: must be an object")
-            net_id = n.get("id") if n.get("id") is not None else f"net{i}"
+            net_id = _peer_device_id(n, f"net[{i}]", f"net{i}")
             if net_id not in backings:
                 raise InvalidConfig(
                     f"net {net_id!r}: this host names no tap for it (give the destination's own "
@@ -1235,6 +1250,32 @@ def parse_net(text: str) -> NetConfig:
     return NetConfig(
         tap=opts.get("tap"), fd=fd, mac=opts.get("mac"), ip=opts.get("ip"), mask=opts.get("mask"), id=opts.get("id")
     )
+
+
+# What a destination's --net cannot take, and why: the rest of a NIC comes with the VM.
+_NET_BACKING_REFUSED = {
+    "mac": "the MAC comes with the VM (the guest's identity on the network)",
+    "ip": "a destination does not set its tap's address (give the tap its address beforehand)",
+    "mask": "a destination does not set its tap's address (give the tap its address beforehand)",
+    "fd": "a destination's tap is named (tap=NAME)",
+}
+
+
+def parse_net_backing(text: str) -> tuple[str | None, str]:
+    """``--net tap=NAME[,id=ID]`` on a VMM that restores or receives its VM: (net id or None,
+    this host's tap for it). Any other option is refused by name, not ignored."""
+    usage = "tap=<name>[,id=<name>] (a restored or received VM keeps its own MAC)"
+    opts = parse_options(text, "--net", None, usage)
+    for key in opts:
+        if key in _NET_BACKING_REFUSED:
+            raise InvalidConfig(
+                f"--net {key}={opts[key]}: not for a VM this VMM restores or receives: {_NET_BACKING_REFUSED[key]}"
+            )
+        if key not in ("tap", "id"):
+            raise InvalidConfig(f"--net {text!r}: unsupported option {key!r}; expected {usage}")
+    if "tap" not in opts:
+        raise InvalidConfig(f"--net {text!r}: a destination's tap is named; expected {usage}")
+    return opts.get("id"), opts["tap"]
 
 
 def parse_vsock(text: str) -> VsockConfig:

@@ -68,6 +68,8 @@ pub struct Block {
     queue_sizes: [u16; 1],
     /// A write completed since the last fdatasync began.
     unsynced: bool,
+    /// The last batch stopped at its cap.
+    more: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -191,6 +193,7 @@ impl Block {
             config,
             queue_sizes: [QUEUE_SIZE],
             unsynced: false,
+            more: false,
         }
     }
 
@@ -569,7 +572,11 @@ impl VirtioDevice for Block {
         mem: &GuestMem,
         rearm: bool,
     ) -> bool {
+        // Its own loop rather than serve_available's: requests are started, not answered, and a
+        // full ring stops the batch. At most the queue's size of chains, as serve_available.
         let mut added = false;
+        let mut budget = queue.size();
+        self.more = false;
         loop {
             // Errors here mean the rings left guest RAM; the queue then just stops serving.
             let _ = queue.disable_notification(mem);
@@ -577,6 +584,7 @@ impl VirtioDevice for Block {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
+                budget = budget.saturating_sub(1);
                 let head = chain.head_index();
                 let (mut readable, mut writable) = (Vec::new(), Vec::new());
                 for d in chain {
@@ -590,23 +598,35 @@ impl VirtioDevice for Block {
                         readable.push(seg);
                     }
                 }
-                let Outcome::Done(len) = self.execute(head, &readable, &writable, mem) else {
-                    continue;
-                };
-                if queue.add_used(mem, head, len).is_err() {
-                    return added;
+                if let Outcome::Done(len) = self.execute(head, &readable, &writable, mem) {
+                    if queue.add_used(mem, head, len).is_err() {
+                        return added;
+                    }
+                    added = true;
                 }
-                added = true;
+                if budget == 0 {
+                    self.more = true;
+                    break;
+                }
             }
             if let Some(ring) = &mut self.ring {
                 // A refused submit leaves the entries queued; the next batch retries it.
                 let _ = ring.submit();
             }
-            // With every slot taken, notifications stay off: completions bring the worker back.
-            if !rearm || self.full() || !queue.enable_notification(mem).unwrap_or(false) {
+            // With every slot taken, notifications stay off (completions bring the worker back),
+            // and after a capped batch (the worker serves the queue again at once).
+            if !rearm
+                || self.more
+                || self.full()
+                || !queue.enable_notification(mem).unwrap_or(false)
+            {
                 return added;
             }
         }
+    }
+
+    fn has_more(&self) -> bool {
+        self.more
     }
 
     fn complete(&mut self, _index: usize, queue: &mut Queue, mem: &GuestMem) -> bool {
@@ -647,6 +667,7 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self, mem: &GuestMem) {
+        self.more = false;
         // Nothing is answered any more, but reads still land in guest RAM and count as dirty.
         while self.in_flight() > 0 {
             let Some(ring) = &mut self.ring else {

@@ -16,7 +16,7 @@ pub mod worker;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::GuestMem;
@@ -30,6 +30,19 @@ pub const STATUS_DRIVER: u8 = 2;
 pub const STATUS_DRIVER_OK: u8 = 4;
 pub const STATUS_FEATURES_OK: u8 = 8;
 pub const STATUS_FAILED: u8 = 0x80;
+
+/// A change of a device's config space (virtio 1.2 §4.1.4.3.1: the device presents a new
+/// config_generation after each one, so that a driver reading several fields sees them whole).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConfigChange {
+    #[default]
+    None,
+    /// The driver asked for it (virtio-net's ANNOUNCE_ACK): a new generation, no interrupt.
+    Requested,
+    /// The device's own (a link going down): a new generation and a configuration change
+    /// notification (ISR bit 1, the config vector).
+    Notify,
+}
 
 /// What a device type adds to the transport: its features, queues and config space, and the
 /// processing of its queues.
@@ -103,10 +116,65 @@ pub trait VirtioDevice: Send {
     fn moved(&mut self, _driver_features: u64) -> bool {
         false
     }
+    /// A queue's last batch stopped at its cap (`serve_available`'s `more`): the worker serves the
+    /// device again before it waits for an event.
+    fn has_more(&self) -> bool {
+        false
+    }
+    /// How the config changed since the last call (the transport calls it after each batch).
+    fn take_config_change(&mut self) -> ConfigChange {
+        ConfigChange::None
+    }
     /// Named counters, as Cloud Hypervisor's `vm.counters` reports them per device.
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
 }
+/// What one call of `serve_available` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Used entries were added.
+    pub added: bool,
+    /// It stopped at its cap with chains perhaps still available: the queue must be served again
+    /// without waiting for a kick (which the driver need not send, kicks being off).
+    pub more: bool,
+}
+
+/// Serves the chains the driver made available on `queue` with `serve` (which returns the bytes
+/// it wrote, for the used ring), at most the queue's size in one call: a driver that keeps the
+/// ring full must not keep the device (and its lock, which vCPUs' register accesses and a pause
+/// wait for) on one queue. Kicks are off while it works and re-armed before it returns, with a
+/// last look at the ring for chains made available meanwhile: under VIRTIO_RING_F_EVENT_IDX only
+/// `enable_notification` writes avail_event, so a queue that skipped it would never be kicked
+/// again once the driver passed the stale value.
+pub fn serve_available(
+    queue: &mut Queue,
+    mem: &GuestMem,
+    mut serve: impl FnMut(DescriptorChain<&GuestMem>) -> u32,
+) -> Served {
+    let mut done = Served::default();
+    let mut budget = queue.size();
+    loop {
+        // Errors here mean the rings left guest RAM; the queue then just stops serving.
+        let _ = queue.disable_notification(mem);
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                return done;
+            }
+            done.added = true;
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                done.more = true;
+                return done;
+            }
+        }
+        if !queue.enable_notification(mem).unwrap_or(false) {
+            return done;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

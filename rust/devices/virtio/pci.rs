@@ -12,7 +12,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::msix::{Msix, MsixState, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use super::{
-    VirtioDevice, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    ConfigChange, VirtioDevice, STATUS_DRIVER, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::pci::config_space::{Bar, ConfigSpace, Identity};
@@ -228,9 +228,11 @@ impl VirtioPci {
     }
 
     /// Answers the requests that finished, serves or starts the available ones, and signals the
-    /// queues that got used entries. The worker calls it.
-    pub fn process_queues(&mut self) {
+    /// queues that got used entries. The worker calls it; true when a queue stopped at its batch
+    /// cap, so the worker serves again before it waits.
+    pub fn process_queues(&mut self) -> bool {
         let _ = self.serve(true, true);
+        self.device.has_more()
     }
 
     /// As `process_queues`, but leaves driver notifications off (the worker keeps looking);
@@ -283,7 +285,23 @@ impl VirtioPci {
                 self.interrupt(self.queue_vectors[i], ISR_QUEUE);
             }
         }
+        if take_new {
+            let change = self.device.take_config_change();
+            self.config_changed(change);
+        }
         used != 0 || self.device.in_flight() != before
+    }
+
+    /// A new config generation for a change; for the device's own, ISR bit 1 and the config
+    /// vector too.
+    fn config_changed(&mut self, change: ConfigChange) {
+        if change == ConfigChange::None {
+            return;
+        }
+        self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
+        if change == ConfigChange::Notify {
+            self.interrupt(self.regs.config_vector, ISR_CONFIG);
+        }
     }
 
     /// The host fd the worker also waits on, while the driver runs the device.
@@ -298,8 +316,7 @@ impl VirtioPci {
     /// that is signalled to the driver: new generation, ISR bit 1, the config vector.
     pub fn moved(&mut self) {
         if self.driver_ok() && self.device.moved(self.regs.driver_features) {
-            self.regs.config_generation = self.regs.config_generation.wrapping_add(1);
-            self.interrupt(self.regs.config_vector, ISR_CONFIG);
+            self.config_changed(ConfigChange::Notify);
         }
     }
 

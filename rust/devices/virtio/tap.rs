@@ -213,7 +213,10 @@ impl Tap {
     }
 
     /// Takes a duplicate of `fd`, which must be a tap (as an orchestrator opens it, with or
-    /// without IFF_VNET_HDR).
+    /// without IFF_VNET_HDR); `fd` stays the caller's, open. The duplicate shares `fd`'s open
+    /// file description, so what is set here is set for every holder of it (the caller, the
+    /// orchestrator that passed it): O_NONBLOCK, the vnet header size (12, when the tap has
+    /// IFF_VNET_HDR) and offloads off (TUNSETOFFLOAD 0).
     pub fn from_fd(fd: RawFd) -> Result<Tap> {
         let owned = dup_owned(fd, &format!("tap fd {fd}"))?;
         let mut req = IfReq::named("");
@@ -278,20 +281,41 @@ impl AsRawFd for Tap {
     }
 }
 
+/// For tests that create taps: moves the calling thread (each test has its own) into a new
+/// network namespace, so that its taps and frames never reach the host's; false, with the
+/// missing capability printed, when taps cannot be made here.
+#[cfg(test)]
+pub(crate) fn private_netns_for_taps() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if !std::path::Path::new("/dev/net/tun").exists() || unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: creating a tap needs /dev/net/tun and root");
+        return false;
+    }
+    // SAFETY: unshare(2) with CLONE_NEWNET changes only the calling thread's network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = std::io::Error::last_os_error();
+        eprintln!("skipped: a private network namespace for the test's taps: unshare: {e}");
+        return false;
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A tap this test creates (in the test process's network namespace); it goes away with
-    /// the fd, since it is not made persistent.
+    /// A tap this test creates (in its thread's own network namespace); it goes away with the
+    /// fd, since it is not made persistent.
     fn temp_name(tag: &str) -> String {
         format!("vt{}{tag}", std::process::id() % 100_000)
     }
 
-    fn can_create_taps() -> bool {
-        // CAP_NET_ADMIN and the tun driver: what creating a tap needs.
-        // SAFETY: geteuid has no preconditions.
-        std::path::Path::new("/dev/net/tun").exists() && unsafe { libc::geteuid() } == 0
+    /// Whether the interface is there, in the calling thread's namespace (/sys/class/net shows
+    /// the namespace sysfs was mounted in).
+    fn has_interface(name: &str) -> bool {
+        let name = std::ffi::CString::new(name).unwrap();
+        // SAFETY: a NUL-terminated name.
+        unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
     }
 
     #[test]
@@ -304,8 +328,7 @@ mod tests {
 
     #[test]
     fn a_non_tap_interface_is_refused_by_name() {
-        if !std::path::Path::new("/sys/class/net/lo").exists() || !can_create_taps() {
-            eprintln!("skipped: needs /dev/net/tun, root and an lo interface");
+        if !private_netns_for_taps() {
             return;
         }
         let e = Tap::open("lo", None).err().expect("lo is no tap");
@@ -314,14 +337,13 @@ mod tests {
 
     #[test]
     fn created_tap_passes_frames_and_its_fd_can_be_taken_over() {
-        if !can_create_taps() {
-            eprintln!("skipped: creating a tap needs /dev/net/tun and root");
+        if !private_netns_for_taps() {
             return;
         }
         let name = temp_name("a");
         let tap = Tap::open(&name, None).unwrap();
         assert_eq!(tap.hdr_len(), 0);
-        assert!(interface_exists(&name));
+        assert!(has_interface(&name));
         // Nothing is waiting: a non-blocking read says so.
         let mut buf = [0u8; 2048];
         let e = tap.read(&mut buf).unwrap_err();

@@ -14,7 +14,7 @@ use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::vsock_muxer::Muxer;
-use super::{VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{serve_available, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::GuestMem;
 
 pub const DEVICE_TYPE: u16 = 19;
@@ -32,6 +32,8 @@ pub struct Vsock {
     muxer: Muxer,
     /// A TRANSPORT_RESET is owed to the guest (state was restored).
     reset_owed: bool,
+    /// The last tx batch stopped at its cap.
+    tx_more: bool,
     queue_sizes: [u16; 3],
 }
 
@@ -43,30 +45,22 @@ impl Vsock {
             config: cid.to_le_bytes(),
             muxer: Muxer::new(cid, path, listener)?,
             reset_owed: false,
+            tx_more: false,
             queue_sizes: [QUEUE_SIZE; 3],
         })
     }
 
     /// Every packet the guest queued on tx.
     fn drain_tx(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
-        let mut added = false;
-        loop {
-            let _ = queue.disable_notification(mem);
-            while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
-                let head = chain.head_index();
-                // A malformed packet is consumed unanswered (no header to answer from).
-                if let Ok(pkt) = VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-                    self.muxer.guest_packet(&pkt);
-                }
-                if queue.add_used(mem, head, 0).is_err() {
-                    return added;
-                }
-                added = true;
+        let served = serve_available(queue, mem, |mut chain| {
+            // A malformed packet is consumed unanswered (no header to answer from).
+            if let Ok(pkt) = VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+                self.muxer.guest_packet(&pkt);
             }
-            if !queue.enable_notification(mem).unwrap_or(false) {
-                return added;
-            }
-        }
+            0
+        });
+        self.tx_more = served.more;
+        served.added
     }
 
     /// Packets owed to the guest, as far as it has given rx buffers.
@@ -172,9 +166,14 @@ impl VirtioDevice for Vsock {
         Some(self.muxer.epoll_fd())
     }
 
+    fn has_more(&self) -> bool {
+        self.tx_more
+    }
+
     fn reset(&mut self, _mem: &GuestMem) {
         self.muxer.reset();
         self.reset_owed = false;
+        self.tx_more = false;
     }
 
     fn moved(&mut self, _driver_features: u64) -> bool {

@@ -1,9 +1,10 @@
 //! One thread per virtio device: it sleeps in poll(2) on the device's kick eventfds (written by
 //! KVM on a notify-register write, never through userspace), its wake eventfd, the eventfd its
 //! I/O engine signals completions on and its backend's fd (a tap, vsock's epoll over its host
-//! sockets) when it has them, and serves the queues under the device lock. Pause is a handshake:
-//! the thread stops taking requests, answers every one in flight (quiesce), then
-//! acknowledges and holds still, so nothing is in flight while device state is captured.
+//! sockets) when it has them, and serves the queues under the device lock, a batch (at most a
+//! queue's size of chains) at a time. Pause is a handshake: the thread stops taking requests,
+//! answers every one in flight (quiesce), then acknowledges and holds still, so nothing is in
+//! flight while device state is captured.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex};
@@ -211,18 +212,20 @@ fn run(
         if !window.is_zero() {
             poll_while_idle(dev, window);
         }
-        let backend = {
+        let (more, backend) = {
             let mut d = dev.lock().unwrap();
-            d.process_queues();
-            d.backend_fd()
+            (d.process_queues(), d.backend_fd())
         };
         // The backend is polled only while the device can take its input; the device drains it
         // itself in process_queues.
         fds.truncate(events.len());
         fds.extend(backend.map(pollin));
+        // A batch stopped at its cap: no waiting (the lock is free meanwhile, and a pause is seen
+        // at the top of the loop), only the events that came are taken.
+        let timeout = if more { 0 } else { -1 };
         // SAFETY: fds is a valid array of pollfd for fds this thread's caller keeps open (the
         // backend's belongs to the device, which the Arc keeps alive).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
             continue; // EINTR
         }
