@@ -1,6 +1,7 @@
 """A guest reset or power-off during live migration: what QEMU does, next to what vmmpy does.
 
 Run: python -m pytest benches/test_bench_lifecycle_vs_qemu.py -p no:cacheprovider -s
+(the table of a run and what it says: docs/lifecycle-vs-qemu.md)
 
 A report, not a test (tests/test_migration_lifecycle.py holds vmmpy to its own behaviour): each
 cell boots the test guest (1 vCPU, 256 MiB, `dirty 16` running) in a source and a destination,
