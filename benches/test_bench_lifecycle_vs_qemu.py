@@ -152,12 +152,12 @@ def qemu_cell(tmp: Path, elf: Path, name: str, command: str, flags: tuple[str, .
             return None if st in ("running", "finish-migrate", "postmigrate") else f"stopped ({st})"
 
         obs.source_guest, source_new = reaction(src.serial, stopped)
-        end = None
         if src.proc.poll() is None:
             try:
                 src.qmp.command("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
             except (AssertionError, OSError):
-                pass
+                pass  # the source QEMU is ending: the loop below records it
+        end = None
         deadline = time.monotonic() + 120
         while end is None:
             try:
