@@ -66,7 +66,8 @@ class Qmp:
 class QemuGuest:
     """`qemu-system-x86_64 -machine microvm -kernel <test guest>` with QMP and a console socket.
     `incoming`: start as a migration destination (``-incoming defer``, then listen()). `mem_path`:
-    back guest RAM with a shared file (``memory-backend-file,share=on``), for same-host migration."""
+    back guest RAM with a shared file (``memory-backend-file,share=on``), for same-host migration.
+    `args`: more QEMU options (devices, ``-no-shutdown``...)."""
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class QemuGuest:
         mib: int,
         incoming: bool = False,
         mem_path: str | None = None,
+        args: tuple[str, ...] = (),
     ):
         self.serial_path = str(tmp / f"{name}.qserial")
         self.qmp_path = str(tmp / f"{name}.qmp")
@@ -112,6 +114,7 @@ class QemuGuest:
                 "-machine",
                 "memory-backend=ram",
             ]
+        cmd += args
         # A booting guest starts stopped (-S) until its console has a client: QEMU drops serial
         # output nobody is connected to.
         cmd += ["-incoming", "defer"] if incoming else ["-S"]
