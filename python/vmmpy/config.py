@@ -972,6 +972,31 @@ def _peer_device_id(device: dict, label: str, default: str) -> str:
     return device_id
 
 
+def _own_devices(
+    body: dict, key: str, kind: str, backings: dict[str, str] | None, what: str, field: str, peer_only: tuple
+) -> dict:
+    """`body[key]` (a peer's device list) with each device's `field` from this host's `backings`
+    (device id -> resource) and the peer's `peer_only` fields dropped; an id without one is
+    refused. The peer's resources are never used."""
+    devices = body.get(key)
+    if not isinstance(devices, list):
+        return body  # absent, or refused by name when the config is read
+    backings = backings or {}
+    own = []
+    for i, d in enumerate(devices):
+        if not isinstance(d, dict):
+            raise InvalidConfig(f"{key}[{i}]={d!r}: must be an object")
+        device_id = _peer_device_id(d, f"{key}[{i}]", f"{kind}{i}")
+        if device_id not in backings:
+            raise InvalidConfig(
+                f"{kind} {device_id!r}: this host names no {what} for it "
+                f"(give the destination's own {field} for each {kind} id); vmmpy never opens a {field} the peer names"
+            )
+        kept = {k: v for k, v in d.items() if k not in peer_only}
+        own.append({**kept, "id": device_id, field: backings[device_id]})
+    return {**body, key: own}
+
+
 def from_peer(
     body: Any,
     content: dict,
@@ -990,38 +1015,8 @@ def from_peer(
     if not isinstance(body, dict):
         raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
     body = {k: v for k, v in body.items() if k not in PEER_IGNORED}
-    disks = body.get("disks")
-    if isinstance(disks, list):
-        backings = disk_backings or {}
-        own = []
-        for i, d in enumerate(disks):
-            if not isinstance(d, dict):
-                raise InvalidConfig(f"disks[{i}]={d!r}: must be an object")
-            disk_id = _peer_device_id(d, f"disks[{i}]", f"disk{i}")
-            if disk_id not in backings:
-                raise InvalidConfig(
-                    f"disk {disk_id!r}: this host names no backing file for it (give the "
-                    f"destination's own path for each disk id); vmmpy never opens a path "
-                    "the peer names"
-                )
-            own.append({**d, "id": disk_id, "path": backings[disk_id]})
-        body["disks"] = own
-    nets = body.get("net")
-    if isinstance(nets, list):
-        backings = net_backings or {}
-        own = []
-        for i, n in enumerate(nets):
-            if not isinstance(n, dict):
-                raise InvalidConfig(f"net[{i}]={n!r}: must be an object")
-            net_id = _peer_device_id(n, f"net[{i}]", f"net{i}")
-            if net_id not in backings:
-                raise InvalidConfig(
-                    f"net {net_id!r}: this host names no tap for it (give the destination's own "
-                    "tap for each net id); vmmpy never opens a tap the peer names"
-                )
-            peer_only = ("tap", "ip", "mask")
-            own.append({**{k: v for k, v in n.items() if k not in peer_only}, "id": net_id, "tap": backings[net_id]})
-        body["net"] = own
+    body = _own_devices(body, "disks", "disk", disk_backings, "backing file", "path", ("path",))
+    body = _own_devices(body, "net", "net", net_backings, "tap", "tap", ("tap", "ip", "mask"))
     vsock = body.get("vsock")
     if isinstance(vsock, dict):
         if vsock_socket is None:
