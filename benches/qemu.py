@@ -10,31 +10,43 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
-from helpers import SerialClient
+from helpers import SerialClient, connect_unix
 
 QEMU = shutil.which("qemu-system-x86_64")
+
+
+def microvm_command(guest: Path, vcpus: int, mib: int) -> list[str]:
+    """QEMU's firmware-less microvm booting the test guest (PVH), no devices, no display."""
+    return [
+        QEMU,
+        "-machine",
+        "microvm",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-m",
+        str(mib),
+        "-smp",
+        str(vcpus),
+        "-display",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-kernel",
+        str(guest),
+    ]
 
 
 class Qmp:
     """A QMP client: one command at a time, asynchronous events kept apart."""
 
     def __init__(self, path: str, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
+        self.sock = connect_unix(path, timeout)
         self.file = self.sock.makefile("rb")
         self.events: list[dict] = []
         self._read()  # the greeting
@@ -84,24 +96,7 @@ class QemuGuest:
         for p in (self.serial_path, self.qmp_path):
             if os.path.exists(p):
                 os.unlink(p)
-        cmd = [
-            QEMU,
-            "-machine",
-            "microvm",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            str(mib),
-            "-smp",
-            "1",
-            "-display",
-            "none",
-            "-nodefaults",
-            "-no-user-config",
-            "-kernel",
-            str(guest),
+        cmd = microvm_command(guest, 1, mib) + [
             "-serial",
             f"unix:{self.serial_path},server=on,wait=off",
             "-qmp",

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 from helpers import BANNER
 from migration_helpers import free_port, progress, send, start_receive
-from qemu import QEMU, QemuGuest
+from qemu import QEMU, QemuGuest, microvm_command
 
 from vmmpy import Vmm, _native
 from vmmpy.config import SerialConfig, VmConfig
@@ -123,28 +123,7 @@ def run_qemu(tmp: Path, guest: Path, vcpus: int, mib: int) -> float:
     log = tmp / f"qemu-{time.monotonic_ns()}.log"
     t0 = time.monotonic()
     p = subprocess.Popen(
-        [
-            QEMU,
-            "-machine",
-            "microvm",
-            "-accel",
-            "kvm",
-            "-cpu",
-            "host",
-            "-m",
-            str(mib),
-            "-smp",
-            str(vcpus),
-            "-display",
-            "none",
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-kernel",
-            str(guest),
-            "-serial",
-            f"file:{log}",
-        ],
+        microvm_command(guest, vcpus, mib) + ["-no-reboot", "-serial", f"file:{log}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

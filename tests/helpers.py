@@ -20,21 +20,27 @@ from vmmpy.client import ApiClient
 BANNER = re.compile(rb"vmmpy-testguest boot_id=([0-9a-f]{16}) cpus=(\d+) mem_mib=(\d+)\r?\n")
 
 
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """A stream socket connected to `path`, retried until the server listens there (or raises
+    after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SerialClient:
     """A client on a VMM's console socket: reads guest output, types commands."""
 
     def __init__(self, path: str, timeout: float = 60.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        self.sock = connect_unix(path, timeout)
         self.buf = b""
         self.pos = 0  # what expect() has consumed
         self._lock = threading.Lock()
