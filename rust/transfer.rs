@@ -563,12 +563,50 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
             stats.bytes_received += e.len;
         }
     }
-    match link {
-        Link::Plain(fd) => read_all(fd, &mut iovs)?,
-        Link::Tls(tls) => read_all_tls(tls, &iovs)?,
-    }
+    let allocations = allocations(&regions, &entries, stats.bytes_received);
+    std::thread::scope(|s| {
+        if !allocations.is_empty() {
+            s.spawn(move || allocate(&allocations));
+        }
+        match link {
+            Link::Plain(fd) => read_all(fd, &mut iovs),
+            Link::Tls(tls) => read_all_tls(tls, &iovs),
+        }
+    })?;
     stats.wire_bytes += stats.bytes_received;
     Ok(stats)
+}
+
+/// Frames with less page data than this are received without allocating ahead: a thread costs
+/// more than the faults it would save.
+const ALLOCATE_AHEAD_MIN: u64 = 4 << 20;
+
+/// The (memfd, file offset, length) runs of a frame's data ranges to allocate ahead of the copy.
+fn allocations(regions: &[Region], entries: &[Entry], data: u64) -> Vec<(RawFd, u64, u64)> {
+    if data < ALLOCATE_AHEAD_MIN {
+        return Vec::new();
+    }
+    entries
+        .iter()
+        .filter(|e| !e.zero)
+        .filter_map(|e| {
+            let (fd, fstart) = regions[e.region].file?;
+            Some((fd, fstart + e.offset, e.len))
+        })
+        .collect()
+}
+
+/// Allocates memfd pages in order, on a thread of its own, while the socket's bytes are copied
+/// into them: shmem allocates a run of pages in one call for less than the copy's write faults
+/// cost one 4 KiB page at a time, and the other core does it (about 1.4x the receive rate of a
+/// fresh 1 GiB destination here, README: full-RAM migrations). Only a hint: a page the copy
+/// reaches first is faulted in by it as before, and an allocation that fails changes nothing.
+fn allocate(runs: &[(RawFd, u64, u64)]) {
+    for &(fd, offset, len) in runs {
+        // SAFETY: fallocate on a region's memfd (open for the frame's whole receive: the caller
+        // holds the RAM), inside its sealed size, with plain integers; mode 0 keeps existing data.
+        unsafe { libc::fallocate(fd, 0, offset as i64, len as i64) };
+    }
 }
 
 /// Zeroes `offset..offset + len` of a region. Parts that are holes of its memfd read as zero
