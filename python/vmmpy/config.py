@@ -15,10 +15,8 @@ flag) and the offending value.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import os
-import secrets
 import stat
 from dataclasses import dataclass, field
 
@@ -205,7 +203,7 @@ _CAP_NET_ADMIN = 12
 
 def random_mac() -> str:
     """A locally administered unicast MAC, as Cloud Hypervisor gives a NIC without one."""
-    octets = bytearray(secrets.token_bytes(6))
+    octets = bytearray(os.urandom(6))
     octets[0] = (octets[0] & 0xFC) | 0x02
     return ":".join(f"{b:02x}" for b in octets)
 
@@ -306,6 +304,8 @@ class NetConfig:
                     out.append(f"{label}.fd={self.fd}: not an open file descriptor")
         if parse_mac(self.mac) is None:
             out.append(f"{label}.mac={self.mac!r}: must be a unicast MAC address (xx:xx:xx:xx:xx:xx)")
+        import ipaddress  # only a NIC with an address needs it: kept off the boot path
+
         for name in ("ip", "mask"):
             value = getattr(self, name)
             if value is None:
