@@ -31,7 +31,7 @@ ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
 /// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` (with `KVM_DIRTY_LOG_INITIALLY_SET` when offered) on
-/// a VM; true when it is on. Call it right after creating the VM, before any slot logs dirty pages.
+/// a VM; true when it is on. Call it before any slot enables KVM_MEM_LOG_DIRTY_PAGES.
 pub fn enable_manual_protect(vm: &VmFd) -> bool {
     let offered = vm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 as libc::c_ulong);
     if offered <= 0 || offered as u32 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE == 0 {

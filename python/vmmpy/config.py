@@ -304,12 +304,12 @@ class NetConfig:
                     out.append(f"{label}.fd={self.fd}: not an open file descriptor")
         if parse_mac(self.mac) is None:
             out.append(f"{label}.mac={self.mac!r}: must be a unicast MAC address (xx:xx:xx:xx:xx:xx)")
-        import ipaddress  # only a NIC with an address needs it: kept off the boot path
-
         for name in ("ip", "mask"):
             value = getattr(self, name)
             if value is None:
                 continue
+            import ipaddress  # only a NIC with an address needs it: kept off the boot path
+
             try:
                 ipaddress.IPv4Address(value)
             except (ValueError, TypeError):
