@@ -600,10 +600,10 @@ fn allocations(regions: &[Region], entries: &[Entry], data: u64) -> Vec<(RawFd, 
 }
 
 /// Allocates memfd pages in order, on a thread of its own, while the socket's bytes are copied
-/// into them: shmem allocates (and accounts) a run of pages in one call, so the copy's write
-/// faults only zero and map them, and the other core does the allocating (about 1.4x the receive rate of a
-/// fresh 1 GiB destination here, README: full-RAM migrations). Only a hint: a page the copy
-/// reaches first is faulted in by it as before, and an allocation that fails changes nothing.
+/// into them: shmem allocates (and accounts) a run of pages in one call, the copy's write faults
+/// then only zero and map them, and the other core does the allocating (about 1.4x the receive
+/// rate of a fresh 1 GiB destination here, README: full-RAM migrations). Only a hint: a page the
+/// copy reaches first is faulted in by it as before; an allocation that fails changes nothing.
 fn allocate(runs: &[(RawFd, u64, u64)]) {
     for &(fd, offset, len) in runs {
         // SAFETY: fallocate on a region's memfd (open for the frame's whole receive: the caller
@@ -1119,8 +1119,8 @@ mod tests {
         assert!(table.len() > IOV_MAX);
         // Allocating ahead (the frame is over ALLOCATE_AHEAD_MIN) stays on the pages with data, at
         // their offsets (the memfd's block count), and the skipped ones read as holes, so a later
-        // first pass skips them
-        // (checked before anything reads the mapping: a read fault allocates a memfd page).
+        // first pass skips them. Checked before anything reads the mapping: a read fault
+        // allocates a memfd page.
         let (_, fd, size) = dst.memfds()[0];
         let mut data = 0;
         for extent in data_extents(fd, 0, size) {
