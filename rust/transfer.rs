@@ -563,13 +563,13 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
             stats.bytes_received += e.len;
         }
     }
-    let allocations = allocations(&regions, &entries, stats.bytes_received);
+    let prefaults = prefault_runs(&regions, &entries, stats.bytes_received);
     std::thread::scope(|s| {
-        if !allocations.is_empty() {
+        if !prefaults.is_empty() {
             // A thread the host refuses only costs the hint.
             let _ = std::thread::Builder::new()
-                .name("vmm-allocate".into())
-                .spawn_scoped(s, move || allocate(&allocations));
+                .name("vmm-prefault".into())
+                .spawn_scoped(s, move || prefault(&prefaults));
         }
         match link {
             Link::Plain(fd) => read_all(fd, &mut iovs),
@@ -580,35 +580,49 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
     Ok(stats)
 }
 
-/// Frames with less page data than this are received without allocating ahead: a thread costs
+/// Frames with less page data than this are received without prefaulting: a thread costs
 /// more than the faults it would save.
-const ALLOCATE_AHEAD_MIN: u64 = 4 << 20;
+const PREFAULT_MIN: u64 = 4 << 20;
 
-/// The (memfd, file offset, length) runs of a frame's data ranges to allocate ahead of the copy.
-fn allocations(regions: &[Region], entries: &[Entry], data: u64) -> Vec<(RawFd, u64, u64)> {
-    if data < ALLOCATE_AHEAD_MIN {
+/// The (host address, length) runs of a frame's data ranges to populate ahead of the copy.
+fn prefault_runs(regions: &[Region], entries: &[Entry], data: u64) -> Vec<(usize, usize)> {
+    if data < PREFAULT_MIN {
         return Vec::new();
     }
     entries
         .iter()
         .filter(|e| !e.zero)
-        .filter_map(|e| {
-            let (fd, fstart) = regions[e.region].file?;
-            Some((fd, fstart + e.offset, e.len))
+        .map(|e| {
+            (
+                regions[e.region].host as usize + e.offset as usize,
+                e.len as usize,
+            )
         })
         .collect()
 }
 
-/// Allocates memfd pages in order, on a thread of its own, while the socket's bytes are copied
-/// into them: shmem allocates (and accounts) a run of pages in one call, the copy's write faults
-/// then only zero and map them, and the other core does the allocating (about 1.4x the receive
-/// rate of a fresh 1 GiB destination here, README: full-RAM migrations). Only a hint: a page the
-/// copy reaches first is faulted in by it as before; an allocation that fails changes nothing.
-fn allocate(runs: &[(RawFd, u64, u64)]) {
-    for &(fd, offset, len) in runs {
-        // SAFETY: fallocate on a region's memfd (open for the frame's whole receive: the caller
-        // holds the RAM), inside its sealed size, with plain integers; mode 0 keeps existing data.
-        unsafe { libc::fallocate(fd, 0, offset as i64, len as i64) };
+/// Faults in the frame's pages (MADV_POPULATE_WRITE: allocated, zeroed and mapped) on a thread of
+/// its own while the socket's bytes are copied into them, from the frame's end backwards in 1 MiB
+/// steps: the copy goes forwards, so the two cores fault disjoint pages until they meet, and
+/// once they have met what is left is already mapped. Only a hint: a populate that fails changes
+/// nothing.
+fn prefault(runs: &[(usize, usize)]) {
+    const STEP: usize = 1 << 20;
+    for &(addr, len) in runs.iter().rev() {
+        let mut end = len;
+        while end > 0 {
+            let start = end.saturating_sub(STEP);
+            // SAFETY: madvise on a range of the RAM's mapping (held for the frame's whole receive
+            // by the caller) inside a validated region; POPULATE_WRITE keeps existing data.
+            unsafe {
+                libc::madvise(
+                    (addr + start) as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            end = start;
+        }
     }
 }
 
@@ -1117,7 +1131,7 @@ mod tests {
         let sent = sender.join().unwrap();
         assert_eq!(got.pages, sent.pages);
         assert!(table.len() > IOV_MAX);
-        // Allocating ahead (the frame is over ALLOCATE_AHEAD_MIN) stays on the pages with data, at
+        // Prefaulting (the frame is over PREFAULT_MIN) stays on the pages with data, at
         // their offsets (the memfd's block count), and the skipped ones read as holes, so a later
         // first pass skips them. Checked before anything reads the mapping: a read fault
         // allocates a memfd page.
