@@ -211,7 +211,10 @@ class VmmpySide:
     def __init__(self, vmm_process, tmp: Path, mib: int, what: str | None, local: bool):
         self.tmp = tmp
         self.local = local
-        a = vmm_process("--no-shutdown", "--memory", f"size={mib}M", name="va")
+        # Over tcp vmmpy's RAM is private (shared=off), as QEMU's is: anonymous memory with
+        # transparent huge pages; a same-host migration passes memfds, so that RAM is shared.
+        shared = "on" if local else "off"
+        a = vmm_process("--no-shutdown", "--memory", f"size={mib}M,shared={shared}", name="va")
         b = vmm_process("--no-shutdown", name="vb")
         self.boot_id, _ = a.serial.wait_ready()
         guest_workload(a.serial, what)

@@ -25,7 +25,7 @@ use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 use crate::error::{Error, Kind, Result};
 use crate::memory::{GuestRam, VmmBitmap, PAGE_SIZE};
 use crate::ranges::RangeTable;
-use crate::sparse::data_extents;
+use crate::sparse::{data_extents, used_extents};
 
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -221,8 +221,9 @@ fn clear_dirty_log(vm: &VmFd, slot: u32, s: &mut Slot, first: usize, end: usize)
     Ok(())
 }
 
-/// Iteration 0's table: all of guest RAM except what its memfds never had written (holes, found
-/// with SEEK_DATA / SEEK_HOLE), so an idle guest's first pass skips untouched memory.
+/// Iteration 0's table: all of guest RAM except what was never written (memfd holes, found with
+/// SEEK_DATA / SEEK_HOLE; private RAM's pages that pagemap reports neither present nor swapped),
+/// so an idle guest's first pass skips untouched memory.
 pub fn all_ram(ram: &GuestRam) -> RangeTable {
     let mut table = RangeTable::new();
     for region in ram.mem.iter() {
@@ -236,7 +237,17 @@ pub fn all_ram(ram: &GuestRam) -> RangeTable {
                     table.push(gpa + off, n);
                 }
             }
-            None => table.push(gpa, len),
+            None => {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .expect("guest RAM is mapped") as usize;
+                match used_extents(host, len) {
+                    Ok(extents) => extents
+                        .into_iter()
+                        .for_each(|(off, n)| table.push(gpa + off, n)),
+                    Err(_) => table.push(gpa, len), // unknown counts as data: it is sent
+                }
+            }
         }
     }
     table
@@ -270,6 +281,22 @@ mod tests {
         ram.mem.write_obj(1u64, GuestAddress(16 * MIB)).unwrap(); // first page of region 1
         let t = all_ram(&ram);
         assert_eq!(pages_of(&t), vec![3, 4, 5, 2047, 4096]);
+    }
+
+    #[test]
+    fn all_ram_of_private_ram_lists_touched_memory() {
+        let ram = GuestRam::private(&[(0, 8 * MIB), (16 * MIB, 4 * MIB)]).unwrap();
+        assert!(all_ram(&ram).is_empty(), "fresh private RAM has no page");
+        ram.mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+        ram.mem.write_obj(1u64, GuestAddress(8 * MIB - 8)).unwrap();
+        let pages = pages_of(&all_ram(&ram));
+        assert!(pages.contains(&3) && pages.contains(&2047), "{pages:?}");
+        // A transparent huge page may bring its 2 MiB along; nothing else is listed, and the
+        // untouched region not at all.
+        assert!(
+            pages.iter().all(|&p| p < 512 || (1536..2048).contains(&p)),
+            "{pages:?}"
+        );
     }
 
     /// CPL3 code at 0x2000: `L: out 0x3f8 ; store eax to each of `targets` ; jmp L`.

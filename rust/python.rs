@@ -328,7 +328,7 @@ impl PyVm {
     /// Builds the VM and loads its payload (kernel and initramfs as `bytes`, which are immutable
     /// while the GIL is released); no vCPU runs until `boot()`.
     #[new]
-    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new(), nets=Vec::new(), vsock=None))]
+    #[pyo3(signature = (*, memory_size, vcpus, kernel, initramfs, cmdline, console, reset_fd, guest_exit_fd, error_fd, restore=false, memory_fds=None, boot_protocol=None, disks=Vec::new(), nets=Vec::new(), vsock=None, memory_shared=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -347,6 +347,7 @@ impl PyVm {
         disks: Vec<(String, String, bool, bool)>,
         nets: Vec<NetArg>,
         vsock: Option<(String, u64, i32, String)>,
+        memory_shared: bool,
     ) -> PyResult<Self> {
         let boot_protocol = boot_protocol
             .map(crate::boot::payload::BootProtocol::from_name)
@@ -375,6 +376,7 @@ impl PyVm {
         });
         let cfg = VmConfig {
             memory_size,
+            memory_shared,
             vcpus,
             kernel,
             initramfs,
@@ -570,7 +572,7 @@ impl PyVm {
 
     /// (guest address, fd, size) of each RAM region's memfd; the fds stay owned by the VM.
     fn memory_fds(&self) -> error::Result<Vec<(u64, i32, u64)>> {
-        self.with(|vm| Ok(vm.ram.memfds()))
+        self.with(|vm| vm.ram.memfds())
     }
 
     /// Writes RAM region `index` to the sparse file open as `fd` (the caller opened it safely and

@@ -1,8 +1,11 @@
 //! The data extents of a sparse file (guest RAM memfds, snapshot memory files), found with
 //! SEEK_DATA / SEEK_HOLE: what was never written is a hole and reads as zero, so a walk over guest
-//! RAM can skip it.
+//! RAM can skip it. Private anonymous RAM has no file: its used pages are the ones
+//! /proc/self/pagemap reports present or swapped out (`used_extents`).
 
+use std::fs::File;
 use std::os::fd::RawFd;
+use std::os::unix::fs::FileExt;
 
 use crate::memory::PAGE_SIZE;
 
@@ -22,6 +25,42 @@ impl Unknown {
     pub fn as_data(&self) -> (u64, u64) {
         (self.offset, self.len)
     }
+}
+
+/// The extents, as `(offset, len)` from `addr`, of this process's page-aligned memory
+/// `addr..addr + len` whose pages are present or swapped out: private anonymous memory that was
+/// never touched is neither and reads as zero. An error when pagemap cannot be read (callers
+/// count everything as used).
+pub fn used_extents(addr: usize, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    const PRESENT_OR_SWAPPED: u64 = 3 << 62;
+    const ENTRIES: u64 = 4096; // one read covers 16 MiB of memory
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let (first, pages) = (addr as u64 / PAGE_SIZE, len / PAGE_SIZE);
+    let mut buf = vec![0u8; 8 * ENTRIES as usize];
+    let (mut out, mut run) = (Vec::new(), None);
+    let mut p = 0;
+    while p < pages {
+        let n = (pages - p).min(ENTRIES);
+        let bytes = &mut buf[..8 * n as usize];
+        pagemap.read_exact_at(bytes, (first + p) * 8)?;
+        for (i, entry) in bytes.chunks_exact(8).enumerate() {
+            let used = u64::from_ne_bytes(entry.try_into().unwrap()) & PRESENT_OR_SWAPPED != 0;
+            let page = p + i as u64;
+            match (used, run) {
+                (true, None) => run = Some(page),
+                (false, Some(start)) => {
+                    out.push((start * PAGE_SIZE, (page - start) * PAGE_SIZE));
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        p += n;
+    }
+    if let Some(start) = run {
+        out.push((start * PAGE_SIZE, (pages - start) * PAGE_SIZE));
+    }
+    Ok(out)
 }
 
 /// The data extents of `fd` in `start..start + len`, as `(offset, len)` relative to `start`, in

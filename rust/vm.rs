@@ -70,6 +70,8 @@ impl LifecycleRequest {
 /// What a VM is built from. The kernel and initramfs are content the VMM holds, not paths.
 pub struct VmConfig<'a> {
     pub memory_size: u64,
+    /// Memfd-backed RAM (same-host migration can pass it), else private anonymous memory.
+    pub memory_shared: bool,
     pub vcpus: u8,
     pub kernel: Option<&'a [u8]>,
     pub initramfs: Option<&'a [u8]>,
@@ -341,7 +343,7 @@ impl Vm {
             .create_vm()
             .map_err(|e| Error::kvm("KVM_CREATE_VM", e))?;
         let ram = match memory_fds {
-            None => GuestRam::new(cfg.memory_size)?,
+            None => GuestRam::new(cfg.memory_size, cfg.memory_shared)?,
             Some(files) => {
                 let ranges = layout::ram_ranges(cfg.memory_size);
                 if files.len() != ranges.len() || !restore {

@@ -39,7 +39,7 @@ def kernel_file(tmp_path):
 def test_defaults():
     c = VmConfig()
     assert (c.memory_mib, c.vcpus, c.kernel, c.initramfs, c.cmdline) == (512, 1, None, None, None)
-    assert c.memory_shared is False
+    assert c.memory_shared is True  # vmmpy's default (Cloud Hypervisor's is false), docs/cloud-hypervisor-compat.md
     assert c.serial == SerialConfig(mode="Null")
     assert c.effective_cmdline == DEFAULT_CMDLINE == "console=ttyS0"
     assert c.memory_bytes == 512 * MIB

@@ -72,9 +72,11 @@ class Vm:
         disks: list[tuple[str, str, bool, bool]] = ...,
         nets: list[tuple[str, str | None, int | None, bytes, str | None, str | None]] = ...,
         vsock: tuple[str, int, int, str] | None = None,
+        memory_shared: bool = True,
     ) -> Vm:
         """`restore`: built to take saved state (no payload loaded); `memory_fds`: map these
-        sealed memfds as guest RAM (same-host migration) instead of new ones; `boot_protocol`
+        sealed memfds as guest RAM (same-host migration) instead of new ones; `memory_shared`:
+        new RAM as memfds (True) or private anonymous memory with transparent huge pages; `boot_protocol`
         'pvh' or 'linux64' (None: PVH for an ELF with the PVH note, else linux64); `disks`: (id,
         path, readonly, direct) per virtio-blk disk, opened before anything runs; `nets`: (id, tap
         name, tap fd, 6-byte MAC, ip, netmask) per virtio-net NIC (name or fd), its tap opened (or
@@ -116,7 +118,8 @@ class Vm:
         """Pages written since the last call: KVM's log OR-ed with the VMM's own writes."""
     def all_ram_ranges(self) -> RangeTable: ...
     def memory_fds(self) -> list[tuple[int, int, int]]:
-        """(guest address, fd, size) per RAM region; the fds stay the VM's."""
+        """(guest address, fd, size) per RAM region; the fds stay the VM's. Private RAM
+        (memory_shared=False) has none: InvalidConfig."""
     def save_memory(self, index: int, fd: int) -> None:
         """RAM region `index` into the open, empty file `fd` (sparse); the VM must be paused."""
     def load_memory(self, index: int, fd: int) -> None:

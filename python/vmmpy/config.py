@@ -521,8 +521,9 @@ class VmConfig:
 
     ``kernel=None`` boots the embedded test guest; ``cmdline=None`` means :data:`DEFAULT_CMDLINE`;
     ``boot_protocol=None`` enters an ELF with the PVH note through PVH (see :data:`BOOT_PROTOCOLS`).
-    ``memory_shared`` is accepted for compatibility only: vmmpy's guest RAM is always a shared
-    memfd mapping.
+    ``memory_shared``: guest RAM as memfds mapped shared (the default; a same-host ``local=on``
+    migration passes them), or with False private anonymous memory with transparent huge pages
+    (Cloud Hypervisor's ``shared=off``: faster to fault in, no same-host migration).
     """
 
     memory_mib: int = DEFAULT_MEMORY_MIB
@@ -530,7 +531,7 @@ class VmConfig:
     kernel: str | None = None
     initramfs: str | None = None
     cmdline: str | None = None
-    memory_shared: bool = False
+    memory_shared: bool = True
     serial: SerialConfig = field(default_factory=SerialConfig)
     boot_protocol: str | None = None
     disks: list[DiskConfig] = field(default_factory=list)
@@ -791,10 +792,10 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
             memory_mib = size // MIB
     shared = memory.get("shared")
     if shared is None:
-        shared = False
+        shared = True  # vmmpy's default (Cloud Hypervisor's is false): local=on works without it
     elif not isinstance(shared, bool):
         problems.append(f"memory.shared={shared!r}: must be a boolean")
-        shared = False
+        shared = True
     leftovers("memory", memory, {"size", "shared"}, _MEMORY_DEFAULTS)
 
     # serial ------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ class Machine:
     ) -> _native.Vm:
         return _native.Vm(
             memory_size=cfg.memory_bytes,
+            memory_shared=cfg.memory_shared,
             vcpus=cfg.vcpus,
             kernel=payload.kernel,
             initramfs=payload.initramfs,

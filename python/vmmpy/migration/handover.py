@@ -12,7 +12,7 @@ import logging
 import threading
 
 from ..control_loop import ControlLoop, drain
-from ..errors import InvalidState, MigrationCancelled
+from ..errors import InvalidConfig, InvalidState, MigrationCancelled
 from ..events import EventMonitor
 from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from ..machine import Machine, VmState
@@ -46,6 +46,11 @@ class Handover:
         m.require_owned()
         if m.state is not VmState.RUNNING:
             raise InvalidState(f"only a running VM can be migrated (state {m.state.value})")
+        if opts.local and not m.config.memory_shared:
+            raise InvalidConfig(
+                "local=on passes guest RAM's memory fds, and this VM's RAM is private (memory shared=off): "
+                "start it with --memory shared=on (as Cloud Hypervisor requires)"
+            )
         self.info_at_start = m.info()
         self._latch.clear()
         progress = ProgressTracker(
