@@ -51,6 +51,16 @@ def test_default_ram_is_shared_memfds(vmm_process):
     assert _memory_info(vmm)["shared"] is True and _ram_memfds(vmm) == 1
 
 
+def test_a_reboot_rebuilds_private_ram(vmm_process):
+    vmm = vmm_process(*PRIVATE, name="rebooting")
+    boot_id, _ = vmm.serial.wait_ready()
+    vmm.serial.command("reboot acpi", "REBOOTING")
+    vmm.wait_event("vm.rebooted")
+    new_id, _ = vmm.serial.wait_ready()
+    assert new_id != boot_id
+    assert _memory_info(vmm)["shared"] is False and _ram_memfds(vmm) == 0
+
+
 def test_same_host_migration_of_private_ram_is_refused_and_the_guest_runs_on(vmm_process, tmp_path):
     src = vmm_process(*PRIVATE, name="src")
     boot_id, _ = src.serial.wait_ready()
