@@ -212,6 +212,11 @@ class VmmProcess:
     def wait_exit(self, timeout: float = 90.0) -> int:
         return self.proc.wait(timeout)
 
+    def ram_memfds(self) -> int:
+        """Guest RAM memfds mapped in the process (shared RAM: one per region, private: none)."""
+        with open(f"/proc/{self.proc.pid}/maps") as maps:
+            return sum("memfd:vmmpy-ram" in line for line in maps)
+
     def close(self) -> None:
         if self._serial is not None:
             self._serial.close()

@@ -1,17 +1,11 @@
 """Private guest RAM (`--memory shared=off`, Cloud Hypervisor's option): anonymous memory instead of
 memfds. It migrates over tcp (the first pass skips what was never touched, found through
-/proc/self/pagemap), snapshots and restores like shared RAM; a same-host migration, which passes
-memfds, is refused before anything starts."""
+/proc/self/pagemap) and survives a reboot; a same-host migration, which passes memfds, is refused
+before anything starts. Snapshots of both kinds: tests/test_snapshot.py."""
 
 from migration_helpers import free_port, send, start_receive, url_for
 
 PRIVATE = ("--memory", "size=512M,shared=off")
-
-
-def _ram_memfds(vmm) -> int:
-    """Mappings of guest RAM memfds in the VMM process (shared RAM has one per region)."""
-    with open(f"/proc/{vmm.proc.pid}/maps") as maps:
-        return sum("memfd:vmmpy-ram" in line for line in maps)
 
 
 def _memory_info(vmm) -> dict:
@@ -24,7 +18,7 @@ def test_private_ram_migrates_over_tcp_with_a_dirtying_guest(vmm_process, tmp_pa
     src = vmm_process("--cpus", "boot=2", *PRIVATE, name="src")
     dst = vmm_process(name="dst")
     boot_id, _ = src.serial.wait_ready()
-    assert _memory_info(src)["shared"] is False and _ram_memfds(src) == 0
+    assert _memory_info(src)["shared"] is False and src.ram_memfds() == 0
     src.serial.command("dirty 64", "DIRTY STARTED mib=64")
     src.serial.wait_dirty_pass()
     url = url_for("tcp", tmp_path, free_port())
@@ -39,7 +33,7 @@ def test_private_ram_migrates_over_tcp_with_a_dirtying_guest(vmm_process, tmp_pa
     # all 512 MiB: pagemap told untouched memory apart.
     assert 64 << 20 <= first["bytes"] < 200 << 20, first
     # The destination built the same kind of RAM from the source's config, and the guest moved.
-    assert _memory_info(dst)["shared"] is False and _ram_memfds(dst) == 0
+    assert _memory_info(dst)["shared"] is False and dst.ram_memfds() == 0
     m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
     assert m.group(1).decode() == boot_id
     dst.serial.command("verify", rb"VERIFY OK [1-9]\d*\r\n", timeout=60)
@@ -48,7 +42,7 @@ def test_private_ram_migrates_over_tcp_with_a_dirtying_guest(vmm_process, tmp_pa
 def test_default_ram_is_shared_memfds(vmm_process):
     vmm = vmm_process("--memory", "size=256M", name="default")
     vmm.serial.wait_ready()
-    assert _memory_info(vmm)["shared"] is True and _ram_memfds(vmm) == 1
+    assert _memory_info(vmm)["shared"] is True and vmm.ram_memfds() == 1
 
 
 def test_a_reboot_rebuilds_private_ram(vmm_process):
@@ -58,7 +52,7 @@ def test_a_reboot_rebuilds_private_ram(vmm_process):
     vmm.wait_event("vm.rebooted")
     new_id, _ = vmm.serial.wait_ready()
     assert new_id != boot_id
-    assert _memory_info(vmm)["shared"] is False and _ram_memfds(vmm) == 0
+    assert _memory_info(vmm)["shared"] is False and vmm.ram_memfds() == 0
 
 
 def test_same_host_migration_of_private_ram_is_refused_and_the_guest_runs_on(vmm_process, tmp_path):
@@ -74,23 +68,3 @@ def test_same_host_migration_of_private_ram_is_refused_and_the_guest_runs_on(vmm
     assert "vm.migration-started" not in src.event_names()
     src.serial.command("status", rb"STATUS boot_id=" + boot_id.encode())
     assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
-
-
-def test_private_ram_snapshot_restores_in_a_new_process(vmm_process, tmp_path):
-    src = vmm_process("--cpus", "boot=2", "--memory", "size=128M,shared=off", name="src")
-    boot_id, _ = src.serial.wait_ready()
-    src.serial.command("dirty 16", "DIRTY STARTED")
-    src.serial.wait_dirty_pass()
-    assert src.api.request("PUT", "/api/v1/vm.pause")[0] == 204
-    snap = tmp_path / "snap"
-    status, body = src.api.request("PUT", "/api/v1/vm.snapshot", {"destination_url": f"file://{snap}"})
-    assert status == 204, body
-    src.api.request("PUT", "/api/v1/vmm.shutdown")
-    assert src.wait_exit() == 0
-
-    dst = vmm_process("--restore", f"source_url=file://{snap},resume=on", name="dst")
-    dst.wait_event("vm.restored")
-    assert _memory_info(dst)["shared"] is False and _ram_memfds(dst) == 0
-    m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
-    assert m.group(1).decode() == boot_id
-    dst.serial.command("verify", rb"VERIFY OK [1-9]\d*\r\n", timeout=60)

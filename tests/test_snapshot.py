@@ -18,8 +18,9 @@ from helpers import SerialClient
 FIXTURE = Path(__file__).parent / "fixtures" / "snapshot-1.0"
 
 
-def test_snapshot_restore_in_a_new_process_keeps_the_dirtying_guest(vmm_process, tmp_path):
-    src = vmm_process("--cpus", "boot=2", "--memory", "size=128M", name="src")
+@pytest.mark.parametrize("shared", ["on", "off"])
+def test_snapshot_restore_in_a_new_process_keeps_the_dirtying_guest(vmm_process, tmp_path, shared):
+    src = vmm_process("--cpus", "boot=2", "--memory", f"size=128M,shared={shared}", name="src")
     boot_id, _ = src.serial.wait_ready()
     src.serial.command("dirty 16", "DIRTY STARTED")
     src.serial.wait_dirty_pass()
@@ -35,6 +36,9 @@ def test_snapshot_restore_in_a_new_process_keeps_the_dirtying_guest(vmm_process,
 
     dst = vmm_process("--restore", f"source_url=file://{snap},resume=on", name="dst")
     dst.wait_event("vm.restored")
+    # The restored RAM is of the kind the snapshot's config names (private RAM: no memfd).
+    assert dst.api.request("GET", "/api/v1/vm.info")[1]["config"]["memory"]["shared"] is (shared == "on")
+    assert dst.ram_memfds() == (1 if shared == "on" else 0)
     m = dst.serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
     assert m.group(1).decode() == boot_id  # the same boot: no reboot happened
     dst.serial.command("verify", rb"VERIFY OK \d+\r\n", timeout=60)
