@@ -9,8 +9,6 @@
 //! it got, before the caller reads (sends) those pages: a guest write racing with the send is then
 //! caught by the next sync. Without it, `KVM_GET_DIRTY_LOG` reads, clears and re-protects at once.
 
-use std::os::fd::AsRawFd;
-
 use kvm_bindings::{
     kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
     kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, kvm_userspace_memory_region, KVMIO,
@@ -25,7 +23,6 @@ use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 use crate::error::{Error, Kind, Result};
 use crate::memory::{GuestRam, VmmBitmap, PAGE_SIZE};
 use crate::ranges::RangeTable;
-use crate::sparse::{data_extents, used_extents};
 
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -226,28 +223,10 @@ fn clear_dirty_log(vm: &VmFd, slot: u32, s: &mut Slot, first: usize, end: usize)
 /// so an idle guest's first pass skips untouched memory.
 pub fn all_ram(ram: &GuestRam) -> RangeTable {
     let mut table = RangeTable::new();
-    for region in ram.mem.iter() {
+    for (region, extents) in ram.mem.iter().zip(ram.used_extents()) {
         let gpa = region.start_addr().0;
-        let len = region.len();
-        match region.file_offset() {
-            Some(fo) => {
-                // What the file cannot tell about counts as data: it is sent.
-                for extent in data_extents(fo.file().as_raw_fd(), fo.start(), len) {
-                    let (off, n) = extent.unwrap_or_else(|unknown| unknown.as_data());
-                    table.push(gpa + off, n);
-                }
-            }
-            None => {
-                let host = region
-                    .get_host_address(vm_memory::MemoryRegionAddress(0))
-                    .expect("guest RAM is mapped") as usize;
-                match used_extents(host, len) {
-                    Ok(extents) => extents
-                        .into_iter()
-                        .for_each(|(off, n)| table.push(gpa + off, n)),
-                    Err(_) => table.push(gpa, len), // unknown counts as data: it is sent
-                }
-            }
+        for (off, n) in extents {
+            table.push(gpa + off, n);
         }
     }
     table
@@ -285,18 +264,26 @@ mod tests {
 
     #[test]
     fn all_ram_of_private_ram_lists_touched_memory() {
-        let ram = GuestRam::private(&[(0, 8 * MIB), (16 * MIB, 4 * MIB)]).unwrap();
+        let ram = GuestRam::private(&[(0, 32 * MIB), (48 * MIB, 4 * MIB)]).unwrap();
+        // 4 KiB pages, so the walk's answer is exact (a huge page would bring its 2 MiB along).
+        for (_, host, size) in ram.regions() {
+            // SAFETY: madvise on the test's own fresh mapping.
+            unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    size as usize,
+                    libc::MADV_NOHUGEPAGE,
+                )
+            };
+        }
         assert!(all_ram(&ram).is_empty(), "fresh private RAM has no page");
         ram.mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
-        ram.mem.write_obj(1u64, GuestAddress(8 * MIB - 8)).unwrap();
-        let pages = pages_of(&all_ram(&ram));
-        assert!(pages.contains(&3) && pages.contains(&2047), "{pages:?}");
-        // A transparent huge page may bring its 2 MiB along; nothing else is listed, and the
-        // untouched region not at all.
-        assert!(
-            pages.iter().all(|&p| p < 512 || (1536..2048).contains(&p)),
-            "{pages:?}"
-        );
+        // Straddles pages 4095 and 4096: one run across the walk's 16 MiB read boundary.
+        ram.mem.write_obj(1u64, GuestAddress(16 * MIB - 4)).unwrap();
+        ram.mem.write_obj(1u64, GuestAddress(32 * MIB - 8)).unwrap(); // last page of region 0
+        let t = all_ram(&ram);
+        assert_eq!(pages_of(&t), vec![3, 4095, 4096, 8191]);
+        assert_eq!(t.len(), 3, "the straddling write is one range");
     }
 
     /// CPL3 code at 0x2000: `L: out 0x3f8 ; store eax to each of `targets` ; jmp L`.

@@ -19,6 +19,7 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, G
 
 use crate::error::{Error, Kind, Result};
 use crate::layout;
+use crate::sparse::{self, data_extents};
 
 /// vm-memory's page bitmap plus a flag saying whether anything was marked since the last take:
 /// the VMM rarely writes guest memory during a migration, and without the flag every dirty sync
@@ -151,7 +152,7 @@ impl GuestRam {
 
     /// Fresh private anonymous RAM at the given ranges (MAP_PRIVATE | MAP_NORESERVE, as
     /// vm-memory maps it), with MADV_HUGEPAGE as Cloud Hypervisor's `thp=on`: a received or
-    /// written page faults in several times faster than a memfd's here (docs/host.md). It has no
+    /// written page faults in several times faster than a memfd's here (README: full-RAM migrations). It has no
     /// fd to pass to another process, so no same-host migration.
     pub fn private(ranges: &[(u64, u64)]) -> Result<Arc<GuestRam>> {
         let ranges: Vec<_> = ranges
@@ -220,6 +221,26 @@ impl GuestRam {
                     .get_host_address(vm_memory::MemoryRegionAddress(0))
                     .expect("region mapped") as u64;
                 (r.start_addr().0, host, r.len())
+            })
+            .collect()
+    }
+
+    /// The `(offset, len)` extents of each region that may hold data, in order: a memfd's data
+    /// (SEEK_DATA), private RAM's pages present or swapped out (pagemap). What cannot be told
+    /// counts as data, so a walk over these skips only memory that reads as zero.
+    pub fn used_extents(&self) -> Vec<Vec<(u64, u64)>> {
+        self.mem
+            .iter()
+            .map(|r| match r.file_offset() {
+                Some(fo) => data_extents(fo.file().as_raw_fd(), fo.start(), r.len())
+                    .map(|e| e.unwrap_or_else(|unknown| unknown.as_data()))
+                    .collect(),
+                None => {
+                    let host = r
+                        .get_host_address(vm_memory::MemoryRegionAddress(0))
+                        .expect("region mapped") as usize;
+                    sparse::used_extents(host, r.len()).unwrap_or_else(|_| vec![(0, r.len())])
+                }
             })
             .collect()
     }

@@ -26,25 +26,33 @@ fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Writes `mem` (one region's mapping) to the empty `file`, leaving zero pages as holes.
-pub fn save(mem: &[u8], file: &File) -> Result<()> {
+/// Writes `mem` (one region's mapping) to the empty `file`, leaving zero pages as holes. Only the
+/// `used` extents (page-aligned `(offset, len)`, in order) are read: the rest reads as zero, and
+/// reading it would map pages for nothing.
+pub fn save(mem: &[u8], used: &[(u64, u64)], file: &File) -> Result<()> {
     file.set_len(mem.len() as u64)
         .map_err(|e| io_err("sizing", e))?;
-    let mut run_start = None;
-    for (i, page) in mem.chunks(PAGE).enumerate() {
-        match (is_zero(page), run_start) {
-            (false, None) => run_start = Some(i),
-            (true, Some(start)) => {
-                file.write_all_at(&mem[start * PAGE..i * PAGE], (start * PAGE) as u64)
-                    .map_err(|e| io_err("writing", e))?;
-                run_start = None;
+    let write = |from: usize, to: usize| {
+        file.write_all_at(&mem[from..to], from as u64)
+            .map_err(|e| io_err("writing", e))
+    };
+    for &(off, len) in used {
+        let (start, end) = (off as usize, (off + len) as usize);
+        let mut run_start = None;
+        for (i, page) in mem[start..end].chunks(PAGE).enumerate() {
+            let at = start + i * PAGE;
+            match (is_zero(page), run_start) {
+                (false, None) => run_start = Some(at),
+                (true, Some(from)) => {
+                    write(from, at)?;
+                    run_start = None;
+                }
+                _ => {}
             }
-            _ => {}
         }
-    }
-    if let Some(start) = run_start {
-        file.write_all_at(&mem[start * PAGE..], (start * PAGE) as u64)
-            .map_err(|e| io_err("writing", e))?;
+        if let Some(from) = run_start {
+            write(from, end)?;
+        }
     }
     file.sync_all().map_err(|e| io_err("syncing", e))
 }
@@ -88,7 +96,7 @@ mod tests {
         mem[3 * PAGE + 5] = 9;
         mem[15 * PAGE] = 1;
         let file = tempfile_in_tmp();
-        save(&mem, &file).unwrap();
+        save(&mem, &[(0, mem.len() as u64)], &file).unwrap();
         let mut back = vec![0u8; 16 * PAGE];
         load(&mut back, &file).unwrap();
         assert_eq!(mem, back);

@@ -34,6 +34,7 @@ impl Unknown {
 pub fn used_extents(addr: usize, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
     const PRESENT_OR_SWAPPED: u64 = 3 << 62;
     const ENTRIES: u64 = 4096; // one read covers 16 MiB of memory
+    debug_assert!((addr as u64).is_multiple_of(PAGE_SIZE) && len.is_multiple_of(PAGE_SIZE));
     let pagemap = File::open("/proc/self/pagemap")?;
     let (first, pages) = (addr as u64 / PAGE_SIZE, len / PAGE_SIZE);
     let mut buf = vec![0u8; 8 * ENTRIES as usize];

@@ -676,3 +676,12 @@ def test_peer_disk_paths_are_replaced_by_this_hosts_backings(images):
     assert "/peer/chose" not in str(e.value)
     with pytest.raises(InvalidConfig, match="disk 'root'"):
         from_peer(peer, {})
+
+
+def test_a_peers_memory_shared_false_means_private_only_when_it_says_so():
+    body = {"cpus": {"boot_vcpus": 1, "max_vcpus": 1}, "memory": {"size": 256 * MIB, "shared": False}}
+    assert from_peer(body, {}).memory_shared is False
+    # A source without the private-memory capability (or a local=on migration, or a snapshot
+    # older than 1.4) wrote false for memfd RAM: shared.
+    assert from_peer(body, {}, private_memory=False).memory_shared is True
+    assert body["memory"]["shared"] is False  # the peer's document is left as it came

@@ -61,11 +61,14 @@ def test_restore_the_oldest_format_fixture(tmp_path):
     with gzip.open(FIXTURE / "memory-0.bin.gz") as src, open(snap / "memory-0.bin", "wb") as dst:
         shutil.copyfileobj(src, dst)
     assert json.loads((snap / "state.json").read_text())["format_version"] == "1.0"
+    assert json.loads((snap / "config.json").read_text())["memory"]["shared"] is False
     sock = str(tmp_path / "console.sock")
     vmm = Vmm.restore(f"file://{snap}", serial=SerialConfig(mode="Socket", socket=sock))
     serial = SerialClient(sock)
     try:
         assert vmm.info()["state"] == "Paused"
+        # Before 1.4 "shared": false was written for memfd RAM: the RAM is built as it ran.
+        assert vmm.info()["config"]["memory"]["shared"] is True
         vmm.resume()
         m = serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=1")
         assert m.group(1).decode() == (FIXTURE / "boot_id").read_text().strip()

@@ -104,7 +104,12 @@ def build_parser() -> OneLineParser:
         "or Linux's 64-bit entry (linux64)",
     )
     p.add_argument("--cmdline", metavar="STRING", help=f'kernel command line (default "{DEFAULT_CMDLINE}")')
-    p.add_argument("--memory", metavar="size=SIZE[,shared=on|off]", help="guest RAM, e.g. size=512M")
+    p.add_argument(
+        "--memory",
+        metavar="size=SIZE[,shared=on|off]",
+        help="guest RAM, e.g. size=512M; shared=on (default): memfds, which a local=on migration passes; "
+        "shared=off: private memory with huge pages, faster to fault in",
+    )
     p.add_argument("--cpus", metavar="boot=N", help="vCPU count, e.g. boot=2 (1 to 8)")
     p.add_argument(
         "--disk",

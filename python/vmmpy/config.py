@@ -1004,6 +1004,7 @@ def from_peer(
     disk_backings: dict[str, str] | None = None,
     net_backings: dict[str, str] | None = None,
     vsock_socket: str | None = None,
+    private_memory: bool = True,
 ) -> VmConfig:
     """A VmConfig from a migration peer or a snapshot, host paths taken out. `content` names the
     payload parts that travel as content; a part named only by a path is refused, with a message
@@ -1012,10 +1013,14 @@ def from_peer(
     is each NIC's tap, from `net_backings` (net id -> tap name); the peer's tap, address and
     netmask are dropped, its MAC kept (the guest's identity on the network). The vsock device
     listens on `vsock_socket`, this host's own (its CID is the guest's); without one it is
-    refused."""
+    refused. Without `private_memory` the RAM is shared whatever memory.shared says: a peer or
+    snapshot from before private RAM wrote false for memfd RAM, and a same-host migration maps
+    the peer's memfds."""
     if not isinstance(body, dict):
         raise InvalidConfig(f"VmConfig body must be a JSON object, not {type(body).__name__}")
     body = {k: v for k, v in body.items() if k not in PEER_IGNORED}
+    if not private_memory and isinstance(body.get("memory"), dict):
+        body["memory"] = {**body["memory"], "shared": True}
     body = _own_devices(body, "disks", "disk", disk_backings, "backing file", "path", ("path",))
     body = _own_devices(body, "net", "net", net_backings, "tap", "tap", ("tap", "ip", "mask"))
     vsock = body.get("vsock")

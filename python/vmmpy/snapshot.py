@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 3
+FORMAT_MINOR = 4
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 # Top-level fields each minor version knows, and the defaults of those added after 1.0.
@@ -39,7 +39,10 @@ FIELDS_1_1 = FIELDS_1_0 | {"post_migration_lifecycle_event"}
 FIELDS_1_2 = FIELDS_1_1 | {"payload"}
 # 1.3: virtio device state by device id (docs/snapshot-format.md); absent = a VM without virtio devices.
 FIELDS_1_3 = FIELDS_1_2 | {"virtio_devices"}
+# 1.4: no new field; config.json's memory.shared=false now means private RAM (before 1.4 it was
+# written false for memfd RAM), so an older snapshot's RAM is built shared (`private_memory`).
 KNOWN_FIELDS = FIELDS_1_3
+PRIVATE_MEMORY_MINOR = 4
 DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None, "payload": None}
 #: Per-device fields that are bytes in the native state and base64 in the document.
 _VIRTIO_BYTES = ("config_space",)
@@ -87,6 +90,11 @@ class DecodedState:
     native: dict
     fields: dict  # fields beyond the native state, defaults filled in
     format_version: str
+
+    @property
+    def private_memory(self) -> bool:
+        """Whether the snapshot's config.json memory.shared=false means private RAM (1.4 on)."""
+        return int(self.format_version.split(".")[1]) >= PRIVATE_MEMORY_MINOR
 
 
 def check_version(doc: dict) -> tuple[int, int]:

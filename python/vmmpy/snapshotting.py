@@ -51,7 +51,14 @@ def restore_snapshot(
     snapshot's config chooses no host path here (its serial is this VMM's own)."""
     config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
     described = decoded.fields["payload"] or {}
-    cfg = from_peer(config_api, described, backings.disks, backings.net, backings.vsock_socket)
+    cfg = from_peer(
+        config_api,
+        described,
+        backings.disks,
+        backings.net,
+        backings.vsock_socket,
+        private_memory=decoded.private_memory,
+    )
     payload = read_payload(snap, check_description(described, cfg.memory_bytes))
     cfg = machine.own_serial(cfg)
 

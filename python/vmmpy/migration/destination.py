@@ -295,6 +295,7 @@ class Receiver:
             self._committed = False
         self._joined_errors = []
         self._joined_done.clear()
+        self._private_memory = False  # the source said what memory.shared=false means (at Start)
         incoming: Incoming | None = None
         fds: dict[int, int] = {}
         fields: dict = {}
@@ -379,9 +380,11 @@ class Receiver:
             self.state = ReceiveState.STARTED
             if token is not None:
                 self._accept_joins(connections - 1, token)
+            source_caps = doc.get("capabilities", [])
+            self._private_memory = isinstance(source_caps, list) and Capability.PRIVATE_MEMORY.value in source_caps
             self.hooks.emit(
                 "migration-receive-started",
-                {"capabilities": doc.get("capabilities", []), "connections": connections, "tls": self.tls is not None},
+                {"capabilities": source_caps, "connections": connections, "tls": self.tls is not None},
             )
             return incoming, False
         if command == Command.MEMORY_FD and st is ReceiveState.STARTED:
@@ -403,6 +406,7 @@ class Receiver:
                 self.disk_backings,
                 self.net_backings,
                 self.vsock_socket,
+                private_memory=self._private_memory and not local,
             )
             described = check_description(described, cfg.memory_bytes)
             incoming = self.hooks.build_vm(cfg, memory_fds)

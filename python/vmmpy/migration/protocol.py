@@ -45,6 +45,7 @@ class Capability(str, enum.Enum):
     LIFECYCLE_EVENT = "lifecycle-event"  # state may carry a latched guest reboot/power-off
     CONNECTIONS = "connections"  # Memory frames may also come over extra connections (Join)
     PAYLOAD = "payload"  # kernel/initramfs travel as content (Payload frames), never as paths
+    PRIVATE_MEMORY = "private-memory"  # the source's Config memory.shared=false means private RAM
 
 
 class PeerError(MigrationError):

@@ -252,7 +252,7 @@ class SourceMigration:
             conn.close()
 
     def _migrate(self, conn: Connection) -> None:
-        caps = [Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value]
+        caps = [Capability.ZERO_RANGES.value, Capability.LIFECYCLE_EVENT.value, Capability.PRIVATE_MEMORY.value]
         if self.opts.local:
             caps.append(Capability.LOCAL.value)
         start = {"version": VERSION, "capabilities": caps}
@@ -332,7 +332,13 @@ class SourceMigration:
             self.events.emit(
                 "vm",
                 "migration-memory-iteration",
-                {"iteration": iteration, "bytes": sent, "ranges": len(table), "duration_ms": elapsed * 1000},
+                {
+                    "iteration": iteration,
+                    "bytes": sent,
+                    "ranges": len(table),
+                    "table_bytes": table.total_bytes,
+                    "duration_ms": elapsed * 1000,
+                },
             )
             iteration += 1
             table = self.vm.dirty_ranges()
