@@ -11,6 +11,8 @@ import os
 
 import pytest
 
+from vmmpy.snapshot import FORMAT_VERSION
+
 from migration_helpers import free_port, send, start_receive, url_for, wait_progress
 
 
@@ -68,7 +70,7 @@ def test_snapshot_carries_device_state_and_restore_takes_this_hosts_file(vmm_pro
     assert src.api.request("PUT", "/api/v1/vm.pause")[0] == 204
     assert src.api.request("PUT", "/api/v1/vm.snapshot", {"destination_url": f"file://{snap}"})[0] == 204
     state = json.loads((snap / "state.json").read_text())
-    assert state["format_version"] == "1.3"
+    assert state["format_version"] == FORMAT_VERSION  # 1.3 on carry virtio_devices
     (dev,) = state["virtio_devices"]
     assert dev["id"] == "disk0" and len(dev["queues"]) == 1 and dev["queues"][0]["max_size"] == 256
     assert dev["config_vector"] == 0xFFFF and len(dev["msix"]["table"]) == 2
