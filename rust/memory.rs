@@ -152,8 +152,8 @@ impl GuestRam {
 
     /// Fresh private anonymous RAM at the given ranges (MAP_PRIVATE | MAP_NORESERVE, as
     /// vm-memory maps it), with MADV_HUGEPAGE as Cloud Hypervisor's `thp=on`: a received or
-    /// written page faults in several times faster than a memfd's here (README: full-RAM migrations). It has no
-    /// fd to pass to another process, so no same-host migration.
+    /// written page faults in several times faster than a memfd's here (README: full-RAM
+    /// migrations). It has no fd to pass to another process, so no same-host migration.
     pub fn private(ranges: &[(u64, u64)]) -> Result<Arc<GuestRam>> {
         let ranges: Vec<_> = ranges
             .iter()
