@@ -223,9 +223,9 @@ fn clear_dirty_log(vm: &VmFd, slot: u32, s: &mut Slot, first: usize, end: usize)
 /// so an idle guest's first pass skips untouched memory.
 pub fn all_ram(ram: &GuestRam) -> RangeTable {
     let mut table = RangeTable::new();
-    for (region, extents) in ram.mem.iter().zip(ram.used_extents()) {
+    for (index, region) in ram.mem.iter().enumerate() {
         let gpa = region.start_addr().0;
-        for (off, n) in extents {
+        for (off, n) in ram.used_extents(index) {
             table.push(gpa + off, n);
         }
     }

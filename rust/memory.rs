@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::error::{Error, Kind, Result};
 use crate::layout;
@@ -78,6 +81,12 @@ impl NewBitmap for VmmBitmap {
 
 /// Guest memory with VMM-side dirty tracking.
 pub type GuestMem = GuestMemoryMmap<VmmBitmap>;
+
+/// Where a RAM region is mapped in this process.
+pub fn host_address(r: &GuestRegionMmap<VmmBitmap>) -> *mut u8 {
+    r.get_host_address(vm_memory::MemoryRegionAddress(0))
+        .expect("guest RAM is mapped")
+}
 
 pub const PAGE_SIZE: u64 = 4096;
 
@@ -162,9 +171,7 @@ impl GuestRam {
         let mem = GuestMem::from_ranges(&ranges)
             .map_err(|e| Error::new(Kind::Kvm, format!("mapping guest memory: {e}")))?;
         for r in mem.iter() {
-            let host = r
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .expect("region mapped");
+            let host = host_address(r);
             // SAFETY: madvise on the region's own fresh mapping; a host without transparent huge
             // pages refuses it, which only leaves 4 KiB pages.
             unsafe { libc::madvise(host.cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
@@ -216,33 +223,22 @@ impl GuestRam {
     pub fn regions(&self) -> Vec<(u64, u64, u64)> {
         self.mem
             .iter()
-            .map(|r| {
-                let host = r
-                    .get_host_address(vm_memory::MemoryRegionAddress(0))
-                    .expect("region mapped") as u64;
-                (r.start_addr().0, host, r.len())
-            })
+            .map(|r| (r.start_addr().0, host_address(r) as u64, r.len()))
             .collect()
     }
 
-    /// The `(offset, len)` extents of each region that may hold data, in order: a memfd's data
-    /// (SEEK_DATA), private RAM's pages present or swapped out (pagemap). What cannot be told
-    /// counts as data, so a walk over these skips only memory that reads as zero.
-    pub fn used_extents(&self) -> Vec<Vec<(u64, u64)>> {
-        self.mem
-            .iter()
-            .map(|r| match r.file_offset() {
-                Some(fo) => data_extents(fo.file().as_raw_fd(), fo.start(), r.len())
-                    .map(|e| e.unwrap_or_else(|unknown| unknown.as_data()))
-                    .collect(),
-                None => {
-                    let host = r
-                        .get_host_address(vm_memory::MemoryRegionAddress(0))
-                        .expect("region mapped") as usize;
-                    sparse::used_extents(host, r.len()).unwrap_or_else(|_| vec![(0, r.len())])
-                }
-            })
-            .collect()
+    /// The `(offset, len)` extents of region `index` that may hold data, in order: a memfd's
+    /// data (SEEK_DATA), private RAM's pages present or swapped out (pagemap). What cannot be
+    /// told counts as data, so a walk over these skips only memory that reads as zero.
+    pub fn used_extents(&self, index: usize) -> Vec<(u64, u64)> {
+        let r = self.mem.iter().nth(index).expect("a RAM region index");
+        match r.file_offset() {
+            Some(fo) => data_extents(fo.file().as_raw_fd(), fo.start(), r.len())
+                .map(|e| e.unwrap_or_else(|unknown| unknown.as_data()))
+                .collect(),
+            None => sparse::used_extents(host_address(r) as usize, r.len())
+                .unwrap_or_else(|_| vec![(0, r.len())]),
+        }
     }
 
     /// (guest address, memfd, size) of every RAM region. The fds stay owned by `self`: dup them

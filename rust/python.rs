@@ -595,7 +595,7 @@ impl PyVm {
                 // SAFETY: the region is a live mapping of `size` bytes owned by the VM; the guest
                 // is paused, so nothing writes it while it is read.
                 let mem = unsafe { std::slice::from_raw_parts(host as *const u8, size as usize) };
-                memory_file::save(mem, &vm.ram.used_extents()[index], &file)
+                memory_file::save(mem, &vm.ram.used_extents(index), &file)
             })
         })?)
     }

@@ -21,7 +21,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::error::{Error, Kind, Result};
-use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::memory::{host_address, GuestRam, PAGE_SIZE};
 use crate::pacer::Pacer;
 use crate::ranges::RangeTable;
 use crate::sparse::data_extents;
@@ -139,9 +139,7 @@ fn regions(ram: &GuestRam) -> Vec<Region> {
         .iter()
         .map(|r| Region {
             gpa: r.start_addr().0,
-            host: r
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .expect("guest RAM is mapped"),
+            host: host_address(r),
             size: r.len(),
             file: r
                 .file_offset()
