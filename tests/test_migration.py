@@ -47,6 +47,17 @@ def test_migrate(vmm_process, tmp_path, transport, workload):
     assert "vm.migration-started" in names and "vm.migration-finished" in names
     finished = [e for e in src.events() if e["event"] == "migration-finished"][0]["properties"]
     assert finished["downtime_ms"] > 0
+    # Its phases account for the whole migration; the last five are the downtime.
+    phases = finished["phases_ms"]
+    downtime = ["pause", "last_pass", "save_state", "state", "complete"]
+    if transport == "local":  # no pre-copy, no last pass: the memory stays where it is
+        assert list(phases) == ["connect", "start", "memory_fds", "config", "pause", "save_state", "state", "complete"]
+        downtime.remove("last_pass")
+    else:
+        assert list(phases) == ["connect", "start", "config", "precopy", *downtime]
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(finished["total_time_ms"], abs=0.01)
+    assert sum(phases[k] for k in downtime) == pytest.approx(finished["downtime_ms"], abs=0.01)
     assert "vm.migration-receive-finished" in dst.event_names()
     _check_destination(dst, boot_id, dirty=(workload == "dirty"))
     assert dst.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"

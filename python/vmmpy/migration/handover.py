@@ -132,6 +132,7 @@ class Handover:
     def _succeeded(self, job: SourceMigration) -> None:
         report = self._report(job, "destination")
         done = {k: self._last_progress[k] for k in ("downtime_ms", "total_time_ms")}
+        done["phases_ms"] = {k: round(v, 3) for k, v in job.phases_ms.items()}
         self._events.emit("vm", "migration-finished", {**done, **report})
         if self._test_hooks.keep_source:
             self._machine.state = VmState.PAUSED  # for comparing memory with the destination's

@@ -178,6 +178,10 @@ class SourceMigration:
         self._in_frame = False  # a Memory frame is being written: no other request may start
         self.pause_time: float | None = None
         self._start = time.monotonic()
+        self._lap_at = self._start
+        # Milliseconds per phase (connect, start, memory_fds, config, payload, precopy, pause,
+        # last_pass, save_state, state, complete): where the total and the downtime went.
+        self.phases_ms: dict[str, float] = {}
         self._dirty_logging = False
         self._throttle: Throttle | None = None
         self._conn: Connection | None = None
@@ -219,6 +223,15 @@ class SourceMigration:
         finally:
             self._opening.remove(sock)
 
+    def _lap(self, phase: str | None = None) -> float:
+        """Adds the time since the previous lap to `phase` (None: to the previous lap's phase);
+        returns now."""
+        now = time.monotonic()
+        phase = phase or next(reversed(self.phases_ms))
+        self.phases_ms[phase] = self.phases_ms.get(phase, 0.0) + (now - self._lap_at) * 1000
+        self._lap_at = now
+        return now
+
     def _check_cancel(self) -> None:
         if self.cancel_requested.is_set():
             raise MigrationCancelled("migration cancelled")
@@ -233,6 +246,7 @@ class SourceMigration:
             max_bandwidth=self.opts.max_bandwidth,
         )
         conn = self._open(url)
+        self._lap("connect")
         self._conn = conn
         try:
             self._check_cancel()  # a cancel that came while connecting
@@ -265,12 +279,14 @@ class SourceMigration:
             raise MigrationError(f"destination speaks migration protocol {answer.get('version')}, we speak {VERSION}")
         if self.opts.connections > 1:
             self._join(answer)
+        self._lap("start")
         if self.opts.local:
             if Capability.LOCAL.value not in self.peer_capabilities:
                 raise MigrationError("destination does not accept memory fds (local migration)")
             self.progress.update(phase="memory-fds", local=True)
             for i, (gpa, fd, size) in enumerate(self.vm.memory_fds()):
                 conn.request(Command.MEMORY_FD, arg=i, fds=[fd])
+            self._lap("memory_fds")
         parts = self.payload.parts()
         if parts and Capability.PAYLOAD.value not in self.peer_capabilities:
             raise MigrationError("destination cannot take the kernel/initramfs as content (no payload capability)")
@@ -283,12 +299,16 @@ class SourceMigration:
             self.vm.start_dirty_log()
             self._dirty_logging = True
         conn.read_response()
+        self._lap("config")
         self._check_cancel()
         for name, data in parts.items():
             conn.request(Command.PAYLOAD, data, arg=PARTS.index(name))
+        if parts:
+            self._lap("payload")
         remaining = None
         if not self.opts.local:
             remaining = self._precopy(conn)
+            self._lap("precopy")
         self._final_phase(conn, remaining)
 
     def _join(self, answer: dict) -> None:
@@ -435,9 +455,10 @@ class SourceMigration:
         self._check_cancel()
         if self._throttle is not None:
             self._throttle.stop()
-        self.pause_time = time.monotonic()
+        self.pause_time = self._lap()  # the moments before the pause count to the phase before
         self.paused = True  # even if the pause fails half-way, the failure path resumes the vCPUs
         self.vm.pause(PAUSE_TIMEOUT_S)
+        self._lap("pause")
         if self.hooks.request_at_pause is not None:
             # The window of Cloud Hypervisor issue 8917: a request made as the vCPUs stop.
             self.vm.inject_request(self.hooks.request_at_pause)
@@ -458,9 +479,12 @@ class SourceMigration:
             if remaining is not None:
                 table.extend(remaining)
             self._send(conn, table)
+            self._lap("last_pass")
         extra = {"post_migration_lifecycle_event": event.value} if event is not None else {}
-        state = encode_state(self.vm.save_state(), **extra)
-        conn.request_json(Command.STATE, state)
+        state = json.dumps(encode_state(self.vm.save_state(), **extra)).encode()
+        self._lap("save_state")
+        conn.request(Command.STATE, state)
+        self._lap("state")
         self.progress.update(phase="state-sent")
         self.cancel_requested.wait(self.hooks.complete_delay_ms / 1000)
         self._check_cancel()
@@ -471,7 +495,7 @@ class SourceMigration:
         except PeerError:
             self.complete_sent = False  # a clear refusal: the destination does not run the guest
             raise
-        now = time.monotonic()
+        now = self._lap("complete")
         self.progress.update(
             status="completed",
             phase="done",
