@@ -1,9 +1,9 @@
 """The sending side: a worker thread that owns the VM while it migrates it.
 
 Pre-copy: iteration 0 sends all RAM (zero pages as ranges without bytes); each later iteration
-sends what the dirty log reports, until the estimated downtime (bytes left / measured bandwidth)
-fits `downtime_ms` or nothing is dirty. Then the final phase: pause, last dirty pass, State,
-Complete. Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
+sends what the dirty log reports, until the estimated downtime (bytes left / the bandwidth measured
+over the whole pre-copy) fits `downtime_ms` or nothing is dirty. Then the final phase: pause, last
+dirty pass, State, Complete. Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
 right after Config.
 
 With `connections` = N > 1 (tcp only) the source opens N - 1 extra connections after Start, each
@@ -328,7 +328,10 @@ class SourceMigration:
     def _precopy(self, conn: Connection):
         self.progress.update(phase="precopy")
         table = self.vm.all_ram_ranges()
-        bandwidth = 0.0  # bytes/s
+        # bytes/s over the whole pre-copy, not the last pass: a small pass's rate is mostly the
+        # link's per-frame latency, and estimating the final pass from it may never converge.
+        bandwidth = 0.0
+        sent_total, sending_s = 0, 0.0
         iteration = 0
         while True:
             if iteration > 0:
@@ -347,7 +350,8 @@ class SourceMigration:
             sent = self._send(conn, table)
             elapsed = max(time.monotonic() - t0, 1e-6)
             if sent:
-                bandwidth = sent / elapsed
+                sent_total, sending_s = sent_total + sent, sending_s + elapsed
+                bandwidth = sent_total / sending_s
             self.progress.update(iteration=iteration + 1, mbps=bandwidth * 8 / 1e6)
             self.events.emit(
                 "vm",
