@@ -1,6 +1,7 @@
 """The `vmmpy` command line: bad arguments exit 2 with one line naming the value; good ones
 build the right Vmm calls. No KVM needed: the flow tests put `FakeVmm` (a stand-in recording
-calls, not a VMM) where `vmmpy.vmm` would be imported from.
+calls, not a VMM) where `vmmpy.vmm` would be imported from, and `fake_boot_first` (recording the
+VM the command would boot before its VMM) where `vmmpy.native_vm` would.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import types
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmmpy import cli
 from vmmpy.client import ApiClient
@@ -130,10 +133,31 @@ def test_parse_api_socket():
 # ------------------------------------------------------------------------------ the flow
 
 
+class FakeBooted:
+    """What fake_boot_first returns in place of a booted VM."""
+
+    def __init__(self, config, serial):
+        self.config, self.serial = config, serial
+        self.discarded = False
+
+    def discard(self):
+        self.discarded = True
+
+
+def fake_boot_first(config, serial):
+    exc = FakeVmm.fail.get("boot")
+    if exc is not None:
+        raise exc
+    booted = FakeBooted(config, serial)
+    FakeVmm.booted.append(booted)
+    return booted
+
+
 class FakeVmm:
     """Stand-in for vmmpy.vmm.Vmm (no KVM): records what the CLI does with it."""
 
     instances: list["FakeVmm"] = []
+    booted: list[FakeBooted] = []
     on_wait = None  # callable(fake) -> exit code, run inside wait()
     fail: dict = {}
 
@@ -147,6 +171,7 @@ class FakeVmm:
         disk_backings=None,
         net_backings=None,
         vsock_socket=None,
+        booted=None,
     ):
         self.kwargs = {"serial": serial, "event_monitor": event_monitor, "no_shutdown": no_shutdown}
         if disk_backings:
@@ -155,7 +180,7 @@ class FakeVmm:
             self.kwargs["net_backings"] = net_backings
         if vsock_socket:
             self.kwargs["vsock_socket"] = vsock_socket
-        self.calls: list[tuple] = []
+        self.calls: list[tuple] = [("booted", booted.config)] if booted is not None else []
         self.events = event_monitor
         FakeVmm.instances.append(self)
 
@@ -191,7 +216,11 @@ def fake_vmm(monkeypatch):
     module = types.ModuleType("vmmpy.vmm")
     module.Vmm = FakeVmm
     monkeypatch.setitem(sys.modules, "vmmpy.vmm", module)
+    native_vm = types.ModuleType("vmmpy.native_vm")
+    native_vm.boot_first = fake_boot_first
+    monkeypatch.setitem(sys.modules, "vmmpy.native_vm", native_vm)
     FakeVmm.instances = []
+    FakeVmm.booted = []
     FakeVmm.on_wait = None
     FakeVmm.fail = {}
     yield FakeVmm
@@ -223,7 +252,9 @@ def test_vm_from_flags_is_created_and_booted(fake_vmm, capsys):
     assert rc == 7, err
     (vmm,) = fake_vmm.instances
     assert vmm.kwargs == {"serial": SerialConfig("Tty"), "event_monitor": None, "no_shutdown": True}
-    assert [c[0] for c in vmm.calls] == ["create", "boot", "wait"]
+    # The VM boots before the VMM exists (on the command line's serial), which then adopts it.
+    assert [c[0] for c in vmm.calls] == ["booted", "wait"]
+    assert fake_vmm.booted[0].serial == SerialConfig("Tty")
     config = vmm.calls[0][1]
     assert config == VmConfig(memory_mib=256, vcpus=2, cmdline="quiet", memory_shared=True, serial=SerialConfig("Tty"))
 
@@ -299,13 +330,26 @@ def test_sigterm_and_sigint_request_exit(fake_vmm, capsys):
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # restored
 
 
-def test_boot_failure_exits_1_and_stops_the_vmm(fake_vmm, capsys):
+def test_boot_failure_exits_1_before_any_vmm(fake_vmm, capsys, sockdir):
     fake_vmm.fail = {"boot": KvmError("KVM_CREATE_VM failed", errno=12)}
-    rc, _out, err = run_main(["--cpus", "boot=1"], capsys)
+    events = os.path.join(sockdir, "events.json")
+    rc, _out, err = run_main(["--cpus", "boot=1", "--event-monitor", f"path={events}"], capsys)
     assert rc == 1
     assert err.count("\n") == 1 and "KVM_CREATE_VM failed" in err
-    names = [c[0] for c in fake_vmm.instances[0].calls]
-    assert names == ["create", "boot", "shutdown_vmm", "wait"]
+    assert fake_vmm.instances == [] and fake_vmm.booted == []
+    assert Path(events).read_text() == ""  # opened (checked) before the boot, nothing written
+
+
+def test_a_vmm_that_cannot_start_discards_the_booted_vm(fake_vmm, monkeypatch, capsys):
+    from vmmpy.errors import VmmError
+
+    def refuse(**kwargs):
+        raise VmmError("no control loop")
+
+    monkeypatch.setattr(sys.modules["vmmpy.vmm"], "Vmm", refuse)
+    rc, _out, err = run_main(["--cpus", "boot=1"], capsys)
+    assert rc == 1 and "no control loop" in err
+    assert [b.discarded for b in fake_vmm.booted] == [True]
 
 
 def test_api_socket_in_use_exits_1(fake_vmm, capsys, sockdir):
@@ -405,3 +449,51 @@ def test_vsock_flag_becomes_the_vms_vsock_or_without_a_vm_this_hosts_socket(fake
     assert fake_vmm.instances[1].kwargs["vsock_socket"] == path
     rc, _out, err = run_main(["--api-socket", api, "--vsock", f"cid=5,socket={path}"], capsys)
     assert rc == 2 and "keeps its own CID" in err, err
+
+
+# ------------------------------------------------------------------------------ the plain reader
+
+PLAIN_ITEMS = [
+    "--memory", "size=1G", "--memory=size=2G", "--cpus", "boot=2", "--kernel", "/k", "--kernel=", "-v",
+    "--verbose", "--no-shutdown", "--disk", "path=/a", "--disk=path=/b", "--boot-protocol", "pvh",
+    "--boot-protocol=linux64", "--boot-protocol", "elf", "--cmdline", "-quiet", "--cmdline=-quiet",
+    "--mem", "size=1G", "--help", "-h", "--version", "--", "stray", "", "-vv", "--no-shutdown=on",
+    "--serial", "tty", "--net", "tap=t0",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(PLAIN_ITEMS), max_size=8))
+def test_the_plain_reader_reads_what_argparse_reads(argv):
+    """Where the command line is plain the reader's arguments are argparse's; anything else goes
+    to argparse (help, version, abbreviations, errors)."""
+    plain = cli.read_plain_arguments(argv)
+    if plain is None:
+        return
+    assert vars(plain) == vars(cli.build_parser().parse_args(argv))
+
+
+def test_the_plain_reader_leaves_the_rest_to_argparse():
+    for argv in (["--help"], ["--version"], ["--mem", "size=1G"], ["--cpus"], ["--kernel", "-x"], ["-vv"], ["x"]):
+        assert cli.read_plain_arguments(argv) is None, argv
+    plain = cli.read_plain_arguments(["--memory=size=1G", "-v", "--verbose", "--disk", "path=/a", "--disk=path=/b"])
+    assert (plain.memory, plain.verbose, plain.disk, plain.no_shutdown) == ("size=1G", 2, ["path=/a", "path=/b"], False)
+
+
+def test_the_boot_path_loads_nothing_heavy():
+    """Up to the guest's boot the command loads only what booting needs: none of these (each
+    imports `re` or more; together ~45 ms of every start here, README "Where these numbers come
+    from")."""
+    heavy = ("re", "json", "logging", "dataclasses", "threading", "argparse", "socket", "selectors", "enum")
+    code = (
+        "import sys\n"
+        "from vmmpy import cli, native_vm\n"
+        "cli.Plan(cli.parse_arguments(sys.argv[1:]))\n"
+        f"print(' '.join(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    argv = ["--memory", "size=512M,shared=off", "--cpus", "boot=2", "--serial", "file=/tmp/x", "--cmdline", "quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60, cwd=tempfile.gettempdir()
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from vmmpy.errors import InvalidConfig
-from vmmpy.events import EventMonitor, parse_event_monitor
+from vmmpy.event_output import parse_event_monitor
+from vmmpy.events import EventMonitor
 
 
 def read_lines(path) -> list[dict]:

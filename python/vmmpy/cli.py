@@ -11,13 +11,8 @@ on stderr naming the bad value and exit with status 2.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import signal
 import sys
-import threading
-
 
 from vmmpy.config import (
     DEFAULT_CMDLINE,
@@ -36,16 +31,18 @@ from vmmpy.config import (
     request_body_from_options,
 )
 from vmmpy.errors import InvalidConfig, VmmError
-from vmmpy.events import EventMonitor, parse_event_monitor
+from vmmpy.event_output import open_event_output, parse_event_monitor
 from vmmpy.options import parse_path_or_fd
-from vmmpy.testhooks import NO_HOOKS, TestHooks
 
+# Up to the guest's boot this module loads only what the boot needs: argparse, logging, json,
+# dataclasses and threading each import `re` or more, and together cost the command ~45 ms of
+# start-up here (README, "Where these numbers come from"). They load after the VM is running.
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms of start-up): annotations only
 if TYPE_CHECKING:
+    import argparse
     from typing import Any, NoReturn, Sequence
 
 PROG = "vmmpy"
-log = logging.getLogger("vmmpy.cli")
 
 #: The Cloud Hypervisor release whose API (paths, bodies, status codes) vmmpy follows.
 CH_COMPAT_VERSION = "54.0.0"
@@ -78,86 +75,171 @@ def version_line(invoked_as: str | None = None) -> str:
     return f"{PROG} {version()}"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: ...``) and exit status 2."""
+def usage_error(message: str, prog: str = PROG) -> NoReturn:
+    """A usage error: one line (``prog: error: ...``) on stderr, exit status 2."""
+    sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
+# How each flag takes its value: the next item or after "=" (VALUE), repeatable (APPEND), none
+# (FLAG), or counted (COUNT, -v/--verbose).
+VALUE, APPEND, FLAG, COUNT = "value", "append", "flag", "count"
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(
-        prog=PROG,
-        description="A KVM virtual machine monitor (Cloud Hypervisor-compatible command line).",
-    )
-    p.add_argument(
+#: The command's flags: (flag, how, metavar, help, choices). argparse is built from this table;
+#: so is the plain-command-line reader (`read_plain_arguments`).
+OPTIONS: tuple[tuple[str, str, str | None, str, tuple[str, ...] | None], ...] = (
+    (
         "--api-socket",
-        metavar="path=PATH|fd=N",
-        help="serve the REST API on this Unix socket (a path, or an inherited listening fd)",
-    )
-    p.add_argument("--kernel", metavar="PATH", help="ELF vmlinux or bzImage (default: test guest)")
-    p.add_argument("--initramfs", metavar="PATH", help="initramfs image")
-    p.add_argument(
+        VALUE,
+        "path=PATH|fd=N",
+        "serve the REST API on this Unix socket (a path, or an inherited listening fd)",
+        None,
+    ),
+    ("--kernel", VALUE, "PATH", "ELF vmlinux or bzImage (default: test guest)", None),
+    ("--initramfs", VALUE, "PATH", "initramfs image", None),
+    (
         "--boot-protocol",
-        choices=("pvh", "linux64"),
-        help="enter an ELF kernel through its PVH note (pvh, the default when it has one) "
-        "or Linux's 64-bit entry (linux64)",
-    )
-    p.add_argument("--cmdline", metavar="STRING", help=f'kernel command line (default "{DEFAULT_CMDLINE}")')
-    p.add_argument(
+        VALUE,
+        None,
+        "enter an ELF kernel through its PVH note (pvh, the default when it has one) or Linux's 64-bit entry (linux64)",
+        ("pvh", "linux64"),
+    ),
+    ("--cmdline", VALUE, "STRING", f'kernel command line (default "{DEFAULT_CMDLINE}")', None),
+    (
         "--memory",
-        metavar="size=SIZE[,shared=on|off]",
-        help="guest RAM, e.g. size=512M; shared=on (default): memfds, which a local=on migration passes; "
+        VALUE,
+        "size=SIZE[,shared=on|off]",
+        "guest RAM, e.g. size=512M; shared=on (default): memfds, which a local=on migration passes; "
         "shared=off: private memory with huge pages, faster to fault in",
-    )
-    p.add_argument("--cpus", metavar="boot=N", help="vCPU count, e.g. boot=2 (1 to 8)")
-    p.add_argument(
+        None,
+    ),
+    ("--cpus", VALUE, "boot=N", "vCPU count, e.g. boot=2 (1 to 8)", None),
+    (
         "--disk",
-        action="append",
-        metavar="path=FILE[,readonly=on][,id=NAME][,direct=on]",
-        help="a virtio-blk disk on a raw image (repeatable); without a VM to boot, this host's file "
+        APPEND,
+        "path=FILE[,readonly=on][,id=NAME][,direct=on]",
+        "a virtio-blk disk on a raw image (repeatable); without a VM to boot, this host's file "
         "for that disk id when a VM is restored or received",
-    )
-    p.add_argument(
+        None,
+    ),
+    (
         "--net",
-        action="append",
-        metavar="tap=NAME|fd=N[,mac=MAC][,ip=IPV4,mask=IPV4][,id=NAME]",
-        help="a virtio-net NIC on a host tap (repeatable; created, with ip/mask (default "
+        APPEND,
+        "tap=NAME|fd=N[,mac=MAC][,ip=IPV4,mask=IPV4][,id=NAME]",
+        "a virtio-net NIC on a host tap (repeatable; created, with ip/mask (default "
         "255.255.255.0), when absent); without a VM to boot, tap=NAME[,id=NAME] alone names this "
         "host's tap for that net id when a VM is restored or received (its MAC comes with it)",
-    )
-    p.add_argument(
+        None,
+    ),
+    (
         "--vsock",
-        metavar="cid=N,socket=PATH[,id=NAME]",
-        help="a virtio-vsock device: host processes reach guest port P by writing 'CONNECT P' on "
+        VALUE,
+        "cid=N,socket=PATH[,id=NAME]",
+        "a virtio-vsock device: host processes reach guest port P by writing 'CONNECT P' on "
         "PATH, guest connections to host port P go to PATH_P; without a VM to boot, socket=PATH "
         "alone names this host's socket for a restored or received VM's vsock",
-    )
-    p.add_argument(
-        "--serial",
-        metavar="off|null|tty|file=PATH|socket=PATH",
-        help="where COM1 goes (default null)",
-    )
-    p.add_argument("--console", metavar="off|null", help="accepted for compatibility: vmmpy has no virtio console")
-    p.add_argument("--event-monitor", metavar="path=PATH|fd=N", help="write lifecycle events as JSON lines here")
-    p.add_argument(
+        None,
+    ),
+    ("--serial", VALUE, "off|null|tty|file=PATH|socket=PATH", "where COM1 goes (default null)", None),
+    ("--console", VALUE, "off|null", "accepted for compatibility: vmmpy has no virtio console", None),
+    ("--event-monitor", VALUE, "path=PATH|fd=N", "write lifecycle events as JSON lines here", None),
+    (
         "--restore",
-        metavar="source_url=file:///DIR[,resume=on]",
-        help="restore a snapshot (paused unless resume=on)",
-    )
-    p.add_argument(
-        "--no-shutdown",
-        action="store_true",
-        help="keep the VMM running when the guest powers off",
-    )
-    p.add_argument(
+        VALUE,
+        "source_url=file:///DIR[,resume=on]",
+        "restore a snapshot (paused unless resume=on)",
+        None,
+    ),
+    ("--no-shutdown", FLAG, None, "keep the VMM running when the guest powers off", None),
+    (
         "--test-hooks",
-        metavar="NAME=VALUE,...",
-        help="timing windows for vmmpy's own test suite (see vmmpy.testhooks); never in production",
-    )
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (repeatable)")
+        VALUE,
+        "NAME=VALUE,...",
+        "timing windows for vmmpy's own test suite (see vmmpy.testhooks); never in production",
+        None,
+    ),
+    ("--verbose", COUNT, None, "more logging (repeatable)", None),
+)
+_SHORT = {"-v": "--verbose"}
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def one_line_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """argparse, but a usage error is one line (:func:`usage_error`)."""
+    import argparse
+
+    class OneLineParser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            usage_error(message, self.prog)
+
+    return OneLineParser(prog=prog, description=description)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse over :data:`OPTIONS`."""
+    p = one_line_parser(PROG, "A KVM virtual machine monitor (Cloud Hypervisor-compatible command line).")
+    actions = {VALUE: "store", APPEND: "append", FLAG: "store_true", COUNT: "count"}
+    for flag, how, metavar, text, choices in OPTIONS:
+        names = [short for short, long in _SHORT.items() if long == flag] + [flag]
+        extra: dict[str, Any] = {"default": 0} if how == COUNT else {}
+        if metavar is not None:
+            extra["metavar"] = metavar
+        if choices is not None:
+            extra["choices"] = choices
+        p.add_argument(*names, action=actions[how], help=text, **extra)
     p.add_argument("--version", action="version", version=version_line())
     return p
+
+
+class Arguments:
+    """The parsed command line: one attribute per flag of :data:`OPTIONS`."""
+
+    def __init__(self, **values: Any):
+        self.__dict__.update(values)
+
+
+def read_plain_arguments(argv: Sequence[str]) -> Arguments | None:
+    """`argv` read without argparse when it is plain: every item an exact flag of :data:`OPTIONS`
+    (or ``-v``) with its value after ``=`` or as the next item (not one that starts with ``-``),
+    and every value one of its flag's choices. Anything else (``--help``, ``--version``, a
+    shortened or unknown flag, a missing value) is None: argparse reads it, and prints the help,
+    the version or the usage error. Read either way, the same line gives the same arguments."""
+    specs = {flag: (how, choices) for flag, how, _metavar, _text, choices in OPTIONS}
+    defaults = {FLAG: False, COUNT: 0}
+    values: dict[str, Any] = {_dest(flag): defaults.get(how) for flag, (how, _c) in specs.items()}
+    items = iter(argv)
+    for item in items:
+        flag, eq, inline = item.partition("=")
+        flag = _SHORT.get(flag, flag)
+        if flag not in specs:
+            return None
+        how, choices = specs[flag]
+        dest = _dest(flag)
+        if how in (FLAG, COUNT):
+            if eq:
+                return None
+            values[dest] = True if how == FLAG else values[dest] + 1
+            continue
+        value = inline if eq else next(items, None)
+        if value is None or (not eq and value.startswith("-")) or (choices is not None and value not in choices):
+            return None
+        if how == APPEND:
+            values[dest] = [*(values[dest] or []), value]
+        else:
+            values[dest] = value
+    return Arguments(**values)
+
+
+def parse_arguments(argv: Sequence[str] | None) -> Arguments:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    plain = read_plain_arguments(argv)
+    if plain is not None:
+        return plain
+    return Arguments(**vars(build_parser().parse_args(argv)))
 
 
 def parse_api_socket(text: str) -> tuple[str | None, int | None]:
@@ -176,6 +258,8 @@ def parse_restore(text: str) -> dict[str, Any]:
 
 
 def _setup_logging(verbosity: int) -> None:
+    import logging
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(
         level=level,
@@ -190,29 +274,27 @@ def _fail(message: Any) -> int:
     return 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+class Plan:
+    """What the command line asks for, every value checked."""
 
-    # Everything the arguments say is checked before anything starts.
-    try:
-        api_path: str | None = None
-        api_fd: int | None = None
+    def __init__(self, args: Arguments):
+        self.args = args
+        self.api_path: str | None = None
+        self.api_fd: int | None = None
         if args.api_socket is not None:
-            api_path, api_fd = parse_api_socket(args.api_socket)
+            self.api_path, self.api_fd = parse_api_socket(args.api_socket)
         want_vm = any(
             value is not None
             for value in (args.kernel, args.initramfs, args.cmdline, args.boot_protocol, args.memory, args.cpus)
         )
-        restore = parse_restore(args.restore) if args.restore is not None else None
-        if restore is not None and want_vm:
-            parser.error("--restore takes the VM from the snapshot: drop --kernel/--boot-protocol/--memory/--cpus")
-        if not want_vm and restore is None and args.api_socket is None:
-            parser.error(
+        self.restore = parse_restore(args.restore) if args.restore is not None else None
+        if self.restore is not None and want_vm:
+            usage_error("--restore takes the VM from the snapshot: drop --kernel/--boot-protocol/--memory/--cpus")
+        if not want_vm and self.restore is None and args.api_socket is None:
+            usage_error(
                 "nothing to do: give --kernel, --memory or --cpus to boot a VM, or --api-socket to serve the API"
             )
-        serial: SerialConfig | None = parse_serial(args.serial) if args.serial is not None else None
+        self.serial: SerialConfig | None = parse_serial(args.serial) if args.serial is not None else None
         if args.console is not None:
             parse_console(args.console)  # only checked: both accepted modes mean "no console"
         vm_args: dict[str, Any] = {}
@@ -221,73 +303,112 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cpus is not None:
             vm_args.update(parse_cpus(args.cpus))
         disks = [parse_disk(text) for text in args.disk or []]
-        nets = [parse_net(text) for text in args.net or []] if want_vm else []
-        config = None
-        disk_backings: dict[str, str] = {}
-        net_backings: dict[str, str] = {}
-        vsock_socket = None
+        self.config: VmConfig | None = None
+        self.disk_backings: dict[str, str] = {}
+        self.net_backings: dict[str, str] = {}
+        self.vsock_socket: str | None = None
         if want_vm:
-            config = VmConfig(
+            self.config = VmConfig(
                 kernel=args.kernel,
                 initramfs=args.initramfs,
                 cmdline=args.cmdline,
                 boot_protocol=args.boot_protocol,
-                serial=serial if serial is not None else SerialConfig(),
+                serial=self.serial if self.serial is not None else SerialConfig(),
                 disks=disks,
-                net=nets,
+                net=[parse_net(text) for text in args.net or []],
                 vsock=parse_vsock(args.vsock) if args.vsock is not None else None,
                 **vm_args,
             )
         else:
             if args.vsock is not None:
-                vsock_socket = parse_vsock_socket(args.vsock)
+                self.vsock_socket = parse_vsock_socket(args.vsock)
             # The operator's own files for the disks of a VM this VMM restores or receives.
             for i, d in enumerate(disks):
                 disk_id = d.id if d.id is not None else f"disk{i}"
-                if disk_id in disk_backings:
+                if disk_id in self.disk_backings:
                     raise InvalidConfig(f"--disk id={disk_id}: given twice")
-                disk_backings[disk_id] = d.path
+                self.disk_backings[disk_id] = d.path
             for i, text in enumerate(args.net or []):
                 net_id, tap = parse_net_backing(text)
                 net_id = net_id if net_id is not None else f"net{i}"
-                if net_id in net_backings:
+                if net_id in self.net_backings:
                     raise InvalidConfig(f"--net id={net_id}: given twice")
-                net_backings[net_id] = tap
-        test_hooks = TestHooks.parse(args.test_hooks) if args.test_hooks else NO_HOOKS
-        monitor_args = parse_event_monitor(args.event_monitor) if args.event_monitor else None
+                self.net_backings[net_id] = tap
+        self.test_hooks: Any = None
+        if args.test_hooks:
+            from vmmpy.testhooks import TestHooks
+
+            self.test_hooks = TestHooks.parse(args.test_hooks)
+        self.monitor_args = parse_event_monitor(args.event_monitor) if args.event_monitor else None
+
+    def vmm_options(self) -> dict[str, Any]:
+        """Keyword arguments of Vmm (the event monitor and a booted VM apart)."""
+        options: dict[str, Any] = {
+            "serial": self.serial,
+            "no_shutdown": self.args.no_shutdown,
+            "disk_backings": self.disk_backings,
+            "net_backings": self.net_backings,
+            "vsock_socket": self.vsock_socket,
+        }
+        if self.test_hooks is not None:
+            options["test_hooks"] = self.test_hooks
+        return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    # Everything the arguments say is checked before anything starts.
+    try:
+        plan = Plan(args)
         # Opened here, so a bad path is a usage error (a FIFO blocks until its reader opens).
-        monitor = EventMonitor(**monitor_args) if monitor_args is not None else None
+        monitor_fd = open_event_output(**plan.monitor_args) if plan.monitor_args is not None else None
     except InvalidConfig as e:
-        parser.error(str(e))
+        usage_error(str(e))
+    return _run(plan, monitor_fd)
 
+
+def _run(plan: Plan, monitor_fd: int | None) -> int:
+    """The VM boots first; then the rest of the VMM loads and adopts it."""
+    booted = None
     try:
-        from vmmpy.vmm import Vmm  # the native core is needed from here on
-    except ImportError as e:
+        if plan.config is not None:
+            from vmmpy.native_vm import boot_first
+
+            booted = boot_first(plan.config, plan.serial)
+        _setup_logging(plan.args.verbose)
+        from vmmpy.events import EventMonitor
+        from vmmpy.vmm import Vmm
+    except (ImportError, VmmError) as e:
+        if booted is not None:
+            booted.discard()
+        if monitor_fd is not None:
+            os.close(monitor_fd)
+        return _fail(f"cannot load the VMM core: {e}" if isinstance(e, ImportError) else e)
+    monitor = EventMonitor(fd=monitor_fd) if monitor_fd is not None else None  # it owns the fd now
+    try:
+        try:
+            vmm = Vmm(event_monitor=monitor, booted=booted, **plan.vmm_options())
+        except VmmError as e:
+            if booted is not None:
+                booted.discard()
+            return _fail(e)
+        return _serve(vmm, plan, booted is not None)
+    finally:
         if monitor is not None:
             monitor.close()
-        return _fail(f"cannot load the VMM core: {e}")
 
-    try:
-        vmm = Vmm(
-            serial=serial,
-            event_monitor=monitor,
-            no_shutdown=args.no_shutdown,
-            test_hooks=test_hooks,
-            disk_backings=disk_backings,
-            net_backings=net_backings,
-            vsock_socket=vsock_socket,
-        )
-    except VmmError as e:
-        if monitor is not None:
-            monitor.close()
-        return _fail(e)
+
+def _serve(vmm: Any, plan: Plan, booted: bool) -> int:
+    """Signals, the API and a snapshot to restore; then the VMM runs until it exits."""
+    import signal
+    import threading
 
     previous_handlers: dict[int, Any] = {}
 
     def on_signal(signum: int, frame: Any) -> None:
         # Python runs this in the main thread between bytecodes, possibly while the main thread
-        # holds a lock inside a Vmm call (create/boot). request_exit() may take such a lock, so
-        # it is made from a thread of its own, which cannot deadlock with the interrupted code.
+        # holds a lock inside a Vmm call (restore). request_exit() may take such a lock, so it
+        # is made from a thread of its own, which cannot deadlock with the interrupted code.
         threading.Thread(target=vmm.request_exit, name="vmmpy-signal", daemon=True).start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -299,15 +420,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     api = None
     try:
         try:
-            if args.api_socket is not None:
-                api = _start_api(vmm, api_path, api_fd)
-            if config is not None:
-                vmm.create(config)
-                vmm.boot()
-                if args.kernel is not None:
-                    _say_kernel_kind(vmm, args.kernel)
-            if restore is not None:
-                vmm.restore(**restore)
+            if plan.args.api_socket is not None:
+                api = _start_api(vmm, plan.api_path, plan.api_fd)
+            if booted and plan.args.kernel is not None:
+                _say_kernel_kind(vmm, plan.args.kernel)
+            if plan.restore is not None:
+                vmm.restore(**plan.restore)
         except VmmError as e:
             rc = _fail(e)
             _stop(vmm)
@@ -316,8 +434,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if api is not None:
             api.close()
-        if monitor is not None:
-            monitor.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
 
@@ -345,6 +461,9 @@ def _start_api(vmm: Any, path: str | None, fd: int | None) -> Any:
 
 
 def _stop(vmm: Any) -> None:
+    import logging
+
+    log = logging.getLogger("vmmpy.cli")
     try:
         vmm.shutdown_vmm()
     except VmmError as e:

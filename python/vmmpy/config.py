@@ -2,7 +2,7 @@
 
 Three ways in, one representation out:
 
-* the dataclasses :class:`VmConfig` and :class:`SerialConfig` (what :class:`vmmpy.vmm.Vmm` consumes);
+* the records :class:`VmConfig` and :class:`SerialConfig` (what :class:`vmmpy.vmm.Vmm` consumes);
 * :meth:`VmConfig.from_api`, which reads the ``VmConfig`` JSON body of Cloud Hypervisor's
   ``PUT /api/v1/vm.create`` and refuses, by name, every field vmmpy cannot honour;
 * ``parse_*`` helpers for the command-line flags, in Cloud Hypervisor's ``key=value,...`` syntax
@@ -14,15 +14,12 @@ flag) and the offending value.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import stat
-from dataclasses import dataclass, field
-
 
 from vmmpy.errors import InvalidConfig
 from vmmpy.options import parse_bool, parse_int, parse_options, parse_size, split_options
+from vmmpy.record import Record
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms of start-up): annotations only
 if TYPE_CHECKING:
@@ -77,12 +74,11 @@ def _format_mib(mib: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Dataclasses
+# Records (on the `vmmpy` command's boot path: plain classes, see vmmpy.record)
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class SerialConfig:
+class SerialConfig(Record):
     """Where the guest's COM1 goes.
 
     ``mode`` is one of :data:`SERIAL_MODES`: ``Off`` (no UART at all), ``Null`` (UART present,
@@ -90,17 +86,13 @@ class SerialConfig:
     ``Socket`` (a Unix socket at ``socket`` that the VMM listens on).
     """
 
-    mode: str = "Null"
-    file: str | None = None
-    socket: str | None = None
+    FIELDS = ("mode", "file", "socket")
 
-    def __post_init__(self) -> None:
+    def __init__(self, mode: str = "Null", file: str | None = None, socket: str | None = None):
         # Accept any capitalisation of a known mode ("null", "FILE") and store the canonical one.
-        if isinstance(self.mode, str):
-            for known in SERIAL_MODES:
-                if self.mode.lower() == known.lower():
-                    self.mode = known
-                    break
+        if isinstance(mode, str):
+            mode = next((known for known in SERIAL_MODES if mode.lower() == known.lower()), mode)
+        self.mode, self.file, self.socket = mode, file, socket
         self.validate()
 
     def problems(self, prefix: str = "serial") -> list[str]:
@@ -143,15 +135,14 @@ class SerialConfig:
 MAX_DISKS = 16
 
 
-@dataclass
-class DiskConfig:
+class DiskConfig(Record):
     """A virtio-blk disk (Cloud Hypervisor's ``DiskConfig``): a raw image file. ``id=None`` gets
     ``disk<i>`` from its place in :attr:`VmConfig.disks`."""
 
-    path: str
-    readonly: bool = False
-    id: str | None = None
-    direct: bool = False
+    FIELDS = ("path", "readonly", "id", "direct")
+
+    def __init__(self, path: str, readonly: bool = False, id: str | None = None, direct: bool = False):
+        self.path, self.readonly, self.id, self.direct = path, readonly, id, direct
 
     def problems(self, label: str) -> list[str]:
         out = []
@@ -254,8 +245,7 @@ def tap_problem(name: str) -> str | None:
     return None
 
 
-@dataclass
-class NetConfig:
+class NetConfig(Record):
     """A virtio-net NIC on a host tap (Cloud Hypervisor's ``NetConfig``): ``tap`` by name (created
     when it does not exist, with ``ip``/``mask`` as its host address; ``mask`` defaults to
     255.255.255.0, as in Cloud Hypervisor), or ``fd``, an open tap
@@ -266,16 +256,19 @@ class NetConfig:
     its vnet header size and turns its offloads off, for the caller's descriptor too. ``mac=None`` gets a random one, kept for the VM's life (reboots, migrations);
     ``id=None`` gets ``net<i>`` from its place in :attr:`VmConfig.net`."""
 
-    tap: str | None = None
-    mac: str | None = None
-    ip: str | None = None
-    mask: str | None = None
-    id: str | None = None
-    fd: int | None = None
+    FIELDS = ("tap", "mac", "ip", "mask", "id", "fd")
 
-    def __post_init__(self) -> None:
-        if self.mac is None:
-            self.mac = random_mac()
+    def __init__(
+        self,
+        tap: str | None = None,
+        mac: str | None = None,
+        ip: str | None = None,
+        mask: str | None = None,
+        id: str | None = None,
+        fd: int | None = None,
+    ):
+        self.tap, self.ip, self.mask, self.id, self.fd = tap, ip, mask, id, fd
+        self.mac = random_mac() if mac is None else mac
 
     def problems(self, label: str) -> list[str]:
         out = []
@@ -369,15 +362,15 @@ VSOCK_MAX_CID = (1 << 32) - 2
 _UNIX_PATH_MAX = 108
 
 
-@dataclass
-class VsockConfig:
+class VsockConfig(Record):
     """The virtio-vsock device (Cloud Hypervisor's ``VsockConfig``): the guest's CID and the Unix
     socket vmmpy listens on for host connections (``CONNECT <port>``); a guest connection to host
     port P goes to ``<socket>_P``. ``id=None`` gets :data:`VSOCK_DEFAULT_ID`."""
 
-    cid: int
-    socket: str
-    id: str | None = None
+    FIELDS = ("cid", "socket", "id")
+
+    def __init__(self, cid: int, socket: str, id: str | None = None):
+        self.cid, self.socket, self.id = cid, socket, id
 
     def problems(self, label: str) -> list[str]:
         out = []
@@ -409,7 +402,7 @@ def vsock_socket_problems(path: Any, label: str) -> list[str]:
     return []
 
 
-# Field labels used in error messages: the dataclass names, or Cloud Hypervisor's JSON paths.
+# Field labels used in error messages: the record field names, or Cloud Hypervisor's JSON paths.
 _FIELD_LABELS = {
     "memory_mib": "memory_mib",
     "vcpus": "vcpus",
@@ -515,8 +508,7 @@ def _check_vm_fields(
     return out
 
 
-@dataclass
-class VmConfig:
+class VmConfig(Record):
     """What vmmpy needs to build a VM.
 
     ``kernel=None`` boots the embedded test guest; ``cmdline=None`` means :data:`DEFAULT_CMDLINE`;
@@ -526,32 +518,52 @@ class VmConfig:
     (Cloud Hypervisor's ``shared=off``: faster to fault in, no same-host migration).
     """
 
-    memory_mib: int = DEFAULT_MEMORY_MIB
-    vcpus: int = 1
-    kernel: str | None = None
-    initramfs: str | None = None
-    cmdline: str | None = None
-    memory_shared: bool = True
-    serial: SerialConfig = field(default_factory=SerialConfig)
-    boot_protocol: str | None = None
-    disks: list[DiskConfig] = field(default_factory=list)
-    net: list[NetConfig] = field(default_factory=list)
-    vsock: VsockConfig | None = None
+    FIELDS = (
+        "memory_mib",
+        "vcpus",
+        "kernel",
+        "initramfs",
+        "cmdline",
+        "memory_shared",
+        "serial",
+        "boot_protocol",
+        "disks",
+        "net",
+        "vsock",
+    )
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        vcpus: int = 1,
+        kernel: str | None = None,
+        initramfs: str | None = None,
+        cmdline: str | None = None,
+        memory_shared: bool = True,
+        serial: SerialConfig | None = None,
+        boot_protocol: str | None = None,
+        disks: list[DiskConfig] | None = None,
+        net: list[NetConfig] | None = None,
+        vsock: VsockConfig | None = None,
+    ):
+        self.memory_mib, self.vcpus, self.memory_shared = memory_mib, vcpus, memory_shared
+        self.kernel, self.initramfs, self.cmdline, self.boot_protocol = kernel, initramfs, cmdline, boot_protocol
+        self.serial = SerialConfig() if serial is None else serial
         # Default ids follow the devices' order, as the guest sees them on the PCI bus.
-        if isinstance(self.disks, list):
-            self.disks = [
-                dataclasses.replace(d, id=f"disk{i}") if isinstance(d, DiskConfig) and d.id is None else d
-                for i, d in enumerate(self.disks)
+        disks = [] if disks is None else disks
+        if isinstance(disks, list):
+            disks = [
+                d.replace(id=f"disk{i}") if isinstance(d, DiskConfig) and d.id is None else d
+                for i, d in enumerate(disks)
             ]
-        if isinstance(self.net, list):
-            self.net = [
-                dataclasses.replace(n, id=f"net{i}") if isinstance(n, NetConfig) and n.id is None else n
-                for i, n in enumerate(self.net)
+        net = [] if net is None else net
+        if isinstance(net, list):
+            net = [
+                n.replace(id=f"net{i}") if isinstance(n, NetConfig) and n.id is None else n for i, n in enumerate(net)
             ]
-        if isinstance(self.vsock, VsockConfig) and self.vsock.id is None:
-            self.vsock = dataclasses.replace(self.vsock, id=VSOCK_DEFAULT_ID)
+        if isinstance(vsock, VsockConfig) and vsock.id is None:
+            vsock = vsock.replace(id=VSOCK_DEFAULT_ID)
+        self.disks, self.net, self.vsock = disks, net, vsock
         self.validate()
 
     def validate(self) -> None:
@@ -933,8 +945,8 @@ def _parse_api_vm_config(body: Any) -> VmConfig:
     if unsupported:
         message.append("unsupported VmConfig fields: " + ", ".join(sorted(set(unsupported))))
     message.extend(problems)
-    disks = [dataclasses.replace(d, id=f"disk{i}") if d.id is None else d for i, d in enumerate(disks)]
-    nets = [dataclasses.replace(n, id=f"net{i}") if n.id is None else n for i, n in enumerate(nets)]
+    disks = [d.replace(id=f"disk{i}") if d.id is None else d for i, d in enumerate(disks)]
+    nets = [n.replace(id=f"net{i}") if n.id is None else n for i, n in enumerate(nets)]
     fields = dict(
         memory_mib=memory_mib,
         vcpus=boot,
@@ -1049,8 +1061,7 @@ def from_peer(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RequestBody:
+class RequestBody(Record):
     """How vmmpy reads one of Cloud Hypervisor's request bodies.
 
     ``fields``: what vmmpy implements, name -> the JSON type it takes, or a tuple of enum values
@@ -1062,10 +1073,18 @@ class RequestBody:
     refused by name.
     """
 
-    fields: dict[str, Any]
-    required: tuple[str, ...]
-    ch_defaults: dict[str, Any] = field(default_factory=dict)
-    no_ops: dict[str, Any] = field(default_factory=dict)
+    FIELDS = ("fields", "required", "ch_defaults", "no_ops")
+
+    def __init__(
+        self,
+        fields: dict[str, Any],
+        required: tuple[str, ...],
+        ch_defaults: dict[str, Any] | None = None,
+        no_ops: dict[str, Any] | None = None,
+    ):
+        self.fields, self.required = fields, required
+        self.ch_defaults = {} if ch_defaults is None else ch_defaults
+        self.no_ops = {} if no_ops is None else no_ops
 
 
 # CH's defaults, as ch-remote sends them (api_client / vmm/src/api/mod.rs at CH 54):
@@ -1192,6 +1211,8 @@ def _json_kind(value: Any) -> str:
 
 def _short(value: Any) -> str:
     """A value for an error message: JSON, cut short (a client's value can be large)."""
+    import json  # error messages only: json imports re, kept off the boot path
+
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
 

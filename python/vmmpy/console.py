@@ -3,23 +3,24 @@
 It belongs to the VMM, not to a VM: the native ``Console`` outlives guest reboots, so a client
 connected to the console socket stays connected while the VM under it is rebuilt. Input sources
 (the terminal, socket clients) are read by the VMM's control loop through ``register``.
+
+A console is made before the `vmmpy` command boots its VM, ahead of the rest of the VMM: what only
+the terminal and socket modes (or the control loop) need is imported where they need it.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import selectors
-import socket
 import sys
-import termios
-import tty
 
-from . import _native, unix_socket
+from . import _native
 from .config import SerialConfig
 from .errors import InvalidConfig
 
-log = logging.getLogger("vmmpy.console")
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
+if TYPE_CHECKING:
+    import selectors
+    import socket
 
 
 class ConsoleBackend:
@@ -44,12 +45,17 @@ class ConsoleBackend:
             finally:
                 os.close(fd)
         elif mode == "Tty":
+            import termios
+            import tty
+
             self.native = _native.Console(sys.stdout.fileno())
             if sys.stdin.isatty():
                 self._tty_in = sys.stdin.fileno()
                 self._tty_saved = termios.tcgetattr(self._tty_in)
                 tty.setraw(self._tty_in)
         elif mode == "Socket":
+            from . import unix_socket
+
             # Output written before a client connects waits for it: a late client sees the boot banner.
             self.native = _native.Console(None, keep_backlog=True)
             self._listener = unix_socket.listen(serial.socket, 8, "serial socket")
@@ -59,13 +65,17 @@ class ConsoleBackend:
 
     # The control loop calls these with its selector; each key's data is the callback to run.
     def register(self, sel: selectors.BaseSelector) -> None:
+        from selectors import EVENT_READ
+
         self._selector = sel
         if self._listener is not None:
-            sel.register(self._listener, selectors.EVENT_READ, self._accept)
+            sel.register(self._listener, EVENT_READ, self._accept)
         if self._tty_in is not None:
-            sel.register(self._tty_in, selectors.EVENT_READ, self._read_tty)
+            sel.register(self._tty_in, EVENT_READ, self._read_tty)
 
     def _accept(self) -> None:
+        from selectors import EVENT_READ
+
         try:
             conn, _ = self._listener.accept()
         except BlockingIOError:
@@ -73,7 +83,7 @@ class ConsoleBackend:
         conn.setblocking(False)
         self.native.add_client(conn.fileno())
         self._clients.append(conn)
-        self._selector.register(conn, selectors.EVENT_READ, lambda c=conn: self._read_client(c))
+        self._selector.register(conn, EVENT_READ, lambda c=conn: self._read_client(c))
 
     def _read_client(self, conn: socket.socket) -> None:
         try:
@@ -96,7 +106,11 @@ class ConsoleBackend:
 
     def _push(self, data: bytes) -> None:
         if self.native.push_input(data) < len(data):
-            log.debug("console: the guest is not reading its input; dropped what did not fit")
+            import logging
+
+            logging.getLogger("vmmpy.console").debug(
+                "console: the guest is not reading its input; dropped what did not fit"
+            )
 
     def close(self) -> None:
         if self._selector is not None:
@@ -118,6 +132,8 @@ class ConsoleBackend:
             except FileNotFoundError:
                 pass
         if self._tty_saved is not None:
+            import termios
+
             termios.tcsetattr(self._tty_in, termios.TCSADRAIN, self._tty_saved)
             self._tty_saved = None
         self.native.close()

@@ -15,16 +15,13 @@ import selectors
 import threading
 
 from .errors import VmmShutDown
+from .native_vm import new_eventfd
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
 if TYPE_CHECKING:
     from typing import Any, Callable
 
 log = logging.getLogger("vmmpy.control_loop")
-
-
-def new_eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
 
 def drain(fd: int) -> int:
@@ -53,9 +50,10 @@ class ControlLoop:
         self._on_closed: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
-    def eventfd(self, handler: Callable[[], None]) -> int:
-        """A new eventfd whose handler runs on the loop when it is written; closed at teardown."""
-        fd = new_eventfd()
+    def eventfd(self, handler: Callable[[], None], fd: int | None = None) -> int:
+        """A new eventfd (or `fd`, taken over) whose handler runs on the loop when it is written;
+        closed at teardown."""
+        fd = new_eventfd() if fd is None else fd
         self._fds.append(fd)
         self.selector.register(fd, selectors.EVENT_READ, handler)
         return fd

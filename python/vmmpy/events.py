@@ -22,8 +22,7 @@ import threading
 import time
 
 
-from vmmpy.options import parse_path_or_fd
-from vmmpy.errors import InvalidConfig
+from vmmpy.event_output import open_event_output
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms of start-up): annotations only
 if TYPE_CHECKING:
@@ -63,30 +62,14 @@ class EventMonitor:
         owns_fd: bool = True,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
     ):
-        if path is not None and fd is not None:
-            raise InvalidConfig("event monitor: give a path or an fd, not both")
         if history < 1:
             raise ValueError("history must be at least 1")
         self._start_ns = time.monotonic_ns()
         self._fd: int | None = None
-        self._owns_fd = owns_fd
+        self._owns_fd = owns_fd or path is not None
         self.path = path
-        if path is not None:
-            try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as e:
-                raise InvalidConfig(f"event monitor path={path!r}: {e.strerror}", e.errno) from e
-            self._owns_fd = True
-        elif fd is not None:
-            if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
-                raise InvalidConfig(f"event monitor fd={fd!r}: not a file descriptor")
-            try:
-                mode = os.fstat(fd).st_mode
-            except OSError as e:
-                raise InvalidConfig(f"event monitor fd={fd}: {e.strerror}", e.errno) from e
-            if stat.S_ISDIR(mode):
-                raise InvalidConfig(f"event monitor fd={fd}: is a directory")
-            self._fd = fd
+        if path is not None or fd is not None:
+            self._fd = open_event_output(path, fd)
         self._write_lock = threading.Lock()  # orders sequence numbers and queued lines
         self._cond = threading.Condition()  # guards the history
         self._history: collections.deque[dict] = collections.deque(maxlen=history)
@@ -290,9 +273,3 @@ class EventMonitor:
             for ev in candidates:
                 if predicate is None or predicate(ev):
                     return ev
-
-
-def parse_event_monitor(text: str) -> dict:
-    """``--event-monitor path=<file>|fd=<n>|<file>`` → keyword arguments for :class:`EventMonitor`."""
-    path, fd = parse_path_or_fd(text, "--event-monitor")
-    return {"path": path} if path is not None else {"fd": fd}

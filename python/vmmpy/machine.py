@@ -10,7 +10,6 @@ holds it; mutating calls answer ``VmMigrating``) and ``None`` (no VM).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 
 from . import _native
@@ -19,6 +18,7 @@ from .console import ConsoleBackend
 from .control_loop import ControlLoop, drain
 from .errors import InvalidState, VmAlreadyCreated, VmmError, VmMigrating, VmNotCreated
 from .events import EventMonitor
+from .native_vm import BootedVm, VmWires
 from .payload import BootPayload
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
@@ -49,18 +49,28 @@ class VmState(str, enum.Enum):
 
 
 class Machine:
-    def __init__(self, loop: ControlLoop, events: EventMonitor, serial: SerialConfig | None, no_shutdown: bool):
+    def __init__(
+        self,
+        loop: ControlLoop,
+        events: EventMonitor,
+        serial: SerialConfig | None,
+        no_shutdown: bool,
+        wires: VmWires | None = None,
+    ):
         """`serial`: the command line's serial backend, used by every VM here (a config's, a
         peer's or a snapshot's serial never chooses a host file or socket). With `no_shutdown`
-        the VMM outlives its guest's power-off."""
+        the VMM outlives its guest's power-off. `wires`: those of a VM booted before the VMM
+        (taken over: the loop closes the eventfds), else new ones."""
         self._loop = loop
         self._events = events
         self._serial_override = serial
         self._no_shutdown = no_shutdown
-        self._reset_fd = loop.eventfd(self._on_lifecycle)
-        self._guest_exit_fd = loop.eventfd(self._on_lifecycle)
-        self._error_fd = loop.eventfd(self._on_error)
-        self.console: ConsoleBackend | None = None
+        self._wires = wires or VmWires()
+        self._reset_fd = loop.eventfd(self._on_lifecycle, self._wires.reset_fd)
+        self._guest_exit_fd = loop.eventfd(self._on_lifecycle, self._wires.guest_exit_fd)
+        self._error_fd = loop.eventfd(self._on_error, self._wires.error_fd)
+        if self._wires.console is not None:
+            self._wires.console.register(loop.selector)
         self.vm: _native.Vm | None = None
         self.config: VmConfig | None = None
         # The kernel and initramfs content the VM boots from (read once, or received): reboots,
@@ -108,57 +118,25 @@ class Machine:
 
     # ---- building blocks ----------------------------------------------------------------------
 
+    @property
+    def console(self) -> ConsoleBackend | None:
+        return self._wires.console
+
     def _open_console(self, serial: SerialConfig) -> None:
-        if self.console is not None and self.console.config == serial:
-            return
-        if self.console is not None:
-            self.console.close()
-        self.console = ConsoleBackend(serial)
-        self.console.register(self._loop.selector)
+        if self._wires.open_console(serial):
+            self._wires.console.register(self._loop.selector)
 
     def own_serial(self, cfg: VmConfig) -> VmConfig:
         """`cfg` (from a migration peer or a snapshot) on this VMM's own serial: the command line's,
         or none. A peer never chooses a host file or socket here."""
-        return dataclasses.replace(cfg, serial=self._serial_override or SerialConfig())
+        return cfg.replace(serial=self._serial_override or SerialConfig())
 
     def new_native_vm(
         self, cfg: VmConfig, payload: BootPayload, restore: bool = False, memory_fds: list[int] | None = None
     ) -> _native.Vm:
         """A native VM on the VMM's console (the command line's serial wins over the config's)."""
         self._open_console(self._serial_override or cfg.serial)
-        if cfg.vsock is None:
-            return self._native_vm(cfg, payload, restore, memory_fds, None)
-        from .vsock import native_vsock  # loaded only for a VM with a vsock device
-
-        with native_vsock(cfg.vsock) as vsock:
-            return self._native_vm(cfg, payload, restore, memory_fds, vsock)
-
-    def _native_vm(
-        self,
-        cfg: VmConfig,
-        payload: BootPayload,
-        restore: bool,
-        memory_fds: list[int] | None,
-        vsock: tuple[str, int, int, str] | None,
-    ) -> _native.Vm:
-        return _native.Vm(
-            memory_size=cfg.memory_bytes,
-            memory_shared=cfg.memory_shared,
-            vcpus=cfg.vcpus,
-            kernel=payload.kernel,
-            initramfs=payload.initramfs,
-            cmdline=cfg.effective_cmdline,
-            console=self.console.native,
-            reset_fd=self._reset_fd,
-            guest_exit_fd=self._guest_exit_fd,
-            error_fd=self._error_fd,
-            restore=restore,
-            memory_fds=memory_fds,
-            boot_protocol=cfg.boot_protocol,
-            disks=[(d.id, d.path, d.readonly, d.direct) for d in cfg.disks],
-            nets=[n.native() for n in cfg.net],
-            vsock=vsock,
-        )
+        return self._wires.build(cfg, payload, restore, memory_fds)
 
     def adopt(self, cfg: VmConfig, vm: _native.Vm, payload: BootPayload, state: VmState) -> None:
         """Takes a VM built and started elsewhere on the loop (received or restored) as this VMM's."""
@@ -166,16 +144,19 @@ class Machine:
         self.ownership = Ownership.OWNED
         self.boot_count += 1
 
+    def adopt_booted(self, booted: BootedVm) -> None:
+        """The VM the command line booted before this VMM existed (on this machine's wires)."""
+        self.require_empty("a VM has already been created")
+        self._events.emit("vm", "booting")
+        self.adopt(booted.config, booted.vm, booted.payload, VmState.RUNNING)
+        self._events.emit("vm", "booted")
+
     def _build_and_boot(self) -> None:
         cfg = self.config
         # The caller's own files, read on the first boot; held from then on.
         payload = self.payload or BootPayload.read(cfg.kernel, cfg.initramfs)
-        vm = self.new_native_vm(cfg, payload)
-        try:
-            vm.boot()
-        except BaseException:
-            vm.stop()
-            raise
+        self._open_console(self._serial_override or cfg.serial)
+        vm = self._wires.boot(cfg, payload)
         self._failure = None
         self.adopt(cfg, vm, payload, VmState.RUNNING)
 
@@ -204,9 +185,7 @@ class Machine:
     def close(self) -> None:
         """At the VMM's end: the VM and the console go."""
         self.destroy_vm()
-        if self.console is not None:
-            self.console.close()
-            self.console = None
+        self._wires.close_console()
 
     def replay(self, request: str) -> None:
         """Carries out a latched guest request through the eventfd the device would have written;

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 
 from .errors import InvalidConfig, PayloadError
+from .record import Record
 
 #: Kernel and initramfs together; a peer may not make a VMM hold more (nor more than guest RAM).
 MAX_PAYLOAD_BYTES = 512 << 20
@@ -21,10 +21,11 @@ MAX_PAYLOAD_BYTES = 512 << 20
 PARTS = ("kernel", "initramfs")
 
 
-@dataclass(frozen=True)
-class BootPayload:
-    kernel: bytes | None = None
-    initramfs: bytes | None = None
+class BootPayload(Record):
+    FIELDS = PARTS
+
+    def __init__(self, kernel: bytes | None = None, initramfs: bytes | None = None):
+        self.kernel, self.initramfs = kernel, initramfs
 
     def parts(self) -> dict[str, bytes]:
         return {name: data for name in PARTS if (data := getattr(self, name)) is not None}

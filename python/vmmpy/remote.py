@@ -6,11 +6,12 @@ when the socket cannot be reached, 2 on bad usage.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any, Sequence
 
-from vmmpy.cli import OneLineParser
+from vmmpy.cli import one_line_parser
 from vmmpy.client import ApiClient, error_message
 from vmmpy.config import request_body_from_options
 from vmmpy.errors import InvalidConfig
@@ -88,8 +89,8 @@ def _show_progress(client: ApiClient) -> int:
         time.sleep(0.2)
 
 
-def build_parser() -> OneLineParser:
-    p = OneLineParser(prog=PROG, description="Control a vmmpy VMM through its REST API socket.")
+def build_parser() -> argparse.ArgumentParser:
+    p = one_line_parser(PROG, "Control a vmmpy VMM through its REST API socket.")
     p.add_argument("--api-socket", required=True, metavar="PATH", help="the VMM's API socket")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per-request timeout")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

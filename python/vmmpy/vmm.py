@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .migration.handles import MigrationHandle, ReceiveHandle
     from .migration.handover import Handover
     from .migration.reception import Reception
+    from .native_vm import BootedVm
 
 __all__ = ["Ownership", "VmState", "Vmm"]
 
@@ -53,10 +54,12 @@ class Vmm:
         disk_backings: dict[str, str] | None = None,
         net_backings: dict[str, str] | None = None,
         vsock_socket: str | None = None,
+        booted: BootedVm | None = None,
     ):
         """`disk_backings` (disk id -> path), `net_backings` (net id -> tap name) and
         `vsock_socket`: this host's own files, taps and vsock socket for the devices of a VM it
-        receives or restores, unless the receive or restore call names its own."""
+        receives or restores, unless the receive or restore call names its own. `booted`: a VM
+        already running (``native_vm.boot_first``), which this VMM adopts as if it had booted it."""
         self._backings = HostBackings(vsock_socket=vsock_socket).overridden(
             disks=disk_backings or {}, net=net_backings or {}
         )
@@ -66,10 +69,14 @@ class Vmm:
         self.exit_code = 0
         self._loop = ControlLoop()
         self._exit_fd = self._loop.eventfd(self._on_exit)
-        self._machine = Machine(self._loop, self.events, serial, no_shutdown)
+        self._machine = Machine(self._loop, self.events, serial, no_shutdown, booted and booted.wires)
         self._handover: Handover | None = None  # built by the first migration call
         self._reception: Reception | None = None  # built by the first receive
         self.events.emit("vmm", "starting")
+        if booted is not None:
+            # Before the loop runs: lifecycle eventfds the guest may have written already are
+            # handled with the VM in place.
+            self._machine.adopt_booted(booted)
         self._loop.start(on_teardown=self._teardown, on_closed=lambda: self.events.emit("vmm", "shutdown"))
 
     @property
