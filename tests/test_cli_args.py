@@ -340,28 +340,34 @@ def test_boot_failure_exits_1_before_any_vmm(fake_vmm, capsys, sockdir):
     assert Path(events).read_text() == ""  # opened (checked) before the boot, nothing written
 
 
-def test_a_vmm_that_cannot_start_discards_the_booted_vm(fake_vmm, monkeypatch, capsys):
+@pytest.mark.parametrize("vm", [[], ["--memory", "size=128M"]])
+def test_api_socket_in_use_exits_1_before_anything_starts(fake_vmm, capsys, sockdir, vm):
+    from vmmpy.api import ApiServer
+
+    path = os.path.join(sockdir, "api.sock")
+    with ApiServer(FakeVmm(), path):
+        fake_vmm.instances.clear()
+        rc, _out, err = run_main(["--api-socket", path, *vm], capsys)
+        assert os.path.exists(path)  # the live server's socket is left alone
+    assert rc == 1
+    assert err.count("\n") == 1 and "in use" in err
+    # Bound before the boot: no guest ran on a command line that cannot be served.
+    assert fake_vmm.instances == [] and fake_vmm.booted == []
+
+
+def test_what_the_command_held_is_released_when_its_vmm_cannot_start(fake_vmm, monkeypatch, capsys, sockdir):
     from vmmpy.errors import VmmError
 
     def refuse(**kwargs):
         raise VmmError("no control loop")
 
     monkeypatch.setattr(sys.modules["vmmpy.vmm"], "Vmm", refuse)
-    rc, _out, err = run_main(["--cpus", "boot=1"], capsys)
+    api = os.path.join(sockdir, "api.sock")
+    events = os.path.join(sockdir, "events.json")
+    rc, _out, err = run_main(["--cpus", "boot=1", "--api-socket", api, "--event-monitor", f"path={events}"], capsys)
     assert rc == 1 and "no control loop" in err
     assert [b.discarded for b in fake_vmm.booted] == [True]
-
-
-def test_api_socket_in_use_exits_1(fake_vmm, capsys, sockdir):
-    from vmmpy.api import ApiServer
-
-    path = os.path.join(sockdir, "api.sock")
-    with ApiServer(FakeVmm(), path):
-        fake_vmm.instances.clear()
-        rc, _out, err = run_main(["--api-socket", path], capsys)
-    assert rc == 1
-    assert err.count("\n") == 1 and "in use" in err
-    assert [c[0] for c in fake_vmm.instances[0].calls] == ["shutdown_vmm", "wait"]
+    assert not os.path.exists(api)  # the listening socket was closed and its path removed
 
 
 def test_disk_flags_become_the_vms_disks(fake_vmm, capsys, tmp_path):

@@ -41,6 +41,13 @@ def test_line_format_like_cloud_hypervisor(tmp_path):
     assert as_ns == sorted(as_ns) and as_ns[0] < 5 * 10**9  # time since the monitor was made
 
 
+def test_timestamps_count_from_the_given_start():
+    # The vmmpy command creates its monitor after the VM booted: its events count from its start.
+    mon = EventMonitor(started_ns=time.monotonic_ns() - 3_000_000_000)
+    assert mon.emit("vmm", "starting")["timestamp"]["secs"] >= 3
+    assert EventMonitor().emit("vmm", "starting")["timestamp"]["secs"] == 0
+
+
 def test_path_is_truncated(tmp_path):
     path = tmp_path / "events.json"
     path.write_text("old junk\n")

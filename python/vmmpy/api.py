@@ -75,9 +75,6 @@ MAX_JSON_DEPTH = 32
 CLOSE_GRACE = 5.0
 #: Connections served at once; more are answered 503 (see vmmpy.httpserver).
 MAX_CONNECTIONS = 64
-#: The listen backlog: clients that connect with a timeout (as curl does) all get an answer even
-#: when a hundred connect at once. The kernel caps it at net.core.somaxconn.
-BACKLOG = socket.SOMAXCONN
 
 # The one exception → status table. Order matters: subclasses before their bases. None: the
 # endpoint's own wrong_state status.
@@ -283,17 +280,25 @@ class ApiServer:
     error; the socket is created 0600, owner only, whatever the umask) or ``fd``, an already
     bound AF_UNIX stream socket (``--api-socket fd=N``, as libvirt passes it; its mode is the
     passer's business). The ``fd`` is taken over and closed by :meth:`close`; its path is not
-    unlinked.
+    unlinked. ``listener``: that socket, already listening (``unix_socket.listen_at``: the
+    command line binds it before its VM boots); taken over.
     """
 
     def __init__(
-        self, vmm: Any, socket_path: str | None = None, *, fd: int | None = None, limits: Limits | None = None
+        self,
+        vmm: Any,
+        socket_path: str | None = None,
+        *,
+        fd: int | None = None,
+        listener: socket.socket | None = None,
+        limits: Limits | None = None,
     ):
         if (socket_path is None) == (fd is None):
             raise InvalidConfig("API server: give exactly one of a socket path or an fd")
         self.vmm = vmm
         self.socket_path = socket_path
         self.fd = fd
+        self._listener = listener
         self.limits = limits or Limits(max_connections=MAX_CONNECTIONS, max_body=MAX_BODY)
         self._http: HttpServer | None = None
         self._bound_inode: tuple[int, int] | None = None
@@ -305,7 +310,11 @@ class ApiServer:
         """Bind (in the caller's thread, so errors surface here) and start serving."""
         if self._http is not None or self._closed:
             raise VmmError("API server already started")
-        sock = self._adopt_fd(self.fd) if self.fd is not None else self._bind(self.socket_path)
+        sock = self._listener or unix_socket.listen_at(self.socket_path, self.fd, "API socket")
+        self._listener = None
+        if self.socket_path is not None:
+            st = os.stat(self.socket_path)
+            self._bound_inode = (st.st_dev, st.st_ino)
         self._http = HttpServer(sock, lambda request: handle(self.vmm, request), self.limits).start()
         log.info("api: serving on %s", self.socket_path or f"fd {self.fd}")
         return self
@@ -328,28 +337,6 @@ class ApiServer:
         self.close()
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _bind(self, path: str) -> socket.socket:
-        sock = unix_socket.listen(path, BACKLOG, "API socket")
-        st = os.stat(path)
-        self._bound_inode = (st.st_dev, st.st_ino)
-        return sock
-
-    @staticmethod
-    def _adopt_fd(fd: int) -> socket.socket:
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as e:
-            raise VmmError(f"API socket fd={fd}: {e.strerror or e}", e.errno) from e
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            sock.detach()
-            raise VmmError(f"API socket fd={fd}: not a Unix stream socket")
-        try:
-            sock.listen(BACKLOG)
-        except OSError as e:
-            sock.detach()
-            raise VmmError(f"API socket fd={fd}: cannot listen: {e.strerror or e}", e.errno) from e
-        return sock
 
     def _unlink_socket(self) -> None:
         path = self.socket_path

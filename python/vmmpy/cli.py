@@ -355,50 +355,86 @@ class Plan:
         return options
 
 
+class Held:
+    """What the command opens before its VMM exists (the event monitor's output, the API's
+    listening socket, the booted VM), each held until a part of the VMM takes it over. `release`,
+    at the command's end, closes what is still held: all of it when the start failed."""
+
+    def __init__(self) -> None:
+        self.monitor_fd: int | None = None
+        self.monitor: Any = None
+        self.api_listener: Any = None
+        self.api_path: str | None = None
+        self.booted: Any = None
+
+    def release(self) -> None:
+        if self.booted is not None:
+            self.booted.discard()
+            self.booted = None
+        if self.api_listener is not None:
+            self.api_listener.close()
+            self.api_listener = None
+            if self.api_path is not None:
+                try:
+                    os.unlink(self.api_path)
+                except OSError:
+                    pass
+        if self.monitor_fd is not None:
+            os.close(self.monitor_fd)
+            self.monitor_fd = None
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    import time  # a built-in module: the event monitor's timestamps count from here
+
+    started_ns = time.monotonic_ns()
     args = parse_arguments(argv)
+    held = Held()
     # Everything the arguments say is checked before anything starts.
     try:
         plan = Plan(args)
         # Opened here, so a bad path is a usage error (a FIFO blocks until its reader opens).
-        monitor_fd = open_event_output(**plan.monitor_args) if plan.monitor_args is not None else None
+        if plan.monitor_args is not None:
+            held.monitor_fd = open_event_output(**plan.monitor_args)
     except InvalidConfig as e:
         usage_error(str(e))
-    return _run(plan, monitor_fd)
-
-
-def _run(plan: Plan, monitor_fd: int | None) -> int:
-    """The VM boots first; then the rest of the VMM loads and adopts it."""
-    booted = None
     try:
+        return _run(plan, held, started_ns)
+    finally:
+        held.release()
+
+
+def _run(plan: Plan, held: Held, started_ns: int) -> int:
+    """The API socket is bound and the VM boots first; then the rest of the VMM loads, adopts
+    the VM and serves the socket."""
+    try:
+        if plan.args.api_socket is not None:
+            from vmmpy import unix_socket
+
+            held.api_listener = unix_socket.listen_at(plan.api_path, plan.api_fd, "API socket")
+            held.api_path = plan.api_path
         if plan.config is not None:
             from vmmpy.native_vm import boot_first
 
-            booted = boot_first(plan.config, plan.serial)
+            held.booted = boot_first(plan.config, plan.serial)
         _setup_logging(plan.args.verbose)
         from vmmpy.events import EventMonitor
         from vmmpy.vmm import Vmm
+
+        if held.monitor_fd is not None:
+            held.monitor = EventMonitor(fd=held.monitor_fd, started_ns=started_ns)
+            held.monitor_fd = None
+        vmm = Vmm(event_monitor=held.monitor, booted=held.booted, **plan.vmm_options())
+        booted, held.booted = held.booted is not None, None
     except (ImportError, VmmError) as e:
-        if booted is not None:
-            booted.discard()
-        if monitor_fd is not None:
-            os.close(monitor_fd)
         return _fail(f"cannot load the VMM core: {e}" if isinstance(e, ImportError) else e)
-    monitor = EventMonitor(fd=monitor_fd) if monitor_fd is not None else None  # it owns the fd now
-    try:
-        try:
-            vmm = Vmm(event_monitor=monitor, booted=booted, **plan.vmm_options())
-        except VmmError as e:
-            if booted is not None:
-                booted.discard()
-            return _fail(e)
-        return _serve(vmm, plan, booted is not None)
-    finally:
-        if monitor is not None:
-            monitor.close()
+    return _serve(vmm, plan, booted, held)
 
 
-def _serve(vmm: Any, plan: Plan, booted: bool) -> int:
+def _serve(vmm: Any, plan: Plan, booted: bool, held: Held) -> int:
     """Signals, the API and a snapshot to restore; then the VMM runs until it exits."""
     import signal
     import threading
@@ -420,8 +456,9 @@ def _serve(vmm: Any, plan: Plan, booted: bool) -> int:
     api = None
     try:
         try:
-            if plan.args.api_socket is not None:
-                api = _start_api(vmm, plan.api_path, plan.api_fd)
+            if held.api_listener is not None:
+                api = _start_api(vmm, plan, held.api_listener)
+                held.api_listener = None
             if booted and plan.args.kernel is not None:
                 _say_kernel_kind(vmm, plan.args.kernel)
             if plan.restore is not None:
@@ -454,10 +491,10 @@ def _say_kernel_kind(vmm: Any, path: str) -> None:
     )
 
 
-def _start_api(vmm: Any, path: str | None, fd: int | None) -> Any:
+def _start_api(vmm: Any, plan: Plan, listener: Any) -> Any:
     from vmmpy.api import ApiServer
 
-    return ApiServer(vmm, path, fd=fd).start()
+    return ApiServer(vmm, plan.api_path, fd=plan.api_fd, listener=listener).start()
 
 
 def _stop(vmm: Any) -> None:

@@ -5,8 +5,8 @@ Each event is written as one JSON object on one line, in the shape Cloud Hypervi
 
     {"timestamp": {"secs": 0, "nanos": 29228206}, "source": "vm", "event": "booted", "properties": null}
 
-``timestamp`` is the time since the monitor was created (Cloud Hypervisor counts from VMM start;
-the VMM creates its monitor at start). Every event also goes into a bounded in-memory history,
+``timestamp`` is the time since the VMM started, as Cloud Hypervisor counts it (the ``vmmpy``
+command passes its start; by default the monitor's creation). Every event also goes into a bounded in-memory history,
 numbered from 0, that threads can wait on (:meth:`EventMonitor.wait_for_event`).
 """
 
@@ -61,10 +61,11 @@ class EventMonitor:
         history: int = DEFAULT_HISTORY,
         owns_fd: bool = True,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        started_ns: int | None = None,
     ):
         if history < 1:
             raise ValueError("history must be at least 1")
-        self._start_ns = time.monotonic_ns()
+        self._start_ns = time.monotonic_ns() if started_ns is None else started_ns
         self._fd: int | None = None
         self._owns_fd = owns_fd or path is not None
         self.path = path

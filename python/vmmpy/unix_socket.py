@@ -14,7 +14,7 @@ import os
 import socket
 import stat
 
-from .errors import InvalidConfig
+from .errors import InvalidConfig, VmmError
 
 MODE = 0o600
 MAX_PATH = 108  # sun_path, NUL included
@@ -46,6 +46,33 @@ def listen(path: str, backlog: int, what: str) -> socket.socket:
             except OSError:
                 pass
         raise InvalidConfig(f"{what} {path}: {e.strerror}", e.errno) from None
+    return sock
+
+
+def listen_at(path: str | None, fd: int | None, what: str) -> socket.socket:
+    """:func:`listen` at `path`, or `fd` taken over by :func:`adopt_listener`. The backlog is the
+    longest the kernel allows (net.core.somaxconn): clients that connect with a timeout (as curl
+    does) all get an answer even when a hundred connect at once."""
+    if fd is not None:
+        return adopt_listener(fd, socket.SOMAXCONN, what)
+    return listen(path, socket.SOMAXCONN, what)
+
+
+def adopt_listener(fd: int, backlog: int, what: str) -> socket.socket:
+    """An inherited fd (``fd=N``, as libvirt passes it) taken over as a listening Unix stream
+    socket; its mode is the passer's business."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise VmmError(f"{what} fd={fd}: {e.strerror or e}", e.errno) from e
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise VmmError(f"{what} fd={fd}: not a Unix stream socket")
+    try:
+        sock.listen(backlog)
+    except OSError as e:
+        sock.detach()
+        raise VmmError(f"{what} fd={fd}: cannot listen: {e.strerror or e}", e.errno) from e
     return sock
 
 
