@@ -26,6 +26,7 @@ mod pacer;
 mod python;
 #[doc(hidden)]
 pub mod ranges;
+mod reaper;
 mod sparse;
 mod state;
 #[doc(hidden)]
@@ -67,6 +68,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(python::tune_socket, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
     m.add_function(wrap_pyfunction!(python::test_guest_elf, m)?)?;
+    m.add_function(wrap_pyfunction!(python::wait_released, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
     m.add("MAX_DISKS", vm::MAX_DISKS)?;
     // The Memory frame's command number and the most RAM one frame carries: send_memory writes

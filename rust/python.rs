@@ -286,6 +286,14 @@ fn dup_file(fd: i32) -> PyResult<std::fs::File> {
     Ok(std::fs::File::from(dup_owned(fd, "memory fd")?))
 }
 
+/// Waits until every stopped VM's KVM objects and memory are released (the reaper thread ends
+/// them after `Vm.stop(release_later=True)`); False if `timeout` seconds passed first.
+#[pyfunction]
+pub fn wait_released(py: Python<'_>, timeout: f64) -> bool {
+    let timeout = std::time::Duration::from_secs_f64(timeout.max(0.0));
+    py.detach(|| crate::reaper::wait_idle(timeout))
+}
+
 /// The embedded test guest's ELF image (tests boot it as an external kernel too).
 #[pyfunction]
 pub fn test_guest_elf(py: Python<'_>) -> Bound<'_, PyBytes> {
@@ -422,10 +430,18 @@ impl PyVm {
         })
     }
 
-    /// Ends the vCPU threads and releases the VM's fds and memory (a region object handed out
-    /// earlier keeps its own mapping until it is released). Idempotent.
-    fn stop(&self, py: Python<'_>) {
-        py.detach(|| drop(self.vm.write().unwrap().take()));
+    /// Ends the vCPU threads, closes the devices and releases the VM's KVM fds and memory (a
+    /// region object handed out earlier keeps its own mapping until it is released); with
+    /// `release_later` the reaper thread releases them while the caller goes on (a reboot builds
+    /// the next VM meanwhile). Idempotent.
+    #[pyo3(signature = (release_later = false))]
+    fn stop(&self, py: Python<'_>, release_later: bool) {
+        py.detach(|| {
+            drop(self.vm.write().unwrap().take());
+            if !release_later {
+                crate::reaper::wait_idle(RELEASE_WAIT);
+            }
+        })
     }
 
     /// "reset" or "shutdown": the first lifecycle request any vCPU made, or None.
@@ -628,7 +644,7 @@ impl PyVm {
                 .regions()
                 .into_iter()
                 .map(|(gpa, host, size)| PyGuestRegion {
-                    _ram: vm.ram.clone(),
+                    _ram: Arc::clone(&vm.ram),
                     guest_address: gpa,
                     host,
                     size,
@@ -696,6 +712,9 @@ fn item<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, PyAny>> {
     d.get_item(key)?
         .ok_or_else(|| Error::new(Kind::InvalidConfig, format!("state lacks {key:?}")).into())
 }
+
+/// How long a stop waits for the kernel to destroy what the reaper holds (~15 ms a VM here).
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 const SERIAL_REGS: [&str; 9] = [
     "baud_divisor_low",

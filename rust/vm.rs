@@ -2,6 +2,7 @@
 //! through which it tells the VMM's control loop what the guest asked for.
 
 use std::fs::File;
+use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -38,6 +39,7 @@ use crate::fd::dup_owned;
 use crate::idle::IdleGate;
 use crate::memory::GuestRam;
 use crate::ranges::RangeTable;
+use crate::reaper;
 use crate::state::{self, Blobs, VcpuState};
 use crate::vcpu::{self, SharedVcpuFd, VcpuControl};
 use crate::{acpi, cpuid, layout};
@@ -252,7 +254,8 @@ struct VcpuSlot {
 }
 
 pub struct Vm {
-    // Field order is drop order: vCPUs end before the VM fd closes, and memory is unmapped last.
+    // Dropped as `Drop for Vm` says: vCPUs end and devices close first, then the vCPU fds, the VM
+    // fd and the memory go to the reaper, in that order.
     vcpus: Vec<VcpuSlot>,
     devices: Vec<DeviceSlot>,
     shared: Arc<VmShared>,
@@ -263,9 +266,9 @@ pub struct Vm {
     /// Dirty logging while a migration runs.
     dirty: Mutex<Option<DirtyLog>>,
     manual_protect: bool,
-    fd: Arc<VmFd>,
+    fd: ManuallyDrop<Arc<VmFd>>,
     kvm: Kvm,
-    pub ram: Arc<GuestRam>,
+    pub ram: ManuallyDrop<Arc<GuestRam>>,
     /// None for a VM restored from a snapshot or migration.
     pub payload_kind: Option<payload::PayloadKind>,
     /// How the BSP entered; None for a restored VM.
@@ -525,9 +528,9 @@ impl Vm {
             cmos,
             dirty: Mutex::new(None),
             manual_protect,
-            fd,
+            fd: ManuallyDrop::new(fd),
             kvm,
-            ram,
+            ram: ManuallyDrop::new(ram),
             payload_kind,
             boot_protocol,
             cmdline,
@@ -939,5 +942,19 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.stop();
         self.console.detach(&self.listener);
+        // The devices close here (taps and images: the next VM may open them), and with them
+        // their references to the VM fd (MSI routes) and the memory.
+        drop(std::mem::take(&mut self.devices));
+        drop(self.dirty.get_mut().unwrap().take());
+        let vcpus = std::mem::take(&mut self.vcpus);
+        // SAFETY: drop runs once, and neither field is used after this: the reaper thread gets
+        // these last references and ends the VM in the kernel (vCPU fds, VM fd, then memory).
+        let (fd, ram) = unsafe {
+            (
+                ManuallyDrop::take(&mut self.fd),
+                ManuallyDrop::take(&mut self.ram),
+            )
+        };
+        reaper::defer(Box::new((vcpus, fd, ram)));
     }
 }

@@ -18,6 +18,7 @@ __all__ = [
     "kvm_check",
     "test_guest_elf",
     "tune_socket",
+    "wait_released",
 ]
 
 MAX_VCPUS: int
@@ -33,6 +34,11 @@ def tune_socket(fd: int) -> None:
 
 def test_guest_elf() -> bytes:
     """The embedded test guest's ELF image."""
+
+def wait_released(timeout: float) -> bool:
+    """Waits until every stopped VM's KVM fds and memory are released (a thread of the core
+    closes them after ``Vm.stop(release_later=True)``: on kvm_pvm the kernel takes ~15 ms to
+    destroy a VM); False if ``timeout`` seconds passed first."""
 
 @final
 class Console:
@@ -87,8 +93,10 @@ class Vm:
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""
     def resume(self) -> None: ...
-    def stop(self) -> None:
-        """Ends and joins the vCPU threads, closes KVM fds, unmaps memory. Idempotent."""
+    def stop(self, release_later: bool = False) -> None:
+        """Ends and joins the vCPU threads, closes the devices, KVM fds and memory; with
+        ``release_later`` the KVM fds and memory go on a thread of the core's own while the caller
+        goes on (``wait_released``). Idempotent."""
     def lifecycle_request(self) -> str | None:
         """'reset' or 'shutdown': the first request any vCPU made."""
     def error(self) -> dict | None:
