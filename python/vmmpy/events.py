@@ -6,8 +6,9 @@ Each event is written as one JSON object on one line, in the shape Cloud Hypervi
     {"timestamp": {"secs": 0, "nanos": 29228206}, "source": "vm", "event": "booted", "properties": null}
 
 ``timestamp`` is the time since the VMM started, as Cloud Hypervisor counts it (the ``vmmpy``
-command passes its start; by default the monitor's creation). Every event also goes into a bounded in-memory history,
-numbered from 0, that threads can wait on (:meth:`EventMonitor.wait_for_event`).
+command passes its start; by default the monitor's creation). Every event also goes into a
+bounded in-memory history, numbered from 0, that threads can wait on
+(:meth:`EventMonitor.wait_for_event`).
 """
 
 from __future__ import annotations

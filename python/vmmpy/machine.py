@@ -18,7 +18,7 @@ from .console import ConsoleBackend
 from .control_loop import ControlLoop, drain
 from .errors import InvalidState, VmAlreadyCreated, VmmError, VmMigrating, VmNotCreated
 from .events import EventMonitor
-from .native_vm import BootedVm, VmWires
+from .native_vm import BootedVm, VmWires, start
 from .payload import BootPayload
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotations only
@@ -67,9 +67,9 @@ class Machine:
         self._serial_override = serial
         self._no_shutdown = no_shutdown
         self._wires = wires or VmWires()
-        self._reset_fd = loop.eventfd(self._on_lifecycle, self._wires.reset_fd)
-        self._guest_exit_fd = loop.eventfd(self._on_lifecycle, self._wires.guest_exit_fd)
-        self._error_fd = loop.eventfd(self._on_error, self._wires.error_fd)
+        loop.eventfd(self._on_lifecycle, self._wires.reset_fd)
+        loop.eventfd(self._on_lifecycle, self._wires.guest_exit_fd)
+        loop.eventfd(self._on_error, self._wires.error_fd)
         if self._wires.console is not None:
             self._wires.console.register(loop.selector)
         self.vm: _native.Vm | None = None
@@ -156,8 +156,7 @@ class Machine:
         cfg = self.config
         # The caller's own files, read on the first boot; held from then on.
         payload = self.payload or BootPayload.read(cfg.kernel, cfg.initramfs)
-        self._open_console(self._serial_override or cfg.serial)
-        vm = self._wires.boot(cfg, payload)
+        vm = start(self.new_native_vm(cfg, payload))
         self._failure = None
         self.adopt(cfg, vm, payload, VmState.RUNNING)
 
@@ -168,9 +167,9 @@ class Machine:
         if self.vm is not None:
             self.vm.stop(release_later)
             self.vm = None
-        drain(self._reset_fd)
-        drain(self._guest_exit_fd)
-        drain(self._error_fd)
+        drain(self._wires.reset_fd)
+        drain(self._wires.guest_exit_fd)
+        drain(self._wires.error_fd)
         self.pending_on_resume = None
         self._replay_pending = False
         self.ownership = Ownership.NONE
@@ -225,8 +224,8 @@ class Machine:
     # ---- the guest's requests (eventfd handlers) -----------------------------------------------
 
     def _on_lifecycle(self) -> None:
-        drain(self._reset_fd)
-        drain(self._guest_exit_fd)
+        drain(self._wires.reset_fd)
+        drain(self._wires.guest_exit_fd)
         if self.vm is None or self.state not in (VmState.RUNNING, VmState.PAUSED):
             return  # left over from a VM that is gone
         request = self.vm.lifecycle_request()
@@ -246,7 +245,7 @@ class Machine:
             self._vm_reboot()
 
     def _on_error(self) -> None:
-        drain(self._error_fd)
+        drain(self._wires.error_fd)
         if self.vm is None or self.state is VmState.ERROR:
             return
         err = self.vm.error()

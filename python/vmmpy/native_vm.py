@@ -84,21 +84,21 @@ class VmWires:
             vsock=vsock,
         )
 
-    def boot(self, cfg: VmConfig, payload: BootPayload) -> _native.Vm:
-        """A native VM built and started; stopped again if its start fails."""
-        vm = self.build(cfg, payload)
-        try:
-            vm.boot()
-        except BaseException:
-            vm.stop()
-            raise
-        return vm
-
     def close(self) -> None:
         """Only when no VMM took these wires over."""
         self.close_console()
         for fd in (self.reset_fd, self.guest_exit_fd, self.error_fd):
             os.close(fd)
+
+
+def start(vm: _native.Vm) -> _native.Vm:
+    """`vm` booted; stopped again if its start fails."""
+    try:
+        vm.boot()
+    except BaseException:
+        vm.stop()
+        raise
+    return vm
 
 
 class BootedVm:
@@ -119,7 +119,7 @@ def boot_first(config: VmConfig, serial: SerialConfig | None) -> BootedVm:
     try:
         wires.open_console(serial or config.serial)
         payload = BootPayload.read(config.kernel, config.initramfs)
-        return BootedVm(wires, config, payload, wires.boot(config, payload))
+        return BootedVm(wires, config, payload, start(wires.build(config, payload)))
     except BaseException:
         wires.close()
         raise
