@@ -254,7 +254,8 @@ def breakdown(runs: list[dict]) -> str:
     """vmmpy's migration in phases, medians over `runs` of the phases_ms its migration-finished
     event carries: set-up (connect, start, memory_fds, config with the destination's VM build,
     payload), pre-copy (its iterations), then the downtime (pause, last_pass, save_state, state,
-    complete: the destination restores the vCPUs at State and starts them at Complete)."""
+    complete: the destination restores the vCPUs at State and starts them before answering
+    Complete; its control loop takes the VM over after that answer)."""
     names = list(dict.fromkeys(name for r in runs for name in r["phases_ms"]))
     parts = [f"{name} {median([r['phases_ms'].get(name, 0.0) for r in runs]):.2f}" for name in names]
     iterations = median([r["iterations"] for r in runs])

@@ -70,6 +70,13 @@ def test_cancel_during_precopy_keeps_the_source_running(vmm_process, tmp_path):
     start_receive(dst, url)
     send(src, url, downtime_ms=1, auto_converge=False)
     wait_progress(src, lambda p: p["iteration"] >= 2)
+    # From Config on the destination is reserved for the VM it receives into.
+    config = {"cpus": {"boot_vcpus": 1}, "memory": {"size": 64 << 20}}
+    status, body = dst.api.request("PUT", "/api/v1/vm.create", config)
+    assert status == 500 and body == [
+        "vm.create failed",
+        "a migration is being received: this VMM is reserved for its VM",
+    ]
     assert src.api.request("PUT", "/api/v1/vm.cancel-migration")[0] == 204
     p = wait_progress(src, lambda p: p["status"] != "active")
     assert p["status"] == "cancelled"
@@ -80,6 +87,8 @@ def test_cancel_during_precopy_keeps_the_source_running(vmm_process, tmp_path):
     # The destination discarded its half-built VM and listens for the next attempt.
     dst.wait_event("vm.migration-receive-failed")
     assert dst.api.request("GET", "/api/v1/vm.info")[0] == 404
+    # And it is free again: a VM can be created there.
+    assert dst.api.request("PUT", "/api/v1/vm.create", config)[0] == 204
 
 
 def test_timeout_cancels_without_auto_converge_and_completes_with_it(vmm_process, tmp_path):

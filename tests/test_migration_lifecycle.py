@@ -393,3 +393,33 @@ def test_poweroff_replayed_on_destination_ends_it_before_complete_is_answered(vm
     src.serial.send(GUEST_EVENTS[cell.event])
     src.wait_event("vm.migration-lifecycle-latched")
     _check_success(src, dst, receive, cell, boot_id, latched=True)
+
+
+@pytest.mark.parametrize("request_kind", ["reset", "shutdown"])
+def test_request_made_as_the_guest_arrives_is_carried_out_once(vmm_process, request_kind):
+    """The destination runs the received vCPUs, and answers Complete, before its control loop
+    takes the VM over (so that hand-off stays out of the downtime). A request the guest makes in
+    between (the hook makes one right then) finds no VM on the loop yet and must still be acted on,
+    once."""
+    src = vmm_process("--memory", "size=256M", name="src")
+    dst = vmm_process("--no-shutdown", name="dst", hooks=f"request-on-arrival={request_kind}")
+    boot_id = _boot_id(src.serial)
+    url = f"tcp:127.0.0.1:{free_port()}"
+    receive = start_receive(dst, url)
+    send(src, url)
+    assert src.wait_exit(60) == 0
+    receive.join(30)
+    assert receive.result["answer"][0] == 204, receive.result
+    if request_kind == "shutdown":
+        dst.wait_event("vm.shutdown")
+        assert dst.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Shutdown"
+        acted = "vm.shutdown"
+    else:
+        dst.wait_event("vm.rebooted")
+        _new_banner(dst.serial, boot_id)
+        dst.serial.command("verify", rb"VERIFY OK \d+\r\n")
+        acted = "vm.rebooting"
+        _settled(dst)
+    order = dst.event_names()
+    assert order.count(acted) == 1
+    assert order.index("vm.migration-receive-finished") < order.index(acted)

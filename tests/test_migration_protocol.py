@@ -118,6 +118,25 @@ def test_malformed_stream_gets_an_error_and_the_receiver_survives(receiver, case
     assert vmm.ping()["pid"]
 
 
+def test_a_state_that_does_not_fit_the_vm_is_refused(receiver):
+    """A well-formed state for another VM (two vCPUs, where Config built one) is refused at State,
+    a clear refusal, and the half-built VM is discarded."""
+    from pathlib import Path
+
+    vmm, path = receiver
+    state = json.loads((Path(__file__).parent / "fixtures" / "snapshot-1.0" / "state.json").read_text())
+    state["vcpus"] = state["vcpus"] * 2
+    s = _connect(path)
+    try:
+        _configure(s)
+        s.sendall(_req(Command.STATE, json.dumps(state).encode()))
+        _expect_error(s, "state has 2 vCPUs, the VM 1")
+    finally:
+        s.close()
+    _no_vm(vmm)
+    assert vmm.ping()["pid"]
+
+
 def test_truncated_memory_frame(receiver):
     vmm, path = receiver
     s = _connect(path)

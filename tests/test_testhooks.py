@@ -27,6 +27,7 @@ def test_parse_reads_every_hook_once():
         ("keep-source=0x1", "expected on or off"),
         ("frame-delay-ms=-5", "expected a number"),
         ("request-at-pause=reboot", "expected reset or shutdown"),
+        ("request-on-arrival=halt", "expected reset or shutdown"),
     ],
 )
 def test_bad_specs_are_refused_by_name(spec, message):

@@ -81,6 +81,11 @@ class ControlLoop:
         """Runs `fn` on the loop and returns its result (or raises its exception)."""
         if self.on_loop_thread():
             return fn()
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Queues `fn` for the loop (not from the loop thread); it runs before any call queued
+        after this returns."""
         if not self._running:
             raise VmmShutDown("the VMM has shut down")
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -89,7 +94,7 @@ class ControlLoop:
                 raise VmmShutDown("the VMM has shut down")
             self._requests.put((fn, fut))
             os.eventfd_write(self._api_fd, 1)
-        return fut.result()
+        return fut
 
     @property
     def alive(self) -> bool:

@@ -73,6 +73,7 @@ class Machine:
         if self._wires.console is not None:
             self._wires.console.register(loop.selector)
         self.vm: _native.Vm | None = None
+        self._receiving = False  # reserved for a migration's VM (reserve_for_incoming)
         self.config: VmConfig | None = None
         # The kernel and initramfs content the VM boots from (read once, or received): reboots,
         # migrations and snapshots use these bytes, never a path again.
@@ -116,6 +117,17 @@ class Machine:
     def require_empty(self, message: str) -> None:
         if self.config is not None:
             raise VmAlreadyCreated(message)
+        if self._receiving:
+            raise VmAlreadyCreated("a migration is being received: this VMM is reserved for its VM")
+
+    def reserve_for_incoming(self) -> None:
+        """A migration's VM is built here: nothing else may be created until it is adopted or
+        released (its vCPUs may start before the loop adopts it)."""
+        self.require_empty("a VM exists on this VMM")
+        self._receiving = True
+
+    def release_incoming(self) -> None:
+        self._receiving = False
 
     # ---- building blocks ----------------------------------------------------------------------
 
@@ -144,6 +156,14 @@ class Machine:
         self.config, self.vm, self.payload, self.state = cfg, vm, payload, state
         self.ownership = Ownership.OWNED
         self.boot_count += 1
+        self._receiving = False
+
+    def adopt_running(self, cfg: VmConfig, vm: _native.Vm, payload: BootPayload) -> None:
+        """Takes a received VM whose vCPUs were started before this (on the receiver's thread):
+        a request or failure its guest made meanwhile found no VM here, so it is acted on now."""
+        self.adopt(cfg, vm, payload, VmState.RUNNING)
+        self._on_error()
+        self._on_lifecycle()
 
     def adopt_booted(self, booted: BootedVm) -> None:
         """The VM the command line booted before this VMM existed (on this machine's wires)."""

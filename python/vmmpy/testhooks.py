@@ -16,7 +16,7 @@ from .errors import InvalidConfig
 
 log = logging.getLogger("vmmpy.testhooks")
 
-REQUESTS_AT_PAUSE = ("reset", "shutdown")
+REQUESTS = ("reset", "shutdown")
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,9 @@ class TestHooks:
     (after success the source keeps its VM, paused). Destination side: ``complete_paused`` (take
     over without resuming), ``no_lifecycle_capability`` (behave like a destination that cannot
     carry lifecycle events), ``answer_complete_after_close`` (Complete is answered only once the
-    receiver was closed, as when the VMM ends right after taking the VM over: a replayed power-off)."""
+    receiver was closed, as when the VMM ends right after taking the VM over: a replayed power-off),
+    ``request_on_arrival`` (a guest ``reset`` or ``shutdown`` request lands as the received vCPUs
+    start, before the VMM has taken the VM over)."""
 
     __test__ = False  # not a pytest test class, despite its name
 
@@ -40,10 +42,14 @@ class TestHooks:
     complete_paused: bool = False
     no_lifecycle_capability: bool = False
     answer_complete_after_close: bool = False
+    request_on_arrival: str | None = None
 
     def __post_init__(self) -> None:
-        if self.request_at_pause not in (None, *REQUESTS_AT_PAUSE):
-            raise InvalidConfig(f"test hook request-at-pause={self.request_at_pause!r}: expected reset or shutdown")
+        for name in ("request_at_pause", "request_on_arrival"):
+            if getattr(self, name) not in (None, *REQUESTS):
+                raise InvalidConfig(
+                    f"test hook {name.replace('_', '-')}={getattr(self, name)!r}: expected reset or shutdown"
+                )
         for name in ("frame_delay_ms", "final_phase_delay_ms", "complete_delay_ms"):
             if getattr(self, name) < 0:
                 raise InvalidConfig(f"test hook {name.replace('_', '-')}: must not be negative")

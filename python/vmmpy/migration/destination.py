@@ -280,8 +280,8 @@ class Receiver:
                     pass
 
     def _commit(self) -> None:
-        """Called by the VMM on its control loop right before it takes the received VM over: the
-        attempt can no longer be cut off. Refused once the receiver is closed."""
+        """Called by the VMM right before it runs the received VM: the attempt can no longer be
+        cut off. Refused once the receiver is closed."""
         with self._commit_lock:
             if self.closed.is_set():
                 raise MigrationError("the receiver was closed before the migration completed")
@@ -339,7 +339,7 @@ class Receiver:
         finally:
             self._stop_joined()
             if self.state is not ReceiveState.COMPLETED and incoming is not None:
-                incoming.vm.stop()
+                self.hooks.discard(incoming)
             for fd in fds.values():
                 _close(fd)
             if self.state is not ReceiveState.COMPLETED:
@@ -456,13 +456,16 @@ class Receiver:
             return incoming, False
         if command == Command.COMPLETE and st is ReceiveState.STATE_RECEIVED:
             conn.read_payload(length, 0)
-            self.hooks.complete(incoming, fields, self._commit)
-            # From here the VMM owns the VM and runs it: whatever happens to this reply.
-            self.state = ReceiveState.COMPLETED
-            try:
-                conn.respond(Status.OK)
-            except Exception as e:  # noqa: BLE001 - the source may be gone; the guest runs here
-                log.warning("migration completed, but the source was not told: %s", e)
+
+            def answer() -> None:
+                # The guest is this VMM's from here, whatever happens to this reply.
+                self.state = ReceiveState.COMPLETED
+                try:
+                    conn.respond(Status.OK)
+                except Exception as e:  # noqa: BLE001 - the source may be gone; the guest runs here
+                    log.warning("migration completed, but the source was not told: %s", e)
+
+            self.hooks.complete(incoming, fields, self._commit, answer)
             return incoming, True
         try:
             name = Command(command).name

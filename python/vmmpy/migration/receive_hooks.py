@@ -12,14 +12,22 @@ if TYPE_CHECKING:
 
 
 class ReceiveHooks:
-    """What the receiver needs from its VMM (implemented by Vmm; runs on the VMM's control loop)."""
+    """What the receiver needs from its VMM (implemented by its Reception; called on the receiver's thread)."""
 
     def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
+        """An empty VM to receive into; the VMM stays reserved for it until complete or discard."""
         raise NotImplementedError
 
-    def complete(self, incoming: Incoming, fields: dict, commit: Callable[[], None]) -> None:
-        """Takes the VM over and runs it; calls `commit()` on the control loop first, right before
-        the VM is taken over (it raises if the receiver was closed: the VM is then not taken)."""
+    def discard(self, incoming: Incoming) -> None:
+        """The attempt failed: stops its VM and frees the VMM for another."""
+        raise NotImplementedError
+
+    def complete(
+        self, incoming: Incoming, fields: dict, commit: Callable[[], None], answer: Callable[[], None]
+    ) -> None:
+        """Runs the VM here and takes it over; calls `commit()` first (it raises if the receiver
+        was closed: the VM is then not taken), and `answer()` (Ok to the source) once the guest
+        runs or, with a lifecycle event to replay, once it has been taken over."""
         raise NotImplementedError
 
     def emit(self, event: str, properties: dict | None = None) -> None:

@@ -8,7 +8,7 @@ import threading
 from ..backings import HostBackings
 from ..config import VmConfig
 from ..control_loop import ControlLoop
-from ..errors import InvalidState
+from ..errors import InvalidState, VmmShutDown
 from ..events import EventMonitor
 from ..lifecycle import PostMigrationLifecycleEvent
 from ..machine import Machine, VmState
@@ -80,28 +80,55 @@ class Reception(ReceiveHooks):
     def build_vm(self, cfg: VmConfig, memory_fds: list[int] | None) -> Incoming:
         def do():
             m = self._machine
-            m.require_empty("a VM exists on this VMM")
-            own = m.own_serial(cfg)
-            # No payload is loaded into a VM built to receive state; the content arrives later.
-            return Incoming(m.new_native_vm(own, BootPayload(), restore=True, memory_fds=memory_fds), own)
+            m.reserve_for_incoming()
+            try:
+                own = m.own_serial(cfg)
+                # No payload is loaded into a VM built to receive state; the content arrives later.
+                return Incoming(m.new_native_vm(own, BootPayload(), restore=True, memory_fds=memory_fds), own)
+            except BaseException:
+                m.release_incoming()
+                raise
 
         return self._loop.call(do)
 
-    def complete(self, incoming: Incoming, fields: dict, commit: Callable[[], None]) -> None:
+    def discard(self, incoming: Incoming) -> None:
+        incoming.vm.stop()
+        try:
+            self._loop.call(self._machine.release_incoming)
+        except VmmShutDown:
+            pass  # the VMM is ending: nothing is created on it any more
+
+    def complete(
+        self, incoming: Incoming, fields: dict, commit: Callable[[], None], answer: Callable[[], None]
+    ) -> None:
         vm = incoming.vm
         event = fields.get("post_migration_lifecycle_event")
         event = PostMigrationLifecycleEvent(event) if event is not None else None
+        if event is None and not self._test_hooks.complete_paused:
+            # The guest runs here, and the source hears so, before the loop takes the VM over:
+            # the loop's round trip stays out of the downtime (the VMM was reserved for this VM
+            # at Config). The take-over is queued first, ahead of any call the answer leads to.
+            commit()
+            vm.boot()
+            if self._test_hooks.request_on_arrival is not None:
+                vm.inject_request(self._test_hooks.request_on_arrival)
+            adopted = self._loop.submit(lambda: self._adopt_running(incoming))
+            answer()
+            try:
+                adopted.result()
+            except BaseException:
+                vm.stop()  # the VMM ended as the guest arrived: it runs nowhere unowned
+                raise
+            return
 
         def do():
-            m = self._machine
-            m.require_empty("a VM exists on this VMM")
             commit()  # the VMM may end right after (a replayed power-off): the source is told Ok first
             # An event came along: the guest asked for reboot/power-off on the source, so it is
             # not resumed here; its request is replayed through the eventfd the device would have
             # written. (The complete-paused test hook also takes the VM over without running it.)
-            paused = event is not None or self._test_hooks.complete_paused
-            vm.boot(paused=paused)
-            m.adopt(incoming.config, vm, incoming.payload, VmState.PAUSED if paused else VmState.RUNNING)
+            m = self._machine
+            vm.boot(paused=True)
+            m.adopt(incoming.config, vm, incoming.payload, VmState.PAUSED)
             if event is None:
                 self._events.emit("vm", "migration-receive-finished")
                 return
@@ -111,6 +138,11 @@ class Reception(ReceiveHooks):
         self._loop.call(do)
         if self._test_hooks.answer_complete_after_close:
             self._receiver_closed.wait(HOOK_WAIT_S)
+        answer()
+
+    def _adopt_running(self, incoming: Incoming) -> None:
+        self._events.emit("vm", "migration-receive-finished")
+        self._machine.adopt_running(incoming.config, incoming.vm, incoming.payload)
 
     def emit(self, event: str, properties: dict | None = None) -> None:
         self._events.emit("vm", event, properties)
