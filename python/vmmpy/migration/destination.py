@@ -440,8 +440,10 @@ class Receiver:
             conn.respond(Status.OK)
             return incoming, False
         if command == Command.STATE and st is ReceiveState.CONFIGURED:
-            # The source sends State once every frame on every connection was answered.
-            self._stop_joined()
+            # The source sends State once every frame on every connection was answered: the extra
+            # connections are shut (their threads are joined at the attempt's end, outside the
+            # downtime).
+            self._end_joined()
             if self._joined_errors:
                 raise MigrationError(f"an extra connection failed: {self._joined_errors[0]}")
             missing = sorted(set(incoming.described) - set(incoming.received))
@@ -558,10 +560,14 @@ class Receiver:
                 except Exception:  # noqa: BLE001 - the connection may be what failed
                     pass
 
-    def _stop_joined(self) -> None:
+    def _end_joined(self) -> None:
+        """No more frames on the extra connections: their threads see the end and return."""
         self._joined_done.set()
         for extra in self._joined:
             extra.shutdown()
+
+    def _stop_joined(self) -> None:
+        self._end_joined()
         for t in self._joined_threads:
             t.join()
         for extra in self._joined:

@@ -392,7 +392,11 @@ class SourceMigration:
         """Sends `table` as Memory frames, spread over all connections (one sender thread each,
         taking the next chunk when its last one is acknowledged), stopping early (at a frame
         boundary, never inside a frame) when an event is latched. Returns page bytes sent."""
-        chunks = iter(table.split(self.opts.chunk_bytes()))
+        chunk_bytes = self.opts.chunk_bytes()
+        chunks = iter(table.split(chunk_bytes))
+        # A table of one frame (a final pass, mostly) goes on the first connection alone: starting
+        # sender threads for it would cost more, inside the downtime, than it saves.
+        extras = self._extra if table.total_bytes > chunk_bytes else []
         lock = threading.Lock()
         sent = [0, table.total_bytes]  # page bytes sent, range bytes not yet sent
         errors: list[BaseException] = []
@@ -413,7 +417,7 @@ class SourceMigration:
 
         threads = [
             threading.Thread(target=sender, args=(c, False), name=f"migration-send-{i + 1}", daemon=True)
-            for i, c in enumerate(self._extra)
+            for i, c in enumerate(extras)
         ]
         for t in threads:
             t.start()
