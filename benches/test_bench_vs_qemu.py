@@ -13,7 +13,11 @@ Run: python -m pytest benches/test_bench_vs_qemu.py -p no:cacheprovider -s
    so that its 128 MiB/s default does not decide; both with their default downtime target
    (300 ms). Where vmmpy misses a target its breakdown is printed: the median of each phase
    its migration-finished event reports (connect, start, config with the destination's VM build,
-   precopy, then the downtime's pause, last_pass, save_state, state, complete).
+   precopy, then the downtime's pause, last_pass, save_state, state, complete). The cases with RAM
+   written once over tcp also run vmmpy with connections=2 (opt-in: 1 is Cloud Hypervisor's
+   default and vmmpy's) and the C floor of one loopback TCP connection moving the written RAM
+   (benches/sock_floor.c, no page faults on either side), interleaved with the others, reported
+   beside them.
 3. test_reboot_vs_qemu  `reboot triple` -> `READY` again in one VMM.
 
 QEMU comes from `benches/setup.sh`; the guest runs one vCPU there (it starts APs only under vmmpy)
@@ -63,6 +67,13 @@ def guest_elf(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("guest") / "testguest.elf"
     path.write_bytes(bytes(_native.test_guest_elf()))
     return path
+
+
+@pytest.fixture(scope="module")
+def sock_floor(tmp_path_factory) -> str:
+    exe = tmp_path_factory.mktemp("floor") / "sock_floor"
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(Path(__file__).with_name("sock_floor.c"))], check=True)
+    return str(exe)
 
 
 def verdict(met: bool) -> str:
@@ -180,6 +191,8 @@ def test_start_to_ready_vs_qemu_microvm(benchmark, tmp_path, guest_elf, vcpus, m
 
 # ---- 2. migration --------------------------------------------------------------------------------
 
+OPT_IN = "vmmpy connections=2"
+FLOOR = "one TCP stream's floor (sock_floor.c send to drain)"
 QEMU_PARAMETERS = {"max_bandwidth": 100 << 30}  # bytes/s: QEMU's 128 MiB/s default must not decide
 DIRTY_RATE = 16384  # pages/s, 64 MiB/s: the 64 MiB area rewritten once a second
 # name: (guest MiB, what the guest does before the rounds, same-host, rounds)
@@ -208,14 +221,16 @@ def guest_workload(serial, what: str | None) -> None:
 class VmmpySide:
     """Two vmmpy processes the guest moves between, round after round."""
 
-    def __init__(self, vmm_process, tmp: Path, mib: int, what: str | None, local: bool):
+    def __init__(self, vmm_process, tmp: Path, mib: int, what: str | None, local: bool, connections: int = 1):
         self.tmp = tmp
         self.local = local
+        self.connections = connections
+        self.name = "v" if connections == 1 else f"v{connections}c"
         # Over tcp vmmpy's RAM is private (shared=off), as QEMU's is: anonymous memory with
         # transparent huge pages; a same-host migration passes memfds, so that RAM is shared.
         shared = "on" if local else "off"
-        a = vmm_process("--no-shutdown", "--memory", f"size={mib}M,shared={shared}", name="va")
-        b = vmm_process("--no-shutdown", name="vb")
+        a = vmm_process("--no-shutdown", "--memory", f"size={mib}M,shared={shared}", name=f"{self.name}a")
+        b = vmm_process("--no-shutdown", name=f"{self.name}b")
         self.boot_id, _ = a.serial.wait_ready()
         guest_workload(a.serial, what)
         self.sides = [a, b]
@@ -224,10 +239,11 @@ class VmmpySide:
     def migrate(self) -> dict:
         src, dst = self.sides
         self.n += 1
-        url = f"unix:{self.tmp}/vmig{self.n}.sock" if self.local else f"tcp:127.0.0.1:{free_port()}"
+        url = f"unix:{self.tmp}/{self.name}mig{self.n}.sock" if self.local else f"tcp:127.0.0.1:{free_port()}"
         seen = src.event_names().count("vm.migration-finished")
         receive = start_receive(dst, url)
-        send(src, url, local=self.local)
+        options = {"connections": self.connections} if self.connections > 1 else {}
+        send(src, url, local=self.local, **options)
         receive.join(600)
         assert receive.result["answer"][0] == 204, receive.result
         src.wait_event("vm.migration-finished", count=seen + 1, timeout=600)
@@ -260,6 +276,29 @@ def breakdown(runs: list[dict]) -> str:
     parts = [f"{name} {median([r['phases_ms'].get(name, 0.0) for r in runs]):.2f}" for name in names]
     iterations = median([r["iterations"] for r in runs])
     return "phases (ms, medians): " + ", ".join(parts) + f"; pre-copy iterations {iterations:g}"
+
+
+class StreamFloor:
+    """What one loopback TCP connection moves at best: benches/sock_floor.c writing the written RAM
+    from a resident buffer (4 MiB writes) to its drain, which reads it into one 4 MiB buffer (no
+    page faults on either side), once per round."""
+
+    def __init__(self, exe: str, mib: int):
+        self.exe, self.bytes = exe, int(mib) << 20
+        self.drain = subprocess.Popen([exe, "drain", "tcp"], stdout=subprocess.PIPE, text=True)
+        self.port = self.drain.stdout.readline().split()[1]
+
+    def migrate(self) -> dict:
+        cmd = [self.exe, "send", "tcp", self.port, str(self.bytes), str(self.bytes), str(4 << 20)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600).stdout.split()
+        return {"total_ms": float(out[3]) * 1000, "downtime_ms": 0.0, "wire_bytes": int(out[1])}
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.drain.kill()
+        self.drain.wait()
 
 
 class QemuSide:
@@ -310,22 +349,29 @@ class QemuSide:
 
 @needs_qemu
 @pytest.mark.parametrize("case", list(CASES))
-def test_migration_vs_qemu(benchmark, vmm_process, tmp_path, guest_elf, case):
+def test_migration_vs_qemu(benchmark, vmm_process, tmp_path, guest_elf, sock_floor, case):
     mib, what, local, rounds = CASES[case]
-    ours = VmmpySide(vmm_process, tmp_path, mib, what, local)
-    theirs = QemuSide(tmp_path, guest_elf, mib, what, local)
-    runs: dict[str, list[dict]] = {"vmmpy": [], "QEMU": []}
+    sides = {"vmmpy": VmmpySide(vmm_process, tmp_path, mib, what, local)}
+    if what is not None and what.startswith("written") and not local:
+        # Where the stream's bytes decide: the opt-in (CH's default, and vmmpy's, is 1 connection),
+        # and what one connection can do at all.
+        sides[OPT_IN] = VmmpySide(vmm_process, tmp_path, mib, what, local, connections=2)
+        sides[FLOOR] = StreamFloor(sock_floor, int(what.split()[1]))
+    sides["QEMU"] = theirs = QemuSide(tmp_path, guest_elf, mib, what, local)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
 
     def one_round() -> None:  # interleaved
-        runs["vmmpy"].append(ours.migrate())
-        runs["QEMU"].append(theirs.migrate())
+        for side, vmm in sides.items():
+            runs[side].append(vmm.migrate())
 
     try:
         benchmark.pedantic(one_round, rounds=rounds, iterations=1)
-        ours.check()
-        theirs.check()
+        for vmm in sides.values():
+            vmm.check()
     finally:
         theirs.close()
+        if FLOOR in sides:
+            sides[FLOOR].close()
     med = {
         side: {k: median([r[k] for r in rs]) for k in ("total_ms", "downtime_ms", "wire_bytes")}
         for side, rs in runs.items()
@@ -349,6 +395,15 @@ def test_migration_vs_qemu(benchmark, vmm_process, tmp_path, guest_elf, case):
         f"{med['QEMU']['wire_bytes'] / (1 << 20):.1f} MiB | total ratio {total_ratio:.2f}, downtime ratio "
         f"{down_ratio:.2f} (targets <= 0.5): {verdict(met)}"
     )
+    if OPT_IN in med:
+        opt = med[OPT_IN]
+        line += (
+            f" | {OPT_IN}: total {opt['total_ms']:.1f} ms / downtime {opt['downtime_ms']:.2f} ms, total ratio "
+            f"{opt['total_ms'] / med['QEMU']['total_ms']:.2f}"
+        )
+    if FLOOR in med:
+        floor = med[FLOOR]["total_ms"]
+        line += f" | {FLOOR}: {floor:.1f} ms, {floor / med['QEMU']['total_ms']:.2f} of QEMU's total"
     if not met:
         line += f" | vmmpy {breakdown(runs['vmmpy'])}"
     print(line + f" | {HOST}")
