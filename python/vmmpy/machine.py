@@ -159,11 +159,12 @@ class Machine:
         self._receiving = False
 
     def adopt_running(self, cfg: VmConfig, vm: _native.Vm, payload: BootPayload) -> None:
-        """Takes a received VM whose vCPUs were started before this (on the receiver's thread):
-        a request or failure its guest made meanwhile found no VM here, so it is acted on now."""
+        """Takes a received VM whose vCPUs were started before this (on the receiver's thread).
+        A request or failure its guest made meanwhile found no VM here: their eventfds are written
+        again, so that the loop's own handlers act on what the VM recorded (nothing, mostly)."""
         self.adopt(cfg, vm, payload, VmState.RUNNING)
-        self._on_error()
-        self._on_lifecycle()
+        self._loop.signal(self._wires.reset_fd)
+        self._loop.signal(self._wires.error_fd)
 
     def adopt_booted(self, booted: BootedVm) -> None:
         """The VM the command line booted before this VMM existed (on this machine's wires)."""
