@@ -62,6 +62,30 @@ def _expect_error(s, needle=""):
     assert needle.encode() in body, body
 
 
+def _configure_when_free(path):
+    """A new source's Start and Config, once the receiver has finished with the one before
+    (until then a new source is answered busy)."""
+    deadline = time.monotonic() + 30
+    while True:
+        s = _connect(path)
+        s.sendall(_req(Command.START, json.dumps({"version": 1, "capabilities": []}).encode()))
+        status, body = _resp(s)
+        if status == Status.OK:
+            break
+        s.close()
+        assert b"busy" in body and time.monotonic() < deadline, (status, body)
+        time.sleep(0.01)
+    s.sendall(_req(Command.CONFIG, json.dumps(CONFIG).encode()))
+    assert _resp(s)[0] == Status.OK, "the receiver must be free for the next source"
+    return s
+
+
+def _abandon(s):
+    s.sendall(_req(Command.ABANDON))
+    assert _resp(s)[0] == Status.OK
+    s.close()
+
+
 def _no_vm(vmm):
     deadline = time.monotonic() + 5
     while True:
@@ -134,7 +158,19 @@ def test_a_state_that_does_not_fit_the_vm_is_refused(receiver):
     finally:
         s.close()
     _no_vm(vmm)
-    assert vmm.ping()["pid"]
+    _abandon(_configure_when_free(path))  # the VM it built is gone, and the VMM free again
+
+
+def test_a_source_gone_before_the_config_answer_leaves_the_receiver_free(receiver):
+    """The destination builds its VM at Config; a source that hangs up before the Ok makes the
+    answer fail. That VM must still be discarded, and the VMM freed for the next source."""
+    vmm, path = receiver
+    s = _connect(path)
+    _start(s)
+    s.sendall(_req(Command.CONFIG, json.dumps(CONFIG).encode()))
+    s.close()  # before the VM is built and the answer written
+    _abandon(_configure_when_free(path))
+    _no_vm(vmm)
 
 
 def test_truncated_memory_frame(receiver):

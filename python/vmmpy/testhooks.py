@@ -27,8 +27,9 @@ class TestHooks:
     ``reset`` or ``shutdown`` request lands right as the final pause completes), ``keep_source``
     (after success the source keeps its VM, paused). Destination side: ``complete_paused`` (take
     over without resuming), ``no_lifecycle_capability`` (behave like a destination that cannot
-    carry lifecycle events), ``answer_complete_after_close`` (Complete is answered only once the
-    receiver was closed, as when the VMM ends right after taking the VM over: a replayed power-off),
+    carry lifecycle events), ``answer_complete_after_close`` (with a lifecycle event carried,
+    Complete is answered only once the receiver was closed, as when the VMM ends right after taking
+    the VM over: a replayed power-off),
     ``request_on_arrival`` (a guest ``reset`` or ``shutdown`` request lands as the received vCPUs
     start, before the VMM has taken the VM over)."""
 

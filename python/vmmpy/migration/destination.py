@@ -10,8 +10,8 @@ closed before any request is read (a busy source on a TLS listener is simply clo
 answered in plaintext). A Start asking for `connections` = N > 1 (tcp only) is answered with a
 random connection token; new connections then go to the attempt being served, and each of the
 N - 1 extra ones must present that token (Join). After Config each extra connection gets a thread
-that takes only Memory frames; State stops them (all memory is in by then) before the VM state is
-loaded.
+that takes only Memory frames; State shuts them (all memory is in by then) before the VM state is
+loaded, and their threads are joined when the attempt ends.
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ class Abandoned(MigrationError):
     """The source abandoned the migration."""
 
 
+class GuestRanHere(MigrationError):
+    """The attempt failed after the guest had run on this destination: the source must get no
+    answer (an Error would let it resume the guest there too), so it stays paused, as when an
+    answer is lost."""
+
+
 @dataclass
 class Incoming:
     """The VM being received: the native VM, the config it was built from, and its boot payload
@@ -114,9 +120,9 @@ class Receiver:
         self._worker: threading.Thread | None = None  # serves the active source
         self._worker_done = threading.Event()
         self._completed = False
-        # Set on the control loop as the VM is taken over at Complete: from then on the attempt
-        # cannot fail by being cut off, so close() leaves its last answer alone (and the receiver
-        # reports it completed). The lock orders that against close().
+        # Set at Complete right before the VM runs here: from then on the attempt cannot fail by
+        # being cut off, so close() leaves its last answer alone (and the receiver reports it
+        # completed). The lock orders that against close().
         self._commit_lock = threading.Lock()
         self._committed = False
         # Written by close() and by the worker as its last act; serve() owns and closes it.
@@ -325,7 +331,6 @@ class Receiver:
         except Abandoned:
             self.last_error = "abandoned by the source"
             last_answer = lambda: conn.respond(Status.OK)  # noqa: E731
-            self.hooks.emit("migration-receive-failed", {"error": self.last_error})
             return False
         except Exception as e:  # noqa: BLE001 - any failure ends this attempt, not the receiver
             if not isinstance(e, (VmmError, OSError, ValueError)):
@@ -333,8 +338,8 @@ class Receiver:
             self.last_error = str(e)
             self.state = ReceiveState.ABORTED
             message = str(e)
-            last_answer = lambda: conn.respond_error(message)  # noqa: E731
-            self.hooks.emit("migration-receive-failed", {"error": str(e)})
+            if not isinstance(e, GuestRanHere):  # no answer at all: the source stays paused
+                last_answer = lambda: conn.respond_error(message)  # noqa: E731
             return False
         finally:
             self._stop_joined()
@@ -343,6 +348,8 @@ class Receiver:
             for fd in fds.values():
                 _close(fd)
             if self.state is not ReceiveState.COMPLETED:
+                # Only now, with the VMM free again: whoever acts on the event finds it so.
+                self.hooks.emit("migration-receive-failed", {"error": self.last_error})
                 done.set()
             if last_answer is not None:
                 try:
@@ -410,15 +417,22 @@ class Receiver:
             )
             described = check_description(described, cfg.memory_bytes)
             incoming = self.hooks.build_vm(cfg, memory_fds)
-            incoming.described = described
-            for extra in self._joined:
-                t = threading.Thread(
-                    target=self._serve_joined, args=(extra, incoming.vm), daemon=True, name="migration-receive-joined"
-                )
-                self._joined_threads.append(t)
-                t.start()
-            transport.set_timeouts(conn.sock, transport.IO_TIMEOUT_S, transport.IO_TIMEOUT_S)  # handshake over
-            conn.respond(Status.OK)
+            try:
+                incoming.described = described
+                for extra in self._joined:
+                    t = threading.Thread(
+                        target=self._serve_joined,
+                        args=(extra, incoming.vm),
+                        daemon=True,
+                        name="migration-receive-joined",
+                    )
+                    self._joined_threads.append(t)
+                    t.start()
+                transport.set_timeouts(conn.sock, transport.IO_TIMEOUT_S, transport.IO_TIMEOUT_S)  # handshake over
+                conn.respond(Status.OK)
+            except BaseException:
+                self.hooks.discard(incoming)  # not the attempt's yet: its cleanup would not see it
+                raise
             self.state = ReceiveState.CONFIGURED
             return incoming, False
         if command == Command.PAYLOAD and st is ReceiveState.CONFIGURED:

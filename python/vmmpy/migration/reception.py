@@ -3,6 +3,7 @@ steps it asks the control loop for (build an empty VM at Config, adopt and start
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from ..backings import HostBackings
@@ -15,7 +16,7 @@ from ..machine import Machine, VmState
 from ..payload import BootPayload
 from ..testhooks import TestHooks
 from . import transport
-from .destination import CAPABILITIES, Incoming, Receiver
+from .destination import CAPABILITIES, GuestRanHere, Incoming, Receiver
 from .handles import ReceiveHandle
 from .protocol import Capability
 from .receive_hooks import ReceiveHooks
@@ -24,6 +25,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: annotati
 if TYPE_CHECKING:
     from typing import Callable
 
+log = logging.getLogger("vmmpy.migration.reception")
 HOOK_WAIT_S = 60.0  # answer-complete-after-close: how long the answer waits for the VMM to end
 
 
@@ -112,13 +114,18 @@ class Reception(ReceiveHooks):
             vm.boot()
             if self._test_hooks.request_on_arrival is not None:
                 vm.inject_request(self._test_hooks.request_on_arrival)
-            adopted = self._loop.submit(lambda: self._adopt_running(incoming))
+            try:
+                adopted = self._loop.submit(lambda: self._adopt_running(incoming))
+            except VmmShutDown as e:
+                vm.stop()  # discarded, but it has run: the source must not take this for a refusal
+                raise GuestRanHere(f"the VMM shut down as the guest arrived: {e}") from None
             answer()
             try:
                 adopted.result()
-            except BaseException:
-                vm.stop()  # the VMM ended as the guest arrived: it runs nowhere unowned
-                raise
+            except VmmShutDown:
+                # The VMM ended right after the guest arrived, as if just after taking it over.
+                vm.stop()
+                log.warning("the VMM shut down as the migrated guest arrived: the guest was stopped")
             return
 
         def do():
