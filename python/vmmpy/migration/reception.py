@@ -1,5 +1,6 @@
-"""The VMM's side of receiving a migration: a listening receiver on its own thread, and the two
-steps it asks the control loop for (build an empty VM at Config, adopt and start it at Complete)."""
+"""The VMM's side of receiving a migration: a listening receiver on its own thread, and the steps
+it asks the control loop for (build an empty VM at Config, reserving the VMM for it; take it over
+at Complete, once the receiver thread has started its vCPUs and answered)."""
 
 from __future__ import annotations
 
