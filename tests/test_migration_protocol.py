@@ -5,6 +5,7 @@ import json
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -44,9 +45,13 @@ def _req(command, payload=b"", arg=0, length=None):
 _resp = read_response
 
 
-def _start(s):
+def _send_start(s):
     s.sendall(_req(Command.START, json.dumps({"version": 1, "capabilities": []}).encode()))
-    status, body = _resp(s)
+    return _resp(s)
+
+
+def _start(s):
+    status, body = _send_start(s)
     assert status == Status.OK and json.loads(body)["version"] == 1
 
 
@@ -68,8 +73,7 @@ def _configure_when_free(path):
     deadline = time.monotonic() + 30
     while True:
         s = _connect(path)
-        s.sendall(_req(Command.START, json.dumps({"version": 1, "capabilities": []}).encode()))
-        status, body = _resp(s)
+        status, body = _send_start(s)
         if status == Status.OK:
             break
         s.close()
@@ -84,6 +88,11 @@ def _abandon(s):
     s.sendall(_req(Command.ABANDON))
     assert _resp(s)[0] == Status.OK
     s.close()
+
+
+def _fixture_state() -> dict:
+    """The state document of the 1.0 snapshot fixture: one vCPU, as CONFIG builds."""
+    return json.loads((Path(__file__).parent / "fixtures" / "snapshot-1.0" / "state.json").read_text())
 
 
 def _no_vm(vmm):
@@ -145,10 +154,8 @@ def test_malformed_stream_gets_an_error_and_the_receiver_survives(receiver, case
 def test_a_state_that_does_not_fit_the_vm_is_refused(receiver):
     """A well-formed state for another VM (two vCPUs, where Config built one) is refused at State,
     a clear refusal, and the half-built VM is discarded."""
-    from pathlib import Path
-
     vmm, path = receiver
-    state = json.loads((Path(__file__).parent / "fixtures" / "snapshot-1.0" / "state.json").read_text())
+    state = _fixture_state()
     state["vcpus"] = state["vcpus"] * 2
     s = _connect(path)
     try:
@@ -223,9 +230,7 @@ def test_fuzzed_frames_never_crash_the_receiver(receiver, frames, configure_firs
 def test_a_source_gone_before_the_complete_reply_leaves_the_vm_running_here(tmp_path):
     """Once the destination took the VM over, losing the connection before its Ok reply must not
     stop the guest it now runs (the source stays paused: see test_migration_faults)."""
-    from pathlib import Path
-
-    state = json.loads((Path(__file__).parent / "fixtures" / "snapshot-1.0" / "state.json").read_text())
+    state = _fixture_state()
     path = str(tmp_path / "rx.sock")
     vmm = Vmm(serial=SerialConfig(mode="Null"))
     try:
