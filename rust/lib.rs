@@ -29,6 +29,7 @@ pub mod ranges;
 mod reaper;
 mod sparse;
 mod state;
+mod state_doc;
 #[doc(hidden)]
 pub mod tls;
 #[doc(hidden)]
@@ -65,10 +66,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<python::PyTlsContext>()?;
     m.add_class::<python::PyTlsChannel>()?;
     m.add_class::<python::PyPacer>()?;
+    m.add_class::<python::PySavedState>()?;
     m.add_function(wrap_pyfunction!(python::tune_socket, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
     m.add_function(wrap_pyfunction!(python::test_guest_elf, m)?)?;
     m.add_function(wrap_pyfunction!(python::wait_released, m)?)?;
+    m.add_function(wrap_pyfunction!(python::parse_state, m)?)?;
     m.add("MAX_VCPUS", vm::MAX_VCPUS)?;
     m.add("MAX_DISKS", vm::MAX_DISKS)?;
     // The Memory frame's command number and the most RAM one frame carries: send_memory writes

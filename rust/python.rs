@@ -9,25 +9,22 @@ use std::time::Duration;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::console::Console;
-use crate::devices::virtio::msix::MsixState;
-use crate::devices::virtio::pci::{TransportState, VirtioPciState};
 use crate::error::{self, Error, Kind};
 use crate::fd::dup_owned;
 use crate::memory::GuestRam;
 use crate::memory_file;
 use crate::pacer::Pacer;
 use crate::ranges::RangeTable;
-use crate::state::{Blobs, VcpuState};
 use crate::tls::{Role, TlsContext, TlsStream};
 use crate::transfer::Link;
 use crate::vm::{
     DiskSpec, LifecycleFds, LifecycleRequest, NetBacking, NetSpec, SavedState, Vm, VmConfig,
     VsockSpec,
 };
-use crate::{dirty, transfer};
+use crate::{dirty, state_doc, transfer};
 
 #[pyclass(name = "Console", module = "vmmpy._native")]
 pub struct PyConsole(pub Console);
@@ -286,6 +283,21 @@ fn dup_file(fd: i32) -> PyResult<std::fs::File> {
     Ok(std::fs::File::from(dup_owned(fd, "memory fd")?))
 }
 
+/// A VM state parsed from a state document, checked and ready for `Vm.restore_state`.
+#[pyclass(name = "SavedState", module = "vmmpy._native", frozen)]
+pub struct PySavedState(SavedState);
+
+/// Parses a whole state document: (the VM state, a JSON object of the document's other fields).
+/// A malformed native section is an InvalidConfig naming it.
+#[pyfunction]
+pub fn parse_state<'py>(
+    py: Python<'py>,
+    document: &[u8],
+) -> error::Result<(PySavedState, Bound<'py, PyBytes>)> {
+    let (st, rest) = state_doc::decode(document)?;
+    Ok((PySavedState(st), PyBytes::new(py, &rest)))
+}
+
 /// Waits until every stopped VM's KVM objects and memory are released (the reaper thread ends
 /// them after `Vm.stop(release_later=True)`); False if `timeout` seconds passed first.
 #[pyfunction]
@@ -520,16 +532,16 @@ impl PyVm {
         Ok(out)
     }
 
-    /// The paused VM's state (all but memory) as a dict of raw KVM structures and device registers.
-    fn save_state<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let st = py.detach(|| self.with(|vm| vm.save_state()))?;
-        saved_state_to_dict(py, &st)
+    /// The paused VM's state (all but memory): the native sections of a state document, as one
+    /// JSON object (rust/state_doc.rs).
+    fn save_state<'py>(&self, py: Python<'py>) -> error::Result<Bound<'py, PyBytes>> {
+        let doc = py.detach(|| self.with(|vm| Ok(state_doc::encode(&vm.save_state()?))))?;
+        Ok(PyBytes::new(py, &doc))
     }
 
-    /// Loads state from `save_state()`'s dict into a VM built with restore=True, before boot().
-    fn restore_state(&self, py: Python<'_>, state: &Bound<'_, PyDict>) -> PyResult<()> {
-        let st = saved_state_from_dict(state)?;
-        Ok(py.detach(|| self.with(|vm| vm.restore_state(&st)))?)
+    /// Loads a parsed state (`parse_state`) into a VM built with restore=True, before boot().
+    fn restore_state(&self, py: Python<'_>, state: &PySavedState) -> error::Result<()> {
+        py.detach(|| self.with(|vm| vm.restore_state(&state.0)))
     }
 
     #[getter]
@@ -692,228 +704,8 @@ fn net_spec((id, tap, fd, mac, ip, mask): NetArg) -> error::Result<NetSpec> {
     Ok(NetSpec { id, backing, mac })
 }
 
-fn blobs_to_dict<'py>(py: Python<'py>, blobs: &Blobs) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    for (name, bytes) in blobs {
-        d.set_item(name, PyBytes::new(py, bytes))?;
-    }
-    Ok(d)
-}
-
-/// The bytes entries of `d`, all but `skip`.
-fn blobs_from_dict(d: &Bound<'_, PyDict>, skip: &str) -> PyResult<Blobs> {
-    d.iter()
-        .filter(|(k, _)| k.extract::<String>().map(|k| k != skip).unwrap_or(true))
-        .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<Vec<u8>>()?)))
-        .collect()
-}
-
-fn item<'py>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Bound<'py, PyAny>> {
-    d.get_item(key)?
-        .ok_or_else(|| Error::new(Kind::InvalidConfig, format!("state lacks {key:?}")).into())
-}
-
 /// How long a stop waits for the kernel to destroy what the reaper holds (~15 ms a VM here).
 const RELEASE_WAIT: Duration = Duration::from_secs(10);
-
-const SERIAL_REGS: [&str; 9] = [
-    "baud_divisor_low",
-    "baud_divisor_high",
-    "interrupt_enable",
-    "interrupt_identification",
-    "line_control",
-    "line_status",
-    "modem_control",
-    "modem_status",
-    "scratch",
-];
-
-fn saved_state_to_dict<'py>(py: Python<'py>, st: &SavedState) -> PyResult<Bound<'py, PyDict>> {
-    let out = PyDict::new(py);
-    let vcpus = PyList::empty(py);
-    for v in &st.vcpus {
-        let d = blobs_to_dict(py, &v.blobs)?;
-        d.set_item(
-            "msrs",
-            v.msrs.iter().map(|&(i, val)| (i, val)).collect::<Vec<_>>(),
-        )?;
-        vcpus.append(d)?;
-    }
-    out.set_item("vcpus", vcpus)?;
-    out.set_item("machine", blobs_to_dict(py, &st.machine)?)?;
-    let serial = PyDict::new(py);
-    let s = &st.serial;
-    let regs = [
-        s.baud_divisor_low,
-        s.baud_divisor_high,
-        s.interrupt_enable,
-        s.interrupt_identification,
-        s.line_control,
-        s.line_status,
-        s.modem_control,
-        s.modem_status,
-        s.scratch,
-    ];
-    for (name, value) in SERIAL_REGS.iter().zip(regs) {
-        serial.set_item(name, value)?;
-    }
-    serial.set_item("in_buffer", PyBytes::new(py, &s.in_buffer))?;
-    let cmos = PyDict::new(py);
-    cmos.set_item("nvram", PyBytes::new(py, &st.cmos.0))?;
-    cmos.set_item("index", st.cmos.1)?;
-    let devices = PyDict::new(py);
-    devices.set_item("serial", serial)?;
-    devices.set_item("cmos", cmos)?;
-    out.set_item("devices", devices)?;
-    let virtio = PyList::empty(py);
-    for (id, dev) in &st.devices {
-        virtio.append(virtio_to_dict(py, id, dev)?)?;
-    }
-    out.set_item("virtio", virtio)?;
-    Ok(out)
-}
-
-fn virtio_to_dict<'py>(
-    py: Python<'py>,
-    id: &str,
-    st: &VirtioPciState,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("id", id)?;
-    d.set_item("config_space", PyBytes::new(py, &st.config_space))?;
-    let t = &st.transport;
-    d.set_item("device_feature_select", t.device_feature_select)?;
-    d.set_item("driver_feature_select", t.driver_feature_select)?;
-    d.set_item("driver_features", t.driver_features)?;
-    d.set_item("status", t.status)?;
-    d.set_item("config_generation", t.config_generation)?;
-    d.set_item("queue_select", t.queue_select)?;
-    d.set_item("config_vector", t.config_vector)?;
-    d.set_item("isr", t.isr)?;
-    let queues = PyList::empty(py);
-    for (q, vector) in st.queues.iter().zip(&st.queue_vectors) {
-        let qd = PyDict::new(py);
-        qd.set_item("max_size", q.max_size)?;
-        qd.set_item("size", q.size)?;
-        qd.set_item("ready", q.ready)?;
-        qd.set_item("desc_table", q.desc_table)?;
-        qd.set_item("avail_ring", q.avail_ring)?;
-        qd.set_item("used_ring", q.used_ring)?;
-        qd.set_item("next_avail", q.next_avail)?;
-        qd.set_item("next_used", q.next_used)?;
-        qd.set_item("event_idx", q.event_idx_enabled)?;
-        qd.set_item("msix_vector", *vector)?;
-        queues.append(qd)?;
-    }
-    d.set_item("queues", queues)?;
-    let m = PyDict::new(py);
-    m.set_item(
-        "table",
-        st.msix.table.iter().map(|e| e.to_vec()).collect::<Vec<_>>(),
-    )?;
-    m.set_item("pba", st.msix.pba.clone())?;
-    m.set_item("enabled", st.msix.enabled)?;
-    m.set_item("function_masked", st.msix.function_masked)?;
-    d.set_item("msix", m)?;
-    Ok(d)
-}
-
-fn virtio_from_dict(d: &Bound<'_, PyDict>) -> PyResult<(String, VirtioPciState)> {
-    let transport = TransportState {
-        device_feature_select: item(d, "device_feature_select")?.extract()?,
-        driver_feature_select: item(d, "driver_feature_select")?.extract()?,
-        driver_features: item(d, "driver_features")?.extract()?,
-        status: item(d, "status")?.extract()?,
-        config_generation: item(d, "config_generation")?.extract()?,
-        queue_select: item(d, "queue_select")?.extract()?,
-        config_vector: item(d, "config_vector")?.extract()?,
-        isr: item(d, "isr")?.extract()?,
-    };
-    let (mut queues, mut queue_vectors) = (Vec::new(), Vec::new());
-    for q in item(d, "queues")?.cast::<PyList>()?.iter() {
-        let q = q.cast::<PyDict>()?;
-        queues.push(virtio_queue::QueueState {
-            max_size: item(q, "max_size")?.extract()?,
-            size: item(q, "size")?.extract()?,
-            ready: item(q, "ready")?.extract()?,
-            desc_table: item(q, "desc_table")?.extract()?,
-            avail_ring: item(q, "avail_ring")?.extract()?,
-            used_ring: item(q, "used_ring")?.extract()?,
-            next_avail: item(q, "next_avail")?.extract()?,
-            next_used: item(q, "next_used")?.extract()?,
-            event_idx_enabled: item(q, "event_idx")?.extract()?,
-        });
-        queue_vectors.push(item(q, "msix_vector")?.extract()?);
-    }
-    let m = item(d, "msix")?;
-    let m = m.cast::<PyDict>()?;
-    let table: Vec<[u32; 4]> = item(m, "table")?.extract()?;
-    let msix = MsixState {
-        table,
-        pba: item(m, "pba")?.extract()?,
-        enabled: item(m, "enabled")?.extract()?,
-        function_masked: item(m, "function_masked")?.extract()?,
-    };
-    let st = VirtioPciState {
-        config_space: item(d, "config_space")?.extract()?,
-        transport,
-        queues,
-        queue_vectors,
-        msix,
-    };
-    Ok((item(d, "id")?.extract()?, st))
-}
-
-fn saved_state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<SavedState> {
-    let mut vcpus = Vec::new();
-    for v in item(d, "vcpus")?.cast::<PyList>()?.iter() {
-        let v = v.cast::<PyDict>()?;
-        let msrs: Vec<(u32, u64)> = item(v, "msrs")?.extract()?;
-        let blobs = blobs_from_dict(v, "msrs")?;
-        vcpus.push(VcpuState { blobs, msrs });
-    }
-    let machine = blobs_from_dict(item(d, "machine")?.cast::<PyDict>()?, "")?;
-    let devices = item(d, "devices")?;
-    let devices = devices.cast::<PyDict>()?;
-    let serial_d = item(devices, "serial")?;
-    let serial_d = serial_d.cast::<PyDict>()?;
-    let mut regs = [0u8; 9];
-    for (slot, name) in regs.iter_mut().zip(SERIAL_REGS) {
-        *slot = item(serial_d, name)?.extract()?;
-    }
-    let serial = vm_superio::serial::SerialState {
-        baud_divisor_low: regs[0],
-        baud_divisor_high: regs[1],
-        interrupt_enable: regs[2],
-        interrupt_identification: regs[3],
-        line_control: regs[4],
-        line_status: regs[5],
-        modem_control: regs[6],
-        modem_status: regs[7],
-        scratch: regs[8],
-        in_buffer: item(serial_d, "in_buffer")?.extract()?,
-    };
-    let cmos_d = item(devices, "cmos")?;
-    let cmos_d = cmos_d.cast::<PyDict>()?;
-    let cmos = (
-        item(cmos_d, "nvram")?.extract()?,
-        item(cmos_d, "index")?.extract()?,
-    );
-    // Absent before format 1.3: a VM without virtio devices.
-    let mut virtio = Vec::new();
-    if let Some(list) = d.get_item("virtio")? {
-        for dev in list.cast::<PyList>()?.iter() {
-            virtio.push(virtio_from_dict(dev.cast::<PyDict>()?)?);
-        }
-    }
-    Ok(SavedState {
-        vcpus,
-        machine,
-        serial,
-        cmos,
-        devices: virtio,
-    })
-}
 
 #[cfg(test)]
 mod tests {

@@ -314,8 +314,8 @@ def test_bad_snapshot_paths_and_files_get_400(vmm_process, tmp_path):
     cases = [
         (regular, "a-file: Not a directory"),
         (variant("config-latin1", "config.json", b'{"memory": "\xff"}'), "malformed JSON in config.json"),
-        (variant("state-latin1", "state.json", b'{"format_version": "\xe9"}'), "malformed JSON in state.json"),
-        (variant("state-list", "state.json", b"[1, 2]"), "state.json is not a JSON object"),
+        (variant("state-latin1", "state.json", b'{"format_version": "\xe9"}'), "state.json: malformed state document"),
+        (variant("state-list", "state.json", b"[1, 2]"), "state.json: malformed state document"),
     ]
     for directory, message in cases:
         status, body = ch(q, "restore", dir=str(directory))

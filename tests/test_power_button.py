@@ -5,6 +5,8 @@ Device (event bit + GSI 5 edge), the guest reads the GED's event register from i
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import select
 import socket
@@ -19,6 +21,10 @@ from helpers import SerialClient
 
 GED_GSI = 5
 PIC_IRR = 8 + 1  # kvm_irqchip: chip_id, pad, then kvm_pic_state {last_irr, irr, ...}
+
+
+def _pic_master(vm) -> bytes:
+    return base64.b64decode(json.loads(vm.save_state())["machine"]["pic_master"])
 
 
 def test_power_button_through_the_python_api(guest_vmm):
@@ -116,12 +122,12 @@ def test_the_press_raises_the_ged_interrupt_line(tmp_path):
         vm.boot()
         client.wait_ready()
         vm.pause()
-        irr = vm.save_state()["machine"]["pic_master"][PIC_IRR]
+        irr = _pic_master(vm)[PIC_IRR]
         assert not irr & (1 << GED_GSI), f"GSI {GED_GSI} pending before the press (PIC IRR {irr:#04x})"
         vm.power_button()
         # KVM injects an irqfd's interrupt from a kernel worker, shortly after the eventfd write.
         deadline = time.monotonic() + 10
-        while not (irr := vm.save_state()["machine"]["pic_master"][PIC_IRR]) & (1 << GED_GSI):
+        while not (irr := _pic_master(vm)[PIC_IRR]) & (1 << GED_GSI):
             assert time.monotonic() < deadline, f"the press did not raise GSI {GED_GSI} (PIC IRR {irr:#04x})"
             time.sleep(0.01)
         vm.resume()

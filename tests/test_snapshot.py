@@ -82,21 +82,31 @@ def _doc():
     return json.loads((FIXTURE / "state.json").read_text())
 
 
+def _encoded(doc: dict) -> bytes:
+    return json.dumps(doc).encode()
+
+
 def test_versioning_rules():
     doc = _doc()
-    assert decode_state(doc).format_version == "1.0"
+    assert decode_state(_encoded(doc)).format_version == "1.0"
     newer_minor = copy.deepcopy(doc)
     newer_minor["format_version"] = f"{FORMAT_MAJOR}.{FORMAT_MINOR + 1}"
     check_version(newer_minor)  # nothing this reader cannot honour: accepted
     newer_minor["teleport_mode"] = "on"
     with pytest.raises(InvalidConfig, match="teleport_mode"):
-        decode_state(newer_minor)
+        decode_state(_encoded(newer_minor))
     newer_major = copy.deepcopy(doc)
     newer_major["format_version"] = f"{FORMAT_MAJOR + 1}.0"
     with pytest.raises(InvalidConfig, match="not supported"):
-        decode_state(newer_major)
+        decode_state(_encoded(newer_major))
+    # Another major is named as such even when its native sections are not this major's.
+    del newer_major["vcpus"]
+    with pytest.raises(InvalidConfig, match="not supported"):
+        decode_state(_encoded(newer_major))
     broken = copy.deepcopy(doc)
-    del broken["vcpus"][0]["regs"]
     broken["vcpus"][0]["sregs"] = "not base64!"
-    with pytest.raises(InvalidConfig, match="malformed"):
-        decode_state(broken)
+    with pytest.raises(InvalidConfig, match="malformed state document: vcpus: not base64"):
+        decode_state(_encoded(broken))
+    for junk in (b"[1]", b"\xff{", b'{"format_version": "1.0"}'):
+        with pytest.raises(InvalidConfig, match="malformed state document"):
+            decode_state(junk)

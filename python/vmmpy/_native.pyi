@@ -12,10 +12,12 @@ __all__ = [
     "MAX_VCPUS",
     "Pacer",
     "RangeTable",
+    "SavedState",
     "TlsChannel",
     "TlsContext",
     "Vm",
     "kvm_check",
+    "parse_state",
     "test_guest_elf",
     "tune_socket",
     "wait_released",
@@ -39,6 +41,14 @@ def wait_released(timeout: float) -> bool:
     """Waits until every stopped VM's KVM fds and memory are released (a thread of the core
     closes them after ``Vm.stop(release_later=True)``: on kvm_pvm the kernel takes ~15 ms to
     destroy a VM); False if ``timeout`` seconds passed first."""
+
+def parse_state(document: bytes) -> tuple[SavedState, bytes]:
+    """A whole state document parsed: (its VM state, a JSON object of its other fields). A
+    malformed native section raises InvalidConfig."""
+
+@final
+class SavedState:
+    """A VM state parsed from a state document, ready for Vm.restore_state."""
 
 @final
 class Console:
@@ -117,9 +127,11 @@ class Vm:
         """Records 'reset' or 'shutdown' as if a vCPU had asked, and writes its eventfd."""
     def counters(self) -> dict[str, dict[str, int]]:
         """{device id: {counter: value}}: virtio-net's rx/tx frames, bytes and drops."""
-    def save_state(self) -> dict:
-        """The paused VM's state (all but memory): raw KVM structures and device registers."""
-    def restore_state(self, state: dict) -> None: ...
+    def save_state(self) -> bytes:
+        """The paused VM's state (all but memory): the state document's native sections (raw KVM
+        structures and device registers) as one JSON object."""
+    def restore_state(self, state: SavedState) -> None:
+        """Loads a parsed state into a VM built with restore=True, before boot()."""
     def start_dirty_log(self) -> None: ...
     def stop_dirty_log(self) -> None: ...
     def dirty_ranges(self) -> RangeTable:

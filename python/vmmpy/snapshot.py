@@ -12,13 +12,13 @@ and a migration's State payload. Its ``format_version`` is "MAJOR.MINOR" (docs/s
 
 from __future__ import annotations
 
-import base64
 import errno
 import json
 import os
 import stat
 from dataclasses import dataclass
 
+from . import _native
 from .errors import InvalidConfig, VmmError
 from .payload import PARTS, BootPayload, verify
 
@@ -44,50 +44,25 @@ FIELDS_1_3 = FIELDS_1_2 | {"virtio_devices"}
 KNOWN_FIELDS = FIELDS_1_3
 PRIVATE_MEMORY_MINOR = 4
 DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None, "payload": None}
-#: Per-device fields that are bytes in the native state and base64 in the document.
-_VIRTIO_BYTES = ("config_space",)
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text, validate=True)
-
-
-def encode_state(native: dict, **extra) -> dict:
-    """The JSON-ready document for `Vm.save_state()`'s dict plus version-specific `extra` fields."""
+def encode_state(native: bytes, **extra) -> bytes:
+    """The state document: `Vm.save_state()`'s native sections (one JSON object, written by the
+    native core) with this format's version and the version-specific `extra` fields."""
     from . import __version__
 
-    vcpus = []
-    for v in native["vcpus"]:
-        d = {k: _b64(b) for k, b in v.items() if k != "msrs"}
-        d["msrs"] = [[i, val] for i, val in v["msrs"]]
-        vcpus.append(d)
-    serial = dict(native["devices"]["serial"])
-    serial["in_buffer"] = _b64(serial["in_buffer"])
-    cmos = native["devices"]["cmos"]
-    doc = {
-        "format_version": FORMAT_VERSION,
-        "vmmpy_version": __version__,
-        "vcpus": vcpus,
-        "machine": {k: _b64(b) for k, b in native["machine"].items()},
-        "devices": {"serial": serial, "cmos": {"nvram": _b64(cmos["nvram"]), "index": cmos["index"]}},
-    }
-    virtio = [{k: _b64(v) if k in _VIRTIO_BYTES else v for k, v in d.items()} for d in native.get("virtio", [])]
-    if virtio:
-        doc["virtio_devices"] = virtio
     unknown = set(extra) - KNOWN_FIELDS
     if unknown:
         raise ValueError(f"not fields of format {FORMAT_VERSION}: {sorted(unknown)}")
-    doc.update({k: v for k, v in extra.items() if v is not None})
-    return doc
+    head = {"format_version": FORMAT_VERSION, "vmmpy_version": __version__}
+    head.update({k: v for k, v in extra.items() if v is not None})
+    # Both are JSON objects: the head's fields, then the native sections, in one object.
+    return json.dumps(head).encode()[:-1] + b"," + native[1:]
 
 
 @dataclass
 class DecodedState:
-    native: dict
+    native: _native.SavedState
     fields: dict  # fields beyond the native state, defaults filled in
     format_version: str
 
@@ -115,27 +90,22 @@ def check_version(doc: dict) -> tuple[int, int]:
     return major, minor
 
 
-def decode_state(doc: dict) -> DecodedState:
-    check_version(doc)
+def decode_state(document: bytes) -> DecodedState:
+    """The state of a whole state document, parsed and checked (its version first) before any VM
+    is built. The native core parses it once and hands back the other fields."""
     try:
-        vcpus = []
-        for v in doc["vcpus"]:
-            d = {k: _unb64(b) for k, b in v.items() if k != "msrs"}
-            d["msrs"] = [(int(i), int(val)) for i, val in v["msrs"]]
-            vcpus.append(d)
-        serial = dict(doc["devices"]["serial"])
-        serial["in_buffer"] = _unb64(serial["in_buffer"])
-        cmos = doc["devices"]["cmos"]
-        native = {
-            "vcpus": vcpus,
-            "machine": {k: _unb64(b) for k, b in doc["machine"].items()},
-            "devices": {"serial": serial, "cmos": {"nvram": _unb64(cmos["nvram"]), "index": int(cmos["index"])}},
-            "virtio": [
-                {k: _unb64(v) if k in _VIRTIO_BYTES else v for k, v in d.items()} for d in doc.get("virtio_devices", [])
-            ],
-        }
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise InvalidConfig(f"malformed state document: {type(e).__name__}: {e}") from None
+        native, rest = _native.parse_state(document)
+    except InvalidConfig:
+        # Another major (or no version) may explain what the native sections lack: say that.
+        try:
+            doc = json.loads(document)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            check_version(doc)
+        raise
+    doc = json.loads(rest)
+    check_version(doc)
     fields = {k: doc.get(k, default) for k, default in DEFAULTS.items()}
     return DecodedState(native, fields, doc["format_version"])
 
@@ -254,6 +224,14 @@ class SnapshotDir:
             raise InvalidConfig(f"snapshot {self.path}: {name} is not a JSON object")
         return doc
 
+    def read_state(self) -> DecodedState:
+        """state.json decoded; its errors name the file."""
+        document = self.read(STATE_FILE, JSON_MAX)
+        try:
+            return decode_state(document)
+        except InvalidConfig as e:
+            raise InvalidConfig(f"{STATE_FILE}: {e}") from None
+
     def remove(self, name: str) -> None:
         """Removes the entry itself (a symlink, not its target), if there is one."""
         try:
@@ -287,7 +265,7 @@ class SnapshotDir:
             os.close(fd)
 
 
-def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm, payload: BootPayload) -> None:
+def write_snapshot(directory: Path, config_api: dict, state_doc: bytes, vm, payload: BootPayload) -> None:
     """Writes config, state, payload content and memory of the paused `vm` into `directory`."""
     with SnapshotDir(directory, create=True) as d:
         # Over an older snapshot: it stops being complete before any of its files change.
@@ -306,7 +284,7 @@ def write_snapshot(directory: Path, config_api: dict, state_doc: dict, vm, paylo
                 d.remove(payload_file(part))
         d.write(CONFIG_FILE, json.dumps(config_api, indent=1).encode())
         # state.json last: its presence marks a complete snapshot.
-        d.write(STATE_FILE, json.dumps(state_doc, indent=1).encode())
+        d.write(STATE_FILE, state_doc)
 
 
 def read_memory(d: SnapshotDir, vm) -> None:

@@ -14,9 +14,7 @@ from .machine import PAUSE_TIMEOUT_S, Machine, VmState
 from .payload import check_description
 from .snapshot import (
     CONFIG_FILE,
-    STATE_FILE,
     SnapshotDir,
-    decode_state,
     encode_state,
     read_memory,
     read_payload,
@@ -49,7 +47,7 @@ def restore_snapshot(
     """Restores `snap` into the empty VMM, paused. Everything is read and checked (version,
     config, payload digests) on the caller's thread before a VM is built on the loop; the
     snapshot's config chooses no host path here (its serial is this VMM's own)."""
-    config_api, decoded = snap.read_json(CONFIG_FILE), decode_state(snap.read_json(STATE_FILE))
+    config_api, decoded = snap.read_json(CONFIG_FILE), snap.read_state()
     described = decoded.fields["payload"] or {}
     cfg = from_peer(
         config_api,

@@ -464,7 +464,7 @@ class Receiver:
             if missing:
                 raise MigrationError(f"State before the described payload arrived: {', '.join(missing)} missing")
             incoming.payload = BootPayload(**incoming.received)
-            decoded = decode_state(self._json(conn, length))
+            decoded = decode_state(conn.read_payload(length, JSON_MAX))
             incoming.vm.restore_state(decoded.native)
             fields.update(decoded.fields)
             conn.respond(Status.OK)

@@ -489,7 +489,7 @@ class SourceMigration:
             self._send(conn, table)
             self._lap("last_pass")
         extra = {"post_migration_lifecycle_event": event.value} if event is not None else {}
-        state = json.dumps(encode_state(self.vm.save_state(), **extra)).encode()
+        state = encode_state(self.vm.save_state(), **extra)
         self._lap("save_state")
         conn.request(Command.STATE, state)
         self._lap("state")
