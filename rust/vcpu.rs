@@ -148,6 +148,11 @@ impl VcpuControl {
         true
     }
 
+    /// Whether the thread was ever let into KVM_RUN.
+    pub fn has_entered(&self) -> bool {
+        self.ctl.lock().unwrap().entered
+    }
+
     fn interrupted(&self) -> bool {
         self.ctl.lock().unwrap().want != Want::Run
     }
@@ -181,7 +186,11 @@ impl VcpuControl {
                 }
                 Want::Pause => {
                     if !c.paused {
-                        complete_pending_io(&mut fd.lock().unwrap());
+                        // A vCPU that never ran has no instruction in flight, and its state may
+                        // still be restored from elsewhere (a migration's destination).
+                        if c.entered {
+                            complete_pending_io(&mut fd.lock().unwrap());
+                        }
                         c.paused = true;
                         self.cv.notify_all();
                     }

@@ -574,16 +574,20 @@ impl Vm {
         }
         // Input typed before boot is waiting in the console.
         self.shared.input_ready();
-        // Back only once the vCPUs run guest code, so that a migration's downtime (which ends when
-        // the destination answers Complete after this) counts their threads' start.
-        // (Bounded: a host too busy to schedule them in time gets a VM that starts a bit later.)
         if !paused {
-            let deadline = Instant::now() + VCPU_START_WAIT;
-            for slot in &self.vcpus {
-                slot.ctl.wait_entered(deadline);
-            }
+            self.wait_entered();
         }
         Ok(())
+    }
+
+    /// Back only once the vCPUs run guest code, so that a migration's downtime (which ends when
+    /// the destination answers Complete after starting them) counts their threads' start.
+    /// (Bounded: a host too busy to schedule them in time gets a VM that starts a bit later.)
+    fn wait_entered(&self) {
+        let deadline = Instant::now() + VCPU_START_WAIT;
+        for slot in self.vcpus.iter().filter(|s| s.thread.is_some()) {
+            slot.ctl.wait_entered(deadline);
+        }
     }
 
     pub fn pause(&self, timeout: Duration) -> Result<()> {
@@ -618,6 +622,8 @@ impl Vm {
         for v in &self.vcpus {
             v.ctl.resume(&self.shared);
         }
+        // A VM booted paused runs guest code for the first time now.
+        self.wait_entered();
     }
 
     /// Ends and joins every vCPU thread. Idempotent.
@@ -707,12 +713,17 @@ impl Vm {
         })
     }
 
-    /// Loads saved state into a VM built with `restore`, before it boots.
+    /// Loads saved state into a VM built with `restore`, before any vCPU ran: before it boots,
+    /// or booted paused (its vCPU threads wait, ready, during a migration's pre-copy).
     pub fn restore_state(&self, st: &SavedState) -> Result<()> {
-        if self.vcpus.iter().any(|v| v.thread.is_some()) {
+        if self
+            .vcpus
+            .iter()
+            .any(|v| v.thread.is_some() && v.ctl.has_entered())
+        {
             return Err(Error::new(
                 Kind::InvalidState,
-                "state can only be restored before the VM runs",
+                "state can only be restored before any vCPU ran",
             ));
         }
         if st.vcpus.len() != self.vcpus.len() {

@@ -3,15 +3,16 @@
 import copy
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from vmmpy import Vmm
+from vmmpy import Vmm, _native
 from vmmpy.config import SerialConfig
 from vmmpy.errors import InvalidConfig, InvalidState
-from vmmpy.snapshot import FORMAT_MAJOR, FORMAT_MINOR, check_version, decode_state
+from vmmpy.snapshot import FORMAT_MAJOR, FORMAT_MINOR, check_version, decode_state, encode_state
 
 from helpers import SerialClient
 
@@ -110,3 +111,53 @@ def test_versioning_rules():
     for junk in (b"[1]", b"\xff{", b'{"format_version": "1.0"}'):
         with pytest.raises(InvalidConfig, match="malformed state document"):
             decode_state(junk)
+
+
+def test_state_restores_into_waiting_vcpu_threads_but_never_after_they_ran():
+    """A migration's destination starts its vCPU threads at Config, held before any guest code,
+    and restores the state into them at State: allowed until a vCPU first ran, refused after."""
+    fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
+    source = _native.Vm(
+        memory_size=64 << 20,
+        vcpus=1,
+        kernel=None,
+        initramfs=None,
+        cmdline="console=ttyS0",
+        console=_native.Console(None),
+        reset_fd=fds[0],
+        guest_exit_fd=fds[1],
+        error_fd=fds[2],
+    )
+    source.boot(paused=True)
+    source.resume()
+    source.pause()
+    saved = source.save_state()
+    source.stop()
+    state, _ = _native.parse_state(encode_state(saved))
+    vm = _native.Vm(
+        memory_size=64 << 20,
+        vcpus=1,
+        kernel=None,
+        initramfs=None,
+        cmdline="console=ttyS0",
+        console=_native.Console(None),
+        reset_fd=fds[0],
+        guest_exit_fd=fds[1],
+        error_fd=fds[2],
+        restore=True,
+    )
+    try:
+        vm.boot(paused=True)
+        vm.restore_state(state)
+        vm.pause()  # returns once the thread holds still: its state can be read
+        restored, original = json.loads(vm.save_state())["vcpus"][0], json.loads(saved)["vcpus"][0]
+        assert (restored["regs"], restored["sregs"]) == (original["regs"], original["sregs"])
+        vm.resume()
+        assert vm.vcpu_states() == ["running"]
+        vm.pause()
+        with pytest.raises(InvalidState, match="before any vCPU ran"):
+            vm.restore_state(state)
+    finally:
+        vm.stop()
+        for fd in fds:
+            os.close(fd)

@@ -83,9 +83,11 @@ class ControlLoop:
             return fn()
         return self.submit(fn).result()
 
-    def submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+    def submit(self, fn: Callable[[], Any], wake: bool = True) -> concurrent.futures.Future:
         """Queues `fn` for the loop (not from the loop thread); it runs before any call queued
-        after this returns."""
+        after this returns. With `wake` false the loop is not woken for it: it runs at the loop's
+        next wake-up (`wake()`), so a caller with something more urgent to do first keeps the loop
+        thread off the CPU meanwhile."""
         if not self._running:
             raise VmmShutDown("the VMM has shut down")
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -93,8 +95,13 @@ class ControlLoop:
             if self._closing:
                 raise VmmShutDown("the VMM has shut down")
             self._requests.put((fn, fut))
-            os.eventfd_write(self._api_fd, 1)
+            if wake:
+                os.eventfd_write(self._api_fd, 1)
         return fut
+
+    def wake(self) -> None:
+        """Lets the loop run what `submit(wake=False)` queued."""
+        self.signal(self._api_fd)
 
     @property
     def alive(self) -> bool:

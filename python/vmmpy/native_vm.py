@@ -91,10 +91,11 @@ class VmWires:
             os.close(fd)
 
 
-def start(vm: _native.Vm) -> _native.Vm:
-    """`vm` booted; stopped again if its start fails."""
+def start(vm: _native.Vm, paused: bool = False) -> _native.Vm:
+    """`vm` booted (its vCPUs held before any guest code with `paused`); stopped again if its
+    start fails."""
     try:
-        vm.boot()
+        vm.boot(paused=paused)
     except BaseException:
         vm.stop()
         raise

@@ -14,6 +14,7 @@ from ..errors import InvalidState, VmmShutDown
 from ..events import EventMonitor
 from ..lifecycle import PostMigrationLifecycleEvent
 from ..machine import Machine, VmState
+from ..native_vm import start
 from ..payload import BootPayload
 from ..testhooks import TestHooks
 from . import transport
@@ -87,7 +88,10 @@ class Reception(ReceiveHooks):
             try:
                 own = m.own_serial(cfg)
                 # No payload is loaded into a VM built to receive state; the content arrives later.
-                return Incoming(m.new_native_vm(own, BootPayload(), restore=True, memory_fds=memory_fds), own)
+                vm = m.new_native_vm(own, BootPayload(), restore=True, memory_fds=memory_fds)
+                # Its vCPU threads start now and wait: State restores into them, Complete only
+                # lets them run (no thread start inside the downtime).
+                return Incoming(start(vm, paused=True), own)
             except BaseException:
                 m.release_incoming()
                 raise
@@ -110,17 +114,20 @@ class Reception(ReceiveHooks):
         if event is None and not self._test_hooks.complete_paused:
             # The guest runs here, and the source hears so, before the loop takes the VM over:
             # the loop's round trip stays out of the downtime (the VMM was reserved for this VM
-            # at Config). The take-over is queued first, ahead of any call the answer leads to.
+            # at Config). The take-over is queued first, ahead of any call the answer leads to,
+            # and the loop woken only after the answer (with two host CPUs it would take one from
+            # the source's thread that waits for that answer).
             commit()
-            vm.boot()
+            vm.resume()
             if self._test_hooks.request_on_arrival is not None:
                 vm.inject_request(self._test_hooks.request_on_arrival)
             try:
-                adopted = self._loop.submit(lambda: self._adopt_running(incoming))
+                adopted = self._loop.submit(lambda: self._adopt_running(incoming), wake=False)
             except VmmShutDown as e:
                 vm.stop()  # discarded, but it has run: the source must not take this for a refusal
                 raise GuestRanHere(f"the VMM shut down as the guest arrived: {e}") from None
             answer()
+            self._loop.wake()
             try:
                 adopted.result()
             except VmmShutDown:
@@ -135,7 +142,6 @@ class Reception(ReceiveHooks):
             # not resumed here; its request is replayed through the eventfd the device would have
             # written. (The complete-paused test hook also takes the VM over without running it.)
             m = self._machine
-            vm.boot(paused=True)
             m.adopt(incoming.config, vm, incoming.payload, VmState.PAUSED)
             if event is None:
                 self._events.emit("vm", "migration-receive-finished")
