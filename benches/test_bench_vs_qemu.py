@@ -279,11 +279,11 @@ def breakdown(runs: list[dict]) -> str:
 
 
 def source_side(runs: list[dict]) -> str:
-    """What of vmmpy's downtime its source spends before the State goes out: the span QEMU's own
-    downtime figure covers (QEMU stops counting once its source wrote the last byte; vmmpy's
-    downtime ends when the destination's vCPUs run)."""
+    """What of vmmpy's downtime its source spends before it sends the State: about the span QEMU's
+    own downtime figure covers (QEMU stops counting once its source wrote the last byte, its
+    final write included; vmmpy's downtime ends when the destination's vCPUs run)."""
     spans = [sum(r["phases_ms"].get(k, 0.0) for k in ("pause", "last_pass", "save_state")) for r in runs]
-    return f"source side until its State is written (the span QEMU's downtime counts) {median(spans):.2f} ms"
+    return f"source side before it sends the State (about the span QEMU's downtime counts) {median(spans):.2f} ms"
 
 
 class StreamFloor:

@@ -539,7 +539,8 @@ impl PyVm {
         Ok(PyBytes::new(py, &doc))
     }
 
-    /// Loads a parsed state (`parse_state`) into a VM built with restore=True, before boot().
+    /// Loads a parsed state (`parse_state`) into a VM built with restore=True before any vCPU ran
+    /// (not booted, or booted paused and not resumed since).
     fn restore_state(&self, py: Python<'_>, state: &PySavedState) -> error::Result<()> {
         py.detach(|| self.with(|vm| vm.restore_state(&state.0)))
     }

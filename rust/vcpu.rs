@@ -148,9 +148,11 @@ impl VcpuControl {
         true
     }
 
-    /// Whether the thread was ever let into KVM_RUN.
-    pub fn has_entered(&self) -> bool {
-        self.ctl.lock().unwrap().entered
+    /// Whether the vCPU is held before its first guest instruction: never let into KVM_RUN, and
+    /// not about to be (its state may still be written from elsewhere).
+    pub fn held_before_first_entry(&self) -> bool {
+        let c = self.ctl.lock().unwrap();
+        !c.entered && c.want == Want::Pause
     }
 
     fn interrupted(&self) -> bool {

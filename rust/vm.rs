@@ -51,7 +51,8 @@ pub const MAX_DISKS: usize = 16;
 /// NICs per VM, on the same budget.
 pub const MAX_NETS: usize = 8;
 const SERIAL_GSI: u32 = 4;
-/// How long `boot` waits for the vCPU threads to be scheduled into the guest.
+/// How long `boot` (and the first `resume` of a VM booted paused) waits for the vCPU threads to
+/// be scheduled into the guest.
 const VCPU_START_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,7 +426,7 @@ impl Vm {
         let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io(Kind::Kvm, "eventfd", e))?;
         fd.register_irqfd(&irq, SERIAL_GSI)
             .map_err(|e| Error::kvm("KVM_IRQFD", e))?;
-        let serial = Arc::new(Mutex::new(Serial::new(irq, console.clone())));
+        let serial = Arc::new(Mutex::new(Serial::new(irq, console.clone(), restore)));
         let mut pio = PioBus::default();
         pio.insert(0x3f8, 8, serial.clone());
         pio.insert(0x60, 5, Arc::new(Mutex::new(I8042::default())));
@@ -719,7 +720,7 @@ impl Vm {
         if self
             .vcpus
             .iter()
-            .any(|v| v.thread.is_some() && v.ctl.has_entered())
+            .any(|v| v.thread.is_some() && !v.ctl.held_before_first_entry())
         {
             return Err(Error::new(
                 Kind::InvalidState,

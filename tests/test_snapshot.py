@@ -108,6 +108,8 @@ def test_versioning_rules():
     broken["vcpus"][0]["sregs"] = "not base64!"
     with pytest.raises(InvalidConfig, match="malformed state document: vcpus: not base64"):
         decode_state(_encoded(broken))
+    with pytest.raises(ValueError, match="vcpus"):
+        encode_state(b'{"vcpus": []}', vcpus=[])  # a native section is the native core's to write
     for junk in (b"[1]", b"\xff{", b'{"format_version": "1.0"}'):
         with pytest.raises(InvalidConfig, match="malformed state document"):
             decode_state(junk)
@@ -153,7 +155,8 @@ def test_state_restores_into_waiting_vcpu_threads_but_never_after_they_ran():
         restored, original = json.loads(vm.save_state())["vcpus"][0], json.loads(saved)["vcpus"][0]
         assert (restored["regs"], restored["sregs"]) == (original["regs"], original["sregs"])
         vm.resume()
-        assert vm.vcpu_states() == ["running"]
+        # Let go: it runs (or, on its all-zero RAM, already asked for a reset and parked).
+        assert vm.vcpu_states() in (["running"], ["parked"])
         vm.pause()
         with pytest.raises(InvalidState, match="before any vCPU ran"):
             vm.restore_state(state)

@@ -131,7 +131,8 @@ class Vm:
         """The paused VM's state (all but memory): the state document's native sections (raw KVM
         structures and device registers) as one JSON object."""
     def restore_state(self, state: SavedState) -> None:
-        """Loads a parsed state into a VM built with restore=True, before boot()."""
+        """Loads a parsed state into a VM built with restore=True before any vCPU ran (not booted,
+        or booted paused and not resumed since)."""
     def start_dirty_log(self) -> None: ...
     def stop_dirty_log(self) -> None: ...
     def dirty_ranges(self) -> RangeTable:

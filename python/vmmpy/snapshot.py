@@ -42,6 +42,8 @@ FIELDS_1_3 = FIELDS_1_2 | {"virtio_devices"}
 # 1.4: no new field; config.json's memory.shared=false now means private RAM (before 1.4 it was
 # written false for memfd RAM), so an older snapshot's RAM is built shared (`private_memory`).
 KNOWN_FIELDS = FIELDS_1_3
+#: Written by the native core (Vm.save_state); the other fields are this module's.
+NATIVE_SECTIONS = frozenset({"vcpus", "machine", "devices", "virtio_devices"})
 PRIVATE_MEMORY_MINOR = 4
 DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None, "payload": None}
 
@@ -51,10 +53,10 @@ def encode_state(native: bytes, **extra) -> bytes:
     native core) with this format's version and the version-specific `extra` fields."""
     from . import __version__
 
-    unknown = set(extra) - KNOWN_FIELDS
-    if unknown:
-        raise ValueError(f"not fields of format {FORMAT_VERSION}: {sorted(unknown)}")
     head = {"format_version": FORMAT_VERSION, "vmmpy_version": __version__}
+    unknown = set(extra) - (KNOWN_FIELDS - NATIVE_SECTIONS - set(head))
+    if unknown:
+        raise ValueError(f"not version-specific fields of format {FORMAT_VERSION}: {sorted(unknown)}")
     head.update({k: v for k, v in extra.items() if v is not None})
     # Both are JSON objects: the head's fields, then the native sections, in one object.
     return json.dumps(head).encode()[:-1] + b"," + native[1:]
@@ -95,19 +97,21 @@ def decode_state(document: bytes) -> DecodedState:
     is built. The native core parses it once and hands back the other fields."""
     try:
         native, rest = _native.parse_state(document)
-    except InvalidConfig:
-        # Another major (or no version) may explain what the native sections lack: say that.
-        try:
-            doc = json.loads(document)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            check_version(doc)
-        raise
-    doc = json.loads(rest)
-    check_version(doc)
-    fields = {k: doc.get(k, default) for k, default in DEFAULTS.items()}
-    return DecodedState(native, fields, doc["format_version"])
+    except InvalidConfig as e:
+        malformed = e
+    else:
+        doc = json.loads(rest)
+        check_version(doc)
+        fields = {k: doc.get(k, default) for k, default in DEFAULTS.items()}
+        return DecodedState(native, fields, doc["format_version"])
+    # Another major (or no version) may explain what the native sections lack: that is the error.
+    try:
+        doc = json.loads(document)
+    except (ValueError, RecursionError):
+        doc = None
+    if isinstance(doc, dict):
+        check_version(doc)
+    raise malformed
 
 
 # ---- snapshot directories ------------------------------------------------------------------
@@ -230,7 +234,7 @@ class SnapshotDir:
         try:
             return decode_state(document)
         except InvalidConfig as e:
-            raise InvalidConfig(f"{STATE_FILE}: {e}") from None
+            raise InvalidConfig(f"snapshot {self.path}: {STATE_FILE}: {e}") from None
 
     def remove(self, name: str) -> None:
         """Removes the entry itself (a symlink, not its target), if there is one."""

@@ -24,13 +24,18 @@ const LSR: u16 = 5;
 pub struct Serial {
     uart: vm_superio::Serial<IrqFd, NoEvents, ConsoleWriter>,
     console: Console,
+    /// A VM built to receive state takes no console input before its UART's state arrives: the
+    /// restore replaces the FIFO, and what was moved into it would be lost. It waits in the
+    /// console meanwhile.
+    awaiting_state: bool,
 }
 
 impl Serial {
-    pub fn new(irq: EventFd, console: Console) -> Serial {
+    pub fn new(irq: EventFd, console: Console, awaiting_state: bool) -> Serial {
         Serial {
             uart: vm_superio::Serial::new(IrqFd(irq), ConsoleWriter(console.clone())),
             console,
+            awaiting_state,
         }
     }
 
@@ -48,13 +53,14 @@ impl Serial {
             ConsoleWriter(self.console.clone()),
         )
         .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        self.awaiting_state = false;
         Ok(())
     }
 
     /// Moves pending console input into the FIFO (which raises the RX interrupt if enabled).
     pub fn refill(&mut self) {
         let room = self.uart.fifo_capacity();
-        if room == 0 {
+        if room == 0 || self.awaiting_state {
             return;
         }
         let bytes = self.console.take_input(room);
@@ -82,5 +88,32 @@ impl BusDevice<u16> for Serial {
             let _ = self.uart.write(offset as u8, v);
         }
         DeviceAction::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn in_buffer(serial: &Serial) -> Vec<u8> {
+        serial.state().in_buffer
+    }
+
+    #[test]
+    fn input_typed_before_a_restore_follows_the_restored_fifo() {
+        let console = Console::new(None, false).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut serial = Serial::new(irq, console.clone(), true);
+        console.push_input(b"new");
+        serial.refill();
+        assert!(
+            in_buffer(&serial).is_empty(),
+            "input taken before the state arrived"
+        );
+        let mut saved = serial.state();
+        saved.in_buffer = b"old".to_vec();
+        serial.restore(&saved).unwrap();
+        serial.refill();
+        assert_eq!(in_buffer(&serial), b"oldnew");
     }
 }

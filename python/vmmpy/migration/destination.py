@@ -297,7 +297,7 @@ class Receiver:
         """Serves one source. `done` is set once the attempt has released what it held (before
         its last answer goes out), so a source that heard the answer and reconnects is served."""
         self.state = ReceiveState.ESTABLISHED
-        with self._commit_lock:  # an earlier attempt may have committed and then failed to boot
+        with self._commit_lock:  # an earlier attempt may have committed and then failed
             self._committed = False
         self._joined_errors = []
         self._joined_done.clear()

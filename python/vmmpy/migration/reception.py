@@ -1,6 +1,7 @@
 """The VMM's side of receiving a migration: a listening receiver on its own thread, and the steps
-it asks the control loop for (build an empty VM at Config, reserving the VMM for it; take it over
-at Complete, once the receiver thread has started its vCPUs and answered)."""
+it asks the control loop for (build an empty VM at Config, its vCPU threads held, reserving the
+VMM for it; take it over at Complete, once the receiver thread has let its vCPUs run and
+answered)."""
 
 from __future__ import annotations
 
@@ -126,8 +127,10 @@ class Reception(ReceiveHooks):
             except VmmShutDown as e:
                 vm.stop()  # discarded, but it has run: the source must not take this for a refusal
                 raise GuestRanHere(f"the VMM shut down as the guest arrived: {e}") from None
-            answer()
-            self._loop.wake()
+            try:
+                answer()
+            finally:
+                self._loop.wake()
             try:
                 adopted.result()
             except VmmShutDown:
