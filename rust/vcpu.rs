@@ -204,6 +204,11 @@ impl VcpuControl {
                         if !c.entered {
                             c.entered = true;
                             self.cv.notify_all();
+                            drop(c);
+                            // Whoever waits for this first entry (a migrated guest's start, whose
+                            // answer ends the downtime) is often woken onto this very CPU: let it
+                            // run before the guest takes the CPU for its first slice.
+                            std::thread::yield_now();
                         }
                         return true;
                     }
