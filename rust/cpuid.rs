@@ -1,10 +1,7 @@
 //! CPUID for each vCPU: what KVM supports, with this vCPU's APIC id, the topology (one core per
 //! vCPU, one thread per core) and the hypervisor bit.
 
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
-
-use crate::error::{Error, Result};
+use kvm_bindings::CpuId;
 
 const LEAF_FEATURES: u32 = 1;
 const LEAF_CACHE_TOPOLOGY: u32 = 4;
@@ -12,11 +9,6 @@ const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
-
-pub fn supported(kvm: &Kvm) -> Result<CpuId> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| Error::kvm("KVM_GET_SUPPORTED_CPUID", e))
-}
 
 pub fn for_vcpu(base: &CpuId, index: u8, count: u8) -> CpuId {
     let mut cpuid = base.clone();

@@ -17,6 +17,7 @@ mod error;
 mod fd;
 #[doc(hidden)]
 pub mod fixtures;
+mod host;
 mod idle;
 mod layout;
 #[doc(hidden)]

@@ -11,6 +11,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::error::{Error, Kind, Result};
+use crate::host;
 
 pub type Blobs = Vec<(String, Vec<u8>)>;
 
@@ -83,10 +84,7 @@ pub struct VcpuState {
 
 /// Reads the MSRs KVM lists, dropping those this host refuses to read.
 fn save_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<(u32, u64)>> {
-    let list = kvm
-        .get_msr_index_list()
-        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-    let mut pending: Vec<u32> = list.as_slice().to_vec();
+    let mut pending: Vec<u32> = host::msr_indices(kvm)?.to_vec();
     let mut out = Vec::new();
     while !pending.is_empty() {
         let entries: Vec<kvm_msr_entry> = pending

@@ -42,7 +42,7 @@ use crate::ranges::RangeTable;
 use crate::reaper;
 use crate::state::{self, Blobs, VcpuState};
 use crate::vcpu::{self, SharedVcpuFd, VcpuControl};
-use crate::{acpi, cpuid, layout};
+use crate::{acpi, cpuid, host, layout};
 
 pub const MAX_VCPUS: u8 = 8;
 /// Disks per VM: each takes a PCI slot (31 after the host bridge), 32 KiB of the BAR window and
@@ -407,9 +407,9 @@ impl Vm {
                     .map_err(|e| Error::kvm("KVM_CREATE_VCPU", e))?,
             );
         }
-        let base_cpuid = cpuid::supported(&kvm)?;
+        let base_cpuid = host::supported_cpuid(&kvm)?;
         for (i, vcpu) in vcpu_fds.iter().enumerate() {
-            vcpu.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i as u8, cfg.vcpus))
+            vcpu.set_cpuid2(&cpuid::for_vcpu(base_cpuid, i as u8, cfg.vcpus))
                 .map_err(|e| Error::kvm("KVM_SET_CPUID2", e))?;
         }
         let (payload_kind, boot_protocol, cmdline) = if restore {

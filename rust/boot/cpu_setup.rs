@@ -7,6 +7,7 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Kind, Result};
+use crate::host;
 use crate::layout;
 use crate::memory::GuestMem;
 
@@ -173,10 +174,7 @@ const MTRR_ENABLE_WRITEBACK: u64 = (1 << 11) | 6;
 
 /// Boot MSRs, limited to those KVM lists as settable (this host rejects others outright).
 pub fn setup_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<()> {
-    let supported = kvm
-        .get_msr_index_list()
-        .map_err(|e| Error::kvm("KVM_GET_MSR_INDEX_LIST", e))?;
-    let supported = supported.as_slice();
+    let supported = host::msr_indices(kvm)?;
     let wanted = [
         (MSR_IA32_SYSENTER_CS, 0),
         (MSR_IA32_SYSENTER_ESP, 0),
