@@ -84,8 +84,10 @@ struct DevicesDoc {
     cmos: CmosDoc,
 }
 
+/// virtio-queue's QueueState as the document spells it.
 #[derive(Serialize, Deserialize)]
-struct QueueDoc {
+#[serde(remote = "QueueState")]
+struct QueueStateDoc {
     max_size: u16,
     size: u16,
     ready: bool,
@@ -94,7 +96,14 @@ struct QueueDoc {
     used_ring: u64,
     next_avail: u16,
     next_used: u16,
-    event_idx: bool,
+    #[serde(rename = "event_idx")]
+    event_idx_enabled: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct QueueDoc {
+    #[serde(flatten, with = "QueueStateDoc")]
+    state: QueueState,
     msix_vector: u16,
 }
 
@@ -177,18 +186,7 @@ fn virtio_doc(id: &str, st: &VirtioPciState) -> VirtioDoc {
         config_vector: t.config_vector,
         isr: t.isr,
         queues: queues
-            .map(|(q, &msix_vector)| QueueDoc {
-                max_size: q.max_size,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx: q.event_idx_enabled,
-                msix_vector,
-            })
+            .map(|(&state, &msix_vector)| QueueDoc { state, msix_vector })
             .collect(),
         msix: MsixDoc {
             table: st.msix.table.clone(),
@@ -203,20 +201,7 @@ fn virtio_state(d: VirtioDoc) -> (String, VirtioPciState) {
     let (queues, queue_vectors) = d
         .queues
         .into_iter()
-        .map(|q| {
-            let state = QueueState {
-                max_size: q.max_size,
-                size: q.size,
-                ready: q.ready,
-                desc_table: q.desc_table,
-                avail_ring: q.avail_ring,
-                used_ring: q.used_ring,
-                next_avail: q.next_avail,
-                next_used: q.next_used,
-                event_idx_enabled: q.event_idx,
-            };
-            (state, q.msix_vector)
-        })
+        .map(|q| (q.state, q.msix_vector))
         .unzip();
     let transport = TransportState {
         device_feature_select: d.device_feature_select,

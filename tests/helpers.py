@@ -265,3 +265,23 @@ def guest_vmm(tmp_path):
     for vmm, serial in made:
         serial.close()
         vmm.close()
+
+
+def native_vm(fds: list[int], console, memory_mib: int = 64, vcpus: int = 1, kernel=None, **extra):
+    """A native VM of the test guest (or `kernel`) on `console`, with `fds` as its reset,
+    guest-exit and error eventfds, for tests below the Python VMM; `extra` goes to _native.Vm
+    as it is (restore, disks, ...)."""
+    from vmmpy import _native
+
+    return _native.Vm(
+        memory_size=memory_mib << 20,
+        vcpus=vcpus,
+        kernel=kernel,
+        initramfs=None,
+        cmdline="console=ttyS0",
+        console=console,
+        reset_fd=fds[0],
+        guest_exit_fd=fds[1],
+        error_fd=fds[2],
+        **extra,
+    )

@@ -13,6 +13,7 @@ import pytest
 
 from vmmpy.snapshot import FORMAT_VERSION
 
+from helpers import native_vm
 from migration_helpers import free_port, send, start_receive, url_for, wait_progress
 
 
@@ -102,18 +103,7 @@ def test_native_vm_refuses_an_image_it_cannot_open(tmp_path):
             ("/dev/null", "not a regular file"),
         ]:
             with pytest.raises(InvalidConfig, match=text):
-                _native.Vm(
-                    memory_size=128 << 20,
-                    vcpus=1,
-                    kernel=None,
-                    initramfs=None,
-                    cmdline="",
-                    console=console,
-                    reset_fd=fds[0],
-                    guest_exit_fd=fds[1],
-                    error_fd=fds[2],
-                    disks=[("disk0", path, False, False)],
-                )
+                native_vm(fds, console, memory_mib=128, disks=[("disk0", path, False, False)])
     finally:
         for fd in fds:
             os.close(fd)

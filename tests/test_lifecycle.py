@@ -7,7 +7,7 @@ import pytest
 
 from vmmpy import _native
 
-from helpers import SerialClient, int3_elf
+from helpers import SerialClient, int3_elf, native_vm
 
 
 @pytest.mark.parametrize("method", ["acpi", "kbd", "cmos", "triple"])
@@ -60,17 +60,7 @@ def _native_vm(tmp_path, vcpus=2, kernel=None):
     listener.bind(path)
     listener.listen(1)
     console = _native.Console(None)
-    vm = _native.Vm(
-        memory_size=128 << 20,
-        vcpus=vcpus,
-        kernel=kernel,
-        initramfs=None,
-        cmdline="console=ttyS0",
-        console=console,
-        reset_fd=fds[0],
-        guest_exit_fd=fds[1],
-        error_fd=fds[2],
-    )
+    vm = native_vm(fds, console, memory_mib=128, vcpus=vcpus, kernel=kernel)
     client = SerialClient(path)
     conn, _ = listener.accept()
     console.add_client(conn.fileno())
@@ -208,17 +198,7 @@ def test_a_console_output_nobody_reads_does_not_stall_the_guest(tmp_path):
     r, w = os.pipe()
     fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
     console = _native.Console(w)
-    vm = _native.Vm(
-        memory_size=64 << 20,
-        vcpus=1,
-        kernel=None,
-        initramfs=None,
-        cmdline="console=ttyS0",
-        console=console,
-        reset_fd=fds[0],
-        guest_exit_fd=fds[1],
-        error_fd=fds[2],
-    )
+    vm = native_vm(fds, console)
     try:
         vm.boot()
         for _ in range(2000):  # far more echo output than a pipe holds

@@ -17,7 +17,7 @@ import pytest
 from vmmpy import _native
 from vmmpy.errors import InvalidState, VmNotCreated
 
-from helpers import SerialClient
+from helpers import SerialClient, native_vm
 
 GED_GSI = 5
 PIC_IRR = 8 + 1  # kvm_irqchip: chip_id, pad, then kvm_pic_state {last_irr, irr, ...}
@@ -104,17 +104,7 @@ def test_the_press_raises_the_ged_interrupt_line(tmp_path):
     listener.bind(path)
     listener.listen(1)
     console = _native.Console(None)
-    vm = _native.Vm(
-        memory_size=128 << 20,
-        vcpus=1,
-        kernel=None,
-        initramfs=None,
-        cmdline="console=ttyS0",
-        console=console,
-        reset_fd=fds[0],
-        guest_exit_fd=fds[1],
-        error_fd=fds[2],
-    )
+    vm = native_vm(fds, console, memory_mib=128)
     client = SerialClient(path)
     conn, _ = listener.accept()
     try:

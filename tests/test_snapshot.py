@@ -14,7 +14,7 @@ from vmmpy.config import SerialConfig
 from vmmpy.errors import InvalidConfig, InvalidState
 from vmmpy.snapshot import FORMAT_MAJOR, FORMAT_MINOR, check_version, decode_state, encode_state
 
-from helpers import SerialClient
+from helpers import SerialClient, native_vm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "snapshot-1.0"
 
@@ -119,35 +119,14 @@ def test_state_restores_into_waiting_vcpu_threads_but_never_after_they_ran():
     """A migration's destination starts its vCPU threads at Config, held before any guest code,
     and restores the state into them at State: allowed until a vCPU first ran, refused after."""
     fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(3)]
-    source = _native.Vm(
-        memory_size=64 << 20,
-        vcpus=1,
-        kernel=None,
-        initramfs=None,
-        cmdline="console=ttyS0",
-        console=_native.Console(None),
-        reset_fd=fds[0],
-        guest_exit_fd=fds[1],
-        error_fd=fds[2],
-    )
+    source = native_vm(fds, _native.Console(None))
     source.boot(paused=True)
     source.resume()
     source.pause()
     saved = source.save_state()
     source.stop()
     state, _ = _native.parse_state(encode_state(saved))
-    vm = _native.Vm(
-        memory_size=64 << 20,
-        vcpus=1,
-        kernel=None,
-        initramfs=None,
-        cmdline="console=ttyS0",
-        console=_native.Console(None),
-        reset_fd=fds[0],
-        guest_exit_fd=fds[1],
-        error_fd=fds[2],
-        restore=True,
-    )
+    vm = native_vm(fds, _native.Console(None), restore=True)
     try:
         vm.boot(paused=True)
         vm.restore_state(state)
