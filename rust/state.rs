@@ -1,7 +1,7 @@
 //! Saving and restoring a paused VM's CPU and interrupt-controller state: what a snapshot and a
 //! migration's State message carry besides memory. Each KVM structure travels as its raw bytes
-//! (they are x86-64 UAPI structs, stable across kernels); Python wraps them in the versioned
-//! state document (vmmpy/snapshot.py).
+//! (they are x86-64 UAPI structs, stable across kernels); state_doc.rs writes them into the
+//! state document, whose versioned fields are Python's (vmmpy/snapshot.py).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,

@@ -93,8 +93,9 @@ def check_version(doc: dict) -> tuple[int, int]:
 
 
 def decode_state(document: bytes) -> DecodedState:
-    """The state of a whole state document, parsed and checked (its version first) before any VM
-    is built. The native core parses it once and hands back the other fields."""
+    """The state of a whole state document, parsed and checked before any VM is built (another
+    major is refused as such, even when its sections do not parse). The native core parses it
+    once and hands back the other fields."""
     try:
         native, rest = _native.parse_state(document)
     except InvalidConfig as e:
