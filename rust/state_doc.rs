@@ -253,22 +253,18 @@ pub fn encode(st: &SavedState) -> Vec<u8> {
     serde_json::to_vec(&doc).expect("the state document's types all serialize")
 }
 
-fn malformed(e: serde_json::Error) -> Error {
+fn malformed(what: impl std::fmt::Display) -> Error {
     Error::new(
         Kind::InvalidConfig,
-        format!("malformed state document: {e}"),
+        format!("malformed state document: {what}"),
     )
 }
 
 fn section<'a, T: Deserialize<'a>>(fields: &BTreeMap<&str, &'a RawValue>, name: &str) -> Result<T> {
-    let raw = fields.get(name).ok_or_else(|| {
-        Error::new(
-            Kind::InvalidConfig,
-            format!("malformed state document: no {name:?}"),
-        )
-    })?;
-    serde_json::from_str(raw.get())
-        .map_err(|e| malformed(serde_json::Error::custom(format!("{name}: {e}"))))
+    let raw = fields
+        .get(name)
+        .ok_or_else(|| malformed(format!("no {name:?}")))?;
+    serde_json::from_str(raw.get()).map_err(|e| malformed(format!("{name}: {e}")))
 }
 
 /// The state in `document` (a whole state document), and a JSON object of its other fields (the
@@ -279,9 +275,10 @@ pub fn decode(document: &[u8]) -> Result<(SavedState, Vec<u8>)> {
     let vcpus: Vec<VcpuDoc> = section(&fields, "vcpus")?;
     let machine: BTreeMap<String, B64> = section(&fields, "machine")?;
     let devices: DevicesDoc = section(&fields, "devices")?;
-    let virtio: Vec<VirtioDoc> = match fields.contains_key("virtio_devices") {
-        true => section(&fields, "virtio_devices")?,
-        false => Vec::new(),
+    let virtio: Vec<VirtioDoc> = if fields.contains_key("virtio_devices") {
+        section(&fields, "virtio_devices")?
+    } else {
+        Vec::new()
     };
     let st = SavedState {
         vcpus: vcpus
