@@ -319,8 +319,12 @@ fn write_all_tls(tls: &mut TlsStream, iovs: &[libc::iovec], pacer: Option<&Pacer
 /// `read_all` over TLS: decrypted bytes go straight into each iovec's buffer.
 fn read_all_tls(tls: &mut TlsStream, iovs: &[libc::iovec]) -> Result<()> {
     for v in iovs {
-        // SAFETY: the iovec describes live, writable memory (validated guest RAM ranges of a VM
-        // that does not run yet, or our own buffers) that nothing else accesses meanwhile.
+        // SAFETY: the iovec describes live, writable memory: our own buffers, or validated guest
+        // RAM of a VM whose vCPUs have not run (the receiver joins every connection's reader
+        // before it loads the state). Only these readers write it, one frame each, and a source's
+        // concurrent frames name disjoint pages (each pass's frames are answered before the
+        // next); a source that broke that would race two copies into pages of its own guest,
+        // plain bytes with no invariant, as two readv()s into them would.
         let bytes = unsafe { std::slice::from_raw_parts_mut(v.iov_base as *mut u8, v.iov_len) };
         tls.read_exact(bytes)?;
     }
@@ -354,8 +358,9 @@ fn read_all(fd: RawFd, iovs: &mut [libc::iovec]) -> Result<()> {
     Ok(())
 }
 
-/// Writes one complete Memory frame for the pages of `table` (page aligned, inside guest RAM,
-/// at most TABLE_MAX / 16 entries after zero splitting: pass chunks of at most CHUNK_MAX bytes).
+/// Writes one complete Memory frame for the pages of `table` (page aligned, inside guest RAM, at
+/// most CHUNK_MAX bytes of non-zero pages and TABLE_MAX / 16 entries after zero splitting: pass
+/// chunks of at most CHUNK_MAX bytes; the receiver refuses larger frames).
 /// Nothing is written when the table is refused; after that only a socket error stops it midway.
 pub fn send_memory(
     link: Link,
@@ -463,6 +468,12 @@ fn send_frame(
         }
     }
 
+    if f.stats.bytes_sent > CHUNK_MAX {
+        return Err(mig_err(format!(
+            "the Memory frame carries {} bytes of pages; pass chunks of at most {CHUNK_MAX} bytes",
+            f.stats.bytes_sent
+        )));
+    }
     let mut header = [0u8; HEADER_SIZE];
     header[0..2].copy_from_slice(&CMD_MEMORY.to_le_bytes());
     header[8..16].copy_from_slice(&(f.entries.len() as u64).to_le_bytes());
@@ -543,6 +554,14 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
         });
     }
 
+    // What a sender puts in one frame; a larger one would have the prefault below populate
+    // guest RAM far ahead of the bytes that actually arrive.
+    let data: u64 = entries.iter().filter(|e| !e.zero).map(|e| e.len).sum();
+    if data > CHUNK_MAX {
+        return Err(mig_err(format!(
+            "Memory frame carries {data} bytes of pages, above CHUNK_MAX ({CHUNK_MAX})"
+        )));
+    }
     let mut stats = RecvStats {
         wire_bytes: table_len,
         ..Default::default()
@@ -1100,6 +1119,26 @@ mod tests {
         assert_eq!((s.pages, s.zero_pages), (2, 1));
         assert!(read(&dst, 0, P).iter().all(|&b| b == 0));
         assert!(read(&dst, 0x10_0000, 2 * P).iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn frames_above_chunk_max_are_refused_on_both_sides() {
+        let over = CHUNK_MAX + RANGE_MAX;
+        let ram = GuestRam::with_ranges(&[(0, over)]).unwrap();
+        // The receiver refuses the table before it reads (or prefaults) any page.
+        let table: Vec<(u64, u32, u32)> = (0..over / RANGE_MAX)
+            .map(|i| (i * RANGE_MAX, RANGE_MAX as u32, 0))
+            .collect();
+        let e = recv_raw(&ram, 16 * table.len() as u64, &table, 0).unwrap_err();
+        assert!(e.message.contains("CHUNK_MAX"), "{}", e.message);
+        // The sender writes nothing for such a table (its pages are not zero).
+        let mut rng = Rng(7);
+        fill_random(&ram, 0, over, &mut rng);
+        let mut whole = RangeTable::new();
+        whole.push(0, over);
+        let (a, _b) = socketpair();
+        let e = send_memory(Link::Plain(a.as_raw_fd()), &ram, &whole, None).unwrap_err();
+        assert!(e.message.contains("chunks of at most"), "{}", e.message);
     }
 
     #[test]

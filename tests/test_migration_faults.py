@@ -58,6 +58,11 @@ class FaultyDestination:
                 if name == self.step:
                     if self.fault == "close":
                         return
+                    if self.fault == "deaf":  # answers Ok, then takes nothing more
+                        conn.shutdown(socket.SHUT_RD)  # (on a unix socket the peer's sends fail)
+                        conn.sendall(HEADER.pack(Status.OK, 0, 0, 0))
+                        self._recv(conn, 1)  # EOF once the source hangs up
+                        return
                     if self.fault == "error":
                         msg = b"injected failure"
                         conn.sendall(HEADER.pack(Status.ERROR, 0, 0, len(msg)) + msg)
@@ -114,6 +119,22 @@ def test_destination_fails_at_each_step(source, step, fault):
     m = serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
     assert m.group(1).decode() == boot_id
     serial.command(f"echo after {step} {fault}", f"after {step} {fault}")
+
+
+def test_a_complete_that_could_not_be_sent_resumes_the_source(source):
+    """Complete never left (the destination stopped reading after its State answer): the
+    destination cannot run the guest, so the source runs it again instead of waiting paused."""
+    vmm, serial, boot_id, tmp = source
+    path = str(tmp / "deaf.sock")
+    dest = FaultyDestination(path, "state", "deaf")
+    handle = vmm.send_migration(f"unix:{path}")
+    with pytest.raises(MigrationError, match="connection failed"):
+        handle.wait(60)
+    dest.thread.join(10)
+    assert vmm.info()["state"] == "Running"
+    assert vmm.events.events("vm.migration-failed")[-1]["properties"]["source_paused"] is False
+    m = serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
+    assert m.group(1).decode() == boot_id
 
 
 def test_source_vm_is_intact_after_all_faults(source):

@@ -135,6 +135,18 @@ CASES = {
         s.sendall(_req(Command.STATE, b'{"format_version": "9.0"}')),
         "not supported",
     ),
+    "state version a number": lambda s: (
+        _configure(s),
+        s.sendall(_req(Command.STATE, json.dumps({**_fixture_state(), "format_version": 1.4}).encode())),
+        "no valid format_version",
+    ),
+    "unknown lifecycle event at state": lambda s: (
+        _configure(s),
+        s.sendall(
+            _req(Command.STATE, json.dumps({**_fixture_state(), "post_migration_lifecycle_event": "Bogus"}).encode())
+        ),
+        "post_migration_lifecycle_event 'Bogus'",
+    ),
 }
 
 

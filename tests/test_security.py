@@ -361,6 +361,61 @@ def test_an_idle_peer_is_dropped_after_the_short_handshake_timeout(receiver):
     s.close()
 
 
+def test_a_trickling_peer_is_dropped_at_the_handshake_deadline(receiver):
+    """A peer that sends its Start a byte a second never has a read time out, yet it is dropped
+    once the handshake timeout has passed since it was taken, Start unfinished."""
+    vmm, path = receiver
+    s = _connect(path, timeout=transport.IO_TIMEOUT_S + 30)
+    s.sendall(HEADER.pack(Command.START, 0, 0, 1000))
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(1.0):
+            try:
+                s.send(b" ")
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    try:
+        status, body = _resp(s)
+    finally:
+        stop.set()
+        t.join()
+        s.close()
+    assert status == Status.ERROR and b"handshake timed out" in body, (status, body)
+    s = _connect(path)
+    _start(s)  # the next source is served
+    s.close()
+
+
+def test_a_stranger_among_the_joins_is_refused_and_the_migration_goes_on(tmp_path):
+    """While a migration with connections=2 waits for its extra connection, a stranger's Join
+    nested too deeply to parse is refused on its own connection; the real one still joins."""
+    port = _free_port()
+    vmm = Vmm()
+    try:
+        vmm.receive_migration(f"tcp:127.0.0.1:{port}")
+        first = socket.create_connection(("127.0.0.1", port), timeout=30)
+        start = {"version": 1, "capabilities": ["connections"], "connections": 2}
+        token = json.loads(_ok(first, Command.START, json.dumps(start).encode()))["connection_token"]
+        stranger = socket.create_connection(("127.0.0.1", port), timeout=30)
+        assert "nested too deeply" in _error(stranger, Command.JOIN, b"[" * 60000)
+        stranger.close()
+        extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+        _ok(extra, Command.JOIN, json.dumps({"token": token, "index": 1}).encode())
+        config = {"config": _config(), "memory_size": MEMORY_64M, "local": False}
+        _ok(first, Command.CONFIG, json.dumps(config).encode())
+        _ok(first, Command.STATE, json.dumps(FIXTURE_STATE).encode())
+        _ok(first, Command.COMPLETE)
+        first.close()
+        extra.close()
+        vmm.wait_for_event("vm.migration-receive-finished", 30)
+    finally:
+        vmm.close()
+
+
 def _free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -77,7 +77,9 @@ class DecodedState:
 def check_version(doc: dict) -> tuple[int, int]:
     version = doc.get("format_version")
     try:
-        major, minor = (int(x) for x in str(version).split("."))
+        if not isinstance(version, str):
+            raise ValueError(version)
+        major, minor = (int(x) for x in version.split("."))
     except ValueError:
         raise InvalidConfig(f"state document has no valid format_version (got {version!r})") from None
     if major != FORMAT_MAJOR:
@@ -104,6 +106,7 @@ def decode_state(document: bytes) -> DecodedState:
         doc = json.loads(rest)
         check_version(doc)
         fields = {k: doc.get(k, default) for k, default in DEFAULTS.items()}
+        fields["post_migration_lifecycle_event"] = _lifecycle_event(fields["post_migration_lifecycle_event"])
         return DecodedState(native, fields, doc["format_version"])
     # Another major (or no version) may explain what the native sections lack: that is the error.
     try:
@@ -113,6 +116,19 @@ def decode_state(document: bytes) -> DecodedState:
     if isinstance(doc, dict):
         check_version(doc)
     raise malformed
+
+
+def _lifecycle_event(value):
+    """The latched guest event a document carries, checked (None: none)."""
+    if value is None:
+        return None
+    from .lifecycle import PostMigrationLifecycleEvent  # here: the boot path never loads it
+
+    try:
+        return PostMigrationLifecycleEvent(value)
+    except (ValueError, TypeError):
+        known = ", ".join(e.value for e in PostMigrationLifecycleEvent)
+        raise InvalidConfig(f"post_migration_lifecycle_event {value!r}: expected one of {known}") from None
 
 
 # ---- snapshot directories ------------------------------------------------------------------

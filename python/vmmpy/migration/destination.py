@@ -10,8 +10,8 @@ closed before any request is read (a busy source on a TLS listener is simply clo
 answered in plaintext). A Start asking for `connections` = N > 1 (tcp only) is answered with a
 random connection token; new connections then go to the attempt being served, and each of the
 N - 1 extra ones must present that token (Join). After Config each extra connection gets a thread
-that takes only Memory frames; State shuts them (all memory is in by then) before the VM state is
-loaded, and their threads are joined when the attempt ends.
+that takes only Memory frames; State shuts them (all memory is in by then) and joins their threads
+before the VM state is loaded, so nothing writes guest RAM once the vCPUs may run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,17 @@ from ..payload import PARTS, BootPayload, check_description, verify
 from ..snapshot import decode_state
 from . import transport
 from .receive_hooks import ReceiveHooks
-from .protocol import JSON_MAX, MESSAGE_MAX, VERSION, Capability, Command, Connection, PeerTimeout, Status
+from .protocol import (
+    JSON_MAX,
+    MESSAGE_MAX,
+    VERSION,
+    Capability,
+    Command,
+    Connection,
+    PeerTimeout,
+    Status,
+    json_object,
+)
 
 log = logging.getLogger("vmmpy.migration")
 
@@ -112,6 +122,7 @@ class Receiver:
         self._joined: list[Connection] = []  # its extra connections
         self._joined_threads: list[threading.Thread] = []
         self._joined_errors: list[str] = []
+        self._frames_arriving = 0  # Memory frames begun and not yet answered on extra connections
         self._joined_done = threading.Event()  # set when they are being stopped: errors no longer count
         # Open while the attempt being served waits for its extra connections: serve() hands new
         # connections to it instead of answering them busy.
@@ -300,7 +311,10 @@ class Receiver:
         with self._commit_lock:  # an earlier attempt may have committed and then failed
             self._committed = False
         self._joined_errors = []
+        self._frames_arriving = 0
         self._joined_done.clear()
+        # Start and Config within the handshake timeout in all, however the peer spreads its bytes.
+        conn.deadline = time.monotonic() + transport.HANDSHAKE_TIMEOUT_S
         self._private_memory = False  # the source said what memory.shared=false means (at Start)
         incoming: Incoming | None = None
         fds: dict[int, int] = {}
@@ -312,12 +326,6 @@ class Receiver:
                     command, arg, length, got_fds = conn.read_request()
                 except EOFError:
                     raise MigrationError(f"source closed the connection in state {self.state.value}") from None
-                except PeerTimeout:
-                    if self.state in (ReceiveState.ESTABLISHED, ReceiveState.STARTED):
-                        raise PeerTimeout(
-                            f"handshake timed out: no Start and Config within {transport.HANDSHAKE_TIMEOUT_S:g} s"
-                        ) from None
-                    raise
                 try:
                     if command == Command.MEMORY_FD and self.state is ReceiveState.STARTED:
                         _check_memory_fd(arg, got_fds, fds)
@@ -335,9 +343,11 @@ class Receiver:
         except Exception as e:  # noqa: BLE001 - any failure ends this attempt, not the receiver
             if not isinstance(e, (VmmError, OSError, ValueError)):
                 log.exception("migration receive failed unexpectedly")
-            self.last_error = str(e)
-            self.state = ReceiveState.ABORTED
             message = str(e)
+            if isinstance(e, PeerTimeout) and self.state in (ReceiveState.ESTABLISHED, ReceiveState.STARTED):
+                message = f"handshake timed out: no Start and Config within {transport.HANDSHAKE_TIMEOUT_S:g} s"
+            self.last_error = message
+            self.state = ReceiveState.ABORTED
             if not isinstance(e, GuestRanHere):  # no answer at all: the source stays paused
                 last_answer = lambda: conn.respond_error(message)  # noqa: E731
             return False
@@ -383,10 +393,15 @@ class Receiver:
             if token is not None:
                 answer["connection_token"] = token
                 self._open_join_window()  # before the answer: the joins follow it at once
-            conn.respond(Status.OK, json.dumps(answer).encode())
-            self.state = ReceiveState.STARTED
-            if token is not None:
-                self._accept_joins(connections - 1, token)
+            try:
+                conn.respond(Status.OK, json.dumps(answer).encode())
+                self.state = ReceiveState.STARTED
+                if token is not None:
+                    self._take_joins(connections - 1, token)
+                    conn.deadline = time.monotonic() + transport.HANDSHAKE_TIMEOUT_S  # then Config
+            finally:
+                if token is not None:
+                    self._close_join_window()
             source_caps = doc.get("capabilities", [])
             self._private_memory = isinstance(source_caps, list) and Capability.PRIVATE_MEMORY.value in source_caps
             self.hooks.emit(
@@ -419,7 +434,10 @@ class Receiver:
             incoming = self.hooks.build_vm(cfg, memory_fds)
             try:
                 incoming.described = described
-                for extra in self._joined:
+                conn.deadline = None  # the handshake is over: each read has the transfer timeout
+                transport.set_timeouts(conn.sock, transport.IO_TIMEOUT_S, transport.IO_TIMEOUT_S)
+                conn.respond(Status.OK)
+                for extra in self._joined:  # their frames wait in the socket until then
                     t = threading.Thread(
                         target=self._serve_joined,
                         args=(extra, incoming.vm),
@@ -428,10 +446,11 @@ class Receiver:
                     )
                     self._joined_threads.append(t)
                     t.start()
-                transport.set_timeouts(conn.sock, transport.IO_TIMEOUT_S, transport.IO_TIMEOUT_S)  # handshake over
-                conn.respond(Status.OK)
             except BaseException:
-                self.hooks.discard(incoming)  # not the attempt's yet: its cleanup would not see it
+                # Not the attempt's yet: its cleanup would not see it. The readers go first: one
+                # inside a frame holds the VM that the discard stops.
+                self._stop_joined()
+                self.hooks.discard(incoming)
                 raise
             self.state = ReceiveState.CONFIGURED
             return incoming, False
@@ -455,16 +474,24 @@ class Receiver:
             return incoming, False
         if command == Command.STATE and st is ReceiveState.CONFIGURED:
             # The source sends State once every frame on every connection was answered: the extra
-            # connections are shut (their threads are joined at the attempt's end, outside the
-            # downtime).
-            self._end_joined()
+            # connections are shut and their readers joined, so no byte lands in guest RAM after
+            # the state is loaded.
+            arriving = self._frames_arriving
+            self._stop_joined()
             if self._joined_errors:
                 raise MigrationError(f"an extra connection failed: {self._joined_errors[0]}")
+            if arriving:
+                raise MigrationError("State while a Memory frame was still arriving on an extra connection")
             missing = sorted(set(incoming.described) - set(incoming.received))
             if missing:
                 raise MigrationError(f"State before the described payload arrived: {', '.join(missing)} missing")
             incoming.payload = BootPayload(**incoming.received)
             decoded = decode_state(conn.read_payload(length, JSON_MAX))
+            event = decoded.fields["post_migration_lifecycle_event"]
+            if event is not None and Capability.LIFECYCLE_EVENT.value not in self.capabilities:
+                raise MigrationError(
+                    f"State carries the guest's {event.value}: this destination did not offer to replay it"
+                )
             incoming.vm.restore_state(decoded.native)
             fields.update(decoded.fields)
             conn.respond(Status.OK)
@@ -501,15 +528,9 @@ class Receiver:
         while window is not None and not window.empty():  # handed over after the last take
             window.get().close()
 
-    def _accept_joins(self, count: int, token: str) -> None:
+    def _take_joins(self, count: int, token: str) -> None:
         """Takes `count` extra connections presenting `token` within JOIN_TIMEOUT_S; any other
         connection meanwhile gets an Error answer and is closed."""
-        try:
-            self._take_joins(count, token)
-        finally:
-            self._close_join_window()
-
-    def _take_joins(self, count: int, token: str) -> None:
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         wanted = set(range(1, count + 1))
         window = self._join_window
@@ -527,7 +548,7 @@ class Receiver:
                 self.hooks.emit("migration-join-refused", {"error": str(e)})
                 continue
             try:
-                transport.set_timeouts(extra.sock, max(deadline - time.monotonic(), 0.01), transport.IO_TIMEOUT_S)
+                extra.deadline = deadline
                 command, _, length, fds = extra.read_request()
                 for fd in fds:
                     _close(fd)
@@ -542,7 +563,7 @@ class Receiver:
                 ):
                     raise MigrationError("not a connection of the migration being received")
                 extra.respond(Status.OK)
-            except (VmmError, OSError, EOFError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - whatever a stranger sends, only it is refused
                 try:
                     extra.respond_error(str(e))
                 except Exception:  # noqa: BLE001 - the stranger may be gone
@@ -552,6 +573,7 @@ class Receiver:
                 continue
             wanted.discard(index)
             # Idle between frames as long as the first connection lives: that one ends them.
+            extra.deadline = None
             transport.set_timeouts(extra.sock, 0, transport.IO_TIMEOUT_S)
             self._joined.append(extra)
 
@@ -564,8 +586,12 @@ class Receiver:
                     _close(fd)
                 if command != Command.MEMORY:
                     raise MigrationError(f"command {command} on an extra connection (only Memory)")
+                with self._join_lock:
+                    self._frames_arriving += 1
                 vm.receive_memory(conn.memory_link(), length)
                 conn.respond(Status.OK)
+                with self._join_lock:
+                    self._frames_arriving -= 1
         except Exception as e:  # noqa: BLE001 - reported through the first connection
             if not self._joined_done.is_set():
                 self._joined_errors.append(str(e) or type(e).__name__)
@@ -574,14 +600,11 @@ class Receiver:
                 except Exception:  # noqa: BLE001 - the connection may be what failed
                     pass
 
-    def _end_joined(self) -> None:
-        """No more frames on the extra connections: their threads see the end and return."""
-        self._joined_done.set()
+    def _stop_joined(self) -> None:
+        """Ends the extra connections (their readers see the end and return) and joins them."""
+        self._joined_done.set()  # from here their errors no longer count
         for extra in self._joined:
             extra.shutdown()
-
-    def _stop_joined(self) -> None:
-        self._end_joined()
         for t in self._joined_threads:
             t.join()
         for extra in self._joined:
@@ -590,14 +613,7 @@ class Receiver:
 
     @staticmethod
     def _json(conn: Connection, length: int, bound: int = JSON_MAX) -> dict:
-        data = conn.read_payload(length, bound)
-        try:
-            doc = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MigrationError(f"malformed JSON payload: {e}") from None
-        if not isinstance(doc, dict):
-            raise MigrationError("JSON payload is not an object")
-        return doc
+        return json_object(conn.read_payload(length, bound))
 
 
 def _check_memory_fd(arg: int, got_fds: list[int], fds: dict[int, int]) -> None:

@@ -12,6 +12,7 @@ import enum
 import json
 import socket
 import struct
+import time
 
 from .. import _native
 from ..errors import MigrationError
@@ -56,13 +57,37 @@ class PeerTimeout(MigrationError):
     """The other side sent or took nothing for the socket's timeout."""
 
 
+def set_timeouts(sock: socket.socket, receive_s: float | None, send_s: float | None) -> None:
+    """SO_RCVTIMEO / SO_SNDTIMEO (0 = wait without a bound, None = leave as it is)."""
+    for opt, seconds in ((socket.SO_RCVTIMEO, receive_s), (socket.SO_SNDTIMEO, send_s)):
+        if seconds is not None:
+            sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", int(seconds), int((seconds % 1) * 1e6)))
+
+
+def json_object(data: bytes) -> dict:
+    """A peer's JSON document, which must be an object; anything else is a MigrationError."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MigrationError(f"malformed JSON payload: {e}") from None
+    except RecursionError:
+        raise MigrationError("malformed JSON payload: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise MigrationError("JSON payload is not an object")
+    return doc
+
+
 class Connection:
     """One migration connection. Blocking socket; timeouts come from SO_RCVTIMEO/SO_SNDTIMEO.
-    With `tls` (a handshaken _native.TlsChannel on the socket) all bytes go through it."""
+    With `tls` (a handshaken _native.TlsChannel on the socket) all bytes go through it.
+
+    `deadline` (time.monotonic(), None = none) bounds every read until it is cleared, however
+    the peer spreads its bytes: each read waits only for what is left of it."""
 
     def __init__(self, sock: socket.socket, tls=None):
         self.sock = sock
         self.tls = tls
+        self.deadline: float | None = None
 
     def memory_link(self):
         """What Vm.send_memory / receive_memory take: the socket fd, or the TLS channel."""
@@ -75,10 +100,8 @@ class Connection:
 
     def abandon(self, timeout_s: float = 2.0) -> None:
         """Tells the destination to drop this attempt, without waiting long for a dead peer."""
-        tv = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            set_timeouts(self.sock, timeout_s, timeout_s)
             self.request(Command.ABANDON)
         except (OSError, MigrationError):
             pass  # the connection may be what failed
@@ -90,13 +113,24 @@ class Connection:
         except OSError:
             pass
 
+    def _arm(self) -> None:
+        """Before a read: the receive timeout is what is left of the deadline."""
+        if self.deadline is None:
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise PeerTimeout("migration peer timed out")
+        set_timeouts(self.sock, max(left, 1e-3), None)
+
     def _recv_exact(self, n: int) -> bytes:
         if self.tls is not None:
+            self._arm()  # the TLS channel's reads share the socket's timeout
             return self.tls.recv_exact(n)
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
+            self._arm()
             try:
                 k = self.sock.recv_into(view[got:])
             except (TimeoutError, BlockingIOError):
@@ -166,6 +200,7 @@ class Connection:
             command, _, arg, length = HEADER.unpack(self._recv_exact(HEADER.size))
             return command, arg, length, []
         fds = array.array("i")
+        self._arm()
         try:
             # Close-on-exec from the start; fds beyond the buffer's room are discarded by the kernel.
             data, ancdata, flags, _ = self.sock.recvmsg(

@@ -110,8 +110,7 @@ class Reception(ReceiveHooks):
         self, incoming: Incoming, fields: dict, commit: Callable[[], None], answer: Callable[[], None]
     ) -> None:
         vm = incoming.vm
-        event = fields.get("post_migration_lifecycle_event")
-        event = PostMigrationLifecycleEvent(event) if event is not None else None
+        event: PostMigrationLifecycleEvent | None = fields.get("post_migration_lifecycle_event")
         if event is None and not self._test_hooks.complete_paused:
             # The guest runs here, and the source hears so, before the loop takes the VM over:
             # the loop's round trip stays out of the downtime (the VMM was reserved for this VM

@@ -30,7 +30,7 @@ from ..snapshot import encode_state
 from ..testhooks import NO_HOOKS, TestHooks
 from . import transport
 from .progress import ProgressTracker
-from .protocol import VERSION, Capability, Command, Connection, PeerError
+from .protocol import VERSION, Capability, Command, Connection, PeerError, json_object
 
 CHUNK_BYTES = _native.CHUNK_MAX  # one Memory frame; cancel and timeouts are checked between frames
 CHUNK_MIN = 256 << 10
@@ -273,8 +273,11 @@ class SourceMigration:
         if self.opts.connections > 1:
             caps.append(Capability.CONNECTIONS.value)
             start["connections"] = self.opts.connections
-        answer = json.loads(conn.request_json(Command.START, start) or b"{}")
-        self.peer_capabilities = set(answer.get("capabilities", []))
+        answer = json_object(conn.request_json(Command.START, start) or b"{}")
+        peer_caps = answer.get("capabilities", [])
+        if not isinstance(peer_caps, list) or not all(isinstance(c, str) for c in peer_caps):
+            raise MigrationError(f"destination's capabilities {peer_caps!r}: expected a list of strings")
+        self.peer_capabilities = set(peer_caps)
         if answer.get("version") != VERSION:
             raise MigrationError(f"destination speaks migration protocol {answer.get('version')}, we speak {VERSION}")
         if self.opts.connections > 1:
@@ -496,10 +499,12 @@ class SourceMigration:
         self.progress.update(phase="state-sent")
         self.cancel_requested.wait(self.hooks.complete_delay_ms / 1000)
         self._check_cancel()
-        # From here on, a failure leaves it unknown whether the destination runs the guest.
+        # A Complete that did not leave whole cannot be acted on: only once it is sent does a
+        # failure leave it unknown whether the destination runs the guest.
+        conn.send_request(Command.COMPLETE)
         self.complete_sent = True
         try:
-            conn.request(Command.COMPLETE)
+            conn.read_response()
         except PeerError:
             self.complete_sent = False  # a clear refusal: the destination does not run the guest
             raise

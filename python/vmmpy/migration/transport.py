@@ -4,12 +4,11 @@ and mutual TLS on tcp connections (`tls_dir`, docs/tls.md)."""
 from __future__ import annotations
 
 import socket
-import struct
 from dataclasses import dataclass
 
 from .. import _native, unix_socket
 from ..errors import InvalidConfig, MigrationError
-from .protocol import Connection
+from .protocol import Connection, set_timeouts
 
 IO_TIMEOUT_S = 30.0  # a peer that stops answering for this long is gone
 HANDSHAKE_TIMEOUT_S = 5.0  # for a new source's TLS handshake, then again for its Start and Config
@@ -47,12 +46,6 @@ def _tune(sock: socket.socket, timeout_s: float = IO_TIMEOUT_S) -> None:
     # not wait on Nagle) and keeps the kernel's autotuned buffers, which measured as fast.
     _native.tune_socket(sock.fileno())
     set_timeouts(sock, timeout_s, timeout_s)
-
-
-def set_timeouts(sock: socket.socket, receive_s: float, send_s: float) -> None:
-    """SO_RCVTIMEO / SO_SNDTIMEO (0 = wait without a bound)."""
-    for opt, seconds in ((socket.SO_RCVTIMEO, receive_s), (socket.SO_SNDTIMEO, send_s)):
-        sock.setsockopt(socket.SOL_SOCKET, opt, struct.pack("ll", int(seconds), int((seconds % 1) * 1e6)))
 
 
 def tls_context(tls_dir: str | None, url: Url, role: str):
