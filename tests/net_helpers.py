@@ -445,6 +445,18 @@ def counters(vmm) -> dict:
     return body["net0"]
 
 
+def agreed_counts(vmm, timeout: float = 30.0) -> tuple[dict, dict]:
+    """The guest's `net stats` and the device's counters once they agree on the frames each way:
+    a frame in flight while they are read (one the host sent late) shows in the device's count
+    first, and in the guest's once it has polled it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        guest, dev = net_stats(vmm.serial), counters(vmm)
+        if dev["rx_frames"] == guest["rx"] and dev["tx_frames"] == guest["tx"]:
+            return guest, dev
+        assert time.monotonic() < deadline, f"the device's and the guest's frame counts never agreed: {dev}, {guest}"
+
+
 def migrate_under_ping(
     vmm_process, network, tmp_path, transport: str, interval: float = INTERVAL, probe: bool = False, tag: str = ""
 ) -> dict:
