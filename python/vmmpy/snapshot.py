@@ -48,9 +48,11 @@ PRIVATE_MEMORY_MINOR = 4
 DEFAULTS: dict[str, object] = {"post_migration_lifecycle_event": None, "payload": None}
 
 
-def encode_state(native: bytes, **extra) -> bytes:
-    """The state document: `Vm.save_state()`'s native sections (one JSON object, written by the
-    native core) with this format's version and the version-specific `extra` fields."""
+def state_head(**extra) -> bytes:
+    """The document's own fields as a JSON object: this format's version, vmmpy's, and the
+    version-specific `extra` fields. Made apart from `encode_state` so that a migration makes it
+    before it pauses the guest: inside the downtime, code that ran long ago (the JSON encoder)
+    costs tens of microseconds on a nested host (README, the downtime paragraph)."""
     from . import __version__
 
     head = {"format_version": FORMAT_VERSION, "vmmpy_version": __version__}
@@ -58,8 +60,14 @@ def encode_state(native: bytes, **extra) -> bytes:
     if unknown:
         raise ValueError(f"not version-specific fields of format {FORMAT_VERSION}: {sorted(unknown)}")
     head.update({k: v for k, v in extra.items() if v is not None})
+    return json.dumps(head).encode()
+
+
+def encode_state(native: bytes, head: bytes) -> bytes:
+    """The state document: `Vm.save_state()`'s native sections (one JSON object, written by the
+    native core) after the fields of `head` (`state_head`)."""
     # Both are JSON objects: the head's fields, then the native sections, in one object.
-    return json.dumps(head).encode()[:-1] + b"," + native[1:]
+    return head[:-1] + b"," + native[1:]
 
 
 @dataclass

@@ -16,6 +16,7 @@ from .snapshot import (
     CONFIG_FILE,
     SnapshotDir,
     encode_state,
+    state_head,
     read_memory,
     read_payload,
     write_snapshot,
@@ -31,7 +32,7 @@ def take_snapshot(machine: Machine, events: EventMonitor, directory: Path) -> No
         # The guest stands past its own reset/power-off request: a snapshot would lose it.
         raise InvalidState("the guest asked for reboot or power-off; resume to carry it out first")
     events.emit("vm", "snapshotting")
-    state = encode_state(machine.vm.save_state(), payload=machine.payload.describe() or None)
+    state = encode_state(machine.vm.save_state(), state_head(payload=machine.payload.describe() or None))
     write_snapshot(directory, machine.config.to_api(), state, machine.vm, machine.payload)
     events.emit("vm", "snapshotted", {"path": str(directory)})
 

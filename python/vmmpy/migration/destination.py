@@ -602,6 +602,8 @@ class Receiver:
 
     def _stop_joined(self) -> None:
         """Ends the extra connections (their readers see the end and return) and joins them."""
+        if not self._joined:
+            return  # one connection (nothing to stop, and nothing cold to run inside the downtime)
         self._joined_done.set()  # from here their errors no longer count
         for extra in self._joined:
             extra.shutdown()

@@ -49,6 +49,9 @@ class Capability(str, enum.Enum):
     PRIVATE_MEMORY = "private-memory"  # the source's Config memory.shared=false means private RAM
 
 
+OK_ANSWER = HEADER.pack(Status.OK, 0, 0, 0)  # packed once: the answers inside a downtime are these
+
+
 class PeerError(MigrationError):
     """The other side answered with an Error response."""
 
@@ -226,7 +229,9 @@ class Connection:
         return self._recv_exact(length) if length else b""
 
     def respond(self, status: Status, payload: bytes = b"") -> None:
-        self._send(HEADER.pack(status, 0, 0, len(payload)) + payload)
+        self._send(
+            OK_ANSWER if status == Status.OK and not payload else HEADER.pack(status, 0, 0, len(payload)) + payload
+        )
 
     def respond_error(self, message: str) -> None:
         self.respond(Status.ERROR, message.encode()[:MESSAGE_MAX])

@@ -26,7 +26,7 @@ from ..lifecycle import LifecycleLatch, PostMigrationLifecycleEvent
 from ..machine import PAUSE_TIMEOUT_S
 from ..options import parse_size
 from ..payload import PARTS, BootPayload
-from ..snapshot import encode_state
+from ..snapshot import encode_state, state_head
 from ..testhooks import NO_HOOKS, TestHooks
 from . import transport
 from .progress import ProgressTracker
@@ -466,6 +466,7 @@ class SourceMigration:
         self._check_cancel()
         if self._throttle is not None:
             self._throttle.stop()
+        head = state_head()  # made ahead: only a latched event changes it after the pause
         self.pause_time = self._lap()  # the moments before the pause count to the phase before
         self.paused = True  # even if the pause fails half-way, the failure path resumes the vCPUs
         self.vm.pause(PAUSE_TIMEOUT_S)
@@ -491,8 +492,9 @@ class SourceMigration:
                 table.extend(remaining)
             self._send(conn, table)
             self._lap("last_pass")
-        extra = {"post_migration_lifecycle_event": event.value} if event is not None else {}
-        state = encode_state(self.vm.save_state(), **extra)
+        if event is not None:
+            head = state_head(post_migration_lifecycle_event=event.value)
+        state = encode_state(self.vm.save_state(), head)
         self._lap("save_state")
         conn.request(Command.STATE, state)
         self._lap("state")
