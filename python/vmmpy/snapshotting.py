@@ -16,9 +16,9 @@ from .snapshot import (
     CONFIG_FILE,
     SnapshotDir,
     encode_state,
-    state_head,
     read_memory,
     read_payload,
+    state_head,
     write_snapshot,
 )
 

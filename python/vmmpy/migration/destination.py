@@ -476,11 +476,10 @@ class Receiver:
             # The source sends State once every frame on every connection was answered: the extra
             # connections are shut and their readers joined, so no byte lands in guest RAM after
             # the state is loaded.
-            arriving = self._frames_arriving
             self._stop_joined()
             if self._joined_errors:
                 raise MigrationError(f"an extra connection failed: {self._joined_errors[0]}")
-            if arriving:
+            if self._frames_arriving:  # a frame its reader began and, shut, never finished
                 raise MigrationError("State while a Memory frame was still arriving on an extra connection")
             missing = sorted(set(incoming.described) - set(incoming.received))
             if missing:
