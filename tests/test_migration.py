@@ -212,3 +212,21 @@ def test_unknown_migration_option_is_refused_by_name(vmm_process):
     )
     assert status == 400 and "warp_speed" in body[-1]
     assert src.api.request("GET", "/api/v1/vm.info")[1]["state"] == "Running"
+
+
+@pytest.mark.parametrize(
+    "left, last_sent, expected_ms, go_on, why",
+    [
+        (0, 64 << 20, 0.0, False, "nothing dirty"),
+        (512 << 20, 64 << 20, 900.0, True, "over the budget"),
+        (4 << 20, 64 << 20, 2.0, True, "within it, and another pass shrinks the final one"),
+        (128 << 10, 64 << 20, 0.1, False, "within it, the final pass already small"),
+        (40 << 20, 64 << 20, 30.0, False, "within it, the guest dirties faster than half the link"),
+    ],
+)
+def test_precopy_chases_a_final_pass_only_while_it_shrinks(left, last_sent, expected_ms, go_on, why):
+    from vmmpy.migration.source import EXTRA_PASSES, another_pass
+
+    assert another_pass(left, last_sent, expected_ms, 300, 0) is go_on, why
+    # However well it shrinks, the passes beyond the budget are bounded.
+    assert another_pass(left, last_sent, expected_ms, 300, EXTRA_PASSES) is (go_on and expected_ms > 300)

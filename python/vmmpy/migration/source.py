@@ -2,8 +2,9 @@
 
 Pre-copy: iteration 0 sends all RAM (zero pages as ranges without bytes); each later iteration
 sends what the dirty log reports, until the estimated downtime (bytes left / the bandwidth measured
-over the whole pre-copy) fits `downtime_ms` or nothing is dirty. Then the final phase: pause, last
-dirty pass, State, Complete. Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
+over the whole pre-copy) fits `downtime_ms` and another pass would not shorten it much
+(`another_pass`), or nothing is dirty. Then the final phase: pause, last dirty pass, State,
+Complete. Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
 right after Config.
 
 With `connections` = N > 1 (tcp only) the source opens N - 1 extra connections after Start, each
@@ -39,6 +40,24 @@ MAX_CONNECTIONS = 128  # Cloud Hypervisor's bound
 THROTTLE_STEP = 10
 THROTTLE_MAX = 99
 THROTTLE_SLICE_S = 0.1
+# A final pass this small costs no more than the rest of the downtime (~1 ms): passes beyond
+# the budget stop there.
+SMALL_FINAL_PASS = 256 << 10
+EXTRA_PASSES = 4  # at most this many passes once the budget is met
+
+
+def another_pass(left: int, last_sent: int, expected_ms: float, budget_ms: int, extra_passes: int) -> bool:
+    """Whether pre-copy goes on with `left` dirty bytes, after a pass that sent `last_sent`.
+    Over the budget it does (timeouts and auto-converge bound that); within it, only while
+    another pass is likely to shrink the final one to under half (the guest dirtied less than
+    half of what the last pass moved), the final pass is not small already, and fewer than
+    EXTRA_PASSES such passes were made: a guest that dirties slower than the link drains gets a
+    short final pass at the cost of a pass or two, one that dirties faster is not chased."""
+    if left == 0:
+        return False
+    if expected_ms > budget_ms:
+        return True
+    return left > SMALL_FINAL_PASS and 2 * left <= last_sent and extra_passes < EXTRA_PASSES
 
 
 @dataclass
@@ -336,13 +355,17 @@ class SourceMigration:
         bandwidth = 0.0
         sent_total, sending_s = 0, 0.0
         iteration = 0
+        sent = 0  # page bytes of the last pass
+        extra_passes = 0  # passes made with the budget already met
         while True:
             if iteration > 0:
                 left = table.total_bytes
                 expected_ms = left / bandwidth * 1000 if bandwidth else float("inf")
                 self.progress.update(expected_downtime_ms=expected_ms)
-                if left == 0 or expected_ms <= self.opts.downtime_ms:
+                if not another_pass(left, sent, expected_ms, self.opts.downtime_ms, extra_passes):
                     return table
+                if expected_ms <= self.opts.downtime_ms:
+                    extra_passes += 1
             if self._timed_out():
                 if self.opts.timeout_strategy == "cancel":
                     raise MigrationCancelled(f"migration did not converge within timeout_s={self.opts.timeout_s}")
