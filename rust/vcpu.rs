@@ -4,7 +4,9 @@
 //! sets `immediate_exit` in kvm_run and then signals the thread, so KVM_RUN returns at once whether
 //! the thread was inside it or about to enter it (Firecracker's scheme). A vCPU that issued a
 //! lifecycle request or hit an unhandled exit *parks*: it runs no more guest code, but still
-//! acknowledges pause and obeys kill, so a parked vCPU never blocks a pause.
+//! acknowledges pause and obeys kill, so a parked vCPU never blocks a pause. A vCPU asleep in the
+//! idle port has finished its last instruction before it fell asleep (*quiescent*): a pause then
+//! takes effect at once, without waking the thread.
 
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -33,6 +35,8 @@ struct Ctl {
     exited: bool,
     /// The thread has been let into KVM_RUN since it started (it runs guest code).
     entered: bool,
+    /// Asleep in the idle port with no instruction in flight, until it is let into KVM_RUN again.
+    quiescent: bool,
     thread: Option<libc::pthread_t>,
 }
 
@@ -73,6 +77,7 @@ impl VcpuControl {
                 parked: false,
                 exited: false,
                 entered: false,
+                quiescent: false,
                 thread: None,
             }),
             cv: Condvar::new(),
@@ -93,6 +98,14 @@ impl VcpuControl {
             return;
         }
         c.want = want;
+        if c.quiescent && want != Want::Kill {
+            // Asleep with its state complete: paused (or running on) as it lies, without a
+            // wake-up; the thread finds out when it next wakes, before it enters KVM_RUN.
+            c.paused = want == Want::Pause;
+            drop(c);
+            self.cv.notify_all();
+            return;
+        }
         if want != Want::Run && !c.exited {
             self.set_immediate_exit(1);
             if let Some(t) = c.thread {
@@ -176,6 +189,17 @@ impl VcpuControl {
         self.ctl.lock().unwrap().parked = true;
     }
 
+    /// Called with the idle port's instruction completed, right before the idle sleep.
+    fn fall_asleep(&self) {
+        let mut c = self.ctl.lock().unwrap();
+        c.quiescent = true;
+        if c.want == Want::Pause && !c.paused {
+            // A pause that came while the instruction was being completed.
+            c.paused = true;
+            self.cv.notify_all();
+        }
+    }
+
     /// Blocks while paused or parked. Returns false when the vCPU must end.
     fn wait_runnable(&self, fd: &Mutex<VcpuFd>) -> bool {
         let mut c = self.ctl.lock().unwrap();
@@ -190,7 +214,7 @@ impl VcpuControl {
                     if !c.paused {
                         // A vCPU that never ran has no instruction in flight, and its state may
                         // still be restored from elsewhere (a migration's destination).
-                        if c.entered {
+                        if c.entered && !c.quiescent {
                             complete_pending_io(&mut fd.lock().unwrap());
                         }
                         c.paused = true;
@@ -200,6 +224,7 @@ impl VcpuControl {
                 Want::Run => {
                     c.paused = false;
                     if !c.parked {
+                        c.quiescent = false;
                         self.set_immediate_exit(0);
                         if !c.entered {
                             c.entered = true;
@@ -320,6 +345,10 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &VcpuControl, vm: &VmShared) {
         match outcome {
             Outcome::Continue | Outcome::Error(_) => {}
             Outcome::Idle(ms) => {
+                // The idle port's OUT is finished before the sleep (one KVM_RUN that returns at
+                // once), so a pause during the sleep needs nothing from this thread.
+                complete_pending_io(&mut fd.lock().unwrap());
+                ctl.fall_asleep();
                 vm.gate
                     .sleep(&mut idle_seq, Duration::from_millis(ms as u64), || {
                         ctl.interrupted()
