@@ -416,6 +416,36 @@ def test_a_stranger_among_the_joins_is_refused_and_the_migration_goes_on(tmp_pat
         vmm.close()
 
 
+def test_a_silent_stranger_among_the_joins_delays_no_real_join(tmp_path):
+    """A stranger that connects while a migration waits for its extra connection and then sends
+    nothing does not hold up the real one, which joins (and the migration completes) while the
+    stranger is still being waited for."""
+    port = _free_port()
+    vmm = Vmm()
+    stranger = None
+    try:
+        vmm.receive_migration(f"tcp:127.0.0.1:{port}")
+        first = socket.create_connection(("127.0.0.1", port), timeout=30)
+        start = {"version": 1, "capabilities": ["connections"], "connections": 2}
+        token = json.loads(_ok(first, Command.START, json.dumps(start).encode()))["connection_token"]
+        stranger = socket.create_connection(("127.0.0.1", port), timeout=30)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+        _ok(extra, Command.JOIN, json.dumps({"token": token, "index": 1}).encode())
+        config = {"config": _config(), "memory_size": MEMORY_64M, "local": False}
+        _ok(first, Command.CONFIG, json.dumps(config).encode())
+        _ok(first, Command.STATE, json.dumps(FIXTURE_STATE).encode())
+        _ok(first, Command.COMPLETE)
+        first.close()
+        extra.close()
+        vmm.wait_for_event("vm.migration-receive-finished", 30)
+        # The stranger was cut off once the joins were complete: it reads the end, no answer.
+        assert stranger.recv(16) == b""
+    finally:
+        if stranger is not None:
+            stranger.close()
+        vmm.close()
+
+
 def _free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -66,6 +66,7 @@ CAPABILITIES = [
 ]
 MAX_CONNECTIONS = 128
 JOIN_TIMEOUT_S = 10.0  # for all extra connections of a migration to arrive and present the token
+MAX_VETTING = 16  # connections whose handshake and Join are being read at once while joins are awaited
 MAX_MEMORY_FDS = 2  # guest RAM has at most two regions: below the 4 GiB hole and above it
 BUSY_MAX = 64  # sources answered "busy" whose connection stays open until they hang up
 BUSY_MESSAGE = "busy: this destination is receiving another migration; try again later"
@@ -525,56 +526,101 @@ class Receiver:
         with self._join_lock:
             window, self._join_window = self._join_window, None
         while window is not None and not window.empty():  # handed over after the last take
-            window.get().close()
+            item = window.get()
+            (item[1] if isinstance(item, tuple) else item).close()
 
     def _take_joins(self, count: int, token: str) -> None:
-        """Takes `count` extra connections presenting `token` within JOIN_TIMEOUT_S; any other
-        connection meanwhile gets an Error answer and is closed."""
+        """Takes `count` extra connections presenting `token` within JOIN_TIMEOUT_S. Each new
+        connection meanwhile is vetted on a thread of its own (at most MAX_VETTING at once, more
+        are closed), so a stranger that stalls its handshake or its Join delays no other; one
+        that fails is answered Error and closed. The window carries new sockets from serve() and
+        the vetted (index, connection) pairs back."""
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         wanted = set(range(1, count + 1))
         window = self._join_window
         assert window is not None
-        while wanted:
-            try:
-                sock = window.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                raise MigrationError(
-                    f"{len(wanted)} of {count} extra connections did not join within {JOIN_TIMEOUT_S:g} s"
-                ) from None
-            try:
-                extra = transport.secure(sock, self.tls)
-            except VmmError as e:
-                self.hooks.emit("migration-join-refused", {"error": str(e)})
-                continue
-            try:
-                extra.deadline = deadline
-                command, _, length, fds = extra.read_request()
-                for fd in fds:
-                    _close(fd)
-                doc = self._json(extra, length, MESSAGE_MAX) if command == Command.JOIN else {}
-                index = doc.get("index")
-                import hmac  # here, not at the top: a VMM that only boots never loads it
-
-                if (
-                    not hmac.compare_digest(str(doc.get("token", "")).encode(), token.encode())
-                    or type(index) is not int
-                    or index not in wanted
-                ):
-                    raise MigrationError("not a connection of the migration being received")
-                extra.respond(Status.OK)
-            except Exception as e:  # noqa: BLE001 - whatever a stranger sends, only it is refused
+        vetting: list[tuple[threading.Thread, socket.socket]] = []
+        try:
+            while wanted:
                 try:
-                    extra.respond_error(str(e))
-                except Exception:  # noqa: BLE001 - the stranger may be gone
-                    pass
-                extra.close()
-                self.hooks.emit("migration-join-refused", {"error": str(e)})
-                continue
-            wanted.discard(index)
-            # Idle between frames as long as the first connection lives: that one ends them.
+                    item = window.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    raise MigrationError(
+                        f"{len(wanted)} of {count} extra connections did not join within {JOIN_TIMEOUT_S:g} s"
+                    ) from None
+                if not isinstance(item, tuple):
+                    vetting = [(t, sock) for t, sock in vetting if t.is_alive()]
+                    if len(vetting) >= MAX_VETTING:
+                        item.close()
+                        self.hooks.emit("migration-join-refused", {"error": "too many connections joining at once"})
+                        continue
+                    t = threading.Thread(
+                        target=self._vet_join,
+                        args=(item, count, token, deadline, window),
+                        name="migration-join",
+                        daemon=True,
+                    )
+                    vetting.append((t, item))
+                    t.start()
+                    continue
+                index, extra = item
+                try:
+                    if index not in wanted:
+                        raise MigrationError(f"connection {index} has joined already")
+                    extra.respond(Status.OK)
+                except Exception as e:  # noqa: BLE001 - the joiner may be gone
+                    self._refuse_join(extra, e)
+                    continue
+                wanted.discard(index)
+                # Idle between frames as long as the first connection lives: that one ends them.
+                transport.set_timeouts(extra.sock, 0, transport.IO_TIMEOUT_S)
+                self._joined.append(extra)
+        finally:
+            for t, sock in vetting:  # still vetting: cut short (what they hand over is closed)
+                if t.is_alive():
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            for t, _ in vetting:
+                t.join()
+
+    def _vet_join(self, sock: socket.socket, count: int, token: str, deadline: float, window) -> None:
+        """One connection's handshake and Join (by `deadline`): a well-formed Join with `token`
+        goes back through `window` for _take_joins to take or refuse."""
+        try:
+            extra = transport.secure(sock, self.tls)
+        except VmmError as e:
+            self.hooks.emit("migration-join-refused", {"error": str(e)})
+            return
+        try:
+            extra.deadline = deadline
+            command, _, length, fds = extra.read_request()
+            for fd in fds:
+                _close(fd)
+            doc = self._json(extra, length, MESSAGE_MAX) if command == Command.JOIN else {}
+            index = doc.get("index")
+            import hmac  # here, not at the top: a VMM that only boots never loads it
+
+            if (
+                not hmac.compare_digest(str(doc.get("token", "")).encode(), token.encode())
+                or type(index) is not int
+                or not 1 <= index <= count
+            ):
+                raise MigrationError("not a connection of the migration being received")
             extra.deadline = None
-            transport.set_timeouts(extra.sock, 0, transport.IO_TIMEOUT_S)
-            self._joined.append(extra)
+        except Exception as e:  # noqa: BLE001 - whatever a stranger sends, only it is refused
+            self._refuse_join(extra, e)
+            return
+        window.put((index, extra))
+
+    def _refuse_join(self, extra: Connection, error: Exception) -> None:
+        try:
+            extra.respond_error(str(error))
+        except Exception:  # noqa: BLE001 - the stranger may be gone
+            pass
+        extra.close()
+        self.hooks.emit("migration-join-refused", {"error": str(error)})
 
     def _serve_joined(self, conn: Connection, vm) -> None:
         """Memory frames on an extra connection, until State or the end of the attempt stops it."""
