@@ -280,6 +280,9 @@ class Receiver:
         self.closed.set()
         self._wake_up()
         self._cut_off()
+        with self._join_lock:
+            if self._join_window is not None:
+                self._join_window.put(None)  # a worker waiting for joins stops waiting
         for extra in list(self._joined):
             extra.shutdown()
 
@@ -445,8 +448,8 @@ class Receiver:
                         daemon=True,
                         name="migration-receive-joined",
                     )
-                    self._joined_threads.append(t)
                     t.start()
+                    self._joined_threads.append(t)  # only started ones: they are joined
             except BaseException:
                 # Not the attempt's yet: its cleanup would not see it. The readers go first: one
                 # inside a frame holds the VM that the discard stops.
@@ -527,7 +530,8 @@ class Receiver:
             window, self._join_window = self._join_window, None
         while window is not None and not window.empty():  # handed over after the last take
             item = window.get()
-            (item[1] if isinstance(item, tuple) else item).close()
+            if item is not None:
+                (item[1] if isinstance(item, tuple) else item).close()
 
     def _take_joins(self, count: int, token: str) -> None:
         """Takes `count` extra connections presenting `token` within JOIN_TIMEOUT_S. Each new
@@ -540,6 +544,7 @@ class Receiver:
         window = self._join_window
         assert window is not None
         vetting: list[tuple[threading.Thread, socket.socket]] = []
+        taken: set[socket.socket] = set()  # handed over by their vetting: never cut short below
         try:
             while wanted:
                 try:
@@ -548,22 +553,28 @@ class Receiver:
                     raise MigrationError(
                         f"{len(wanted)} of {count} extra connections did not join within {JOIN_TIMEOUT_S:g} s"
                     ) from None
+                if item is None:
+                    raise MigrationError("the receiver was closed while extra connections were joining")
                 if not isinstance(item, tuple):
                     vetting = [(t, sock) for t, sock in vetting if t.is_alive()]
-                    if len(vetting) >= MAX_VETTING:
-                        item.close()
-                        self.hooks.emit("migration-join-refused", {"error": "too many connections joining at once"})
-                        continue
                     t = threading.Thread(
                         target=self._vet_join,
                         args=(item, count, token, deadline, window),
                         name="migration-join",
                         daemon=True,
                     )
+                    try:
+                        if len(vetting) >= MAX_VETTING:
+                            raise RuntimeError("too many connections joining at once")
+                        t.start()
+                    except RuntimeError as e:  # too many, or no thread to be had
+                        item.close()
+                        self.hooks.emit("migration-join-refused", {"error": str(e)})
+                        continue
                     vetting.append((t, item))
-                    t.start()
                     continue
                 index, extra = item
+                taken.add(extra.sock)
                 try:
                     if index not in wanted:
                         raise MigrationError(f"connection {index} has joined already")
@@ -577,7 +588,7 @@ class Receiver:
                 self._joined.append(extra)
         finally:
             for t, sock in vetting:  # still vetting: cut short (what they hand over is closed)
-                if t.is_alive():
+                if t.is_alive() and sock not in taken:
                     try:
                         sock.shutdown(socket.SHUT_RDWR)
                     except OSError:

@@ -365,6 +365,8 @@ class SourceMigration:
                 if not another_pass(left, sent, expected_ms, self.opts.downtime_ms, extra_passes):
                     return table
                 if expected_ms <= self.opts.downtime_ms:
+                    if self._timed_out():
+                        return table  # a pass the budget does not need never runs past timeout_s
                     extra_passes += 1
             if self._timed_out():
                 if self.opts.timeout_strategy == "cancel":
