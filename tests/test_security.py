@@ -424,6 +424,24 @@ def test_a_stranger_among_the_joins_holds_up_no_real_join(stranger_kind):
         vmm.close()
 
 
+def test_closing_the_receiver_while_joins_are_awaited_ends_the_attempt_at_once():
+    """A receiver closed while its migration waits for extra connections stops waiting: the
+    attempt fails for that reason, not when the join timeout runs out."""
+    port = _free_port()
+    vmm = Vmm()
+    try:
+        handle = vmm.receive_migration(f"tcp:127.0.0.1:{port}")
+        first = socket.create_connection(("127.0.0.1", port), timeout=30)
+        start = {"version": 1, "capabilities": ["connections"], "connections": 2}
+        _ok(first, Command.START, json.dumps(start).encode())
+        handle.close()
+        failed = vmm.wait_for_event("vm.migration-receive-failed", 30)
+        assert "closed while extra connections were joining" in failed["properties"]["error"], failed
+        first.close()
+    finally:
+        vmm.close()
+
+
 def _free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
