@@ -8,8 +8,8 @@ its Config is accepted (docs/security.md).
 With a TLS context every served connection first passes a mutual TLS handshake; one that fails is
 closed before any request is read (a busy source on a TLS listener is simply closed: it cannot be
 answered in plaintext). A Start asking for `connections` = N > 1 (tcp only) is answered with a
-random connection token; new connections then go to the attempt being served, and each of the
-N - 1 extra ones must present that token (Join). After Config each extra connection gets a thread
+random connection token; new connections then go to the attempt being served (joins.py), and
+each of the N - 1 extra ones must present that token (Join). After Config each extra connection gets a thread
 that takes only Memory frames; State shuts them (all memory is in by then) and joins their threads
 before the VM state is loaded, so nothing writes guest RAM once the vCPUs may run.
 """
@@ -20,7 +20,6 @@ import enum
 import json
 import logging
 import os
-import queue
 import selectors
 import socket
 import threading
@@ -32,6 +31,7 @@ from ..errors import MigrationError, VmmError
 from ..payload import PARTS, BootPayload, check_description, verify
 from ..snapshot import decode_state
 from . import transport
+from .joins import JoinWindow
 from .receive_hooks import ReceiveHooks
 from .protocol import (
     JSON_MAX,
@@ -65,8 +65,6 @@ CAPABILITIES = [
     Capability.CONNECTIONS.value,
 ]
 MAX_CONNECTIONS = 128
-JOIN_TIMEOUT_S = 10.0  # for all extra connections of a migration to arrive and present the token
-MAX_VETTING = 16  # connections whose handshake and Join are being read at once while joins are awaited
 MAX_MEMORY_FDS = 2  # guest RAM has at most two regions: below the 4 GiB hole and above it
 BUSY_MAX = 64  # sources answered "busy" whose connection stays open until they hang up
 BUSY_MESSAGE = "busy: this destination is receiving another migration; try again later"
@@ -127,8 +125,8 @@ class Receiver:
         self._joined_done = threading.Event()  # set when they are being stopped: errors no longer count
         # Open while the attempt being served waits for its extra connections: serve() hands new
         # connections to it instead of answering them busy.
-        self._join_lock = threading.Lock()
-        self._join_window: queue.SimpleQueue | None = None
+        self._joins = JoinWindow(tls, hooks.emit)
+        self._frames_lock = threading.Lock()  # for _frames_arriving
         self._worker: threading.Thread | None = None  # serves the active source
         self._worker_done = threading.Event()
         self._completed = False
@@ -216,10 +214,8 @@ class Receiver:
             )
             self._worker.start()
             return False
-        with self._join_lock:
-            if self._join_window is not None:
-                self._join_window.put(sock)
-                return False
+        if self._joins.offer(sock):
+            return False
         if self.tls is not None:  # a busy answer in plaintext would mean nothing to a TLS peer
             sock.close()
             return False
@@ -280,9 +276,7 @@ class Receiver:
         self.closed.set()
         self._wake_up()
         self._cut_off()
-        with self._join_lock:
-            if self._join_window is not None:
-                self._join_window.put(None)  # a worker waiting for joins stops waiting
+        self._joins.interrupt()
         for extra in list(self._joined):
             extra.shutdown()
 
@@ -396,16 +390,16 @@ class Receiver:
                 token = secrets.token_hex(16)
             if token is not None:
                 answer["connection_token"] = token
-                self._open_join_window()  # before the answer: the joins follow it at once
+                self._joins.open()  # before the answer: the joins follow it at once
             try:
                 conn.respond(Status.OK, json.dumps(answer).encode())
                 self.state = ReceiveState.STARTED
                 if token is not None:
-                    self._take_joins(connections - 1, token)
+                    self._joined = self._joins.take(connections - 1, token)
                     conn.deadline = time.monotonic() + transport.HANDSHAKE_TIMEOUT_S  # then Config
             finally:
                 if token is not None:
-                    self._close_join_window()
+                    self._joins.close()
             source_caps = doc.get("capabilities", [])
             self._private_memory = isinstance(source_caps, list) and Capability.PRIVATE_MEMORY.value in source_caps
             self.hooks.emit(
@@ -521,118 +515,6 @@ class Receiver:
 
     # ---- extra connections (connections > 1) ---------------------------------------------------
 
-    def _open_join_window(self) -> None:
-        with self._join_lock:
-            self._join_window = queue.SimpleQueue()
-
-    def _close_join_window(self) -> None:
-        with self._join_lock:
-            window, self._join_window = self._join_window, None
-        while window is not None and not window.empty():  # handed over after the last take
-            item = window.get()
-            if item is not None:
-                (item[1] if isinstance(item, tuple) else item).close()
-
-    def _take_joins(self, count: int, token: str) -> None:
-        """Takes `count` extra connections presenting `token` within JOIN_TIMEOUT_S. Each new
-        connection meanwhile is vetted on a thread of its own (at most MAX_VETTING at once, more
-        are closed), so a stranger that stalls its handshake or its Join delays no other; one
-        that fails is answered Error and closed. The window carries new sockets from serve() and
-        the vetted (index, connection) pairs back."""
-        deadline = time.monotonic() + JOIN_TIMEOUT_S
-        wanted = set(range(1, count + 1))
-        window = self._join_window
-        assert window is not None
-        vetting: list[tuple[threading.Thread, socket.socket]] = []
-        taken: set[socket.socket] = set()  # handed over by their vetting: never cut short below
-        try:
-            while wanted:
-                try:
-                    item = window.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    raise MigrationError(
-                        f"{len(wanted)} of {count} extra connections did not join within {JOIN_TIMEOUT_S:g} s"
-                    ) from None
-                if item is None:
-                    raise MigrationError("the receiver was closed while extra connections were joining")
-                if not isinstance(item, tuple):
-                    vetting = [(t, sock) for t, sock in vetting if t.is_alive()]
-                    t = threading.Thread(
-                        target=self._vet_join,
-                        args=(item, count, token, deadline, window),
-                        name="migration-join",
-                        daemon=True,
-                    )
-                    try:
-                        if len(vetting) >= MAX_VETTING:
-                            raise RuntimeError("too many connections joining at once")
-                        t.start()
-                    except RuntimeError as e:  # too many, or no thread to be had
-                        item.close()
-                        self.hooks.emit("migration-join-refused", {"error": str(e)})
-                        continue
-                    vetting.append((t, item))
-                    continue
-                index, extra = item
-                taken.add(extra.sock)
-                try:
-                    if index not in wanted:
-                        raise MigrationError(f"connection {index} has joined already")
-                    extra.respond(Status.OK)
-                except Exception as e:  # noqa: BLE001 - the joiner may be gone
-                    self._refuse_join(extra, e)
-                    continue
-                wanted.discard(index)
-                # Idle between frames as long as the first connection lives: that one ends them.
-                transport.set_timeouts(extra.sock, 0, transport.IO_TIMEOUT_S)
-                self._joined.append(extra)
-        finally:
-            for t, sock in vetting:  # still vetting: cut short (what they hand over is closed)
-                if t.is_alive() and sock not in taken:
-                    try:
-                        sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
-            for t, _ in vetting:
-                t.join()
-
-    def _vet_join(self, sock: socket.socket, count: int, token: str, deadline: float, window) -> None:
-        """One connection's handshake and Join (by `deadline`): a well-formed Join with `token`
-        goes back through `window` for _take_joins to take or refuse."""
-        try:
-            extra = transport.secure(sock, self.tls)
-        except VmmError as e:
-            self.hooks.emit("migration-join-refused", {"error": str(e)})
-            return
-        try:
-            extra.deadline = deadline
-            command, _, length, fds = extra.read_request()
-            for fd in fds:
-                _close(fd)
-            doc = self._json(extra, length, MESSAGE_MAX) if command == Command.JOIN else {}
-            index = doc.get("index")
-            import hmac  # here, not at the top: a VMM that only boots never loads it
-
-            if (
-                not hmac.compare_digest(str(doc.get("token", "")).encode(), token.encode())
-                or type(index) is not int
-                or not 1 <= index <= count
-            ):
-                raise MigrationError("not a connection of the migration being received")
-            extra.deadline = None
-        except Exception as e:  # noqa: BLE001 - whatever a stranger sends, only it is refused
-            self._refuse_join(extra, e)
-            return
-        window.put((index, extra))
-
-    def _refuse_join(self, extra: Connection, error: Exception) -> None:
-        try:
-            extra.respond_error(str(error))
-        except Exception:  # noqa: BLE001 - the stranger may be gone
-            pass
-        extra.close()
-        self.hooks.emit("migration-join-refused", {"error": str(error)})
-
     def _serve_joined(self, conn: Connection, vm) -> None:
         """Memory frames on an extra connection, until State or the end of the attempt stops it."""
         try:
@@ -642,11 +524,11 @@ class Receiver:
                     _close(fd)
                 if command != Command.MEMORY:
                     raise MigrationError(f"command {command} on an extra connection (only Memory)")
-                with self._join_lock:
+                with self._frames_lock:
                     self._frames_arriving += 1
                 vm.receive_memory(conn.memory_link(), length)
                 conn.respond(Status.OK)
-                with self._join_lock:
+                with self._frames_lock:
                     self._frames_arriving -= 1
         except Exception as e:  # noqa: BLE001 - reported through the first connection
             if not self._joined_done.is_set():
