@@ -215,10 +215,20 @@ impl PyTlsChannel {
         py.detach(|| self.with(|s| s.write_all(data)))
     }
 
-    /// Exactly `n` decrypted bytes (the caller bounds `n`).
-    fn recv_exact<'py>(&self, py: Python<'py>, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+    /// Exactly `n` decrypted bytes (the caller bounds `n`), within `timeout` seconds in all if
+    /// given (an error with errno ETIMEDOUT otherwise).
+    #[pyo3(signature = (n, timeout=None))]
+    fn recv_exact<'py>(
+        &self,
+        py: Python<'py>,
+        n: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         let mut buf = vec![0u8; n];
-        py.detach(|| self.with(|s| s.read_exact(&mut buf)))?;
+        let deadline = timeout.map(|t| {
+            std::time::Instant::now() + std::time::Duration::from_secs_f64(t.clamp(0.0, 1e9))
+        });
+        py.detach(|| self.with(|s| s.read_exact_by(&mut buf, deadline)))?;
         Ok(PyBytes::new(py, &buf))
     }
 

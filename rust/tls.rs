@@ -9,7 +9,7 @@
 //! the connection pass through it: the small control messages and the Memory frames. rustls runs
 //! the handshake and every peer check; the TLS 1.3 record layer after it is TlsStream's own, with
 //! the secrets rustls hands over (see `TlsStream`). The socket stays blocking with SO_SNDTIMEO / SO_RCVTIMEO as the plaintext path
-//! has them; only the handshake has its own deadline.
+//! has them; the handshake has its own deadline, and so may a read (`read_exact_by`).
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -232,7 +232,7 @@ fn poll_until(fd: RawFd, events: libc::c_short, deadline: Instant, what: &str) -
         if left.is_zero() {
             return Err(Error {
                 kind: Kind::Migration,
-                message: format!("TLS handshake timed out ({what})"),
+                message: format!("{what} timed out"),
                 errno: Some(libc::ETIMEDOUT),
             });
         }
@@ -265,7 +265,7 @@ fn poll_until(fd: RawFd, events: libc::c_short, deadline: Instant, what: &str) -
 /// Sends all of `data` during the handshake, each wait bounded by `deadline`.
 fn send_by(fd: RawFd, mut data: &[u8], deadline: Instant) -> Result<()> {
     while !data.is_empty() {
-        poll_until(fd, libc::POLLOUT, deadline, "sending")?;
+        poll_until(fd, libc::POLLOUT, deadline, "the TLS handshake (sending)")?;
         match Fd(fd).write(data) {
             Ok(n) => data = &data[n..],
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {}
@@ -422,7 +422,12 @@ fn drive_handshake<H: Handshaking>(
                 if in_end == inbuf.len() {
                     return Err(tls_err("handshake", "the peer sent more than a handshake"));
                 }
-                poll_until(fd, libc::POLLIN, deadline, "waiting for the peer")?;
+                poll_until(
+                    fd,
+                    libc::POLLIN,
+                    deadline,
+                    "the TLS handshake (waiting for the peer)",
+                )?;
                 match Fd(fd).read(&mut inbuf[in_end..]) {
                     Ok(0) => {
                         return Err(Error::new(
@@ -457,6 +462,7 @@ fn drive_handshake<H: Handshaking>(
         plain: (0, 0),
         early,
         early_pos: 0,
+        read_deadline: None,
     })
 }
 
@@ -538,6 +544,8 @@ pub struct TlsStream {
     /// Application data rustls decrypted during the handshake, taken first.
     early: Vec<u8>,
     early_pos: usize,
+    /// Set for one `read_exact_by`: each socket read waits only for what is left until then.
+    read_deadline: Option<Instant>,
 }
 
 fn record_err(what: impl std::fmt::Display) -> Error {
@@ -669,6 +677,7 @@ impl TlsStream {
         }
         let fd = self.fd();
         while self.in_end - self.in_pos < need {
+            self.wait_readable(fd)?;
             match Fd(fd).read(&mut self.inbuf[self.in_end..self.in_pos + need]) {
                 Ok(0) => {
                     return Err(Error::new(
@@ -815,15 +824,16 @@ impl TlsStream {
                 (self.in_pos, self.in_end) = (0, rest);
                 return Ok(out);
             }
-            // SAFETY: `dst[got..want]` is valid for writes of its length.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    dst[got..want].as_mut_ptr().cast(),
-                    want - got,
-                    libc::MSG_WAITALL,
-                )
+            self.wait_readable(fd)?;
+            // Under a deadline a read takes what is there, not all it wants.
+            let flags = if self.read_deadline.is_some() {
+                0
+            } else {
+                libc::MSG_WAITALL
             };
+            // SAFETY: `dst[got..want]` is valid for writes of its length.
+            let n =
+                unsafe { libc::recv(fd, dst[got..want].as_mut_ptr().cast(), want - got, flags) };
             match n {
                 0 => {
                     return Err(Error::new(
@@ -845,6 +855,23 @@ impl TlsStream {
                 },
             }
         }
+    }
+
+    /// Under a read deadline: waits until `fd` is readable, at most until then.
+    fn wait_readable(&self, fd: RawFd) -> Result<()> {
+        match self.read_deadline {
+            Some(deadline) => poll_until(fd, libc::POLLIN, deadline, "receiving over TLS"),
+            None => Ok(()),
+        }
+    }
+
+    /// `read_exact` with all of it done by `deadline` (None: each read has the socket's timeout),
+    /// however the peer spreads its records.
+    pub fn read_exact_by(&mut self, buf: &mut [u8], deadline: Option<Instant>) -> Result<()> {
+        self.read_deadline = deadline;
+        let r = self.read_exact(buf);
+        self.read_deadline = None;
+        r
     }
 
     /// Fills all of `buf` with decrypted bytes.
@@ -956,6 +983,31 @@ mod tests {
         for d in [a, b] {
             std::fs::remove_dir_all(d).unwrap();
         }
+    }
+
+    #[test]
+    fn a_read_by_a_deadline_ends_there_however_the_peer_trickles() {
+        let a = make_tls_dir("deadline", "127.0.0.1");
+        for size in [100, 3 * FULL_RECORD] {
+            let (c, s) = handshake(&a, &a, "127.0.0.1");
+            let (mut c, mut s) = (c.unwrap(), s.unwrap());
+            // A record every 100 ms, each one byte: every read finds something, soon.
+            let writer = std::thread::spawn(move || {
+                for _ in 0..20 {
+                    if c.write_all(b"x").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let mut buf = vec![0u8; size];
+            let deadline = Instant::now() + Duration::from_millis(300);
+            let e = s.read_exact_by(&mut buf, Some(deadline)).unwrap_err();
+            assert_eq!(e.errno, Some(libc::ETIMEDOUT), "{size}: {}", e.message);
+            drop(s);
+            writer.join().unwrap();
+        }
+        std::fs::remove_dir_all(a).unwrap();
     }
 
     /// A plain rustls peer (its own record layer) for `ctx`'s other side, on a thread: reads

@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
+import threading
 
 import pytest
 
@@ -16,6 +18,7 @@ from migration_helpers import free_port, read_response, send, start_receive, wai
 from tls_certs import make_ca, make_tls_dir
 from vmmpy import Vmm
 from vmmpy.config import SerialConfig
+from vmmpy.migration import transport
 from vmmpy.migration.protocol import HEADER, Command, Status
 
 SRC_IP, DST_IP = "192.0.2.1", "192.0.2.2"  # TEST-NET-1, only inside our own namespaces
@@ -284,3 +287,39 @@ def test_cancel_cuts_a_tls_handshake(vmm_process, tls):
         src.serial.command("status", rb"STATUS boot_id=" + boot_id.encode())
     finally:
         listener.close()
+
+
+def test_a_certified_peer_trickling_its_start_is_dropped_at_the_handshake_deadline(tls):
+    """Over TLS too the handshake timeout bounds Start in all: a peer with a good certificate
+    that sends its Start a byte (one record) a second is dropped once it has passed."""
+    port = free_port()
+    vmm = Vmm()
+    try:
+        vmm.receive_migration(f"tcp:127.0.0.1:{port}", tls_dir=tls["lo-dst"])
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_verify_locations(f"{tls['lo-src']}/ca-cert.pem")
+        ctx.load_cert_chain(f"{tls['lo-src']}/client-cert.pem", f"{tls['lo-src']}/client-key.pem")
+        raw = socket.create_connection(("127.0.0.1", port), timeout=transport.IO_TIMEOUT_S + 30)
+        s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        s.sendall(HEADER.pack(Command.START, 0, 0, 1000))
+        stop = threading.Event()
+
+        def trickle():
+            while not stop.wait(1.0):
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    return
+
+        t = threading.Thread(target=trickle)
+        t.start()
+        try:
+            status, body = read_response(s)
+        finally:
+            stop.set()
+            t.join()
+            s.close()
+        assert status == Status.ERROR and b"handshake timed out" in body, (status, body)
+    finally:
+        vmm.close()

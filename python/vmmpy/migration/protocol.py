@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import enum
+import errno
 import json
 import socket
 import struct
@@ -127,8 +128,15 @@ class Connection:
 
     def _recv_exact(self, n: int) -> bytes:
         if self.tls is not None:
-            self._arm()  # the TLS channel's reads share the socket's timeout
-            return self.tls.recv_exact(n)
+            left = None if self.deadline is None else self.deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise PeerTimeout("migration peer timed out")
+            try:
+                return self.tls.recv_exact(n, left)
+            except MigrationError as e:
+                if e.errno == errno.ETIMEDOUT:
+                    raise PeerTimeout("migration peer timed out") from None
+                raise
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
