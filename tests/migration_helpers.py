@@ -7,7 +7,7 @@ import threading
 import time
 
 from helpers import VmmProcess
-from vmmpy.migration.protocol import HEADER
+from vmmpy.migration.protocol import HEADER, Command
 
 
 def start_receive(dst: VmmProcess, url: str, **options) -> threading.Thread:
@@ -79,6 +79,28 @@ def free_port() -> int:
             continue
         finally:
             s.close()
+
+
+def trickled_start_answer(s) -> tuple[int | None, bytes]:
+    """Sends a Start header announcing 1000 bytes on `s`, then a byte of them a second (a TLS
+    socket: a record a second), until the peer answers; that answer (`read_response`)."""
+    s.sendall(HEADER.pack(Command.START, 0, 0, 1000))
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(1.0):
+            try:
+                s.sendall(b" ")
+            except OSError:
+                return
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    try:
+        return read_response(s)
+    finally:
+        stop.set()
+        t.join()
 
 
 def read_response(s) -> tuple[int | None, bytes]:

@@ -10,11 +10,10 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 
 import pytest
 
-from migration_helpers import free_port, read_response, send, start_receive, wait_progress
+from migration_helpers import free_port, read_response, send, start_receive, trickled_start_answer, wait_progress
 from tls_certs import make_ca, make_tls_dir
 from vmmpy import Vmm
 from vmmpy.config import SerialConfig
@@ -302,23 +301,9 @@ def test_a_certified_peer_trickling_its_start_is_dropped_at_the_handshake_deadli
         ctx.load_cert_chain(f"{tls['lo-src']}/client-cert.pem", f"{tls['lo-src']}/client-key.pem")
         raw = socket.create_connection(("127.0.0.1", port), timeout=transport.IO_TIMEOUT_S + 30)
         s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        s.sendall(HEADER.pack(Command.START, 0, 0, 1000))
-        stop = threading.Event()
-
-        def trickle():
-            while not stop.wait(1.0):
-                try:
-                    s.sendall(b" ")
-                except OSError:
-                    return
-
-        t = threading.Thread(target=trickle)
-        t.start()
         try:
-            status, body = read_response(s)
+            status, body = trickled_start_answer(s)
         finally:
-            stop.set()
-            t.join()
             s.close()
         assert status == Status.ERROR and b"handshake timed out" in body, (status, body)
     finally:

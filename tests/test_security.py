@@ -23,7 +23,7 @@ from vmmpy.errors import InvalidConfig
 from vmmpy.migration import transport
 from vmmpy.migration.protocol import HEADER, Command, Status
 
-from migration_helpers import read_response
+from migration_helpers import read_response, trickled_start_answer
 
 from helpers import SerialClient
 
@@ -366,23 +366,9 @@ def test_a_trickling_peer_is_dropped_at_the_handshake_deadline(receiver):
     once the handshake timeout has passed since it was taken, Start unfinished."""
     vmm, path = receiver
     s = _connect(path, timeout=transport.IO_TIMEOUT_S + 30)
-    s.sendall(HEADER.pack(Command.START, 0, 0, 1000))
-    stop = threading.Event()
-
-    def trickle():
-        while not stop.wait(1.0):
-            try:
-                s.send(b" ")
-            except OSError:
-                return
-
-    t = threading.Thread(target=trickle)
-    t.start()
     try:
-        status, body = _resp(s)
+        status, body = trickled_start_answer(s)
     finally:
-        stop.set()
-        t.join()
         s.close()
     assert status == Status.ERROR and b"handshake timed out" in body, (status, body)
     s = _connect(path)
