@@ -522,6 +522,7 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
     let regions = regions(ram);
     let mut entries = Vec::with_capacity(table.len() / ENTRY_SIZE);
     let mut prev_end = 0u64;
+    let mut data = 0u64; // bytes of the non-zero ranges: what follows the table
     for (i, e) in table.chunks_exact(ENTRY_SIZE).enumerate() {
         let gpa = u64::from_le_bytes(e[0..8].try_into().unwrap());
         let len = u32::from_le_bytes(e[8..12].try_into().unwrap()) as u64;
@@ -546,17 +547,20 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
         let region = find_region(&regions, gpa, len)
             .ok_or_else(|| bad("not inside one guest RAM region"))?;
         prev_end = gpa + len;
+        let zero = flags & FLAG_ZERO != 0;
+        if !zero {
+            data += len;
+        }
         entries.push(Entry {
             region,
             offset: gpa - regions[region].gpa,
             len,
-            zero: flags & FLAG_ZERO != 0,
+            zero,
         });
     }
 
     // What a sender puts in one frame; a larger one would have the prefault below populate
     // guest RAM far ahead of the bytes that actually arrive.
-    let data: u64 = entries.iter().filter(|e| !e.zero).map(|e| e.len).sum();
     if data > CHUNK_MAX {
         return Err(mig_err(format!(
             "Memory frame carries {data} bytes of pages, above CHUNK_MAX ({CHUNK_MAX})"
@@ -564,6 +568,7 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
     }
     let mut stats = RecvStats {
         wire_bytes: table_len,
+        bytes_received: data,
         ..Default::default()
     };
     let mut iovs: Vec<libc::iovec> = Vec::new();
@@ -577,7 +582,6 @@ pub fn recv_memory(mut link: Link, ram: &GuestRam, table_len: u64) -> Result<Rec
             let host = unsafe { reg.host.add(e.offset as usize) };
             push_iov(&mut iovs, host, e.len as usize);
             stats.pages += e.len / PAGE_SIZE;
-            stats.bytes_received += e.len;
         }
     }
     let prefaults = prefault_runs(&regions, &entries, stats.bytes_received);

@@ -42,7 +42,6 @@ from .protocol import (
     Connection,
     PeerTimeout,
     Status,
-    json_object,
 )
 
 log = logging.getLogger("vmmpy.migration")
@@ -372,7 +371,7 @@ class Receiver:
             self.state = ReceiveState.ABORTED
             raise Abandoned("abandoned")  # answered Ok once the attempt is cleaned up
         if command == Command.START and st is ReceiveState.ESTABLISHED:
-            doc = self._json(conn, length, MESSAGE_MAX)
+            doc = conn.read_json(length, MESSAGE_MAX)
             if doc.get("version") != VERSION:
                 raise MigrationError(f"source speaks protocol {doc.get('version')!r}, this destination {VERSION}")
             connections = doc.get("connections", 1)
@@ -412,7 +411,7 @@ class Receiver:
             conn.respond(Status.OK)
             return incoming, False
         if command == Command.CONFIG and st is ReceiveState.STARTED:
-            doc = self._json(conn, length)
+            doc = conn.read_json(length, JSON_MAX)
             local = doc.get("local", False)
             if not isinstance(local, bool):
                 raise MigrationError(f"Config local={local!r}: must be a JSON boolean")
@@ -550,10 +549,6 @@ class Receiver:
         for extra in self._joined:
             extra.close()
         self._joined, self._joined_threads = [], []
-
-    @staticmethod
-    def _json(conn: Connection, length: int, bound: int = JSON_MAX) -> dict:
-        return json_object(conn.read_payload(length, bound))
 
 
 def _check_memory_fd(arg: int, got_fds: list[int], fds: dict[int, int]) -> None:

@@ -17,7 +17,7 @@ import time
 
 from ..errors import MigrationError, VmmError
 from . import transport
-from .protocol import MESSAGE_MAX, Command, Connection, Status, json_object
+from .protocol import MESSAGE_MAX, Command, Connection, Status
 
 JOIN_TIMEOUT_S = 10.0  # for all extra connections of a migration to arrive and present the token
 MAX_VETTING = 16  # connections whose handshake and Join are read at once while joins are awaited
@@ -139,7 +139,7 @@ class JoinWindow:
             command, _, length, fds = extra.read_request()
             for fd in fds:
                 os.close(fd)
-            doc = json_object(extra.read_payload(length, MESSAGE_MAX)) if command == Command.JOIN else {}
+            doc = extra.read_json(length, MESSAGE_MAX) if command == Command.JOIN else {}
             index = doc.get("index")
             import hmac  # here, not at the top: a VMM that only boots never loads it
 

@@ -117,22 +117,25 @@ class Connection:
         except OSError:
             pass
 
-    def _arm(self) -> None:
-        """Before a read: the receive timeout is what is left of the deadline."""
+    def _time_left(self) -> float | None:
+        """Seconds left of the deadline (None without one); PeerTimeout once it has passed."""
         if self.deadline is None:
-            return
+            return None
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise PeerTimeout("migration peer timed out")
-        set_timeouts(self.sock, max(left, 1e-3), None)
+        return left
+
+    def _arm(self) -> None:
+        """Before a socket read: the receive timeout is what is left of the deadline."""
+        left = self._time_left()
+        if left is not None:
+            set_timeouts(self.sock, max(left, 1e-3), None)
 
     def _recv_exact(self, n: int) -> bytes:
         if self.tls is not None:
-            left = None if self.deadline is None else self.deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise PeerTimeout("migration peer timed out")
             try:
-                return self.tls.recv_exact(n, left)
+                return self.tls.recv_exact(n, self._time_left())
             except MigrationError as e:
                 if e.errno == errno.ETIMEDOUT:
                     raise PeerTimeout("migration peer timed out") from None
@@ -230,6 +233,10 @@ class Connection:
             data += self._recv_exact(HEADER.size - len(data))
         command, _, arg, length = HEADER.unpack(data)
         return command, arg, length, list(fds)
+
+    def read_json(self, length: int, bound: int) -> dict:
+        """A request's payload that must be a JSON object (json_object)."""
+        return json_object(self.read_payload(length, bound))
 
     def read_payload(self, length: int, bound: int) -> bytes:
         if length > bound:
