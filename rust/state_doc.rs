@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use serde::de::Error as _;
+use serde::de::{Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 use virtio_queue::QueueState;
@@ -31,11 +31,21 @@ impl Serialize for B64 {
 
 impl<'de> Deserialize<'de> for B64 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        STANDARD
-            .decode(text)
-            .map(B64)
-            .map_err(|e| D::Error::custom(format!("not base64: {e}")))
+        // Decoded from the text in place: no String is made of it first.
+        struct Text;
+        impl Visitor<'_> for Text {
+            type Value = B64;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a base64 string")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> std::result::Result<B64, E> {
+                STANDARD
+                    .decode(text)
+                    .map(B64)
+                    .map_err(|e| E::custom(format!("not base64: {e}")))
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 
@@ -50,12 +60,47 @@ fn blobs(map: BTreeMap<String, B64>) -> Blobs {
     map.into_iter().map(|(name, b)| (name, b.0)).collect()
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct VcpuDoc {
     msrs: Vec<(u32, u64)>,
     /// One entry per KVM structure (regs, sregs, xsave, ...).
     #[serde(flatten)]
     structs: BTreeMap<String, B64>,
+}
+
+impl<'de> Deserialize<'de> for VcpuDoc {
+    /// By hand: serde's flatten would buffer the whole object first (several times slower,
+    /// inside a migration's downtime).
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = VcpuDoc;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a vCPU's msrs and KVM structures")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<VcpuDoc, A::Error> {
+                let mut msrs = None;
+                let mut structs = BTreeMap::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let fresh = if key == "msrs" {
+                        msrs.replace(map.next_value()?).is_none()
+                    } else {
+                        let value = map.next_value()?;
+                        structs.insert(key.clone(), value).is_none()
+                    };
+                    if !fresh {
+                        return Err(A::Error::custom(format!("duplicate field `{key}`")));
+                    }
+                }
+                let msrs = msrs.ok_or_else(|| A::Error::missing_field("msrs"))?;
+                Ok(VcpuDoc { msrs, structs })
+            }
+        }
+        d.deserialize_map(Fields)
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -84,10 +129,10 @@ struct DevicesDoc {
     cmos: CmosDoc,
 }
 
-/// virtio-queue's QueueState as the document spells it.
+/// One queue: virtio-queue's QueueState as the document spells it, and its MSI-X vector. (Its
+/// fields spelled out, not flattened: serde's flatten buffers each object before parsing it.)
 #[derive(Serialize, Deserialize)]
-#[serde(remote = "QueueState")]
-struct QueueStateDoc {
+struct QueueDoc {
     max_size: u16,
     size: u16,
     ready: bool,
@@ -96,15 +141,37 @@ struct QueueStateDoc {
     used_ring: u64,
     next_avail: u16,
     next_used: u16,
-    #[serde(rename = "event_idx")]
-    event_idx_enabled: bool,
+    event_idx: bool,
+    msix_vector: u16,
 }
 
-#[derive(Serialize, Deserialize)]
-struct QueueDoc {
-    #[serde(flatten, with = "QueueStateDoc")]
-    state: QueueState,
-    msix_vector: u16,
+fn queue_doc(q: &QueueState, msix_vector: u16) -> QueueDoc {
+    QueueDoc {
+        max_size: q.max_size,
+        size: q.size,
+        ready: q.ready,
+        desc_table: q.desc_table,
+        avail_ring: q.avail_ring,
+        used_ring: q.used_ring,
+        next_avail: q.next_avail,
+        next_used: q.next_used,
+        event_idx: q.event_idx_enabled,
+        msix_vector,
+    }
+}
+
+fn queue_state(d: &QueueDoc) -> QueueState {
+    QueueState {
+        max_size: d.max_size,
+        size: d.size,
+        ready: d.ready,
+        desc_table: d.desc_table,
+        avail_ring: d.avail_ring,
+        used_ring: d.used_ring,
+        next_avail: d.next_avail,
+        next_used: d.next_used,
+        event_idx_enabled: d.event_idx,
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -185,9 +252,7 @@ fn virtio_doc(id: &str, st: &VirtioPciState) -> VirtioDoc {
         queue_select: t.queue_select,
         config_vector: t.config_vector,
         isr: t.isr,
-        queues: queues
-            .map(|(&state, &msix_vector)| QueueDoc { state, msix_vector })
-            .collect(),
+        queues: queues.map(|(q, &vector)| queue_doc(q, vector)).collect(),
         msix: MsixDoc {
             table: st.msix.table.clone(),
             pba: st.msix.pba.clone(),
@@ -201,7 +266,7 @@ fn virtio_state(d: VirtioDoc) -> (String, VirtioPciState) {
     let (queues, queue_vectors) = d
         .queues
         .into_iter()
-        .map(|q| (q.state, q.msix_vector))
+        .map(|q| (queue_state(&q), q.msix_vector))
         .unzip();
     let transport = TransportState {
         device_feature_select: d.device_feature_select,
@@ -260,26 +325,76 @@ fn malformed(what: impl std::fmt::Display) -> Error {
     )
 }
 
-fn section<'a, T: Deserialize<'a>>(fields: &BTreeMap<&str, &'a RawValue>, name: &str) -> Result<T> {
-    let raw = fields
-        .get(name)
-        .ok_or_else(|| malformed(format!("no {name:?}")))?;
-    serde_json::from_str(raw.get()).map_err(|e| malformed(format!("{name}: {e}")))
+/// The document's native sections, parsed in one pass, and its other fields as they are.
+struct Document<'a> {
+    vcpus: Option<Vec<VcpuDoc>>,
+    machine: Option<BTreeMap<String, B64>>,
+    devices: Option<DevicesDoc>,
+    virtio: Option<Vec<VirtioDoc>>,
+    rest: BTreeMap<String, &'a RawValue>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Document<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Fields<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Fields<'a> {
+            type Value = Document<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a state document (a JSON object)")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Document<'a>, A::Error> {
+                fn set<T, E: serde::de::Error>(
+                    slot: &mut Option<T>,
+                    name: &str,
+                    value: std::result::Result<T, E>,
+                ) -> std::result::Result<bool, E> {
+                    let value = value.map_err(|e| E::custom(format!("{name}: {e}")))?;
+                    Ok(slot.replace(value).is_none())
+                }
+                let mut doc = Document {
+                    vcpus: None,
+                    machine: None,
+                    devices: None,
+                    virtio: None,
+                    rest: BTreeMap::new(),
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    let fresh = match key.as_str() {
+                        "vcpus" => set(&mut doc.vcpus, &key, map.next_value())?,
+                        "machine" => set(&mut doc.machine, &key, map.next_value())?,
+                        "devices" => set(&mut doc.devices, &key, map.next_value())?,
+                        "virtio_devices" => set(&mut doc.virtio, &key, map.next_value())?,
+                        _ => {
+                            let value = map.next_value()?;
+                            doc.rest.insert(key.clone(), value).is_none()
+                        }
+                    };
+                    if !fresh {
+                        return Err(A::Error::custom(format!("duplicate field `{key}`")));
+                    }
+                }
+                Ok(doc)
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+    }
+}
+
+fn required<T>(section: Option<T>, name: &str) -> Result<T> {
+    section.ok_or_else(|| malformed(format!("no {name:?}")))
 }
 
 /// The state in `document` (a whole state document), and a JSON object of its other fields (the
 /// versioned ones Python checks).
 pub fn decode(document: &[u8]) -> Result<(SavedState, Vec<u8>)> {
-    let mut fields: BTreeMap<&str, &RawValue> =
-        serde_json::from_slice(document).map_err(malformed)?;
-    let vcpus: Vec<VcpuDoc> = section(&fields, "vcpus")?;
-    let machine: BTreeMap<String, B64> = section(&fields, "machine")?;
-    let devices: DevicesDoc = section(&fields, "devices")?;
-    let virtio: Vec<VirtioDoc> = if fields.contains_key("virtio_devices") {
-        section(&fields, "virtio_devices")?
-    } else {
-        Vec::new()
-    };
+    let doc: Document = serde_json::from_slice(document).map_err(malformed)?;
+    let vcpus = required(doc.vcpus, "vcpus")?;
+    let machine = required(doc.machine, "machine")?;
+    let devices = required(doc.devices, "devices")?;
+    let virtio = doc.virtio.unwrap_or_default();
     let st = SavedState {
         vcpus: vcpus
             .into_iter()
@@ -293,10 +408,7 @@ pub fn decode(document: &[u8]) -> Result<(SavedState, Vec<u8>)> {
         cmos: (devices.cmos.nvram.0, devices.cmos.index),
         devices: virtio.into_iter().map(virtio_state).collect(),
     };
-    for name in ["vcpus", "machine", "devices", "virtio_devices"] {
-        fields.remove(name);
-    }
-    let rest = serde_json::to_vec(&fields).expect("raw JSON values serialize");
+    let rest = serde_json::to_vec(&doc.rest).expect("raw JSON values serialize");
     Ok((st, rest))
 }
 

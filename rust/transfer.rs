@@ -758,8 +758,8 @@ mod tests {
 
     fn socketpair() -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors socketpair returns.
         assert_eq!(
+            // SAFETY: `fds` has room for the two descriptors socketpair returns.
             unsafe {
                 libc::socketpair(
                     libc::AF_UNIX,
@@ -998,8 +998,8 @@ mod tests {
         // SAFETY: plain fcntl on our own descriptor.
         unsafe { libc::fcntl(b.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         let mut one = [0u8; 1];
-        // SAFETY: reads at most one byte into `one`.
         assert_eq!(
+            // SAFETY: reads at most one byte into `one`.
             unsafe { libc::read(b.as_raw_fd(), one.as_mut_ptr().cast(), 1) },
             0,
             "the sender closed after one frame"

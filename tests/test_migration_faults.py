@@ -1,6 +1,7 @@
 """Failure injection on the source side: a destination that fails at each protocol step. The
 source keeps a working VM (or, when only the answer to Complete is missing, a paused one: the
-destination may be running the guest), and the next attempt succeeds."""
+destination may be running the guest), and the next attempt succeeds. Both ways to complete are
+covered: State then Complete, and (capability state-completes) a State that carries the Complete."""
 
 import json
 import socket
@@ -18,13 +19,14 @@ from helpers import SerialClient
 
 STEPS = ["start", "config", "memory", "state", "complete"]
 FAULTS = ["close", "error", "garbage"]
+CAPABILITIES = ["zero-ranges", "lifecycle-event"]
 
 
 class FaultyDestination:
     """Speaks the protocol until `step`, then closes, answers Error, or answers garbage."""
 
-    def __init__(self, path: str, step: str, fault: str):
-        self.step, self.fault = step, fault
+    def __init__(self, path: str, step: str, fault: str, capabilities=CAPABILITIES):
+        self.step, self.fault, self.capabilities = step, fault, capabilities
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(path)
         self.listener.listen(1)
@@ -70,9 +72,7 @@ class FaultyDestination:
                         conn.sendall(HEADER.pack(7, 0, 0, 3) + b"???")
                     continue
                 body = (
-                    json.dumps({"version": 1, "capabilities": ["zero-ranges", "lifecycle-event"]}).encode()
-                    if name == "start"
-                    else b""
+                    json.dumps({"version": 1, "capabilities": self.capabilities}).encode() if name == "start" else b""
                 )
                 conn.sendall(HEADER.pack(Status.OK, 0, 0, len(body)) + body)
         except (EOFError, OSError):
@@ -98,17 +98,17 @@ def source(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-@pytest.mark.parametrize("step", STEPS)
-def test_destination_fails_at_each_step(source, step, fault):
+@pytest.mark.parametrize("step,completes", [*((step, False) for step in STEPS), *((step, True) for step in STEPS[:-1])])
+def test_destination_fails_at_each_step(source, step, completes, fault):
     vmm, serial, boot_id, tmp = source
-    path = str(tmp / f"{step}-{fault}.sock")
-    dest = FaultyDestination(path, step, fault)
+    path = str(tmp / f"{step}-{fault}-{completes}.sock")
+    dest = FaultyDestination(path, step, fault, CAPABILITIES + ["state-completes"] * completes)
     handle = vmm.send_migration(f"unix:{path}")
     with pytest.raises(MigrationError):
         handle.wait(60)
     dest.thread.join(10)
     info = vmm.info()
-    if step == "complete" and fault != "error":
+    if step == ("state" if completes else "complete") and fault != "error":
         # The answer to Complete never came: the destination may run the guest, so the source
         # must not. It stays paused until the operator decides.
         assert info["state"] == "Paused"

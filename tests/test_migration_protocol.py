@@ -130,6 +130,11 @@ CASES = {
         "",
     ),
     "table not a multiple of 16": lambda s: (_configure(s), s.sendall(_req(Command.MEMORY, b"\0" * 15)), ""),
+    "state with an unknown arg": lambda s: (
+        _configure(s),
+        s.sendall(_req(Command.STATE, json.dumps(_fixture_state()).encode(), arg=2)),
+        "State with arg 2",
+    ),
     "bad state document": lambda s: (
         _configure(s),
         s.sendall(_req(Command.STATE, b'{"format_version": "9.0"}')),
@@ -239,9 +244,11 @@ def test_fuzzed_frames_never_crash_the_receiver(receiver, frames, configure_firs
     assert vmm.ping()["pid"]
 
 
-def test_a_source_gone_before_the_complete_reply_leaves_the_vm_running_here(tmp_path):
+@pytest.mark.parametrize("completes", [False, True], ids=["state-then-complete", "state-completes"])
+def test_a_source_gone_before_the_complete_reply_leaves_the_vm_running_here(tmp_path, completes):
     """Once the destination took the VM over, losing the connection before its Ok reply must not
-    stop the guest it now runs (the source stays paused: see test_migration_faults)."""
+    stop the guest it now runs (the source stays paused: see test_migration_faults). The same
+    for a State that carries the Complete (arg 1)."""
     state = _fixture_state()
     path = str(tmp_path / "rx.sock")
     vmm = Vmm(serial=SerialConfig(mode="Null"))
@@ -249,9 +256,12 @@ def test_a_source_gone_before_the_complete_reply_leaves_the_vm_running_here(tmp_
         handle = vmm.receive_migration(f"unix:{path}")
         s = _connect(path)
         _configure(s)
-        s.sendall(_req(Command.STATE, json.dumps(state).encode()))
-        assert _resp(s)[0] == Status.OK
-        s.sendall(_req(Command.COMPLETE))
+        if completes:
+            s.sendall(_req(Command.STATE, json.dumps(state).encode(), arg=1))
+        else:
+            s.sendall(_req(Command.STATE, json.dumps(state).encode()))
+            assert _resp(s)[0] == Status.OK
+            s.sendall(_req(Command.COMPLETE))
         s.close()  # gone before the answer
         vmm.wait_for_event("vm.migration-receive-finished", 60)
         assert handle.wait(60)  # the receiver is done with the connection

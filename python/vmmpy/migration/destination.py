@@ -36,6 +36,7 @@ from .receive_hooks import ReceiveHooks
 from .protocol import (
     JSON_MAX,
     MESSAGE_MAX,
+    STATE_COMPLETES,
     VERSION,
     Capability,
     Command,
@@ -62,6 +63,7 @@ CAPABILITIES = [
     Capability.LIFECYCLE_EVENT.value,
     Capability.PAYLOAD.value,
     Capability.CONNECTIONS.value,
+    Capability.STATE_COMPLETES.value,
 ]
 MAX_CONNECTIONS = 128
 MAX_MEMORY_FDS = 2  # guest RAM has at most two regions: below the 4 GiB hole and above it
@@ -470,6 +472,13 @@ class Receiver:
             conn.respond(Status.OK)
             return incoming, False
         if command == Command.STATE and st is ReceiveState.CONFIGURED:
+            completes = arg == STATE_COMPLETES
+            if (
+                arg not in (0, STATE_COMPLETES)
+                or completes
+                and Capability.STATE_COMPLETES.value not in self.capabilities
+            ):
+                raise MigrationError(f"State with arg {arg}: this destination takes 0 or {STATE_COMPLETES}")
             # The source sends State once every frame on every connection was answered: the extra
             # connections are shut and their readers joined, so no byte lands in guest RAM after
             # the state is loaded.
@@ -490,27 +499,33 @@ class Receiver:
                 )
             incoming.vm.restore_state(decoded.native)
             fields.update(decoded.fields)
-            conn.respond(Status.OK)
             self.state = ReceiveState.STATE_RECEIVED
+            if completes:  # one round trip less inside the downtime
+                return self._complete(conn, incoming, fields)
+            conn.respond(Status.OK)
             return incoming, False
         if command == Command.COMPLETE and st is ReceiveState.STATE_RECEIVED:
             conn.read_payload(length, 0)
-
-            def answer() -> None:
-                # The guest is this VMM's from here, whatever happens to this reply.
-                self.state = ReceiveState.COMPLETED
-                try:
-                    conn.respond(Status.OK)
-                except Exception as e:  # noqa: BLE001 - the source may be gone; the guest runs here
-                    log.warning("migration completed, but the source was not told: %s", e)
-
-            self.hooks.complete(incoming, fields, self._commit, answer)
-            return incoming, True
+            return self._complete(conn, incoming, fields)
         try:
             name = Command(command).name
         except ValueError:
             raise MigrationError(f"unknown command {command}") from None
         raise MigrationError(f"command {name} is not allowed in state {st.value}")
+
+    def _complete(self, conn: Connection, incoming, fields: dict):
+        """Runs the guest here (the state is loaded) and answers Ok: the attempt is complete."""
+
+        def answer() -> None:
+            # The guest is this VMM's from here, whatever happens to this reply.
+            self.state = ReceiveState.COMPLETED
+            try:
+                conn.respond(Status.OK)
+            except Exception as e:  # noqa: BLE001 - the source may be gone; the guest runs here
+                log.warning("migration completed, but the source was not told: %s", e)
+
+        self.hooks.complete(incoming, fields, self._commit, answer)
+        return incoming, True
 
     # ---- extra connections (connections > 1) ---------------------------------------------------
 

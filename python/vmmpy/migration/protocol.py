@@ -11,6 +11,7 @@ import array
 import enum
 import errno
 import json
+import select
 import socket
 import struct
 import time
@@ -48,6 +49,10 @@ class Capability(str, enum.Enum):
     CONNECTIONS = "connections"  # Memory frames may also come over extra connections (Join)
     PAYLOAD = "payload"  # kernel/initramfs travel as content (Payload frames), never as paths
     PRIVATE_MEMORY = "private-memory"  # the source's Config memory.shared=false means private RAM
+    STATE_COMPLETES = "state-completes"  # a State with arg STATE_COMPLETES is also the Complete
+
+
+STATE_COMPLETES = 1  # State's arg: run the guest once the state is loaded; no Complete follows
 
 
 OK_ANSWER = HEADER.pack(Status.OK, 0, 0, 0)  # packed once: the answers inside a downtime are these
@@ -92,6 +97,14 @@ class Connection:
         self.sock = sock
         self.tls = tls
         self.deadline: float | None = None
+        self._hangup: select.poll | None = None
+
+    def peer_hung_up(self) -> bool:
+        """Whether the peer has closed or reset the connection (a look, without blocking)."""
+        if self._hangup is None:
+            self._hangup = select.poll()
+            self._hangup.register(self.sock, select.POLLRDHUP)  # POLLHUP and POLLERR come unasked
+        return bool(self._hangup.poll(0))
 
     def memory_link(self):
         """What Vm.send_memory / receive_memory take: the socket fd, or the TLS channel."""

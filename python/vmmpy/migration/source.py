@@ -3,8 +3,8 @@
 Pre-copy: iteration 0 sends all RAM (zero pages as ranges without bytes); each later iteration
 sends what the dirty log reports, until the estimated downtime (bytes left / the bandwidth measured
 over the whole pre-copy) fits `downtime_ms` and another pass would not shorten it much
-(`another_pass`), or nothing is dirty. Then the final phase: pause, last dirty pass, State,
-Complete. Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
+(`another_pass`), or nothing is dirty. Then the final phase: pause, last dirty pass, State
+with Complete in it (or, to a destination without `state-completes`, State then Complete). Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
 right after Config.
 
 With `connections` = N > 1 (tcp only) the source opens N - 1 extra connections after Start, each
@@ -31,7 +31,7 @@ from ..snapshot import encode_state, state_head
 from ..testhooks import NO_HOOKS, TestHooks
 from . import transport
 from .progress import ProgressTracker
-from .protocol import VERSION, Capability, Command, Connection, PeerError, json_object
+from .protocol import STATE_COMPLETES, VERSION, Capability, Command, Connection, PeerError, json_object
 
 CHUNK_BYTES = _native.CHUNK_MAX  # one Memory frame; cancel and timeouts are checked between frames
 CHUNK_MIN = 256 << 10
@@ -492,6 +492,9 @@ class SourceMigration:
         if self._throttle is not None:
             self._throttle.stop()
         head = state_head()  # made ahead: only a latched event changes it after the pause
+        completes = Capability.STATE_COMPLETES.value in self.peer_capabilities
+        if completes:
+            self._check_peer(conn)  # before the pause, too: a peer gone already is no reason to pause
         self.pause_time = self._lap()  # the moments before the pause count to the phase before
         self.paused = True  # even if the pause fails half-way, the failure path resumes the vCPUs
         self.vm.pause(PAUSE_TIMEOUT_S)
@@ -515,21 +518,29 @@ class SourceMigration:
             table = self.vm.dirty_ranges()
             if remaining is not None:
                 table.extend(remaining)
-            self._send(conn, table)
+            if len(table):  # an idle guest often left nothing dirty
+                self._send(conn, table)
             self._lap("last_pass")
         if event is not None:
             head = state_head(post_migration_lifecycle_event=event.value)
         state = encode_state(self.vm.save_state(), head)
         self._lap("save_state")
-        conn.request(Command.STATE, state)
-        self._lap("state")
-        self.progress.update(phase="state-sent")
-        self.cancel_requested.wait(self.hooks.complete_delay_ms / 1000)
-        self._check_cancel()
-        # A Complete that did not leave whole cannot be acted on: only once it is sent does a
-        # failure leave it unknown whether the destination runs the guest.
-        conn.send_request(Command.COMPLETE)
-        self.complete_sent = True
+        # Only a Complete that left whole can be acted on (complete_sent): from then on a failure
+        # leaves it unknown whether the destination runs the guest.
+        if completes:
+            self._check_peer(conn)
+            conn.send_request(Command.STATE, state, arg=STATE_COMPLETES)  # one round trip
+            self.complete_sent = True
+            self.progress.update(phase="state-sent")
+            self.cancel_requested.wait(self.hooks.complete_delay_ms / 1000)  # no cancel from here
+        else:
+            conn.request(Command.STATE, state)
+            self._lap("state")
+            self.progress.update(phase="state-sent")
+            self.cancel_requested.wait(self.hooks.complete_delay_ms / 1000)
+            self._check_cancel()
+            conn.send_request(Command.COMPLETE)
+            self.complete_sent = True
         try:
             conn.read_response()
         except PeerError:
@@ -542,6 +553,13 @@ class SourceMigration:
             downtime_ms=(now - self.pause_time) * 1000,
             total_time_ms=(now - self._start) * 1000,
         )
+
+    @staticmethod
+    def _check_peer(conn: Connection) -> None:
+        """With the Complete riding on the State, a peer already gone would leave the source
+        paused after the State's write (a write alone does not notice it): fail before."""
+        if conn.peer_hung_up():
+            raise MigrationError("the destination closed the migration connection")
 
     def _cleanup(self) -> None:
         if self._throttle is not None:
