@@ -13,7 +13,7 @@ Run: python -m pytest benches/test_bench_vs_qemu.py -p no:cacheprovider -s
    so that its 128 MiB/s default does not decide; both with their default downtime target
    (300 ms). Where vmmpy misses a target its breakdown is printed: the median of each phase
    its migration-finished event reports (connect, start, config with the destination's VM build,
-   precopy, then the downtime's pause, last_pass, save_state, state, complete). The cases with RAM
+   precopy, then the downtime's pause, last_pass, save_state, complete). The cases with RAM
    written once over tcp also run vmmpy with connections=2 (opt-in: 1 is Cloud Hypervisor's
    default and vmmpy's) and the C floor of one loopback TCP connection moving the written RAM
    (benches/sock_floor.c, no page faults on either side), interleaved with the others, reported
@@ -269,9 +269,9 @@ class VmmpySide:
 def breakdown(runs: list[dict]) -> str:
     """vmmpy's migration in phases, medians over `runs` of the phases_ms its migration-finished
     event carries: set-up (connect, start, memory_fds, config with the destination's VM build,
-    payload), pre-copy (its iterations), then the downtime (pause, last_pass, save_state, state,
-    complete: the destination restores the vCPUs at State and starts them before answering
-    Complete; its control loop takes the VM over after that answer)."""
+    payload), pre-copy (its iterations), then the downtime (pause, last_pass, save_state,
+    complete: the State carries the Complete; the destination restores the vCPUs and starts them
+    before it answers, and its control loop takes the VM over after that answer)."""
     names = list(dict.fromkeys(name for r in runs for name in r["phases_ms"]))
     parts = [f"{name} {median([r['phases_ms'].get(name, 0.0) for r in runs]):.2f}" for name in names]
     iterations = median([r["iterations"] for r in runs])
