@@ -23,8 +23,9 @@ REQUESTS = ("reset", "shutdown")
 class TestHooks:
     """Source side: ``frame_delay_ms`` (a slow link: each Memory frame waits this long),
     ``final_phase_delay_ms`` (a window between the switch to the final phase and the pause),
-    ``complete_delay_ms`` (a window after the State was sent: before Complete, or before the answer to a State that completes), ``request_at_pause`` (a guest
-    ``reset`` or ``shutdown`` request lands right as the final pause completes), ``keep_source``
+    ``complete_delay_ms`` (a window after the State was sent: before Complete, or before reading
+    the answer to a State that completes), ``request_at_pause`` (a guest ``reset`` or
+    ``shutdown`` request lands right as the final pause completes), ``keep_source``
     (after success the source keeps its VM, paused). Destination side: ``complete_paused`` (take
     over without resuming), ``no_lifecycle_capability`` (behave like a destination that cannot
     carry lifecycle events), ``answer_complete_after_close`` (with a lifecycle event carried,

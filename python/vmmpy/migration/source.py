@@ -3,9 +3,10 @@
 Pre-copy: iteration 0 sends all RAM (zero pages as ranges without bytes); each later iteration
 sends what the dirty log reports, until the estimated downtime (bytes left / the bandwidth measured
 over the whole pre-copy) fits `downtime_ms` and another pass would not shorten it much
-(`another_pass`), or nothing is dirty. Then the final phase: pause, last dirty pass, State
-with Complete in it (or, to a destination without `state-completes`, State then Complete). Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses
-right after Config.
+(`another_pass`), or nothing is dirty. Then the final phase: pause, last dirty pass, a State
+that carries the Complete (to a destination without `state-completes`: State, then Complete).
+Same-host (`local`): the memory fds travel instead of the memory, and the VM pauses right after
+Config.
 
 With `connections` = N > 1 (tcp only) the source opens N - 1 extra connections after Start, each
 presenting the destination's connection token (Join); Memory frames are then spread over all N,
