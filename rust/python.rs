@@ -443,6 +443,17 @@ impl PyVm {
         py.detach(|| self.with(|vm| vm.pause(Duration::from_secs_f64(timeout))))
     }
 
+    /// The vCPUs held before their first entry (a migration's destination) wait spinning, for
+    /// a few milliseconds at most, so that `resume` lets them run without waking them.
+    fn stand_by(&self, py: Python<'_>) -> error::Result<()> {
+        py.detach(|| {
+            self.with(|vm| {
+                vm.stand_by();
+                Ok(())
+            })
+        })
+    }
+
     fn resume(&self, py: Python<'_>) -> error::Result<()> {
         py.detach(|| {
             self.with(|vm| {

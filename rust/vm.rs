@@ -616,6 +616,13 @@ impl Vm {
         Ok(())
     }
 
+    /// The vCPUs held before their first entry wait spinning for `resume` (vcpu.rs `stand_by`).
+    pub fn stand_by(&self) {
+        for v in &self.vcpus {
+            v.ctl.stand_by();
+        }
+    }
+
     pub fn resume(&self) {
         for w in self.devices.iter().filter_map(|d| d.worker.as_ref()) {
             w.resume();

@@ -140,6 +140,11 @@ CASES = {
         s.sendall(_req(Command.STATE, b'{"format_version": "9.0"}')),
         "not supported",
     ),
+    "completing state that does not parse": lambda s: (  # its vCPUs stood by: the discard ends them
+        _configure(s),
+        s.sendall(_req(Command.STATE, b'{"format_version": "9.0"}', arg=1)),
+        "not supported",
+    ),
     "state version a number": lambda s: (
         _configure(s),
         s.sendall(_req(Command.STATE, json.dumps({**_fixture_state(), "format_version": 1.4}).encode())),

@@ -102,6 +102,8 @@ class Vm:
     def boot(self, paused: bool = False) -> None: ...
     def pause(self, timeout: float = 5.0) -> None:
         """Returns once every vCPU acknowledged (parked and ended vCPUs count); PauseTimeout otherwise."""
+    def stand_by(self) -> None:
+        """The vCPUs held before their first entry wait spinning (a few ms at most) for resume()."""
     def resume(self) -> None: ...
     def stop(self, release_later: bool = False) -> None:
         """Ends and joins the vCPU threads, closes the devices, KVM fds and memory; with

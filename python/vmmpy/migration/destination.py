@@ -473,6 +473,8 @@ class Receiver:
             return incoming, False
         if command == Command.STATE and st is ReceiveState.CONFIGURED:
             completes = arg == STATE_COMPLETES
+            if completes:  # the vCPU threads wake now, while the state is loaded, not at the end
+                incoming.vm.stand_by()
             if (
                 arg not in (0, STATE_COMPLETES)
                 or completes
