@@ -69,6 +69,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<python::PyPacer>()?;
     m.add_class::<python::PySavedState>()?;
     m.add_function(wrap_pyfunction!(python::tune_socket, m)?)?;
+    m.add_function(wrap_pyfunction!(python::await_readable, m)?)?;
     m.add_function(wrap_pyfunction!(kvm_check, m)?)?;
     m.add_function(wrap_pyfunction!(python::test_guest_elf, m)?)?;
     m.add_function(wrap_pyfunction!(python::wait_released, m)?)?;

@@ -283,6 +283,14 @@ where
     Ok(py.detach(|| f(Link::Plain(fd)))?)
 }
 
+/// Polls a socket until it is readable, yielding between looks, for `spin` seconds at most
+/// (GIL released); False if that passed first.
+#[pyfunction]
+pub fn await_readable(py: Python<'_>, fd: i32, spin: f64) -> bool {
+    let spin = std::time::Duration::from_secs_f64(spin.max(0.0));
+    py.detach(|| transfer::await_readable(fd, spin))
+}
+
 /// Sets a migration socket's options (buffer sizes, TCP_NODELAY) the way the transfer code wants.
 #[pyfunction]
 pub fn tune_socket(fd: i32) -> PyResult<()> {

@@ -678,6 +678,25 @@ fn zero_range(reg: &Region, offset: u64, len: u64) {
     }
 }
 
+/// Waits for `sock` to become readable (or hung up) by polling it, yielding the CPU between
+/// looks, for `spin` at most: an answer that arrives within it is read without the wake-up of a
+/// thread asleep in recv (~30-45 us on a nested host). False if `spin` passed first.
+pub fn await_readable(sock: RawFd, spin: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + spin;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: sock,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a zero timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } != 0 || std::time::Instant::now() >= until {
+            return pfd.revents != 0;
+        }
+        std::thread::yield_now();
+    }
+}
+
 /// Socket options for a migration connection, by family (chosen by loopback measurements):
 /// * Unix stream: 4 MiB SO_SNDBUF/SO_RCVBUF (the default ~208 KiB send buffer caps throughput).
 /// * TCP: TCP_NODELAY, so the tail of a frame or a small request (State, Complete) is not held back
@@ -833,6 +852,31 @@ mod tests {
         });
         let got = recv_frame(b.as_raw_fd(), dst).unwrap();
         (sender.join().unwrap(), got)
+    }
+
+    #[test]
+    fn await_readable_sees_data_and_gives_up_without() {
+        let (a, b) = socketpair();
+        assert!(!await_readable(
+            b.as_raw_fd(),
+            std::time::Duration::from_millis(1)
+        ));
+        assert_eq!(
+            // SAFETY: writes one byte from a live local buffer to our own socket.
+            unsafe { libc::write(a.as_raw_fd(), [7u8].as_ptr().cast(), 1) },
+            1
+        );
+        assert!(await_readable(
+            b.as_raw_fd(),
+            std::time::Duration::from_secs(5)
+        ));
+        drop(a);
+        let (c, d) = socketpair();
+        drop(c); // a hang-up counts: the read that follows reports it
+        assert!(await_readable(
+            d.as_raw_fd(),
+            std::time::Duration::from_secs(5)
+        ));
     }
 
     #[test]

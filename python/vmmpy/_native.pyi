@@ -16,6 +16,7 @@ __all__ = [
     "TlsChannel",
     "TlsContext",
     "Vm",
+    "await_readable",
     "kvm_check",
     "parse_state",
     "test_guest_elf",
@@ -30,6 +31,10 @@ CHUNK_MAX: int  # the most RAM one Memory frame carries, in bytes
 
 def kvm_check() -> str:
     """Opens /dev/kvm and checks the API version; raises KvmError when KVM is unusable."""
+
+def await_readable(fd: int, spin: float) -> bool:
+    """Polls the socket until it is readable, yielding between looks, for ``spin`` seconds at
+    most (GIL released); False if that passed first."""
 
 def tune_socket(fd: int) -> None:
     """Sets a migration socket's buffer sizes and TCP_NODELAY the way the transfer code wants."""

@@ -106,6 +106,13 @@ class Connection:
             self._hangup.register(self.sock, select.POLLRDHUP)  # POLLHUP and POLLERR come unasked
         return bool(self._hangup.poll(0))
 
+    def await_answer(self, spin_s: float) -> None:
+        """For an answer due within `spin_s`: wait for it awake (polling, yielding the CPU), not
+        asleep in recv, whose wake-up costs tens of microseconds on a nested host. Plaintext only
+        (TLS may hold the answer decrypted already); a later answer is read as usual."""
+        if self.tls is None:
+            _native.await_readable(self.sock.fileno(), spin_s)
+
     def memory_link(self):
         """What Vm.send_memory / receive_memory take: the socket fd, or the TLS channel."""
         return self.tls if self.tls is not None else self.sock.fileno()

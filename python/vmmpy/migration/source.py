@@ -45,6 +45,7 @@ THROTTLE_SLICE_S = 0.1
 # the budget stop there.
 SMALL_FINAL_PASS = 256 << 10
 EXTRA_PASSES = 4  # at most this many passes once the budget is met
+ANSWER_SPIN_S = 0.002  # the downtime's last answer is awaited awake for this long (~0.3 ms due)
 
 
 def another_pass(left: int, last_sent: int, expected_ms: float, budget_ms: int, extra_passes: int) -> bool:
@@ -543,6 +544,7 @@ class SourceMigration:
             conn.send_request(Command.COMPLETE)
             self.complete_sent = True
         try:
+            conn.await_answer(ANSWER_SPIN_S)
             conn.read_response()
         except PeerError:
             self.complete_sent = False  # a clear refusal: the destination does not run the guest
