@@ -25,8 +25,12 @@ CAPABILITIES = ["zero-ranges", "lifecycle-event"]
 class FaultyDestination:
     """Speaks the protocol until `step`, then closes, answers Error, or answers garbage."""
 
-    def __init__(self, path: str, step: str, fault: str, capabilities=CAPABILITIES):
+    def __init__(self, path: str, step: str, fault: str, capabilities=CAPABILITIES, final_phase=None):
         self.step, self.fault, self.capabilities = step, fault, capabilities
+        # fault "final": only a Memory frame that comes once final_phase() holds fails (Error),
+        # and the command that follows it is kept in `after_refusal`.
+        self.final_phase = final_phase
+        self.after_refusal = None
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(path)
         self.listener.listen(1)
@@ -57,7 +61,13 @@ class FaultyDestination:
                 if name == "abandon":
                     conn.sendall(HEADER.pack(Status.OK, 0, 0, 0))
                     return
-                if name == self.step:
+                if name == self.step and self.fault == "final":
+                    if self.final_phase():
+                        msg = b"injected failure of the last pass"
+                        conn.sendall(HEADER.pack(Status.ERROR, 0, 0, len(msg)) + msg)
+                        self.after_refusal = HEADER.unpack(self._recv(conn, HEADER.size))
+                        return
+                elif name == self.step:
                     if self.fault == "close":
                         return
                     if self.fault == "deaf":  # answers Ok, then takes nothing more
@@ -119,6 +129,26 @@ def test_destination_fails_at_each_step(source, step, completes, fault):
     m = serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
     assert m.group(1).decode() == boot_id
     serial.command(f"echo after {step} {fault}", f"after {step} {fault}")
+
+
+def test_a_refused_last_pass_resumes_the_source_though_the_state_followed_it(source):
+    """The last pass's frame is followed by the State that completes before its answer is read:
+    a refusal of that frame still means the destination never loaded the State (it ended the
+    attempt there), so the source runs the guest again."""
+    vmm, serial, boot_id, tmp = source
+    path = str(tmp / "final.sock")
+    final_phase = lambda: vmm.migration_progress()["phase"] not in ("starting", "precopy")  # noqa: E731
+    dest = FaultyDestination(path, "memory", "final", CAPABILITIES + ["state-completes"], final_phase)
+    handle = vmm.send_migration(f"unix:{path}")
+    with pytest.raises(MigrationError, match="injected failure of the last pass"):
+        handle.wait(60)
+    dest.thread.join(10)
+    command, _, arg, _ = dest.after_refusal  # the State had left before the refusal was read
+    assert (command, arg) == (Command.STATE, 1)
+    assert vmm.info()["state"] == "Running"
+    assert vmm.events.events("vm.migration-failed")[-1]["properties"]["source_paused"] is False
+    m = serial.command("status", rb"STATUS boot_id=([0-9a-f]{16}) cpus=2 dirty=on")
+    assert m.group(1).decode() == boot_id
 
 
 def test_a_complete_that_could_not_be_sent_resumes_the_source(source):

@@ -470,13 +470,7 @@ class SourceMigration:
             chunk = next_chunk()
             if chunk is None:
                 return
-            # Only the first connection carries requests besides Memory: Abandon needs it at a
-            # frame boundary.
-            if first:
-                self._in_frame = True
-            n, pages, zero_pages = self.vm.send_memory(conn.memory_link(), chunk, self.pacer)
-            if first:
-                self._in_frame = False
+            n, pages, zero_pages = self._write_frame(conn, chunk, first)
             conn.read_response()
             with lock:
                 sent[0] += n
@@ -484,6 +478,17 @@ class SourceMigration:
                 left = sent[1]
             self.progress.add(transferred=n, normal=pages, duplicate=zero_pages)
             self.progress.update(remaining=left)
+
+    def _write_frame(self, conn: Connection, chunk, first: bool):
+        """Writes one Memory frame (its answer is the caller's to read): (bytes, pages, zero pages)."""
+        # Only the first connection carries requests besides Memory: Abandon needs it at a frame
+        # boundary.
+        if first:
+            self._in_frame = True
+        sent = self.vm.send_memory(conn.memory_link(), chunk, self.pacer)
+        if first:
+            self._in_frame = False
+        return sent
 
     # ---- final phase ------------------------------------------------------------------------
 
@@ -497,6 +502,7 @@ class SourceMigration:
         completes = Capability.STATE_COMPLETES.value in self.peer_capabilities
         if completes:
             self._check_peer(conn)  # before the pause, too: a peer gone already is no reason to pause
+        answers_due = 0  # answers to Memory frames that the State follows before they are read
         self.pause_time = self._lap()  # the moments before the pause count to the phase before
         self.paused = True  # even if the pause fails half-way, the failure path resumes the vCPUs
         self.vm.pause(PAUSE_TIMEOUT_S)
@@ -520,7 +526,13 @@ class SourceMigration:
             table = self.vm.dirty_ranges()
             if remaining is not None:
                 table.extend(remaining)
-            if len(table):  # an idle guest often left nothing dirty
+            if completes and 0 < len(table) and table.total_bytes <= self.opts.chunk_bytes():
+                # One frame, on this connection: its answer is read after the State's write, so
+                # the destination writes the pages while this side saves the state.
+                n, pages, zero_pages = self._write_frame(conn, table, True)
+                self.progress.add(transferred=n, normal=pages, duplicate=zero_pages)
+                answers_due = 1
+            elif len(table):  # an idle guest often left nothing dirty
                 self._send(conn, table)
             self._lap("last_pass")
         if event is not None:
@@ -545,6 +557,8 @@ class SourceMigration:
             self.complete_sent = True
         try:
             conn.await_answer(ANSWER_SPIN_S)
+            for _ in range(answers_due):
+                conn.read_response()  # a refused frame ended the attempt: the State was never read
             conn.read_response()
         except PeerError:
             self.complete_sent = False  # a clear refusal: the destination does not run the guest
