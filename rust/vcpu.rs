@@ -6,7 +6,9 @@
 //! lifecycle request or hit an unhandled exit *parks*: it runs no more guest code, but still
 //! acknowledges pause and obeys kill, so a parked vCPU never blocks a pause. A vCPU asleep in the
 //! idle port has finished its last instruction before it fell asleep (*quiescent*): a pause then
-//! takes effect at once, without waking the thread.
+//! takes effect at once, without waking the thread. A vCPU held before its first entry may *stand
+//! by*: wait spinning (yielding the CPU each turn, for a few ms at most) instead of asleep, so that
+//! a migration's destination lets it run without a wake-up inside the downtime.
 
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Once};
