@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from vmmpy import Vmm
 from vmmpy.config import SerialConfig, VmConfig
+from vmmpy.errors import MigrationError
 from vmmpy.migration.protocol import HEADER, Command, Status
 
 from migration_helpers import read_response
@@ -274,3 +275,36 @@ def test_a_source_gone_before_the_complete_reply_leaves_the_vm_running_here(tmp_
         assert vmm.info()["state"] in ("Running", "Error")  # it is ours now; nothing stopped it
     finally:
         vmm.close()
+
+
+def test_an_answer_carries_when_it_arrived_on_tcp_and_nothing_on_unix():
+    """The downtime ends when the last answer reached the source (the kernel's receive stamp),
+    not when the source's thread got to read it; a Unix socket has no stamps."""
+    from vmmpy.migration.protocol import OK_ANSWER, Connection
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as near:
+        far, _ = listener.accept()
+        with far:
+            conn = Connection(near)
+            conn.stamp_arrivals()
+            # The kernel may switch its receive stamps on a moment later (deferred work, when no
+            # socket on the host had them): until then an answer has none, and its read time counts.
+            for _ in range(1000):
+                before = time.time()
+                far.sendall(OK_ANSWER)
+                payload, arrived = conn.read_response_arrival()
+                assert payload == b""
+                if arrived is not None:
+                    break
+            assert arrived is not None, "no answer got a receive stamp"
+            assert before <= arrived <= time.time()
+            far.sendall(HEADER.pack(Status.ERROR, 0, 0, 4) + b"nope")
+            with pytest.raises(MigrationError, match="nope"):
+                conn.read_response_arrival()
+    near, far = socket.socketpair()
+    with near, far:
+        conn = Connection(near)
+        conn.stamp_arrivals()
+        far.sendall(OK_ANSWER)
+        assert conn.read_response_arrival() == (b"", None)

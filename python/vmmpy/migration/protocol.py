@@ -55,6 +55,7 @@ class Capability(str, enum.Enum):
 STATE_COMPLETES = 1  # State's arg: run the guest once the state is loaded; no Complete follows
 
 
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; not every Python names it
 OK_ANSWER = HEADER.pack(Status.OK, 0, 0, 0)  # packed once: the answers inside a downtime are these
 
 
@@ -98,6 +99,7 @@ class Connection:
         self.tls = tls
         self.deadline: float | None = None
         self._hangup: select.poll | None = None
+        self._stamped = False  # stamp_arrivals
 
     def peer_hung_up(self) -> bool:
         """Whether the peer has closed or reset the connection (a look, without blocking)."""
@@ -108,9 +110,10 @@ class Connection:
 
     def await_answer(self, spin_s: float) -> None:
         """For an answer due within `spin_s`: wait for it awake (polling, yielding the CPU), not
-        asleep in recv, whose wake-up costs tens of microseconds on a nested host. Plaintext only
-        (TLS may hold the answer decrypted already); a later answer is read as usual."""
-        if self.tls is None:
+        asleep in recv, whose wake-up costs tens of microseconds on a nested host. Only where the
+        arrival is not stamped (a Unix socket), and never over TLS (which may hold the answer
+        decrypted already); a later answer is read as usual."""
+        if self.tls is None and not self._stamped:  # a stamped answer's wait does not count
             _native.await_readable(self.sock.fileno(), spin_s)
 
     def memory_link(self):
@@ -215,8 +218,43 @@ class Connection:
     def request_json(self, command: Command, doc: dict) -> bytes:
         return self.request(command, json.dumps(doc).encode())
 
+    def stamp_arrivals(self) -> None:
+        """From now on the kernel notes when each answer arrives (plaintext TCP only: a Unix
+        socket's stream has no such stamps, and TLS reads its records itself)."""
+        if self.tls is None and self.sock.family in (socket.AF_INET, socket.AF_INET6):
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self._stamped = True
+
+    def read_response_arrival(self) -> tuple[bytes, float | None]:
+        """read_response, and the time.time() at which its first bytes reached this host (None
+        without stamp_arrivals): not when this thread got to read them, which on a busy host
+        can be a scheduler time slice later."""
+        if not self._stamped:
+            return self.read_response(), None
+        self._arm()
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_SPACE(16))
+        except (TimeoutError, BlockingIOError):
+            raise PeerTimeout("migration peer timed out") from None
+        except OSError as e:
+            raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+        if not data:
+            raise MigrationError(f"migration stream ended inside a frame (0 of {HEADER.size} bytes)")
+        arrival = None
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= 16:
+                seconds, nanoseconds = struct.unpack_from("qq", cdata)
+                arrival = seconds + nanoseconds / 1e9
+        if len(data) < HEADER.size:
+            data += self._recv_exact(HEADER.size - len(data))
+        return self._answer(data), arrival
+
     def read_response(self) -> bytes:
-        status, _, _, length = HEADER.unpack(self._recv_exact(HEADER.size))
+        return self._answer(self._recv_exact(HEADER.size))
+
+    def _answer(self, header: bytes) -> bytes:
+        """The rest of the response whose header this is: the Ok payload, or PeerError."""
+        status, _, _, length = HEADER.unpack(header)
         if length > MESSAGE_MAX:
             raise MigrationError(f"migration response of {length} bytes is over the bound")
         body = self._recv_exact(length) if length else b""

@@ -244,10 +244,12 @@ class SourceMigration:
         finally:
             self._opening.remove(sock)
 
-    def _lap(self, phase: str | None = None) -> float:
+    def _lap(self, phase: str | None = None, arrived: float | None = None) -> float:
         """Adds the time since the previous lap to `phase` (None: to the previous lap's phase);
-        returns now."""
+        returns now, or with `arrived` (a time.time() in the past) that moment instead."""
         now = time.monotonic()
+        if arrived is not None:  # on the monotonic clock, between the previous lap and now
+            now = max(self._lap_at, min(now, now - (time.time() - arrived)))
         phase = phase or next(reversed(self.phases_ms))
         self.phases_ms[phase] = self.phases_ms.get(phase, 0.0) + (now - self._lap_at) * 1000
         self._lap_at = now
@@ -502,6 +504,7 @@ class SourceMigration:
         completes = Capability.STATE_COMPLETES.value in self.peer_capabilities
         if completes:
             self._check_peer(conn)  # before the pause, too: a peer gone already is no reason to pause
+        conn.stamp_arrivals()  # the downtime ends when the last answer arrives, not when it is read
         answers_due = 0  # answers to Memory frames that the State follows before they are read
         self.pause_time = self._lap()  # the moments before the pause count to the phase before
         self.paused = True  # even if the pause fails half-way, the failure path resumes the vCPUs
@@ -559,11 +562,11 @@ class SourceMigration:
             conn.await_answer(ANSWER_SPIN_S)
             for _ in range(answers_due):
                 conn.read_response()  # a refused frame ended the attempt: the State was never read
-            conn.read_response()
+            _, arrived = conn.read_response_arrival()
         except PeerError:
             self.complete_sent = False  # a clear refusal: the destination does not run the guest
             raise
-        now = self._lap("complete")
+        now = self._lap("complete", arrived)
         self.progress.update(
             status="completed",
             phase="done",
