@@ -66,6 +66,7 @@ CAPABILITIES = [
     Capability.STATE_COMPLETES.value,
 ]
 MAX_CONNECTIONS = 128
+NEXT_REQUEST_SPIN_S = 0.002  # after a Memory frame, the next request is awaited awake this long
 MAX_MEMORY_FDS = 2  # guest RAM has at most two regions: below the 4 GiB hole and above it
 BUSY_MAX = 64  # sources answered "busy" whose connection stays open until they hang up
 BUSY_MESSAGE = "busy: this destination is receiving another migration; try again later"
@@ -319,8 +320,13 @@ class Receiver:
         fds: dict[int, int] = {}
         fields: dict = {}
         last_answer = None  # sent after the cleanup
+        command = None
         try:
             while True:
+                if command == Command.MEMORY:
+                    # The next frame follows its answer at once, and the State a pause and a
+                    # state save later: awake, this thread takes it without a wake-up.
+                    conn.await_bytes(NEXT_REQUEST_SPIN_S)
                 try:
                     command, arg, length, got_fds = conn.read_request()
                 except EOFError:

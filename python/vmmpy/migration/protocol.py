@@ -108,11 +108,11 @@ class Connection:
             self._hangup.register(self.sock, select.POLLRDHUP)  # POLLHUP and POLLERR come unasked
         return bool(self._hangup.poll(0))
 
-    def await_answer(self, spin_s: float) -> None:
-        """For an answer due within `spin_s`: wait for it awake (polling, yielding the CPU), not
-        asleep in recv, whose wake-up costs tens of microseconds on a nested host. Only where the
-        arrival is not stamped (a Unix socket), and never over TLS (which may hold the answer
-        decrypted already); a later answer is read as usual."""
+    def await_bytes(self, spin_s: float) -> None:
+        """For bytes due within `spin_s` (an answer, or the next request): wait for them awake
+        (polling, yielding the CPU), not asleep in recv, whose wake-up costs tens of microseconds
+        on a nested host. Only where the arrival is not stamped (stamp_arrivals), and never over
+        TLS (which may hold them decrypted already); later bytes are read as usual."""
         if self.tls is None and not self._stamped:  # a stamped answer's wait does not count
             _native.await_readable(self.sock.fileno(), spin_s)
 

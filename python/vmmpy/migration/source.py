@@ -559,7 +559,7 @@ class SourceMigration:
             conn.send_request(Command.COMPLETE)
             self.complete_sent = True
         try:
-            conn.await_answer(ANSWER_SPIN_S)
+            conn.await_bytes(ANSWER_SPIN_S)
             for _ in range(answers_due):
                 conn.read_response()  # a refused frame ended the attempt: the State was never read
             _, arrived = conn.read_response_arrival()
