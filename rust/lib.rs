@@ -29,6 +29,7 @@ mod python;
 pub mod ranges;
 mod reaper;
 mod sparse;
+mod spin;
 mod state;
 mod state_doc;
 #[doc(hidden)]

@@ -21,6 +21,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::devices::DeviceAction;
 use crate::error::{Error, Kind, Result};
 use crate::idle::{IDLE_PORT, IDLE_SIGNATURE, WAKE_PORT};
+use crate::spin::spin_while;
 use crate::vm::{LifecycleRequest, VmShared};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,15 +290,6 @@ impl VcpuControl {
             }
             c = self.cv.wait(c).unwrap();
         }
-    }
-}
-
-/// Spins while `busy()` holds, until `until` at the latest. Each turn yields the CPU: a thread
-/// this one waits for may be queued on the same CPU (a plain spin held it off for a whole time
-/// slice, 4-6 ms, in one migration of ten).
-fn spin_while(busy: impl Fn() -> bool, until: Instant) {
-    while busy() && Instant::now() < until {
-        std::thread::yield_now();
     }
 }
 
