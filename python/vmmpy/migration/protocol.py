@@ -231,23 +231,31 @@ class Connection:
         can be a scheduler time slice later."""
         if not self._stamped:
             return self.read_response(), None
-        self._arm()
-        try:
-            data, ancdata, _, _ = self.sock.recvmsg(HEADER.size, socket.CMSG_SPACE(16))
-        except (TimeoutError, BlockingIOError):
-            raise PeerTimeout("migration peer timed out") from None
-        except OSError as e:
-            raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
-        if not data:
+        data, ancdata = self._header_with(socket.CMSG_SPACE(16))
+        if data is None:
             raise MigrationError(f"migration stream ended inside a frame (0 of {HEADER.size} bytes)")
         arrival = None
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= 16:
                 seconds, nanoseconds = struct.unpack_from("qq", cdata)
                 arrival = seconds + nanoseconds / 1e9
+        return self._answer(data), arrival
+
+    def _header_with(self, ancillary: int, flags: int = 0) -> tuple[bytes | None, list]:
+        """A whole header with the ancillary data that came on its first bytes (plaintext only);
+        None for the header when the stream ended before it."""
+        self._arm()
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(HEADER.size, ancillary, flags)
+        except (TimeoutError, BlockingIOError):
+            raise PeerTimeout("migration peer timed out") from None
+        except OSError as e:
+            raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+        if not data:
+            return None, ancdata
         if len(data) < HEADER.size:
             data += self._recv_exact(HEADER.size - len(data))
-        return self._answer(data), arrival
+        return data, ancdata
 
     def read_response(self) -> bytes:
         return self._answer(self._recv_exact(HEADER.size))
@@ -272,23 +280,13 @@ class Connection:
             command, _, arg, length = HEADER.unpack(self._recv_exact(HEADER.size))
             return command, arg, length, []
         fds = array.array("i")
-        self._arm()
-        try:
-            # Close-on-exec from the start; fds beyond the buffer's room are discarded by the kernel.
-            data, ancdata, flags, _ = self.sock.recvmsg(
-                HEADER.size, socket.CMSG_LEN(4 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-            )
-        except (TimeoutError, BlockingIOError):
-            raise PeerTimeout("migration peer timed out") from None
-        except OSError as e:
-            raise MigrationError(f"migration connection failed: {e.strerror or e}") from None
+        # Close-on-exec from the start; fds beyond the buffer's room are discarded by the kernel.
+        data, ancdata = self._header_with(socket.CMSG_LEN(4 * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        if not data:
+        if data is None:
             raise EOFError("migration stream closed")
-        if len(data) < HEADER.size:
-            data += self._recv_exact(HEADER.size - len(data))
         command, _, arg, length = HEADER.unpack(data)
         return command, arg, length, list(fds)
 
